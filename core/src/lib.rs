@@ -1,0 +1,31 @@
+//! `gantry-core`: Gantry's pure decisions.
+//!
+//! What a model is ([`spec::ModelSpec`], read from `config.json`, safetensors headers or GGUF
+//! metadata), what it needs ([`vram::estimate_vram`]), how it splits over devices
+//! ([`shard::fit`]) and which model suits a need ([`select::select`]). Nothing here does I/O,
+//! spawns tasks or reads a clock: every input is data and every decision a plain function.
+
+pub mod arch;
+pub mod catalog;
+pub mod error;
+pub mod family;
+pub mod gguf;
+pub mod hardware;
+pub mod hf;
+pub mod quant;
+pub mod safetensors;
+pub mod select;
+pub mod shard;
+pub mod spec;
+pub mod units;
+pub mod vram;
+
+pub use arch::{Architecture, ParamBreakdown};
+pub use catalog::{Catalog, CatalogEntry};
+pub use error::{Error, Result};
+pub use family::Family;
+pub use hardware::{Gpu, parse_gpus};
+pub use select::{Latency, Need, Selection, Task, select};
+pub use shard::{Fit, Stage, fit};
+pub use spec::{HfFiles, ModelSpec, SizeClass};
+pub use vram::{ServeOptions, VramEstimate, estimate_vram};

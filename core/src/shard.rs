@@ -1,0 +1,250 @@
+//! Splitting a model's layers over several devices when one cannot hold it.
+//!
+//! Each stage holds a contiguous range of layers with their KV cache, plus the activations of
+//! one step and the per-device overhead; the first stage also holds the embeddings (and any
+//! vision tower), the last the final norm and output head (with a copy of the embeddings when
+//! the head is tied). Ranges are sized in proportion to what each device can hold, so a
+//! 12 GiB + 8 GiB pair is filled 60/40 rather than split evenly, and the fewest devices that
+//! fit are used, largest first.
+
+use std::ops::Range;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+use crate::spec::ModelSpec;
+use crate::units::format_bytes;
+use crate::vram::{MemoryModel, ServeOptions, estimate_vram, memory_model};
+
+/// One pipeline stage: a device and the layers it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stage {
+    /// Index into the device list the plan was made for.
+    pub device: usize,
+    /// The layers it runs, `start..end`.
+    pub layers: Range<u64>,
+    pub weights_bytes: u64,
+    pub kv_cache_bytes: u64,
+    pub activation_bytes: u64,
+    pub overhead_bytes: u64,
+    pub total_bytes: u64,
+    /// Memory the device has for it.
+    pub free_bytes: u64,
+}
+
+/// How a model fits a set of devices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Fit {
+    /// The whole model on one device (the one with the least room that still fits).
+    OneDevice { stage: Stage },
+    /// Layers split over several devices.
+    Split { stages: Vec<Stage> },
+    /// It does not fit, and why.
+    NoFit { reason: String },
+}
+
+impl Fit {
+    /// The stages of the plan (none when it does not fit).
+    pub fn stages(&self) -> &[Stage] {
+        match self {
+            Fit::OneDevice { stage } => std::slice::from_ref(stage),
+            Fit::Split { stages } => stages,
+            Fit::NoFit { .. } => &[],
+        }
+    }
+}
+
+/// Finds how `spec` served with `options` fits devices with `free` bytes each: one device if
+/// any can hold it (the smallest such, to keep big ones free), else the fewest devices,
+/// largest first, with layers in proportion to their room.
+pub fn fit(spec: &ModelSpec, options: &ServeOptions, free: &[u64]) -> Result<Fit> {
+    let estimate = estimate_vram(spec, options)?;
+    let model = memory_model(spec, options)?;
+    if free.is_empty() {
+        return Ok(Fit::NoFit {
+            reason: "no devices given".into(),
+        });
+    }
+    let mut order: Vec<usize> = (0..free.len()).collect();
+    // Largest first; equal sizes keep their given order.
+    order.sort_by(|&a, &b| free[b].cmp(&free[a]).then(a.cmp(&b)));
+
+    let layers = model.layout.layer_bytes.len() as u64;
+    if let Some(&device) = order
+        .iter()
+        .rev()
+        .find(|&&d| free[d] >= estimate.total_bytes)
+    {
+        let stage = Stage {
+            device,
+            layers: 0..layers,
+            weights_bytes: estimate.weights_bytes,
+            kv_cache_bytes: estimate.kv_cache_bytes,
+            activation_bytes: estimate.activation_bytes,
+            overhead_bytes: estimate.overhead_bytes,
+            total_bytes: estimate.total_bytes,
+            free_bytes: free[device],
+        };
+        return Ok(Fit::OneDevice { stage });
+    }
+    for k in 2..=order.len().min(layers as usize) {
+        let chosen = &order[..k];
+        if let Some(stages) = split_over(&model, chosen, free) {
+            return Ok(Fit::Split { stages });
+        }
+    }
+    let total_free: u64 = free.iter().sum();
+    let largest = free[order[0]];
+    let mut reason = format!(
+        "needs {} on one device, the largest has {}",
+        format_bytes(estimate.total_bytes),
+        format_bytes(largest)
+    );
+    if free.len() > 1 {
+        reason.push_str(&format!(
+            "; split over all {} devices ({} in all) it still does not fit",
+            free.len(),
+            format_bytes(total_free)
+        ));
+    }
+    Ok(Fit::NoFit { reason })
+}
+
+/// Per-stage cost of layer `j`: its weights and KV cache, with the fragmentation allowance.
+fn layer_cost(model: &MemoryModel, j: usize) -> u64 {
+    let raw = model.layout.layer_bytes[j] + model.layer_kv_bytes[j];
+    raw + MemoryModel::fragmentation(raw)
+}
+
+/// Fixed costs of a stage whatever its layers: overhead, activations, and the embeddings or
+/// head at the ends of the pipeline.
+fn fixed_cost(model: &MemoryModel, first: bool, last: bool) -> u64 {
+    let mut extra = 0;
+    if first {
+        extra += model.layout.embedding_bytes + model.layout.other_bytes;
+    }
+    if last {
+        extra += model.layout.head_bytes + model.layout.tied_head_bytes;
+    }
+    model.fixed_overhead_bytes + model.activation_bytes + extra + MemoryModel::fragmentation(extra)
+}
+
+/// Splits the layers over `devices` (in pipeline order) in proportion to their room; falls
+/// back to filling each device in turn. `None` when they cannot hold it.
+fn split_over(model: &MemoryModel, devices: &[usize], free: &[u64]) -> Option<Vec<Stage>> {
+    let k = devices.len();
+    let n = model.layout.layer_bytes.len();
+    let room: Vec<u64> = devices
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| free[d].checked_sub(fixed_cost(model, i == 0, i == k - 1)))
+        .collect::<Option<_>>()?;
+    let costs: Vec<u64> = (0..n).map(|j| layer_cost(model, j)).collect();
+    let need: u64 = costs.iter().sum();
+    let have: u64 = room.iter().sum();
+    if need > have {
+        return None;
+    }
+    let proportional = |i: usize| (need as u128 * room[i] as u128 / have.max(1) as u128) as u64;
+    let bounds =
+        assign(&costs, &room, &proportional).or_else(|| assign(&costs, &room, &|i| room[i]))?;
+
+    let mut stages = Vec::with_capacity(k);
+    for (i, range) in bounds.into_iter().enumerate() {
+        let first = i == 0;
+        let last = i == k - 1;
+        let mut weights: u64 = model.layout.layer_bytes[range.clone()].iter().sum();
+        if first {
+            weights += model.layout.embedding_bytes + model.layout.other_bytes;
+        }
+        if last {
+            weights += model.layout.head_bytes + model.layout.tied_head_bytes;
+        }
+        let kv: u64 = model.layer_kv_bytes[range.clone()].iter().sum();
+        let overhead = model.fixed_overhead_bytes + MemoryModel::fragmentation(weights + kv);
+        let total = weights + kv + model.activation_bytes + overhead;
+        let device = devices[i];
+        if total > free[device] {
+            return None;
+        }
+        stages.push(Stage {
+            device,
+            layers: range.start as u64..range.end as u64,
+            weights_bytes: weights,
+            kv_cache_bytes: kv,
+            activation_bytes: model.activation_bytes,
+            overhead_bytes: overhead,
+            total_bytes: total,
+            free_bytes: free[device],
+        });
+    }
+    Some(stages)
+}
+
+/// Walks the layers giving device `i` layers up to `target(i)` bytes (rounded to the nearest
+/// layer, never past its room); the last device takes the rest. Every device gets at least
+/// one layer.
+fn assign(costs: &[u64], room: &[u64], target: &dyn Fn(usize) -> u64) -> Option<Vec<Range<usize>>> {
+    let k = room.len();
+    let n = costs.len();
+    let mut out = Vec::with_capacity(k);
+    let mut start = 0;
+    #[allow(clippy::needless_range_loop)] // `i` also decides "last device" and the target
+    for i in 0..k {
+        let devices_after = k - i - 1;
+        let mut end = start;
+        let mut used = 0u64;
+        if i == k - 1 {
+            end = n;
+            used = costs[start..].iter().sum();
+        } else {
+            while end < n - devices_after {
+                let c = costs[end];
+                let within_room = used + c <= room[i];
+                let nearer_target = used + c / 2 <= target(i);
+                if end > start && !(within_room && nearer_target) {
+                    break;
+                }
+                if !within_room {
+                    return None;
+                }
+                used += c;
+                end += 1;
+            }
+        }
+        if end == start || used > room[i] {
+            return None;
+        }
+        out.push(start..end);
+        start = end;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn assign_fills_in_proportion_to_room() {
+        let costs = vec![10; 10];
+        let room = vec![60, 40];
+        let ranges = assign(&costs, &room, &|i| 100 * room[i] / 100).unwrap();
+        assert_eq!(ranges, vec![0..6, 6..10]);
+    }
+
+    #[test]
+    fn assign_gives_every_device_a_layer_or_fails() {
+        assert!(assign(&[10, 10], &[100, 100, 100], &|_| 50).is_none());
+        assert_eq!(
+            assign(&[10, 10], &[100, 100], &|_| 1000).unwrap(),
+            vec![0..1, 1..2]
+        );
+    }
+
+    #[test]
+    fn assign_refuses_when_a_device_overflows() {
+        assert!(assign(&[10, 10, 10], &[15, 15], &|i| [15, 15][i]).is_none());
+    }
+}
