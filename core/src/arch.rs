@@ -143,21 +143,14 @@ impl Architecture {
                 return Err(absurd(what, value, "must be at least 1"));
             }
             if value > max {
-                return Err(absurd(
-                    what,
-                    value,
-                    &format!("the largest plausible value is {max}"),
-                ));
+                return Err(absurd(what, value, &format!("the largest plausible value is {max}")));
             }
         }
         if self.num_kv_heads > self.num_heads {
             return Err(absurd(
                 "num_key_value_heads",
                 self.num_kv_heads,
-                &format!(
-                    "more key/value heads than attention heads ({})",
-                    self.num_heads
-                ),
+                &format!("more key/value heads than attention heads ({})", self.num_heads),
             ));
         }
         if let Some(moe) = self.moe {
@@ -172,11 +165,7 @@ impl Architecture {
                 ));
             }
             if moe.expert_intermediate_size == 0 || moe.expert_intermediate_size > 1 << 22 {
-                return Err(absurd(
-                    "moe_intermediate_size",
-                    moe.expert_intermediate_size,
-                    "must be 1..=4194304",
-                ));
+                return Err(absurd("moe_intermediate_size", moe.expert_intermediate_size, "must be 1..=4194304"));
             }
         }
         Ok(())
@@ -220,11 +209,7 @@ impl Architecture {
 
         let dense_mlp = |inter: u64| -> Result<u64> {
             let mats = if s.gated_mlp { 3 } else { 2 };
-            let biases = if s.mlp_bias {
-                inter * (mats - 1) + h
-            } else {
-                0
-            };
+            let biases = if s.mlp_bias { inter * (mats - 1) + h } else { 0 };
             sum(&[product(&[mats, h, inter], what)?, biases], what)
         };
         let (mlp_total, mlp_active) = match self.moe {
@@ -234,30 +219,14 @@ impl Architecture {
             }
             Some(moe) => {
                 let expert = dense_mlp(moe.expert_intermediate_size)?;
-                let router = sum(
-                    &[
-                        product(&[h, moe.experts], what)?,
-                        b(s.mlp_bias, moe.experts),
-                    ],
-                    what,
-                )?;
+                let router = sum(&[product(&[h, moe.experts], what)?, b(s.mlp_bias, moe.experts)], what)?;
                 let shared = match moe.shared_expert_intermediate_size {
                     // A shared expert plus its scalar gate (Qwen2-MoE).
                     Some(inter) => sum(&[dense_mlp(inter)?, h], what)?,
                     None => 0,
                 };
-                let all = sum(
-                    &[product(&[expert, moe.experts], what)?, router, shared],
-                    what,
-                )?;
-                let active = sum(
-                    &[
-                        product(&[expert, moe.experts_per_token], what)?,
-                        router,
-                        shared,
-                    ],
-                    what,
-                )?;
+                let all = sum(&[product(&[expert, moe.experts], what)?, router, shared], what)?;
+                let active = sum(&[product(&[expert, moe.experts_per_token], what)?, router, shared], what)?;
                 (all, active)
             }
         };
@@ -268,37 +237,20 @@ impl Architecture {
         let layers_active = product(&[per_layer_active, self.num_layers], what)?;
 
         let final_norm = if s.norm_bias { 2 * h } else { h };
-        let untied_head = if self.tied_embeddings {
-            0
-        } else {
-            product(&[self.vocab_size, h], what)?
-        };
-        let head = sum(
-            &[final_norm, untied_head, b(s.head_bias, self.vocab_size)],
-            what,
-        )?;
+        let untied_head = if self.tied_embeddings { 0 } else { product(&[self.vocab_size, h], what)? };
+        let head = sum(&[final_norm, untied_head, b(s.head_bias, self.vocab_size)], what)?;
 
-        let vision = self.vision.map_or(Ok(0), |v| {
-            sum(&[v.encoder_params, v.projector_params], what)
-        })?;
+        let vision = self.vision.map_or(Ok(0), |v| sum(&[v.encoder_params, v.projector_params], what))?;
         let total = sum(&[embedding, layers, head, vision], what)?;
         let active = sum(&[embedding, layers_active, head, vision], what)?;
-        Ok(ParamBreakdown {
-            embedding,
-            per_layer,
-            layers,
-            head,
-            vision,
-            total,
-            active,
-        })
+        Ok(ParamBreakdown { embedding, per_layer, layers, head, vision, total, active })
     }
 
     /// Whether layer `index` attends only to the sliding window.
     pub fn is_sliding(&self, index: u64) -> bool {
-        self.sliding_window.as_ref().is_some_and(|sw| {
-            u32::try_from(index).is_ok_and(|i| sw.layers.binary_search(&i).is_ok())
-        })
+        self.sliding_window
+            .as_ref()
+            .is_some_and(|sw| u32::try_from(index).is_ok_and(|i| sw.layers.binary_search(&i).is_ok()))
     }
 
     /// Parameters of the expert weight matrices alone (the part MXFP4 quantizes in gpt-oss).
@@ -306,13 +258,7 @@ impl Architecture {
         let Some(moe) = self.moe else { return Ok(0) };
         let mats = if self.shape.gated_mlp { 3 } else { 2 };
         product(
-            &[
-                mats,
-                self.hidden_size,
-                moe.expert_intermediate_size,
-                moe.experts,
-                self.num_layers,
-            ],
+            &[mats, self.hidden_size, moe.expert_intermediate_size, moe.experts, self.num_layers],
             "the expert parameter count",
         )
     }
@@ -372,10 +318,7 @@ pub(crate) mod tests {
     #[test]
     fn sliding_layers_are_looked_up_by_index() {
         let mut a = smollm2();
-        a.sliding_window = Some(SlidingWindow {
-            window: 512,
-            layers: vec![0, 2, 4],
-        });
+        a.sliding_window = Some(SlidingWindow { window: 512, layers: vec![0, 2, 4] });
         assert!(a.is_sliding(2));
         assert!(!a.is_sliding(3));
         assert!(!a.is_sliding(u64::MAX));

@@ -11,19 +11,11 @@ pub enum Error {
 
     /// A required key is absent from a model's configuration.
     #[error("{file} has no `{key}`, which a {family} model needs")]
-    MissingKey {
-        file: String,
-        key: String,
-        family: String,
-    },
+    MissingKey { file: String, key: String, family: String },
 
     /// A key holds a value of the wrong type or an impossible value.
     #[error("{file}: `{key}` {problem}")]
-    BadValue {
-        file: String,
-        key: String,
-        problem: String,
-    },
+    BadValue { file: String, key: String, problem: String },
 
     /// The architecture is not one Gantry knows.
     #[error(
@@ -37,8 +29,13 @@ pub enum Error {
     NotGguf { reason: String },
 
     /// A GGUF file ends before its header, metadata or tensor data do.
-    #[error("truncated GGUF file: {what} needs byte {needed} but the file has {len} bytes")]
+    #[error("truncated GGUF file: {what} would end at byte {needed}, but the file has {len} bytes")]
     TruncatedGguf { what: String, needed: u64, len: u64 },
+
+    /// The bytes given end inside the GGUF header: read at least `needed` bytes of the file
+    /// and parse again (see `gguf::parse_gguf_prefix`). Not an error in the file.
+    #[error("the GGUF header continues past the bytes read; read at least {needed} bytes")]
+    NeedMoreBytes { needed: u64 },
 
     /// A GGUF file's content is structurally invalid.
     #[error("invalid GGUF file: {reason}")]
@@ -50,11 +47,7 @@ pub enum Error {
 
     /// A number is outside what any real model or machine has.
     #[error("absurd {what}: {value} ({why})")]
-    Absurd {
-        what: String,
-        value: String,
-        why: String,
-    },
+    Absurd { what: String, value: String, why: String },
 
     /// Arithmetic on sizes overflowed 64 bits: the inputs are not a real model.
     #[error("size overflow while computing {what}: the inputs are far beyond any real model")]
@@ -86,14 +79,10 @@ pub(crate) trait CheckedOps: Sized {
 
 impl CheckedOps for u64 {
     fn mul_or(self, rhs: u64, what: &str) -> Result<u64> {
-        self.checked_mul(rhs).ok_or_else(|| Error::Overflow {
-            what: what.to_string(),
-        })
+        self.checked_mul(rhs).ok_or_else(|| Error::Overflow { what: what.to_string() })
     }
     fn add_or(self, rhs: u64, what: &str) -> Result<u64> {
-        self.checked_add(rhs).ok_or_else(|| Error::Overflow {
-            what: what.to_string(),
-        })
+        self.checked_add(rhs).ok_or_else(|| Error::Overflow { what: what.to_string() })
     }
 }
 

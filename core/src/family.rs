@@ -82,10 +82,7 @@ impl Family {
 
     /// Whether the family routes each token through a few of many expert MLPs.
     pub fn is_moe(self) -> bool {
-        matches!(
-            self,
-            Family::Mixtral | Family::GptOss | Family::Qwen2Moe | Family::Qwen3Moe
-        )
+        matches!(self, Family::Mixtral | Family::GptOss | Family::Qwen2Moe | Family::Qwen3Moe)
     }
 
     /// Recognises a Hugging Face `model_type` (including historical spellings).
@@ -160,9 +157,7 @@ impl Family {
 
     /// Parses the `model_type` spelling, with an error naming the unknown value.
     pub fn parse(name: &str) -> Result<Family> {
-        Family::from_model_type(name).ok_or_else(|| Error::UnknownArchitecture {
-            name: name.to_string(),
-        })
+        Family::from_model_type(name).ok_or_else(|| Error::UnknownArchitecture { name: name.to_string() })
     }
 }
 
@@ -186,26 +181,14 @@ mod tests {
     #[test]
     fn recognises_architecture_classes_and_gguf_names() {
         let cases = [
-            (
-                Family::from_architecture("LlamaForCausalLM"),
-                Some(Family::Llama),
-            ),
-            (
-                Family::from_architecture("Gemma3ForConditionalGeneration"),
-                Some(Family::Gemma3),
-            ),
-            (
-                Family::from_architecture("RWForCausalLM"),
-                Some(Family::Falcon),
-            ),
+            (Family::from_architecture("LlamaForCausalLM"), Some(Family::Llama)),
+            (Family::from_architecture("Gemma3ForConditionalGeneration"), Some(Family::Gemma3)),
+            (Family::from_architecture("RWForCausalLM"), Some(Family::Falcon)),
             (Family::from_architecture("BertModel"), None),
             (Family::from_gguf_arch("llama", false), Some(Family::Llama)),
             (Family::from_gguf_arch("llama", true), Some(Family::Mixtral)),
             (Family::from_gguf_arch("phi2", false), Some(Family::Phi)),
-            (
-                Family::from_gguf_arch("gpt-oss", true),
-                Some(Family::GptOss),
-            ),
+            (Family::from_gguf_arch("gpt-oss", true), Some(Family::GptOss)),
             (Family::from_gguf_arch("mamba", false), None),
         ];
         for (got, want) in cases {
@@ -216,9 +199,6 @@ mod tests {
     #[test]
     fn unknown_architecture_error_names_it() {
         let err = Family::parse("mamba").unwrap_err().to_string();
-        assert!(
-            err.starts_with("unknown model architecture `mamba`"),
-            "{err}"
-        );
+        assert!(err.starts_with("unknown model architecture `mamba`"), "{err}");
     }
 }

@@ -114,8 +114,7 @@ impl GgufFile {
     /// An architecture-scoped key: `arch_u64("context_length")` reads `<arch>.context_length`.
     pub fn arch_u64(&self, key: &str) -> Option<u64> {
         let arch = self.architecture()?;
-        self.get(&format!("{arch}.{key}"))
-            .and_then(MetaValue::as_u64)
+        self.get(&format!("{arch}.{key}")).and_then(MetaValue::as_u64)
     }
 
     /// Sum of all tensors' data bytes.
@@ -132,17 +131,21 @@ impl GgufFile {
 /// Parses the header, metadata and tensor table of a GGUF file held in `bytes`, and checks
 /// that every tensor's data lies within `bytes`.
 pub fn parse_gguf(bytes: &[u8]) -> Result<GgufFile> {
-    let mut r = Reader { bytes, pos: 0 };
+    parse_gguf_prefix(bytes, bytes.len() as u64)
+}
+
+/// Parses a GGUF file of `file_len` bytes from its first bytes. When the header runs past
+/// `prefix`, the answer is [`Error::NeedMoreBytes`] with how many are needed, so a caller can
+/// read the metadata (a few MiB) without reading the tensor data (gigabytes). Tensor data
+/// ranges are checked against `file_len`.
+pub fn parse_gguf_prefix(prefix: &[u8], file_len: u64) -> Result<GgufFile> {
+    let bytes = prefix;
+    let mut r = Reader { bytes, pos: 0, file_len };
     let magic = r.take(4, "the magic number").map_err(|_| Error::NotGguf {
-        reason: format!(
-            "only {} bytes, a GGUF file starts with the 4 bytes `GGUF`",
-            bytes.len()
-        ),
+        reason: format!("only {} bytes, a GGUF file starts with the 4 bytes `GGUF`", bytes.len()),
     })?;
     if magic != MAGIC {
-        return Err(Error::NotGguf {
-            reason: format!("starts with {:02x?}, not `GGUF`", magic),
-        });
+        return Err(Error::NotGguf { reason: format!("starts with {:02x?}, not `GGUF`", magic) });
     }
     let version = r.u32("the version")?;
     if !(2..=3).contains(&version) {
@@ -153,9 +156,9 @@ pub fn parse_gguf(bytes: &[u8]) -> Result<GgufFile> {
     let n_tensors = r.u64("the tensor count")?;
     let n_kv = r.u64("the metadata count")?;
     // A key/value takes at least 13 bytes (key length, one-byte key, type, one-byte value).
-    r.ensure_count(n_kv, 13, "metadata entries")?;
+    r.ensure_count(n_kv, 13, "the metadata entries")?;
     // A tensor entry takes at least 25 bytes (name length, dims count, one dim, type, offset).
-    r.ensure_count(n_tensors, 25, "tensor entries")?;
+    r.ensure_count(n_tensors, 25, "the tensor entries")?;
 
     let mut metadata = BTreeMap::new();
     for i in 0..n_kv {
@@ -172,58 +175,45 @@ pub fn parse_gguf(bytes: &[u8]) -> Result<GgufFile> {
 
     let alignment = match metadata.get("general.alignment") {
         None => 32,
-        Some(v) => v
-            .as_u64()
-            .filter(|a| a.is_power_of_two() && *a <= 1 << 20)
-            .ok_or_else(|| Error::InvalidGguf {
-                reason: format!("general.alignment {v:?} is not a power of two up to 1 MiB"),
-            })?,
+        Some(v) => v.as_u64().filter(|a| a.is_power_of_two() && *a <= 1 << 20).ok_or_else(|| Error::InvalidGguf {
+            reason: format!("general.alignment {v:?} is not a power of two up to 1 MiB"),
+        })?,
     };
     let data_offset = (r.pos as u64).div_ceil(alignment) * alignment;
-    let file_len = bytes.len() as u64;
     for t in &tensors {
         let end = data_offset
             .checked_add(t.offset)
             .and_then(|s| s.checked_add(t.bytes))
-            .ok_or_else(|| Error::InvalidGguf {
-                reason: format!("tensor `{}` has an offset past 2^64", t.name),
-            })?;
+            .ok_or_else(|| Error::InvalidGguf { reason: format!("tensor `{}` has an offset past 2^64", t.name) })?;
         if end > file_len {
-            return Err(Error::TruncatedGguf {
-                what: format!("tensor `{}`", t.name),
-                needed: end,
-                len: file_len,
-            });
+            return Err(Error::TruncatedGguf { what: format!("tensor `{}`", t.name), needed: end, len: file_len });
         }
     }
-    Ok(GgufFile {
-        version,
-        metadata,
-        tensors,
-        data_offset,
-        file_len,
-    })
+    Ok(GgufFile { version, metadata, tensors, data_offset, file_len })
 }
 
 struct Reader<'a> {
+    /// The file's first bytes (all of it, or a prefix holding at least the header).
     bytes: &'a [u8],
     pos: usize,
+    file_len: u64,
 }
 
 impl<'a> Reader<'a> {
+    /// Bytes left in the whole file (the prefix may hold fewer).
     fn remaining(&self) -> u64 {
-        (self.bytes.len() - self.pos) as u64
+        self.file_len.saturating_sub(self.pos as u64)
     }
 
     fn take(&mut self, n: u64, what: &str) -> Result<&'a [u8]> {
-        if n > self.remaining() {
-            return Err(Error::TruncatedGguf {
-                what: what.to_string(),
-                needed: (self.pos as u64).saturating_add(n),
-                len: self.bytes.len() as u64,
-            });
+        let end = (self.pos as u64).saturating_add(n);
+        if end > self.file_len {
+            return Err(Error::TruncatedGguf { what: what.to_string(), needed: end, len: self.file_len });
         }
-        let n = n as usize; // fits: n <= remaining <= usize::MAX
+        if end > self.bytes.len() as u64 {
+            return Err(Error::NeedMoreBytes { needed: end });
+        }
+        let n = n as usize; // fits: end <= bytes.len()
         let out = &self.bytes[self.pos..self.pos + n];
         self.pos += n;
         Ok(out)
@@ -249,9 +239,9 @@ impl<'a> Reader<'a> {
         match count.checked_mul(min_bytes_each) {
             Some(need) if need <= self.remaining() => Ok(()),
             _ => Err(Error::TruncatedGguf {
-                what: format!("{count} {what}"),
+                what: format!("{what} ({count} of them)"),
                 needed: (self.pos as u64).saturating_add(count.saturating_mul(min_bytes_each)),
-                len: self.bytes.len() as u64,
+                len: self.file_len,
             }),
         }
     }
@@ -285,9 +275,7 @@ impl<'a> Reader<'a> {
             11 => MetaValue::I64(i64::from_le_bytes(self.array(&what)?)),
             12 => MetaValue::F64(f64::from_le_bytes(self.array(&what)?)),
             other => {
-                return Err(Error::InvalidGguf {
-                    reason: format!("`{key}` has unknown value type {other}"),
-                });
+                return Err(Error::InvalidGguf { reason: format!("`{key}` has unknown value type {other}") });
             }
         })
     }
@@ -307,12 +295,10 @@ impl<'a> Reader<'a> {
             8 | 10..=12 => 8,
             9 => 12,
             other => {
-                return Err(Error::InvalidGguf {
-                    reason: format!("`{key}` is an array of unknown type {other}"),
-                });
+                return Err(Error::InvalidGguf { reason: format!("`{key}` is an array of unknown type {other}") });
             }
         };
-        self.ensure_count(len, min_size, &format!("elements of `{key}`"))?;
+        self.ensure_count(len, min_size, &format!("the elements of `{key}`"))?;
         if len > KEEP_ARRAY_ELEMENTS {
             // Skip without keeping: fixed-size elements in one step, strings one by one.
             match elem {
@@ -330,10 +316,7 @@ impl<'a> Reader<'a> {
                     self.take(len * min_size, &format!("`{key}`"))?;
                 }
             }
-            return Ok(MetaValue::LongArray {
-                element_type: elem,
-                len,
-            });
+            return Ok(MetaValue::LongArray { element_type: elem, len });
         }
         let mut items = Vec::with_capacity(len as usize);
         for _ in 0..len {
@@ -347,9 +330,7 @@ impl<'a> Reader<'a> {
         let n_dims = self.u32(&format!("the dimension count of `{name}`"))?;
         if n_dims == 0 || n_dims > MAX_DIMS {
             return Err(Error::InvalidGguf {
-                reason: format!(
-                    "tensor `{name}` has {n_dims} dimensions (1 to {MAX_DIMS} allowed)"
-                ),
+                reason: format!("tensor `{name}` has {n_dims} dimensions (1 to {MAX_DIMS} allowed)"),
             });
         }
         let mut dims = Vec::with_capacity(n_dims as usize);
@@ -358,30 +339,20 @@ impl<'a> Reader<'a> {
         }
         let type_id = self.u32(&format!("the type of `{name}`"))?;
         let offset = self.u64(&format!("the offset of `{name}`"))?;
-        let ggml_type = GgmlType::from_id(type_id).ok_or_else(|| Error::InvalidGguf {
-            reason: format!("tensor `{name}` has unknown GGML type {type_id}"),
-        })?;
+        let ggml_type = GgmlType::from_id(type_id)
+            .ok_or_else(|| Error::InvalidGguf { reason: format!("tensor `{name}` has unknown GGML type {type_id}") })?;
         let elements = dims
             .iter()
             .try_fold(1u64, |acc, &d| acc.checked_mul(d))
             .filter(|&e| e > 0 && e <= 1 << 40)
-            .ok_or_else(|| Error::InvalidGguf {
-                reason: format!("tensor `{name}` has absurd shape {dims:?}"),
-            })?;
+            .ok_or_else(|| Error::InvalidGguf { reason: format!("tensor `{name}` has absurd shape {dims:?}") })?;
         let bytes = ggml_type.bytes_for(elements).ok_or_else(|| Error::InvalidGguf {
             reason: format!(
                 "tensor `{name}` ({elements} elements) is not a whole number of {} blocks of {}",
                 ggml_type, ggml_type.block_elements
             ),
         })?;
-        Ok(GgufTensor {
-            name,
-            dims,
-            ggml_type,
-            offset,
-            elements,
-            bytes,
-        })
+        Ok(GgufTensor { name, dims, ggml_type, offset, elements, bytes })
     }
 }
 
@@ -482,16 +453,10 @@ mod tests {
             &[
                 ("general.architecture", Value::Str("llama".into())),
                 ("llama.context_length", Value::U32(2048)),
-                (
-                    "tokenizer.ggml.tokens",
-                    Value::StrArray((0..2000).map(|i| format!("t{i}")).collect()),
-                ),
+                ("tokenizer.ggml.tokens", Value::StrArray((0..2000).map(|i| format!("t{i}")).collect())),
                 ("tokenizer.ggml.eos_token_id", Value::U32(2)),
             ],
-            &[
-                ("token_embd.weight", &[8, 16]),
-                ("blk.0.attn_q.weight", &[8, 8]),
-            ],
+            &[("token_embd.weight", &[8, 16]), ("blk.0.attn_q.weight", &[8, 8])],
         )
     }
 
@@ -501,13 +466,7 @@ mod tests {
         assert_eq!(f.version, 3);
         assert_eq!(f.architecture(), Some("llama"));
         assert_eq!(f.arch_u64("context_length"), Some(2048));
-        assert_eq!(
-            f.get("tokenizer.ggml.tokens"),
-            Some(&MetaValue::LongArray {
-                element_type: 8,
-                len: 2000
-            })
-        );
+        assert_eq!(f.get("tokenizer.ggml.tokens"), Some(&MetaValue::LongArray { element_type: 8, len: 2000 }));
         assert_eq!(f.tensors.len(), 2);
         assert_eq!(f.tensors[0].dims, vec![8, 16]);
         assert_eq!(f.tensor_elements(), 128 + 64);
@@ -528,15 +487,24 @@ mod tests {
     }
 
     #[test]
+    fn a_short_prefix_asks_for_more_bytes_then_parses() {
+        let full = tiny();
+        let len = full.len() as u64;
+        let err = parse_gguf_prefix(&full[..64], len).unwrap_err();
+        let Error::NeedMoreBytes { needed } = err else { panic!("{err}") };
+        assert!(needed > 64 && needed <= len);
+        // The header alone (no tensor data) is enough.
+        let header_end = parse_gguf(&full).unwrap().data_offset as usize;
+        let f = parse_gguf_prefix(&full[..header_end], len).unwrap();
+        assert_eq!(f.tensors.len(), 2);
+        assert_eq!(f.file_len, len);
+    }
+
+    #[test]
     fn names_the_tensor_whose_data_is_missing() {
         let full = tiny();
-        let err = parse_gguf(&full[..full.len() - 10])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("truncated GGUF file: tensor `blk.0.attn_q.weight`"),
-            "{err}"
-        );
+        let err = parse_gguf(&full[..full.len() - 10]).unwrap_err().to_string();
+        assert!(err.contains("truncated GGUF file: tensor `blk.0.attn_q.weight`"), "{err}");
     }
 
     #[test]
@@ -556,36 +524,20 @@ mod tests {
         bytes.extend_from_slice(&1u64.to_le_bytes());
         bytes.extend_from_slice(&(1u64 << 63).to_le_bytes());
         bytes.extend_from_slice(&[0; 16]);
-        assert!(matches!(
-            parse_gguf(&bytes),
-            Err(Error::TruncatedGguf { .. })
-        ));
+        assert!(matches!(parse_gguf(&bytes), Err(Error::TruncatedGguf { .. })));
     }
 
     #[test]
     fn refuses_wrong_magic_version_and_types() {
-        assert!(matches!(
-            parse_gguf(b"GGML\x03\0\0\0"),
-            Err(Error::NotGguf { .. })
-        ));
+        assert!(matches!(parse_gguf(b"GGML\x03\0\0\0"), Err(Error::NotGguf { .. })));
         let mut v1 = tiny();
         v1[4] = 1;
-        assert!(
-            parse_gguf(&v1)
-                .unwrap_err()
-                .to_string()
-                .contains("version 1 is not supported")
-        );
+        assert!(parse_gguf(&v1).unwrap_err().to_string().contains("version 1 is not supported"));
         // Corrupt the value type of the first metadata key (right after its name).
         let mut bad = tiny();
         let at = 24 + 8 + "general.architecture".len();
         bad[at] = 99;
-        assert!(
-            parse_gguf(&bad)
-                .unwrap_err()
-                .to_string()
-                .contains("unknown value type 99")
-        );
+        assert!(parse_gguf(&bad).unwrap_err().to_string().contains("unknown value type 99"));
     }
 
     #[test]

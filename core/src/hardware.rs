@@ -17,10 +17,7 @@ pub struct Gpu {
 ///
 /// `2x80GiB,4x16GiB` is six GPUs. At most 1024 GPUs, each between 1 MiB and 1 PiB.
 pub fn parse_gpus(spec: &str) -> Result<Vec<Gpu>> {
-    let bad = |problem: String| Error::InvalidInput {
-        what: format!("GPU list `{spec}`"),
-        problem,
-    };
+    let bad = |problem: String| Error::InvalidInput { what: format!("GPU list `{spec}`"), problem };
     let mut gpus = Vec::new();
     for group in spec.split(',').map(str::trim) {
         if group.is_empty() {
@@ -28,9 +25,7 @@ pub fn parse_gpus(spec: &str) -> Result<Vec<Gpu>> {
         }
         let (count, size) = match group.split_once(['x', 'X', '×']) {
             Some((n, size)) if !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()) => {
-                let n: u64 = n
-                    .parse()
-                    .map_err(|_| bad(format!("`{n}` is not a GPU count")))?;
+                let n: u64 = n.parse().map_err(|_| bad(format!("`{n}` is not a GPU count")))?;
                 (n, size)
             }
             _ => (1, group),
@@ -40,20 +35,14 @@ pub fn parse_gpus(spec: &str) -> Result<Vec<Gpu>> {
         }
         let bytes = parse_bytes(size).map_err(|e| bad(e.to_string()))?;
         if bytes < (1 << 20) {
-            return Err(bad(format!(
-                "{} per GPU is less than 1 MiB",
-                format_bytes(bytes)
-            )));
+            return Err(bad(format!("{} per GPU is less than 1 MiB", format_bytes(bytes))));
         }
         if gpus.len() as u64 + count > 1024 {
             return Err(bad("more than 1024 GPUs".into()));
         }
         for _ in 0..count {
             let name = format!("gpu{}", gpus.len());
-            gpus.push(Gpu {
-                name,
-                memory_bytes: bytes,
-            });
+            gpus.push(Gpu { name, memory_bytes: bytes });
         }
     }
     Ok(gpus)
@@ -68,11 +57,7 @@ pub fn describe_gpus(gpus: &[Gpu]) -> String {
             _ => groups.push((g.memory_bytes, 1)),
         }
     }
-    groups
-        .iter()
-        .map(|(size, n)| format!("{n}×{}", format_bytes(*size)))
-        .collect::<Vec<_>>()
-        .join(" + ")
+    groups.iter().map(|(size, n)| format!("{n}×{}", format_bytes(*size))).collect::<Vec<_>>().join(" + ")
 }
 
 #[cfg(test)]

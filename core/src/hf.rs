@@ -42,21 +42,13 @@ pub struct HfConfig {
 }
 
 /// Keys that hold the trained context length, in the order real configs are trusted.
-pub const CONTEXT_KEYS: [&str; 6] = [
-    "max_position_embeddings",
-    "n_positions",
-    "max_seq_len",
-    "seq_length",
-    "max_sequence_length",
-    "n_ctx",
-];
+pub const CONTEXT_KEYS: [&str; 6] =
+    ["max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length", "n_ctx"];
 
 /// Parses the text of a `config.json`.
 pub fn parse_config(text: &str) -> Result<HfConfig> {
-    let value: Value = serde_json::from_str(text).map_err(|e| Error::MalformedJson {
-        file: FILE.to_string(),
-        detail: e.to_string(),
-    })?;
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| Error::MalformedJson { file: FILE.to_string(), detail: e.to_string() })?;
     parse_config_value(&value)
 }
 
@@ -79,10 +71,7 @@ pub fn parse_config_value(value: &Value) -> Result<HfConfig> {
         .and_then(Family::from_architecture)
         .or_else(|| model_type.and_then(Family::from_model_type))
         .ok_or_else(|| Error::UnknownArchitecture {
-            name: class
-                .clone()
-                .or(model_type.map(str::to_string))
-                .unwrap_or_else(|| "(none given)".into()),
+            name: class.clone().or(model_type.map(str::to_string)).unwrap_or_else(|| "(none given)".into()),
         })?;
 
     // Multimodal models (Gemma 3 4B and up) keep the language model under `text_config`.
@@ -99,31 +88,14 @@ pub fn parse_config_value(value: &Value) -> Result<HfConfig> {
         rope_scaling: rope_scaling(text.get("rope_scaling")),
         dtype: ["torch_dtype", "dtype"]
             .iter()
-            .find_map(|k| {
-                root.get(*k)
-                    .or_else(|| text.get(*k))
-                    .and_then(Value::as_str)
-            })
+            .find_map(|k| root.get(*k).or_else(|| text.get(*k)).and_then(Value::as_str))
             .map(str::to_string),
-        quantization: root
-            .get("quantization_config")
-            .and_then(Value::as_object)
-            .map(|q| {
-                let method = q
-                    .get("quant_method")
-                    .and_then(Value::as_str)
-                    .unwrap_or("unknown")
-                    .to_string();
-                (method, q.get("bits").and_then(Value::as_u64))
-            }),
-        eos_token_ids: token_ids(
-            root.get("eos_token_id")
-                .or_else(|| text.get("eos_token_id")),
-        ),
-        bos_token_id: root
-            .get("bos_token_id")
-            .or_else(|| text.get("bos_token_id"))
-            .and_then(Value::as_u64),
+        quantization: root.get("quantization_config").and_then(Value::as_object).map(|q| {
+            let method = q.get("quant_method").and_then(Value::as_str).unwrap_or("unknown").to_string();
+            (method, q.get("bits").and_then(Value::as_u64))
+        }),
+        eos_token_ids: token_ids(root.get("eos_token_id").or_else(|| text.get("eos_token_id"))),
+        bos_token_id: root.get("bos_token_id").or_else(|| text.get("bos_token_id")).and_then(Value::as_u64),
         architecture,
     })
 }
@@ -146,9 +118,7 @@ struct Keys<'a> {
 
 impl Keys<'_> {
     fn raw(&self, names: &[&str]) -> Option<&Value> {
-        names
-            .iter()
-            .find_map(|n| self.map.get(*n).filter(|v| !v.is_null()))
+        names.iter().find_map(|n| self.map.get(*n).filter(|v| !v.is_null()))
     }
 
     fn u64_opt(&self, names: &[&str]) -> Result<Option<u64>> {
@@ -163,13 +133,11 @@ impl Keys<'_> {
     }
 
     fn u64_or(&self, names: &[&str], default: Option<u64>) -> Result<u64> {
-        self.u64_opt(names)?
-            .or(default)
-            .ok_or_else(|| Error::MissingKey {
-                file: FILE.to_string(),
-                key: names[0].to_string(),
-                family: self.family.to_string(),
-            })
+        self.u64_opt(names)?.or(default).ok_or_else(|| Error::MissingKey {
+            file: FILE.to_string(),
+            key: names[0].to_string(),
+            family: self.family.to_string(),
+        })
     }
 
     fn bool_or(&self, names: &[&str], default: bool) -> bool {
@@ -214,14 +182,9 @@ fn defaults(family: Family) -> Defaults {
             tied: true,
         },
         // FalconConfig's defaults are Falcon-7B.
-        Family::Falcon => Defaults {
-            vocab: Some(65_024),
-            hidden: Some(4544),
-            layers: Some(32),
-            heads: Some(71),
-            tied: true,
-            ..none
-        },
+        Family::Falcon => {
+            Defaults { vocab: Some(65_024), hidden: Some(4544), layers: Some(32), heads: Some(71), tied: true, ..none }
+        }
         Family::Gemma | Family::Gemma2 | Family::Gpt2 => Defaults { tied: true, ..none },
         _ => none,
     }
@@ -252,20 +215,14 @@ fn read_architecture(cfg: &Keys<'_>, root: &Map<String, Value>) -> Result<Archit
             _ => heads,
         }
     } else {
-        cfg.u64_or(
-            &["num_key_value_heads", "num_kv_heads", "n_head_kv"],
-            d.kv_heads.or(Some(heads)),
-        )?
+        cfg.u64_or(&["num_key_value_heads", "num_kv_heads", "n_head_kv"], d.kv_heads.or(Some(heads)))?
     };
 
     let default_inter = match family {
         Family::Gpt2 | Family::Falcon => Some(4 * hidden),
         _ => d.intermediate,
     };
-    let intermediate = cfg.u64_or(
-        &["intermediate_size", "n_inner", "ffn_hidden_size", "ffn_dim"],
-        default_inter,
-    )?;
+    let intermediate = cfg.u64_or(&["intermediate_size", "n_inner", "ffn_hidden_size", "ffn_dim"], default_inter)?;
     let tied = cfg.bool_or(&["tie_word_embeddings"], d.tied);
 
     let shape = layer_shape(cfg);
@@ -304,12 +261,7 @@ fn layer_shape(cfg: &Keys<'_>) -> LayerShape {
 pub(crate) fn layer_shape_for(family: Family, flag: &dyn Fn(&str, bool) -> bool) -> LayerShape {
     let attention_bias = flag("attention_bias", false);
     let mlp_bias = flag("mlp_bias", false);
-    let llama = LayerShape {
-        qkv_bias: attention_bias,
-        out_bias: attention_bias,
-        mlp_bias,
-        ..LayerShape::llama()
-    };
+    let llama = LayerShape { qkv_bias: attention_bias, out_bias: attention_bias, mlp_bias, ..LayerShape::llama() };
     let layer_norm = LayerShape {
         norms_per_layer: 2,
         norm_bias: true,
@@ -323,38 +275,17 @@ pub(crate) fn layer_shape_for(family: Family, flag: &dyn Fn(&str, bool) -> bool)
     };
     match family {
         Family::Llama | Family::Mistral | Family::Mixtral | Family::Phi3 => llama,
-        Family::Qwen2 | Family::Qwen2Moe => LayerShape {
-            qkv_bias: true,
-            ..LayerShape::llama()
-        },
-        Family::Qwen3 | Family::Qwen3Moe => LayerShape {
-            qk_norm: true,
-            ..llama
-        },
+        Family::Qwen2 | Family::Qwen2Moe => LayerShape { qkv_bias: true, ..LayerShape::llama() },
+        Family::Qwen3 | Family::Qwen3Moe => LayerShape { qk_norm: true, ..llama },
         Family::Gemma => LayerShape::llama(),
-        Family::Gemma2 => LayerShape {
-            norms_per_layer: 4,
-            ..LayerShape::llama()
-        },
-        Family::Gemma3 => LayerShape {
-            norms_per_layer: 4,
-            qk_norm: true,
-            ..LayerShape::llama()
-        },
-        Family::GptOss => LayerShape {
-            qkv_bias: true,
-            out_bias: true,
-            mlp_bias: true,
-            attention_sinks: true,
-            ..LayerShape::llama()
-        },
+        Family::Gemma2 => LayerShape { norms_per_layer: 4, ..LayerShape::llama() },
+        Family::Gemma3 => LayerShape { norms_per_layer: 4, qk_norm: true, ..LayerShape::llama() },
+        Family::GptOss => {
+            LayerShape { qkv_bias: true, out_bias: true, mlp_bias: true, attention_sinks: true, ..LayerShape::llama() }
+        }
         Family::Gpt2 => layer_norm,
         // Phi-2: one LayerNorm feeding attention and MLP in parallel; biased head.
-        Family::Phi => LayerShape {
-            norms_per_layer: 1,
-            head_bias: true,
-            ..layer_norm
-        },
+        Family::Phi => LayerShape { norms_per_layer: 1, head_bias: true, ..layer_norm },
         Family::Falcon => {
             let bias = flag("bias", false);
             let new_arch = flag("new_decoder_architecture", false);
@@ -371,24 +302,12 @@ pub(crate) fn layer_shape_for(family: Family, flag: &dyn Fn(&str, bool) -> bool)
 }
 
 fn read_moe(cfg: &Keys<'_>, intermediate: u64) -> Result<Option<Moe>> {
-    let Some(experts) = cfg.u64_opt(&["num_local_experts", "num_experts", "n_routed_experts"])?
-    else {
+    let Some(experts) = cfg.u64_opt(&["num_local_experts", "num_experts", "n_routed_experts"])? else {
         return Ok(None);
     };
-    let per_token = cfg.u64_or(
-        &[
-            "num_experts_per_tok",
-            "experts_per_token",
-            "num_experts_per_token",
-        ],
-        None,
-    )?;
-    let expert_inter = cfg
-        .u64_opt(&["moe_intermediate_size"])?
-        .unwrap_or(intermediate);
-    let shared = cfg
-        .u64_opt(&["shared_expert_intermediate_size"])?
-        .filter(|&n| n > 0);
+    let per_token = cfg.u64_or(&["num_experts_per_tok", "experts_per_token", "num_experts_per_token"], None)?;
+    let expert_inter = cfg.u64_opt(&["moe_intermediate_size"])?.unwrap_or(intermediate);
+    let shared = cfg.u64_opt(&["shared_expert_intermediate_size"])?.filter(|&n| n > 0);
     Ok(Some(Moe {
         experts,
         experts_per_token: per_token,
@@ -405,10 +324,7 @@ fn sliding_window(cfg: &Keys<'_>, layers: u64) -> Result<Option<SlidingWindow>> 
         Family::Gemma3 => Some(4096),
         _ => None,
     };
-    let Some(window) = cfg
-        .u64_opt(&["sliding_window", "sliding_window_size"])?
-        .or(default_window)
-    else {
+    let Some(window) = cfg.u64_opt(&["sliding_window", "sliding_window_size"])?.or(default_window) else {
         return Ok(None);
     };
     let layers32 = u32::try_from(layers).map_err(|_| Error::Absurd {
@@ -416,8 +332,7 @@ fn sliding_window(cfg: &Keys<'_>, layers: u64) -> Result<Option<SlidingWindow>> 
         value: layers.to_string(),
         why: "too many layers".into(),
     })?;
-    let sliding: Vec<u32> = if let Some(types) = cfg.raw(&["layer_types"]).and_then(Value::as_array)
-    {
+    let sliding: Vec<u32> = if let Some(types) = cfg.raw(&["layer_types"]).and_then(Value::as_array) {
         types
             .iter()
             .enumerate()
@@ -435,8 +350,7 @@ fn sliding_window(cfg: &Keys<'_>, layers: u64) -> Result<Option<SlidingWindow>> 
                 (0..layers32).filter(|&i| u64::from(i) >= from).collect()
             }
             _ => {
-                let pattern =
-                    cfg.u64_opt(&["sliding_window_pattern", "_sliding_window_pattern"])?;
+                let pattern = cfg.u64_opt(&["sliding_window_pattern", "_sliding_window_pattern"])?;
                 match default_sliding_layers(family, layers32, pattern) {
                     Some(layers) => layers,
                     None => return Ok(None),
@@ -447,27 +361,18 @@ fn sliding_window(cfg: &Keys<'_>, layers: u64) -> Result<Option<SlidingWindow>> 
     if sliding.is_empty() {
         return Ok(None);
     }
-    Ok(Some(SlidingWindow {
-        window,
-        layers: sliding,
-    }))
+    Ok(Some(SlidingWindow { window, layers: sliding }))
 }
 
 /// The family rule for which layers slide when a config or GGUF file does not list them.
-pub(crate) fn default_sliding_layers(
-    family: Family,
-    layers: u32,
-    pattern: Option<u64>,
-) -> Option<Vec<u32>> {
+pub(crate) fn default_sliding_layers(family: Family, layers: u32, pattern: Option<u64>) -> Option<Vec<u32>> {
     Some(match family {
         // Gemma 2 and gpt-oss alternate: even layers slide, odd ones are global.
         Family::Gemma2 | Family::GptOss => (0..layers).filter(|i| i % 2 == 0).collect(),
         // Gemma 3: every n-th layer is global (5 local : 1 global by default).
         Family::Gemma3 => {
             let n = pattern.unwrap_or(6).max(1);
-            (0..layers)
-                .filter(|&i| (u64::from(i) + 1) % n != 0)
-                .collect()
+            (0..layers).filter(|&i| (u64::from(i) + 1) % n != 0).collect()
         }
         Family::Mistral | Family::Mixtral | Family::Phi3 => (0..layers).collect(),
         _ => return None,
@@ -479,10 +384,7 @@ fn vision_tower(root: &Map<String, Value>, text_hidden: u64) -> Result<Option<Vi
     let Some(vc) = root.get("vision_config").and_then(Value::as_object) else {
         return Ok(None);
     };
-    let cfg = Keys {
-        map: vc,
-        family: Family::Gemma3,
-    };
+    let cfg = Keys { map: vc, family: Family::Gemma3 };
     // SiglipVisionConfig's defaults.
     let h = cfg.u64_or(&["hidden_size"], Some(768))?;
     let inter = cfg.u64_or(&["intermediate_size"], Some(3072))?;
@@ -511,22 +413,10 @@ fn vision_tower(root: &Map<String, Value>, text_hidden: u64) -> Result<Option<Vi
     } else {
         0
     };
-    let encoder = sum(
-        &[
-            patch_embed,
-            positions,
-            product(&[block, layers], w)?,
-            2 * h,
-            head,
-        ],
-        w,
-    )?;
+    let encoder = sum(&[patch_embed, positions, product(&[block, layers], w)?, 2 * h, head], w)?;
     // Gemma 3's projector: a vision→text matrix and an RMSNorm over the vision features.
     let projector = sum(&[product(&[h, text_hidden], w)?, h], w)?;
-    Ok(Some(VisionTower {
-        encoder_params: encoder,
-        projector_params: projector,
-    }))
+    Ok(Some(VisionTower { encoder_params: encoder, projector_params: projector }))
 }
 
 fn context_length(cfg: &Keys<'_>) -> Option<(u64, &'static str)> {
@@ -536,23 +426,16 @@ fn context_length(cfg: &Keys<'_>) -> Option<(u64, &'static str)> {
         }
     }
     // Gemma3TextConfig's default, which the multimodal Gemma 3 configs rely on.
-    (cfg.family == Family::Gemma3)
-        .then_some((131_072, "max_position_embeddings (transformers default)"))
+    (cfg.family == Family::Gemma3).then_some((131_072, "max_position_embeddings (transformers default)"))
 }
 
 fn rope_scaling(value: Option<&Value>) -> Option<RopeScaling> {
     let obj = value?.as_object()?;
-    let kind = obj
-        .get("rope_type")
-        .or_else(|| obj.get("type"))
-        .and_then(Value::as_str)?
-        .to_string();
+    let kind = obj.get("rope_type").or_else(|| obj.get("type")).and_then(Value::as_str)?.to_string();
     Some(RopeScaling {
         kind,
         factor: obj.get("factor").and_then(Value::as_f64),
-        original_context: obj
-            .get("original_max_position_embeddings")
-            .and_then(Value::as_u64),
+        original_context: obj.get("original_max_position_embeddings").and_then(Value::as_u64),
     })
 }
 
@@ -577,15 +460,7 @@ mod tests {
         )
         .unwrap();
         let a = &cfg.architecture;
-        assert_eq!(
-            (
-                a.hidden_size,
-                a.num_heads,
-                a.num_layers,
-                a.intermediate_size
-            ),
-            (768, 12, 12, 3072)
-        );
+        assert_eq!((a.hidden_size, a.num_heads, a.num_layers, a.intermediate_size), (768, 12, 12, 3072));
         assert_eq!(cfg.context, Some((1024, "n_positions")));
         assert_eq!(a.count_params().unwrap().total, 124_439_808);
     }
@@ -593,12 +468,7 @@ mod tests {
     #[test]
     fn unknown_model_type_is_named() {
         let err = parse_config(r#"{"model_type":"mamba","hidden_size":8}"#).unwrap_err();
-        assert_eq!(
-            err,
-            Error::UnknownArchitecture {
-                name: "mamba".into()
-            }
-        );
+        assert_eq!(err, Error::UnknownArchitecture { name: "mamba".into() });
         let err = parse_config(r#"{"architectures":["BertForMaskedLM"]}"#).unwrap_err();
         assert!(err.to_string().contains("`BertForMaskedLM`"), "{err}");
     }
@@ -608,14 +478,8 @@ mod tests {
         let cases = [
             ("{not json", "config.json is not valid JSON"),
             ("[1,2]", "must be a JSON object"),
-            (
-                r#"{"model_type":"llama","hidden_size":"big"}"#,
-                "`hidden_size` must be a non-negative integer",
-            ),
-            (
-                r#"{"model_type":"llama","hidden_size":64}"#,
-                "has no `num_hidden_layers`",
-            ),
+            (r#"{"model_type":"llama","hidden_size":"big"}"#, "`hidden_size` must be a non-negative integer"),
+            (r#"{"model_type":"llama","hidden_size":64}"#, "has no `num_hidden_layers`"),
             (
                 r#"{"model_type":"llama","hidden_size":64,"num_hidden_layers":2,"num_attention_heads":0,"vocab_size":10,"intermediate_size":8}"#,
                 "num_attention_heads",

@@ -61,16 +61,12 @@ const MXFP4: (u32, &str, u64, u64) = (39, "MXFP4", 32, 17);
 impl GgmlType {
     /// Looks up a type id from a GGUF tensor table.
     pub fn from_id(id: u32) -> Option<GgmlType> {
-        GGML_TYPES
-            .iter()
-            .chain(std::iter::once(&MXFP4))
-            .find(|t| t.0 == id)
-            .map(|&(id, name, be, bb)| GgmlType {
-                id,
-                name,
-                block_elements: be,
-                block_bytes: bb,
-            })
+        GGML_TYPES.iter().chain(std::iter::once(&MXFP4)).find(|t| t.0 == id).map(|&(id, name, be, bb)| GgmlType {
+            id,
+            name,
+            block_elements: be,
+            block_bytes: bb,
+        })
     }
 
     /// Looks up a type by llama.cpp's name, case-insensitively.
@@ -181,29 +177,27 @@ impl SafetensorsDtype {
     }
 }
 
-/// The precision a model is served at, as a user asks for it (`--dtype`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+/// The precision a model is served at, as a user asks for it (`--dtype`). Serialized as its
+/// lower-case name (`bf16`, `q4_k`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum WeightDtype {
     F32,
     F16,
     Bf16,
     /// A GGML quantization applied to the linear weights (embeddings and norms stay wider).
-    Ggml(#[serde(with = "ggml_name")] GgmlType),
+    Ggml(GgmlType),
 }
 
-mod ggml_name {
-    use super::GgmlType;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(t: &GgmlType, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(t.name)
+impl Serialize for WeightDtype {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
     }
+}
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<GgmlType, D::Error> {
+impl<'de> Deserialize<'de> for WeightDtype {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let name = String::deserialize(d)?;
-        GgmlType::from_name(&name)
-            .ok_or_else(|| serde::de::Error::custom(format!("unknown GGML type {name}")))
+        WeightDtype::parse(&name).map_err(serde::de::Error::custom)
     }
 }
 
@@ -289,20 +283,9 @@ mod tests {
 
     #[test]
     fn block_sizes_give_known_bits_per_weight() {
-        let cases = [
-            ("Q4_0", 4.5),
-            ("Q4_1", 5.0),
-            ("Q8_0", 8.5),
-            ("Q4_K", 4.5),
-            ("Q6_K", 6.5625),
-            ("Q2_K", 2.625),
-        ];
+        let cases = [("Q4_0", 4.5), ("Q4_1", 5.0), ("Q8_0", 8.5), ("Q4_K", 4.5), ("Q6_K", 6.5625), ("Q2_K", 2.625)];
         for (name, bpw) in cases {
-            assert_eq!(
-                GgmlType::from_name(name).unwrap().bits_per_weight(),
-                bpw,
-                "{name}"
-            );
+            assert_eq!(GgmlType::from_name(name).unwrap().bits_per_weight(), bpw, "{name}");
         }
     }
 
@@ -321,10 +304,14 @@ mod tests {
         assert_eq!(WeightDtype::parse("q4_k_m").unwrap().to_string(), "q4_k");
         assert_eq!(WeightDtype::parse("Q8_0").unwrap().to_string(), "q8_0");
         let err = WeightDtype::parse("int3").unwrap_err().to_string();
-        assert!(
-            err.contains("dtype `int3`") && err.contains("q4_k_m"),
-            "{err}"
-        );
+        assert!(err.contains("dtype `int3`") && err.contains("q4_k_m"), "{err}");
+    }
+
+    #[test]
+    fn dtypes_serialize_as_their_names() {
+        let q = WeightDtype::parse("q4_k_m").unwrap();
+        assert_eq!(serde_json::to_string(&q).unwrap(), "\"q4_k\"");
+        assert_eq!(serde_json::from_str::<WeightDtype>("\"bf16\"").unwrap(), WeightDtype::Bf16);
     }
 
     #[test]

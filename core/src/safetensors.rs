@@ -33,29 +33,17 @@ pub struct SafetensorsHeader {
 
 /// Reads the header length from a file's first 8 bytes and checks it is plausible.
 pub fn header_len(file: &str, first8: &[u8], file_len: u64) -> Result<u64> {
-    let bad = |reason: String| Error::InvalidSafetensors {
-        file: file.to_string(),
-        reason,
-    };
+    let bad = |reason: String| Error::InvalidSafetensors { file: file.to_string(), reason };
     let raw: [u8; 8] = first8
         .get(..8)
         .and_then(|s| s.try_into().ok())
-        .ok_or_else(|| {
-            bad(format!(
-                "{} bytes is shorter than the 8-byte header length",
-                first8.len()
-            ))
-        })?;
+        .ok_or_else(|| bad(format!("{} bytes is shorter than the 8-byte header length", first8.len())))?;
     let n = u64::from_le_bytes(raw);
     if n == 0 || n > MAX_HEADER_BYTES {
-        return Err(bad(format!(
-            "header length {n} is outside 1..={MAX_HEADER_BYTES}"
-        )));
+        return Err(bad(format!("header length {n} is outside 1..={MAX_HEADER_BYTES}")));
     }
     if n.saturating_add(8) > file_len {
-        return Err(bad(format!(
-            "header of {n} bytes runs past the end of the {file_len}-byte file (truncated?)"
-        )));
+        return Err(bad(format!("header of {n} bytes runs past the end of the {file_len}-byte file (truncated?)")));
     }
     Ok(n)
 }
@@ -63,20 +51,12 @@ pub fn header_len(file: &str, first8: &[u8], file_len: u64) -> Result<u64> {
 /// Parses a safetensors header from the file's first `8 + header_len` bytes, checking every
 /// tensor's data range against the file length.
 pub fn parse_header(file: &str, prefix: &[u8], file_len: u64) -> Result<SafetensorsHeader> {
-    let bad = |reason: String| Error::InvalidSafetensors {
-        file: file.to_string(),
-        reason,
-    };
+    let bad = |reason: String| Error::InvalidSafetensors { file: file.to_string(), reason };
     let n = header_len(file, prefix, file_len)?;
     let end = 8 + n as usize; // n <= MAX_HEADER_BYTES
-    let json = prefix
-        .get(8..end)
-        .ok_or_else(|| bad(format!("needs {end} bytes of header, got {}", prefix.len())))?;
-    let value: Value =
-        serde_json::from_slice(json).map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
-    let obj = value
-        .as_object()
-        .ok_or_else(|| bad("header is not a JSON object".into()))?;
+    let json = prefix.get(8..end).ok_or_else(|| bad(format!("needs {end} bytes of header, got {}", prefix.len())))?;
+    let value: Value = serde_json::from_slice(json).map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
+    let obj = value.as_object().ok_or_else(|| bad("header is not a JSON object".into()))?;
     let data_len = file_len - 8 - n;
 
     let mut header = SafetensorsHeader::default();
@@ -84,17 +64,13 @@ pub fn parse_header(file: &str, prefix: &[u8], file_len: u64) -> Result<Safetens
         if name == "__metadata__" {
             if let Some(m) = entry.as_object() {
                 for (k, v) in m {
-                    header
-                        .metadata
-                        .insert(k.clone(), v.as_str().unwrap_or_default().to_string());
+                    header.metadata.insert(k.clone(), v.as_str().unwrap_or_default().to_string());
                 }
             }
             continue;
         }
-        let dtype_name = entry
-            .get("dtype")
-            .and_then(Value::as_str)
-            .ok_or_else(|| bad(format!("`{name}` has no dtype")))?;
+        let dtype_name =
+            entry.get("dtype").and_then(Value::as_str).ok_or_else(|| bad(format!("`{name}` has no dtype")))?;
         let dtype = SafetensorsDtype::parse(dtype_name)
             .ok_or_else(|| bad(format!("`{name}` has unknown dtype {dtype_name}")))?;
         let shape: Vec<u64> = entry
@@ -102,10 +78,7 @@ pub fn parse_header(file: &str, prefix: &[u8], file_len: u64) -> Result<Safetens
             .and_then(Value::as_array)
             .ok_or_else(|| bad(format!("`{name}` has no shape")))?
             .iter()
-            .map(|d| {
-                d.as_u64()
-                    .ok_or_else(|| bad(format!("`{name}` has a non-integer dimension {d}")))
-            })
+            .map(|d| d.as_u64().ok_or_else(|| bad(format!("`{name}` has a non-integer dimension {d}"))))
             .collect::<Result<_>>()?;
         let elements = shape
             .iter()
@@ -131,13 +104,7 @@ pub fn parse_header(file: &str, prefix: &[u8], file_len: u64) -> Result<Safetens
                 "`{name}` ends at data byte {stop} but the file holds {data_len} bytes of data (truncated?)"
             )));
         }
-        header.tensors.push(SafetensorsTensor {
-            name: name.clone(),
-            dtype,
-            shape,
-            elements,
-            bytes,
-        });
+        header.tensors.push(SafetensorsTensor { name: name.clone(), dtype, shape, elements, bytes });
     }
     Ok(header)
 }
@@ -156,18 +123,13 @@ pub struct SafetensorsIndex {
 /// Parses `model.safetensors.index.json`.
 pub fn parse_index(text: &str) -> Result<SafetensorsIndex> {
     let file = "model.safetensors.index.json";
-    let value: Value = serde_json::from_str(text).map_err(|e| Error::MalformedJson {
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| Error::MalformedJson { file: file.into(), detail: e.to_string() })?;
+    let map = value.get("weight_map").and_then(Value::as_object).ok_or_else(|| Error::MissingKey {
         file: file.into(),
-        detail: e.to_string(),
+        key: "weight_map".into(),
+        family: "sharded".into(),
     })?;
-    let map = value
-        .get("weight_map")
-        .and_then(Value::as_object)
-        .ok_or_else(|| Error::MissingKey {
-            file: file.into(),
-            key: "weight_map".into(),
-            family: "sharded".into(),
-        })?;
     let mut files = BTreeSet::new();
     for (tensor, f) in map {
         let f = f.as_str().ok_or_else(|| Error::BadValue {
@@ -186,9 +148,7 @@ pub fn parse_index(text: &str) -> Result<SafetensorsIndex> {
         files.insert(f.to_string());
     }
     Ok(SafetensorsIndex {
-        total_size: value
-            .pointer("/metadata/total_size")
-            .and_then(Value::as_u64),
+        total_size: value.pointer("/metadata/total_size").and_then(Value::as_u64),
         files,
         tensor_count: map.len(),
     })
@@ -225,10 +185,7 @@ mod tests {
         let h = parse_header("m.safetensors", &file, file.len() as u64).unwrap();
         assert_eq!(h.tensors.len(), 2);
         let a = h.tensors.iter().find(|t| t.name == "a").unwrap();
-        assert_eq!(
-            (a.dtype, a.elements, a.bytes),
-            (SafetensorsDtype::BF16, 32, 64)
-        );
+        assert_eq!((a.dtype, a.elements, a.bytes), (SafetensorsDtype::BF16, 32, 64));
     }
 
     #[test]
@@ -238,15 +195,10 @@ mod tests {
             (file[..4].to_vec(), "shorter than the 8-byte header length"),
             (file[..file.len() - 1].to_vec(), "truncated?"),
             (u64::MAX.to_le_bytes().to_vec(), "outside 1..="),
-            (
-                [&20u64.to_le_bytes()[..], b"not json at all!!!!!"].concat(),
-                "not valid JSON",
-            ),
+            ([&20u64.to_le_bytes()[..], b"not json at all!!!!!"].concat(), "not valid JSON"),
         ];
         for (bytes, want) in cases {
-            let err = parse_header("m.safetensors", &bytes, bytes.len() as u64)
-                .unwrap_err()
-                .to_string();
+            let err = parse_header("m.safetensors", &bytes, bytes.len() as u64).unwrap_err().to_string();
             assert!(err.contains(want), "want {want}: {err}");
         }
     }
@@ -257,9 +209,7 @@ mod tests {
         let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
         bytes.extend_from_slice(json.as_bytes());
         bytes.extend_from_slice(&[0; 16]);
-        let err = parse_header("m", &bytes, bytes.len() as u64)
-            .unwrap_err()
-            .to_string();
+        let err = parse_header("m", &bytes, bytes.len() as u64).unwrap_err().to_string();
         assert!(err.contains("do not hold 16 bytes"), "{err}");
     }
 
@@ -271,9 +221,7 @@ mod tests {
         .unwrap();
         assert_eq!(idx.total_size, Some(16_060_522_496));
         assert_eq!(idx.files.len(), 2);
-        let err = parse_index(r#"{"weight_map":{"a":"../../etc/passwd"}}"#)
-            .unwrap_err()
-            .to_string();
+        let err = parse_index(r#"{"weight_map":{"a":"../../etc/passwd"}}"#).unwrap_err().to_string();
         assert!(err.contains("not a plain file name"), "{err}");
     }
 }

@@ -60,24 +60,15 @@ impl Task {
             "summarize" | "summary" => "summarization",
             other => other,
         };
-        Task::ALL
-            .iter()
-            .find(|(_, n)| *n == alias)
-            .map(|(t, _)| *t)
-            .ok_or_else(|| Error::InvalidInput {
-                what: format!("task `{text}`"),
-                problem:
-                    "use chat, summarization, question-answering, code-completion or reasoning"
-                        .into(),
-            })
+        Task::ALL.iter().find(|(_, n)| *n == alias).map(|(t, _)| *t).ok_or_else(|| Error::InvalidInput {
+            what: format!("task `{text}`"),
+            problem: "use chat, summarization, question-answering, code-completion or reasoning".into(),
+        })
     }
 
     /// The command-line spelling.
     pub fn as_str(self) -> &'static str {
-        Task::ALL
-            .iter()
-            .find(|(t, _)| *t == self)
-            .map_or("chat", |(_, n)| n)
+        Task::ALL.iter().find(|(t, _)| *t == self).map_or("chat", |(_, n)| n)
     }
 
     fn needs_instruct(self) -> bool {
@@ -206,10 +197,7 @@ pub struct Selection {
 /// Ranks the catalog's models for `need` on `gpus` (an empty list means no memory check).
 pub fn select(need: &Need, gpus: &[Gpu], catalog: &Catalog) -> Result<Selection> {
     if need.min_context == Some(0) {
-        return Err(Error::InvalidInput {
-            what: "minimum context".into(),
-            problem: "must be at least 1 token".into(),
-        });
+        return Err(Error::InvalidInput { what: "minimum context".into(), problem: "must be at least 1 token".into() });
     }
     let mut candidates = Vec::new();
     let mut rejected = Vec::new();
@@ -217,21 +205,14 @@ pub fn select(need: &Need, gpus: &[Gpu], catalog: &Catalog) -> Result<Selection>
         let spec = entry.spec()?;
         match judge(need, gpus, entry, &spec)? {
             Ok(c) => candidates.push(c),
-            Err(reasons) => rejected.push(Rejection {
-                id: entry.id.clone(),
-                reasons,
-            }),
+            Err(reasons) => rejected.push(Rejection { id: entry.id.clone(), reasons }),
         }
     }
     candidates.sort_by(|a, b| b.score.cmp(&a.score).then_with(|| a.id.cmp(&b.id)));
     rejected.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(Selection {
         need: need.clone(),
-        hardware: if gpus.is_empty() {
-            "none given".into()
-        } else {
-            describe_gpus(gpus)
-        },
+        hardware: if gpus.is_empty() { "none given".into() } else { describe_gpus(gpus) },
         candidates,
         rejected,
     })
@@ -254,31 +235,18 @@ fn judge(
     spec: &ModelSpec,
 ) -> Result<std::result::Result<Candidate, Vec<String>>> {
     let mut reasons = Vec::new();
-    let want_ctx = need
-        .min_context
-        .unwrap_or(DEFAULT_NEED_CONTEXT.min(entry.context));
+    let want_ctx = need.min_context.unwrap_or(DEFAULT_NEED_CONTEXT.min(entry.context));
     if let Some(min) = need.min_context.filter(|&m| m > entry.context) {
-        reasons.push(format!(
-            "context {} < {} needed",
-            format_tokens(entry.context),
-            format_tokens(min)
-        ));
+        reasons.push(format!("context {} < {} needed", format_tokens(entry.context), format_tokens(min)));
     }
     if need.no_gated && entry.gated {
         reasons.push("gated (terms must be accepted on the Hub) and --no-gated was asked".into());
     }
     if let Some(max) = need.max_params.filter(|&m| entry.parameters > m) {
-        reasons.push(format!(
-            "{} parameters > {} limit",
-            format_params(entry.parameters),
-            format_params(max)
-        ));
+        reasons.push(format!("{} parameters > {} limit", format_params(entry.parameters), format_params(max)));
     }
     if need.task.needs_instruct() && !entry.instruct {
-        reasons.push(format!(
-            "base model: not tuned to follow instructions, which {} needs",
-            need.task.as_str()
-        ));
+        reasons.push(format!("base model: not tuned to follow instructions, which {} needs", need.task.as_str()));
     }
     let active = spec.parameters.active;
     if let Some(max) = need.latency.max_active_params().filter(|&m| active > m) {
@@ -289,11 +257,7 @@ fn judge(
             format_params(max)
         ));
     }
-    let placement = if reasons.is_empty() {
-        place(need, gpus, spec, want_ctx.min(entry.context))?
-    } else {
-        Ok(None)
-    };
+    let placement = if reasons.is_empty() { place(need, gpus, spec, want_ctx.min(entry.context))? } else { Ok(None) };
     let placement = match placement {
         Ok(Some(p)) => p,
         Ok(None) => return Ok(Err(reasons)),
@@ -313,10 +277,7 @@ fn place(
     spec: &ModelSpec,
     context: u64,
 ) -> Result<std::result::Result<Option<Placement>, String>> {
-    let base = ServeOptions {
-        context: Some(context),
-        ..ServeOptions::default()
-    };
+    let base = ServeOptions { context: Some(context), ..ServeOptions::default() };
     let stored_need = estimate_vram(spec, &base)?.total_bytes;
     if gpus.is_empty() {
         return Ok(Ok(Some(Placement {
@@ -338,10 +299,7 @@ fn place(
         {
             continue;
         }
-        let options = ServeOptions {
-            dtype,
-            ..base.clone()
-        };
+        let options = ServeOptions { dtype, ..base.clone() };
         let est = estimate_vram(spec, &options)?;
         let name = dtype.map_or_else(|| spec.weights.dtype.clone(), |d| d.to_string());
         match fit(spec, &options, &free)? {
@@ -365,14 +323,9 @@ fn place(
                 })));
             }
             Fit::Split { stages } => {
-                needs.push(format!(
-                    "{name} needs {} GPUs (realtime allows one, no pipeline hops)",
-                    stages.len()
-                ));
+                needs.push(format!("{name} needs {} GPUs (realtime allows one, no pipeline hops)", stages.len()));
             }
-            Fit::NoFit { .. } => {
-                needs.push(format!("{name} needs {}", format_bytes(est.total_bytes)))
-            }
+            Fit::NoFit { .. } => needs.push(format!("{name} needs {}", format_bytes(est.total_bytes))),
         }
     }
     let largest = free.iter().max().copied().unwrap_or(0);
@@ -393,25 +346,14 @@ fn clamp100(x: f64) -> u32 {
     (x.clamp(0.0, 1.0) * 100.0).round() as u32
 }
 
-fn score(
-    need: &Need,
-    gpus: &[Gpu],
-    entry: &CatalogEntry,
-    spec: &ModelSpec,
-    p: Placement,
-    want_ctx: u64,
-) -> Candidate {
+fn score(need: &Need, gpus: &[Gpu], entry: &CatalogEntry, spec: &ModelSpec, p: Placement, want_ctx: u64) -> Candidate {
     let total = entry.parameters as f64;
     let active = spec.parameters.active as f64;
     let effective = (total * active).sqrt();
     let quality = clamp100((effective.log10() - 8.0) / (11.2 - 8.0));
 
     let (easy, zero) = need.latency.comfortable_params();
-    let size_speed = if active <= easy {
-        1.0
-    } else {
-        (zero.ln() - active.ln()) / (zero.ln() - easy.ln())
-    };
+    let size_speed = if active <= easy { 1.0 } else { (zero.ln() - active.ln()) / (zero.ln() - easy.ln()) };
     let hops = p.gpus_used.saturating_sub(1) as f64;
     // A reasoning trace before each answer delays the answer a user is waiting for.
     let thinking = match (entry.thinks, need.latency) {
@@ -464,12 +406,7 @@ fn score(
             p.dtype_name
         ));
     } else if p.gpus_used == 1 {
-        let gpu = gpus
-            .iter()
-            .map(|g| g.memory_bytes)
-            .filter(|&m| m >= p.memory_bytes)
-            .min()
-            .unwrap_or(0);
+        let gpu = gpus.iter().map(|g| g.memory_bytes).filter(|&m| m >= p.memory_bytes).min().unwrap_or(0);
         reasons.push(format!(
             "fits 1×{} at {} with {ctx} context ({})",
             format_bytes(gpu),
@@ -485,25 +422,14 @@ fn score(
         ));
     }
     if p.dtype.is_some() {
-        reasons.push(format!(
-            "quantized to fit: {} needs {}",
-            spec.weights.dtype,
-            format_bytes(p.stored_need)
-        ));
+        reasons.push(format!("quantized to fit: {} needs {}", spec.weights.dtype, format_bytes(p.stored_need)));
     }
-    reasons.push(if entry.instruct {
-        "instruct-tuned".into()
-    } else {
-        "base model (fine for completion)".into()
-    });
+    reasons.push(if entry.instruct { "instruct-tuned".into() } else { "base model (fine for completion)".into() });
     let size = spec.size_class.as_str();
     let params = format_params(entry.parameters);
     let verdict = match (need.latency, spec.size_class) {
         (Latency::Realtime, crate::spec::SizeClass::Tiny | crate::spec::SizeClass::Small) => {
-            format!(
-                "{size} model ({params}) suits realtime {}",
-                need.task.as_str()
-            )
+            format!("{size} model ({params}) suits realtime {}", need.task.as_str())
         }
         (Latency::Realtime, _) => {
             format!("{size} model ({params}): fast enough for realtime, at the edge")
@@ -545,12 +471,7 @@ fn score(
         gated: entry.gated,
         license: entry.license.clone(),
         score,
-        score_parts: ScoreParts {
-            quality,
-            speed,
-            task,
-            precision,
-        },
+        score_parts: ScoreParts { quality, speed, task, precision },
         dtype: p.dtype_name,
         memory_bytes: p.memory_bytes,
         gpus_used: p.gpus_used,

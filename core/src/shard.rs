@@ -62,20 +62,14 @@ pub fn fit(spec: &ModelSpec, options: &ServeOptions, free: &[u64]) -> Result<Fit
     let estimate = estimate_vram(spec, options)?;
     let model = memory_model(spec, options)?;
     if free.is_empty() {
-        return Ok(Fit::NoFit {
-            reason: "no devices given".into(),
-        });
+        return Ok(Fit::NoFit { reason: "no devices given".into() });
     }
     let mut order: Vec<usize> = (0..free.len()).collect();
     // Largest first; equal sizes keep their given order.
     order.sort_by(|&a, &b| free[b].cmp(&free[a]).then(a.cmp(&b)));
 
     let layers = model.layout.layer_bytes.len() as u64;
-    if let Some(&device) = order
-        .iter()
-        .rev()
-        .find(|&&d| free[d] >= estimate.total_bytes)
-    {
+    if let Some(&device) = order.iter().rev().find(|&&d| free[d] >= estimate.total_bytes) {
         let stage = Stage {
             device,
             layers: 0..layers,
@@ -147,8 +141,7 @@ fn split_over(model: &MemoryModel, devices: &[usize], free: &[u64]) -> Option<Ve
         return None;
     }
     let proportional = |i: usize| (need as u128 * room[i] as u128 / have.max(1) as u128) as u64;
-    let bounds =
-        assign(&costs, &room, &proportional).or_else(|| assign(&costs, &room, &|i| room[i]))?;
+    let bounds = assign(&costs, &room, &proportional).or_else(|| assign(&costs, &room, &|i| room[i]))?;
 
     let mut stages = Vec::with_capacity(k);
     for (i, range) in bounds.into_iter().enumerate() {
@@ -237,10 +230,7 @@ mod tests {
     #[test]
     fn assign_gives_every_device_a_layer_or_fails() {
         assert!(assign(&[10, 10], &[100, 100, 100], &|_| 50).is_none());
-        assert_eq!(
-            assign(&[10, 10], &[100, 100], &|_| 1000).unwrap(),
-            vec![0..1, 1..2]
-        );
+        assert_eq!(assign(&[10, 10], &[100, 100], &|_| 1000).unwrap(), vec![0..1, 1..2]);
     }
 
     #[test]

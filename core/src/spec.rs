@@ -107,10 +107,7 @@ pub struct WeightLayout {
 impl WeightLayout {
     /// All weight bytes on one device.
     pub fn total(&self) -> u64 {
-        self.embedding_bytes
-            + self.layer_bytes.iter().sum::<u64>()
-            + self.head_bytes
-            + self.other_bytes
+        self.embedding_bytes + self.layer_bytes.iter().sum::<u64>() + self.head_bytes + self.other_bytes
     }
 }
 
@@ -201,11 +198,8 @@ impl ModelSpec {
 
         let (parameters, weights, source) = if files.safetensors.is_empty() {
             let weights = weights_from_config(&cfg, &arch, &counted, files.index)?;
-            let p = Parameters {
-                total: counted.total,
-                active: counted.active,
-                source: ParamSource::ComputedFromConfig,
-            };
+            let p =
+                Parameters { total: counted.total, active: counted.active, source: ParamSource::ComputedFromConfig };
             (p, weights, SpecSource::Config)
         } else {
             let (p, w) = weights_from_safetensors(files.safetensors, &arch, &counted)?;
@@ -213,18 +207,11 @@ impl ModelSpec {
         };
 
         // generation_config.json's EOS list is what generation actually stops on.
-        let mut eos = gen_cfg
-            .as_ref()
-            .map(|g| hf::token_ids(g.get("eos_token_id")))
-            .unwrap_or_default();
+        let mut eos = gen_cfg.as_ref().map(|g| hf::token_ids(g.get("eos_token_id"))).unwrap_or_default();
         if eos.is_empty() {
             eos = cfg.eos_token_ids.clone();
         }
-        let bos = gen_cfg
-            .as_ref()
-            .and_then(|g| g.get("bos_token_id"))
-            .and_then(Value::as_u64)
-            .or(cfg.bos_token_id);
+        let bos = gen_cfg.as_ref().and_then(|g| g.get("bos_token_id")).and_then(Value::as_u64).or(cfg.bos_token_id);
 
         Ok(ModelSpec {
             name: files.name.to_string(),
@@ -245,15 +232,12 @@ impl ModelSpec {
 
     /// Builds a spec from a GGUF file's parsed header. `name` is the file name.
     pub fn from_gguf(name: &str, file: &GgufFile) -> Result<ModelSpec> {
-        let arch_name = file.architecture().ok_or_else(|| Error::InvalidGguf {
-            reason: "no general.architecture in the metadata".into(),
-        })?;
+        let arch_name = file
+            .architecture()
+            .ok_or_else(|| Error::InvalidGguf { reason: "no general.architecture in the metadata".into() })?;
         let experts = file.arch_u64("expert_count").unwrap_or(0);
-        let family = Family::from_gguf_arch(arch_name, experts > 0).ok_or_else(|| {
-            Error::UnknownArchitecture {
-                name: arch_name.to_string(),
-            }
-        })?;
+        let family = Family::from_gguf_arch(arch_name, experts > 0)
+            .ok_or_else(|| Error::UnknownArchitecture { name: arch_name.to_string() })?;
         let architecture = gguf_architecture(family, file)?;
         let counted = architecture.count_params()?;
 
@@ -261,21 +245,13 @@ impl ModelSpec {
         let active = match architecture.moe {
             // Active = total minus the experts a token does not use.
             Some(moe) => {
-                let expert_params: u64 = file
-                    .tensors
-                    .iter()
-                    .filter(|t| t.name.contains("_exps."))
-                    .map(|t| t.elements)
-                    .sum();
+                let expert_params: u64 =
+                    file.tensors.iter().filter(|t| t.name.contains("_exps.")).map(|t| t.elements).sum();
                 total - expert_params + expert_params / moe.experts * moe.experts_per_token
             }
             None => total,
         };
-        let parameters = Parameters {
-            total,
-            active,
-            source: ParamSource::TensorShapes,
-        };
+        let parameters = Parameters { total, active, source: ParamSource::TensorShapes };
 
         let mut by_type: BTreeMap<String, u64> = BTreeMap::new();
         let mut bytes_by_type: BTreeMap<&str, u64> = BTreeMap::new();
@@ -288,11 +264,7 @@ impl ModelSpec {
             architecture.num_layers,
             architecture.tied_embeddings,
         )?;
-        let dominant = bytes_by_type
-            .iter()
-            .max_by_key(|(_, b)| **b)
-            .map(|(n, _)| *n)
-            .unwrap_or("F32");
+        let dominant = bytes_by_type.iter().max_by_key(|(_, b)| **b).map(|(n, _)| *n).unwrap_or("F32");
         let dtype = file
             .get("general.file_type")
             .and_then(MetaValue::as_u64)
@@ -311,9 +283,7 @@ impl ModelSpec {
         let length = file
             .get(&ctx_key)
             .and_then(MetaValue::as_u64)
-            .ok_or_else(|| Error::InvalidGguf {
-                reason: format!("no {ctx_key} in the metadata"),
-            })?;
+            .ok_or_else(|| Error::InvalidGguf { reason: format!("no {ctx_key} in the metadata") })?;
         if length == 0 || length > 1 << 24 {
             return Err(Error::Absurd {
                 what: ctx_key,
@@ -321,32 +291,20 @@ impl ModelSpec {
                 why: "context lengths run from 1 to 16M tokens".into(),
             });
         }
-        let rope_scaling = file
-            .get(&format!("{arch_name}.rope.scaling.type"))
-            .and_then(MetaValue::as_str)
-            .map(|kind| RopeScaling {
+        let rope_scaling =
+            file.get(&format!("{arch_name}.rope.scaling.type")).and_then(MetaValue::as_str).map(|kind| RopeScaling {
                 kind: kind.to_string(),
-                factor: file
-                    .get(&format!("{arch_name}.rope.scaling.factor"))
-                    .and_then(MetaValue::as_f64),
+                factor: file.get(&format!("{arch_name}.rope.scaling.factor")).and_then(MetaValue::as_f64),
                 original_context: file.arch_u64("rope.scaling.original_context_length"),
             });
         let context = context_facts(length, ctx_key, rope_scaling, &architecture);
 
-        let chat_template = file
-            .get("tokenizer.chat_template")
-            .and_then(MetaValue::as_str)
-            .map(str::to_string);
-        let names: Vec<&str> = [
-            Some(name),
-            file.get("general.name").and_then(MetaValue::as_str),
-        ]
-        .into_iter()
-        .chain(std::iter::once(
-            file.get("general.finetune").and_then(MetaValue::as_str),
-        ))
-        .flatten()
-        .collect();
+        let chat_template = file.get("tokenizer.chat_template").and_then(MetaValue::as_str).map(str::to_string);
+        let names: Vec<&str> = [Some(name), file.get("general.name").and_then(MetaValue::as_str)]
+            .into_iter()
+            .chain(std::iter::once(file.get("general.finetune").and_then(MetaValue::as_str)))
+            .flatten()
+            .collect();
         let eos = match file.get("tokenizer.ggml.eos_token_id") {
             Some(MetaValue::Array(items)) => items.iter().filter_map(MetaValue::as_u64).collect(),
             Some(v) => v.as_u64().into_iter().collect(),
@@ -365,9 +323,7 @@ impl ModelSpec {
             weights,
             context,
             chat_template,
-            bos_token_id: file
-                .get("tokenizer.ggml.bos_token_id")
-                .and_then(MetaValue::as_u64),
+            bos_token_id: file.get("tokenizer.ggml.bos_token_id").and_then(MetaValue::as_u64),
             eos_token_ids: eos,
         })
     }
@@ -376,21 +332,14 @@ impl ModelSpec {
     pub fn weights_at(&self, dtype: WeightDtype) -> Result<WeightLayout> {
         let counted = self.architecture.count_params()?;
         layout_from_params(&self.architecture, &counted, &|p| {
-            dtype.bytes_for(p).ok_or_else(|| Error::Overflow {
-                what: "weight bytes".into(),
-            })
+            dtype.bytes_for(p).ok_or_else(|| Error::Overflow { what: "weight bytes".into() })
         })
     }
 }
 
 fn parse_optional_json(text: Option<&str>, file: &str) -> Result<Option<Value>> {
-    text.map(|t| {
-        serde_json::from_str(t).map_err(|e| Error::MalformedJson {
-            file: file.into(),
-            detail: e.to_string(),
-        })
-    })
-    .transpose()
+    text.map(|t| serde_json::from_str(t).map_err(|e| Error::MalformedJson { file: file.into(), detail: e.to_string() }))
+        .transpose()
 }
 
 /// `chat_template` is a string, or a list of named templates (`default`, `tool_use`).
@@ -417,14 +366,11 @@ fn hf_context(cfg: &HfConfig, tok: Option<&Value>, arch: &Architecture) -> Resul
             .filter(|&n| n > 0 && n <= 1 << 24)
             .map(|n| (n, "model_max_length (tokenizer_config.json)"))
     };
-    let (length, source) =
-        cfg.context
-            .or_else(from_tokenizer)
-            .ok_or_else(|| Error::MissingKey {
-                file: "config.json".into(),
-                key: hf::CONTEXT_KEYS.join("` or `"),
-                family: arch.family.to_string(),
-            })?;
+    let (length, source) = cfg.context.or_else(from_tokenizer).ok_or_else(|| Error::MissingKey {
+        file: "config.json".into(),
+        key: hf::CONTEXT_KEYS.join("` or `"),
+        family: arch.family.to_string(),
+    })?;
     if length > 1 << 24 {
         return Err(Error::Absurd {
             what: source.to_string(),
@@ -432,20 +378,10 @@ fn hf_context(cfg: &HfConfig, tok: Option<&Value>, arch: &Architecture) -> Resul
             why: "context lengths run from 1 to 16M tokens".into(),
         });
     }
-    Ok(context_facts(
-        length,
-        source.to_string(),
-        cfg.rope_scaling.clone(),
-        arch,
-    ))
+    Ok(context_facts(length, source.to_string(), cfg.rope_scaling.clone(), arch))
 }
 
-fn context_facts(
-    length: u64,
-    source: String,
-    rope_scaling: Option<RopeScaling>,
-    arch: &Architecture,
-) -> Context {
+fn context_facts(length: u64, source: String, rope_scaling: Option<RopeScaling>, arch: &Architecture) -> Context {
     let sliding = arch.sliding_window.as_ref().filter(|sw| sw.window < length);
     Context {
         length,
@@ -465,34 +401,18 @@ fn detect_tuning(names: &[&str], has_template: bool) -> Tuning {
         let lower = base.to_ascii_lowercase();
         for token in lower.split(|c: char| !c.is_ascii_alphanumeric()) {
             if MARKERS.contains(&token) {
-                let shown = if token == "it" {
-                    "-it".to_string()
-                } else {
-                    format!("`{token}`")
-                };
-                return Tuning {
-                    instruct: true,
-                    evidence: format!("name `{base}` contains {shown}"),
-                };
+                let shown = if token == "it" { "-it".to_string() } else { format!("`{token}`") };
+                return Tuning { instruct: true, evidence: format!("name `{base}` contains {shown}") };
             }
             if token == "base" {
-                return Tuning {
-                    instruct: false,
-                    evidence: format!("name `{base}` says base"),
-                };
+                return Tuning { instruct: false, evidence: format!("name `{base}` says base") };
             }
         }
     }
     if has_template {
-        Tuning {
-            instruct: true,
-            evidence: "ships a chat template".into(),
-        }
+        Tuning { instruct: true, evidence: "ships a chat template".into() }
     } else {
-        Tuning {
-            instruct: false,
-            evidence: "no instruct marker in the name and no chat template".into(),
-        }
+        Tuning { instruct: false, evidence: "no instruct marker in the name and no chat template".into() }
     }
 }
 
@@ -526,23 +446,9 @@ fn slot_of(name: &str) -> Slot {
     if let Some(n) = layer_of(name) {
         return Slot::Layer(n);
     }
-    const EMBED: [&str; 6] = [
-        "token_embd",
-        "position_embd",
-        "embed_tokens",
-        "wte.",
-        "wpe.",
-        "word_embeddings",
-    ];
-    const HEAD: [&str; 7] = [
-        "output.",
-        "output_norm",
-        "lm_head",
-        "ln_f.",
-        "final_layernorm",
-        "model.norm.",
-        "norm.weight",
-    ];
+    const EMBED: [&str; 6] = ["token_embd", "position_embd", "embed_tokens", "wte.", "wpe.", "word_embeddings"];
+    const HEAD: [&str; 7] =
+        ["output.", "output_norm", "lm_head", "ln_f.", "final_layernorm", "model.norm.", "norm.weight"];
     if EMBED.iter().any(|p| name.contains(p)) {
         Slot::Embedding
     } else if HEAD.iter().any(|p| name.contains(p)) {
@@ -557,16 +463,9 @@ fn layout_from_tensors<'a>(
     num_layers: u64,
     tied: bool,
 ) -> Result<WeightLayout> {
-    let n = usize::try_from(num_layers).map_err(|_| Error::Overflow {
-        what: "layer count".into(),
-    })?;
-    let mut layout = WeightLayout {
-        embedding_bytes: 0,
-        layer_bytes: vec![0; n],
-        head_bytes: 0,
-        tied_head_bytes: 0,
-        other_bytes: 0,
-    };
+    let n = usize::try_from(num_layers).map_err(|_| Error::Overflow { what: "layer count".into() })?;
+    let mut layout =
+        WeightLayout { embedding_bytes: 0, layer_bytes: vec![0; n], head_bytes: 0, tied_head_bytes: 0, other_bytes: 0 };
     let mut token_embedding = 0;
     for (name, bytes) in tensors {
         match slot_of(name) {
@@ -601,19 +500,13 @@ fn layout_from_params(
     counted: &ParamBreakdown,
     bytes: &dyn Fn(u64) -> Result<u64>,
 ) -> Result<WeightLayout> {
-    let n = usize::try_from(arch.num_layers).map_err(|_| Error::Overflow {
-        what: "layer count".into(),
-    })?;
+    let n = usize::try_from(arch.num_layers).map_err(|_| Error::Overflow { what: "layer count".into() })?;
     let token_embedding = product(&[arch.vocab_size, arch.hidden_size], "embedding bytes")?;
     Ok(WeightLayout {
         embedding_bytes: bytes(counted.embedding)?,
         layer_bytes: vec![bytes(counted.per_layer)?; n],
         head_bytes: bytes(counted.head)?,
-        tied_head_bytes: if arch.tied_embeddings {
-            bytes(token_embedding)?
-        } else {
-            0
-        },
+        tied_head_bytes: if arch.tied_embeddings { bytes(token_embedding)? } else { 0 },
         other_bytes: bytes(counted.vision)?,
     })
 }
@@ -626,16 +519,9 @@ pub(crate) fn weights_from_config(
 ) -> Result<Weights> {
     let torch = cfg.dtype.as_deref().and_then(WeightDtype::from_torch);
     let base = torch.unwrap_or(WeightDtype::Bf16);
-    let per_param = |p: u64| {
-        base.bytes_for(p).ok_or_else(|| Error::Overflow {
-            what: "weight bytes".into(),
-        })
-    };
+    let per_param = |p: u64| base.bytes_for(p).ok_or_else(|| Error::Overflow { what: "weight bytes".into() });
     let mut layout = layout_from_params(arch, counted, &per_param)?;
-    let mut dtype = cfg
-        .dtype
-        .clone()
-        .map_or_else(|| format!("{base} (assumed)"), |d| base_name(&d));
+    let mut dtype = cfg.dtype.clone().map_or_else(|| format!("{base} (assumed)"), |d| base_name(&d));
 
     match &cfg.quantization {
         // gpt-oss ships its expert matrices in MXFP4 (17 bytes per 32 weights), the rest in bf16.
@@ -665,14 +551,7 @@ pub(crate) fn weights_from_config(
         bytes = total;
         exact = true;
     }
-    Ok(Weights {
-        dtype,
-        base_dtype: torch,
-        bytes,
-        exact,
-        tensors_by_type: BTreeMap::new(),
-        layout,
-    })
+    Ok(Weights { dtype, base_dtype: torch, bytes, exact, tensors_by_type: BTreeMap::new(), layout })
 }
 
 fn base_name(torch: &str) -> String {
@@ -682,9 +561,7 @@ fn base_name(torch: &str) -> String {
 /// Tensors that safetensors files store but that are not parameters (attention-mask and
 /// rotary buffers of older checkpoints).
 fn is_buffer(name: &str, dims: usize) -> bool {
-    name.ends_with("inv_freq")
-        || name.ends_with("attn.masked_bias")
-        || (name.ends_with("attn.bias") && dims == 4)
+    name.ends_with("inv_freq") || name.ends_with("attn.masked_bias") || (name.ends_with("attn.bias") && dims == 4)
 }
 
 fn weights_from_safetensors(
@@ -692,57 +569,30 @@ fn weights_from_safetensors(
     arch: &Architecture,
     counted: &ParamBreakdown,
 ) -> Result<(Parameters, Weights)> {
-    let tensors: Vec<_> = headers
-        .iter()
-        .flat_map(|h| &h.tensors)
-        .filter(|t| !is_buffer(&t.name, t.shape.len()))
-        .collect();
-    let total: u64 = sum(
-        &tensors.iter().map(|t| t.elements).collect::<Vec<_>>(),
-        "the parameter count",
-    )?;
-    let bytes: u64 = sum(
-        &tensors.iter().map(|t| t.bytes).collect::<Vec<_>>(),
-        "weight bytes",
-    )?;
+    let tensors: Vec<_> =
+        headers.iter().flat_map(|h| &h.tensors).filter(|t| !is_buffer(&t.name, t.shape.len())).collect();
+    let total: u64 = sum(&tensors.iter().map(|t| t.elements).collect::<Vec<_>>(), "the parameter count")?;
+    let bytes: u64 = sum(&tensors.iter().map(|t| t.bytes).collect::<Vec<_>>(), "weight bytes")?;
     let mut by_type: BTreeMap<String, u64> = BTreeMap::new();
     let mut bytes_by_type: BTreeMap<SafetensorsDtype, u64> = BTreeMap::new();
     for t in &tensors {
         *by_type.entry(t.dtype.name().to_string()).or_default() += 1;
         *bytes_by_type.entry(t.dtype).or_default() += t.bytes;
     }
-    let dominant = bytes_by_type
-        .iter()
-        .max_by_key(|(_, b)| **b)
-        .map(|(d, _)| *d);
+    let dominant = bytes_by_type.iter().max_by_key(|(_, b)| **b).map(|(d, _)| *d);
     let base = dominant.and_then(|d| WeightDtype::parse(d.name()).ok());
-    let layout = layout_from_tensors(
-        tensors.iter().map(|t| (t.name.as_str(), t.bytes)),
-        arch.num_layers,
-        arch.tied_embeddings,
-    )?;
+    let layout =
+        layout_from_tensors(tensors.iter().map(|t| (t.name.as_str(), t.bytes)), arch.num_layers, arch.tied_embeddings)?;
     // Active parameters: the tensor table's total minus the unused share of the experts.
     let active = match arch.moe {
-        Some(Moe {
-            experts,
-            experts_per_token,
-            ..
-        }) => {
-            let expert: u64 = tensors
-                .iter()
-                .filter(|t| t.name.contains(".experts."))
-                .map(|t| t.elements)
-                .sum();
+        Some(Moe { experts, experts_per_token, .. }) => {
+            let expert: u64 = tensors.iter().filter(|t| t.name.contains(".experts.")).map(|t| t.elements).sum();
             total - expert + expert / experts * experts_per_token
         }
         None => total.saturating_sub(counted.total - counted.active),
     };
     Ok((
-        Parameters {
-            total,
-            active,
-            source: ParamSource::TensorShapes,
-        },
+        Parameters { total, active, source: ParamSource::TensorShapes },
         Weights {
             dtype: dominant.map_or_else(|| "unknown".into(), |d| d.name().to_ascii_lowercase()),
             base_dtype: base,
@@ -805,9 +655,7 @@ fn gguf_architecture(family: Family, file: &GgufFile) -> Result<Architecture> {
             Some(v) => v.as_u64(),
             None => None,
         }
-        .ok_or_else(|| Error::InvalidGguf {
-            reason: format!("no {full} in the metadata"),
-        })
+        .ok_or_else(|| Error::InvalidGguf { reason: format!("no {full} in the metadata") })
     };
     let opt = |key: &str| -> Option<u64> {
         match file.get(&format!("{arch}.{key}")) {
@@ -828,23 +676,11 @@ fn gguf_architecture(family: Family, file: &GgufFile) -> Result<Architecture> {
         });
     }
     let vocab = opt("vocab_size")
-        .or_else(|| {
-            file.get("tokenizer.ggml.tokens")
-                .and_then(MetaValue::array_len)
-        })
-        .or_else(|| {
-            file.tensors
-                .iter()
-                .find(|t| t.name == "token_embd.weight")
-                .and_then(|t| t.dims.get(1).copied())
-        })
-        .ok_or_else(|| Error::InvalidGguf {
-            reason: "cannot tell the vocabulary size".into(),
-        })?;
+        .or_else(|| file.get("tokenizer.ggml.tokens").and_then(MetaValue::array_len))
+        .or_else(|| file.tensors.iter().find(|t| t.name == "token_embd.weight").and_then(|t| t.dims.get(1).copied()))
+        .ok_or_else(|| Error::InvalidGguf { reason: "cannot tell the vocabulary size".into() })?;
     let experts = opt("expert_count").filter(|&n| n > 0);
-    let intermediate = opt("feed_forward_length")
-        .or(opt("expert_feed_forward_length"))
-        .unwrap_or(4 * hidden);
+    let intermediate = opt("feed_forward_length").or(opt("expert_feed_forward_length")).unwrap_or(4 * hidden);
     let moe = experts.map(|n| Moe {
         experts: n,
         experts_per_token: opt("expert_used_count").unwrap_or(2),
@@ -858,20 +694,14 @@ fn gguf_architecture(family: Family, file: &GgufFile) -> Result<Architecture> {
         "mlp_bias" => has("blk.0.ffn_up.bias"),
         _ => default,
     };
-    let layers32 = u32::try_from(layers)
-        .ok()
-        .filter(|&l| l <= 1 << 14)
-        .ok_or_else(|| Error::Absurd {
-            what: format!("{arch}.block_count"),
-            value: layers.to_string(),
-            why: "too many layers".into(),
-        })?;
-    let sliding_window = opt("attention.sliding_window")
-        .filter(|&w| w > 0)
-        .and_then(|window| {
-            hf::default_sliding_layers(family, layers32, None)
-                .map(|layers| SlidingWindow { window, layers })
-        });
+    let layers32 = u32::try_from(layers).ok().filter(|&l| l <= 1 << 14).ok_or_else(|| Error::Absurd {
+        what: format!("{arch}.block_count"),
+        value: layers.to_string(),
+        why: "too many layers".into(),
+    })?;
+    let sliding_window = opt("attention.sliding_window").filter(|&w| w > 0).and_then(|window| {
+        hf::default_sliding_layers(family, layers32, None).map(|layers| SlidingWindow { window, layers })
+    });
     let a = Architecture {
         family,
         vocab_size: vocab,
@@ -921,10 +751,7 @@ mod tests {
     #[test]
     fn a_chat_template_marks_an_unmarked_name_instruct_but_base_wins() {
         assert!(detect_tuning(&["my-model"], true).instruct);
-        assert_eq!(
-            detect_tuning(&["my-model"], true).evidence,
-            "ships a chat template"
-        );
+        assert_eq!(detect_tuning(&["my-model"], true).evidence, "ships a chat template");
         assert!(!detect_tuning(&["Qwen2.5-7B-base"], true).instruct);
     }
 
@@ -934,10 +761,7 @@ mod tests {
             ("blk.12.attn_q.weight", Some(12)),
             ("model.layers.3.mlp.down_proj.weight", Some(3)),
             ("transformer.h.11.attn.c_attn.weight", Some(11)),
-            (
-                "language_model.model.layers.0.self_attn.q_proj.weight",
-                Some(0),
-            ),
+            ("language_model.model.layers.0.self_attn.q_proj.weight", Some(0)),
             ("token_embd.weight", None),
             ("lm_head.weight", None),
         ];
@@ -947,10 +771,7 @@ mod tests {
         assert_eq!(slot_of("output.weight"), Slot::Head);
         assert_eq!(slot_of("model.norm.weight"), Slot::Head);
         assert_eq!(slot_of("model.embed_tokens.weight"), Slot::Embedding);
-        assert_eq!(
-            slot_of("vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"),
-            Slot::Other
-        );
+        assert_eq!(slot_of("vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"), Slot::Other);
     }
 
     #[test]

@@ -49,11 +49,7 @@ pub fn format_params(n: u64) -> String {
 
 /// Formats a token count compactly: `8K`, `128K`, `2K`, `1000`.
 pub fn format_tokens(n: u64) -> String {
-    if n >= 1024 && n.is_multiple_of(1024) {
-        format!("{}K", n / 1024)
-    } else {
-        n.to_string()
-    }
+    if n >= 1024 && n.is_multiple_of(1024) { format!("{}K", n / 1024) } else { n.to_string() }
 }
 
 /// Parses a byte size with a unit: `80GiB`, `24GB`, `512MiB`, `1.5TiB`, `16G` (G = GiB).
@@ -62,18 +58,11 @@ pub fn format_tokens(n: u64) -> String {
 /// two. A bare number is refused: "80" could be GB or GiB, and 7% matters when packing GPUs.
 pub fn parse_bytes(text: &str) -> Result<u64> {
     let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let bad = |problem: &str| Error::InvalidInput {
-        what: format!("size `{text}`"),
-        problem: problem.to_string(),
-    };
+    let bad = |problem: &str| Error::InvalidInput { what: format!("size `{text}`"), problem: problem.to_string() };
     if num.is_empty() {
-        return Err(bad(
-            "expected a number followed by a unit, like 80GiB or 24GB",
-        ));
+        return Err(bad("expected a number followed by a unit, like 80GiB or 24GB"));
     }
     let value: f64 = num.parse().map_err(|_| bad("the number is not valid"))?;
     let multiplier: f64 = match unit.trim().to_ascii_lowercase().as_str() {
@@ -88,9 +77,7 @@ pub fn parse_bytes(text: &str) -> Result<u64> {
         "gb" => 1e9,
         "tb" => 1e12,
         other => {
-            return Err(bad(&format!(
-                "unknown unit `{other}` (use GiB, GB, MiB, MB, TiB, TB)"
-            )));
+            return Err(bad(&format!("unknown unit `{other}` (use GiB, GB, MiB, MB, TiB, TB)")));
         }
     };
     let bytes = value * multiplier;
@@ -99,6 +86,43 @@ pub fn parse_bytes(text: &str) -> Result<u64> {
         return Err(bad("must be between 1 byte and 1 PiB"));
     }
     Ok(bytes.round() as u64)
+}
+
+/// Parses a token count: `8192`, `8K` (8,192), `128k` (131,072), `1M` (1,048,576).
+///
+/// K and M are binary, as context lengths are (`128K` contexts are 131,072 tokens).
+pub fn parse_tokens(text: &str) -> Result<u64> {
+    let t = text.trim();
+    let bad = |problem: &str| Error::InvalidInput { what: format!("token count `{text}`"), problem: problem.into() };
+    let (digits, mult) = match t.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&t[..i], 1024),
+        Some((i, 'm' | 'M')) => (&t[..i], 1024 * 1024),
+        _ => (t, 1),
+    };
+    let n: u64 = digits.trim().parse().map_err(|_| bad("expected a number like 8192, 8K or 128K"))?;
+    let n = n.checked_mul(mult).ok_or_else(|| bad("too large"))?;
+    if n == 0 || n > 1 << 24 {
+        return Err(bad("must be between 1 and 16M tokens"));
+    }
+    Ok(n)
+}
+
+/// Parses a parameter count: `13B`, `500M`, `7.5b`, or a plain number.
+pub fn parse_params(text: &str) -> Result<u64> {
+    let t = text.trim();
+    let bad =
+        |problem: &str| Error::InvalidInput { what: format!("parameter count `{text}`"), problem: problem.into() };
+    let (digits, mult) = match t.char_indices().last() {
+        Some((i, 'b' | 'B')) => (&t[..i], 1e9),
+        Some((i, 'm' | 'M')) => (&t[..i], 1e6),
+        _ => (t, 1.0),
+    };
+    let n: f64 = digits.trim().parse().map_err(|_| bad("expected a number like 13B or 500M"))?;
+    let n = n * mult;
+    if !n.is_finite() || !(1.0..=1e13).contains(&n) {
+        return Err(bad("must be between 1 and 10T"));
+    }
+    Ok(n.round() as u64)
 }
 
 #[cfg(test)]
@@ -143,17 +167,23 @@ mod tests {
     }
 
     #[test]
+    fn parses_token_and_parameter_counts() {
+        assert_eq!(parse_tokens("8192").unwrap(), 8192);
+        assert_eq!(parse_tokens("8K").unwrap(), 8192);
+        assert_eq!(parse_tokens("128k").unwrap(), 131_072);
+        assert_eq!(parse_tokens("1M").unwrap(), 1 << 20);
+        for bad in ["0", "-5", "8Q", "99999999999", "K"] {
+            assert!(parse_tokens(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_params("13B").unwrap(), 13_000_000_000);
+        assert_eq!(parse_params("7.5b").unwrap(), 7_500_000_000);
+        assert_eq!(parse_params("500M").unwrap(), 500_000_000);
+        assert!(parse_params("lots").is_err());
+    }
+
+    #[test]
     fn refuses_sizes_without_unit_or_absurd() {
-        for text in [
-            "80",
-            "GiB",
-            "-1GiB",
-            "1.2.3GiB",
-            "80 parsecs",
-            "2048PiB",
-            "0GiB",
-            "",
-        ] {
+        for text in ["80", "GiB", "-1GiB", "1.2.3GiB", "80 parsecs", "2048PiB", "0GiB", ""] {
             assert!(parse_bytes(text).is_err(), "{text} should be refused");
         }
         let err = parse_bytes("80").unwrap_err().to_string();

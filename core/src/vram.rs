@@ -122,7 +122,8 @@ pub struct VramEstimate {
     /// The context (tokens per sequence) the KV cache was sized for.
     pub context: u64,
     pub batch: u64,
-    /// KV cache bytes per token of one sequence, over all full-attention layers.
+    /// KV cache bytes per token of one sequence at this context (an average where
+    /// sliding-window layers cap their share).
     pub kv_bytes_per_token: u64,
     /// The precision the weights were costed at.
     pub weights_dtype: String,
@@ -154,10 +155,7 @@ impl MemoryModel {
 pub fn check_options(spec: &ModelSpec, options: &ServeOptions) -> Result<u64> {
     let context = options.context.unwrap_or(spec.context.length);
     if context == 0 {
-        return Err(Error::InvalidInput {
-            what: "context".into(),
-            problem: "must be at least 1 token".into(),
-        });
+        return Err(Error::InvalidInput { what: "context".into(), problem: "must be at least 1 token".into() });
     }
     if context > spec.context.length {
         return Err(Error::InvalidInput {
@@ -193,10 +191,7 @@ pub fn memory_model(spec: &ModelSpec, options: &ServeOptions) -> Result<MemoryMo
         None => (spec.weights.layout.clone(), spec.weights.dtype.clone()),
     };
 
-    let per_token_layer = product(
-        &[2, arch.num_kv_heads, arch.head_dim, options.kv_dtype.size()],
-        what,
-    )?;
+    let per_token_layer = product(&[2, arch.num_kv_heads, arch.head_dim, options.kv_dtype.size()], what)?;
     let mut layer_kv_bytes = Vec::with_capacity(layout.layer_bytes.len());
     for layer in 0..arch.num_layers {
         let tokens = match &arch.sliding_window {
@@ -219,22 +214,9 @@ pub fn memory_model(spec: &ModelSpec, options: &ServeOptions) -> Result<MemoryMo
         }
         None => arch.intermediate_size,
     };
-    let width = sum(
-        &[
-            2 * arch.hidden_size,
-            arch.q_width(),
-            2 * arch.kv_width(),
-            2 * mlp,
-        ],
-        act,
-    )?;
-    let activation_bytes = sum(
-        &[
-            product(&[tokens, width, act_bytes], act)?,
-            product(&[options.batch, arch.vocab_size, 4], act)?,
-        ],
-        act,
-    )?;
+    let width = sum(&[2 * arch.hidden_size, arch.q_width(), 2 * arch.kv_width(), 2 * mlp], act)?;
+    let activation_bytes =
+        sum(&[product(&[tokens, width, act_bytes], act)?, product(&[options.batch, arch.vocab_size, 4], act)?], act)?;
     let fixed_overhead_bytes = match options.device {
         DeviceKind::Gpu => GPU_OVERHEAD_BYTES,
         DeviceKind::Cpu => CPU_OVERHEAD_BYTES,
@@ -260,22 +242,9 @@ pub fn estimate_vram(spec: &ModelSpec, options: &ServeOptions) -> Result<VramEst
         None => spec.weights.bytes,
     };
     let kv_cache_bytes = sum(&m.layer_kv_bytes, what)?;
-    let overhead_bytes = sum(
-        &[
-            m.fixed_overhead_bytes,
-            MemoryModel::fragmentation(weights_bytes + kv_cache_bytes),
-        ],
-        what,
-    )?;
-    let total_bytes = sum(
-        &[
-            weights_bytes,
-            kv_cache_bytes,
-            m.activation_bytes,
-            overhead_bytes,
-        ],
-        what,
-    )?;
+    let overhead_bytes =
+        sum(&[m.fixed_overhead_bytes, MemoryModel::fragmentation(weights_bytes + kv_cache_bytes)], what)?;
+    let total_bytes = sum(&[weights_bytes, kv_cache_bytes, m.activation_bytes, overhead_bytes], what)?;
     Ok(VramEstimate {
         weights_bytes,
         kv_cache_bytes,

@@ -12,10 +12,8 @@ use gantry_core::vram::{KvDtype, ServeOptions, estimate_vram};
 use gantry_core::{Family, SizeClass};
 
 fn fixture(folder: &str) -> String {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../fixtures/model-configs")
-        .join(folder)
-        .join("config.json");
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/model-configs").join(folder).join("config.json");
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
@@ -245,11 +243,7 @@ fn family_context_tuning_and_size_class_come_from_the_files() {
         let s = spec(c.folder);
         assert_eq!(s.family, c.family, "{}", c.folder);
         assert_eq!(s.context.length, c.context, "{}", c.folder);
-        assert_eq!(
-            s.tuning.instruct, c.instruct,
-            "{}: {}",
-            c.folder, s.tuning.evidence
-        );
+        assert_eq!(s.tuning.instruct, c.instruct, "{}: {}", c.folder, s.tuning.evidence);
         assert_eq!(s.size_class, c.size, "{}", c.folder);
         assert_eq!(s.source, SpecSource::Config);
     }
@@ -260,16 +254,10 @@ fn context_fallbacks_and_rope_scaling_are_recorded() {
     let gpt2 = spec("openai-community__gpt2");
     assert_eq!(gpt2.context.source, "n_positions");
     let gemma4b = spec("google__gemma-3-4b-it");
-    assert_eq!(
-        gemma4b.context.source,
-        "max_position_embeddings (transformers default)"
-    );
+    assert_eq!(gemma4b.context.source, "max_position_embeddings (transformers default)");
     let llama31 = spec("meta-llama__Llama-3.1-8B-Instruct");
     let rope = llama31.context.rope_scaling.expect("llama3 rope scaling");
-    assert_eq!(
-        (rope.kind.as_str(), rope.factor, rope.original_context),
-        ("llama3", Some(8.0), Some(8192))
-    );
+    assert_eq!((rope.kind.as_str(), rope.factor, rope.original_context), ("llama3", Some(8.0), Some(8192)));
     let phi128k = spec("microsoft__Phi-3-mini-128k-instruct");
     assert_eq!(phi128k.context.rope_scaling.unwrap().kind, "longrope");
 }
@@ -292,11 +280,7 @@ fn sliding_windows_follow_each_family_rule() {
     ];
     for (folder, window, layers) in cases {
         let s = spec(folder);
-        assert_eq!(
-            (s.context.sliding_window, s.context.sliding_layers),
-            (window, layers),
-            "{folder}"
-        );
+        assert_eq!((s.context.sliding_window, s.context.sliding_layers), (window, layers), "{folder}");
     }
 }
 
@@ -305,44 +289,23 @@ fn moe_models_report_active_parameters() {
     let mixtral = spec("mistralai__Mixtral-8x7B-v0.1");
     assert_eq!(mixtral.architecture.moe.unwrap().experts, 8);
     // Mistral's "12.9B active" (2 of 8 experts; embeddings included).
-    assert!(
-        (12_850_000_000..12_950_000_000).contains(&mixtral.parameters.active),
-        "{}",
-        mixtral.parameters.active
-    );
+    assert!((12_850_000_000..12_950_000_000).contains(&mixtral.parameters.active), "{}", mixtral.parameters.active);
 }
 
 #[test]
 fn kv_cache_matches_the_formula_by_hand() {
     // Llama-3-8B: 32 layers × 8 KV heads × 128 dims × 2 (K,V) × 2 bytes = 128 KiB per token.
     let s = spec("meta-llama__Meta-Llama-3-8B-Instruct");
-    let e = estimate_vram(
-        &s,
-        &ServeOptions {
-            context: Some(8192),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let e = estimate_vram(&s, &ServeOptions { context: Some(8192), ..Default::default() }).unwrap();
     assert_eq!(e.kv_cache_bytes, 32 * 8 * 128 * 2 * 2 * 8192);
     assert_eq!(e.kv_cache_bytes, GIB);
     assert_eq!(e.weights_bytes, 8_030_261_248 * 2);
     // Batch and KV precision scale it linearly.
-    let e4 = estimate_vram(
-        &s,
-        &ServeOptions {
-            context: Some(8192),
-            batch: 4,
-            kv_dtype: KvDtype::Q8,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let e4 =
+        estimate_vram(&s, &ServeOptions { context: Some(8192), batch: 4, kv_dtype: KvDtype::Q8, ..Default::default() })
+            .unwrap();
     assert_eq!(e4.kv_cache_bytes, 2 * GIB);
-    assert_eq!(
-        e.total_bytes,
-        e.weights_bytes + e.kv_cache_bytes + e.activation_bytes + e.overhead_bytes
-    );
+    assert_eq!(e.total_bytes, e.weights_bytes + e.kv_cache_bytes + e.activation_bytes + e.overhead_bytes);
 }
 
 #[test]
@@ -357,19 +320,8 @@ fn sliding_window_layers_cap_their_cache_at_the_window() {
 #[test]
 fn asking_for_more_context_than_trained_is_an_error_with_the_numbers() {
     let s = spec("meta-llama__Llama-2-7b-hf");
-    let err = estimate_vram(
-        &s,
-        &ServeOptions {
-            context: Some(8192),
-            ..Default::default()
-        },
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(
-        err.contains("context 8192") && err.contains("trained for 4096 tokens"),
-        "{err}"
-    );
+    let err = estimate_vram(&s, &ServeOptions { context: Some(8192), ..Default::default() }).unwrap_err().to_string();
+    assert!(err.contains("context 8192") && err.contains("trained for 4096 tokens"), "{err}");
 }
 
 #[test]
@@ -385,21 +337,9 @@ fn mxfp4_experts_make_gpt_oss_20b_about_13_gb() {
 fn dtype_override_recosts_the_weights() {
     let s = spec("meta-llama__Meta-Llama-3-8B-Instruct");
     let q4 = gantry_core::quant::WeightDtype::parse("q4_k_m").unwrap();
-    let e = estimate_vram(
-        &s,
-        &ServeOptions {
-            context: Some(4096),
-            dtype: Some(q4),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let e = estimate_vram(&s, &ServeOptions { context: Some(4096), dtype: Some(q4), ..Default::default() }).unwrap();
     // 4.5 bits per weight.
     let expected = 8_030_261_248f64 * 4.5 / 8.0;
-    assert!(
-        (e.weights_bytes as f64 / expected - 1.0).abs() < 0.001,
-        "{} vs {expected}",
-        e.weights_bytes
-    );
+    assert!((e.weights_bytes as f64 / expected - 1.0).abs() < 0.001, "{} vs {expected}", e.weights_bytes);
     assert_eq!(e.weights_dtype, "q4_k");
 }

