@@ -3,4 +3,5 @@
 //! Today it holds the model store's local side: reading a model folder, `config.json` or
 //! `.gguf` file from disk into a [`gantry_core::ModelSpec`].
 
+pub mod engine;
 pub mod store;

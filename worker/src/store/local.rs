@@ -8,7 +8,7 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
-use gantry_core::gguf::parse_gguf_prefix;
+use gantry_core::gguf::{GgufFile, parse_gguf_prefix};
 use gantry_core::safetensors::{self, SafetensorsHeader};
 use gantry_core::spec::{HfFiles, ModelSpec};
 use thiserror::Error;
@@ -66,30 +66,10 @@ fn model_err(path: &Path) -> impl FnOnce(gantry_core::Error) -> StoreError + '_ 
 
 /// Reads what a local model is: `path` is a model folder, a `config.json`, or a `.gguf` file.
 pub fn read_spec(path: &Path) -> Result<ModelSpec, StoreError> {
-    let meta = std::fs::metadata(path).map_err(io_err(path))?;
-    if meta.is_dir() {
-        if path.join("config.json").is_file() {
-            return read_hf_folder(path);
-        }
-        let ggufs = list_with_extension(path, "gguf")?;
-        return match ggufs.as_slice() {
-            [one] => read_gguf(one),
-            [] => Err(StoreError::NotAModel { path: path.to_path_buf() }),
-            many => Err(StoreError::Ambiguous {
-                dir: path.to_path_buf(),
-                files: many.iter().filter_map(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned()).collect(),
-            }),
-        };
+    match locate(path)? {
+        ModelLocation::Folder(dir) => read_hf_folder(&dir),
+        ModelLocation::Gguf(file) => read_gguf(&file),
     }
-    let name = path.file_name().map(|n| n.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
-    if name == "config.json" {
-        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        return read_hf_folder(dir);
-    }
-    if name.ends_with(".gguf") || starts_with_gguf_magic(path)? {
-        return read_gguf(path);
-    }
-    Err(StoreError::NotAModel { path: path.to_path_buf() })
 }
 
 fn starts_with_gguf_magic(path: &Path) -> Result<bool, StoreError> {
@@ -119,6 +99,11 @@ fn read_prefix(file: &mut File, path: &Path, n: u64) -> Result<Vec<u8>, StoreErr
 
 /// Reads a GGUF file's metadata and tensor table, growing the read until the header fits.
 pub fn read_gguf(path: &Path) -> Result<ModelSpec, StoreError> {
+    read_gguf_header(path).map(|(_, spec)| spec)
+}
+
+/// Reads a GGUF file's parsed header and the spec built from it.
+pub fn read_gguf_header(path: &Path) -> Result<(GgufFile, ModelSpec), StoreError> {
     let file_len = std::fs::metadata(path).map_err(io_err(path))?.len();
     let mut want = FIRST_READ_BYTES.min(file_len);
     let parsed = loop {
@@ -138,7 +123,48 @@ pub fn read_gguf(path: &Path) -> Result<ModelSpec, StoreError> {
         }
     };
     let name = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
-    ModelSpec::from_gguf(&name, &parsed).map_err(model_err(path))
+    let spec = ModelSpec::from_gguf(&name, &parsed).map_err(model_err(path))?;
+    Ok((parsed, spec))
+}
+
+/// Where a model's files are, once found: one GGUF file, or a folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelLocation {
+    Gguf(PathBuf),
+    Folder(PathBuf),
+}
+
+/// Resolves a model path (folder, `config.json`, `.gguf` file) to where its files are.
+pub fn locate(path: &Path) -> Result<ModelLocation, StoreError> {
+    let meta = std::fs::metadata(path).map_err(io_err(path))?;
+    if meta.is_dir() {
+        if path.join("config.json").is_file() {
+            return Ok(ModelLocation::Folder(path.to_path_buf()));
+        }
+        let ggufs = list_with_extension(path, "gguf")?;
+        return match ggufs.as_slice() {
+            [one] => Ok(ModelLocation::Gguf(one.clone())),
+            [] => Err(StoreError::NotAModel { path: path.to_path_buf() }),
+            many => Err(StoreError::Ambiguous {
+                dir: path.to_path_buf(),
+                files: many.iter().filter_map(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned()).collect(),
+            }),
+        };
+    }
+    let name = path.file_name().map(|n| n.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+    if name == "config.json" {
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        return Ok(ModelLocation::Folder(dir.to_path_buf()));
+    }
+    if name.ends_with(".gguf") || starts_with_gguf_magic(path)? {
+        return Ok(ModelLocation::Gguf(path.to_path_buf()));
+    }
+    Err(StoreError::NotAModel { path: path.to_path_buf() })
+}
+
+/// The safetensors files of a folder, sorted.
+pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
+    list_with_extension(dir, "safetensors")
 }
 
 fn read_optional(path: &Path) -> Result<Option<String>, StoreError> {

@@ -2,4 +2,4 @@
 
 pub mod local;
 
-pub use local::{StoreError, read_spec};
+pub use local::{ModelLocation, StoreError, locate, read_spec};

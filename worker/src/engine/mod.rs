@@ -1,0 +1,45 @@
+//! The inference engine: Candle models of the supported families, from GGUF or safetensors,
+//! runnable whole or as any contiguous range of layers.
+
+pub mod attention;
+pub mod config;
+pub mod files;
+pub mod layers;
+pub mod model;
+pub mod weights;
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+/// What can go wrong loading or running a model.
+#[derive(Debug, Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+
+    #[error("{0}")]
+    Model(#[from] gantry_core::Error),
+
+    #[error("{0}")]
+    Config(String),
+
+    #[error("the model files have no tensor `{0}`")]
+    MissingTensor(String),
+
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("the sequence needs {needed} positions; the model has {limit}")]
+    ContextExceeded { needed: usize, limit: usize },
+
+    #[error("tensor computation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+}

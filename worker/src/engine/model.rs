@@ -1,0 +1,394 @@
+//! A model, or any contiguous range of its layers, loaded on one device.
+//!
+//! A [`ModelPart`] holds layers `a..b`; the first part also holds the embeddings, the last the
+//! final norm and output head. `forward` takes token ids (first part) or hidden states (any
+//! other) and returns hidden states, or logits from the last part. Each sequence keeps its own
+//! [`PartCache`]. One part holding every layer is the whole model; pipeline stages are parts.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use candle_core::{D, DType, Device, Tensor};
+use gantry_core::Family;
+
+use super::EngineError;
+use super::attention::{Attention, LayerCache, QkvProj};
+use super::config::{BlockKind, EngineConfig, QkvLayout, RopeConfig, RopeScaling, WeightFormat};
+use super::layers::{Linear, Mlp, Norm, Rope};
+use super::weights::{Embedding, LoadStats, Part, Role, WeightSource};
+
+/// One transformer block.
+#[derive(Debug, Clone)]
+pub struct Block {
+    kind: BlockKind,
+    attn_norm: Norm,
+    attn: Attention,
+    /// The MLP's input norm (absent when it shares `attn_norm`).
+    ffn_norm: Option<Norm>,
+    mlp: Mlp,
+    post_attn_norm: Option<Norm>,
+    post_ffn_norm: Option<Norm>,
+}
+
+impl Block {
+    fn forward(&self, x: &Tensor, start: usize, cache: &mut LayerCache) -> candle_core::Result<Tensor> {
+        match self.kind {
+            BlockKind::Sequential => {
+                let h = (x + self.attn.forward(&self.attn_norm.forward(x)?, start, cache)?)?;
+                let n = self.ffn_norm.as_ref().map_or_else(|| Ok(h.clone()), |n| n.forward(&h))?;
+                h + self.mlp.forward(&n)?
+            }
+            BlockKind::Parallel { .. } => {
+                let a = self.attn_norm.forward(x)?;
+                let m = match &self.ffn_norm {
+                    Some(n) => n.forward(x)?,
+                    None => a.clone(),
+                };
+                let attn = self.attn.forward(&a, start, cache)?;
+                (x + attn)? + self.mlp.forward(&m)?
+            }
+            BlockKind::Sandwich => {
+                let mut a = self.attn.forward(&self.attn_norm.forward(x)?, start, cache)?;
+                if let Some(n) = &self.post_attn_norm {
+                    a = n.forward(&a)?;
+                }
+                let h = (x + a)?;
+                let n = self.ffn_norm.as_ref().map_or_else(|| Ok(h.clone()), |n| n.forward(&h))?;
+                let mut m = self.mlp.forward(&n)?;
+                if let Some(p) = &self.post_ffn_norm {
+                    m = p.forward(&m)?;
+                }
+                h + m
+            }
+        }
+    }
+}
+
+/// The KV caches of one sequence in one part.
+#[derive(Debug, Clone, Default)]
+pub struct PartCache {
+    layers: Vec<LayerCache>,
+    /// Tokens processed so far.
+    pub position: usize,
+}
+
+impl PartCache {
+    /// Bytes the caches hold allocated.
+    pub fn allocated_bytes(&self) -> usize {
+        self.layers.iter().map(LayerCache::allocated_bytes).sum()
+    }
+
+    /// Forgets the sequence.
+    pub fn clear(&mut self) {
+        self.layers.iter_mut().for_each(LayerCache::clear);
+        self.position = 0;
+    }
+}
+
+/// What a part is given.
+#[derive(Debug)]
+pub enum StageInput<'a> {
+    /// Token ids (the first part).
+    Tokens(&'a [u32]),
+    /// Hidden states `[1, t, hidden]` from the previous part.
+    Hidden(Tensor),
+}
+
+/// What a part gives back.
+#[derive(Debug)]
+pub enum StageOutput {
+    /// Hidden states `[1, t, hidden]` for the next part.
+    Hidden(Tensor),
+    /// Logits `[t, vocab]` (or `[1, vocab]` for the last position only), f32.
+    Logits(Tensor),
+}
+
+/// Which positions' logits the last part computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// Only the last position (generation).
+    Last,
+    /// Every position (scoring, tests).
+    All,
+}
+
+/// Layers `range` of a model on one device.
+#[derive(Debug)]
+pub struct ModelPart {
+    pub config: Arc<EngineConfig>,
+    pub range: Range<usize>,
+    device: Device,
+    dtype: DType,
+    embed: Option<Embedding>,
+    pos_embed: Option<Tensor>,
+    blocks: Vec<Block>,
+    head: Option<(Norm, Linear)>,
+}
+
+/// Progress while loading: layers done of the part's total.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadProgress {
+    pub layers_done: usize,
+    pub layers_total: usize,
+}
+
+impl ModelPart {
+    /// Loads layers `range` (and the embeddings or head when the range starts or ends the
+    /// model) from `source` onto `device`, reporting progress after each layer.
+    pub fn load(
+        source: &WeightSource,
+        config: Arc<EngineConfig>,
+        range: Range<usize>,
+        device: &Device,
+        stats: &mut LoadStats,
+        progress: &mut dyn FnMut(LoadProgress),
+    ) -> Result<ModelPart, EngineError> {
+        let n = config.num_layers;
+        if range.start >= range.end || range.end > n {
+            return Err(EngineError::Config(format!(
+                "layer range {}..{} is not within the model's {n} layers",
+                range.start, range.end
+            )));
+        }
+        // Candle's CPU kernels compute in f32; quantized matrices take f32 activations too.
+        let dtype = DType::F32;
+        let cfg = &*config;
+        let first = range.start == 0;
+        let last = range.end == n;
+        let embed = if first || (last && cfg.tied_embeddings) {
+            Some(source.embedding(Role::TokenEmbd, device, dtype)?)
+        } else {
+            None
+        };
+        let pos_embed = if first && cfg.learned_positions.is_some() {
+            Some(source.dense(Role::PosEmbd, None, Part::Weight, device, dtype)?)
+        } else {
+            None
+        };
+        let divisors = match source.dense_opt(Role::RopeFreqs, None, Part::Weight, device, DType::F32)? {
+            Some(t) => Some(t.to_vec1::<f32>()?),
+            None => None,
+        };
+        let ropes = cfg.rope.as_ref().map(|r| rope_pair(r, divisors.as_deref()));
+        let mut blocks = Vec::with_capacity(range.len());
+        for (done, i) in range.clone().enumerate() {
+            blocks.push(load_block(source, cfg, i, device, dtype, ropes.as_ref(), stats)?);
+            progress(LoadProgress { layers_done: done + 1, layers_total: range.len() });
+        }
+        let head = if last {
+            let norm = load_norm(source, cfg, Role::OutputNorm, None, device, dtype)?;
+            let output = if source.has(Role::Output, None, Part::Weight) {
+                Linear {
+                    weight: source.matrix(Role::Output, None, device, dtype, false, stats)?,
+                    bias: source.dense_opt(Role::Output, None, Part::Bias, device, dtype)?,
+                }
+            } else if let Some(e) = &embed {
+                Linear { weight: e.as_head()?, bias: None }
+            } else {
+                return Err(EngineError::MissingTensor("output.weight".into()));
+            };
+            Some((norm, output))
+        } else {
+            None
+        };
+        // A last-only part keeps the embedding table solely as its tied head.
+        let embed = if first { embed } else { None };
+        Ok(ModelPart { config, range, device: device.clone(), dtype, embed, pos_embed, blocks, head })
+    }
+
+    /// The device the part runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A fresh cache for a new sequence.
+    pub fn new_cache(&self) -> PartCache {
+        PartCache { layers: vec![LayerCache::default(); self.blocks.len()], position: 0 }
+    }
+
+    /// Runs the part on the next tokens (or hidden states) of the sequence `cache` belongs to.
+    pub fn forward(
+        &self,
+        input: StageInput<'_>,
+        cache: &mut PartCache,
+        logits_for: LogitsFor,
+    ) -> Result<StageOutput, EngineError> {
+        let start = cache.position;
+        let mut x = match input {
+            StageInput::Tokens(ids) => {
+                let embed = self.embed.as_ref().ok_or_else(|| {
+                    EngineError::Config(format!(
+                        "layers {}..{} start mid-model: give hidden states",
+                        self.range.start, self.range.end
+                    ))
+                })?;
+                if ids.is_empty() {
+                    return Err(EngineError::Config("no tokens to process".into()));
+                }
+                if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
+                    return Err(EngineError::Config(format!(
+                        "token id {bad} is outside the vocabulary of {}",
+                        self.config.vocab_size
+                    )));
+                }
+                let t = ids.len();
+                let idx = Tensor::from_slice(ids, (1, t), &self.device)?;
+                let mut x = embed.forward(&idx, self.dtype)?;
+                if let Some(scale) = self.config.embed_scale {
+                    // transformers rounds √hidden to the activation dtype before multiplying.
+                    x = (x * f64::from(scale as f32))?;
+                }
+                if let Some(p) = &self.pos_embed {
+                    let max = p.dim(0)?;
+                    if start + t > max {
+                        return Err(EngineError::ContextExceeded { needed: start + t, limit: max });
+                    }
+                    x = x.broadcast_add(&p.narrow(0, start, t)?)?;
+                }
+                x
+            }
+            StageInput::Hidden(h) => {
+                if self.embed.is_some() {
+                    return Err(EngineError::Config("the first part takes token ids, not hidden states".into()));
+                }
+                h.to_device(&self.device)?.to_dtype(self.dtype)?
+            }
+        };
+        let t = x.dim(1)?;
+        for (block, layer_cache) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+            x = block.forward(&x, start, layer_cache)?;
+        }
+        cache.position = start + t;
+        let Some((norm, output)) = &self.head else { return Ok(StageOutput::Hidden(x)) };
+        let x = match logits_for {
+            LogitsFor::Last => x.narrow(1, t - 1, 1)?,
+            LogitsFor::All => x,
+        };
+        let mut logits = output.forward(&norm.forward(&x)?)?;
+        if let Some(cap) = self.config.final_softcap {
+            logits = ((logits / cap)?.tanh()? * cap)?;
+        }
+        Ok(StageOutput::Logits(logits.squeeze(0)?.to_dtype(DType::F32)?))
+    }
+}
+
+/// The global rope and, for Gemma 3, the local one (its own base, no scaling).
+fn rope_pair(cfg: &RopeConfig, divisors: Option<&[f32]>) -> (Rope, Option<Rope>) {
+    let global = Rope::new(cfg, cfg.theta, divisors);
+    let local =
+        cfg.local_theta.map(|theta| Rope::new(&RopeConfig { scaling: RopeScaling::None, ..cfg.clone() }, theta, None));
+    (global, local)
+}
+
+fn load_norm(
+    source: &WeightSource,
+    cfg: &EngineConfig,
+    role: Role,
+    layer: Option<usize>,
+    device: &Device,
+    dtype: DType,
+) -> Result<Norm, EngineError> {
+    let w = source.dense(role, layer, Part::Weight, device, dtype)?;
+    let b = source.dense_opt(role, layer, Part::Bias, device, dtype)?;
+    Ok(Norm::new(cfg.norm, w, b)?)
+}
+
+fn linear(
+    source: &WeightSource,
+    role: Role,
+    layer: usize,
+    bias: bool,
+    device: &Device,
+    dtype: DType,
+    transpose: bool,
+    stats: &mut LoadStats,
+) -> Result<Linear, EngineError> {
+    let weight = source.matrix(role, Some(layer), device, dtype, transpose, stats)?;
+    let bias = if bias { source.dense_opt(role, Some(layer), Part::Bias, device, dtype)? } else { None };
+    Ok(Linear { weight, bias })
+}
+
+fn load_block(
+    source: &WeightSource,
+    cfg: &EngineConfig,
+    i: usize,
+    device: &Device,
+    dtype: DType,
+    ropes: Option<&(Rope, Option<Rope>)>,
+    stats: &mut LoadStats,
+) -> Result<Block, EngineError> {
+    // GPT-2 checkpoints from transformers store Conv1D matrices as [in, out].
+    let transpose = cfg.family == Family::Gpt2 && cfg.format == WeightFormat::Safetensors;
+    let fused = source.has(Role::AttnQkv, Some(i), Part::Weight);
+    let qkv = if fused {
+        let layout = match (cfg.family, cfg.format) {
+            // llama.cpp reorders Falcon's groups into [q; k; v] at conversion.
+            (Family::Falcon, WeightFormat::Safetensors) => QkvLayout::FalconGrouped,
+            _ => QkvLayout::Fused,
+        };
+        QkvProj::Fused { qkv: linear(source, Role::AttnQkv, i, true, device, dtype, transpose, stats)?, layout }
+    } else {
+        QkvProj::Separate {
+            q: linear(source, Role::AttnQ, i, true, device, dtype, false, stats)?,
+            k: linear(source, Role::AttnK, i, true, device, dtype, false, stats)?,
+            v: linear(source, Role::AttnV, i, true, device, dtype, false, stats)?,
+        }
+    };
+    let sliding = cfg.is_sliding(i);
+    let rope = ropes.map(|(global, local)| match (sliding, local) {
+        (true, Some(l)) => l.clone(),
+        _ => global.clone(),
+    });
+    let head_norm = |role| -> Result<Option<Norm>, EngineError> {
+        if cfg.qk_norm { Ok(Some(load_norm(source, cfg, role, Some(i), device, dtype)?)) } else { Ok(None) }
+    };
+    let attn = Attention {
+        qkv,
+        out: linear(source, Role::AttnOut, i, true, device, dtype, transpose, stats)?,
+        q_norm: head_norm(Role::AttnQNorm)?,
+        k_norm: head_norm(Role::AttnKNorm)?,
+        num_heads: cfg.num_heads,
+        num_kv_heads: cfg.num_kv_heads,
+        head_dim: cfg.head_dim,
+        scale: cfg.attn_scale,
+        softcap: cfg.attn_softcap,
+        window: if sliding { cfg.sliding_window } else { None },
+        rope,
+    };
+    let act = cfg.activation;
+    let mlp = if source.has(Role::FfnGateUp, Some(i), Part::Weight) && cfg.family == Family::Phi3 {
+        Mlp::GatedFused {
+            gate_up: linear(source, Role::FfnGateUp, i, true, device, dtype, false, stats)?,
+            down: linear(source, Role::FfnDown, i, true, device, dtype, false, stats)?,
+            act,
+        }
+    } else if cfg.gated_mlp {
+        Mlp::Gated {
+            gate: linear(source, Role::FfnGate, i, true, device, dtype, false, stats)?,
+            up: linear(source, Role::FfnUp, i, true, device, dtype, false, stats)?,
+            down: linear(source, Role::FfnDown, i, true, device, dtype, false, stats)?,
+            act,
+        }
+    } else {
+        Mlp::Plain {
+            up: linear(source, Role::FfnUp, i, true, device, dtype, transpose, stats)?,
+            down: linear(source, Role::FfnDown, i, true, device, dtype, transpose, stats)?,
+            act,
+        }
+    };
+    let attn_norm = load_norm(source, cfg, Role::AttnNorm, Some(i), device, dtype)?;
+    let (ffn_norm, post_attn_norm, post_ffn_norm) = match cfg.block {
+        BlockKind::Parallel { shared_norm: true } => (None, None, None),
+        BlockKind::Parallel { shared_norm: false } => {
+            (Some(load_norm(source, cfg, Role::AttnNorm2, Some(i), device, dtype)?), None, None)
+        }
+        BlockKind::Sequential => (Some(load_norm(source, cfg, Role::FfnNorm, Some(i), device, dtype)?), None, None),
+        BlockKind::Sandwich => (
+            Some(load_norm(source, cfg, Role::FfnNorm, Some(i), device, dtype)?),
+            Some(load_norm(source, cfg, Role::AttnPostNorm, Some(i), device, dtype)?),
+            Some(load_norm(source, cfg, Role::FfnPostNorm, Some(i), device, dtype)?),
+        ),
+    };
+    let _ = D::Minus1;
+    Ok(Block { kind: cfg.block, attn_norm, attn, ffn_norm, mlp, post_attn_norm, post_ffn_norm })
+}
