@@ -26,6 +26,11 @@ impl CliError {
         CliError { message: message.into(), code: Self::USAGE }
     }
 
+    /// A message with an explicit exit code.
+    pub fn with_code(message: impl Into<String>, code: u8) -> CliError {
+        CliError { message: message.into(), code }
+    }
+
     /// The exit code.
     pub fn code(&self) -> u8 {
         self.code

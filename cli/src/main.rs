@@ -1,6 +1,7 @@
 //! `gantry`: the command-line front of Gantry.
 
 mod error;
+mod generate;
 mod inspect;
 mod select;
 mod table;
@@ -35,6 +36,9 @@ enum Command {
     /// Recommend models for a task, latency class, context and hardware, with reasons.
     #[command(after_help = select::EXAMPLES)]
     Select(select::Args),
+    /// Run a model here and stream its answer (the engine a worker serves).
+    #[command(after_help = generate::EXAMPLES)]
+    Generate(generate::Args),
 }
 
 /// Parses `8192`, `8K`, `128K` for clap.
@@ -45,6 +49,27 @@ fn parse_tokens_arg(s: &str) -> Result<u64, String> {
 /// Parses `13B`, `500M` for clap.
 fn parse_params_arg(s: &str) -> Result<u64, String> {
     gantry_core::units::parse_params(s).map_err(|e| e.to_string())
+}
+
+/// Sizes the CPU thread pool (Candle's kernels run on rayon's global pool); returns the count.
+fn set_threads(threads: Option<usize>) -> Result<usize, CliError> {
+    let n = match threads {
+        Some(0) => return Err(CliError::usage("--threads must be at least 1")),
+        Some(n) => n,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    // Candle sizes its matmul parallelism from RAYON_NUM_THREADS.
+    #[allow(unsafe_code)]
+    // SAFETY: called once from `main`'s thread before any other thread exists (the pool is
+    // built just below), so nothing reads the environment concurrently.
+    unsafe {
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .map_err(|e| CliError::usage(format!("cannot set up {n} threads: {e}")))?;
+    Ok(n)
 }
 
 fn main() -> ExitCode {
@@ -64,6 +89,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Inspect(args) => inspect::run(args),
         Command::Select(args) => select::run(args),
+        Command::Generate(args) => generate::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -9,8 +9,10 @@ use gantry_core::{Family, ModelSpec};
 use tracing::info;
 
 use super::EngineError;
+use super::chat::ChatTemplate;
 use super::config::EngineConfig;
 use super::model::{LoadProgress, ModelPart};
+use super::tokenizer::Tokenizer;
 use super::weights::{LoadStats, WeightSource, log_stats};
 use crate::store::local::{ModelLocation, locate, read_gguf_header, read_hf_folder, safetensors_files};
 
@@ -99,6 +101,35 @@ impl ModelFiles {
             "loaded"
         );
         Ok(part)
+    }
+
+    /// The model's tokenizer: `tokenizer.json` in a folder, else built from the GGUF
+    /// vocabulary.
+    pub fn tokenizer(&self) -> Result<Tokenizer, EngineError> {
+        let mut tok = match &self.location {
+            ModelLocation::Gguf(p) => Tokenizer::from_gguf(p)?,
+            ModelLocation::Folder(d) => Tokenizer::from_hf_folder(d, &self.spec.eos_token_ids)?,
+        };
+        // generation_config's and the GGUF's end-of-sequence ids both stop generation.
+        for id in &self.spec.eos_token_ids {
+            if let Ok(id) = u32::try_from(*id) {
+                if !tok.eos.contains(&id) {
+                    tok.eos.push(id);
+                }
+            }
+        }
+        Ok(tok)
+    }
+
+    /// The chat template: the model's own, else the default for its vocabulary.
+    pub fn chat_template(&self, tok: &Tokenizer) -> Result<ChatTemplate, EngineError> {
+        let text_of = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i)).unwrap_or_default();
+        let bos = text_of(tok.bos);
+        let eos = text_of(tok.eos.first().copied());
+        match &self.spec.chat_template {
+            Some(source) => ChatTemplate::new(source, "model", &bos, &eos),
+            None => ChatTemplate::default_for(&|t| tok.token_to_id(t).is_some(), &bos, &eos),
+        }
     }
 
     /// Loads the whole model onto `device`.

@@ -2,10 +2,15 @@
 //! runnable whole or as any contiguous range of layers.
 
 pub mod attention;
+pub mod chat;
 pub mod config;
+pub mod detok;
 pub mod files;
+pub mod generate;
 pub mod layers;
 pub mod model;
+pub mod sampling;
+pub mod tokenizer;
 pub mod weights;
 
 use std::path::PathBuf;
@@ -39,6 +44,21 @@ pub enum EngineError {
 
     #[error("the sequence needs {needed} positions; the model has {limit}")]
     ContextExceeded { needed: usize, limit: usize },
+
+    #[error("prompt is {prompt} tokens; model context is {context} ({detail})")]
+    PromptTooLong { prompt: usize, context: usize, detail: String },
+
+    #[error("invalid sampling: {0}")]
+    InvalidSampling(String),
+
+    #[error("numerical failure: {0}")]
+    Numerics(String),
+
+    #[error("chat template: {0}")]
+    Template(String),
+
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
 
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),

@@ -1,0 +1,445 @@
+//! Text to token ids and back: from `tokenizer.json` (the `tokenizers` crate), or built from a
+//! GGUF file's vocabulary — GPT-2-style byte-level BPE through `tokenizers`, and LLaMA/Gemma
+//! SentencePiece vocabularies with merge-by-score, as llama.cpp tokenizes them.
+
+use std::collections::{BinaryHeap, HashMap};
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use serde_json::json;
+
+use super::EngineError;
+
+/// llama.cpp's token types in GGUF `tokenizer.ggml.token_type`.
+const TYPE_CONTROL: i32 = 3;
+const TYPE_USER_DEFINED: i32 = 4;
+const TYPE_BYTE: i32 = 6;
+
+/// A tokenizer with its special tokens.
+pub struct Tokenizer {
+    kind: Kind,
+    /// Beginning-of-sequence token.
+    pub bos: Option<u32>,
+    /// Tokens that end generation.
+    pub eos: Vec<u32>,
+    /// Whether encoding a prompt adds `bos`.
+    pub add_bos: bool,
+    vocab_size: usize,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.kind {
+            Kind::Hf(_) => "tokenizers",
+            Kind::Spm(_) => "sentencepiece",
+        };
+        write!(f, "Tokenizer({kind}, {} tokens, bos {:?}, eos {:?})", self.vocab_size, self.bos, self.eos)
+    }
+}
+
+enum Kind {
+    Hf(Box<tokenizers::Tokenizer>),
+    Spm(Spm),
+}
+
+fn err(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Tokenizer(e.to_string())
+}
+
+impl Tokenizer {
+    /// Loads `tokenizer.json` with the special tokens named in `tokenizer_config.json`.
+    pub fn from_hf_folder(dir: &Path, eos_ids: &[u64]) -> Result<Tokenizer, EngineError> {
+        let path = dir.join("tokenizer.json");
+        let tok = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))?;
+        let cfg: serde_json::Value = match std::fs::read_to_string(dir.join("tokenizer_config.json")) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| err(format!("tokenizer_config.json: {e}")))?,
+            Err(_) => serde_json::Value::Null,
+        };
+        let token_of = |key: &str| -> Option<u32> {
+            let v = cfg.get(key)?;
+            let text = v.as_str().or_else(|| v.get("content").and_then(serde_json::Value::as_str))?;
+            tok.token_to_id(text)
+        };
+        let bos = token_of("bos_token");
+        let mut eos: Vec<u32> = eos_ids.iter().filter_map(|&id| u32::try_from(id).ok()).collect();
+        if eos.is_empty() {
+            eos.extend(token_of("eos_token"));
+        }
+        // Whether the post-processor adds BOS is the tokenizer's business; we ask it.
+        let add_bos = bos.is_some_and(|b| tok.encode("a", true).is_ok_and(|e| e.get_ids().first() == Some(&b)));
+        let vocab_size = tok.get_vocab_size(true);
+        Ok(Tokenizer { kind: Kind::Hf(Box::new(tok)), bos, eos, add_bos, vocab_size })
+    }
+
+    /// Builds the tokenizer a GGUF file describes.
+    pub fn from_gguf(path: &Path) -> Result<Tokenizer, EngineError> {
+        let mut f = std::fs::File::open(path).map_err(|e| EngineError::Io { path: path.to_path_buf(), source: e })?;
+        let content = Content::read(&mut f).map_err(|e| err(format!("{}: {e}", path.display())))?;
+        let md = &content.metadata;
+        let get = |k: &str| md.get(k);
+        let strings = |k: &str| -> Result<Vec<String>, EngineError> {
+            match get(k) {
+                Some(Value::Array(items)) => {
+                    items.iter().map(|v| v.to_string().map(|s| s.to_string()).map_err(err)).collect()
+                }
+                _ => Err(err(format!("GGUF has no `{k}` list"))),
+            }
+        };
+        let u32_of = |k: &str| get(k).and_then(|v| v.to_u32().ok());
+        let bool_of = |k: &str| get(k).and_then(|v| v.to_bool().ok());
+        let model = get("tokenizer.ggml.model").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let types: Vec<i32> = match get("tokenizer.ggml.token_type") {
+            Some(Value::Array(items)) => items.iter().map(|v| v.to_i32().unwrap_or(1)).collect(),
+            _ => vec![1; tokens.len()],
+        };
+        let bos = u32_of("tokenizer.ggml.bos_token_id");
+        let eos: Vec<u32> =
+            u32_of("tokenizer.ggml.eos_token_id").into_iter().chain(u32_of("tokenizer.ggml.eot_token_id")).collect();
+        let vocab_size = tokens.len();
+        let kind = match model.as_str() {
+            "gpt2" => {
+                let merges = strings("tokenizer.ggml.merges")?;
+                let pre = get("tokenizer.ggml.pre")
+                    .and_then(|v| v.to_string().ok())
+                    .cloned()
+                    .unwrap_or_else(|| "default".into());
+                Kind::Hf(Box::new(byte_level_bpe(&tokens, &types, &merges, &pre)?))
+            }
+            "llama" => {
+                let scores: Vec<f32> = match get("tokenizer.ggml.scores") {
+                    Some(Value::Array(items)) => items.iter().map(|v| v.to_f32().unwrap_or(0.0)).collect(),
+                    _ => vec![0.0; tokens.len()],
+                };
+                let add_space_prefix = bool_of("tokenizer.ggml.add_space_prefix").unwrap_or(true);
+                Kind::Spm(Spm::new(tokens, scores, types, add_space_prefix)?)
+            }
+            other => {
+                return Err(EngineError::Unsupported(format!(
+                    "GGUF tokenizer model `{other}` (Gantry reads gpt2 and llama vocabularies)"
+                )));
+            }
+        };
+        let add_bos = bool_of("tokenizer.ggml.add_bos_token").unwrap_or(matches!(kind, Kind::Spm(_)));
+        Ok(Tokenizer { kind, bos, eos, add_bos, vocab_size })
+    }
+
+    /// Number of tokens, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    /// Encodes `text`. With `add_special`, prepends BOS as the model expects (unless the text
+    /// already starts with it); with `parse_special`, special-token text (`<|im_start|>`)
+    /// becomes the special token rather than plain characters.
+    pub fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<u32>, EngineError> {
+        let mut ids = match &self.kind {
+            Kind::Hf(t) => {
+                let mut t = (**t).clone();
+                t.set_encode_special_tokens(!parse_special);
+                // BOS is added below, the same way for every kind of tokenizer.
+                t.encode(text, false).map_err(err)?.get_ids().to_vec()
+            }
+            Kind::Spm(s) => s.encode(text, parse_special),
+        };
+        if add_special && self.add_bos {
+            if let Some(b) = self.bos {
+                if ids.first() != Some(&b) {
+                    ids.insert(0, b);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Decodes ids to text, leaving out control tokens when `skip_special`.
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, EngineError> {
+        match &self.kind {
+            Kind::Hf(t) => t.decode(ids, skip_special).map_err(err),
+            Kind::Spm(s) => Ok(s.decode(ids, skip_special)),
+        }
+    }
+
+    /// The text of one token id (for diagnostics).
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        match &self.kind {
+            Kind::Hf(t) => t.id_to_token(id),
+            Kind::Spm(s) => s.pieces.get(id as usize).cloned(),
+        }
+    }
+
+    /// The id of a token's text, if the vocabulary has it.
+    pub fn token_to_id(&self, text: &str) -> Option<u32> {
+        match &self.kind {
+            Kind::Hf(t) => t.token_to_id(text),
+            Kind::Spm(s) => s.piece_to_id.get(text).copied(),
+        }
+    }
+}
+
+/// The pre-tokenizer splits llama.cpp applies for each `tokenizer.ggml.pre`, as
+/// `tokenizers` JSON.
+fn pre_tokenizer(pre: &str) -> Result<serde_json::Value, EngineError> {
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+    let split =
+        |regex: &str| json!({"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false});
+    const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    Ok(match pre {
+        // Digits one by one, then GPT-2's split (SmolLM, StarCoder).
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" => {
+            json!({"type": "Sequence", "pretokenizers": [split(r"\p{N}"), byte_level(true)]})
+        }
+        "default" | "gpt-2" | "gpt2" | "mpt" | "olmo" | "jais" => byte_level(true),
+        "llama-bpe" | "llama3" | "dbrx" | "smaug-bpe" => {
+            json!({"type": "Sequence", "pretokenizers": [split(LLAMA3), byte_level(false)]})
+        }
+        "qwen2" => json!({"type": "Sequence", "pretokenizers": [split(QWEN2), byte_level(false)]}),
+        other => {
+            return Err(EngineError::Unsupported(format!(
+                "GGUF pre-tokenizer `{other}`; put the model's tokenizer.json beside it instead"
+            )));
+        }
+    })
+}
+
+/// A byte-level BPE tokenizer (GPT-2 style) from a GGUF vocabulary and merges.
+fn byte_level_bpe(
+    tokens: &[String],
+    types: &[i32],
+    merges: &[String],
+    pre: &str,
+) -> Result<tokenizers::Tokenizer, EngineError> {
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+    let added: Vec<serde_json::Value> = types
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| **t == TYPE_CONTROL || **t == TYPE_USER_DEFINED)
+        .map(|(i, t)| {
+            json!({"id": i, "content": tokens[i], "single_word": false, "lstrip": false, "rstrip": false,
+                   "normalized": false, "special": *t == TYPE_CONTROL})
+        })
+        .collect();
+    let spec = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": pre_tokenizer(pre)?,
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges},
+    });
+    spec.to_string().parse::<tokenizers::Tokenizer>().map_err(|e| err(format!("building the BPE tokenizer: {e}")))
+}
+
+/// SentencePiece-style BPE over a scored vocabulary (LLaMA 1/2, Gemma in GGUF): symbols are
+/// UTF-8 characters; the adjacent pair whose merge is in the vocabulary with the highest score
+/// merges first; what cannot be a token falls back to `<0xXX>` byte tokens.
+struct Spm {
+    pieces: Vec<String>,
+    scores: Vec<f32>,
+    types: Vec<i32>,
+    piece_to_id: HashMap<String, u32>,
+    byte_ids: [Option<u32>; 256],
+    /// Control, user-defined and unknown tokens, longest first: text is split on them first.
+    specials: Vec<(String, u32, bool)>,
+    add_space_prefix: bool,
+}
+
+impl Spm {
+    fn new(pieces: Vec<String>, scores: Vec<f32>, types: Vec<i32>, add_space_prefix: bool) -> Result<Spm, EngineError> {
+        if scores.len() != pieces.len() || types.len() != pieces.len() {
+            return Err(err("GGUF vocabulary, scores and token types differ in length"));
+        }
+        let mut piece_to_id = HashMap::with_capacity(pieces.len());
+        let mut byte_ids = [None; 256];
+        let mut specials = Vec::new();
+        for (i, p) in pieces.iter().enumerate() {
+            let id = u32::try_from(i).map_err(err)?;
+            piece_to_id.entry(p.clone()).or_insert(id);
+            match types[i] {
+                TYPE_BYTE => {
+                    if let Some(b) = p
+                        .strip_prefix("<0x")
+                        .and_then(|h| h.strip_suffix('>'))
+                        .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    {
+                        byte_ids[b as usize] = Some(id);
+                    }
+                }
+                // Unknown (2) and control (3) tokens split only when special text is parsed;
+                // user-defined ones (4) always.
+                2 | TYPE_CONTROL => specials.push((p.clone(), id, false)),
+                TYPE_USER_DEFINED => specials.push((p.clone(), id, true)),
+                _ => {}
+            }
+        }
+        specials.retain(|(p, _, _)| !p.is_empty());
+        specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+        Ok(Spm { pieces, scores, types, piece_to_id, byte_ids, specials, add_space_prefix })
+    }
+
+    /// Splits text into plain-text fragments and special tokens, longest special first.
+    fn partition(&self, text: &str, parse_special: bool) -> Vec<Fragment> {
+        let mut frags = vec![Fragment::Text(text.to_string())];
+        for (piece, id, always) in &self.specials {
+            if !parse_special && !always {
+                continue;
+            }
+            let mut next = Vec::with_capacity(frags.len());
+            for f in frags {
+                match f {
+                    Fragment::Text(t) if t.contains(piece.as_str()) => {
+                        let mut rest = t.as_str();
+                        while let Some(at) = rest.find(piece.as_str()) {
+                            if at > 0 {
+                                next.push(Fragment::Text(rest[..at].to_string()));
+                            }
+                            next.push(Fragment::Token(*id));
+                            rest = &rest[at + piece.len()..];
+                        }
+                        if !rest.is_empty() {
+                            next.push(Fragment::Text(rest.to_string()));
+                        }
+                    }
+                    other => next.push(other),
+                }
+            }
+            frags = next;
+        }
+        frags
+    }
+
+    fn encode(&self, text: &str, parse_special: bool) -> Vec<u32> {
+        let mut out = Vec::new();
+        let mut prev_special = true;
+        for frag in self.partition(text, parse_special) {
+            match frag {
+                Fragment::Token(id) => {
+                    out.push(id);
+                    prev_special = true;
+                }
+                Fragment::Text(t) => {
+                    let mut s = String::with_capacity(t.len() + 3);
+                    if self.add_space_prefix && prev_special {
+                        s.push(' ');
+                    }
+                    s.push_str(&t);
+                    self.encode_piece(&s.replace(' ', "\u{2581}"), &mut out);
+                    prev_special = false;
+                }
+            }
+        }
+        out
+    }
+
+    fn encode_piece(&self, text: &str, out: &mut Vec<u32>) {
+        // Symbols: (start, len, prev, next); merged-away symbols get len 0.
+        let mut syms: Vec<(usize, usize, isize, isize)> = Vec::new();
+        for (i, (start, c)) in text.char_indices().enumerate() {
+            syms.push((start, c.len_utf8(), i as isize - 1, i as isize + 1));
+        }
+        let Some(last) = syms.last_mut() else { return };
+        last.3 = -1;
+        let n = syms.len();
+        let mut heap: BinaryHeap<Bigram> = BinaryHeap::new();
+        let try_add = |l: isize, r: isize, syms: &Vec<(usize, usize, isize, isize)>, heap: &mut BinaryHeap<Bigram>| {
+            if l < 0 || r < 0 {
+                return;
+            }
+            let (l, r) = (l as usize, r as usize);
+            let piece = &text[syms[l].0..syms[l].0 + syms[l].1 + syms[r].1];
+            if let Some(&id) = self.piece_to_id.get(piece) {
+                heap.push(Bigram { score: self.scores[id as usize], left: l, right: r, size: piece.len() });
+            }
+        };
+        for i in 1..n {
+            try_add(i as isize - 1, i as isize, &syms, &mut heap);
+        }
+        while let Some(b) = heap.pop() {
+            let (l, r) = (b.left, b.right);
+            // Skip pairs whose symbols have changed since they were queued.
+            if syms[l].1 == 0 || syms[r].1 == 0 || syms[l].1 + syms[r].1 != b.size {
+                continue;
+            }
+            syms[l].1 += syms[r].1;
+            syms[r].1 = 0;
+            syms[l].3 = syms[r].3;
+            let after = syms[r].3;
+            if after >= 0 {
+                syms[after as usize].2 = l as isize;
+            }
+            try_add(syms[l].2, l as isize, &syms, &mut heap);
+            try_add(l as isize, syms[l].3, &syms, &mut heap);
+        }
+        // Every merged symbol is a vocabulary piece (merges only happen into pieces); a single
+        // character that is not one becomes its UTF-8 bytes.
+        let mut i: isize = 0;
+        while i >= 0 {
+            let (start, len, _, next) = syms[i as usize];
+            let piece = &text[start..start + len];
+            match self.piece_to_id.get(piece) {
+                Some(&id) => out.push(id),
+                None => out.extend(piece.bytes().filter_map(|b| self.byte_ids[b as usize])),
+            }
+            i = next;
+        }
+    }
+
+    fn decode(&self, ids: &[u32], skip_special: bool) -> String {
+        let mut bytes = Vec::new();
+        for &id in ids {
+            let Some(piece) = self.pieces.get(id as usize) else { continue };
+            match self.types[id as usize] {
+                TYPE_BYTE => {
+                    if let Some(b) = piece
+                        .strip_prefix("<0x")
+                        .and_then(|h| h.strip_suffix('>'))
+                        .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    {
+                        bytes.push(b);
+                    }
+                }
+                TYPE_CONTROL if skip_special => {}
+                _ => bytes.extend_from_slice(piece.replace('\u{2581}', " ").as_bytes()),
+            }
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+enum Fragment {
+    Text(String),
+    Token(u32),
+}
+
+/// A candidate merge; the heap pops the highest score, then the leftmost.
+struct Bigram {
+    score: f32,
+    left: usize,
+    right: usize,
+    size: usize,
+}
+
+impl PartialEq for Bigram {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == std::cmp::Ordering::Equal
+    }
+}
+impl Eq for Bigram {}
+impl PartialOrd for Bigram {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Bigram {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.score.total_cmp(&other.score).then_with(|| other.left.cmp(&self.left))
+    }
+}
