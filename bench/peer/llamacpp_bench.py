@@ -164,6 +164,7 @@ def main() -> int:
         ap.error("--prompt-tokens + --gen-tokens must fit in --n-ctx")
     n_batch = max(args.n_batch, args.prompt_tokens)  # prefill is one llama_decode call
 
+    loadavg_start = os.getloadavg()
     rss_before_load = rss_now_bytes()
     t0 = time.perf_counter()
     llm = llama_cpp.Llama(
@@ -222,6 +223,11 @@ def main() -> int:
         "rss_before_load_bytes": rss_before_load,
         "rss_after_load_bytes": rss_after_load,
         "peak_rss_bytes": peak_rss_bytes(),
+        # System load (1/5/15 min) at start and end: this is a shared 2-core machine,
+        # anything else running skews the numbers.
+        "loadavg_start": list(loadavg_start),
+        "loadavg_end": list(os.getloadavg()),
+        "cpu_count": os.cpu_count(),
     }
     llm.close()
 

@@ -30,8 +30,11 @@ pub struct Args {
     #[arg(long, env = "GANTRY_MODEL")]
     model: PathBuf,
     /// The prompt (with --chat, the user's message)
-    #[arg(long)]
-    prompt: String,
+    #[arg(long, required_unless_present = "prompt_ids")]
+    prompt: Option<String>,
+    /// The prompt as token ids, comma-separated (for benchmarks and tests: no tokenization)
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["prompt", "chat", "system"])]
+    prompt_ids: Option<Vec<u32>>,
     /// Wrap the prompt in the model's chat template as a user message
     #[arg(long)]
     chat: bool,
@@ -114,6 +117,16 @@ struct JsonTimings {
     prefill_tokens_per_sec: f64,
     decode_tokens_per_sec: f64,
     threads: usize,
+    /// Peak resident memory of the process (Linux `VmHWM`), when known.
+    peak_rss_bytes: Option<u64>,
+}
+
+/// The process's peak resident set size, from `/proc/self/status` (Linux).
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Runs `gantry generate`.
@@ -147,18 +160,22 @@ pub fn run(args: Args) -> Result<(), CliError> {
     }
     let load = load_started.elapsed();
 
+    let user_text = args.prompt.clone().unwrap_or_default();
     let prompt_text = if args.chat || args.system.is_some() {
         let template = files.chat_template(&tokenizer)?;
         let mut messages = Vec::new();
         if let Some(s) = &args.system {
             messages.push(Message::new("system", s));
         }
-        messages.push(Message::new("user", &args.prompt));
+        messages.push(Message::new("user", &user_text));
         template.render(&messages, true, &Default::default())?
     } else {
-        args.prompt.clone()
+        user_text
     };
-    let prompt = tokenizer.encode(&prompt_text, true, true)?;
+    let prompt = match &args.prompt_ids {
+        Some(ids) => ids.clone(),
+        None => tokenizer.encode(&prompt_text, true, true)?,
+    };
     let extra_eos: Vec<u32> = files.spec.eos_token_ids.iter().filter_map(|&i| u32::try_from(i).ok()).collect();
     let mut session = Session::new(&model);
     let mut stdout = std::io::stdout();
@@ -188,6 +205,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
                 prefill_tokens_per_sec: t.prefill_tokens_per_sec(summary.prompt_tokens),
                 decode_tokens_per_sec: t.decode_tokens_per_sec(summary.completion_tokens),
                 threads,
+                peak_rss_bytes: peak_rss_bytes(),
             },
         };
         println!("{}", serde_json::to_string_pretty(&out)?);

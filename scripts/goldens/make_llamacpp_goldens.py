@@ -318,9 +318,9 @@ def tokenize_section(llm: Llama, add_bos: bool, texts: list[str]) -> tuple[list,
                     "detokenize_special": bytes_record(llm.detokenize(ids, special=True)),
                     # llama.cpp C API llama_detokenize(remove_special=False, unparse_special=True)
                     "c_api_detokenize_unparse_special": bytes_record(c_detokenize(vocab, ids, False, True)),
-                    # detokenize(ids minus a leading BOS, special=True) == text ?
+                    # detokenize(ids minus the BOS that add_bos added, special=True) == text ?
                     "roundtrip_equal": llm.detokenize(
-                        ids[1:] if ids[:1] == [llama_cpp.llama_vocab_bos(vocab)] else ids, special=True
+                        ids[1:] if add_bos and ids[:1] == [llama_cpp.llama_vocab_bos(vocab)] else ids, special=True
                     )
                     == text.encode("utf-8"),
                 }

@@ -7,6 +7,7 @@ pub mod config;
 pub mod detok;
 pub mod files;
 pub mod generate;
+pub mod kernels;
 pub mod layers;
 pub mod model;
 pub mod sampling;

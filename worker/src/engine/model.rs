@@ -14,7 +14,7 @@ use gantry_core::Family;
 use super::EngineError;
 use super::attention::{Attention, LayerCache, QkvProj};
 use super::config::{BlockKind, EngineConfig, QkvLayout, RopeConfig, RopeScaling, WeightFormat};
-use super::layers::{Linear, Mlp, Norm, Rope};
+use super::layers::{Linear, Matrix, Mlp, Norm, Rope};
 use super::weights::{Embedding, LoadStats, Part, Role, WeightSource};
 
 /// One transformer block.
@@ -183,7 +183,7 @@ impl ModelPart {
                     bias: source.dense_opt(Role::Output, None, Part::Bias, device, dtype)?,
                 }
             } else if let Some(e) = &embed {
-                Linear { weight: e.as_head()?, bias: None }
+                Linear { weight: Matrix::Candle(e.as_head()?), bias: None }
             } else {
                 return Err(EngineError::MissingTensor("output.weight".into()));
             };

@@ -6,7 +6,7 @@
 //! quantized matrices stay quantized (repacked into a format with fast CPU kernels where
 //! Candle has none for the stored one), everything else becomes a dense tensor.
 
-#![allow(unsafe_code)] // memory maps: see the SAFETY notes.
+#![allow(unsafe_code)] // safetensors memory maps: see the SAFETY note.
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -20,6 +20,8 @@ use gantry_core::gguf::GgufFile;
 use tracing::info;
 
 use super::EngineError;
+use super::kernels::{Kind, QuantMatrix};
+use super::layers::Matrix;
 
 /// What a tensor is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -171,12 +173,13 @@ fn needs_repack(dtype: GgmlDType) -> bool {
 
 /// The open weights of a model.
 pub enum WeightSource {
+    /// GGUF tensors are read with positioned reads straight into the engine's own buffers:
+    /// the blocks are copied into Candle's storage (or Gantry's kernels) anyway, and a memory
+    /// map would keep the file's pages resident on top of that copy.
     Gguf {
         path: PathBuf,
         file: GgufFile,
-        // SAFETY (for the map): the file is opened read-only and Gantry never writes model
-        // files; a file changed under a running worker is outside what any loader can guard.
-        map: memmap2::Mmap,
+        handle: std::fs::File,
     },
     Safetensors {
         family: Family,
@@ -199,6 +202,8 @@ impl std::fmt::Debug for WeightSource {
 pub struct LoadStats {
     /// `(from, to, tensors)` repacks.
     pub repacked: Vec<(String, String, usize)>,
+    /// `(type, tensors)` run by Gantry's own kernels.
+    pub kernels: Vec<(String, usize)>,
     pub tensors: usize,
     pub bytes: u64,
 }
@@ -206,19 +211,18 @@ pub struct LoadStats {
 impl WeightSource {
     /// Opens a GGUF file whose header has been parsed already.
     pub fn open_gguf(path: &Path, file: GgufFile) -> Result<WeightSource, EngineError> {
-        let f = std::fs::File::open(path).map_err(|e| EngineError::Io { path: path.to_path_buf(), source: e })?;
-        // SAFETY: read-only map of a model file; see the field comment.
-        let map =
-            unsafe { memmap2::Mmap::map(&f) }.map_err(|e| EngineError::Io { path: path.to_path_buf(), source: e })?;
-        if (map.len() as u64) < file.file_len {
+        let handle = std::fs::File::open(path).map_err(|e| EngineError::Io { path: path.to_path_buf(), source: e })?;
+        let len = handle.metadata().map_err(|e| EngineError::Io { path: path.to_path_buf(), source: e })?.len();
+        if len < file.file_len {
             return Err(EngineError::Config(format!("{} shrank while being opened", path.display())));
         }
-        Ok(WeightSource::Gguf { path: path.to_path_buf(), file, map })
+        Ok(WeightSource::Gguf { path: path.to_path_buf(), file, handle })
     }
 
     /// Opens the safetensors files of a folder (one file, or shards).
     pub fn open_safetensors(family: Family, files: &[PathBuf]) -> Result<WeightSource, EngineError> {
-        // SAFETY: read-only maps of model files; see `WeightSource::Gguf`.
+        // SAFETY: read-only maps of model files that Gantry never writes; a file changed under
+        // a running worker is outside what any loader can guard against.
         let tensors = unsafe { MmapedSafetensors::multi(files) }?;
         let names = tensors.tensors().into_iter().map(|(n, _)| n).collect();
         Ok(WeightSource::Safetensors { family, tensors, names })
@@ -249,22 +253,32 @@ impl WeightSource {
         EngineError::MissingTensor(names.first().cloned().unwrap_or_else(|| format!("{role:?}")))
     }
 
-    /// Loads a GGUF tensor as a `QTensor` on `device`.
-    fn gguf_qtensor(&self, name: &str, device: &Device) -> Result<QTensor, EngineError> {
-        let WeightSource::Gguf { file, map, .. } = self else {
+    /// Reads a GGUF tensor's bytes.
+    fn gguf_bytes(&self, name: &str) -> Result<(Vec<u8>, &gantry_core::gguf::GgufTensor), EngineError> {
+        use std::os::unix::fs::FileExt;
+        let WeightSource::Gguf { file, handle, path } = self else {
             return Err(EngineError::Config("not a GGUF source".into()));
         };
         let t = file.tensors.iter().find(|t| t.name == name).ok_or_else(|| EngineError::MissingTensor(name.into()))?;
+        let mut bytes = vec![0u8; t.bytes as usize];
+        // Bounds were checked against the file length by the GGUF parser.
+        handle
+            .read_exact_at(&mut bytes, file.data_offset + t.offset)
+            .map_err(|e| EngineError::Io { path: path.clone(), source: e })?;
+        Ok((bytes, t))
+    }
+
+    /// Loads a GGUF tensor as a `QTensor` on `device`.
+    fn gguf_qtensor(&self, name: &str, device: &Device) -> Result<QTensor, EngineError> {
+        let (bytes, t) = self.gguf_bytes(name)?;
         let dtype = ggml_dtype(t.ggml_type.id).ok_or_else(|| {
             EngineError::Unsupported(format!(
                 "tensor `{name}` is {}, which Candle cannot run; use a Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K–Q6_K, F16, BF16 or F32 file",
                 t.ggml_type
             ))
         })?;
-        let start = (file.data_offset + t.offset) as usize; // bounds checked by the GGUF parser
-        let bytes = &map[start..start + t.bytes as usize];
         let shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
-        let storage = QStorage::from_data(Cow::Borrowed(bytes), device, dtype)?;
+        let storage = QStorage::from_data(Cow::Owned(bytes), device, dtype)?;
         Ok(QTensor::new(storage, shape)?)
     }
 
@@ -297,8 +311,9 @@ impl WeightSource {
         if self.has(role, layer, part) { self.dense(role, layer, part, device, dtype).map(Some) } else { Ok(None) }
     }
 
-    /// A weight matrix `[out, in]` ready for `x · Wᵀ`: quantized when stored quantized
-    /// (repacked to Q8_0 when Candle has no fast kernel for its type), dense otherwise.
+    /// A weight matrix `[out, in]` ready for `x · Wᵀ`: quantized when stored quantized — Q4_1
+    /// and Q5_0 through Gantry's kernels on CPU, other types Candle has no fast kernel for
+    /// (Q5_1, Q8_1) repacked to Q8_0 — dense otherwise.
     /// `transpose` is for GPT-2's `Conv1D` matrices, stored `[in, out]` by transformers.
     pub fn matrix(
         &self,
@@ -308,29 +323,48 @@ impl WeightSource {
         dtype: DType,
         transpose: bool,
         stats: &mut LoadStats,
-    ) -> Result<QMatMul, EngineError> {
+    ) -> Result<Matrix, EngineError> {
         let name = self.find(role, layer, Part::Weight).ok_or_else(|| self.missing(role, layer, Part::Weight))?;
         stats.tensors += 1;
         match self {
-            WeightSource::Gguf { .. } => {
+            WeightSource::Gguf { file, .. } => {
+                let t = file
+                    .tensors
+                    .iter()
+                    .find(|t| t.name == name)
+                    .ok_or_else(|| EngineError::MissingTensor(name.clone()))?;
+                // Gantry's own kernels for types Candle computes slowly on CPU.
+                let kernel = match t.ggml_type.name {
+                    "Q4_1" => Some(Kind::Q4_1),
+                    "Q5_0" => Some(Kind::Q5_0),
+                    _ => None,
+                };
+                if let (Some(kind), true, [k, n]) = (kernel, device.is_cpu(), t.dims.as_slice()) {
+                    let (bytes, _) = self.gguf_bytes(&name)?;
+                    stats.bytes += bytes.len() as u64;
+                    let m = QuantMatrix::from_gguf_bytes(kind, &bytes, *n as usize, *k as usize)
+                        .map_err(|e| EngineError::Config(format!("tensor `{name}`: {e}")))?;
+                    note_kernel(stats, kind);
+                    return Ok(Matrix::Kernel(std::sync::Arc::new(m)));
+                }
                 let q = self.gguf_qtensor(&name, device)?;
                 stats.bytes += q.storage_size_in_bytes() as u64;
                 let from = q.dtype();
                 if matches!(from, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
-                    return Ok(QMatMul::Tensor(q.dequantize(device)?.to_dtype(dtype)?));
+                    return Ok(Matrix::Candle(QMatMul::Tensor(q.dequantize(device)?.to_dtype(dtype)?)));
                 }
                 if needs_repack(from) && q.shape().dims().last().is_some_and(|k| k % 32 == 0) {
                     let repacked = QTensor::quantize(&q.dequantize(device)?, GgmlDType::Q8_0)?;
                     note_repack(stats, from, GgmlDType::Q8_0);
-                    return Ok(QMatMul::from_qtensor(repacked)?);
+                    return Ok(Matrix::Candle(QMatMul::from_qtensor(repacked)?));
                 }
-                Ok(QMatMul::from_qtensor(q)?)
+                Ok(Matrix::Candle(QMatMul::from_qtensor(q)?))
             }
             WeightSource::Safetensors { tensors, .. } => {
                 let t = tensors.load(&name, device)?;
                 stats.bytes += (t.elem_count() * t.dtype().size_in_bytes()) as u64;
                 let t = if transpose { t.t()?.contiguous()? } else { t };
-                Ok(QMatMul::Tensor(t.to_dtype(dtype)?))
+                Ok(Matrix::Candle(QMatMul::Tensor(t.to_dtype(dtype)?)))
             }
         }
     }
@@ -351,6 +385,14 @@ impl WeightSource {
                 Ok(Embedding::Dense(tensors.load(&name, device)?.to_dtype(dtype)?))
             }
         }
+    }
+}
+
+fn note_kernel(stats: &mut LoadStats, kind: Kind) {
+    let from = format!("{kind:?}");
+    match stats.kernels.iter_mut().find(|(k, _)| *k == from) {
+        Some(entry) => entry.1 += 1,
+        None => stats.kernels.push((from, 1)),
     }
 }
 
@@ -414,6 +456,9 @@ fn ggml_dtype(id: u32) -> Option<GgmlDType> {
 
 /// Logs what loading did (repacks in particular).
 pub fn log_stats(stats: &LoadStats) {
+    for (kind, n) in &stats.kernels {
+        info!(format = %kind, tensors = n, "kept as stored, run by Gantry's CPU kernel");
+    }
     for (from, to, n) in &stats.repacked {
         info!(from = %from, to = %to, tensors = n, "repacked for fast CPU kernels");
     }
