@@ -7,7 +7,7 @@ engines pick different greedy tokens, this reference says which choices are genu
 
 For every greedy case of fixtures/goldens/<model>.json it runs the prompt plus llama.cpp's
 continuation through a float64 NumPy implementation of the model (SmolLM2: LLaMA; Gemma 3) with
-the GGUF's dequantized weights, and writes, for each generated step, the exact top-5
+the GGUF's dequantized weights, and writes, for each generated step, the exact top-32
 (token, logit) pairs to fixtures/goldens/<model>.exact.json.
 
 Run with the fixtures virtualenv (numpy + gguf):
@@ -23,6 +23,8 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 
 ROOT = Path(__file__).resolve().parents[2]
+# Candidates kept per step: enough to place a token chosen in a flat distribution.
+TOP = 32
 
 
 def load(path):
@@ -141,7 +143,7 @@ def main():
             steps = []
             for i in range(len(cont)):
                 row = logits[len(prompt) - 1 + i]
-                top = np.argsort(-row)[:5]
+                top = np.argsort(-row)[:TOP]
                 steps.append([[int(t), round(float(row[t]), 6)] for t in top])
             out["cases"][case["name"]] = steps
             print(stem, case["name"], "done", file=sys.stderr)

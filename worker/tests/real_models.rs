@@ -72,16 +72,21 @@ fn prompts_tokenize_as_llama_cpp_does() {
 }
 
 /// The float64 reference (`scripts/goldens/exact_reference.py`): exact arithmetic on the same
-/// dequantized weights, top-5 `(token, logit)` per generated step of each golden case.
+/// dequantized weights, the top-32 `(token, logit)` per generated step of each golden case.
 fn exact(stem: &str) -> Value {
     golden(&format!("{stem}.exact"))
 }
 
-/// A near-tie in exact arithmetic: both tokens among the exact top-5, within `margin` logits.
-fn exact_near_tie(top5: &Value, a: u32, b: u32, margin: f64) -> Option<f64> {
-    let logit = |t: u32| top5.as_array()?.iter().find(|p| p[0].as_u64() == Some(u64::from(t)))?[1].as_f64();
-    let gap = (logit(a)? - logit(b)?).abs();
-    (gap < margin).then_some(gap)
+/// How far below the exact best token `ours` is in exact arithmetic, when that is a legitimate
+/// choice for an engine with 8-bit activations: within `margin` of the best, or no further
+/// below it than llama.cpp's own choice `theirs` (in flat distributions both drift alike).
+fn exact_near_best(top: &Value, ours: u32, theirs: u32, margin: f64) -> Option<f64> {
+    let list = top.as_array()?;
+    let best = list.first()?[1].as_f64()?;
+    let logit = |t: u32| list.iter().find(|p| p[0].as_u64() == Some(u64::from(t)))?[1].as_f64();
+    let gap = best - logit(ours)?;
+    let theirs_gap = logit(theirs).map_or(0.0, |l| best - l);
+    (gap < margin || gap <= theirs_gap + 0.05).then_some(gap)
 }
 
 /// Near-tie margin: both engines differ from exact arithmetic by ~0.2 logit on average (8-bit
@@ -105,7 +110,7 @@ fn teacher_forced_next_tokens_agree_with_llama_cpp() {
             let prompt = ids(&case["prompt_ids"]);
             let continuation = ids(&case["generated_ids"]);
             let mut cache = model.new_cache();
-            let mut step = |tokens: &[u32], cache: &mut gantry_worker::engine::model::PartCache| {
+            let step = |tokens: &[u32], cache: &mut gantry_worker::engine::model::PartCache| {
                 let StageOutput::Logits(l) = model.forward(StageInput::Tokens(tokens), cache, LogitsFor::Last).unwrap()
                 else {
                     panic!("logits expected")
@@ -130,23 +135,19 @@ fn teacher_forced_next_tokens_agree_with_llama_cpp() {
                 if row[want as usize] >= top - 1e-3 {
                     with_llama += 1;
                 } else {
-                    // A disagreement must be a near-tie in exact arithmetic, or our choice the
-                    // exact one.
-                    let gap = exact_near_tie(exact_top5, ours, want, NEAR_TIE);
+                    // A disagreement must be a near-best choice in exact arithmetic.
+                    let gap = exact_near_best(exact_top5, ours, want, NEAR_TIE);
                     assert!(
-                        gap.is_some() || ours == exact_top,
+                        gap.is_some(),
                         "{stem} {name} step {i}: we pick {ours}, llama.cpp {want}; exact arithmetic says {exact_top5}"
                     );
-                    misses.push(match gap {
-                        Some(g) => format!("{name}@{i} (exact gap {g:.3})"),
-                        None => format!("{name}@{i} (ours is the exact top-1)"),
-                    });
+                    misses.push(format!("{name}@{i} (ours {:.3} below the exact best)", gap.unwrap_or_default()));
                 }
             }
         }
         let pct = |n: usize| 100.0 * n as f64 / total as f64;
         eprintln!(
-            "{stem}: llama.cpp's token is our top-1 (within 1e-3) at {with_llama}/{total} = {:.1}%; top-1 equals the exact float64 reference's: ours {ours_exact}/{total} = {:.1}%, llama.cpp {llama_exact}/{total} = {:.1}%; disagreements (all near-ties): {misses:?}",
+            "{stem}: llama.cpp's token is our top-1 (within 1e-3) at {with_llama}/{total} = {:.1}%; top-1 equals the exact float64 reference's: ours {ours_exact}/{total} = {:.1}%, llama.cpp {llama_exact}/{total} = {:.1}%; disagreements (all near-best in exact arithmetic): {misses:?}",
             pct(with_llama),
             pct(ours_exact),
             pct(llama_exact)
@@ -177,20 +178,19 @@ fn greedy_continuations_equal_llama_cpp_up_to_near_ties() {
             let got = generate(&mut session, &tok, &prompt, &params, &[], &mut |_| std::ops::ControlFlow::Continue(()))
                 .unwrap()
                 .tokens;
-            // Up to the first difference the sequences are the same; there, the two choices
-            // must be a near-tie in exact arithmetic (after it, the contexts differ).
+            // Up to the first difference the sequences are the same; there, our choice must be
+            // near-best in exact arithmetic (after it, the contexts differ).
             let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
             if same < want.len().min(got.len()) {
-                let top5 = &exact["cases"][name][same];
-                let gap = exact_near_tie(top5, got[same], want[same], NEAR_TIE);
-                let ours_exact = top5[0][0].as_u64() == Some(u64::from(got[same]));
+                let top = &exact["cases"][name][same];
+                let gap = exact_near_best(top, got[same], want[same], NEAR_TIE);
                 eprintln!(
-                    "{stem} {name}: equal for {same} of {} tokens, then exact gap {gap:?}, ours the exact top-1: {ours_exact}",
+                    "{stem} {name}: equal for {same} of {} tokens, then ours is {gap:?} below the exact best",
                     want.len()
                 );
                 assert!(
-                    gap.is_some() || ours_exact,
-                    "{stem} {name}: token {same} differs ({} vs {}); exact: {top5}",
+                    gap.is_some(),
+                    "{stem} {name}: token {same} differs ({} vs {}); exact: {top}",
                     got[same],
                     want[same]
                 );

@@ -47,10 +47,10 @@ impl LayerCache {
             let grow = |old: &Option<Tensor>, like: &Tensor| -> Result<Tensor> {
                 let (b, h, _, d) = like.dims4()?;
                 let fresh = Tensor::zeros((b, h, new_cap, d), like.dtype(), like.device())?;
-                if let Some(old) = old {
-                    if self.len > 0 {
-                        fresh.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
-                    }
+                if let Some(old) = old
+                    && self.len > 0
+                {
+                    fresh.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
                 }
                 Ok(fresh)
             };

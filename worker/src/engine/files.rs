@@ -112,10 +112,10 @@ impl ModelFiles {
         };
         // generation_config's and the GGUF's end-of-sequence ids both stop generation.
         for id in &self.spec.eos_token_ids {
-            if let Ok(id) = u32::try_from(*id) {
-                if !tok.eos.contains(&id) {
-                    tok.eos.push(id);
-                }
+            if let Ok(id) = u32::try_from(*id)
+                && !tok.eos.contains(&id)
+            {
+                tok.eos.push(id);
             }
         }
         Ok(tok)

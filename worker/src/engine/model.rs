@@ -8,13 +8,13 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use gantry_core::Family;
 
 use super::EngineError;
 use super::attention::{Attention, LayerCache, QkvProj};
 use super::config::{BlockKind, EngineConfig, QkvLayout, RopeConfig, RopeScaling, WeightFormat};
-use super::layers::{Linear, Matrix, Mlp, Norm, Rope};
+use super::layers::{Linear, Mlp, Norm, Rope};
 use super::weights::{Embedding, LoadStats, Part, Role, WeightSource};
 
 /// One transformer block.
@@ -170,20 +170,21 @@ impl ModelPart {
             None => None,
         };
         let ropes = cfg.rope.as_ref().map(|r| rope_pair(r, divisors.as_deref()));
+        let mut loader = Loader { source, cfg, device, dtype, stats };
         let mut blocks = Vec::with_capacity(range.len());
         for (done, i) in range.clone().enumerate() {
-            blocks.push(load_block(source, cfg, i, device, dtype, ropes.as_ref(), stats)?);
+            blocks.push(loader.block(i, ropes.as_ref())?);
             progress(LoadProgress { layers_done: done + 1, layers_total: range.len() });
         }
         let head = if last {
-            let norm = load_norm(source, cfg, Role::OutputNorm, None, device, dtype)?;
+            let norm = loader.norm(Role::OutputNorm, None)?;
             let output = if source.has(Role::Output, None, Part::Weight) {
                 Linear {
-                    weight: source.matrix(Role::Output, None, device, dtype, false, stats)?,
+                    weight: source.matrix(Role::Output, None, device, dtype, false, loader.stats)?,
                     bias: source.dense_opt(Role::Output, None, Part::Bias, device, dtype)?,
                 }
             } else if let Some(e) = &embed {
-                Linear { weight: Matrix::Candle(e.as_head()?), bias: None }
+                Linear { weight: e.as_head()?, bias: None }
             } else {
                 return Err(EngineError::MissingTensor("output.weight".into()));
             };
@@ -280,115 +281,102 @@ fn rope_pair(cfg: &RopeConfig, divisors: Option<&[f32]>) -> (Rope, Option<Rope>)
     (global, local)
 }
 
-fn load_norm(
-    source: &WeightSource,
-    cfg: &EngineConfig,
-    role: Role,
-    layer: Option<usize>,
-    device: &Device,
+/// What loading one part needs at hand: where the weights are, where they go, and the tally.
+struct Loader<'a> {
+    source: &'a WeightSource,
+    cfg: &'a EngineConfig,
+    device: &'a Device,
     dtype: DType,
-) -> Result<Norm, EngineError> {
-    let w = source.dense(role, layer, Part::Weight, device, dtype)?;
-    let b = source.dense_opt(role, layer, Part::Bias, device, dtype)?;
-    Ok(Norm::new(cfg.norm, w, b)?)
+    stats: &'a mut LoadStats,
 }
 
-fn linear(
-    source: &WeightSource,
-    role: Role,
-    layer: usize,
-    bias: bool,
-    device: &Device,
-    dtype: DType,
-    transpose: bool,
-    stats: &mut LoadStats,
-) -> Result<Linear, EngineError> {
-    let weight = source.matrix(role, Some(layer), device, dtype, transpose, stats)?;
-    let bias = if bias { source.dense_opt(role, Some(layer), Part::Bias, device, dtype)? } else { None };
-    Ok(Linear { weight, bias })
-}
+impl Loader<'_> {
+    fn norm(&self, role: Role, layer: Option<usize>) -> Result<Norm, EngineError> {
+        let w = self.source.dense(role, layer, Part::Weight, self.device, self.dtype)?;
+        let b = self.source.dense_opt(role, layer, Part::Bias, self.device, self.dtype)?;
+        Ok(Norm::new(self.cfg.norm, w, b)?)
+    }
 
-fn load_block(
-    source: &WeightSource,
-    cfg: &EngineConfig,
-    i: usize,
-    device: &Device,
-    dtype: DType,
-    ropes: Option<&(Rope, Option<Rope>)>,
-    stats: &mut LoadStats,
-) -> Result<Block, EngineError> {
-    // GPT-2 checkpoints from transformers store Conv1D matrices as [in, out].
-    let transpose = cfg.family == Family::Gpt2 && cfg.format == WeightFormat::Safetensors;
-    let fused = source.has(Role::AttnQkv, Some(i), Part::Weight);
-    let qkv = if fused {
-        let layout = match (cfg.family, cfg.format) {
-            // llama.cpp reorders Falcon's groups into [q; k; v] at conversion.
-            (Family::Falcon, WeightFormat::Safetensors) => QkvLayout::FalconGrouped,
-            _ => QkvLayout::Fused,
+    /// A linear map with its bias when the file has one; `transpose` for GPT-2's Conv1D.
+    fn linear(&mut self, role: Role, layer: usize, transpose: bool) -> Result<Linear, EngineError> {
+        let weight = self.source.matrix(role, Some(layer), self.device, self.dtype, transpose, self.stats)?;
+        let bias = self.source.dense_opt(role, Some(layer), Part::Bias, self.device, self.dtype)?;
+        Ok(Linear { weight, bias })
+    }
+
+    fn block(&mut self, i: usize, ropes: Option<&(Rope, Option<Rope>)>) -> Result<Block, EngineError> {
+        let cfg = self.cfg;
+        // GPT-2 checkpoints from transformers store Conv1D matrices as [in, out].
+        let transpose = cfg.family == Family::Gpt2 && cfg.format == WeightFormat::Safetensors;
+        let qkv = if self.source.has(Role::AttnQkv, Some(i), Part::Weight) {
+            let layout = match (cfg.family, cfg.format) {
+                // llama.cpp reorders Falcon's groups into [q; k; v] at conversion.
+                (Family::Falcon, WeightFormat::Safetensors) => QkvLayout::FalconGrouped,
+                _ => QkvLayout::Fused,
+            };
+            QkvProj::Fused { qkv: self.linear(Role::AttnQkv, i, transpose)?, layout }
+        } else {
+            QkvProj::Separate {
+                q: self.linear(Role::AttnQ, i, false)?,
+                k: self.linear(Role::AttnK, i, false)?,
+                v: self.linear(Role::AttnV, i, false)?,
+            }
         };
-        QkvProj::Fused { qkv: linear(source, Role::AttnQkv, i, true, device, dtype, transpose, stats)?, layout }
-    } else {
-        QkvProj::Separate {
-            q: linear(source, Role::AttnQ, i, true, device, dtype, false, stats)?,
-            k: linear(source, Role::AttnK, i, true, device, dtype, false, stats)?,
-            v: linear(source, Role::AttnV, i, true, device, dtype, false, stats)?,
-        }
-    };
-    let sliding = cfg.is_sliding(i);
-    let rope = ropes.map(|(global, local)| match (sliding, local) {
-        (true, Some(l)) => l.clone(),
-        _ => global.clone(),
-    });
-    let head_norm = |role| -> Result<Option<Norm>, EngineError> {
-        if cfg.qk_norm { Ok(Some(load_norm(source, cfg, role, Some(i), device, dtype)?)) } else { Ok(None) }
-    };
-    let attn = Attention {
-        qkv,
-        out: linear(source, Role::AttnOut, i, true, device, dtype, transpose, stats)?,
-        q_norm: head_norm(Role::AttnQNorm)?,
-        k_norm: head_norm(Role::AttnKNorm)?,
-        num_heads: cfg.num_heads,
-        num_kv_heads: cfg.num_kv_heads,
-        head_dim: cfg.head_dim,
-        scale: cfg.attn_scale,
-        softcap: cfg.attn_softcap,
-        window: if sliding { cfg.sliding_window } else { None },
-        rope,
-    };
-    let act = cfg.activation;
-    let mlp = if source.has(Role::FfnGateUp, Some(i), Part::Weight) && cfg.family == Family::Phi3 {
-        Mlp::GatedFused {
-            gate_up: linear(source, Role::FfnGateUp, i, true, device, dtype, false, stats)?,
-            down: linear(source, Role::FfnDown, i, true, device, dtype, false, stats)?,
-            act,
-        }
-    } else if cfg.gated_mlp {
-        Mlp::Gated {
-            gate: linear(source, Role::FfnGate, i, true, device, dtype, false, stats)?,
-            up: linear(source, Role::FfnUp, i, true, device, dtype, false, stats)?,
-            down: linear(source, Role::FfnDown, i, true, device, dtype, false, stats)?,
-            act,
-        }
-    } else {
-        Mlp::Plain {
-            up: linear(source, Role::FfnUp, i, true, device, dtype, transpose, stats)?,
-            down: linear(source, Role::FfnDown, i, true, device, dtype, transpose, stats)?,
-            act,
-        }
-    };
-    let attn_norm = load_norm(source, cfg, Role::AttnNorm, Some(i), device, dtype)?;
-    let (ffn_norm, post_attn_norm, post_ffn_norm) = match cfg.block {
-        BlockKind::Parallel { shared_norm: true } => (None, None, None),
-        BlockKind::Parallel { shared_norm: false } => {
-            (Some(load_norm(source, cfg, Role::AttnNorm2, Some(i), device, dtype)?), None, None)
-        }
-        BlockKind::Sequential => (Some(load_norm(source, cfg, Role::FfnNorm, Some(i), device, dtype)?), None, None),
-        BlockKind::Sandwich => (
-            Some(load_norm(source, cfg, Role::FfnNorm, Some(i), device, dtype)?),
-            Some(load_norm(source, cfg, Role::AttnPostNorm, Some(i), device, dtype)?),
-            Some(load_norm(source, cfg, Role::FfnPostNorm, Some(i), device, dtype)?),
-        ),
-    };
-    let _ = D::Minus1;
-    Ok(Block { kind: cfg.block, attn_norm, attn, ffn_norm, mlp, post_attn_norm, post_ffn_norm })
+        let sliding = cfg.is_sliding(i);
+        let rope = ropes.map(|(global, local)| match (sliding, local) {
+            (true, Some(l)) => l.clone(),
+            _ => global.clone(),
+        });
+        let (q_norm, k_norm) = if cfg.qk_norm {
+            (Some(self.norm(Role::AttnQNorm, Some(i))?), Some(self.norm(Role::AttnKNorm, Some(i))?))
+        } else {
+            (None, None)
+        };
+        let attn = Attention {
+            qkv,
+            out: self.linear(Role::AttnOut, i, transpose)?,
+            q_norm,
+            k_norm,
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+            scale: cfg.attn_scale,
+            softcap: cfg.attn_softcap,
+            window: if sliding { cfg.sliding_window } else { None },
+            rope,
+        };
+        let act = cfg.activation;
+        let mlp = if cfg.family == Family::Phi3 && self.source.has(Role::FfnGateUp, Some(i), Part::Weight) {
+            Mlp::GatedFused {
+                gate_up: self.linear(Role::FfnGateUp, i, false)?,
+                down: self.linear(Role::FfnDown, i, false)?,
+                act,
+            }
+        } else if cfg.gated_mlp {
+            Mlp::Gated {
+                gate: self.linear(Role::FfnGate, i, false)?,
+                up: self.linear(Role::FfnUp, i, false)?,
+                down: self.linear(Role::FfnDown, i, false)?,
+                act,
+            }
+        } else {
+            Mlp::Plain {
+                up: self.linear(Role::FfnUp, i, transpose)?,
+                down: self.linear(Role::FfnDown, i, transpose)?,
+                act,
+            }
+        };
+        let attn_norm = self.norm(Role::AttnNorm, Some(i))?;
+        let (ffn_norm, post_attn_norm, post_ffn_norm) = match cfg.block {
+            BlockKind::Parallel { shared_norm: true } => (None, None, None),
+            BlockKind::Parallel { shared_norm: false } => (Some(self.norm(Role::AttnNorm2, Some(i))?), None, None),
+            BlockKind::Sequential => (Some(self.norm(Role::FfnNorm, Some(i))?), None, None),
+            BlockKind::Sandwich => (
+                Some(self.norm(Role::FfnNorm, Some(i))?),
+                Some(self.norm(Role::AttnPostNorm, Some(i))?),
+                Some(self.norm(Role::FfnPostNorm, Some(i))?),
+            ),
+        };
+        Ok(Block { kind: cfg.block, attn_norm, attn, ffn_norm, mlp, post_attn_norm, post_ffn_norm })
+    }
 }

@@ -39,7 +39,7 @@ impl std::fmt::Debug for Tokenizer {
 
 enum Kind {
     Hf(Box<tokenizers::Tokenizer>),
-    Spm(Spm),
+    Spm(Box<Spm>),
 }
 
 fn err(e: impl std::fmt::Display) -> EngineError {
@@ -113,7 +113,7 @@ impl Tokenizer {
                     _ => vec![0.0; tokens.len()],
                 };
                 let add_space_prefix = bool_of("tokenizer.ggml.add_space_prefix").unwrap_or(true);
-                Kind::Spm(Spm::new(tokens, scores, types, add_space_prefix)?)
+                Kind::Spm(Box::new(Spm::new(tokens, scores, types, add_space_prefix)?))
             }
             other => {
                 return Err(EngineError::Unsupported(format!(
@@ -143,12 +143,12 @@ impl Tokenizer {
             }
             Kind::Spm(s) => s.encode(text, parse_special),
         };
-        if add_special && self.add_bos {
-            if let Some(b) = self.bos {
-                if ids.first() != Some(&b) {
-                    ids.insert(0, b);
-                }
-            }
+        if add_special
+            && self.add_bos
+            && let Some(b) = self.bos
+            && ids.first() != Some(&b)
+        {
+            ids.insert(0, b);
         }
         Ok(ids)
     }

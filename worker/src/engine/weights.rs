@@ -6,7 +6,7 @@
 //! quantized matrices stay quantized (repacked into a format with fast CPU kernels where
 //! Candle has none for the stored one), everything else becomes a dense tensor.
 
-#![allow(unsafe_code)] // safetensors memory maps: see the SAFETY note.
+#![allow(unsafe_code)] // safetensors memory maps, reads into GGML blocks: see the SAFETY notes.
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -270,6 +270,12 @@ impl WeightSource {
 
     /// Loads a GGUF tensor as a `QTensor` on `device`.
     fn gguf_qtensor(&self, name: &str, device: &Device) -> Result<QTensor, EngineError> {
+        if device.is_cpu() {
+            // Straight into Candle's block storage: no second copy of a large tensor.
+            if let Some(q) = self.gguf_qtensor_direct(name)? {
+                return Ok(q);
+            }
+        }
         let (bytes, t) = self.gguf_bytes(name)?;
         let dtype = ggml_dtype(t.ggml_type.id).ok_or_else(|| {
             EngineError::Unsupported(format!(
@@ -280,6 +286,32 @@ impl WeightSource {
         let shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
         let storage = QStorage::from_data(Cow::Owned(bytes), device, dtype)?;
         Ok(QTensor::new(storage, shape)?)
+    }
+
+    /// Reads a GGUF tensor into Candle's CPU block storage directly (`None` for types this
+    /// does not cover, which take the copying path).
+    fn gguf_qtensor_direct(&self, name: &str) -> Result<Option<QTensor>, EngineError> {
+        use candle_core::quantized::k_quants::*;
+        let WeightSource::Gguf { file, handle, path } = self else { return Ok(None) };
+        let t = file.tensors.iter().find(|t| t.name == name).ok_or_else(|| EngineError::MissingTensor(name.into()))?;
+        let offset = file.data_offset + t.offset;
+        let blocks = (t.elements / t.ggml_type.block_elements) as usize;
+        let read = |buf: &mut [u8]| {
+            use std::os::unix::fs::FileExt;
+            handle.read_exact_at(buf, offset).map_err(|e| EngineError::Io { path: path.clone(), source: e })
+        };
+        let storage: Box<dyn candle_core::quantized::QuantizedType> = match t.ggml_type.name {
+            "Q8_0" => Box::new(read_blocks::<BlockQ8_0>(blocks, t.bytes, read)?),
+            "Q4_0" => Box::new(read_blocks::<BlockQ4_0>(blocks, t.bytes, read)?),
+            "Q2_K" => Box::new(read_blocks::<BlockQ2K>(blocks, t.bytes, read)?),
+            "Q3_K" => Box::new(read_blocks::<BlockQ3K>(blocks, t.bytes, read)?),
+            "Q4_K" => Box::new(read_blocks::<BlockQ4K>(blocks, t.bytes, read)?),
+            "Q5_K" => Box::new(read_blocks::<BlockQ5K>(blocks, t.bytes, read)?),
+            "Q6_K" => Box::new(read_blocks::<BlockQ6K>(blocks, t.bytes, read)?),
+            _ => return Ok(None),
+        };
+        let shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
+        Ok(Some(QTensor::new(QStorage::Cpu(storage), shape)?))
     }
 
     /// A dense tensor in `dtype` (norm weights, biases, dense matrices).
@@ -334,15 +366,11 @@ impl WeightSource {
                     .find(|t| t.name == name)
                     .ok_or_else(|| EngineError::MissingTensor(name.clone()))?;
                 // Gantry's own kernels for types Candle computes slowly on CPU.
-                let kernel = match t.ggml_type.name {
-                    "Q4_1" => Some(Kind::Q4_1),
-                    "Q5_0" => Some(Kind::Q5_0),
-                    _ => None,
-                };
+                let kernel = Kind::from_ggml(t.ggml_type.name);
                 if let (Some(kind), true, [k, n]) = (kernel, device.is_cpu(), t.dims.as_slice()) {
                     let (bytes, _) = self.gguf_bytes(&name)?;
                     stats.bytes += bytes.len() as u64;
-                    let m = QuantMatrix::from_gguf_bytes(kind, &bytes, *n as usize, *k as usize)
+                    let m = QuantMatrix::from_gguf_bytes(kind, bytes, *n as usize, *k as usize)
                         .map_err(|e| EngineError::Config(format!("tensor `{name}`: {e}")))?;
                     note_kernel(stats, kind);
                     return Ok(Matrix::Kernel(std::sync::Arc::new(m)));
@@ -373,7 +401,20 @@ impl WeightSource {
     pub fn embedding(&self, role: Role, device: &Device, dtype: DType) -> Result<Embedding, EngineError> {
         let name = self.find(role, None, Part::Weight).ok_or_else(|| self.missing(role, None, Part::Weight))?;
         match self {
-            WeightSource::Gguf { .. } => {
+            WeightSource::Gguf { file, .. } => {
+                let t = file
+                    .tensors
+                    .iter()
+                    .find(|t| t.name == name)
+                    .ok_or_else(|| EngineError::MissingTensor(name.clone()))?;
+                if let (Some(kind), true, [k, n]) =
+                    (Kind::from_ggml(t.ggml_type.name), device.is_cpu(), t.dims.as_slice())
+                {
+                    let (bytes, _) = self.gguf_bytes(&name)?;
+                    let m = QuantMatrix::from_gguf_bytes(kind, bytes, *n as usize, *k as usize)
+                        .map_err(|e| EngineError::Config(format!("tensor `{name}`: {e}")))?;
+                    return Ok(Embedding::Kernel(std::sync::Arc::new(m)));
+                }
                 let q = self.gguf_qtensor(&name, device)?;
                 if matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
                     Ok(Embedding::Dense(q.dequantize(device)?.to_dtype(dtype)?))
@@ -409,6 +450,8 @@ fn note_repack(stats: &mut LoadStats, from: GgmlDType, to: GgmlDType) {
 pub enum Embedding {
     Dense(Tensor),
     Quantized(std::sync::Arc<QTensor>),
+    /// In one of Gantry's kernel formats (also usable as the tied output head).
+    Kernel(std::sync::Arc<QuantMatrix>),
 }
 
 impl Embedding {
@@ -421,16 +464,43 @@ impl Embedding {
                 w.index_select(&ids.flatten_all()?, 0)?.reshape(dims)
             }
             Embedding::Quantized(q) => q.embedding(ids)?.to_dtype(dtype),
+            Embedding::Kernel(m) => {
+                let flat: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+                let rows = m.rows_f32(&flat).map_err(candle_core::Error::msg)?;
+                let mut dims = ids.dims().to_vec();
+                dims.push(m.cols());
+                Tensor::from_vec(rows, dims, ids.device())?.to_dtype(dtype)
+            }
         }
     }
 
     /// The table as an output head (`x · Eᵀ`) when the head is tied to it.
-    pub fn as_head(&self) -> candle_core::Result<QMatMul> {
+    pub fn as_head(&self) -> candle_core::Result<Matrix> {
         match self {
-            Embedding::Dense(w) => Ok(QMatMul::Tensor(w.clone())),
-            Embedding::Quantized(q) => QMatMul::from_arc(q.clone()),
+            Embedding::Dense(w) => Ok(Matrix::Candle(QMatMul::Tensor(w.clone()))),
+            Embedding::Quantized(q) => Ok(Matrix::Candle(QMatMul::from_arc(q.clone())?)),
+            Embedding::Kernel(m) => Ok(Matrix::Kernel(m.clone())),
         }
     }
+}
+
+/// Reads `blocks` GGML blocks of type `T` straight into a vector of them.
+fn read_blocks<T: candle_core::quantized::GgmlType + Clone>(
+    blocks: usize,
+    bytes: u64,
+    read: impl FnOnce(&mut [u8]) -> Result<(), EngineError>,
+) -> Result<Vec<T>, EngineError> {
+    let size = std::mem::size_of::<T>();
+    if (blocks * size) as u64 != bytes {
+        return Err(EngineError::Config(format!("{bytes} bytes are not {blocks} blocks of {size}")));
+    }
+    let mut v = vec![T::zeros(); blocks];
+    // SAFETY: Candle's GGML block types are `#[repr(C)]` structs of f16 and byte arrays with
+    // no padding (their sizes equal ggml's block sizes, checked just above), for which every
+    // bit pattern is valid; the vector is exclusively borrowed for the read.
+    let raw = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), blocks * size) };
+    read(raw)?;
+    Ok(v)
 }
 
 fn ggml_dtype(id: u32) -> Option<GgmlDType> {
