@@ -1,12 +1,11 @@
 //! `gantry generate`: run a model on this machine's CPU (or a GPU in a CUDA build) and stream
 //! its answer — the same engine a worker serves.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::Device;
 use gantry_worker::engine::EngineError;
 use gantry_worker::engine::chat::Message;
 use gantry_worker::engine::files::ModelFiles;
@@ -45,19 +44,19 @@ pub struct Args {
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
     /// 0 is greedy; higher is more random
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     temperature: f32,
     /// Sample from the k most likely tokens only (0 = all)
     #[arg(long, default_value_t = 0)]
     top_k: usize,
     /// Sample from the smallest set of tokens with this much probability
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     top_p: f32,
     /// Drop tokens less likely than this fraction of the most likely one
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     min_p: f32,
     /// Penalise tokens already in the text (1 = off)
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     repeat_penalty: f32,
     /// Seed for sampling (same seed, same tokens)
     #[arg(long)]
@@ -71,9 +70,15 @@ pub struct Args {
     /// CPU threads [default: all cores]
     #[arg(long, env = "GANTRY_THREADS")]
     threads: Option<usize>,
+    /// Where to run: cpu, or cuda:N in a build with the `cuda` feature
+    #[arg(long, default_value = "cpu", env = "GANTRY_DEVICE")]
+    device: String,
     /// Print token ids, text and timings as JSON instead of streaming text
     #[arg(long)]
     json: bool,
+    /// Untimed generations first (benchmarks: warm caches and thread pools)
+    #[arg(long, default_value_t = 0, hide = true)]
+    warmup: usize,
 }
 
 impl From<EngineError> for CliError {
@@ -149,16 +154,19 @@ pub fn run(args: Args) -> Result<(), CliError> {
     let load_started = Instant::now();
     let files = ModelFiles::open(&args.model)?;
     let tokenizer = files.tokenizer()?;
-    let device = Device::Cpu;
+    let device = gantry_worker::engine::device(&args.device).map_err(|e| CliError::usage(e.to_string()))?;
+    // A progress line on terminals; one summary line otherwise.
+    let show = !args.json && std::io::stderr().is_terminal();
     let model = files.load_part(0..files.config.num_layers, &device, &mut |p| {
-        if !args.json {
+        if show {
             eprint!("\rloading {}: layer {}/{}", files.spec.name, p.layers_done, p.layers_total);
         }
     })?;
-    if !args.json {
-        eprintln!();
-    }
     let load = load_started.elapsed();
+    if !args.json {
+        let sep = if show { "\r" } else { "" };
+        eprintln!("{sep}loaded {} ({} layers) in {} ms", files.spec.name, files.config.num_layers, load.as_millis());
+    }
 
     let user_text = args.prompt.clone().unwrap_or_default();
     let prompt_text = if args.chat || args.system.is_some() {
@@ -177,6 +185,11 @@ pub fn run(args: Args) -> Result<(), CliError> {
         None => tokenizer.encode(&prompt_text, true, true)?,
     };
     let extra_eos: Vec<u32> = files.spec.eos_token_ids.iter().filter_map(|&i| u32::try_from(i).ok()).collect();
+    for _ in 0..args.warmup {
+        generate(&mut Session::new(&model), &tokenizer, &prompt, &params, &extra_eos, &mut |_| {
+            ControlFlow::Continue(())
+        })?;
+    }
     let mut session = Session::new(&model);
     let mut stdout = std::io::stdout();
     let summary: Summary = generate(&mut session, &tokenizer, &prompt, &params, &extra_eos, &mut |ev| {

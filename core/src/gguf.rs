@@ -139,8 +139,14 @@ pub fn parse_gguf(bytes: &[u8]) -> Result<GgufFile> {
 /// read the metadata (a few MiB) without reading the tensor data (gigabytes). Tensor data
 /// ranges are checked against `file_len`.
 pub fn parse_gguf_prefix(prefix: &[u8], file_len: u64) -> Result<GgufFile> {
+    parse_gguf_keeping(prefix, file_len, &|_| false)
+}
+
+/// [`parse_gguf_prefix`], keeping every element of the arrays whose keys `keep_whole`
+/// accepts (the tokenizer's vocabulary, scores and merges) instead of summarising them.
+pub fn parse_gguf_keeping(prefix: &[u8], file_len: u64, keep_whole: &dyn Fn(&str) -> bool) -> Result<GgufFile> {
     let bytes = prefix;
-    let mut r = Reader { bytes, pos: 0, file_len };
+    let mut r = Reader { bytes, pos: 0, file_len, keep_whole };
     let magic = r.take(4, "the magic number").map_err(|_| Error::NotGguf {
         reason: format!("only {} bytes, a GGUF file starts with the 4 bytes `GGUF`", bytes.len()),
     })?;
@@ -197,6 +203,7 @@ struct Reader<'a> {
     bytes: &'a [u8],
     pos: usize,
     file_len: u64,
+    keep_whole: &'a dyn Fn(&str) -> bool,
 }
 
 impl<'a> Reader<'a> {
@@ -260,6 +267,11 @@ impl<'a> Reader<'a> {
 
     fn value(&mut self, ty: u32, key: &str, depth: u32) -> Result<MetaValue> {
         let what = format!("the value of `{key}`");
+        self.value_described(ty, key, &what, depth)
+    }
+
+    /// A value whose error description is already made (arrays reuse one for every element).
+    fn value_described(&mut self, ty: u32, key: &str, what: &str, depth: u32) -> Result<MetaValue> {
         Ok(match ty {
             0 => MetaValue::U64(u64::from(self.array::<1>(&what)?[0])),
             1 => MetaValue::I64(i64::from(i8::from_le_bytes(self.array(&what)?))),
@@ -299,12 +311,13 @@ impl<'a> Reader<'a> {
             }
         };
         self.ensure_count(len, min_size, &format!("the elements of `{key}`"))?;
-        if len > KEEP_ARRAY_ELEMENTS {
+        if len > KEEP_ARRAY_ELEMENTS && !(self.keep_whole)(key) {
             // Skip without keeping: fixed-size elements in one step, strings one by one.
             match elem {
                 8 => {
+                    let what = format!("an element of `{key}`");
                     for _ in 0..len {
-                        self.skip_string(&format!("an element of `{key}`"))?;
+                        self.skip_string(&what)?;
                     }
                 }
                 9 => {
@@ -319,8 +332,12 @@ impl<'a> Reader<'a> {
             return Ok(MetaValue::LongArray { element_type: elem, len });
         }
         let mut items = Vec::with_capacity(len as usize);
+        let what = format!("an element of `{key}`");
         for _ in 0..len {
-            items.push(self.value(elem, key, depth + 1)?);
+            items.push(match elem {
+                8 => MetaValue::String(self.string(&what)?),
+                _ => self.value_described(elem, key, &what, depth + 1)?,
+            });
         }
         Ok(MetaValue::Array(items))
     }

@@ -18,6 +18,26 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
+/// Parses a device name: `cpu`, `cuda` (GPU 0) or `cuda:N`. CUDA needs a build with the
+/// `cuda` feature; the default build says so instead of failing later.
+pub fn device(name: &str) -> Result<candle_core::Device, EngineError> {
+    let name = name.trim().to_ascii_lowercase();
+    let ordinal = match name.as_str() {
+        "cpu" => return Ok(candle_core::Device::Cpu),
+        "cuda" | "gpu" => 0,
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) => n,
+            None => return Err(EngineError::Config(format!("device `{name}`: use cpu, cuda or cuda:N"))),
+        },
+    };
+    if !cfg!(feature = "cuda") {
+        return Err(EngineError::Unsupported(format!(
+            "device `{name}`: this build has no CUDA support; rebuild with `cargo build --release --features cuda` on a machine with the CUDA toolkit"
+        )));
+    }
+    candle_core::Device::new_cuda(ordinal).map_err(|e| EngineError::Config(format!("device `{name}`: {e}")))
+}
+
 /// What can go wrong loading or running a model.
 #[derive(Debug, Error)]
 pub enum EngineError {

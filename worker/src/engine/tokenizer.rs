@@ -2,10 +2,12 @@
 //! GGUF file's vocabulary — GPT-2-style byte-level BPE through `tokenizers`, and LLaMA/Gemma
 //! SentencePiece vocabularies with merge-by-score, as llama.cpp tokenizes them.
 
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 use std::path::Path;
 
-use candle_core::quantized::gguf_file::{Content, Value};
+use std::sync::Mutex;
+
+use gantry_core::gguf::{GgufFile, MetaValue};
 use serde_json::json;
 
 use super::EngineError;
@@ -38,7 +40,9 @@ impl std::fmt::Debug for Tokenizer {
 }
 
 enum Kind {
-    Hf(Box<tokenizers::Tokenizer>),
+    /// Behind a lock: whether special-token text is parsed is a setting of the tokenizer,
+    /// switched per call rather than cloning a tokenizer of tens of megabytes.
+    Hf(Box<Mutex<tokenizers::Tokenizer>>),
     Spm(Box<Spm>),
 }
 
@@ -69,29 +73,36 @@ impl Tokenizer {
         // Whether the post-processor adds BOS is the tokenizer's business; we ask it.
         let add_bos = bos.is_some_and(|b| tok.encode("a", true).is_ok_and(|e| e.get_ids().first() == Some(&b)));
         let vocab_size = tok.get_vocab_size(true);
-        Ok(Tokenizer { kind: Kind::Hf(Box::new(tok)), bos, eos, add_bos, vocab_size })
+        Ok(Tokenizer { kind: Kind::Hf(Box::new(Mutex::new(tok))), bos, eos, add_bos, vocab_size })
     }
 
     /// Builds the tokenizer a GGUF file describes.
     pub fn from_gguf(path: &Path) -> Result<Tokenizer, EngineError> {
-        let mut f = std::fs::File::open(path).map_err(|e| EngineError::Io { path: path.to_path_buf(), source: e })?;
-        let content = Content::read(&mut f).map_err(|e| err(format!("{}: {e}", path.display())))?;
-        let md = &content.metadata;
-        let get = |k: &str| md.get(k);
-        let strings = |k: &str| -> Result<Vec<String>, EngineError> {
-            match get(k) {
-                Some(Value::Array(items)) => {
-                    items.iter().map(|v| v.to_string().map(|s| s.to_string()).map_err(err)).collect()
-                }
+        let mut file = read_vocabulary(path)?;
+        // Moved out of the metadata, not copied: vocabularies run to hundreds of thousands.
+        let mut take_strings = |k: &str| -> Result<Vec<String>, EngineError> {
+            match file.metadata.remove(k) {
+                Some(MetaValue::Array(items)) => Ok(items
+                    .into_iter()
+                    .map(|v| match v {
+                        MetaValue::String(s) => s,
+                        _ => String::new(),
+                    })
+                    .collect()),
                 _ => Err(err(format!("GGUF has no `{k}` list"))),
             }
         };
-        let u32_of = |k: &str| get(k).and_then(|v| v.to_u32().ok());
-        let bool_of = |k: &str| get(k).and_then(|v| v.to_bool().ok());
-        let model = get("tokenizer.ggml.model").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
-        let tokens = strings("tokenizer.ggml.tokens")?;
+        let tokens = take_strings("tokenizer.ggml.tokens")?;
+        let merges = take_strings("tokenizer.ggml.merges").unwrap_or_default();
+        let get = |k: &str| file.get(k);
+        let u32_of = |k: &str| get(k).and_then(MetaValue::as_u64).and_then(|v| u32::try_from(v).ok());
+        let bool_of = |k: &str| match get(k) {
+            Some(MetaValue::Bool(b)) => Some(*b),
+            _ => None,
+        };
+        let model = get("tokenizer.ggml.model").and_then(MetaValue::as_str).unwrap_or_default().to_string();
         let types: Vec<i32> = match get("tokenizer.ggml.token_type") {
-            Some(Value::Array(items)) => items.iter().map(|v| v.to_i32().unwrap_or(1)).collect(),
+            Some(MetaValue::Array(items)) => items.iter().map(|v| v.as_u64().map_or(1, |t| t as i32)).collect(),
             _ => vec![1; tokens.len()],
         };
         let bos = u32_of("tokenizer.ggml.bos_token_id");
@@ -100,16 +111,15 @@ impl Tokenizer {
         let vocab_size = tokens.len();
         let kind = match model.as_str() {
             "gpt2" => {
-                let merges = strings("tokenizer.ggml.merges")?;
-                let pre = get("tokenizer.ggml.pre")
-                    .and_then(|v| v.to_string().ok())
-                    .cloned()
-                    .unwrap_or_else(|| "default".into());
-                Kind::Hf(Box::new(byte_level_bpe(&tokens, &types, &merges, &pre)?))
+                if merges.is_empty() {
+                    return Err(err("GGUF has no `tokenizer.ggml.merges` list"));
+                }
+                let pre = get("tokenizer.ggml.pre").and_then(MetaValue::as_str).unwrap_or("default").to_string();
+                Kind::Hf(Box::new(Mutex::new(byte_level_bpe(&tokens, &types, &merges, &pre)?)))
             }
             "llama" => {
                 let scores: Vec<f32> = match get("tokenizer.ggml.scores") {
-                    Some(Value::Array(items)) => items.iter().map(|v| v.to_f32().unwrap_or(0.0)).collect(),
+                    Some(MetaValue::Array(items)) => items.iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect(),
                     _ => vec![0.0; tokens.len()],
                 };
                 let add_space_prefix = bool_of("tokenizer.ggml.add_space_prefix").unwrap_or(true);
@@ -136,7 +146,7 @@ impl Tokenizer {
     pub fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<u32>, EngineError> {
         let mut ids = match &self.kind {
             Kind::Hf(t) => {
-                let mut t = (**t).clone();
+                let mut t = t.lock().map_err(|_| err("tokenizer lock poisoned"))?;
                 t.set_encode_special_tokens(!parse_special);
                 // BOS is added below, the same way for every kind of tokenizer.
                 t.encode(text, false).map_err(err)?.get_ids().to_vec()
@@ -156,7 +166,7 @@ impl Tokenizer {
     /// Decodes ids to text, leaving out control tokens when `skip_special`.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, EngineError> {
         match &self.kind {
-            Kind::Hf(t) => t.decode(ids, skip_special).map_err(err),
+            Kind::Hf(t) => t.lock().map_err(|_| err("tokenizer lock poisoned"))?.decode(ids, skip_special).map_err(err),
             Kind::Spm(s) => Ok(s.decode(ids, skip_special)),
         }
     }
@@ -164,7 +174,7 @@ impl Tokenizer {
     /// The text of one token id (for diagnostics).
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         match &self.kind {
-            Kind::Hf(t) => t.id_to_token(id),
+            Kind::Hf(t) => t.lock().ok()?.id_to_token(id),
             Kind::Spm(s) => s.pieces.get(id as usize).cloned(),
         }
     }
@@ -172,8 +182,8 @@ impl Tokenizer {
     /// The id of a token's text, if the vocabulary has it.
     pub fn token_to_id(&self, text: &str) -> Option<u32> {
         match &self.kind {
-            Kind::Hf(t) => t.token_to_id(text),
-            Kind::Spm(s) => s.piece_to_id.get(text).copied(),
+            Kind::Hf(t) => t.lock().ok()?.token_to_id(text),
+            Kind::Spm(s) => s.id_of(text),
         }
     }
 }
@@ -204,38 +214,72 @@ fn pre_tokenizer(pre: &str) -> Result<serde_json::Value, EngineError> {
     })
 }
 
-/// A byte-level BPE tokenizer (GPT-2 style) from a GGUF vocabulary and merges.
+/// A byte-level BPE tokenizer (GPT-2 style) from a GGUF vocabulary and merges, built through
+/// `tokenizers`' JSON format (written straight into one string: no intermediate JSON tree).
 fn byte_level_bpe(
     tokens: &[String],
     types: &[i32],
     merges: &[String],
     pre: &str,
 ) -> Result<tokenizers::Tokenizer, EngineError> {
-    let vocab: serde_json::Map<String, serde_json::Value> =
-        tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
-    let added: Vec<serde_json::Value> = types
-        .iter()
-        .enumerate()
-        .filter(|(_, t)| **t == TYPE_CONTROL || **t == TYPE_USER_DEFINED)
-        .map(|(i, t)| {
-            json!({"id": i, "content": tokens[i], "single_word": false, "lstrip": false, "rstrip": false,
-                   "normalized": false, "special": *t == TYPE_CONTROL})
-        })
-        .collect();
-    let spec = json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added,
-        "normalizer": null,
-        "pre_tokenizer": pre_tokenizer(pre)?,
-        "post_processor": null,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                  "vocab": vocab, "merges": merges},
-    });
-    spec.to_string().parse::<tokenizers::Tokenizer>().map_err(|e| err(format!("building the BPE tokenizer: {e}")))
+    let quote = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into());
+    let mut out = String::with_capacity(tokens.len() * 24 + merges.len() * 24 + 4096);
+    out.push_str(r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":["#);
+    let mut first = true;
+    for (i, t) in types.iter().enumerate() {
+        if *t == TYPE_CONTROL || *t == TYPE_USER_DEFINED {
+            if !first {
+                out.push(',');
+            }
+            first = false;
+            out.push_str(&format!(
+                r#"{{"id":{i},"content":{},"single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":{}}}"#,
+                quote(&tokens[i]),
+                *t == TYPE_CONTROL
+            ));
+        }
+    }
+    out.push_str(r#"],"normalizer":null,"pre_tokenizer":"#);
+    out.push_str(&pre_tokenizer(pre)?.to_string());
+    out.push_str(r#","post_processor":null,"decoder":{"type":"ByteLevel","add_prefix_space":false,"trim_offsets":true,"use_regex":true},"#);
+    out.push_str(r#""model":{"type":"BPE","dropout":null,"unk_token":null,"continuing_subword_prefix":null,"end_of_word_suffix":null,"fuse_unk":false,"byte_fallback":false,"ignore_merges":false,"vocab":{"#);
+    for (i, t) in tokens.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&quote(t));
+        out.push(':');
+        out.push_str(&i.to_string());
+    }
+    out.push_str(r#"},"merges":["#);
+    for (i, m) in merges.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&quote(m));
+    }
+    out.push_str("]}}");
+    out.parse::<tokenizers::Tokenizer>().map_err(|e| err(format!("building the BPE tokenizer: {e}")))
+}
+
+/// Reads a GGUF header keeping the tokenizer's arrays whole.
+fn read_vocabulary(path: &Path) -> Result<GgufFile, EngineError> {
+    use std::io::Read;
+    let io = |e| EngineError::Io { path: path.to_path_buf(), source: e };
+    let len = std::fs::metadata(path).map_err(io)?.len();
+    let keep = |k: &str| k.starts_with("tokenizer.ggml.");
+    let mut want = (4u64 << 20).min(len);
+    loop {
+        let mut buf = Vec::new();
+        std::fs::File::open(path).map_err(io)?.take(want).read_to_end(&mut buf).map_err(io)?;
+        match gantry_core::gguf::parse_gguf_keeping(&buf, len, &keep) {
+            Ok(f) => return Ok(f),
+            Err(gantry_core::Error::NeedMoreBytes { needed }) if needed <= (512 << 20) => {
+                want = needed.max(want * 2).min(len);
+            }
+            Err(e) => return Err(err(format!("{}: {e}", path.display()))),
+        }
+    }
 }
 
 /// SentencePiece-style BPE over a scored vocabulary (LLaMA 1/2, Gemma in GGUF): symbols are
@@ -245,7 +289,8 @@ struct Spm {
     pieces: Vec<String>,
     scores: Vec<f32>,
     types: Vec<i32>,
-    piece_to_id: HashMap<String, u32>,
+    /// Token ids sorted by piece, for lookups without a second copy of every piece.
+    by_piece: Vec<u32>,
     byte_ids: [Option<u32>; 256],
     /// Control, user-defined and unknown tokens, longest first: text is split on them first.
     specials: Vec<(String, u32, bool)>,
@@ -257,12 +302,13 @@ impl Spm {
         if scores.len() != pieces.len() || types.len() != pieces.len() {
             return Err(err("GGUF vocabulary, scores and token types differ in length"));
         }
-        let mut piece_to_id = HashMap::with_capacity(pieces.len());
         let mut byte_ids = [None; 256];
         let mut specials = Vec::new();
+        let mut by_piece: Vec<u32> = (0..u32::try_from(pieces.len()).map_err(err)?).collect();
+        // Stable: where pieces repeat, the lowest id comes first (and is found).
+        by_piece.sort_by(|&a, &b| pieces[a as usize].cmp(&pieces[b as usize]));
         for (i, p) in pieces.iter().enumerate() {
             let id = u32::try_from(i).map_err(err)?;
-            piece_to_id.entry(p.clone()).or_insert(id);
             match types[i] {
                 TYPE_BYTE => {
                     if let Some(b) = p
@@ -282,7 +328,13 @@ impl Spm {
         }
         specials.retain(|(p, _, _)| !p.is_empty());
         specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
-        Ok(Spm { pieces, scores, types, piece_to_id, byte_ids, specials, add_space_prefix })
+        Ok(Spm { pieces, scores, types, by_piece, byte_ids, specials, add_space_prefix })
+    }
+
+    /// The id of a piece.
+    fn id_of(&self, piece: &str) -> Option<u32> {
+        let pos = self.by_piece.partition_point(|&id| self.pieces[id as usize].as_str() < piece);
+        self.by_piece.get(pos).copied().filter(|&id| self.pieces[id as usize] == piece)
     }
 
     /// Splits text into plain-text fragments and special tokens, longest special first.
@@ -355,7 +407,7 @@ impl Spm {
             }
             let (l, r) = (l as usize, r as usize);
             let piece = &text[syms[l].0..syms[l].0 + syms[l].1 + syms[r].1];
-            if let Some(&id) = self.piece_to_id.get(piece) {
+            if let Some(id) = self.id_of(piece) {
                 heap.push(Bigram { score: self.scores[id as usize], left: l, right: r, size: piece.len() });
             }
         };
@@ -384,8 +436,8 @@ impl Spm {
         while i >= 0 {
             let (start, len, _, next) = syms[i as usize];
             let piece = &text[start..start + len];
-            match self.piece_to_id.get(piece) {
-                Some(&id) => out.push(id),
+            match self.id_of(piece) {
+                Some(id) => out.push(id),
                 None => out.extend(piece.bytes().filter_map(|b| self.byte_ids[b as usize])),
             }
             i = next;

@@ -381,7 +381,8 @@ impl WeightSource {
                 if matches!(from, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
                     return Ok(Matrix::Candle(QMatMul::Tensor(q.dequantize(device)?.to_dtype(dtype)?)));
                 }
-                if needs_repack(from) && q.shape().dims().last().is_some_and(|k| k % 32 == 0) {
+                // On GPUs Candle's CUDA kernels take every type as stored.
+                if device.is_cpu() && needs_repack(from) && q.shape().dims().last().is_some_and(|k| k % 32 == 0) {
                     let repacked = QTensor::quantize(&q.dequantize(device)?, GgmlDType::Q8_0)?;
                     note_repack(stats, from, GgmlDType::Q8_0);
                     return Ok(Matrix::Candle(QMatMul::from_qtensor(repacked)?));
