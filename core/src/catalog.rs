@@ -93,7 +93,7 @@ impl CatalogEntry {
         let cfg = hf::parse_config_value(&self.config).map_err(|e| Error::Catalog(format!("{}: {e}", self.id)))?;
         let arch = cfg.architecture.clone();
         let counted = arch.count_params()?;
-        let weights = crate::spec::weights_from_config(&cfg, &arch, &counted, None)?;
+        let weights = crate::weights::weights_from_config(&cfg, &arch, &counted, None)?;
         // The active share of a mixture-of-experts model, applied to the published total.
         let active = if counted.total == 0 {
             self.parameters

@@ -273,19 +273,19 @@ impl<'a> Reader<'a> {
     /// A value whose error description is already made (arrays reuse one for every element).
     fn value_described(&mut self, ty: u32, key: &str, what: &str, depth: u32) -> Result<MetaValue> {
         Ok(match ty {
-            0 => MetaValue::U64(u64::from(self.array::<1>(&what)?[0])),
-            1 => MetaValue::I64(i64::from(i8::from_le_bytes(self.array(&what)?))),
-            2 => MetaValue::U64(u64::from(u16::from_le_bytes(self.array(&what)?))),
-            3 => MetaValue::I64(i64::from(i16::from_le_bytes(self.array(&what)?))),
-            4 => MetaValue::U64(u64::from(self.u32(&what)?)),
-            5 => MetaValue::I64(i64::from(i32::from_le_bytes(self.array(&what)?))),
-            6 => MetaValue::F64(f64::from(f32::from_le_bytes(self.array(&what)?))),
-            7 => MetaValue::Bool(self.array::<1>(&what)?[0] != 0),
-            8 => MetaValue::String(self.string(&what)?),
+            0 => MetaValue::U64(u64::from(self.array::<1>(what)?[0])),
+            1 => MetaValue::I64(i64::from(i8::from_le_bytes(self.array(what)?))),
+            2 => MetaValue::U64(u64::from(u16::from_le_bytes(self.array(what)?))),
+            3 => MetaValue::I64(i64::from(i16::from_le_bytes(self.array(what)?))),
+            4 => MetaValue::U64(u64::from(self.u32(what)?)),
+            5 => MetaValue::I64(i64::from(i32::from_le_bytes(self.array(what)?))),
+            6 => MetaValue::F64(f64::from(f32::from_le_bytes(self.array(what)?))),
+            7 => MetaValue::Bool(self.array::<1>(what)?[0] != 0),
+            8 => MetaValue::String(self.string(what)?),
             9 => self.array_value(key, depth)?,
-            10 => MetaValue::U64(self.u64(&what)?),
-            11 => MetaValue::I64(i64::from_le_bytes(self.array(&what)?)),
-            12 => MetaValue::F64(f64::from_le_bytes(self.array(&what)?)),
+            10 => MetaValue::U64(self.u64(what)?),
+            11 => MetaValue::I64(i64::from_le_bytes(self.array(what)?)),
+            12 => MetaValue::F64(f64::from_le_bytes(self.array(what)?)),
             other => {
                 return Err(Error::InvalidGguf { reason: format!("`{key}` has unknown value type {other}") });
             }

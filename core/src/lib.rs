@@ -19,6 +19,7 @@ pub mod shard;
 pub mod spec;
 pub mod units;
 pub mod vram;
+pub mod weights;
 
 pub use arch::{Architecture, ParamBreakdown};
 pub use catalog::{Catalog, CatalogEntry};
