@@ -86,6 +86,18 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { CliError::USAGE } else { 0 });
         }
     };
+    // Logs go to stderr. `GANTRY_LOG` (e.g. `info`, `gantry_worker=debug`) sets the level;
+    // by default `generate` shows its load log (kernels used, repacking) and the rest warnings.
+    let default = if matches!(cli.command, Command::Generate(_)) { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GANTRY_LOG").unwrap_or_else(|_| default.into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .compact()
+        .init();
     let result = match cli.command {
         Command::Inspect(args) => inspect::run(args),
         Command::Select(args) => select::run(args),

@@ -241,3 +241,27 @@ fn logit_differences_diagnostic() {
         );
     }
 }
+
+/// Streaming text, piece by piece as tokens arrive, adds up to llama.cpp's text for every
+/// golden continuation: no half characters, no lost or doubled spaces (SmolLM2's byte-level
+/// BPE and Gemma's SentencePiece with byte fallback).
+#[test]
+fn streamed_pieces_add_up_to_llama_cpps_text() {
+    use gantry_worker::engine::detok::Detokenizer;
+    for stem in MODELS {
+        let files = ModelFiles::open(&model_path(&format!("{stem}.gguf"))).unwrap();
+        let tok = files.tokenizer().unwrap();
+        for case in golden(stem)["greedy"].as_array().unwrap() {
+            let prompt = ids(&case["prompt_ids"]);
+            let mut d = Detokenizer::with_context(&prompt);
+            let mut text = String::new();
+            for id in ids(&case["generated_ids"]) {
+                let piece = d.push(&tok, id).unwrap();
+                assert!(!piece.contains('\u{FFFD}'), "{stem} {}: half a character in {piece:?}", case["name"]);
+                text.push_str(&piece);
+            }
+            text.push_str(&d.finish(&tok).unwrap());
+            assert_eq!(text, case["generated_text"].as_str().unwrap(), "{stem} {}", case["name"]);
+        }
+    }
+}

@@ -222,39 +222,23 @@ impl EngineConfig {
             _ => 1.0 / (head_dim as f64).sqrt(),
         };
         let shape = arch.shape;
-        let sliding_layers = sliding_flags(arch);
-        Ok(EngineConfig {
-            family,
-            format: WeightFormat::Safetensors,
-            vocab_size: usize_of(arch.vocab_size)?,
-            hidden_size: usize_of(arch.hidden_size)?,
-            intermediate_size: usize_of(arch.intermediate_size)?,
-            num_layers: usize_of(arch.num_layers)?,
-            num_heads: usize_of(arch.num_heads)?,
-            num_kv_heads: usize_of(arch.num_kv_heads)?,
-            head_dim,
-            norm,
-            activation,
-            gated_mlp: shape.gated_mlp,
-            block,
-            qkv,
-            qkv_bias: shape.qkv_bias,
-            out_bias: shape.out_bias,
-            mlp_bias: shape.mlp_bias,
-            head_bias: shape.head_bias,
-            qk_norm: shape.qk_norm,
-            rope,
-            learned_positions: arch.learned_positions.map(usize_of).transpose()?,
-            attn_scale,
-            attn_softcap: f64_of("attn_logit_softcapping").filter(|_| family == Family::Gemma2),
-            final_softcap: f64_of("final_logit_softcapping"),
-            embed_scale: matches!(family, Family::Gemma | Family::Gemma2 | Family::Gemma3)
-                .then(|| (arch.hidden_size as f64).sqrt()),
-            sliding_window: arch.sliding_window.as_ref().map(|sw| sw.window as usize),
-            sliding_layers,
-            tied_embeddings: arch.tied_embeddings,
-            context_length: usize_of(context)?,
-        })
+        assemble(
+            arch,
+            Conventions {
+                format: WeightFormat::Safetensors,
+                norm,
+                activation,
+                block,
+                qkv,
+                biases: [shape.qkv_bias, shape.out_bias, shape.mlp_bias, shape.head_bias],
+                qk_norm: shape.qk_norm,
+                rope,
+                attn_scale,
+                attn_softcap: f64_of("attn_logit_softcapping").filter(|_| family == Family::Gemma2),
+                final_softcap: f64_of("final_logit_softcapping"),
+                context_length: usize_of(context)?,
+            },
+        )
     }
 
     /// Reads the config from a GGUF file's metadata (and, for a few conventions, its tensor
@@ -309,40 +293,84 @@ impl EngineConfig {
             }
             _ => 1.0 / (head_dim as f64).sqrt(),
         };
-        let shape = arch.shape;
-        Ok(EngineConfig {
-            family,
-            format: WeightFormat::Gguf,
-            vocab_size: usize_of(arch.vocab_size)?,
-            hidden_size: usize_of(arch.hidden_size)?,
-            intermediate_size: usize_of(arch.intermediate_size)?,
-            num_layers: usize_of(arch.num_layers)?,
-            num_heads: usize_of(arch.num_heads)?,
-            num_kv_heads: usize_of(arch.num_kv_heads)?,
-            head_dim,
-            norm,
-            activation,
-            gated_mlp: shape.gated_mlp,
-            block,
-            qkv,
-            qkv_bias: has("blk.0.attn_q.bias") || has("blk.0.attn_qkv.bias"),
-            out_bias: has("blk.0.attn_output.bias"),
-            mlp_bias: has("blk.0.ffn_up.bias"),
-            head_bias: has("output.bias"),
-            qk_norm: has("blk.0.attn_q_norm.weight"),
-            rope,
-            learned_positions: arch.learned_positions.map(usize_of).transpose()?,
-            attn_scale,
-            attn_softcap: f("attn_logit_softcapping").filter(|_| family == Family::Gemma2),
-            final_softcap: f("final_logit_softcapping"),
-            embed_scale: matches!(family, Family::Gemma | Family::Gemma2 | Family::Gemma3)
-                .then(|| (arch.hidden_size as f64).sqrt()),
-            sliding_window: arch.sliding_window.as_ref().map(|sw| sw.window as usize),
-            sliding_layers: sliding_flags(arch),
-            tied_embeddings: arch.tied_embeddings,
-            context_length: context,
-        })
+        assemble(
+            arch,
+            Conventions {
+                format: WeightFormat::Gguf,
+                norm,
+                activation,
+                block,
+                qkv,
+                biases: [
+                    has("blk.0.attn_q.bias") || has("blk.0.attn_qkv.bias"),
+                    has("blk.0.attn_output.bias"),
+                    has("blk.0.ffn_up.bias"),
+                    has("output.bias"),
+                ],
+                qk_norm: has("blk.0.attn_q_norm.weight"),
+                rope,
+                attn_scale,
+                attn_softcap: f("attn_logit_softcapping").filter(|_| family == Family::Gemma2),
+                final_softcap: f("final_logit_softcapping"),
+                context_length: context,
+            },
+        )
     }
+}
+
+/// What differs between the formats a model can be stored in; the rest comes from the
+/// architecture.
+struct Conventions {
+    format: WeightFormat,
+    norm: NormKind,
+    activation: Activation,
+    block: BlockKind,
+    qkv: QkvLayout,
+    /// Bias on the QKV projections, the attention output, the MLP, the head.
+    biases: [bool; 4],
+    qk_norm: bool,
+    rope: Option<RopeConfig>,
+    attn_scale: f64,
+    attn_softcap: Option<f64>,
+    final_softcap: Option<f64>,
+    context_length: usize,
+}
+
+fn assemble(arch: &Architecture, c: Conventions) -> Result<EngineConfig, EngineError> {
+    let family = arch.family;
+    let [qkv_bias, out_bias, mlp_bias, head_bias] = c.biases;
+    Ok(EngineConfig {
+        family,
+        format: c.format,
+        vocab_size: usize_of(arch.vocab_size)?,
+        hidden_size: usize_of(arch.hidden_size)?,
+        intermediate_size: usize_of(arch.intermediate_size)?,
+        num_layers: usize_of(arch.num_layers)?,
+        num_heads: usize_of(arch.num_heads)?,
+        num_kv_heads: usize_of(arch.num_kv_heads)?,
+        head_dim: usize_of(arch.head_dim)?,
+        norm: c.norm,
+        activation: c.activation,
+        gated_mlp: arch.shape.gated_mlp,
+        block: c.block,
+        qkv: c.qkv,
+        qkv_bias,
+        out_bias,
+        mlp_bias,
+        head_bias,
+        qk_norm: c.qk_norm,
+        rope: c.rope,
+        learned_positions: arch.learned_positions.map(usize_of).transpose()?,
+        attn_scale: c.attn_scale,
+        attn_softcap: c.attn_softcap,
+        final_softcap: c.final_softcap,
+        embed_scale: matches!(family, Family::Gemma | Family::Gemma2 | Family::Gemma3)
+            .then(|| (arch.hidden_size as f64).sqrt()),
+        sliding_window: arch.sliding_window.as_ref().map(|sw| sw.window as usize),
+        sliding_layers: sliding_flags(arch),
+        tied_embeddings: arch.tied_embeddings,
+        context_length: c.context_length,
+    })
 }
 
 fn usize_of(n: u64) -> Result<usize, EngineError> {

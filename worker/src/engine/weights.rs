@@ -314,6 +314,19 @@ impl WeightSource {
         Ok(Some(QTensor::new(QStorage::Cpu(storage), shape)?))
     }
 
+    /// A GGUF matrix in a format of Gantry's CPU kernels (`None` for other types or devices).
+    fn gguf_kernel_matrix(&self, name: &str, device: &Device) -> Result<Option<QuantMatrix>, EngineError> {
+        let WeightSource::Gguf { file, .. } = self else { return Ok(None) };
+        let t = file.tensors.iter().find(|t| t.name == name).ok_or_else(|| EngineError::MissingTensor(name.into()))?;
+        let (Some(kind), true, [k, n]) = (Kind::from_ggml(t.ggml_type.name), device.is_cpu(), t.dims.as_slice()) else {
+            return Ok(None);
+        };
+        let (bytes, _) = self.gguf_bytes(name)?;
+        QuantMatrix::from_gguf_bytes(kind, bytes, *n as usize, *k as usize)
+            .map(Some)
+            .map_err(|e| EngineError::Config(format!("tensor `{name}`: {e}")))
+    }
+
     /// A dense tensor in `dtype` (norm weights, biases, dense matrices).
     pub fn dense(
         &self,
@@ -359,20 +372,11 @@ impl WeightSource {
         let name = self.find(role, layer, Part::Weight).ok_or_else(|| self.missing(role, layer, Part::Weight))?;
         stats.tensors += 1;
         match self {
-            WeightSource::Gguf { file, .. } => {
-                let t = file
-                    .tensors
-                    .iter()
-                    .find(|t| t.name == name)
-                    .ok_or_else(|| EngineError::MissingTensor(name.clone()))?;
-                // Gantry's own kernels for types Candle computes slowly on CPU.
-                let kernel = Kind::from_ggml(t.ggml_type.name);
-                if let (Some(kind), true, [k, n]) = (kernel, device.is_cpu(), t.dims.as_slice()) {
-                    let (bytes, _) = self.gguf_bytes(&name)?;
-                    stats.bytes += bytes.len() as u64;
-                    let m = QuantMatrix::from_gguf_bytes(kind, bytes, *n as usize, *k as usize)
-                        .map_err(|e| EngineError::Config(format!("tensor `{name}`: {e}")))?;
-                    note_kernel(stats, kind);
+            WeightSource::Gguf { .. } => {
+                // Gantry's own kernels for the types small models ship in.
+                if let Some(m) = self.gguf_kernel_matrix(&name, device)? {
+                    stats.bytes += m.size_in_bytes() as u64;
+                    note_kernel(stats, m.kind());
                     return Ok(Matrix::Kernel(std::sync::Arc::new(m)));
                 }
                 let q = self.gguf_qtensor(&name, device)?;
@@ -402,18 +406,8 @@ impl WeightSource {
     pub fn embedding(&self, role: Role, device: &Device, dtype: DType) -> Result<Embedding, EngineError> {
         let name = self.find(role, None, Part::Weight).ok_or_else(|| self.missing(role, None, Part::Weight))?;
         match self {
-            WeightSource::Gguf { file, .. } => {
-                let t = file
-                    .tensors
-                    .iter()
-                    .find(|t| t.name == name)
-                    .ok_or_else(|| EngineError::MissingTensor(name.clone()))?;
-                if let (Some(kind), true, [k, n]) =
-                    (Kind::from_ggml(t.ggml_type.name), device.is_cpu(), t.dims.as_slice())
-                {
-                    let (bytes, _) = self.gguf_bytes(&name)?;
-                    let m = QuantMatrix::from_gguf_bytes(kind, bytes, *n as usize, *k as usize)
-                        .map_err(|e| EngineError::Config(format!("tensor `{name}`: {e}")))?;
+            WeightSource::Gguf { .. } => {
+                if let Some(m) = self.gguf_kernel_matrix(&name, device)? {
                     return Ok(Embedding::Kernel(std::sync::Arc::new(m)));
                 }
                 let q = self.gguf_qtensor(&name, device)?;
