@@ -387,17 +387,17 @@ pub mod write {
         U32Array(Vec<u32>),
     }
 
-    /// Builds a GGUF v3 file with the given metadata and F32 tensors of the given shapes.
-    pub fn gguf(metadata: &[(&str, Value)], tensors: &[(&str, &[u64])]) -> Vec<u8> {
+    fn put_str(out: &mut Vec<u8>, s: &str) {
+        out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        out.extend_from_slice(s.as_bytes());
+    }
+
+    fn header(metadata: &[(&str, Value)], n_tensors: usize) -> Vec<u8> {
         let mut out = Vec::new();
         out.extend_from_slice(b"GGUF");
         out.extend_from_slice(&3u32.to_le_bytes());
-        out.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+        out.extend_from_slice(&(n_tensors as u64).to_le_bytes());
         out.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
-        let put_str = |out: &mut Vec<u8>, s: &str| {
-            out.extend_from_slice(&(s.len() as u64).to_le_bytes());
-            out.extend_from_slice(s.as_bytes());
-        };
         for (k, v) in metadata {
             put_str(&mut out, k);
             match v {
@@ -435,6 +435,13 @@ pub mod write {
                 }
             }
         }
+        out
+    }
+
+    /// Builds a GGUF v3 file with the given metadata and F32 tensors of the given shapes
+    /// (zero data).
+    pub fn gguf(metadata: &[(&str, Value)], tensors: &[(&str, &[u64])]) -> Vec<u8> {
+        let mut out = header(metadata, tensors.len());
         let mut offset = 0u64;
         let mut sizes = Vec::new();
         for (name, dims) in tensors {
@@ -455,6 +462,43 @@ pub mod write {
         // Shapes too large to write are left without data (for tests of absurd shapes).
         for bytes in sizes.into_iter().filter(|&b| b < 1 << 24) {
             out.resize(out.len() + (bytes.div_ceil(32) * 32) as usize, 0);
+        }
+        out
+    }
+
+    /// A tensor with its data, for [`gguf_with_data`].
+    #[derive(Debug)]
+    pub struct RawTensor<'a> {
+        pub name: String,
+        /// Innermost first (GGML order).
+        pub dims: Vec<u64>,
+        /// GGML type id.
+        pub ggml_type: u32,
+        pub data: &'a [u8],
+    }
+
+    /// Builds a GGUF v3 file with the given metadata and tensors with their data.
+    pub fn gguf_with_data(metadata: &[(&str, Value)], tensors: &[RawTensor<'_>]) -> Vec<u8> {
+        let mut out = header(metadata, tensors.len());
+        let mut offset = 0u64;
+        for t in tensors {
+            put_str(&mut out, &t.name);
+            out.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
+            for d in &t.dims {
+                out.extend_from_slice(&d.to_le_bytes());
+            }
+            out.extend_from_slice(&t.ggml_type.to_le_bytes());
+            out.extend_from_slice(&offset.to_le_bytes());
+            offset += (t.data.len() as u64).div_ceil(32) * 32;
+        }
+        while out.len() % 32 != 0 {
+            out.push(0);
+        }
+        for t in tensors {
+            out.extend_from_slice(t.data);
+            while out.len() % 32 != 0 {
+                out.push(0);
+            }
         }
         out
     }
