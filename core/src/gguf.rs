@@ -456,7 +456,7 @@ pub mod write {
             sizes.push(bytes);
             offset = offset.saturating_add(bytes.div_ceil(32).saturating_mul(32));
         }
-        while out.len() % 32 != 0 {
+        while !out.len().is_multiple_of(32) {
             out.push(0);
         }
         // Shapes too large to write are left without data (for tests of absurd shapes).
@@ -491,12 +491,12 @@ pub mod write {
             out.extend_from_slice(&offset.to_le_bytes());
             offset += (t.data.len() as u64).div_ceil(32) * 32;
         }
-        while out.len() % 32 != 0 {
+        while !out.len().is_multiple_of(32) {
             out.push(0);
         }
         for t in tensors {
             out.extend_from_slice(t.data);
-            while out.len() % 32 != 0 {
+            while !out.len().is_multiple_of(32) {
                 out.push(0);
             }
         }
