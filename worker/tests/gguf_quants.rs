@@ -8,7 +8,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::quantized::{GgmlDType, QTensor};
