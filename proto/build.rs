@@ -2,7 +2,7 @@
 //! Debian's `protobuf-compiler`), plus a descriptor set for gRPC server reflection.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/gantry/v1/models.proto"];
+    let protos = ["proto/gantry/v1/models.proto", "proto/gantry/v1/worker.proto", "proto/gantry/v1/worker_link.proto"];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -43,6 +43,12 @@ impl fmt::Display for CliError {
     }
 }
 
+impl From<gantry_worker::cli::Failure> for CliError {
+    fn from(f: gantry_worker::cli::Failure) -> CliError {
+        CliError { message: f.message, code: f.code }
+    }
+}
+
 impl From<StoreError> for CliError {
     fn from(e: StoreError) -> CliError {
         let code = match &e {

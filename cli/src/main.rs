@@ -39,6 +39,12 @@ enum Command {
     /// Run a model here and stream its answer (the engine a worker serves).
     #[command(after_help = generate::EXAMPLES)]
     Generate(generate::Args),
+    /// Run a worker: serve this machine's GPUs (or CPU) and its models over gRPC.
+    #[command(after_help = gantry_worker::cli::WORKER_EXAMPLES)]
+    Worker(gantry_worker::cli::WorkerArgs),
+    /// Download a model from the Hugging Face Hub into the local cache.
+    #[command(after_help = gantry_worker::cli::PULL_EXAMPLES)]
+    Pull(gantry_worker::cli::PullArgs),
 }
 
 /// Parses `8192`, `8K`, `128K` for clap.
@@ -51,33 +57,13 @@ fn parse_params_arg(s: &str) -> Result<u64, String> {
     gantry_core::units::parse_params(s).map_err(|e| e.to_string())
 }
 
-/// Sizes the CPU thread pool (Candle's kernels run on rayon's global pool); returns the count.
+/// Sizes the CPU thread pool (see `gantry_worker::cli::set_threads`).
 fn set_threads(threads: Option<usize>) -> Result<usize, CliError> {
-    let n = match threads {
-        Some(0) => return Err(CliError::usage("--threads must be at least 1")),
-        Some(n) => n,
-        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
-    };
-    // Candle sizes its matmul parallelism from RAYON_NUM_THREADS.
-    #[allow(unsafe_code)]
-    // SAFETY: called once from `main`'s thread before any other thread exists (the pool is
-    // built just below), so nothing reads the environment concurrently.
-    unsafe {
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    }
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build_global()
-        .map_err(|e| CliError::usage(format!("cannot set up {n} threads: {e}")))?;
-    Ok(n)
+    Ok(gantry_worker::cli::set_threads(threads)?)
 }
 
 fn main() -> ExitCode {
-    // A panic is a bug in Gantry: say so in one line instead of a backtrace.
-    std::panic::set_hook(Box::new(|info| {
-        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
-        eprintln!("gantry: internal error{at}: {info}; please report it");
-    }));
+    gantry_worker::cli::install_panic_hook("gantry");
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -87,21 +73,16 @@ fn main() -> ExitCode {
         }
     };
     // Logs go to stderr. `GANTRY_LOG` (e.g. `info`, `gantry_worker=debug`) sets the level;
-    // by default `generate` shows its load log (kernels used, repacking) and the rest warnings.
-    let default = if matches!(cli.command, Command::Generate(_)) { "info" } else { "warn" };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("GANTRY_LOG").unwrap_or_else(|_| default.into());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .without_time()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .compact()
-        .init();
+    // by default `generate` shows its load log (kernels used, repacking), a worker its
+    // requests, and the rest warnings.
+    let default = if matches!(cli.command, Command::Generate(_) | Command::Worker(_)) { "info" } else { "warn" };
+    gantry_worker::cli::init_logging(default, matches!(cli.command, Command::Worker(_)));
     let result = match cli.command {
         Command::Inspect(args) => inspect::run(args),
         Command::Select(args) => select::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Worker(args) => set_threads(args.threads).and_then(|_| Ok(gantry_worker::cli::run_worker(args)?)),
+        Command::Pull(args) => gantry_worker::cli::run_pull(args).map_err(CliError::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -67,3 +67,5 @@ pub fn gantry_json(args: &[&str]) -> serde_json::Value {
     assert_eq!(code, 0, "gantry {args:?} failed: {err}");
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("gantry {args:?} printed invalid JSON ({e}): {out}"))
 }
+
+pub mod worker;

@@ -1,7 +1,16 @@
 //! `gantry-worker`: the process that owns a node's GPUs, loads models and streams tokens.
 //!
-//! Today it holds the model store's local side: reading a model folder, `config.json` or
-//! `.gguf` file from disk into a [`gantry_core::ModelSpec`].
+//! - [`gpu`]: the devices it offers (NVML, declared, or the CPU);
+//! - [`store`]: where model files come from (local paths, the Hugging Face Hub);
+//! - [`engine`]: the Candle inference engine;
+//! - [`service`] and [`server`]: the `gantry.v1.Worker` gRPC service;
+//! - [`link`]: the stream to the controller;
+//! - [`cli`]: `gantry worker` / `gantry-worker` and `gantry pull`.
 
+pub mod cli;
 pub mod engine;
+pub mod gpu;
+pub mod link;
+pub mod server;
+pub mod service;
 pub mod store;

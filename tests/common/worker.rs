@@ -1,0 +1,162 @@
+//! A real worker process for end-to-end tests: started on a free loopback port, found through
+//! the `listening on` line it prints, killed when dropped.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use gantry_proto::v1 as pb;
+use gantry_proto::v1::worker_client::WorkerClient;
+use tonic::transport::Channel;
+
+/// How long a worker may take to load its start-up models.
+const READY_TIMEOUT: Duration = Duration::from_secs(180);
+
+#[derive(Debug)]
+pub struct RunningWorker {
+    child: Child,
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    stdout: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl RunningWorker {
+    /// Starts `gantry worker --listen 127.0.0.1:0 ARGS…` and waits until it prints `ready`.
+    pub fn start(args: &[&str]) -> RunningWorker {
+        let mut cmd = super::gantry();
+        cmd.args(["worker", "--listen", "127.0.0.1:0"]).args(args);
+        RunningWorker::spawn(cmd)
+    }
+
+    /// Starts a prepared worker command (its own flags and environment) and waits for `ready`.
+    pub fn spawn(mut cmd: Command) -> RunningWorker {
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("the worker starts");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut err_pipe = child.stderr.take().expect("stderr is piped");
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err_pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let out_pipe = child.stdout.take().expect("stdout is piped");
+        let lines = stdout.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out_pipe).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        let started = Instant::now();
+        let mut addr = None;
+        loop {
+            let left = READY_TIMEOUT.saturating_sub(started.elapsed());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some((_, a)) = line.split_once(" listening on ") {
+                        addr = Some(a.trim().to_string());
+                    }
+                    if line == "ready" {
+                        break;
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let status = child.wait().ok();
+                    std::thread::sleep(Duration::from_millis(100));
+                    panic!("the worker did not get ready (exit: {status:?}); stderr:\n{}", stderr.lock().unwrap());
+                }
+            }
+        }
+        let addr = addr.expect("the worker printed its address before `ready`");
+        RunningWorker { child, addr, stdout, stderr }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn client(&self) -> WorkerClient<Channel> {
+        WorkerClient::connect(self.url()).await.expect("the worker accepts connections")
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    pub fn stdout(&self) -> Vec<String> {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waiting on the worker") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the worker did not stop within 30 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for RunningWorker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A chat request with greedy sampling.
+pub fn chat_request(model: &str, user: &str, max_tokens: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        model_id: model.into(),
+        input: Some(pb::generate_request::Input::Chat(pb::Conversation {
+            messages: vec![pb::ChatMessage { role: "user".into(), content: user.into() }],
+        })),
+        sampling: Some(pb::SamplingParams { max_tokens: Some(max_tokens), ..Default::default() }),
+        request_id: String::new(),
+    }
+}
+
+/// What a whole generation stream carried.
+#[derive(Debug, Default)]
+pub struct Streamed {
+    pub text: String,
+    pub tokens: Vec<u32>,
+    pub events: usize,
+    pub done: Option<pb::GenerateDone>,
+}
+
+/// Reads a generation stream to its end.
+pub async fn collect(client: &mut WorkerClient<Channel>, req: pb::GenerateRequest) -> Result<Streamed, tonic::Status> {
+    let mut stream = client.generate(req).await?.into_inner();
+    let mut out = Streamed::default();
+    while let Some(ev) = stream.message().await? {
+        out.events += 1;
+        match ev.event {
+            Some(pb::generate_event::Event::Token(t)) => {
+                out.text.push_str(&t.text);
+                out.tokens.extend(t.token_id);
+            }
+            Some(pb::generate_event::Event::Done(d)) => out.done = Some(d),
+            None => {}
+        }
+    }
+    Ok(out)
+}
+
+/// The worker's status.
+pub async fn status(client: &mut WorkerClient<Channel>) -> pb::StatusResponse {
+    client.status(pb::StatusRequest {}).await.expect("Status answers").into_inner()
+}

@@ -1,0 +1,149 @@
+//! The worker's side of the controller link: one bidirectional stream on which the worker
+//! registers, sends heartbeats, and carries out load and unload commands. A lost controller
+//! does not stop the worker: it keeps serving what it has and reconnects with backoff.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use gantry_proto::v1 as pb;
+use gantry_proto::v1::worker_link_client::WorkerLinkClient;
+use pb::controller_message::Message as FromController;
+use pb::worker_message::Message as ToController;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+use tracing::{info, warn};
+
+use crate::service::WorkerState;
+use crate::store::hub::error_chain;
+
+/// Heartbeat period when the controller does not set one.
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(2);
+/// Longest wait between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Where the controller is and how it reaches this worker.
+#[derive(Debug, Clone)]
+pub struct LinkOptions {
+    /// `http://host:port` of the controller.
+    pub controller: String,
+    /// `host:port` the controller dials for `Worker` calls.
+    pub advertise: String,
+}
+
+/// Keeps the link up until `shutdown` turns true.
+pub async fn run(options: LinkOptions, state: Arc<WorkerState>, mut shutdown: watch::Receiver<bool>) {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let outcome = tokio::select! {
+            r = session(&options, &state) => r,
+            _ = shutdown.changed() => return,
+        };
+        match outcome {
+            Ok(()) => {
+                info!(controller = %options.controller, "the controller closed the link; reconnecting");
+                backoff = Duration::from_millis(250);
+            }
+            Err(e) => {
+                warn!(controller = %options.controller, error = %e, retry_in_ms = backoff.as_millis() as u64, "controller link down")
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => return,
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// One connection: register, then heartbeats and commands until the stream ends.
+async fn session(options: &LinkOptions, state: &Arc<WorkerState>) -> Result<(), String> {
+    let mut client = WorkerLinkClient::connect(options.controller.clone()).await.map_err(|e| error_chain(&e))?;
+    let (tx, rx) = mpsc::channel::<pb::WorkerMessage>(64);
+    let status = state.status().map_err(|e| e.message().to_string())?;
+    let register = pb::WorkerRegistration {
+        worker_id: state.options().worker_id.clone(),
+        address: options.advertise.clone(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        status: Some(status),
+    };
+    tx.send(message(ToController::Register(register))).await.map_err(|e| e.to_string())?;
+    let mut inbound = client.attach(ReceiverStream::new(rx)).await.map_err(|e| e.message().to_string())?.into_inner();
+
+    let mut heartbeat: Option<tokio::task::JoinHandle<()>> = None;
+    let result = loop {
+        let msg = match inbound.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(format!("{}: {}", e.code(), e.message())),
+        };
+        match msg.message {
+            Some(FromController::Registered(r)) => {
+                let every = if r.heartbeat_ms == 0 { DEFAULT_HEARTBEAT } else { Duration::from_millis(r.heartbeat_ms) };
+                info!(controller = %options.controller, heartbeat_ms = every.as_millis() as u64, "registered with the controller");
+                if let Some(h) = heartbeat.take() {
+                    h.abort();
+                }
+                heartbeat = Some(tokio::spawn(heartbeats(state.clone(), tx.clone(), every)));
+            }
+            Some(FromController::Load(cmd)) => {
+                let (state, tx) = (state.clone(), tx.clone());
+                tokio::spawn(async move { load(state, tx, cmd).await });
+            }
+            Some(FromController::Unload(cmd)) => {
+                let id = cmd.request.map(|r| r.model_id).unwrap_or_default();
+                let result = state.unload(&id);
+                let _ =
+                    tx.send(message(ToController::Result(command_result(cmd.command_id, result.map(|()| None))))).await;
+            }
+            None => {}
+        }
+    };
+    if let Some(h) = heartbeat {
+        h.abort();
+    }
+    result
+}
+
+async fn heartbeats(state: Arc<WorkerState>, tx: mpsc::Sender<pb::WorkerMessage>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        let Ok(status) = state.status() else { continue };
+        if tx.send(message(ToController::Heartbeat(status))).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Runs a load command, forwarding its progress and then its result.
+async fn load(state: Arc<WorkerState>, tx: mpsc::Sender<pb::WorkerMessage>, cmd: pb::LoadCommand) {
+    let id = cmd.command_id;
+    let (events_tx, mut events_rx) = mpsc::channel(64);
+    let forward_tx = tx.clone();
+    let forward = tokio::spawn(async move {
+        while let Some(Ok(pb::LoadModelEvent { event: Some(pb::load_model_event::Event::Progress(p)) })) =
+            events_rx.recv().await
+        {
+            let progress = pb::CommandProgress { command_id: id, progress: Some(p) };
+            let _ = forward_tx.send(message(ToController::Progress(progress))).await;
+        }
+    });
+    let result = state.load(cmd.request.unwrap_or_default(), events_tx).await;
+    let _ = forward.await;
+    let _ = tx.send(message(ToController::Result(command_result(id, result.map(Some))))).await;
+}
+
+fn command_result(command_id: u64, result: Result<Option<pb::ModelInfo>, Status>) -> pb::CommandResult {
+    match result {
+        Ok(model) => pb::CommandResult { command_id, error: String::new(), code: 0, model },
+        Err(e) => pb::CommandResult { command_id, error: e.message().to_string(), code: e.code() as i32, model: None },
+    }
+}
+
+fn message(m: ToController) -> pb::WorkerMessage {
+    pb::WorkerMessage { message: Some(m) }
+}

@@ -1,0 +1,51 @@
+//! Serving the worker: the `gantry.v1.Worker` service with standard gRPC health checking and
+//! server reflection beside it.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use gantry_proto::v1::worker_server::WorkerServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+use crate::service::{WorkerService, WorkerState};
+
+/// Serves `state` on `listener` until `shutdown` completes. Health answers `NOT_SERVING`
+/// until `ready` turns true (the models asked for at start are loaded) and again once
+/// shutdown begins, so load balancers stop sending while running streams finish.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<WorkerState>,
+    mut ready: watch::Receiver<bool>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_not_serving::<WorkerServer<WorkerService>>().await;
+    health.set_service_status("", ServingStatus::NotServing).await;
+    let reporter = health.clone();
+    tokio::spawn(async move {
+        if ready.wait_for(|r| *r).await.is_ok() {
+            reporter.set_serving::<WorkerServer<WorkerService>>().await;
+            reporter.set_service_status("", ServingStatus::Serving).await;
+        }
+    });
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(gantry_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reporter = health.clone();
+    let shutdown = async move {
+        shutdown.await;
+        reporter.set_not_serving::<WorkerServer<WorkerService>>().await;
+        reporter.set_service_status("", ServingStatus::NotServing).await;
+    };
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(WorkerServer::new(WorkerService::new(state)))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}
