@@ -2,6 +2,8 @@
 //! chat streaming, concurrency, cancellation, a full queue, bad requests, loading and
 //! unloading, health checking and reflection, and a clean stop.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::{Duration, Instant};
