@@ -133,9 +133,9 @@ async fn a_cancelled_stream_stops_the_generation() {
         assert!(Instant::now() < deadline, "the generation still runs 10 s after the cancel");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    // What was generated: what was read, the few tokens in flight to the client (the stream
-    // buffers 8), and at most one more once the cancel was seen.
-    assert!(stopped_at >= 5 && stopped_at <= 5 + 8 + 1 + 1, "generated {stopped_at} tokens for a client that read 5");
+    // What was generated: the 5 read, the few in flight to the client when it left (a token
+    // takes ~10 ms here, the cancel well under one), and at most one more once it was seen.
+    assert!((5..=5 + 8 + 1).contains(&stopped_at), "generated {stopped_at} tokens for a client that read 5");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(status(&mut client).await.models[0].tokens_generated, stopped_at, "nothing runs after the cancel");
     let log = worker.stderr();
