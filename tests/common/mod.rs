@@ -42,12 +42,16 @@ pub fn gemma3() -> PathBuf {
 pub fn gantry() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_gantry"));
     cmd.current_dir(repo_root());
-    // Tests never inherit GANTRY_* settings from the shell running them.
+    // Tests never inherit GANTRY_* or Hugging Face settings (a token, a mirror, a cache)
+    // from the shell running them.
     for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("GANTRY_") && key != "GANTRY_MODELS_DIR" {
+        let k = key.to_string_lossy();
+        if (k.starts_with("GANTRY_") && key != "GANTRY_MODELS_DIR") || k.starts_with("HF_") {
             cmd.env_remove(key);
         }
     }
+    // Nor its Hub cache: a test that downloads says where to.
+    cmd.env("HF_HOME", std::env::temp_dir().join("gantry-tests-no-hf-home"));
     cmd
 }
 

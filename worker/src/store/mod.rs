@@ -2,6 +2,8 @@
 //! Face Hub.
 
 pub mod hub;
+#[cfg(any(test, feature = "test-support"))]
+pub mod hub_stub;
 pub mod local;
 
 use std::path::{Path, PathBuf};
