@@ -138,7 +138,7 @@ async fn an_interrupted_pull_resumes_on_the_next_run() {
 
     let fetched = fetch(&hub, "org/flaky-GGUF").await.unwrap();
     assert_eq!(std::fs::read(&fetched.path).unwrap(), data);
-    let last = stub.requests().into_iter().filter(|r| r.path.ends_with("m.gguf")).last().unwrap();
+    let last = stub.requests().into_iter().rfind(|r| r.path.ends_with("m.gguf")).unwrap();
     assert_eq!(last.range, Some(format!("bytes={kept}-")));
 }
 
