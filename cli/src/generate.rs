@@ -3,7 +3,6 @@
 
 use std::io::{IsTerminal, Write};
 use std::ops::ControlFlow;
-use std::path::PathBuf;
 use std::time::Instant;
 
 use gantry_worker::engine::EngineError;
@@ -20,14 +19,15 @@ Examples:
   gantry generate --model models/SmolLM2-135M-Instruct.Q4_1.gguf --chat --prompt 'What is the capital of France?'
   gantry generate --model models/gemma-3-270m-q4_k_m.gguf --prompt 'Once upon a time,' --max-tokens 64
   gantry generate --model ./my-model --prompt 'def fib(n):' --temperature 0.7 --top-p 0.9 --seed 42
+  gantry generate --model HuggingFaceTB/SmolLM2-135M-Instruct --chat --prompt 'Hi'   # fetched from the Hub first
   gantry generate --model models/SmolLM2-135M-Instruct.Q4_1.gguf --prompt 'Hi' --json";
 
 /// Arguments of `gantry generate`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A model folder (safetensors), its config.json, or a .gguf file
+    /// A model folder (safetensors), its config.json, a .gguf file, or a Hugging Face Hub id (org/name[@rev][:file.gguf])
     #[arg(long, env = "GANTRY_MODEL")]
-    model: PathBuf,
+    model: String,
     /// The prompt (with --chat, the user's message)
     #[arg(long, required_unless_present = "prompt_ids")]
     prompt: Option<String>,
@@ -152,7 +152,8 @@ pub fn run(args: Args) -> Result<(), CliError> {
     let threads = crate::set_threads(args.threads)?;
 
     let load_started = Instant::now();
-    let files = ModelFiles::open(&args.model)?;
+    let path = gantry_worker::cli::local_path(&args.model, None)?;
+    let files = ModelFiles::open(&path)?;
     let tokenizer = files.tokenizer()?;
     let device = gantry_worker::engine::device(&args.device).map_err(|e| CliError::usage(e.to_string()))?;
     // A progress line on terminals; one summary line otherwise.

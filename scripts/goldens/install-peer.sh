@@ -22,12 +22,21 @@ export CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 export MAKEFLAGS="-j2"
 export CMAKE_BUILD_PARALLEL_LEVEL=2
 
+# The serving benchmark (bench/worker_vs_llamacpp_server.py) also runs llama-cpp-python's
+# OpenAI-compatible server and calls Gantry's worker with grpcio.
+EXTRAS=(fastapi==0.165.0 uvicorn==0.54.0 sse-starlette==3.7.0 starlette-context==0.5.1
+        pydantic-settings==2.16.3 grpcio==1.85.3 grpcio-tools==1.85.1)
+install_extras() {
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${EXTRAS[@]}"
+}
+
 MARKER="$VENV/.llama-cpp-python-build"
 WANT_MARKER="llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION CMAKE_ARGS=$CMAKE_ARGS"
 
 if [[ -x "$VENV/bin/python" && -f "$MARKER" ]] && [[ "$(cat "$MARKER")" == "$WANT_MARKER" ]] \
    && "$VENV/bin/python" -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.__version__ == '$LLAMA_CPP_PYTHON_VERSION' else 1)" 2>/dev/null; then
-  echo "install-peer: $VENV already has llama-cpp-python $LLAMA_CPP_PYTHON_VERSION (same build flags); nothing to do"
+  install_extras
+  echo "install-peer: $VENV already has llama-cpp-python $LLAMA_CPP_PYTHON_VERSION (same build flags) and the server extras"
   exit 0
 fi
 
@@ -57,6 +66,7 @@ start=$(date +%s)
   exit 1
 }
 end=$(date +%s)
+install_extras
 echo "$WANT_MARKER" > "$MARKER"
 echo "install-peer: built in $((end - start)) s"
 "$VENV/bin/python" -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__); print(llama_cpp.llama_print_system_info().decode())"

@@ -8,26 +8,12 @@ Usage: worker_client.py HOST:PORT MODEL
 import json
 import os
 import sys
-import tempfile
 import time
 
 import grpc
-from grpc_tools import protoc
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
-
-
-def stubs():
-    out = tempfile.mkdtemp(prefix="gantry-py-stubs-")
-    proto_dir = os.path.join(ROOT, "proto", "proto")
-    files = ["gantry/v1/worker.proto"]
-    rc = protoc.main(["protoc", f"-I{proto_dir}", f"--python_out={out}", f"--grpc_python_out={out}", *files])
-    if rc != 0:
-        raise SystemExit(f"protoc failed ({rc})")
-    sys.path.insert(0, out)
-    from gantry.v1 import worker_pb2, worker_pb2_grpc  # noqa: E402
-
-    return worker_pb2, worker_pb2_grpc
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts", "clients"))
+from gantry_stubs import worker as stubs  # noqa: E402
 
 
 def main():

@@ -15,7 +15,8 @@ use crate::gpu::{self, GpuInfo};
 use crate::link::{self, LinkOptions};
 use crate::server;
 use crate::service::{WorkerOptions, WorkerState};
-use crate::store::{DownloadProgress, Hub, HubConfig, HubError, HubRef};
+use crate::store::hub::Fetched;
+use crate::store::{DownloadProgress, Hub, HubConfig, HubError, HubRef, Source};
 
 /// A failed command: its message and exit code (BSD `sysexits.h`).
 #[derive(Debug)]
@@ -336,10 +337,10 @@ pub struct PullArgs {
     pub cache_dir: Option<PathBuf>,
 }
 
-/// Downloads a model into the cache with a progress bar; prints where it is.
-pub fn run_pull(args: PullArgs) -> Result<(), Failure> {
-    let r = HubRef::parse(&args.model).ok_or_else(|| HubError::BadId(args.model.clone()))?;
-    let hub = hub(args.cache_dir)?;
+/// Fetches a Hub model with a progress bar per file on stderr (hidden when stderr is not a
+/// terminal) and, at the end, a summary line.
+pub fn fetch_with_progress(r: &HubRef, cache_dir: Option<PathBuf>) -> Result<Fetched, Failure> {
+    let hub = hub(cache_dir)?;
     let started = Instant::now();
     let bars = indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::stderr());
     let style = indicatif::ProgressStyle::with_template(
@@ -361,7 +362,7 @@ pub fn run_pull(args: PullArgs) -> Result<(), Failure> {
             bar.set_position(p.done);
         }
     };
-    let fetched = runtime()?.block_on(hub.fetch(&r, &mut progress))?;
+    let fetched = runtime()?.block_on(hub.fetch(r, &mut progress))?;
     if let Some((_, bar)) = current.take() {
         bar.finish();
     }
@@ -372,6 +373,21 @@ pub fn run_pull(args: PullArgs) -> Result<(), Failure> {
         format_bytes(fetched.downloaded_bytes),
         if fetched.downloaded_bytes == 0 { " (everything was in the cache)" } else { "" }
     );
+    Ok(fetched)
+}
+
+/// Where a model source's files are: a local path as given, a Hub id fetched first.
+pub fn local_path(source: &str, cache_dir: Option<PathBuf>) -> Result<PathBuf, Failure> {
+    match Source::parse(source) {
+        Source::Local(p) => Ok(p),
+        Source::Hub(r) => Ok(fetch_with_progress(&r, cache_dir)?.path),
+    }
+}
+
+/// Downloads a model into the cache with a progress bar; prints where it is.
+pub fn run_pull(args: PullArgs) -> Result<(), Failure> {
+    let r = HubRef::parse(&args.model).ok_or_else(|| HubError::BadId(args.model.clone()))?;
+    let fetched = fetch_with_progress(&r, args.cache_dir)?;
     println!("{}", fetched.path.display());
     Ok(())
 }

@@ -24,7 +24,7 @@ use tracing::{info, warn};
 use crate::engine::EngineError;
 use crate::engine::chat::{ChatTemplate, Message};
 use crate::engine::files::ModelFiles;
-use crate::engine::generate::{FinishReason, Session, generate};
+use crate::engine::generate::{FinishReason, LogitsSource, Session, generate};
 use crate::engine::model::ModelPart;
 use crate::engine::sampling::SamplingParams;
 use crate::engine::tokenizer::Tokenizer;
@@ -88,6 +88,60 @@ impl RateMeter {
     }
 }
 
+/// A fair (first come, first served) lock on a compute device. Generations on one device
+/// take turns at each forward pass: without it, concurrent sequences on the CPU run their
+/// matrix kernels at once and fight over the cores (measured: 4 streams of SmolLM2 on 2
+/// cores gave 20% fewer tokens/s in all than running them one after the other); with it they
+/// interleave token by token. A plain mutex would let the thread that just released it take
+/// it straight back and starve the others.
+#[derive(Debug, Default)]
+struct TurnLock {
+    /// (next ticket to hand out, ticket being served).
+    tickets: Mutex<(u64, u64)>,
+    turn: std::sync::Condvar,
+}
+
+impl TurnLock {
+    /// Waits for this caller's turn and runs `f`.
+    fn run<T>(&self, f: impl FnOnce() -> T) -> T {
+        let mut t = self.tickets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mine = t.0;
+        t.0 += 1;
+        while t.1 != mine {
+            t = self.turn.wait(t).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        drop(t);
+        // Hand the turn on even if `f` panics.
+        struct Next<'a>(&'a TurnLock);
+        impl Drop for Next<'_> {
+            fn drop(&mut self) {
+                let mut t = self.0.tickets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                t.1 += 1;
+                self.0.turn.notify_all();
+            }
+        }
+        let _next = Next(self);
+        f()
+    }
+}
+
+/// A sequence that takes its device's turn for each forward pass.
+struct TakingTurns<'a> {
+    session: Session<'a>,
+    turn: &'a TurnLock,
+}
+
+impl LogitsSource for TakingTurns<'_> {
+    fn next_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
+        let session = &mut self.session;
+        self.turn.run(|| session.next_logits(tokens))
+    }
+
+    fn context_length(&self) -> usize {
+        self.session.context_length()
+    }
+}
+
 /// Where a model runs and whose memory it takes.
 #[derive(Debug, Clone, PartialEq)]
 struct Placement {
@@ -108,6 +162,7 @@ struct Served {
     template: Result<ChatTemplate, String>,
     extra_eos: Vec<u32>,
     slots: Arc<Semaphore>,
+    turn: Arc<TurnLock>,
     placement: Placement,
     reserved_bytes: u64,
     running: AtomicU32,
@@ -124,6 +179,8 @@ pub struct WorkerState {
     hub: Hub,
     models: RwLock<HashMap<String, Arc<Served>>>,
     loading: Mutex<HashSet<String>>,
+    /// One turn lock per engine device (`cpu`, `cuda:0`, …).
+    turns: Mutex<HashMap<String, Arc<TurnLock>>>,
     waiting: AtomicUsize,
     meter: RateMeter,
 }
@@ -136,6 +193,7 @@ impl WorkerState {
             hub,
             models: RwLock::new(HashMap::new()),
             loading: Mutex::new(HashSet::new()),
+            turns: Mutex::new(HashMap::new()),
             waiting: AtomicUsize::new(0),
             meter: RateMeter::new(),
         })
@@ -424,6 +482,13 @@ impl WorkerState {
             })
             .map_err(engine_status)?;
         let extra_eos = files.spec.eos_token_ids.iter().filter_map(|&i| u32::try_from(i).ok()).collect();
+        let turn = self
+            .turns
+            .lock()
+            .map_err(|_| Status::internal("turn table lock poisoned"))?
+            .entry(placement.engine_device.clone())
+            .or_default()
+            .clone();
         let info = pb::ModelInfo {
             model_id: model_id.to_string(),
             source: req.source.trim().to_string(),
@@ -446,6 +511,7 @@ impl WorkerState {
             template,
             extra_eos,
             slots: Arc::new(Semaphore::new(self.options.parallel)),
+            turn,
             placement,
             reserved_bytes: needed,
             running: AtomicU32::new(0),
@@ -552,7 +618,7 @@ fn run_generation(
     request_id: &str,
     tx: &mpsc::Sender<Result<pb::GenerateEvent, Status>>,
 ) -> Result<pb::GenerateDone, Status> {
-    let mut session = Session::new(&model.part);
+    let mut session = TakingTurns { session: Session::new(&model.part), turn: &model.turn };
     let summary = generate(&mut session, &model.tokenizer, prompt, params, &model.extra_eos, &mut |ev| {
         if ev.token.is_some() {
             model.tokens.fetch_add(1, Ordering::Relaxed);
@@ -799,6 +865,40 @@ mod tests {
         );
         assert_eq!(default_model_id(&Source::Local("/m/llama/config.json".into())), "llama");
         assert_eq!(default_model_id(&Source::parse("org/repo-GGUF:model-Q4_K_M.gguf")), "model-Q4_K_M");
+    }
+
+    #[test]
+    fn turns_are_taken_in_arrival_order() {
+        let lock = Arc::new(TurnLock::default());
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let tickets = |l: &TurnLock| l.tickets.lock().unwrap().0;
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (l, o) = (lock.clone(), order.clone());
+        let first = std::thread::spawn(move || {
+            l.run(|| {
+                o.lock().unwrap().push(1);
+                held.recv().unwrap();
+            });
+            // Straight back for another turn: it must wait behind 2 and 3.
+            l.run(|| o.lock().unwrap().push(1));
+        });
+        while tickets(&lock) < 1 {
+            std::thread::yield_now();
+        }
+        let mut others = Vec::new();
+        for id in [2, 3] {
+            let (l, o) = (lock.clone(), order.clone());
+            others.push(std::thread::spawn(move || l.run(|| o.lock().unwrap().push(id))));
+            while tickets(&lock) < id {
+                std::thread::yield_now();
+            }
+        }
+        release.send(()).unwrap();
+        first.join().unwrap();
+        for t in others {
+            t.join().unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), [1, 2, 3, 1]);
     }
 
     #[test]

@@ -6,8 +6,10 @@
 //! or an interrupted run, large files are checked against the SHA-256 the Hub publishes, and
 //! the token goes only to the Hub's own host — never to the CDN a download redirects to.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reqwest::header::{AUTHORIZATION, CONTENT_RANGE, HeaderMap, LOCATION, RANGE};
@@ -262,6 +264,9 @@ struct Lfs {
 pub struct Hub {
     config: HubConfig,
     http: reqwest::Client,
+    /// Blobs being downloaded by this process: a second load of the same model waits for
+    /// the first instead of writing the same file.
+    in_flight: Arc<Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 impl Hub {
@@ -273,7 +278,7 @@ impl Hub {
             .user_agent(concat!("gantry/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| HubError::Transfer { what: "HTTP client".into(), detail: e.to_string() })?;
-        Ok(Hub { config, http })
+        Ok(Hub { config, http, in_flight: Arc::default() })
     }
 
     pub fn config(&self) -> &HubConfig {
@@ -472,6 +477,14 @@ impl Hub {
         std::fs::create_dir_all(&blobs).map_err(io_err(&blobs))?;
         let blob = blobs.join(&blob_id);
         let mut transferred = 0;
+        let lock = {
+            let mut map = self.in_flight.lock().map_err(|_| HubError::Transfer {
+                what: f.rfilename.clone(),
+                detail: "download table lock poisoned".into(),
+            })?;
+            map.entry(blob.clone()).or_default().clone()
+        };
+        let _guard = lock.lock().await;
         if !blob.is_file() {
             let partial = blobs.join(format!("{blob_id}.incomplete"));
             transferred = self.download(r, commit, &f.rfilename, &partial, size, progress).await?;
