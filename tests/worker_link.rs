@@ -23,11 +23,14 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+/// The stream of messages to the attached worker.
+type Outbound = mpsc::Sender<Result<pb::ControllerMessage, Status>>;
+
 /// What the stand-in controller saw, and the way to talk back to the attached worker.
 #[derive(Clone, Default)]
 struct StandIn {
     from_worker: Arc<Mutex<Option<mpsc::UnboundedSender<pb::WorkerMessage>>>>,
-    to_worker: Arc<Mutex<Option<mpsc::Sender<Result<pb::ControllerMessage, Status>>>>>,
+    to_worker: Arc<Mutex<Option<Outbound>>>,
 }
 
 #[tonic::async_trait]
@@ -139,8 +142,7 @@ async fn a_worker_registers_takes_commands_and_reconnects() {
     let reg = controller.next("registration", registration).await;
     assert_eq!((reg.worker_id.as_str(), reg.address.as_str()), ("node-a", worker.addr.as_str()));
     let status = reg.status.unwrap();
-    let gpus: Vec<(u32, u64, &str)> =
-        status.gpus.iter().map(|g| (g.index, g.free_bytes, g.source.as_str())).collect();
+    let gpus: Vec<(u32, u64, &str)> = status.gpus.iter().map(|g| (g.index, g.free_bytes, g.source.as_str())).collect();
     assert_eq!(gpus, [(0, 80 << 30, "declared"), (1, 80 << 30, "declared")]);
     assert!(status.models.is_empty());
 
@@ -193,17 +195,20 @@ async fn a_worker_registers_takes_commands_and_reconnects() {
     assert_eq!(out.tokens.len(), 4, "the worker serves while the controller is away");
     let mut controller = Controller::start(addr).await;
     let reg = controller.next("registration after the restart", registration).await;
-    let models: Vec<String> =
-        reg.status.unwrap().models.into_iter().map(|m| m.info.unwrap().model_id).collect();
+    let models: Vec<String> = reg.status.unwrap().models.into_iter().map(|m| m.info.unwrap().model_id).collect();
     assert_eq!(models, ["chat"]);
 
-    controller.send(ToWorker::Unload(pb::UnloadCommand {
-        command_id: 9,
-        request: Some(pb::UnloadModelRequest { model_id: "chat".into() }),
-    }))
-    .await;
+    controller
+        .send(ToWorker::Unload(pb::UnloadCommand {
+            command_id: 9,
+            request: Some(pb::UnloadModelRequest { model_id: "chat".into() }),
+        }))
+        .await;
     let r = controller.next("unload result", result).await;
     assert_eq!((r.command_id, r.code), (9, 0));
     let log = worker.stderr();
-    assert!(log.contains("the controller closed the link") || log.contains("controller link down"), "the outage is logged:\n{log}");
+    assert!(
+        log.contains("the controller closed the link") || log.contains("controller link down"),
+        "the outage is logged:\n{log}"
+    );
 }

@@ -24,7 +24,10 @@ fn python_grpcio_streams_cancels_and_sees_error_codes() {
     let logprobs = chat["logprobs"].as_array().unwrap();
     assert_eq!(logprobs.len(), tokens, "asked for logprobs: one per token");
     assert!(logprobs.iter().all(|l| l.as_f64().unwrap() <= 0.0));
-    assert!(matches!(chat["finish_reason"].as_str().unwrap(), "FINISH_REASON_LENGTH" | "FINISH_REASON_END_OF_SEQUENCE"));
+    assert!(matches!(
+        chat["finish_reason"].as_str().unwrap(),
+        "FINISH_REASON_LENGTH" | "FINISH_REASON_END_OF_SEQUENCE"
+    ));
 
     let cancel = &r["cancel"];
     let generated = cancel["tokens_generated"].as_u64().unwrap() - tokens as u64;

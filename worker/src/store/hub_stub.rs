@@ -230,16 +230,30 @@ impl HubStub {
         }
     }
 
-    fn listing(&self, out: &mut TcpStream, repo: &str, rev: &str, token: Option<&str>) -> std::io::Result<()> {
-        let Some(r) = self.repo(repo) else {
-            return error(out, 404, "RepoNotFound", "Repository not found");
-        };
-        if let Some((status, code, msg)) = Self::denied(&r, token, true) {
-            return error(out, status, code, msg);
+    /// The repository at `rev` if `token` may see it (its listing, or with `files`, its
+    /// files), else the Hub's error answer.
+    fn visible(
+        &self,
+        repo: &str,
+        rev: &str,
+        token: Option<&str>,
+        files: bool,
+    ) -> Result<StubRepo, (u16, &'static str, &'static str)> {
+        let r = self.repo(repo).ok_or((404, "RepoNotFound", "Repository not found"))?;
+        if let Some(denied) = Self::denied(&r, token, !files) {
+            return Err(denied);
         }
         if rev != "main" && rev != r.commit {
-            return error(out, 404, "RevisionNotFound", "Invalid rev id");
+            return Err((404, "RevisionNotFound", "Invalid rev id"));
         }
+        Ok(r)
+    }
+
+    fn listing(&self, out: &mut TcpStream, repo: &str, rev: &str, token: Option<&str>) -> std::io::Result<()> {
+        let r = match self.visible(repo, rev, token, false) {
+            Ok(r) => r,
+            Err((status, code, msg)) => return error(out, status, code, msg),
+        };
         let mut siblings: Vec<serde_json::Value> = r
             .files
             .iter()
@@ -269,15 +283,10 @@ impl HubStub {
         token: Option<&str>,
         range: Option<&String>,
     ) -> std::io::Result<()> {
-        let Some(r) = self.repo(repo) else {
-            return error(out, 404, "RepoNotFound", "Repository not found");
+        let r = match self.visible(repo, rev, token, true) {
+            Ok(r) => r,
+            Err((status, code, msg)) => return error(out, status, code, msg),
         };
-        if let Some((status, code, msg)) = Self::denied(&r, token, false) {
-            return error(out, status, code, msg);
-        }
-        if rev != "main" && rev != r.commit {
-            return error(out, 404, "RevisionNotFound", "Invalid rev id");
-        }
         let Some(f) = r.files.iter().find(|f| f.name == file).cloned() else {
             return error(out, 404, "EntryNotFound", "Entry not found");
         };
