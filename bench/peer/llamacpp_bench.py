@@ -201,7 +201,7 @@ def main() -> int:
         "engine": "llama.cpp",
         "binding": f"llama-cpp-python {llama_cpp.__version__}",
         "system_info": llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip(),
-        "model": os.path.abspath(args.model),
+        "model": os.path.basename(args.model),
         "model_size_bytes": os.path.getsize(args.model),
         "threads": args.threads,
         "prompt_tokens": args.prompt_tokens,

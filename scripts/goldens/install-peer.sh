@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the llama.cpp peer (llama-cpp-python, built from source) into
-# /work/main/.venv-peer (or $PEER_VENV). Idempotent: does nothing when the venv
+# the repository's .venv-peer (or $PEER_VENV). Idempotent: does nothing when the venv
 # already holds the pinned version built with the same CMAKE_ARGS.
 #
 # Why these flags: a native (-march=native) llama.cpp build on this machine's
