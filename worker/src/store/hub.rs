@@ -487,9 +487,9 @@ impl Hub {
         let _guard = lock.lock().await;
         if !blob.is_file() {
             let partial = blobs.join(format!("{blob_id}.incomplete"));
-            transferred = self.download(r, commit, &f.rfilename, &partial, size, progress).await?;
+            let actual;
+            (transferred, actual) = self.download(r, commit, &f.rfilename, &partial, size, progress).await?;
             if let Some(expected) = &expected_sha {
-                let actual = sha256_of(&partial)?;
                 if &actual != expected {
                     let _ = std::fs::remove_file(&partial);
                     return Err(HubError::Checksum { file: f.rfilename.clone(), expected: expected.clone(), actual });
@@ -507,7 +507,9 @@ impl Hub {
         Ok(transferred)
     }
 
-    /// Downloads `file` to `partial`, resuming what is there, retrying dropped transfers.
+    /// Downloads `file` to `partial`, resuming what is there, retrying dropped transfers;
+    /// returns the bytes transferred and the file's SHA-256 (hashed as it arrives, so a large
+    /// file is not read a second time).
     async fn download(
         &self,
         r: &HubRef,
@@ -516,7 +518,7 @@ impl Hub {
         partial: &Path,
         size: Option<u64>,
         progress: &mut (dyn FnMut(DownloadProgress) + Send),
-    ) -> Result<u64, HubError> {
+    ) -> Result<(u64, String), HubError> {
         let mut url = self.config.endpoint.clone();
         url.path_segments_mut()
             .map_err(|_| HubError::BadId(r.to_string()))?
@@ -526,6 +528,7 @@ impl Hub {
             .extend(file.split('/'));
         let mut transferred = 0u64;
         let mut last_error = String::new();
+        let mut hashed = Hashed::default();
         for attempt in 1..=ATTEMPTS {
             if attempt > 1 {
                 tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt))).await;
@@ -535,7 +538,7 @@ impl Hub {
                 && have == total
                 && total > 0
             {
-                return Ok(transferred);
+                return Ok((transferred, hashed.catch_up(partial, have)?.hex()));
             }
             let resp = match self.get(url.clone(), (have > 0).then_some(have)).await {
                 Ok(resp) => resp,
@@ -561,12 +564,14 @@ impl Hub {
                 s if s.is_success() => (std::fs::File::create(partial).map_err(io_err(partial))?, 0),
                 _ => return Err(self.status_error(r, Some(file), status, resp.headers())),
             };
+            hashed.catch_up(partial, done)?;
             let total = size.or_else(|| resp.content_length().map(|l| l + done)).unwrap_or(0);
             progress(DownloadProgress { file: file.to_string(), done, total });
             let mut resp = resp;
             let result: Result<(), String> = async {
                 while let Some(chunk) = resp.chunk().await.map_err(|e| error_chain(&e))? {
                     out.write_all(&chunk).map_err(|e| e.to_string())?;
+                    hashed.update(&chunk);
                     done += chunk.len() as u64;
                     transferred += chunk.len() as u64;
                     progress(DownloadProgress { file: file.to_string(), done, total });
@@ -576,7 +581,7 @@ impl Hub {
             .await;
             out.flush().map_err(io_err(partial))?;
             match result {
-                Ok(()) if total == 0 || done == total => return Ok(transferred),
+                Ok(()) if total == 0 || done == total => return Ok((transferred, hashed.hex())),
                 Ok(()) => last_error = format!("the connection closed after {done} of {total} bytes"),
                 Err(e) => last_error = e,
             }
@@ -648,6 +653,39 @@ impl Hub {
                 detail: message,
             },
         }
+    }
+}
+
+/// The SHA-256 of a download's first `bytes` bytes.
+#[derive(Default)]
+struct Hashed {
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl Hashed {
+    fn update(&mut self, chunk: &[u8]) {
+        self.hasher.update(chunk);
+        self.bytes += chunk.len() as u64;
+    }
+
+    /// Makes this the hash of `path`'s first `upto` bytes: kept when it is already (the
+    /// transfer continues), else read from the file (a partial file from an earlier run).
+    fn catch_up(&mut self, path: &Path, upto: u64) -> Result<&mut Hashed, HubError> {
+        if self.bytes != upto {
+            let mut h = Hashed::default();
+            if upto > 0 {
+                let file = std::fs::File::open(path).map_err(io_err(path))?;
+                std::io::copy(&mut std::io::Read::take(file, upto), &mut h.hasher).map_err(io_err(path))?;
+                h.bytes = upto;
+            }
+            *self = h;
+        }
+        Ok(self)
+    }
+
+    fn hex(&self) -> String {
+        hex(&self.hasher.clone().finalize())
     }
 }
 
