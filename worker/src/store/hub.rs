@@ -489,11 +489,11 @@ impl Hub {
             let partial = blobs.join(format!("{blob_id}.incomplete"));
             let actual;
             (transferred, actual) = self.download(r, commit, &f.rfilename, &partial, size, progress).await?;
-            if let Some(expected) = &expected_sha {
-                if &actual != expected {
-                    let _ = std::fs::remove_file(&partial);
-                    return Err(HubError::Checksum { file: f.rfilename.clone(), expected: expected.clone(), actual });
-                }
+            if let Some(expected) = &expected_sha
+                && &actual != expected
+            {
+                let _ = std::fs::remove_file(&partial);
+                return Err(HubError::Checksum { file: f.rfilename.clone(), expected: expected.clone(), actual });
             }
             std::fs::rename(&partial, &blob).map_err(io_err(&blob))?;
         }
