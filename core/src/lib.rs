@@ -2,8 +2,9 @@
 //!
 //! What a model is ([`spec::ModelSpec`], read from `config.json`, safetensors headers or GGUF
 //! metadata), what it needs ([`vram::estimate_vram`]), how it splits over devices
-//! ([`shard::fit`]) and which model suits a need ([`select::select`]). Nothing here does I/O,
-//! spawns tasks or reads a clock: every input is data and every decision a plain function.
+//! ([`shard::fit`]), which model suits a need ([`select::select`]) and where a replica goes in
+//! a cluster ([`placement::place`]). Nothing here does I/O, spawns tasks or reads a clock:
+//! every input is data and every decision a plain function.
 
 pub mod arch;
 pub mod catalog;
@@ -12,6 +13,7 @@ pub mod family;
 pub mod gguf;
 pub mod hardware;
 pub mod hf;
+pub mod placement;
 pub mod quant;
 pub mod safetensors;
 pub mod select;
