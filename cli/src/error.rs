@@ -18,8 +18,14 @@ impl CliError {
     pub const DATA: u8 = 65;
     /// A path that does not exist (`EX_NOINPUT`).
     pub const NO_INPUT: u8 = 66;
+    /// A service (the controller, a port) is not there (`EX_UNAVAILABLE`).
+    pub const UNAVAILABLE: u8 = 69;
+    /// A bug or an unexpected failure (`EX_SOFTWARE`).
+    pub const SOFTWARE: u8 = 70;
     /// Reading failed (`EX_IOERR`).
     pub const IO: u8 = 74;
+    /// Refused: a key or token is missing or wrong (`EX_NOPERM`).
+    pub const NO_PERMISSION: u8 = 77;
 
     /// A usage error: the user asked for something invalid.
     pub fn usage(message: impl Into<String>) -> CliError {

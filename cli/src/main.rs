@@ -1,10 +1,12 @@
 //! `gantry`: the command-line front of Gantry.
 
+mod client;
 mod error;
 mod generate;
 mod inspect;
 mod select;
 mod table;
+mod up;
 
 use std::process::ExitCode;
 
@@ -14,6 +16,10 @@ use crate::error::CliError;
 
 const EXAMPLES: &str = "\
 Examples:
+  gantry up                                   # a controller + local worker serving SmolLM2
+  gantry chat \"What is the capital of France?\"
+  gantry deploy llama --model ./Llama-3.1-8B-Instruct --replicas 2
+  gantry get deployments
   gantry inspect models/SmolLM2-135M-Instruct.Q4_1.gguf
   gantry inspect meta-llama/Meta-Llama-3-70B-Instruct --gpus 2x80GiB --context 8K
   gantry inspect ./Llama-3.1-8B-Instruct --dtype q4_k_m --gpus 1x24GiB --json
@@ -45,6 +51,24 @@ enum Command {
     /// Download a model from the Hugging Face Hub into the local cache.
     #[command(after_help = gantry_worker::cli::PULL_EXAMPLES)]
     Pull(gantry_worker::cli::PullArgs),
+    /// Run Gantry on this machine: a controller and a local worker serving a model.
+    #[command(after_help = up::UP_EXAMPLES)]
+    Up(up::UpArgs),
+    /// Run a controller: the API, the scheduler and the router that workers join.
+    #[command(after_help = up::CONTROLLER_EXAMPLES)]
+    Controller(up::ControllerArgs),
+    /// Chat with a deployed model through the controller (interactive without a message).
+    #[command(after_help = client::CHAT_EXAMPLES)]
+    Chat(client::ChatArgs),
+    /// Create or update a deployment.
+    #[command(after_help = client::DEPLOY_EXAMPLES)]
+    Deploy(client::DeployArgs),
+    /// Change a deployment's replica count.
+    Scale(client::ScaleArgs),
+    /// List deployments, workers or models (`gantry get deployments NAME` for one in full).
+    Get(client::GetArgs),
+    /// Delete a deployment, unloading its replicas.
+    Delete(client::DeleteArgs),
 }
 
 /// Parses `8192`, `8K`, `128K` for clap.
@@ -75,14 +99,22 @@ fn main() -> ExitCode {
     // Logs go to stderr. `GANTRY_LOG` (e.g. `info`, `gantry_worker=debug`) sets the level;
     // by default `generate` shows its load log (kernels used, repacking), a worker its
     // requests, and the rest warnings.
-    let default = if matches!(cli.command, Command::Generate(_) | Command::Worker(_)) { "info" } else { "warn" };
-    gantry_worker::cli::init_logging(default, matches!(cli.command, Command::Worker(_)));
+    let serving = matches!(cli.command, Command::Worker(_) | Command::Up(_) | Command::Controller(_));
+    let default = if serving || matches!(cli.command, Command::Generate(_)) { "info" } else { "warn" };
+    gantry_worker::cli::init_logging(default, serving);
     let result = match cli.command {
         Command::Inspect(args) => inspect::run(args),
         Command::Select(args) => select::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Worker(args) => set_threads(args.threads).and_then(|_| Ok(gantry_worker::cli::run_worker(args)?)),
         Command::Pull(args) => gantry_worker::cli::run_pull(args).map_err(CliError::from),
+        Command::Up(args) => set_threads(args.threads).and_then(|_| up::run_up(args)),
+        Command::Controller(args) => up::run_controller(args),
+        Command::Chat(args) => client::run_chat(args),
+        Command::Deploy(args) => client::run_deploy(args),
+        Command::Scale(args) => client::run_scale(args),
+        Command::Get(args) => client::run_get(args),
+        Command::Delete(args) => client::run_delete(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,5 +1,14 @@
 //! `gantry-controller`: holds the desired deployments, knows every worker's GPUs, places
-//! replicas with `gantry_core`'s planner and routes requests to them.
+//! replicas with `gantry_core::placement` and routes requests to them.
 //!
-//! Empty so far: the controller issue fills it (state store, worker registry, scheduler,
-//! router, public gRPC and OpenAI-compatible APIs).
+//! * [`store`]: the state store (an embedded database file, or etcd) with leader election.
+//! * [`cluster`]: the state and the scheduler (desired vs actual, reservations, leases).
+//! * [`api`]: the gRPC services — `Inference`, `Deployments`, `Cluster`, `Models`, and the
+//!   workers' `WorkerLink`.
+//! * [`server`]: leadership, restore, and serving.
+
+pub mod api;
+pub mod cluster;
+pub mod server;
+pub mod spec;
+pub mod store;

@@ -72,4 +72,6 @@ pub fn gantry_json(args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("gantry {args:?} printed invalid JSON ({e}): {out}"))
 }
 
+pub mod controller;
+pub mod etcd;
 pub mod worker;

@@ -96,6 +96,12 @@ impl RunningWorker {
         self.stdout.lock().unwrap().clone()
     }
 
+    /// SIGKILL: the process dies without a word to anyone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Sends SIGTERM and waits for the exit.
     pub fn terminate(&mut self) -> ExitStatus {
         let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();

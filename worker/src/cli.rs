@@ -151,9 +151,19 @@ pub struct WorkerArgs {
     /// The Hugging Face cache folder [default: HF_HUB_CACHE, else ~/.cache/huggingface/hub]
     #[arg(long, env = "GANTRY_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// A label the controller's placement policies can select on (repeatable): `zone=a`
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
     /// Print the GPUs this worker would offer, and exit
     #[arg(long)]
     pub print_gpus: bool,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+        _ => Err(format!("`{s}`: write labels as KEY=VALUE")),
+    }
 }
 
 fn parse_context(s: &str) -> Result<u32, String> {
@@ -162,7 +172,7 @@ fn parse_context(s: &str) -> Result<u32, String> {
 }
 
 /// This machine's host name.
-fn host_name() -> String {
+pub fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|h| h.trim().to_string())
@@ -171,7 +181,7 @@ fn host_name() -> String {
         .unwrap_or_else(|| "worker".into())
 }
 
-fn hub(cache_dir: Option<PathBuf>) -> Result<Hub, Failure> {
+pub fn hub(cache_dir: Option<PathBuf>) -> Result<Hub, Failure> {
     let mut config = HubConfig::from_env()?;
     if let Some(dir) = cache_dir {
         config.cache_dir = dir;
@@ -225,7 +235,12 @@ pub fn run_worker(args: WorkerArgs) -> Result<(), Failure> {
     }
     let hub = hub(args.cache_dir.clone())?;
     let worker_id = args.worker_id.clone().unwrap_or_else(host_name);
-    let options = WorkerOptions { worker_id: worker_id.clone(), parallel: args.parallel, queue: args.queue };
+    let options = WorkerOptions {
+        worker_id: worker_id.clone(),
+        parallel: args.parallel,
+        queue: args.queue,
+        labels: args.labels.iter().cloned().collect(),
+    };
     let note = inventory.note().to_string();
     let state = WorkerState::new(options, inventory, hub);
 
@@ -304,7 +319,7 @@ fn advertise_address(addr: SocketAddr) -> String {
     if addr.ip().is_unspecified() { format!("{}:{}", host_name(), addr.port()) } else { addr.to_string() }
 }
 
-async fn wait_for_signal() {
+pub async fn wait_for_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

@@ -69,6 +69,7 @@ async fn session(options: &LinkOptions, state: &Arc<WorkerState>) -> Result<(), 
         address: options.advertise.clone(),
         version: env!("CARGO_PKG_VERSION").into(),
         status: Some(status),
+        labels: state.options().labels.clone().into_iter().collect(),
     };
     tx.send(message(ToController::Register(register))).await.map_err(|e| e.to_string())?;
     let mut inbound = client.attach(ReceiverStream::new(rx)).await.map_err(|e| e.message().to_string())?.into_inner();

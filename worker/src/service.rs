@@ -47,11 +47,13 @@ pub struct WorkerOptions {
     pub parallel: usize,
     /// Requests waiting for a slot, across the worker.
     pub queue: usize,
+    /// `--label key=value`: what placement policies' node selectors match.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for WorkerOptions {
     fn default() -> Self {
-        WorkerOptions { worker_id: "worker".into(), parallel: 4, queue: 64 }
+        WorkerOptions { worker_id: "worker".into(), parallel: 4, queue: 64, labels: Default::default() }
     }
 }
 

@@ -696,7 +696,7 @@ fn range_start(headers: &HeaderMap) -> Option<u64> {
 }
 
 /// An error with its causes (reqwest's own message hides the interesting part).
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

@@ -1,0 +1,524 @@
+//! The commands that talk to a running controller: `deploy`, `scale`, `get`, `delete`, `chat`.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::time::Duration;
+
+use gantry_core::units::format_bytes;
+use gantry_proto::v1 as pb;
+use pb::cluster_client::ClusterClient;
+use pb::deployments_client::DeploymentsClient;
+use pb::inference_client::InferenceClient;
+use pb::models_client::ModelsClient;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::CliError;
+use crate::table::Table;
+
+/// The default controller address (`gantry up`'s).
+pub const DEFAULT_CONTROLLER: &str = "http://127.0.0.1:50051";
+
+/// Where the controller is.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ControllerArg {
+    /// The controller's gRPC address
+    #[arg(long, env = "GANTRY_CONTROLLER", default_value = DEFAULT_CONTROLLER)]
+    pub controller: String,
+}
+
+pub const DEPLOY_EXAMPLES: &str = "\
+Examples:
+  gantry deploy smollm2 --model models/SmolLM2-135M-Instruct.Q4_1.gguf
+  gantry deploy llama --model meta-llama/Llama-3.1-8B-Instruct --replicas 2 --strategy spread
+  gantry deploy big --model ./Llama-3-70B --gpu-name H100 --selector zone=a --context 8K";
+
+/// Arguments of `gantry deploy`.
+#[derive(Debug, clap::Args)]
+pub struct DeployArgs {
+    /// The deployment's name (lowercase letters, digits and `-`); requests use it as the model name
+    name: String,
+    /// The model: a folder or .gguf file the workers can read, or a Hub id `org/name[@rev][:file]`
+    #[arg(long)]
+    model: String,
+    #[arg(long, default_value_t = 1)]
+    replicas: u32,
+    /// Size the weights at this precision (f16, q8_0, q4_k_m …) [default: as stored]
+    #[arg(long, default_value = "")]
+    dtype: String,
+    /// Tokens per sequence [default: the model's trained context]
+    #[arg(long, value_parser = crate::parse_tokens_arg)]
+    context: Option<u64>,
+    /// binpack (fill the fullest GPU that fits) or spread (one replica per node first)
+    #[arg(long, default_value = "binpack")]
+    strategy: String,
+    /// Only workers with this label (repeatable): KEY=VALUE
+    #[arg(long = "selector", value_name = "KEY=VALUE")]
+    selectors: Vec<String>,
+    /// Only GPUs whose name contains this (case-insensitive), e.g. H100
+    #[arg(long, default_value = "")]
+    gpu_name: String,
+    /// Let one replica span several nodes
+    #[arg(long)]
+    allow_multi_node: bool,
+    /// Print the deployment as JSON
+    #[arg(short = 'o', long = "output", value_parser = ["table", "json"], default_value = "table")]
+    output: String,
+    #[command(flatten)]
+    controller: ControllerArg,
+}
+
+/// Arguments of `gantry scale`.
+#[derive(Debug, clap::Args)]
+pub struct ScaleArgs {
+    name: String,
+    #[arg(long)]
+    replicas: u32,
+    #[command(flatten)]
+    controller: ControllerArg,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Kind {
+    #[value(alias = "deployment", alias = "deploy", alias = "md")]
+    Deployments,
+    #[value(alias = "worker", alias = "nodes")]
+    Workers,
+    #[value(alias = "model")]
+    Models,
+}
+
+/// Arguments of `gantry get`.
+#[derive(Debug, clap::Args)]
+pub struct GetArgs {
+    /// What to list
+    kind: Kind,
+    /// One deployment (with its replicas and events)
+    name: Option<String>,
+    #[arg(short = 'o', long = "output", value_parser = ["table", "json"], default_value = "table")]
+    output: String,
+    #[command(flatten)]
+    controller: ControllerArg,
+}
+
+/// Arguments of `gantry delete`.
+#[derive(Debug, clap::Args)]
+pub struct DeleteArgs {
+    name: String,
+    #[command(flatten)]
+    controller: ControllerArg,
+}
+
+pub const CHAT_EXAMPLES: &str = "\
+Examples:
+  gantry chat \"What is the capital of France?\"
+  gantry chat \"Write a haiku about GPUs\" --temperature 0.8 --max-tokens 64
+  gantry chat --model llama                  # interactive: type messages, /reset, /exit";
+
+/// Arguments of `gantry chat`.
+#[derive(Debug, clap::Args)]
+pub struct ChatArgs {
+    /// The message; without it, an interactive chat reads messages from the terminal
+    message: Option<String>,
+    /// The deployment to talk to [default: the only one deployed]
+    #[arg(long)]
+    model: Option<String>,
+    /// A system message
+    #[arg(long)]
+    system: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    max_tokens: u32,
+    /// 0 is greedy
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    temperature: f32,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Give up after this many seconds
+    #[arg(long)]
+    timeout: Option<u64>,
+    #[command(flatten)]
+    controller: ControllerArg,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::with_code(format!("cannot start the async runtime: {e}"), 71))
+}
+
+/// Connects to the controller, saying how to start one when nothing answers.
+pub async fn connect(controller: &str) -> Result<Channel, CliError> {
+    let url = if controller.contains("://") { controller.to_string() } else { format!("http://{controller}") };
+    let endpoint = Endpoint::from_shared(url.clone())
+        .map_err(|e| CliError::usage(format!("--controller {controller}: {e}")))?
+        .connect_timeout(Duration::from_secs(5));
+    endpoint.connect().await.map_err(|e| {
+        CliError::with_code(
+            format!(
+                "cannot reach the controller at {url}: {}; start one with `gantry up`, or point --controller (GANTRY_CONTROLLER) at yours",
+                gantry_worker::store::hub::error_chain(&e)
+            ),
+            CliError::UNAVAILABLE,
+        )
+    })
+}
+
+/// A gRPC failure as a one-line error with an exit code that says what kind it is.
+pub fn status_error(s: tonic::Status) -> CliError {
+    let code = match s.code() {
+        tonic::Code::InvalidArgument | tonic::Code::OutOfRange => CliError::USAGE,
+        tonic::Code::NotFound => CliError::NO_INPUT,
+        tonic::Code::Unavailable | tonic::Code::ResourceExhausted | tonic::Code::DeadlineExceeded => {
+            CliError::UNAVAILABLE
+        }
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => CliError::NO_PERMISSION,
+        _ => CliError::SOFTWARE,
+    };
+    CliError::with_code(s.message().to_string(), code)
+}
+
+fn parse_selectors(selectors: &[String]) -> Result<std::collections::HashMap<String, String>, CliError> {
+    selectors
+        .iter()
+        .map(|s| match s.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+            _ => Err(CliError::usage(format!("--selector `{s}`: write KEY=VALUE"))),
+        })
+        .collect()
+}
+
+pub fn run_deploy(args: DeployArgs) -> Result<(), CliError> {
+    let strategy = match args.strategy.to_ascii_lowercase().as_str() {
+        "binpack" => pb::PlacementStrategy::Binpack,
+        "spread" => pb::PlacementStrategy::Spread,
+        other => return Err(CliError::usage(format!("--strategy {other}: use binpack or spread"))),
+    };
+    let context = match args.context {
+        Some(c) => u32::try_from(c).map_err(|_| CliError::usage(format!("--context {c} is too large")))?,
+        None => 0,
+    };
+    let spec = pb::DeploymentSpec {
+        source: args.model.clone(),
+        dtype: args.dtype.clone(),
+        context_length: context,
+        replicas: args.replicas,
+        placement: Some(pb::PlacementPolicy {
+            strategy: strategy as i32,
+            node_selector: parse_selectors(&args.selectors)?,
+            gpu_name: args.gpu_name.clone(),
+            allow_multi_node: args.allow_multi_node,
+        }),
+    };
+    runtime()?.block_on(async {
+        let mut client = DeploymentsClient::new(connect(&args.controller.controller).await?);
+        let d = client
+            .apply(pb::ApplyRequest { name: args.name.clone(), spec: Some(spec) })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        if args.output == "json" {
+            println!("{}", serde_json::to_string_pretty(&d)?);
+        } else {
+            println!("deployment {} applied (generation {})", d.name, d.generation);
+            print!("{}", describe(&d));
+        }
+        Ok(())
+    })
+}
+
+pub fn run_scale(args: ScaleArgs) -> Result<(), CliError> {
+    runtime()?.block_on(async {
+        let mut client = DeploymentsClient::new(connect(&args.controller.controller).await?);
+        let d = client
+            .scale(pb::ScaleRequest { name: args.name.clone(), replicas: args.replicas })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        println!("deployment {} scaled to {} replica(s)", d.name, args.replicas);
+        Ok(())
+    })
+}
+
+pub fn run_delete(args: DeleteArgs) -> Result<(), CliError> {
+    runtime()?.block_on(async {
+        let mut client = DeploymentsClient::new(connect(&args.controller.controller).await?);
+        client.delete(pb::DeleteDeploymentRequest { name: args.name.clone() }).await.map_err(status_error)?;
+        println!("deployment {} deleted; its replicas are unloaded", args.name);
+        Ok(())
+    })
+}
+
+pub fn run_get(args: GetArgs) -> Result<(), CliError> {
+    let json = args.output == "json";
+    runtime()?.block_on(async {
+        let channel = connect(&args.controller.controller).await?;
+        match args.kind {
+            Kind::Deployments => {
+                let mut client = DeploymentsClient::new(channel);
+                if let Some(name) = &args.name {
+                    let d = client
+                        .get(pb::GetDeploymentRequest { name: name.clone() })
+                        .await
+                        .map_err(status_error)?
+                        .into_inner();
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&d)?);
+                    } else {
+                        print!("{}", describe(&d));
+                    }
+                    return Ok(());
+                }
+                let list = client.list(pb::ListDeploymentsRequest {}).await.map_err(status_error)?.into_inner();
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&list.deployments)?);
+                } else {
+                    print!("{}", deployments_table(&list.deployments));
+                }
+            }
+            Kind::Workers => {
+                let mut client = ClusterClient::new(channel);
+                let list = client.list_workers(pb::ListWorkersRequest {}).await.map_err(status_error)?.into_inner();
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&list.workers)?);
+                } else {
+                    print!("{}", workers_table(&list.workers));
+                }
+            }
+            Kind::Models => {
+                let mut client = ModelsClient::new(channel);
+                let list = client.list(pb::ListModelsRequest {}).await.map_err(status_error)?.into_inner();
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&list.models)?);
+                } else {
+                    let mut t = Table::new(&["MODEL", "READY", "FAMILY", "PARAMS", "CONTEXT", "SOURCE"]);
+                    for m in &list.models {
+                        t.row(vec![
+                            m.name.clone(),
+                            format!("{}/{}", m.ready_replicas, m.replicas),
+                            m.family.clone(),
+                            gantry_core::units::format_params(m.parameters),
+                            m.context_length.to_string(),
+                            m.source.clone(),
+                        ]);
+                    }
+                    print!("{}", t.render(0));
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+fn state_name(state: i32) -> &'static str {
+    match pb::ReplicaState::try_from(state) {
+        Ok(pb::ReplicaState::Pending) => "Pending",
+        Ok(pb::ReplicaState::Loading) => "Loading",
+        Ok(pb::ReplicaState::Ready) => "Ready",
+        Ok(pb::ReplicaState::Failed) => "Failed",
+        _ => "Unknown",
+    }
+}
+
+fn placement_of(r: &pb::Replica) -> String {
+    if r.stages.is_empty() {
+        return "-".into();
+    }
+    r.stages.iter().map(|s| format!("{}/gpu:{}", s.worker_id, s.gpu_index)).collect::<Vec<_>>().join(",")
+}
+
+fn deployments_table(list: &[pb::Deployment]) -> String {
+    let mut t = Table::new(&["NAME", "READY", "PHASE", "VRAM/REPLICA", "PLACEMENT", "MODEL"]);
+    for d in list {
+        let status = d.status.clone().unwrap_or_default();
+        let spec = d.spec.clone().unwrap_or_default();
+        let placements: Vec<String> = status.replica_status.iter().map(placement_of).collect();
+        t.row(vec![
+            d.name.clone(),
+            format!("{}/{}", status.ready_replicas, spec.replicas),
+            status.phase.clone(),
+            format_bytes(status.replica_bytes),
+            if placements.is_empty() { "-".into() } else { placements.join(" ") },
+            spec.source.clone(),
+        ]);
+    }
+    t.render(0)
+}
+
+/// A deployment in full: replicas with their placement or reason, then recent events.
+pub fn describe(d: &pb::Deployment) -> String {
+    let status = d.status.clone().unwrap_or_default();
+    let spec = d.spec.clone().unwrap_or_default();
+    let mut out = format!(
+        "{}: {} of {} replica(s) ready ({}), {} per replica, model {}\n",
+        d.name,
+        status.ready_replicas,
+        spec.replicas,
+        status.phase,
+        format_bytes(status.replica_bytes),
+        spec.source
+    );
+    let mut t = Table::new(&["REPLICA", "STATE", "PLACEMENT", "RESERVED", "DETAIL"]);
+    for r in &status.replica_status {
+        let reserved: u64 = r.stages.iter().map(|s| s.reserved_bytes).sum();
+        t.row(vec![
+            r.index.to_string(),
+            state_name(r.state).into(),
+            placement_of(r),
+            if reserved > 0 { format_bytes(reserved) } else { "-".into() },
+            if r.progress.is_empty() { r.reason.clone() } else { r.progress.clone() },
+        ]);
+    }
+    out.push_str(&t.render(2));
+    if !status.events.is_empty() {
+        out.push_str("  events (latest last):\n");
+        for e in status.events.iter().rev().take(8).rev() {
+            out.push_str(&format!("    {:<14} {}\n", e.kind, e.message));
+        }
+    }
+    out
+}
+
+fn workers_table(list: &[pb::WorkerInfo]) -> String {
+    let mut t = Table::new(&["WORKER", "STATE", "GPU", "NAME", "TOTAL", "FREE", "RESERVED", "REPLICAS"]);
+    for w in list {
+        for (i, g) in w.gpus.iter().enumerate() {
+            t.row(vec![
+                if i == 0 { w.worker_id.clone() } else { String::new() },
+                if i == 0 { w.state.clone() } else { String::new() },
+                format!("gpu:{}", g.index),
+                g.name.clone(),
+                format_bytes(g.total_bytes),
+                format_bytes(g.free_bytes),
+                format_bytes(g.reserved_bytes),
+                if g.replicas.is_empty() { "-".into() } else { g.replicas.join(",") },
+            ]);
+        }
+        if w.gpus.is_empty() {
+            t.row(vec![w.worker_id.clone(), w.state.clone(), "-".into()]);
+        }
+    }
+    t.render(0)
+}
+
+/// Which deployment to chat with: the one named, else the only one.
+async fn chat_model(channel: Channel, named: Option<String>) -> Result<String, CliError> {
+    if let Some(m) = named {
+        return Ok(m);
+    }
+    let list = ModelsClient::new(channel).list(pb::ListModelsRequest {}).await.map_err(status_error)?.into_inner();
+    match list.models.as_slice() {
+        [] => Err(CliError::with_code(
+            "nothing is deployed; deploy a model with `gantry deploy NAME --model M` (or start `gantry up`)",
+            CliError::UNAVAILABLE,
+        )),
+        [one] => Ok(one.name.clone()),
+        many => Err(CliError::usage(format!(
+            "several models are deployed ({}); pick one with --model",
+            many.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
+        ))),
+    }
+}
+
+/// Streams one answer to stdout; returns its text.
+async fn stream_answer(
+    client: &mut InferenceClient<Channel>,
+    request: pb::ChatRequest,
+    timeout: Option<u64>,
+) -> Result<String, CliError> {
+    let mut req = tonic::Request::new(request);
+    if let Some(t) = timeout {
+        req.set_timeout(Duration::from_secs(t));
+    }
+    let mut stream = client.chat(req).await.map_err(status_error)?.into_inner();
+    let mut text = String::new();
+    let mut out = std::io::stdout();
+    while let Some(event) = stream.message().await.map_err(status_error)? {
+        match event.event {
+            Some(pb::generate_event::Event::Token(t)) => {
+                text.push_str(&t.text);
+                let _ = out.write_all(t.text.as_bytes());
+                let _ = out.flush();
+            }
+            Some(pb::generate_event::Event::Done(d)) => {
+                let _ = writeln!(out);
+                if let Some(u) = d.usage {
+                    tracing::info!(
+                        prompt_tokens = u.prompt_tokens,
+                        completion_tokens = u.completion_tokens,
+                        ttft_ms = d.time_to_first_token_ms,
+                        "done"
+                    );
+                }
+            }
+            None => {}
+        }
+    }
+    Ok(text)
+}
+
+pub fn run_chat(args: ChatArgs) -> Result<(), CliError> {
+    if args.temperature.is_nan() || args.temperature < 0.0 {
+        return Err(CliError::usage(format!("--temperature {}: must be 0 or more", args.temperature)));
+    }
+    runtime()?.block_on(async {
+        let channel = connect(&args.controller.controller).await?;
+        let model = chat_model(channel.clone(), args.model.clone()).await?;
+        let mut client = InferenceClient::new(channel);
+        let sampling = pb::SamplingParams {
+            temperature: Some(args.temperature),
+            top_p: args.top_p,
+            seed: args.seed,
+            max_tokens: Some(args.max_tokens),
+            ..Default::default()
+        };
+        let mut history: Vec<pb::ChatMessage> = Vec::new();
+        if let Some(s) = &args.system {
+            history.push(pb::ChatMessage { role: "system".into(), content: s.clone() });
+        }
+        let request = |messages: Vec<pb::ChatMessage>| pb::ChatRequest {
+            model: model.clone(),
+            messages,
+            sampling: Some(sampling.clone()),
+            request_id: String::new(),
+        };
+        if let Some(message) = &args.message {
+            history.push(pb::ChatMessage { role: "user".into(), content: message.clone() });
+            stream_answer(&mut client, request(history), args.timeout).await?;
+            return Ok(());
+        }
+        let interactive = std::io::stdin().is_terminal();
+        if interactive {
+            eprintln!("chatting with {model}; /reset forgets the conversation, /exit (or Ctrl-D) ends");
+        }
+        let stdin = std::io::stdin();
+        let mut lines = stdin.lock().lines();
+        loop {
+            if interactive {
+                eprint!("> ");
+            }
+            let Some(line) = lines.next() else { break };
+            let line = line.map_err(|e| CliError::with_code(format!("reading the terminal: {e}"), CliError::IO))?;
+            let line = line.trim();
+            match line {
+                "" => continue,
+                "/exit" | "/quit" => break,
+                "/reset" => {
+                    history.retain(|m| m.role == "system");
+                    eprintln!("(conversation forgotten)");
+                    continue;
+                }
+                _ => {}
+            }
+            history.push(pb::ChatMessage { role: "user".into(), content: line.to_string() });
+            match stream_answer(&mut client, request(history.clone()), args.timeout).await {
+                Ok(answer) => history.push(pb::ChatMessage { role: "assistant".into(), content: answer }),
+                Err(e) => {
+                    history.pop();
+                    eprintln!("error: {e}");
+                }
+            }
+        }
+        Ok(())
+    })
+}

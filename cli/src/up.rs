@@ -1,0 +1,363 @@
+//! `gantry controller` (a controller alone) and `gantry up` (a controller and a local worker
+//! in one process, serving a model).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use gantry_controller::cluster::ControllerConfig;
+use gantry_controller::server::{Controller, bind};
+use gantry_controller::spec::DeploymentSpec;
+use gantry_controller::store::Store;
+use gantry_controller::store::embedded::EmbeddedStore;
+use gantry_controller::store::etcd::EtcdStore;
+use gantry_core::units::format_bytes;
+use gantry_proto::v1 as pb;
+use gantry_worker::cli::{host_name, hub, wait_for_signal};
+use gantry_worker::link::{LinkOptions, run as run_link};
+use gantry_worker::service::{WorkerOptions, WorkerState};
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::error::CliError;
+
+pub const CONTROLLER_EXAMPLES: &str = "\
+Examples:
+  gantry controller                                   # embedded store in ~/.local/share/gantry
+  gantry controller --listen 0.0.0.0:50051 --store /var/lib/gantry/state.redb
+  gantry controller --etcd http://etcd-0:2379,http://etcd-1:2379 --lease 10
+Workers join with: gantry worker --controller http://HOST:50051";
+
+pub const UP_EXAMPLES: &str = "\
+Examples:
+  gantry up                                           # SmolLM2-135M-Instruct from models/
+  gantry up --model models/gemma-3-270m-q4_k_m.gguf --name gemma
+  gantry up --model HuggingFaceTB/SmolLM2-135M-Instruct --gpus 1x24GiB
+Then: gantry chat \"What is the capital of France?\"";
+
+/// The model `gantry up` serves when given none (fetched by `scripts/fetch-models.sh`).
+const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// What every controller takes.
+#[derive(Debug, clap::Args)]
+pub struct ControlArgs {
+    /// Address to serve the gRPC API on (port 0: any free port)
+    #[arg(long, default_value = "127.0.0.1:50051", env = "GANTRY_CONTROLLER_LISTEN")]
+    listen: String,
+    /// Address to serve HTTP on (health, models; the OpenAI API lands here); `off` to disable
+    #[arg(long, default_value = "127.0.0.1:8080", env = "GANTRY_HTTP_LISTEN")]
+    http: String,
+    /// The embedded state file [default: ~/.local/share/gantry/state.redb]
+    #[arg(long, env = "GANTRY_STORE", conflicts_with = "etcd")]
+    store: Option<PathBuf>,
+    /// Keep state in etcd instead (comma-separated endpoints); several controllers may share it
+    #[arg(long, env = "GANTRY_ETCD", value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Key prefix in etcd
+    #[arg(long, default_value = "/gantry/")]
+    etcd_prefix: String,
+    /// Seconds a worker may stay silent before its replicas are placed elsewhere
+    #[arg(long, default_value_t = 6.0)]
+    lease: f64,
+    /// Percent of VRAM kept free on top of each replica's estimate
+    #[arg(long, default_value_t = 5)]
+    vram_margin: u64,
+}
+
+/// Arguments of `gantry controller`.
+#[derive(Debug, clap::Args)]
+pub struct ControllerArgs {
+    #[command(flatten)]
+    control: ControlArgs,
+}
+
+/// Arguments of `gantry up`.
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    control: ControlArgs,
+    /// The model to serve: a .gguf file, a model folder, or a Hub id [default: models/SmolLM2-135M-Instruct.Q4_1.gguf]
+    #[arg(long, env = "GANTRY_MODEL")]
+    model: Option<String>,
+    /// The deployment's name, which requests use [default: from the model's file name]
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long, default_value_t = 1)]
+    replicas: u32,
+    /// Tokens per sequence [default: the model's trained context]
+    #[arg(long, value_parser = crate::parse_tokens_arg)]
+    context: Option<u64>,
+    /// GPUs the local worker offers instead of NVML's (`1x24GiB`)
+    #[arg(long, env = "GANTRY_GPUS")]
+    gpus: Option<String>,
+    /// Generations running at once per replica
+    #[arg(long, default_value_t = 4)]
+    parallel: usize,
+    /// Requests that may wait for a slot
+    #[arg(long, default_value_t = 64)]
+    queue: usize,
+    /// CPU threads [default: all cores]
+    #[arg(long, env = "GANTRY_THREADS")]
+    pub threads: Option<usize>,
+}
+
+fn unavailable(e: impl ToString) -> CliError {
+    CliError::with_code(e.to_string(), CliError::UNAVAILABLE)
+}
+
+fn default_store() -> PathBuf {
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("gantry").join("state.redb")
+}
+
+impl ControlArgs {
+    fn config(&self) -> Result<ControllerConfig, CliError> {
+        if !(self.lease.is_finite() && self.lease >= 0.2) {
+            return Err(CliError::usage(format!("--lease {}: give at least 0.2 seconds", self.lease)));
+        }
+        let lease = Duration::from_secs_f64(self.lease);
+        Ok(ControllerConfig {
+            lease,
+            heartbeat: (lease / 4).clamp(Duration::from_millis(50), Duration::from_secs(2)),
+            margin_percent: self.vram_margin,
+        })
+    }
+
+    async fn open_store(&self) -> Result<Arc<dyn Store>, CliError> {
+        if !self.etcd.is_empty() {
+            let ttl = (self.lease.ceil() as i64).max(2);
+            let store = EtcdStore::connect(&self.etcd, &self.etcd_prefix, ttl).await.map_err(unavailable)?;
+            return Ok(Arc::new(store));
+        }
+        let path = self.store.clone().unwrap_or_else(default_store);
+        let store = EmbeddedStore::open(&path).map_err(unavailable)?;
+        Ok(Arc::new(store))
+    }
+
+    /// Starts the controller: leadership, restored state, listeners. Returns what to serve.
+    async fn start(&self) -> Result<(Controller, tokio::net::TcpListener, Option<tokio::net::TcpListener>), CliError> {
+        let config = self.config()?;
+        let (grpc, grpc_addr) = bind(&self.listen, "--listen").await.map_err(unavailable)?;
+        let http = if self.http.eq_ignore_ascii_case("off") {
+            None
+        } else {
+            let (l, addr) = bind(&self.http, "--http").await.map_err(unavailable)?;
+            Some((l, addr))
+        };
+        let store = self.open_store().await?;
+        let candidate = format!("{}:{}", host_name(), grpc_addr.port());
+        let describe = store.describe();
+        let controller = Controller::start(store, config, &candidate).await.map_err(unavailable)?;
+        // Tests and scripts read this line to find the ports.
+        match &http {
+            Some((_, h)) => {
+                println!("gantry controller listening on {grpc_addr} (gRPC) and {h} (HTTP); store: {describe}")
+            }
+            None => println!("gantry controller listening on {grpc_addr} (gRPC); store: {describe}"),
+        }
+        Ok((controller, grpc, http.map(|(l, _)| l)))
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::with_code(format!("cannot start the async runtime: {e}"), CliError::SOFTWARE))
+}
+
+/// Serves until Ctrl-C/SIGTERM.
+async fn serve(
+    controller: Controller,
+    grpc: tokio::net::TcpListener,
+    http: Option<tokio::net::TcpListener>,
+    stop: watch::Sender<bool>,
+) -> Result<(), CliError> {
+    let mut stopped = stop.subscribe();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        info!("stopping");
+        let _ = stop.send(true);
+    });
+    controller
+        .serve(grpc, http, async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        })
+        .await
+        .map_err(unavailable)
+}
+
+pub fn run_controller(args: ControllerArgs) -> Result<(), CliError> {
+    runtime()?.block_on(async {
+        let (controller, grpc, http) = args.control.start().await?;
+        let (stop, _) = watch::channel(false);
+        serve(controller, grpc, http, stop).await
+    })
+}
+
+/// A DNS-label name from a model source: `models/SmolLM2-135M-Instruct.Q4_1.gguf` →
+/// `smollm2-135m-instruct`.
+fn name_from_source(source: &str) -> String {
+    let base = source.rsplit(['/', ':']).next().unwrap_or(source);
+    let base = base.split('.').next().unwrap_or(base);
+    let mut name = String::new();
+    for c in base.chars() {
+        let c = c.to_ascii_lowercase();
+        if c.is_ascii_lowercase() || c.is_ascii_digit() {
+            name.push(c);
+        } else if !name.ends_with('-') {
+            name.push('-');
+        }
+    }
+    let name: String = name.trim_matches('-').chars().take(63).collect();
+    let name = name.trim_end_matches('-').to_string();
+    if name.is_empty() { "model".into() } else { name }
+}
+
+fn default_model() -> Result<String, CliError> {
+    let mut tried = Vec::new();
+    let dirs = std::env::var_os("GANTRY_MODELS_DIR").map(PathBuf::from).into_iter().chain([PathBuf::from("models")]);
+    for dir in dirs {
+        let p = dir.join(DEFAULT_MODEL_FILE);
+        if p.is_file() {
+            return Ok(p.display().to_string());
+        }
+        tried.push(p.display().to_string());
+    }
+    Err(CliError::with_code(
+        format!(
+            "no --model given and {} is not there; fetch it with `scripts/fetch-models.sh`, or pass --model PATH|HUB_ID",
+            tried.join(" nor ")
+        ),
+        CliError::NO_INPUT,
+    ))
+}
+
+pub fn run_up(args: UpArgs) -> Result<(), CliError> {
+    let model = match &args.model {
+        Some(m) => m.clone(),
+        None => default_model()?,
+    };
+    // An absolute path, so the worker and the stored deployment agree whatever the cwd.
+    let source = match Path::new(&model).canonicalize() {
+        Ok(p) if Path::new(&model).exists() => p.display().to_string(),
+        _ => model.clone(),
+    };
+    let name = args.name.clone().unwrap_or_else(|| name_from_source(&model));
+    let context = match args.context {
+        Some(c) => u32::try_from(c).map_err(|_| CliError::usage(format!("--context {c} is too large")))?,
+        None => 0,
+    };
+    if args.parallel == 0 {
+        return Err(CliError::usage("--parallel must be at least 1"));
+    }
+    let inventory =
+        gantry_worker::gpu::detect(args.gpus.as_deref()).map_err(|e| CliError::usage(format!("--gpus: {e}")))?;
+    let hub = hub(None)?;
+    runtime()?.block_on(async move {
+        let (controller, grpc, http) = args.control.start().await?;
+        let grpc_addr = grpc.local_addr().map_err(|e| unavailable(e.to_string()))?;
+        let cluster = controller.cluster.clone();
+        let (stop, stop_rx) = watch::channel(false);
+
+        // The local worker, on a loopback port of its own, linked like any other.
+        let worker_id = format!("{}-local", host_name());
+        let options = WorkerOptions {
+            worker_id: worker_id.clone(),
+            parallel: args.parallel,
+            queue: args.queue,
+            labels: [("gantry.dev/local".to_string(), "true".to_string())].into(),
+        };
+        let state = WorkerState::new(options, inventory, hub);
+        let (listener, worker_addr) = bind("127.0.0.1:0", "the local worker").await.map_err(unavailable)?;
+        let (ready_tx, ready_rx) = watch::channel(true);
+        let mut worker_stop = stop_rx.clone();
+        tokio::spawn(gantry_worker::server::serve(listener, state.clone(), ready_rx, async move {
+            let _ = worker_stop.wait_for(|s| *s).await;
+        }));
+        drop(ready_tx);
+        let controller_url = format!("http://{}", loopback(grpc_addr));
+        tokio::spawn(run_link(
+            LinkOptions { controller: controller_url, advertise: worker_addr.to_string() },
+            state,
+            stop_rx.clone(),
+        ));
+        println!("gantry worker {worker_id} listening on {worker_addr}");
+
+        let spec = DeploymentSpec {
+            source: source.clone(),
+            dtype: String::new(),
+            context_length: context,
+            replicas: args.replicas,
+            policy: Default::default(),
+        };
+        let applied = cluster.apply(&name, spec).await.map_err(crate::client::status_error)?;
+        println!(
+            "deployment {name}: {} replica(s) of {source}, {} each",
+            args.replicas,
+            format_bytes(applied.status.as_ref().map_or(0, |s| s.replica_bytes))
+        );
+        tokio::spawn(announce_ready(cluster, name, grpc_addr));
+        serve(controller, grpc, http, stop).await
+    })
+}
+
+/// The address to dial for a listen address (`0.0.0.0` → loopback).
+fn loopback(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    if addr.ip().is_unspecified() { std::net::SocketAddr::from(([127, 0, 0, 1], addr.port())) } else { addr }
+}
+
+/// Prints `ready` once the deployment has its replicas (or why it waits).
+async fn announce_ready(cluster: Arc<gantry_controller::cluster::Cluster>, name: String, grpc: std::net::SocketAddr) {
+    let (_, mut changes) = cluster.watch();
+    let mut last_reason = String::new();
+    loop {
+        if let Ok(d) = cluster.get(&name) {
+            let status = d.status.unwrap_or_default();
+            let want = d.spec.map_or(0, |s| s.replicas);
+            if status.ready_replicas >= want {
+                let flag = if grpc.port() == 50051 {
+                    String::new()
+                } else {
+                    format!(" --controller http://{}", loopback(grpc))
+                };
+                println!(
+                    "ready: {name} ({}/{want} replicas). Try: gantry chat \"Hello!\"{flag}",
+                    status.ready_replicas
+                );
+                return;
+            }
+            let pending: Vec<String> = status
+                .replica_status
+                .iter()
+                .filter(|r| r.state == pb::ReplicaState::Pending as i32 && !r.reason.is_empty())
+                .map(|r| format!("replica {}: {}", r.index, r.reason))
+                .collect();
+            let reason = pending.join("; ");
+            if !reason.is_empty() && reason != last_reason {
+                println!("waiting: {reason}");
+                last_reason = reason;
+            }
+        }
+        match tokio::time::timeout(Duration::from_secs(5), changes.recv()).await {
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => return,
+            _ => continue,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deployment_names_come_from_file_names() {
+        assert_eq!(name_from_source("models/SmolLM2-135M-Instruct.Q4_1.gguf"), "smollm2-135m-instruct");
+        assert_eq!(name_from_source("HuggingFaceTB/SmolLM2-135M-Instruct"), "smollm2-135m-instruct");
+        assert_eq!(name_from_source("org/repo:gemma-3-270m-q4_k_m.gguf"), "gemma-3-270m-q4-k-m");
+        assert_eq!(name_from_source("___"), "model");
+    }
+}

@@ -1,0 +1,446 @@
+//! The controller's gRPC services: `Inference` (routed to replicas), `Deployments`,
+//! `Cluster`, `Models`, and `WorkerLink` (the workers' side door).
+
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::Stream;
+use gantry_core::catalog::Catalog;
+use gantry_core::quant::WeightDtype;
+use gantry_core::select::{Latency, Need, Task, select};
+use gantry_core::shard::fit;
+use gantry_core::vram::{ServeOptions, estimate_vram};
+use gantry_proto::v1 as pb;
+use gantry_proto::v1::worker_client::WorkerClient;
+use pb::worker_message::Message as FromWorker;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+
+use crate::cluster::{Cluster, Target};
+use crate::spec::DeploymentSpec;
+
+type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Implements every controller service over one `Cluster`.
+#[derive(Debug, Clone)]
+pub struct Api {
+    cluster: Arc<Cluster>,
+}
+
+impl Api {
+    pub fn new(cluster: Arc<Cluster>) -> Api {
+        Api { cluster }
+    }
+}
+
+static REQUEST_SEQ: AtomicU64 = AtomicU64::new(0);
+
+fn request_id(given: &str) -> String {
+    if given.trim().is_empty() {
+        format!("c{:x}-{}", std::process::id(), REQUEST_SEQ.fetch_add(1, Ordering::Relaxed))
+    } else {
+        given.trim().to_string()
+    }
+}
+
+/// The `grpc-timeout` a client set, as a duration.
+fn deadline_of<T>(req: &Request<T>) -> Option<Duration> {
+    let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (n, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = n.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// The worker's stream, forwarded event by event as it comes; counts the request against
+/// its replica until dropped. Dropping it (the client went away) drops the worker's stream,
+/// which cancels the generation there.
+struct Forward {
+    inner: Streaming<pb::GenerateEvent>,
+    target: Target,
+    deadline: Option<Instant>,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    done: bool,
+    request_id: String,
+}
+
+impl Stream for Forward {
+    type Item = Result<pb::GenerateEvent, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if let Some(deadline) = self.deadline {
+            let sleep = self.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            if sleep.as_mut().poll(cx).is_ready() {
+                self.done = true;
+                warn!(request = %self.request_id, worker = %self.target.worker, "deadline exceeded; cancelling");
+                return Poll::Ready(Some(Err(Status::deadline_exceeded(
+                    "the request's deadline passed while generating",
+                ))));
+            }
+        }
+        match Pin::new(&mut self.inner).poll_next(cx) {
+            Poll::Ready(Some(Err(e))) => {
+                self.done = true;
+                Poll::Ready(Some(Err(worker_error(&self.target, e))))
+            }
+            Poll::Ready(None) => {
+                self.done = true;
+                Poll::Ready(None)
+            }
+            other => other,
+        }
+    }
+}
+
+impl Drop for Forward {
+    fn drop(&mut self) {
+        self.target.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+use std::future::Future as _;
+
+/// A worker's failure as the client should see it: its own status for request errors, and
+/// UNAVAILABLE naming the worker when it could not be reached.
+fn worker_error(target: &Target, e: Status) -> Status {
+    match e.code() {
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal
+            if e.message().contains("transport")
+                || e.message().contains("connect")
+                || e.message().contains("broken pipe") =>
+        {
+            Status::unavailable(format!(
+                "worker {} serving replica {} failed: {}",
+                target.worker,
+                target.model_id,
+                e.message()
+            ))
+        }
+        _ => e,
+    }
+}
+
+impl Api {
+    async fn route(
+        &self,
+        model: &str,
+        input: pb::generate_request::Input,
+        sampling: Option<pb::SamplingParams>,
+        request_id: String,
+        deadline: Option<Duration>,
+    ) -> Result<Response<EventStream<pb::GenerateEvent>>, Status> {
+        if model.trim().is_empty() {
+            return Err(Status::invalid_argument("the request names no model; `Models/List` shows what is deployed"));
+        }
+        let target = self.cluster.pick(model)?;
+        target.inflight.fetch_add(1, Ordering::Relaxed);
+        info!(request = %request_id, model, worker = %target.worker, replica = %target.model_id, "routing");
+        let mut req = Request::new(pb::GenerateRequest {
+            model_id: target.model_id.clone(),
+            input: Some(input),
+            sampling,
+            request_id: request_id.clone(),
+        });
+        if let Some(d) = deadline {
+            req.set_timeout(d);
+        }
+        let mut client = WorkerClient::new(target.channel.clone());
+        let started = match client.generate(req).await {
+            Ok(r) => r.into_inner(),
+            Err(e) => {
+                target.inflight.fetch_sub(1, Ordering::Relaxed);
+                return Err(worker_error(&target, e));
+            }
+        };
+        let forward = Forward {
+            inner: started,
+            target,
+            deadline: deadline.map(|d| Instant::now() + d),
+            sleep: None,
+            done: false,
+            request_id,
+        };
+        Ok(Response::new(Box::pin(forward)))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::inference_server::Inference for Api {
+    type GenerateStream = EventStream<pb::GenerateEvent>;
+    type ChatStream = EventStream<pb::GenerateEvent>;
+
+    async fn generate(&self, request: Request<pb::InferenceRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+        let deadline = deadline_of(&request);
+        let r = request.into_inner();
+        let id = request_id(&r.request_id);
+        self.route(&r.model, pb::generate_request::Input::Prompt(r.prompt), r.sampling, id, deadline).await
+    }
+
+    async fn chat(&self, request: Request<pb::ChatRequest>) -> Result<Response<Self::ChatStream>, Status> {
+        let deadline = deadline_of(&request);
+        let r = request.into_inner();
+        if r.messages.is_empty() {
+            return Err(Status::invalid_argument("the chat has no messages"));
+        }
+        let id = request_id(&r.request_id);
+        let chat = pb::Conversation { messages: r.messages };
+        self.route(&r.model, pb::generate_request::Input::Chat(chat), r.sampling, id, deadline).await
+    }
+}
+
+#[tonic::async_trait]
+impl pb::deployments_server::Deployments for Api {
+    type WatchStream = EventStream<pb::DeploymentEvent>;
+
+    async fn apply(&self, request: Request<pb::ApplyRequest>) -> Result<Response<pb::Deployment>, Status> {
+        let r = request.into_inner();
+        let spec = DeploymentSpec::from_proto(r.spec)?;
+        Ok(Response::new(self.cluster.apply(r.name.trim(), spec).await?))
+    }
+
+    async fn get(&self, request: Request<pb::GetDeploymentRequest>) -> Result<Response<pb::Deployment>, Status> {
+        Ok(Response::new(self.cluster.get(&request.into_inner().name)?))
+    }
+
+    async fn list(
+        &self,
+        _request: Request<pb::ListDeploymentsRequest>,
+    ) -> Result<Response<pb::ListDeploymentsResponse>, Status> {
+        Ok(Response::new(pb::ListDeploymentsResponse { deployments: self.cluster.list() }))
+    }
+
+    async fn scale(&self, request: Request<pb::ScaleRequest>) -> Result<Response<pb::Deployment>, Status> {
+        let r = request.into_inner();
+        Ok(Response::new(self.cluster.scale(&r.name, r.replicas).await?))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteDeploymentRequest>,
+    ) -> Result<Response<pb::DeleteDeploymentResponse>, Status> {
+        self.cluster.delete(&request.into_inner().name).await?;
+        Ok(Response::new(pb::DeleteDeploymentResponse {}))
+    }
+
+    async fn watch(
+        &self,
+        _request: Request<pb::WatchDeploymentsRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let (current, mut rx) = self.cluster.watch();
+        let (tx, out) = mpsc::channel(64);
+        tokio::spawn(async move {
+            for d in current {
+                let e = pb::DeploymentEvent { kind: pb::deployment_event::Kind::Existing as i32, deployment: Some(d) };
+                if tx.send(Ok(e)).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                let msg = match rx.recv().await {
+                    Ok(e) => Ok(e),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        Err(Status::data_loss(format!("the watch fell {n} changes behind; watch again")))
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                let end = msg.is_err();
+                if tx.send(msg).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::cluster_server::Cluster for Api {
+    async fn list_workers(
+        &self,
+        _request: Request<pb::ListWorkersRequest>,
+    ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        Ok(Response::new(pb::ListWorkersResponse { workers: self.cluster.workers() }))
+    }
+}
+
+fn invalid(e: impl ToString) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+/// A model for `Inspect`: a path on the controller, or a catalog id.
+fn inspect_spec(model: &str) -> Result<gantry_core::ModelSpec, Status> {
+    let path = Path::new(model);
+    if path.exists() {
+        return gantry_worker::store::read_spec(path).map_err(invalid);
+    }
+    let catalog = Catalog::builtin().map_err(|e| Status::internal(e.to_string()))?;
+    match catalog.get(model) {
+        Ok(entry) => entry.spec().map_err(invalid),
+        Err(_) => Err(Status::not_found(format!(
+            "`{model}` is neither a path on the controller nor a model of Gantry's catalog"
+        ))),
+    }
+}
+
+fn request_gpus(gpus: &[pb::Gpu]) -> Vec<gantry_core::Gpu> {
+    gpus.iter().map(|g| gantry_core::Gpu { name: g.name.clone(), memory_bytes: g.memory_bytes }).collect()
+}
+
+#[tonic::async_trait]
+impl pb::models_server::Models for Api {
+    async fn inspect(&self, request: Request<pb::InspectRequest>) -> Result<Response<pb::InspectResponse>, Status> {
+        let r = request.into_inner();
+        let spec = inspect_spec(r.model.trim())?;
+        let options = ServeOptions {
+            context: (r.context > 0).then_some(r.context),
+            batch: r.batch.max(1),
+            dtype: if r.dtype.is_empty() { None } else { Some(WeightDtype::parse(&r.dtype).map_err(invalid)?) },
+            ..ServeOptions::default()
+        };
+        let estimate = estimate_vram(&spec, &options).map_err(invalid)?;
+        let gpus = if r.gpus.is_empty() { self.cluster.cluster_gpus() } else { request_gpus(&r.gpus) };
+        let (stages, no_fit_reason) = if gpus.is_empty() {
+            (Vec::new(), String::new())
+        } else {
+            let free: Vec<u64> = gpus.iter().map(|g| g.memory_bytes).collect();
+            match fit(&spec, &options, &free).map_err(invalid)? {
+                gantry_core::Fit::NoFit { reason } => (Vec::new(), reason),
+                f => (
+                    f.stages()
+                        .iter()
+                        .map(|s| pb::Stage {
+                            gpu_index: s.device as u32,
+                            layer_start: s.layers.start,
+                            layer_end: s.layers.end,
+                            total_bytes: s.total_bytes,
+                            free_bytes: s.free_bytes,
+                        })
+                        .collect(),
+                    String::new(),
+                ),
+            }
+        };
+        Ok(Response::new(pb::InspectResponse {
+            model: Some(pb::ModelFacts {
+                name: spec.name.clone(),
+                family: spec.family.to_string(),
+                family_group: spec.family.group().into(),
+                parameters: spec.parameters.total,
+                active_parameters: spec.parameters.active,
+                size_class: spec.size_class.as_str().into(),
+                weights_dtype: estimate.weights_dtype.clone(),
+                weights_bytes: spec.weights.bytes,
+                context_length: spec.context.length,
+                instruct: spec.tuning.instruct,
+                instruct_evidence: spec.tuning.evidence.clone(),
+                layers: spec.architecture.num_layers,
+            }),
+            memory: Some(pb::MemoryEstimate {
+                weights_bytes: estimate.weights_bytes,
+                kv_cache_bytes: estimate.kv_cache_bytes,
+                activation_bytes: estimate.activation_bytes,
+                overhead_bytes: estimate.overhead_bytes,
+                total_bytes: estimate.total_bytes,
+                context: estimate.context,
+                batch: estimate.batch,
+            }),
+            stages,
+            no_fit_reason,
+        }))
+    }
+
+    async fn select(&self, request: Request<pb::SelectRequest>) -> Result<Response<pb::SelectResponse>, Status> {
+        let r = request.into_inner();
+        let need = Need {
+            task: Task::parse(if r.task.is_empty() { "chat" } else { &r.task }).map_err(invalid)?,
+            latency: Latency::parse(if r.latency.is_empty() { "interactive" } else { &r.latency }).map_err(invalid)?,
+            min_context: (r.min_context > 0).then_some(r.min_context),
+            no_gated: r.no_gated,
+            max_params: (r.max_parameters > 0).then_some(r.max_parameters),
+        };
+        let gpus = if r.gpus.is_empty() { self.cluster.cluster_gpus() } else { request_gpus(&r.gpus) };
+        let catalog = Catalog::builtin().map_err(|e| Status::internal(e.to_string()))?;
+        let selection = select(&need, &gpus, &catalog).map_err(invalid)?;
+        Ok(Response::new(pb::SelectResponse {
+            candidates: selection
+                .candidates
+                .into_iter()
+                .map(|c| pb::Candidate {
+                    id: c.id,
+                    score: c.score,
+                    parameters: c.parameters,
+                    context: c.context,
+                    dtype: c.dtype,
+                    memory_bytes: c.memory_bytes,
+                    gpus_used: c.gpus_used as u32,
+                    gated: c.gated,
+                    reasons: c.reasons,
+                })
+                .collect(),
+            rejected: selection.rejected.into_iter().map(|r| pb::Rejection { id: r.id, reasons: r.reasons }).collect(),
+        }))
+    }
+
+    async fn list(&self, _request: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {
+        Ok(Response::new(pb::ListModelsResponse { models: self.cluster.models() }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::worker_link_server::WorkerLink for Api {
+    type AttachStream = EventStream<pb::ControllerMessage>;
+
+    async fn attach(
+        &self,
+        request: Request<Streaming<pb::WorkerMessage>>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no registration within 10 s of attaching"))??;
+        let Some(pb::WorkerMessage { message: Some(FromWorker::Register(reg)) }) = first else {
+            return Err(Status::invalid_argument("the first message on a worker link must be a registration"));
+        };
+        let worker = reg.worker_id.trim().to_string();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let session = self.cluster.register(reg, tx)?;
+        let cluster = self.cluster.clone();
+        tokio::spawn(async move {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(pb::WorkerMessage { message: Some(m) })) => match m {
+                        FromWorker::Heartbeat(status) => cluster.heartbeat(&worker, session, status),
+                        FromWorker::Progress(p) => cluster.progress(&worker, p),
+                        FromWorker::Result(r) => cluster.command_result(&worker, r),
+                        FromWorker::Register(_) => warn!(worker, "ignoring a second registration on one link"),
+                    },
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(e) => {
+                        warn!(worker, error = %e, "worker link failed");
+                        break;
+                    }
+                }
+            }
+            cluster.disconnected(&worker, session);
+        });
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+    }
+}

@@ -1,0 +1,1174 @@
+//! The controller's state and scheduler: desired deployments, the workers and their GPUs,
+//! where every replica is, and the loop that makes the actual state follow the desired one.
+//!
+//! Everything lives behind one mutex and every change goes through `reconcile`, which:
+//! removes replicas past the desired count (unloading them), places pending replicas with
+//! `gantry_core::placement` against each GPU's memory net of reservations, reserves the
+//! memory before the load command is sent, and releases it when a load fails or a worker is
+//! lost. Deployment records are written to the store before an API call returns; placements
+//! are written in order by one background writer.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use gantry_core::placement::{GpuView, NodeView, PlacedStage, Plan, ReplicaRequest, place};
+use gantry_core::units::format_bytes;
+use gantry_proto::v1 as pb;
+use pb::controller_message::Message as ToWorker;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, mpsc};
+use tonic::Status;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{info, warn};
+
+use crate::spec::{DeploymentRecord, DeploymentSpec, SizedModel, check_name, check_replicas, size_model};
+use crate::store::{Store, StoreError};
+
+/// Events kept per deployment.
+const MAX_EVENTS: usize = 50;
+/// First wait before a failed load is tried again; doubles per failure up to `MAX_RETRY`.
+const FIRST_RETRY: Duration = Duration::from_secs(2);
+const MAX_RETRY: Duration = Duration::from_secs(60);
+
+/// How the controller runs.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// A worker silent for this long is lost.
+    pub lease: Duration,
+    /// How often workers send heartbeats.
+    pub heartbeat: Duration,
+    /// Safety margin on top of each replica's estimate, in percent.
+    pub margin_percent: u64,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig { lease: Duration::from_secs(6), heartbeat: Duration::from_secs(1), margin_percent: 5 }
+    }
+}
+
+/// A replica's placement as stored under `placements/NAME/INDEX`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementRecord {
+    pub generation: u64,
+    pub stages: Vec<PlacedStage>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaState {
+    Pending,
+    Loading,
+    Ready,
+    Failed,
+}
+
+#[derive(Debug)]
+struct Replica {
+    state: ReplicaState,
+    placement: Option<PlacementRecord>,
+    reason: String,
+    progress: String,
+    retry_at: Option<Instant>,
+    failures: u32,
+    /// The load command in flight: (worker, command id).
+    command: Option<(String, u64)>,
+    /// Requests the router has sent to it and not seen end.
+    inflight: Arc<AtomicU32>,
+}
+
+impl Replica {
+    fn pending(reason: impl Into<String>) -> Replica {
+        Replica {
+            state: ReplicaState::Pending,
+            placement: None,
+            reason: reason.into(),
+            progress: String::new(),
+            retry_at: None,
+            failures: 0,
+            command: None,
+            inflight: Arc::new(AtomicU32::new(0)),
+        }
+    }
+
+    fn on_worker(&self, worker: &str) -> bool {
+        self.placement.as_ref().is_some_and(|p| p.stages.iter().any(|s| s.node == worker))
+    }
+}
+
+#[derive(Debug)]
+struct Deployment {
+    record: DeploymentRecord,
+    sized: Result<SizedModel, String>,
+    replicas: BTreeMap<u32, Replica>,
+    events: VecDeque<pb::DeploymentEventRecord>,
+}
+
+#[derive(Debug)]
+struct Worker {
+    id: String,
+    address: String,
+    version: String,
+    labels: BTreeMap<String, String>,
+    status: pb::StatusResponse,
+    /// The open link's sender; `None` while disconnected.
+    tx: Option<mpsc::UnboundedSender<Result<pb::ControllerMessage, Status>>>,
+    session: u64,
+    last_seen: Instant,
+    lost: bool,
+    channel: Option<Channel>,
+}
+
+/// What a running command is for.
+#[derive(Debug, Clone)]
+struct Command {
+    worker: String,
+    deployment: String,
+    replica: u32,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    deployments: BTreeMap<String, Deployment>,
+    workers: BTreeMap<String, Worker>,
+    commands: HashMap<u64, Command>,
+    next_command: u64,
+    next_session: u64,
+    /// The last view of each deployment sent to watchers.
+    published: HashMap<String, pb::Deployment>,
+}
+
+/// A write for the store, applied in order by the writer task.
+#[derive(Debug)]
+enum StoreOp {
+    Put(String, Vec<u8>),
+    Delete(String),
+    DeletePrefix(String),
+}
+
+/// A ready replica the router may send a request to.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub worker: String,
+    pub model_id: String,
+    pub channel: Channel,
+    pub inflight: Arc<AtomicU32>,
+}
+
+/// The controller's shared state.
+#[derive(Debug)]
+pub struct Cluster {
+    state: Mutex<State>,
+    store: Arc<dyn Store>,
+    config: ControllerConfig,
+    writes: mpsc::UnboundedSender<StoreOp>,
+    changes: broadcast::Sender<pb::DeploymentEvent>,
+    started: Instant,
+}
+
+/// The model id a replica is loaded under on its worker: `NAME/INDEX`.
+pub fn replica_model_id(deployment: &str, index: u32) -> String {
+    format!("{deployment}/{index}")
+}
+
+/// The deployment and replica of a model id the controller loaded, if it is one.
+fn parse_replica_model_id(id: &str) -> Option<(&str, u32)> {
+    let (name, index) = id.split_once('/')?;
+    check_name(name).ok()?;
+    Some((name, index.parse().ok()?))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+fn store_status(e: StoreError) -> Status {
+    match e {
+        StoreError::Unavailable(m) => Status::unavailable(format!("the state store is unreachable: {m}")),
+        StoreError::Busy(m) => Status::failed_precondition(m),
+        StoreError::Backend(m) => Status::internal(format!("the state store failed: {m}")),
+    }
+}
+
+impl Cluster {
+    /// Loads the deployments and placements in `store` and starts the writer, lease and
+    /// retry tasks. Call after this controller has won leadership.
+    pub async fn start(store: Arc<dyn Store>, config: ControllerConfig) -> Result<Arc<Cluster>, StoreError> {
+        let (writes, mut write_rx) = mpsc::unbounded_channel::<StoreOp>();
+        let (changes, _) = broadcast::channel(1024);
+        let mut state = State::default();
+        let started = Instant::now();
+        for (key, value) in store.list("deployments/").await? {
+            let record: DeploymentRecord = match serde_json::from_slice(&value) {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(key, error = %e, "skipping an unreadable deployment record");
+                    continue;
+                }
+            };
+            let sized = size_model(&record.spec);
+            state.deployments.insert(
+                record.name.clone(),
+                Deployment { record, sized, replicas: BTreeMap::new(), events: VecDeque::new() },
+            );
+        }
+        for (key, value) in store.list("placements/").await? {
+            let Some((name, index)) = key.strip_prefix("placements/").and_then(parse_replica_model_id) else {
+                continue;
+            };
+            let Ok(placement) = serde_json::from_slice::<PlacementRecord>(&value) else { continue };
+            let Some(d) = state.deployments.get_mut(name) else {
+                // A placement of a deleted deployment: forget it.
+                let _ = store.delete(&key).await;
+                continue;
+            };
+            let workers: Vec<&str> = placement.stages.iter().map(|s| s.node.as_str()).collect();
+            let mut r = Replica::pending(format!("waiting for {} to reconnect", workers.join(", ")));
+            r.state = ReplicaState::Loading;
+            r.placement = Some(placement);
+            d.replicas.insert(index, r);
+        }
+        let restored: usize = state.deployments.values().map(|d| d.replicas.len()).sum();
+        if !state.deployments.is_empty() {
+            info!(
+                deployments = state.deployments.len(),
+                placements = restored,
+                store = %store.describe(),
+                "restored state"
+            );
+        }
+
+        let writer_store = store.clone();
+        tokio::spawn(async move {
+            while let Some(op) = write_rx.recv().await {
+                let (key, result) = match op {
+                    StoreOp::Put(key, value) => {
+                        let r = writer_store.put(&key, value).await;
+                        (key, r)
+                    }
+                    StoreOp::Delete(key) => {
+                        let r = writer_store.delete(&key).await.map(|_| ());
+                        (key, r)
+                    }
+                    StoreOp::DeletePrefix(prefix) => {
+                        let r = writer_store.delete_prefix(&prefix).await.map(|_| ());
+                        (prefix, r)
+                    }
+                };
+                if let Err(e) = result {
+                    warn!(key, error = %e, "could not write to the state store");
+                }
+            }
+        });
+
+        let cluster = Arc::new(Cluster { state: Mutex::new(state), store, config, writes, changes, started });
+        // Leases, retries and anything waiting on time.
+        let weak = Arc::downgrade(&cluster);
+        let tick = (cluster.config.lease / 4).clamp(Duration::from_millis(50), Duration::from_millis(500));
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(tick);
+            loop {
+                interval.tick().await;
+                let Some(c) = weak.upgrade() else { return };
+                c.tick();
+            }
+        });
+        Ok(cluster)
+    }
+
+    pub fn config(&self) -> &ControllerConfig {
+        &self.config
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock would be a bug; keep serving what is there.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Lease checks and retries; also runs `reconcile`.
+    fn tick(&self) {
+        let mut st = self.lock();
+        let now = Instant::now();
+        let lease = self.config.lease;
+        let lost: Vec<String> = st
+            .workers
+            .values()
+            .filter(|w| !w.lost && now.duration_since(w.last_seen) > lease)
+            .map(|w| w.id.clone())
+            .collect();
+        for id in lost {
+            self.worker_lost(&mut st, &id);
+        }
+        // Placements restored from the store whose worker never came back.
+        if now.duration_since(self.started) > lease {
+            let known: Vec<String> = st.workers.iter().filter(|(_, w)| !w.lost).map(|(k, _)| k.clone()).collect();
+            let mut orphaned = Vec::new();
+            for (name, d) in &st.deployments {
+                for (&i, r) in &d.replicas {
+                    if let Some(p) = &r.placement
+                        && let Some(s) = p.stages.iter().find(|s| !known.contains(&s.node))
+                    {
+                        orphaned.push((name.clone(), i, s.node.clone()));
+                    }
+                }
+            }
+            for (name, i, worker) in orphaned {
+                let msg = format!("worker {worker} did not come back within its lease; replica {i} is placed again");
+                self.release(&mut st, &name, i, ReplicaState::Pending, &msg);
+                self.event(&mut st, &name, "WorkerLost", msg);
+            }
+        }
+        self.reconcile(&mut st);
+    }
+
+    // ---- Deployments API ----
+
+    /// Creates or updates a deployment; returns its view.
+    pub async fn apply(&self, name: &str, spec: DeploymentSpec) -> Result<pb::Deployment, Status> {
+        check_name(name)?;
+        let sized = size_model(&spec).map_err(Status::invalid_argument)?;
+        let (record, existed) = {
+            let st = self.lock();
+            match st.deployments.get(name) {
+                Some(d) => {
+                    let generation = d.record.generation + u64::from(d.record.spec.differs_beyond_replicas(&spec));
+                    (DeploymentRecord { spec, generation, ..d.record.clone() }, true)
+                }
+                None => (DeploymentRecord { name: name.into(), spec, generation: 1, created_ms: now_ms() }, false),
+            }
+        };
+        self.store.put(&format!("deployments/{name}"), to_json(&record)).await.map_err(store_status)?;
+        let mut st = self.lock();
+        let msg = format!(
+            "{} {} replica(s) of {} ({} each with a {}% margin)",
+            if existed { "updated to" } else { "created with" },
+            record.spec.replicas,
+            record.spec.source,
+            format_bytes(sized.bytes),
+            self.config.margin_percent
+        );
+        match st.deployments.get_mut(name) {
+            Some(d) => {
+                d.record = record;
+                d.sized = Ok(sized);
+            }
+            None => {
+                st.deployments.insert(
+                    name.into(),
+                    Deployment { record, sized: Ok(sized), replicas: BTreeMap::new(), events: VecDeque::new() },
+                );
+            }
+        }
+        info!(deployment = name, "{msg}");
+        self.event(&mut st, name, if existed { "Updated" } else { "Created" }, msg);
+        self.reconcile(&mut st);
+        Self::view(&st, name, &self.config).ok_or_else(|| Status::internal("the deployment vanished"))
+    }
+
+    pub fn get(&self, name: &str) -> Result<pb::Deployment, Status> {
+        let st = self.lock();
+        Self::view(&st, name, &self.config).ok_or_else(|| not_found(&st, name))
+    }
+
+    pub fn list(&self) -> Vec<pb::Deployment> {
+        let st = self.lock();
+        st.deployments.keys().filter_map(|n| Self::view(&st, n, &self.config)).collect()
+    }
+
+    pub async fn scale(&self, name: &str, replicas: u32) -> Result<pb::Deployment, Status> {
+        check_replicas(replicas)?;
+        let record = {
+            let st = self.lock();
+            let d = st.deployments.get(name).ok_or_else(|| not_found(&st, name))?;
+            let mut record = d.record.clone();
+            record.spec.replicas = replicas;
+            record
+        };
+        self.store.put(&format!("deployments/{name}"), to_json(&record)).await.map_err(store_status)?;
+        let mut st = self.lock();
+        let Some(d) = st.deployments.get_mut(name) else { return Err(not_found(&st, name)) };
+        let before = d.record.spec.replicas;
+        d.record.spec.replicas = replicas;
+        if before != replicas {
+            self.event(&mut st, name, "Scaled", format!("scaled from {before} to {replicas} replica(s)"));
+        }
+        self.reconcile(&mut st);
+        Self::view(&st, name, &self.config).ok_or_else(|| Status::internal("the deployment vanished"))
+    }
+
+    pub async fn delete(&self, name: &str) -> Result<(), Status> {
+        {
+            let st = self.lock();
+            if !st.deployments.contains_key(name) {
+                return Err(not_found(&st, name));
+            }
+        }
+        self.store.delete(&format!("deployments/{name}")).await.map_err(store_status)?;
+        let mut st = self.lock();
+        if let Some(d) = st.deployments.remove(name) {
+            for (i, r) in d.replicas {
+                self.unload_replica(&mut st, name, i, &r);
+            }
+        }
+        let _ = self.writes.send(StoreOp::DeletePrefix(format!("placements/{name}/")));
+        st.published.remove(name);
+        info!(deployment = name, "deleted");
+        let _ = self.changes.send(pb::DeploymentEvent {
+            kind: pb::deployment_event::Kind::Deleted as i32,
+            deployment: Some(pb::Deployment { name: name.into(), ..Default::default() }),
+        });
+        Ok(())
+    }
+
+    /// The current deployments, and a receiver for every later change.
+    pub fn watch(&self) -> (Vec<pb::Deployment>, broadcast::Receiver<pb::DeploymentEvent>) {
+        let st = self.lock();
+        let rx = self.changes.subscribe();
+        (st.deployments.keys().filter_map(|n| Self::view(&st, n, &self.config)).collect(), rx)
+    }
+
+    /// Deployed models for `Models/List`.
+    pub fn models(&self) -> Vec<pb::DeployedModel> {
+        let st = self.lock();
+        st.deployments
+            .values()
+            .map(|d| {
+                let ready = d.replicas.values().filter(|r| r.state == ReplicaState::Ready).count() as u32;
+                let mut m = pb::DeployedModel {
+                    name: d.record.name.clone(),
+                    source: d.record.spec.source.clone(),
+                    replicas: d.record.spec.replicas,
+                    ready_replicas: ready,
+                    ..Default::default()
+                };
+                if let Ok(s) = &d.sized {
+                    m.family = s.spec.family.to_string();
+                    m.parameters = s.spec.parameters.total;
+                    m.context_length = s.options.context.unwrap_or(s.spec.context.length);
+                    m.instruct = s.spec.tuning.instruct;
+                }
+                m
+            })
+            .collect()
+    }
+
+    // ---- Workers ----
+
+    /// A worker registered on a new link; returns its session number.
+    pub fn register(
+        &self,
+        reg: pb::WorkerRegistration,
+        tx: mpsc::UnboundedSender<Result<pb::ControllerMessage, Status>>,
+    ) -> Result<u64, Status> {
+        let id = reg.worker_id.trim().to_string();
+        if id.is_empty() {
+            return Err(Status::invalid_argument("the worker registered without a worker_id"));
+        }
+        let status = reg.status.unwrap_or_default();
+        let channel = Endpoint::from_shared(format!("http://{}", reg.address))
+            .map_err(|e| Status::invalid_argument(format!("worker address `{}`: {e}", reg.address)))?
+            .connect_timeout(Duration::from_secs(3))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        let mut st = self.lock();
+        st.next_session += 1;
+        let session = st.next_session;
+        let registered = pb::Registered {
+            heartbeat_ms: self.config.heartbeat.as_millis() as u64,
+            lease_ms: self.config.lease.as_millis() as u64,
+        };
+        let _ = tx.send(Ok(pb::ControllerMessage { message: Some(ToWorker::Registered(registered)) }));
+        let returning = st.workers.get(&id).map(|w| w.lost);
+        info!(
+            worker = %id,
+            address = %reg.address,
+            gpus = status.gpus.len(),
+            loaded = status.models.len(),
+            "{}",
+            match returning {
+                Some(true) => "worker came back after being lost",
+                Some(false) => "worker reconnected",
+                None => "worker registered",
+            }
+        );
+        let record = serde_json::json!({
+            "address": reg.address, "version": reg.version, "labels": reg.labels, "registered_ms": now_ms(),
+        });
+        let _ = self.writes.send(StoreOp::Put(format!("workers/{id}"), to_json(&record)));
+        st.workers.insert(
+            id.clone(),
+            Worker {
+                id: id.clone(),
+                address: reg.address,
+                version: reg.version,
+                labels: reg.labels.into_iter().collect(),
+                status,
+                tx: Some(tx),
+                session,
+                last_seen: Instant::now(),
+                lost: false,
+                channel: Some(channel),
+            },
+        );
+        self.adopt(&mut st, &id);
+        self.reconcile(&mut st);
+        Ok(session)
+    }
+
+    /// Matches what a (re)registered worker has loaded with what it should have: replicas
+    /// placed on it that it has are ready, those it lacks are loaded again, and replicas it
+    /// holds that the controller no longer wants are unloaded.
+    fn adopt(&self, st: &mut State, worker: &str) {
+        let loaded: Vec<String> = st.workers[worker]
+            .status
+            .models
+            .iter()
+            .filter_map(|m| m.info.as_ref().map(|i| i.model_id.clone()))
+            .collect();
+        // Commands sent on an earlier link are void.
+        st.commands.retain(|_, c| c.worker != worker);
+        let mut want = Vec::new();
+        for (name, d) in &mut st.deployments {
+            for (&i, r) in &mut d.replicas {
+                if !r.on_worker(worker) {
+                    continue;
+                }
+                let id = replica_model_id(name, i);
+                if loaded.contains(&id) {
+                    if r.state != ReplicaState::Ready {
+                        r.state = ReplicaState::Ready;
+                        r.reason.clear();
+                        r.progress.clear();
+                        r.command = None;
+                    }
+                } else {
+                    want.push((name.clone(), i));
+                }
+            }
+        }
+        for (name, i) in want {
+            // Reserved already; send the load again.
+            self.send_load(st, &name, i);
+        }
+        for id in loaded {
+            let Some((name, i)) = parse_replica_model_id(&id) else { continue };
+            let wanted = st.deployments.get(name).and_then(|d| d.replicas.get(&i)).is_some_and(|r| r.on_worker(worker));
+            if !wanted {
+                info!(worker, model = %id, "unloading a replica the controller no longer wants");
+                self.send_unload(st, worker, &id);
+            }
+        }
+    }
+
+    /// A heartbeat from `worker`'s link `session`.
+    pub fn heartbeat(&self, worker: &str, session: u64, status: pb::StatusResponse) {
+        let mut st = self.lock();
+        let Some(w) = st.workers.get_mut(worker) else { return };
+        if w.session != session {
+            return;
+        }
+        w.status = status;
+        w.last_seen = Instant::now();
+        let was_lost = w.lost;
+        w.lost = false;
+        if was_lost {
+            self.adopt(&mut st, worker);
+        }
+        self.reconcile(&mut st);
+    }
+
+    /// Load progress of a command.
+    pub fn progress(&self, worker: &str, p: pb::CommandProgress) {
+        let mut st = self.lock();
+        if let Some(w) = st.workers.get_mut(worker) {
+            w.last_seen = Instant::now();
+        }
+        let Some(c) = st.commands.get(&p.command_id).cloned() else { return };
+        let Some(pr) = p.progress else { return };
+        if let Some(r) = st.deployments.get_mut(&c.deployment).and_then(|d| d.replicas.get_mut(&c.replica)) {
+            r.progress = if pr.total > 0 {
+                format!("{} {} {}/{}", pr.stage, pr.item, pr.done, pr.total)
+            } else {
+                format!("{} {}", pr.stage, pr.item)
+            };
+        }
+        self.publish(&mut st);
+    }
+
+    /// The end of a command.
+    pub fn command_result(&self, worker: &str, result: pb::CommandResult) {
+        let mut st = self.lock();
+        let Some(c) = st.commands.remove(&result.command_id) else { return };
+        if c.worker != worker {
+            return;
+        }
+        let Some(r) = st.deployments.get_mut(&c.deployment).and_then(|d| d.replicas.get_mut(&c.replica)) else {
+            return;
+        };
+        if r.command.as_ref().is_none_or(|(_, id)| *id != result.command_id) {
+            return;
+        }
+        r.command = None;
+        r.progress.clear();
+        if result.code == 0 {
+            r.state = ReplicaState::Ready;
+            r.reason.clear();
+            r.failures = 0;
+            let load_ms = result.model.as_ref().map_or(0, |m| m.load_ms);
+            let msg = format!("replica {} ready on {worker} (loaded in {load_ms} ms)", c.replica);
+            info!(deployment = %c.deployment, "{msg}");
+            self.event(&mut st, &c.deployment, "Loaded", msg);
+        } else {
+            let code = tonic::Code::from_i32(result.code);
+            let msg = format!("replica {} failed to load on {worker}: {} ({code:?})", c.replica, result.error);
+            warn!(deployment = %c.deployment, "{msg}");
+            self.release(&mut st, &c.deployment, c.replica, ReplicaState::Failed, &msg);
+            if let Some(r) = st.deployments.get_mut(&c.deployment).and_then(|d| d.replicas.get_mut(&c.replica)) {
+                r.failures += 1;
+                let wait = FIRST_RETRY.saturating_mul(1 << r.failures.min(5).saturating_sub(1)).min(MAX_RETRY);
+                r.retry_at = Some(Instant::now() + wait);
+            }
+            self.event(&mut st, &c.deployment, "LoadFailed", msg);
+        }
+        self.reconcile(&mut st);
+    }
+
+    /// The link of `worker`'s `session` ended. The worker is lost only when its lease runs out.
+    pub fn disconnected(&self, worker: &str, session: u64) {
+        let mut st = self.lock();
+        if let Some(w) = st.workers.get_mut(worker)
+            && w.session == session
+        {
+            w.tx = None;
+            info!(worker, "worker link closed; lost if it does not return within its lease");
+        }
+    }
+
+    fn worker_lost(&self, st: &mut State, id: &str) {
+        let Some(w) = st.workers.get_mut(id) else { return };
+        w.lost = true;
+        w.tx = None;
+        let silent = w.last_seen.elapsed();
+        warn!(worker = id, silent_ms = silent.as_millis() as u64, "worker lost: its lease ran out");
+        let affected: Vec<(String, u32)> = st
+            .deployments
+            .iter()
+            .flat_map(|(n, d)| d.replicas.iter().filter(|(_, r)| r.on_worker(id)).map(move |(&i, _)| (n.clone(), i)))
+            .collect();
+        st.commands.retain(|_, c| c.worker != id);
+        for (name, i) in affected {
+            let msg = format!(
+                "worker {id} lost (silent for {:.1} s, lease {:.1} s); replica {i} is placed again",
+                silent.as_secs_f64(),
+                self.config.lease.as_secs_f64()
+            );
+            self.release(st, &name, i, ReplicaState::Pending, &msg);
+            self.event(st, &name, "WorkerLost", msg);
+        }
+    }
+
+    /// Forgets a replica's placement and reservation and sets its state.
+    fn release(&self, st: &mut State, name: &str, index: u32, state: ReplicaState, reason: &str) {
+        let Some(r) = st.deployments.get_mut(name).and_then(|d| d.replicas.get_mut(&index)) else { return };
+        r.placement = None;
+        r.command = None;
+        r.state = state;
+        r.reason = reason.to_string();
+        r.progress.clear();
+        let _ = self.writes.send(StoreOp::Delete(format!("placements/{name}/{index}")));
+    }
+
+    fn unload_replica(&self, st: &mut State, name: &str, index: u32, r: &Replica) {
+        let id = replica_model_id(name, index);
+        if let Some(p) = &r.placement {
+            for s in &p.stages {
+                self.send_unload(st, &s.node, &id);
+            }
+        }
+        let _ = self.writes.send(StoreOp::Delete(format!("placements/{name}/{index}")));
+    }
+
+    fn send_unload(&self, st: &mut State, worker: &str, model_id: &str) {
+        st.next_command += 1;
+        let command_id = st.next_command;
+        if let Some(tx) = st.workers.get(worker).and_then(|w| w.tx.as_ref()) {
+            let cmd = pb::UnloadCommand {
+                command_id,
+                request: Some(pb::UnloadModelRequest { model_id: model_id.to_string() }),
+            };
+            let _ = tx.send(Ok(pb::ControllerMessage { message: Some(ToWorker::Unload(cmd)) }));
+        }
+    }
+
+    /// Sends the load command of a placed replica to its worker.
+    fn send_load(&self, st: &mut State, name: &str, index: u32) {
+        st.next_command += 1;
+        let command_id = st.next_command;
+        let Some(d) = st.deployments.get_mut(name) else { return };
+        let source = d.record.spec.source.clone();
+        let context = d.record.spec.context_length;
+        let Some(r) = d.replicas.get_mut(&index) else { return };
+        let Some(stage) = r.placement.as_ref().and_then(|p| p.stages.first()).cloned() else { return };
+        let Some(w) = st.workers.get(&stage.node) else { return };
+        let Some(tx) = &w.tx else {
+            r.state = ReplicaState::Loading;
+            r.reason = format!("waiting for {} to reconnect", stage.node);
+            return;
+        };
+        let cpu = w.status.gpus.iter().find(|g| g.index == stage.gpu).is_some_and(|g| g.source == "cpu");
+        let request = pb::LoadModelRequest {
+            model_id: replica_model_id(name, index),
+            source,
+            device: if cpu { "cpu".into() } else { format!("gpu:{}", stage.gpu) },
+            layer_start: 0,
+            layer_end: 0,
+            context_length: context,
+        };
+        let cmd = pb::LoadCommand { command_id, request: Some(request) };
+        if tx.send(Ok(pb::ControllerMessage { message: Some(ToWorker::Load(cmd)) })).is_ok() {
+            r.state = ReplicaState::Loading;
+            r.reason = format!("loading on {} gpu:{}", stage.node, stage.gpu);
+            r.command = Some((stage.node.clone(), command_id));
+            st.commands
+                .insert(command_id, Command { worker: stage.node, deployment: name.to_string(), replica: index });
+        }
+    }
+
+    // ---- The scheduler ----
+
+    /// Each GPU as placement sees it: its memory net of what is reserved.
+    fn nodes(st: &State) -> Vec<NodeView> {
+        // Reservations per (worker, gpu): all, and those the worker's last report does not
+        // show yet (its free memory already counts the loaded ones).
+        let mut reserved: HashMap<(&str, u32), (u64, u64)> = HashMap::new();
+        for (name, d) in &st.deployments {
+            for (&i, r) in &d.replicas {
+                let Some(p) = &r.placement else { continue };
+                let id = replica_model_id(name, i);
+                for s in &p.stages {
+                    let shown = st.workers.get(&s.node).is_some_and(|w| {
+                        w.status.models.iter().any(|m| m.info.as_ref().is_some_and(|info| info.model_id == id))
+                    });
+                    let e = reserved.entry((s.node.as_str(), s.gpu)).or_default();
+                    e.0 += s.bytes;
+                    if !shown {
+                        e.1 += s.bytes;
+                    }
+                }
+            }
+        }
+        st.workers
+            .values()
+            .filter(|w| !w.lost && w.tx.is_some())
+            .map(|w| NodeView {
+                id: w.id.clone(),
+                labels: w.labels.clone(),
+                gpus: w
+                    .status
+                    .gpus
+                    .iter()
+                    .map(|g| {
+                        let (all, unshown) = reserved.get(&(w.id.as_str(), g.index)).copied().unwrap_or_default();
+                        GpuView {
+                            index: g.index,
+                            name: g.name.clone(),
+                            total_bytes: g.total_bytes,
+                            free_bytes: g.total_bytes.saturating_sub(all).min(g.free_bytes.saturating_sub(unshown)),
+                        }
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// Makes the actual state follow the desired one, then tells watchers what changed.
+    fn reconcile(&self, st: &mut State) {
+        let names: Vec<String> = st.deployments.keys().cloned().collect();
+        let now = Instant::now();
+        for name in &names {
+            // Replicas past the desired count go, highest first.
+            let Some(d) = st.deployments.get_mut(name) else { continue };
+            let want = d.record.spec.replicas;
+            let extra: Vec<u32> = d.replicas.keys().copied().filter(|&i| i >= want).collect();
+            let mut removed = Vec::new();
+            for i in extra.into_iter().rev() {
+                if let Some(r) = d.replicas.remove(&i) {
+                    removed.push((i, r));
+                }
+            }
+            for (i, r) in &removed {
+                self.unload_replica(st, name, *i, r);
+            }
+            let Some(d) = st.deployments.get_mut(name) else { continue };
+            // A new generation replaces replicas placed for an older one.
+            let generation = d.record.generation;
+            let stale: Vec<u32> = d
+                .replicas
+                .iter()
+                .filter(|(_, r)| r.placement.as_ref().is_some_and(|p| p.generation != generation))
+                .map(|(&i, _)| i)
+                .collect();
+            for i in stale {
+                let Some(d) = st.deployments.get_mut(name) else { break };
+                if let Some(r) = d.replicas.remove(&i) {
+                    self.unload_replica(st, name, i, &r);
+                }
+            }
+            let Some(d) = st.deployments.get_mut(name) else { continue };
+            for i in 0..want {
+                d.replicas.entry(i).or_insert_with(|| Replica::pending("waiting to be placed"));
+            }
+        }
+        // Place what is pending, deployments in name order, replicas in index order.
+        for name in &names {
+            let pending: Vec<u32> = match st.deployments.get(name) {
+                Some(d) => d
+                    .replicas
+                    .iter()
+                    .filter(|(_, r)| {
+                        matches!(r.state, ReplicaState::Pending | ReplicaState::Failed)
+                            && r.placement.is_none()
+                            && r.retry_at.is_none_or(|t| t <= now)
+                    })
+                    .map(|(&i, _)| i)
+                    .collect(),
+                None => continue,
+            };
+            for i in pending {
+                self.place_replica(st, name, i);
+            }
+        }
+        self.publish(st);
+    }
+
+    fn place_replica(&self, st: &mut State, name: &str, index: u32) {
+        let nodes = Self::nodes(st);
+        let Some(d) = st.deployments.get(name) else { return };
+        let sized = match &d.sized {
+            Ok(s) => s.clone(),
+            Err(e) => {
+                let e = e.clone();
+                self.set_pending(st, name, index, &format!("cannot size the model: {e}"));
+                return;
+            }
+        };
+        let mut replicas_on_node: BTreeMap<String, u32> = BTreeMap::new();
+        for r in d.replicas.values() {
+            if let Some(p) = &r.placement
+                && let Some(s) = p.stages.first()
+            {
+                *replicas_on_node.entry(s.node.clone()).or_default() += 1;
+            }
+        }
+        let policy = d.record.spec.policy.clone();
+        let generation = d.record.generation;
+        let request = ReplicaRequest {
+            spec: &sized.spec,
+            options: sized.options.clone(),
+            policy: &policy,
+            margin_percent: self.config.margin_percent,
+            replicas_on_node: &replicas_on_node,
+        };
+        if nodes.is_empty() {
+            self.set_pending(st, name, index, "no workers are connected");
+            return;
+        }
+        match place(&nodes, &request) {
+            Err(e) => self.set_pending(st, name, index, &format!("cannot size the model: {e}")),
+            Ok(Err(unschedulable)) => {
+                self.set_pending(st, name, index, &format!("unschedulable: {unschedulable}"));
+            }
+            Ok(Ok(plan @ (Plan::MultiGpu { .. } | Plan::MultiNode { .. }))) => {
+                let stages: Vec<String> = plan
+                    .stages()
+                    .iter()
+                    .map(|s| {
+                        format!(
+                            "{} gpu:{} layers {}-{} ({})",
+                            s.node,
+                            s.gpu,
+                            s.layers.start,
+                            s.layers.end,
+                            format_bytes(s.bytes)
+                        )
+                    })
+                    .collect();
+                self.set_pending(
+                    st,
+                    name,
+                    index,
+                    &format!(
+                        "no single GPU can hold it; it needs its layers split: {}. Running split replicas comes with layer sharding (not in this version)",
+                        stages.join(", ")
+                    ),
+                );
+            }
+            Ok(Ok(Plan::OneGpu { stage })) => {
+                let msg = format!(
+                    "replica {index} placed on {} gpu:{} ({} reserved)",
+                    stage.node,
+                    stage.gpu,
+                    format_bytes(stage.bytes)
+                );
+                let record = PlacementRecord { generation, stages: vec![stage] };
+                let _ = self.writes.send(StoreOp::Put(format!("placements/{name}/{index}"), to_json(&record)));
+                if let Some(r) = st.deployments.get_mut(name).and_then(|d| d.replicas.get_mut(&index)) {
+                    r.placement = Some(record);
+                    r.retry_at = None;
+                }
+                info!(deployment = name, "{msg}");
+                self.event(st, name, "Placed", msg);
+                self.send_load(st, name, index);
+            }
+        }
+    }
+
+    fn set_pending(&self, st: &mut State, name: &str, index: u32, reason: &str) {
+        let Some(r) = st.deployments.get_mut(name).and_then(|d| d.replicas.get_mut(&index)) else { return };
+        let changed = r.reason != reason;
+        r.state = ReplicaState::Pending;
+        r.reason = reason.to_string();
+        if changed {
+            info!(deployment = name, replica = index, "{reason}");
+            self.event(st, name, "Pending", format!("replica {index}: {reason}"));
+        }
+    }
+
+    fn event(&self, st: &mut State, name: &str, kind: &str, message: String) {
+        if let Some(d) = st.deployments.get_mut(name) {
+            // The same message again (a pending reason re-checked) is not a new event.
+            if d.events.back().is_some_and(|e| e.kind == kind && e.message == message) {
+                return;
+            }
+            d.events.push_back(pb::DeploymentEventRecord { at_ms: now_ms(), kind: kind.into(), message });
+            while d.events.len() > MAX_EVENTS {
+                d.events.pop_front();
+            }
+        }
+    }
+
+    /// Sends watchers each deployment whose view changed.
+    fn publish(&self, st: &mut State) {
+        let names: Vec<String> = st.deployments.keys().cloned().collect();
+        for name in names {
+            let Some(view) = Self::view(st, &name, &self.config) else { continue };
+            if st.published.get(&name) == Some(&view) {
+                continue;
+            }
+            st.published.insert(name, view.clone());
+            let _ = self
+                .changes
+                .send(pb::DeploymentEvent { kind: pb::deployment_event::Kind::Changed as i32, deployment: Some(view) });
+        }
+    }
+
+    fn view(st: &State, name: &str, config: &ControllerConfig) -> Option<pb::Deployment> {
+        let d = st.deployments.get(name)?;
+        let replica_status: Vec<pb::Replica> = d
+            .replicas
+            .iter()
+            .map(|(&index, r)| pb::Replica {
+                index,
+                state: match r.state {
+                    ReplicaState::Pending => pb::ReplicaState::Pending,
+                    ReplicaState::Loading => pb::ReplicaState::Loading,
+                    ReplicaState::Ready => pb::ReplicaState::Ready,
+                    ReplicaState::Failed => pb::ReplicaState::Failed,
+                } as i32,
+                stages: r
+                    .placement
+                    .iter()
+                    .flat_map(|p| &p.stages)
+                    .map(|s| pb::ReplicaStage {
+                        worker_id: s.node.clone(),
+                        gpu_index: s.gpu,
+                        layer_start: s.layers.start,
+                        layer_end: s.layers.end,
+                        reserved_bytes: s.bytes,
+                    })
+                    .collect(),
+                reason: r.reason.clone(),
+                progress: r.progress.clone(),
+            })
+            .collect();
+        let ready = d.replicas.values().filter(|r| r.state == ReplicaState::Ready).count() as u32;
+        let loading = d.replicas.values().any(|r| r.state == ReplicaState::Loading);
+        let want = d.record.spec.replicas;
+        let phase = if ready >= want {
+            "Ready"
+        } else if loading {
+            "Progressing"
+        } else if ready > 0 {
+            "Degraded"
+        } else {
+            "Pending"
+        };
+        let replica_bytes = d.sized.as_ref().map_or(0, |s| s.bytes * (100 + config.margin_percent) / 100);
+        Some(pb::Deployment {
+            name: name.to_string(),
+            spec: Some(d.record.spec.to_proto()),
+            status: Some(pb::DeploymentStatus {
+                replicas: d.replicas.len() as u32,
+                ready_replicas: ready,
+                replica_status,
+                observed_generation: d.record.generation,
+                events: d.events.iter().cloned().collect(),
+                replica_bytes,
+                phase: phase.into(),
+            }),
+            generation: d.record.generation,
+            created_ms: d.record.created_ms,
+        })
+    }
+
+    // ---- Routing and the cluster view ----
+
+    /// Two ready replicas of `model` at random, the less loaded of them (power of two choices).
+    pub fn pick(&self, model: &str) -> Result<Target, Status> {
+        let st = self.lock();
+        let d = st.deployments.get(model).ok_or_else(|| not_found(&st, model))?;
+        let mut ready: Vec<Target> = Vec::new();
+        let mut load: Vec<u64> = Vec::new();
+        for (&i, r) in &d.replicas {
+            if r.state != ReplicaState::Ready {
+                continue;
+            }
+            let Some(stage) = r.placement.as_ref().and_then(|p| p.stages.first()) else { continue };
+            let Some(w) = st.workers.get(&stage.node).filter(|w| !w.lost) else { continue };
+            let Some(channel) = w.channel.clone() else { continue };
+            let model_id = replica_model_id(model, i);
+            let queued = w
+                .status
+                .models
+                .iter()
+                .find(|m| m.info.as_ref().is_some_and(|info| info.model_id == model_id))
+                .map_or(0, |m| u64::from(m.queued));
+            load.push(u64::from(r.inflight.load(Ordering::Relaxed)) + queued);
+            ready.push(Target { worker: w.id.clone(), model_id, channel, inflight: r.inflight.clone() });
+        }
+        match ready.len() {
+            0 => Err(Status::unavailable(no_replica_reason(model, d))),
+            1 => Ok(ready.swap_remove(0)),
+            n => {
+                let a = rand::random_range(0..n);
+                let mut b = rand::random_range(0..n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                let pick = if load[b] < load[a] { b } else { a };
+                Ok(ready.swap_remove(pick))
+            }
+        }
+    }
+
+    /// Every worker with its GPUs, reservations and replicas.
+    pub fn workers(&self) -> Vec<pb::WorkerInfo> {
+        let st = self.lock();
+        let mut per_gpu: HashMap<(&str, u32), (u64, Vec<String>)> = HashMap::new();
+        for (name, d) in &st.deployments {
+            for (&i, r) in &d.replicas {
+                for s in r.placement.iter().flat_map(|p| &p.stages) {
+                    let e = per_gpu.entry((s.node.as_str(), s.gpu)).or_default();
+                    e.0 += s.bytes;
+                    e.1.push(replica_model_id(name, i));
+                }
+            }
+        }
+        st.workers
+            .values()
+            .map(|w| pb::WorkerInfo {
+                worker_id: w.id.clone(),
+                address: w.address.clone(),
+                version: w.version.clone(),
+                labels: w.labels.clone().into_iter().collect(),
+                gpus: w
+                    .status
+                    .gpus
+                    .iter()
+                    .map(|g| {
+                        let (reserved, replicas) = per_gpu.get(&(w.id.as_str(), g.index)).cloned().unwrap_or_default();
+                        pb::GpuUsage {
+                            index: g.index,
+                            name: g.name.clone(),
+                            total_bytes: g.total_bytes,
+                            free_bytes: g.free_bytes,
+                            reserved_bytes: reserved,
+                            replicas,
+                        }
+                    })
+                    .collect(),
+                state: if w.lost {
+                    "lost".into()
+                } else if w.tx.is_none() {
+                    "disconnected".into()
+                } else {
+                    "ready".into()
+                },
+                last_seen_ms_ago: w.last_seen.elapsed().as_millis() as u64,
+                queue_depth: w.status.queue_depth,
+                loaded_models: w
+                    .status
+                    .models
+                    .iter()
+                    .filter_map(|m| m.info.as_ref().map(|i| i.model_id.clone()))
+                    .collect(),
+                gpu_note: w.status.gpu_note.clone(),
+            })
+            .collect()
+    }
+
+    /// The GPUs of the connected workers with their free memory net of reservations, for
+    /// `Inspect` and `Select` when the request names none.
+    pub fn cluster_gpus(&self) -> Vec<gantry_core::Gpu> {
+        let st = self.lock();
+        Self::nodes(&st)
+            .into_iter()
+            .flat_map(|n| {
+                n.gpus
+                    .into_iter()
+                    .map(move |g| gantry_core::Gpu { name: format!("{}/{}", n.id, g.name), memory_bytes: g.free_bytes })
+            })
+            .collect()
+    }
+}
+
+fn not_found(st: &State, name: &str) -> Status {
+    let names: Vec<&str> = st.deployments.keys().map(String::as_str).collect();
+    Status::not_found(if names.is_empty() {
+        format!("no deployment named `{name}`; none exists (create one with `gantry deploy`)")
+    } else {
+        format!("no deployment named `{name}`; deployed: {}", names.join(", "))
+    })
+}
+
+/// Why a deployment has no ready replica, from its replicas' states.
+fn no_replica_reason(name: &str, d: &Deployment) -> String {
+    if d.record.spec.replicas == 0 {
+        return format!("`{name}` is scaled to 0 replicas");
+    }
+    let mut parts: Vec<String> = Vec::new();
+    for (i, r) in &d.replicas {
+        let state = match r.state {
+            ReplicaState::Pending => "pending",
+            ReplicaState::Loading => "loading",
+            ReplicaState::Ready => "ready",
+            ReplicaState::Failed => "failed",
+        };
+        let detail = if !r.progress.is_empty() { &r.progress } else { &r.reason };
+        parts.push(if detail.is_empty() {
+            format!("replica {i} {state}")
+        } else {
+            format!("replica {i} {state}: {detail}")
+        });
+    }
+    format!("no ready replica of `{name}`: {}", parts.join("; "))
+}

@@ -1,0 +1,129 @@
+//! Running a controller: win leadership in the store, restore the state, and serve the gRPC
+//! services (with health checking and reflection) and the HTTP endpoint.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use axum::routing::get;
+use gantry_proto::v1 as pb;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+use tracing::info;
+
+use crate::api::Api;
+use crate::cluster::{Cluster, ControllerConfig};
+use crate::store::{Leadership, Store, StoreError};
+
+/// A controller that leads and has its state loaded, ready to serve.
+#[derive(Debug)]
+pub struct Controller {
+    pub cluster: Arc<Cluster>,
+    pub leadership: Leadership,
+}
+
+impl Controller {
+    /// Waits to lead (`candidate` names this controller to the others), then restores the
+    /// deployments and placements in `store`.
+    pub async fn start(
+        store: Arc<dyn Store>,
+        config: ControllerConfig,
+        candidate: &str,
+    ) -> Result<Controller, StoreError> {
+        info!(store = %store.describe(), candidate, "campaigning for leadership");
+        let leadership = store.campaign(candidate).await?;
+        info!(store = %store.describe(), "leading");
+        let cluster = Cluster::start(store, config).await?;
+        Ok(Controller { cluster, leadership })
+    }
+
+    /// Serves gRPC on `grpc` (and HTTP on `http` when given) until `shutdown` completes or
+    /// leadership is lost (then it returns an error, so a supervisor restarts it as a standby).
+    pub async fn serve(
+        self,
+        grpc: TcpListener,
+        http: Option<TcpListener>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let api = Api::new(self.cluster.clone());
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<pb::inference_server::InferenceServer<Api>>().await;
+        health.set_serving::<pb::deployments_server::DeploymentsServer<Api>>().await;
+        health.set_service_status("", ServingStatus::Serving).await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(gantry_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut lost = self.leadership.lost.clone();
+        let reporter = health.clone();
+        let stopper = stop_tx.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = shutdown => {}
+                r = lost.wait_for(|l| *l) => if r.is_ok() {
+                    tracing::error!("lost leadership in the state store; stopping");
+                },
+            }
+            reporter.set_service_status("", ServingStatus::NotServing).await;
+            let _ = stopper.send(true);
+        });
+        if let Some(http) = http {
+            let router = axum::Router::new()
+                .route("/healthz", get(|| async { "ok\n" }))
+                .route("/v1/models", get(models))
+                .with_state(self.cluster.clone());
+            let mut stop = stop_rx.clone();
+            tokio::spawn(async move {
+                let _ = axum::serve(http, router)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    })
+                    .await;
+            });
+        }
+        let mut stop = stop_rx.clone();
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(pb::inference_server::InferenceServer::new(api.clone()))
+            .add_service(pb::deployments_server::DeploymentsServer::new(api.clone()))
+            .add_service(pb::cluster_server::ClusterServer::new(api.clone()))
+            .add_service(pb::models_server::ModelsServer::new(api.clone()))
+            .add_service(pb::worker_link_server::WorkerLinkServer::new(api))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await?;
+        if *self.leadership.lost.borrow() {
+            return Err("lost leadership in the state store".into());
+        }
+        Ok(())
+    }
+}
+
+/// `GET /v1/models`: the deployed models in the OpenAI list shape.
+async fn models(State(cluster): State<Arc<Cluster>>) -> Json<serde_json::Value> {
+    let data: Vec<serde_json::Value> = cluster
+        .models()
+        .into_iter()
+        .map(|m| {
+            serde_json::json!({
+                "id": m.name, "object": "model", "owned_by": "gantry",
+                "source": m.source, "replicas": m.replicas, "ready_replicas": m.ready_replicas,
+            })
+        })
+        .collect();
+    Json(serde_json::json!({ "object": "list", "data": data }))
+}
+
+/// Binds a listener, saying which flag to change when the port is taken.
+pub async fn bind(addr: &str, flag: &str) -> Result<(TcpListener, SocketAddr), String> {
+    let l = TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr} ({flag}): {e}"))?;
+    let a = l.local_addr().map_err(|e| e.to_string())?;
+    Ok((l, a))
+}

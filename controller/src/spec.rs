@@ -1,0 +1,177 @@
+//! What a deployment asks for, as the controller stores it, and how big one replica is.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use gantry_core::catalog::Catalog;
+use gantry_core::placement::{Policy, Strategy};
+use gantry_core::quant::WeightDtype;
+use gantry_core::spec::ModelSpec;
+use gantry_core::vram::{ServeOptions, estimate_vram};
+use gantry_proto::v1 as pb;
+use gantry_worker::store::{Source, read_spec};
+use serde::{Deserialize, Serialize};
+use tonic::Status;
+
+/// The most replicas one deployment may ask for.
+pub const MAX_REPLICAS: u32 = 1024;
+
+/// A deployment's desired state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentSpec {
+    pub source: String,
+    #[serde(default)]
+    pub dtype: String,
+    #[serde(default)]
+    pub context_length: u32,
+    pub replicas: u32,
+    #[serde(default)]
+    pub policy: Policy,
+}
+
+/// A deployment as stored under `deployments/NAME`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentRecord {
+    pub name: String,
+    pub spec: DeploymentSpec,
+    /// Bumped when anything but `replicas` changes.
+    pub generation: u64,
+    pub created_ms: u64,
+}
+
+/// A model sized for a deployment: its facts and the options its replicas are estimated with.
+#[derive(Debug, Clone)]
+pub struct SizedModel {
+    pub spec: Arc<ModelSpec>,
+    pub options: ServeOptions,
+    /// The estimate for the whole model on one device (before the placement margin).
+    pub bytes: u64,
+}
+
+/// Checks a deployment name: a DNS label, so it is also a valid Kubernetes name.
+pub fn check_name(name: &str) -> Result<(), Status> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "deployment name `{name}`: use 1 to 63 lowercase letters, digits and `-`, not starting or ending with `-`"
+        )))
+    }
+}
+
+impl DeploymentSpec {
+    /// Reads and checks the spec of an `Apply`.
+    pub fn from_proto(spec: Option<pb::DeploymentSpec>) -> Result<DeploymentSpec, Status> {
+        let spec = spec.ok_or_else(|| Status::invalid_argument("the deployment has no spec"))?;
+        if spec.source.trim().is_empty() {
+            return Err(Status::invalid_argument("the deployment's spec names no model source"));
+        }
+        check_replicas(spec.replicas)?;
+        let placement = spec.placement.unwrap_or_default();
+        let strategy = match pb::PlacementStrategy::try_from(placement.strategy) {
+            Ok(pb::PlacementStrategy::Unspecified | pb::PlacementStrategy::Binpack) => Strategy::Binpack,
+            Ok(pb::PlacementStrategy::Spread) => Strategy::Spread,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "placement strategy {}: use binpack or spread",
+                    placement.strategy
+                )));
+            }
+        };
+        if !spec.dtype.is_empty() {
+            WeightDtype::parse(&spec.dtype).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
+        Ok(DeploymentSpec {
+            source: spec.source.trim().to_string(),
+            dtype: spec.dtype.trim().to_string(),
+            context_length: spec.context_length,
+            replicas: spec.replicas,
+            policy: Policy {
+                strategy,
+                node_selector: placement.node_selector.into_iter().collect(),
+                gpu_name: placement.gpu_name.trim().to_string(),
+                allow_multi_node: placement.allow_multi_node,
+            },
+        })
+    }
+
+    pub fn to_proto(&self) -> pb::DeploymentSpec {
+        pb::DeploymentSpec {
+            source: self.source.clone(),
+            dtype: self.dtype.clone(),
+            context_length: self.context_length,
+            replicas: self.replicas,
+            placement: Some(pb::PlacementPolicy {
+                strategy: match self.policy.strategy {
+                    Strategy::Binpack => pb::PlacementStrategy::Binpack,
+                    Strategy::Spread => pb::PlacementStrategy::Spread,
+                } as i32,
+                node_selector: self.policy.node_selector.clone().into_iter().collect(),
+                gpu_name: self.policy.gpu_name.clone(),
+                allow_multi_node: self.policy.allow_multi_node,
+            }),
+        }
+    }
+
+    /// Whether `other` differs in more than the replica count (a new generation).
+    pub fn differs_beyond_replicas(&self, other: &DeploymentSpec) -> bool {
+        DeploymentSpec { replicas: other.replicas, ..self.clone() } != *other
+    }
+}
+
+pub fn check_replicas(replicas: u32) -> Result<(), Status> {
+    if replicas > MAX_REPLICAS {
+        return Err(Status::invalid_argument(format!("{replicas} replicas: at most {MAX_REPLICAS}")));
+    }
+    Ok(())
+}
+
+/// Reads what the model of `spec` is and how much memory a replica needs: a path the
+/// controller can read (workers on the same machine or a shared volume), or a model of
+/// Gantry's catalog (Hub ids of catalog models included, with any `@revision`/`:file`).
+pub fn size_model(spec: &DeploymentSpec) -> Result<SizedModel, String> {
+    let model = match Source::parse(&spec.source) {
+        Source::Local(path) => read_local(&path)?,
+        Source::Hub(r) => {
+            let catalog = Catalog::builtin().map_err(|e| e.to_string())?;
+            match catalog.get(&r.repo) {
+                Ok(entry) => entry.spec().map_err(|e| e.to_string())?,
+                Err(_) => {
+                    return Err(format!(
+                        "cannot size `{}`: it is not a path this controller can read nor a model of Gantry's catalog \
+                         (`gantry select --task chat --latency batch` lists them); deploy it from a path on a shared volume",
+                        spec.source
+                    ));
+                }
+            }
+        }
+    };
+    let options = ServeOptions {
+        context: (spec.context_length > 0).then_some(u64::from(spec.context_length)),
+        dtype: if spec.dtype.is_empty() {
+            None
+        } else {
+            Some(WeightDtype::parse(&spec.dtype).map_err(|e| e.to_string())?)
+        },
+        ..ServeOptions::default()
+    };
+    if let Some(ctx) = options.context
+        && ctx > model.context.length
+    {
+        return Err(format!(
+            "context {ctx} is past {}'s trained context of {} tokens",
+            model.name, model.context.length
+        ));
+    }
+    let bytes = estimate_vram(&model, &options).map_err(|e| e.to_string())?.total_bytes;
+    Ok(SizedModel { spec: Arc::new(model), options, bytes })
+}
+
+fn read_local(path: &Path) -> Result<ModelSpec, String> {
+    read_spec(path).map_err(|e| e.to_string())
+}
