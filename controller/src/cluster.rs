@@ -349,10 +349,11 @@ impl Cluster {
         self.store.put(&format!("deployments/{name}"), to_json(&record)).await.map_err(store_status)?;
         let mut st = self.lock();
         let msg = format!(
-            "{} {} replica(s) of {} ({} each with a {}% margin)",
+            "{} {} replica(s) of {} ({} each: {} estimated + {}% margin)",
             if existed { "updated to" } else { "created with" },
             record.spec.replicas,
             record.spec.source,
+            format_bytes(with_margin(sized.bytes, self.config.margin_percent)),
             format_bytes(sized.bytes),
             self.config.margin_percent
         );
@@ -1012,7 +1013,7 @@ impl Cluster {
         } else {
             "Pending"
         };
-        let replica_bytes = d.sized.as_ref().map_or(0, |s| s.bytes * (100 + config.margin_percent) / 100);
+        let replica_bytes = d.sized.as_ref().map_or(0, |s| with_margin(s.bytes, config.margin_percent));
         Some(pb::Deployment {
             name: name.to_string(),
             spec: Some(d.record.spec.to_proto()),
@@ -1139,6 +1140,11 @@ impl Cluster {
             })
             .collect()
     }
+}
+
+/// `bytes` plus `percent`, rounded up as the planner does.
+fn with_margin(bytes: u64, percent: u64) -> u64 {
+    u64::try_from((u128::from(bytes) * u128::from(100 + percent)).div_ceil(100)).unwrap_or(u64::MAX)
 }
 
 fn not_found(st: &State, name: &str) -> Status {

@@ -17,6 +17,9 @@ pub struct RunningController {
     child: Child,
     /// `127.0.0.1:PORT`.
     pub addr: String,
+    /// The HTTP address, when it serves HTTP.
+    pub http: Option<String>,
+    stdout: Arc<Mutex<Vec<String>>>,
     stderr: Arc<Mutex<String>>,
 }
 
@@ -31,9 +34,21 @@ impl RunningController {
     pub fn start_on(listen: &str, args: &[&str]) -> RunningController {
         let mut cmd = super::gantry();
         cmd.args(["controller", "--listen", listen, "--http", "off"]).args(args);
+        RunningController::spawn(cmd, None)
+    }
+
+    /// `gantry up --listen 127.0.0.1:0 --http 127.0.0.1:0 ARGS…`, once it prints `ready:`.
+    pub fn up(args: &[&str]) -> RunningController {
+        let mut cmd = super::gantry();
+        cmd.args(["up", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"]).args(args);
+        RunningController::spawn(cmd, Some("ready:"))
+    }
+
+    /// Runs a prepared command until it prints its address (and then a line starting with
+    /// `ready_line`, when given).
+    pub fn spawn(mut cmd: std::process::Command, ready_line: Option<&str>) -> RunningController {
         cmd.env("GANTRY_LOG", "info,gantry_controller=debug");
-        let mut child: Child =
-            cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("the controller starts");
+        let mut child: Child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("gantry starts");
         let stderr = Arc::new(Mutex::new(String::new()));
         let mut err_pipe = child.stderr.take().expect("stderr is piped");
         let sink = stderr.clone();
@@ -46,29 +61,43 @@ impl RunningController {
                 sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         });
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let lines = stdout.clone();
         let (tx, rx) = mpsc::channel();
         let out_pipe = child.stdout.take().expect("stdout is piped");
         std::thread::spawn(move || {
             for line in BufReader::new(out_pipe).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line.clone());
                 let _ = tx.send(line);
             }
         });
-        let addr = loop {
-            match rx.recv_timeout(Duration::from_secs(60)) {
+        let mut addr = None;
+        let mut http = None;
+        loop {
+            match rx.recv_timeout(Duration::from_secs(120)) {
                 Ok(line) => {
                     if let Some(rest) = line.strip_prefix("gantry controller listening on ") {
-                        break rest.split_whitespace().next().unwrap_or_default().to_string();
+                        addr = rest.split_whitespace().next().map(str::to_string);
+                        http =
+                            rest.split_once(" and ").and_then(|(_, h)| h.split_whitespace().next()).map(str::to_string);
+                        if ready_line.is_none() {
+                            break;
+                        }
+                    }
+                    if ready_line.is_some_and(|r| line.starts_with(r)) {
+                        break;
                     }
                 }
                 Err(_) => {
                     let _ = child.kill();
                     let status = child.wait().ok();
                     std::thread::sleep(Duration::from_millis(100));
-                    panic!("the controller did not start (exit: {status:?}); stderr:\n{}", stderr.lock().unwrap());
+                    panic!("gantry did not get ready (exit: {status:?}); stderr:\n{}", stderr.lock().unwrap());
                 }
             }
-        };
-        RunningController { child, addr, stderr }
+        }
+        let addr = addr.expect("the controller printed its address");
+        RunningController { child, addr, http, stdout, stderr }
     }
 
     pub fn url(&self) -> String {
@@ -77,6 +106,10 @@ impl RunningController {
 
     pub fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
+    }
+
+    pub fn stdout(&self) -> Vec<String> {
+        self.stdout.lock().unwrap().clone()
     }
 
     pub async fn channel(&self) -> Channel {

@@ -72,6 +72,24 @@ pub fn gantry_json(args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("gantry {args:?} printed invalid JSON ({e}): {out}"))
 }
 
+/// The services a gRPC server lists through reflection.
+pub async fn reflection_services(channel: tonic::transport::Channel) -> Vec<String> {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut reflection = ServerReflectionClient::new(channel);
+    let req = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers =
+        reflection.server_reflection_info(tokio_stream::iter([req])).await.expect("reflection answers").into_inner();
+    match answers.message().await.expect("a reflection answer").and_then(|a| a.message_response) {
+        Some(MessageResponse::ListServicesResponse(list)) => list.service.into_iter().map(|s| s.name).collect(),
+        other => panic!("reflection did not list services: {other:?}"),
+    }
+}
+
 pub mod controller;
 pub mod etcd;
 pub mod worker;
