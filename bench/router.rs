@@ -25,7 +25,7 @@ use pb::worker_client::WorkerClient;
 use pb::worker_link_client::WorkerLinkClient;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 /// When the bench started: token send times are nanoseconds since then.
@@ -102,6 +102,19 @@ impl pb::worker_server::Worker for FakeWorker {
     }
 }
 
+/// The stand-in's status with these models loaded.
+fn status_with(model_ids: &[String]) -> pb::StatusResponse {
+    let mut status = fake_status();
+    status.models = model_ids
+        .iter()
+        .map(|id| pb::LoadedModel {
+            info: Some(pb::ModelInfo { model_id: id.clone(), ..Default::default() }),
+            ..Default::default()
+        })
+        .collect();
+    status
+}
+
 /// Registers the stand-in with the controller and answers its load commands at once.
 async fn link(controller: String, advertise: String, model_ids: Arc<std::sync::Mutex<Vec<String>>>) {
     let mut client = WorkerLinkClient::connect(controller).await.expect("controller link");
@@ -115,20 +128,26 @@ async fn link(controller: String, advertise: String, model_ids: Arc<std::sync::M
     };
     tx.send(pb::WorkerMessage { message: Some(pb::worker_message::Message::Register(reg)) }).await.unwrap();
     let mut inbound = client.attach(ReceiverStream::new(rx)).await.expect("attach").into_inner();
+    // Heartbeats, or the controller declares the stand-in lost after its lease.
+    let (beat_tx, ids) = (tx.clone(), model_ids.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let status = status_with(&ids.lock().unwrap());
+            if beat_tx
+                .send(pb::WorkerMessage { message: Some(pb::worker_message::Message::Heartbeat(status)) })
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
     while let Ok(Some(msg)) = inbound.message().await {
         if let Some(pb::controller_message::Message::Load(cmd)) = msg.message {
             let req = cmd.request.unwrap_or_default();
             model_ids.lock().unwrap().push(req.model_id.clone());
-            let mut status = fake_status();
-            status.models = model_ids
-                .lock()
-                .unwrap()
-                .iter()
-                .map(|id| pb::LoadedModel {
-                    info: Some(pb::ModelInfo { model_id: id.clone(), ..Default::default() }),
-                    ..Default::default()
-                })
-                .collect();
+            let status = status_with(&model_ids.lock().unwrap());
             let result = pb::CommandResult {
                 command_id: cmd.command_id,
                 model: Some(pb::ModelInfo { model_id: req.model_id, ..Default::default() }),
@@ -189,7 +208,7 @@ async fn main() {
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(pb::worker_server::WorkerServer::new(FakeWorker { interval }))
-            .serve_with_incoming(TcpListenerStream::new(worker_listener)),
+            .serve_with_incoming(gantry_worker::server::incoming(worker_listener)),
     );
 
     // The real controller.

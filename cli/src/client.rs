@@ -198,8 +198,14 @@ pub fn run_deploy(args: DeployArgs) -> Result<(), CliError> {
         Some(c) => u32::try_from(c).map_err(|_| CliError::usage(format!("--context {c} is too large")))?,
         None => 0,
     };
+    // A path that exists here is sent absolute, so a controller and workers started from
+    // another folder find the same file.
+    let source = match std::path::Path::new(&args.model).canonicalize() {
+        Ok(p) => p.display().to_string(),
+        Err(_) => args.model.clone(),
+    };
     let spec = pb::DeploymentSpec {
-        source: args.model.clone(),
+        source,
         dtype: args.dtype.clone(),
         context_length: context,
         replicas: args.replicas,

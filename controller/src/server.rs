@@ -10,7 +10,6 @@ use axum::extract::State;
 use axum::routing::get;
 use gantry_proto::v1 as pb;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 use tracing::info;
 
@@ -95,7 +94,7 @@ impl Controller {
             .add_service(pb::cluster_server::ClusterServer::new(api.clone()))
             .add_service(pb::models_server::ModelsServer::new(api.clone()))
             .add_service(pb::worker_link_server::WorkerLinkServer::new(api))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
+            .serve_with_incoming_shutdown(gantry_worker::server::incoming(grpc), async move {
                 let _ = stop.wait_for(|s| *s).await;
             })
             .await?;

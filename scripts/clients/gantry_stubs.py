@@ -1,8 +1,9 @@
 """Python gRPC stubs for Gantry's API, generated from the repository's proto/ with grpcio-tools
 into a temporary folder on first use (nothing generated is committed).
 
-    from gantry_stubs import worker
+    from gantry_stubs import worker, controller
     pb, rpc = worker()
+    cpb, crpc = controller()
 """
 
 import os
@@ -20,7 +21,12 @@ def _generate():
 
         out = tempfile.mkdtemp(prefix="gantry-py-stubs-")
         proto = os.path.join(ROOT, "proto", "proto")
-        files = ["gantry/v1/models.proto", "gantry/v1/worker.proto", "gantry/v1/worker_link.proto"]
+        files = [
+            "gantry/v1/models.proto",
+            "gantry/v1/worker.proto",
+            "gantry/v1/worker_link.proto",
+            "gantry/v1/controller.proto",
+        ]
         if protoc.main(["protoc", f"-I{proto}", f"--python_out={out}", f"--grpc_python_out={out}", *files]) != 0:
             raise SystemExit("protoc could not compile proto/")
         sys.path.insert(0, out)
@@ -34,3 +40,21 @@ def worker():
     from gantry.v1 import worker_pb2, worker_pb2_grpc
 
     return worker_pb2, worker_pb2_grpc
+
+
+def controller():
+    """The controller's messages and service stubs (`Inference`, `Deployments`, `Cluster`):
+    (controller_pb2, controller_pb2_grpc). Shared messages (`ChatMessage`, `SamplingParams`)
+    are in `worker()`'s module; `Models` is in models_pb2(_grpc)."""
+    _generate()
+    from gantry.v1 import controller_pb2, controller_pb2_grpc
+
+    return controller_pb2, controller_pb2_grpc
+
+
+def models():
+    """The `Models` service: (models_pb2, models_pb2_grpc)."""
+    _generate()
+    from gantry.v1 import models_pb2, models_pb2_grpc
+
+    return models_pb2, models_pb2_grpc

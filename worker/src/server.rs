@@ -7,6 +7,7 @@ use std::sync::Arc;
 use gantry_proto::v1::worker_server::WorkerServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
@@ -45,7 +46,21 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(WorkerServer::new(WorkerService::new(state)))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await?;
     Ok(())
+}
+
+/// The connections a listener accepts, with Nagle's algorithm off: a token is a few dozen
+/// bytes, and without this a stream's small writes wait for the peer's delayed ACK (tens of
+/// milliseconds per token). tonic's own `tcp_nodelay` applies only to addresses it binds.
+pub fn incoming(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send + 'static {
+    TcpListenerStream::new(listener).map(|conn| {
+        if let Ok(stream) = &conn {
+            let _ = stream.set_nodelay(true);
+        }
+        conn
+    })
 }

@@ -1,0 +1,168 @@
+//! The scheduler's promises, in process: memory is reserved before the load is sent, so two
+//! deployments are never promised the same memory even while the worker still reports it
+//! free; a failed load releases it and the waiting replica takes it; a lost worker's
+//! replicas are placed again. The worker here is the link's message stream itself: what the
+//! controller sends is read from the channel, what the worker would answer is fed back.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use gantry_controller::cluster::{Cluster, ControllerConfig};
+use gantry_controller::spec::DeploymentSpec;
+use gantry_controller::store::embedded::EmbeddedStore;
+use gantry_proto::v1 as pb;
+use pb::controller_message::Message as ToWorker;
+use tokio::sync::mpsc;
+
+type Link = mpsc::UnboundedReceiver<Result<pb::ControllerMessage, tonic::Status>>;
+
+fn gpu_status(total: u64, free: u64) -> pb::StatusResponse {
+    pb::StatusResponse {
+        gpus: vec![pb::GpuStatus {
+            index: 0,
+            name: "gpu0".into(),
+            total_bytes: total,
+            free_bytes: free,
+            source: "declared".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn register(cluster: &Cluster, id: &str, total: u64) -> (u64, Link) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let reg = pb::WorkerRegistration {
+        worker_id: id.into(),
+        address: "127.0.0.1:9".into(),
+        version: "test".into(),
+        status: Some(gpu_status(total, total)),
+        labels: Default::default(),
+    };
+    (cluster.register(reg, tx).unwrap(), rx)
+}
+
+/// The next load command on a link (skipping `Registered`).
+async fn next_load(link: &mut Link) -> pb::LoadCommand {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(5), link.recv()).await.unwrap().unwrap().unwrap();
+        match msg.message.unwrap() {
+            ToWorker::Load(cmd) => return cmd,
+            ToWorker::Registered(_) => continue,
+            ToWorker::Unload(u) => panic!("unexpected unload {u:?}"),
+        }
+    }
+}
+
+fn llama_8b(replicas: u32) -> DeploymentSpec {
+    DeploymentSpec {
+        source: "meta-llama/Meta-Llama-3-8B-Instruct".into(),
+        dtype: String::new(),
+        context_length: 8192,
+        replicas,
+        policy: Default::default(),
+    }
+}
+
+fn replica(cluster: &Cluster, name: &str) -> pb::Replica {
+    cluster.get(name).unwrap().status.unwrap().replica_status[0].clone()
+}
+
+async fn start() -> (tempfile::TempDir, Arc<Cluster>) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(EmbeddedStore::open(&dir.path().join("state.redb")).unwrap());
+    let config = ControllerConfig { lease: Duration::from_millis(600), ..ControllerConfig::default() };
+    (dir, Cluster::start(store, config).await.unwrap())
+}
+
+#[tokio::test]
+async fn memory_is_promised_once_and_released_when_a_load_fails() {
+    let (_dir, cluster) = start().await;
+    let (session, mut link) = register(&cluster, "w1", 24 << 30);
+
+    // Llama 3 8B at 8K needs ~18.5 GiB with the margin: one fits a 24 GiB GPU, two do not.
+    let a = cluster.apply("a", llama_8b(1)).await.unwrap();
+    let need = a.status.unwrap().replica_bytes;
+    assert!(need > 12 << 30 && need < 24 << 30, "{need}");
+    let load = next_load(&mut link).await;
+    let req = load.request.clone().unwrap();
+    assert_eq!((req.model_id.as_str(), req.device.as_str(), req.context_length), ("a/0", "gpu:0", 8192));
+    assert_eq!(replica(&cluster, "a").state, pb::ReplicaState::Loading as i32);
+
+    // The worker still reports all 24 GiB free (the load has not finished), yet `b` waits.
+    cluster.heartbeat("w1", session, gpu_status(24 << 30, 24 << 30));
+    cluster.apply("b", llama_8b(1)).await.unwrap();
+    let b = replica(&cluster, "b");
+    assert_eq!(b.state, pb::ReplicaState::Pending as i32);
+    assert!(b.reason.contains("unschedulable") && b.reason.contains("w1: 1×24.0 GiB"), "{}", b.reason);
+    let workers = cluster.workers();
+    assert_eq!(workers[0].gpus[0].reserved_bytes, need);
+    assert_eq!(workers[0].gpus[0].replicas, ["a/0"]);
+
+    // `a` fails to load: its reservation goes, and `b` is placed in the memory it frees.
+    cluster.command_result(
+        "w1",
+        pb::CommandResult {
+            command_id: load.command_id,
+            error: "out of memory".into(),
+            code: tonic::Code::ResourceExhausted as i32,
+            model: None,
+        },
+    );
+    let a = replica(&cluster, "a");
+    assert_eq!(a.state, pb::ReplicaState::Failed as i32);
+    assert!(a.stages.is_empty());
+    assert!(a.reason.contains("replica 0 failed to load on w1: out of memory"), "{}", a.reason);
+    let load_b = next_load(&mut link).await;
+    assert_eq!(load_b.request.unwrap().model_id, "b/0");
+    assert_eq!(cluster.workers()[0].gpus[0].replicas, ["b/0"]);
+
+    // `b` loads; the heartbeat now shows it, and the worker's free memory is what counts.
+    let info = pb::ModelInfo { model_id: "b/0".into(), ..Default::default() };
+    cluster.command_result(
+        "w1",
+        pb::CommandResult { command_id: load_b.command_id, model: Some(info.clone()), ..Default::default() },
+    );
+    assert_eq!(replica(&cluster, "b").state, pb::ReplicaState::Ready as i32);
+    let mut st = gpu_status(24 << 30, (24 << 30) - need);
+    st.models.push(pb::LoadedModel { info: Some(info), ..Default::default() });
+    cluster.heartbeat("w1", session, st);
+    // After its backoff `a` is tried again and still does not fit beside `b`.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    cluster.heartbeat("w1", session, gpu_status(24 << 30, (24 << 30) - need));
+    let a = replica(&cluster, "a");
+    assert!(a.stages.is_empty(), "{a:?}");
+}
+
+#[tokio::test]
+async fn a_lost_worker_gives_its_replicas_to_another() {
+    let (_dir, cluster) = start().await;
+    let (_s1, mut l1) = register(&cluster, "w1", 24 << 30);
+    cluster.apply("a", llama_8b(1)).await.unwrap();
+    let load = next_load(&mut l1).await;
+    let info = pb::ModelInfo { model_id: "a/0".into(), ..Default::default() };
+    cluster.command_result(
+        "w1",
+        pb::CommandResult { command_id: load.command_id, model: Some(info), ..Default::default() },
+    );
+    assert_eq!(cluster.get("a").unwrap().status.unwrap().ready_replicas, 1);
+    let (s2, mut l2) = register(&cluster, "w2", 48 << 30);
+
+    // w1 stays silent past its 600 ms lease; w2 keeps beating.
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        cluster.heartbeat("w2", s2, gpu_status(48 << 30, 48 << 30));
+    }
+    let load = next_load(&mut l2).await;
+    assert_eq!(load.request.unwrap().model_id, "a/0");
+    let d = cluster.get("a").unwrap();
+    let r = &d.status.as_ref().unwrap().replica_status[0];
+    assert_eq!(r.stages[0].worker_id, "w2");
+    let events: Vec<String> = d.status.unwrap().events.into_iter().map(|e| e.kind).collect();
+    assert!(events.contains(&"WorkerLost".to_string()), "{events:?}");
+    let w1 = cluster.workers().into_iter().find(|w| w.worker_id == "w1").unwrap();
+    assert_eq!(w1.state, "lost");
+    assert_eq!(w1.gpus[0].reserved_bytes, 0);
+}
