@@ -204,3 +204,44 @@ async fn a_controller_restart_loses_nothing_with_etcd() {
     let prefix = "/gantry-restart-test/";
     restart_loses_nothing(&["--etcd", &etcd.url(), "--etcd-prefix", prefix]).await;
 }
+
+/// Two controllers on one etcd: one leads and listens, the other waits as a standby. When
+/// the leader is killed, the standby takes over once its etcd lease runs out, restores the
+/// deployments, and the worker (given both addresses) registers with it; the replica it
+/// already holds is served again without a second load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_etcd_a_standby_controller_takes_over_when_the_leader_dies() {
+    let etcd = common::etcd::EtcdServer::start();
+    let url = etcd.url();
+    let args = ["--etcd", url.as_str(), "--etcd-prefix", "/gantry-ha/", "--lease", "3"];
+    let (pa, pb) = (common::etcd::free_port(), common::etcd::free_port());
+    let mut leader = RunningController::start_on(&format!("127.0.0.1:{pa}"), &args);
+    let mut cmd = common::gantry();
+    cmd.args(["controller", "--listen", &format!("127.0.0.1:{pb}"), "--http", "off"]).args(args);
+    let mut standby = RunningController::spawn(cmd, Some("gantry controller standby"));
+    let said = standby.stdout().join("\n");
+    assert!(said.contains("leads; waiting to take over"), "{said}");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", pb)).is_err(), "a standby does not listen");
+
+    let controllers = format!("http://127.0.0.1:{pa},http://127.0.0.1:{pb}");
+    let worker = RunningWorker::start(&["--controller", &controllers, "--worker-id", "w1", "--gpus", "1x24GiB"]);
+    let mut deployments = leader.deployments().await;
+    let model = common::smollm2();
+    deployments
+        .apply(pb::ApplyRequest { name: "chat".into(), spec: Some(spec(model.to_str().unwrap(), 1, Binpack)) })
+        .await
+        .unwrap();
+    let before = wait_for(&mut deployments, "chat", LOAD, "ready", ready).await;
+
+    leader.kill();
+    standby.wait_listening(Duration::from_secs(30));
+    assert_eq!(standby.addr, format!("127.0.0.1:{pb}"));
+    let mut deployments = standby.deployments().await;
+    let after = wait_for(&mut deployments, "chat", Duration::from_secs(60), "ready on the new leader", ready).await;
+    assert_eq!(placements(&after), placements(&before));
+    let mut inference = standby.inference().await;
+    let (text, _) = chat(&mut inference, "chat", "What is the capital of France?", 24).await.unwrap();
+    assert!(text.contains("Paris"), "{text}");
+    let loads = worker.stderr().lines().filter(|l| l.contains("serving") && l.contains("model=chat/0")).count();
+    assert_eq!(loads, 1, "chat/0 was loaded {loads} times");
+}

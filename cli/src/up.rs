@@ -140,6 +140,17 @@ impl ControlArgs {
     /// Starts the controller: leadership, restored state, listeners. Returns what to serve.
     async fn start(&self) -> Result<(Controller, tokio::net::TcpListener, Option<tokio::net::TcpListener>), CliError> {
         let config = self.config()?;
+        let store = self.open_store().await?;
+        let describe = store.describe();
+        let candidate = format!("{} pid {} ({})", host_name(), std::process::id(), self.listen);
+        // With etcd another controller may lead: wait as a standby, not listening, so
+        // clients and workers (given several controller addresses) go to the leader.
+        if let Ok(Some(leader)) = store.leader().await
+            && leader != candidate
+        {
+            println!("gantry controller standby: {leader} leads; waiting to take over (store: {describe})");
+        }
+        let controller = Controller::start(store, config, &candidate).await.map_err(unavailable)?;
         let (grpc, grpc_addr) = bind(&self.listen, "--listen").await.map_err(unavailable)?;
         let http = if self.http.eq_ignore_ascii_case("off") {
             None
@@ -147,10 +158,6 @@ impl ControlArgs {
             let (l, addr) = bind(&self.http, "--http").await.map_err(unavailable)?;
             Some((l, addr))
         };
-        let store = self.open_store().await?;
-        let candidate = format!("{}:{}", host_name(), grpc_addr.port());
-        let describe = store.describe();
-        let controller = Controller::start(store, config, &candidate).await.map_err(unavailable)?;
         // Tests and scripts read this line to find the ports.
         match &http {
             Some((_, h)) => {

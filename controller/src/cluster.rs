@@ -31,6 +31,9 @@ const MAX_EVENTS: usize = 50;
 /// First wait before a failed load is tried again; doubles per failure up to `MAX_RETRY`.
 const FIRST_RETRY: Duration = Duration::from_secs(2);
 const MAX_RETRY: Duration = Duration::from_secs(60);
+/// Extra time a restored placement's worker has to reconnect after a controller restart
+/// (the worker link's longest backoff, plus a little).
+const RESTORE_GRACE: Duration = Duration::from_secs(12);
 
 /// How the controller runs.
 #[derive(Debug, Clone)]
@@ -308,8 +311,9 @@ impl Cluster {
         for id in lost {
             self.worker_lost(&mut st, &id);
         }
-        // Placements restored from the store whose worker never came back.
-        if now.duration_since(self.started) > lease {
+        // Placements restored from the store whose worker never came back: workers retry a
+        // lost controller with a backoff of up to 10 s, so they get that long past the lease.
+        if now.duration_since(self.started) > lease + RESTORE_GRACE {
             let known: Vec<String> = st.workers.iter().filter(|(_, w)| !w.lost).map(|(k, _)| k.clone()).collect();
             let mut orphaned = Vec::new();
             for (name, d) in &st.deployments {
@@ -560,14 +564,55 @@ impl Cluster {
             // Reserved already; send the load again.
             self.send_load(st, &name, i);
         }
-        for id in loaded {
+        let infos: Vec<pb::ModelInfo> =
+            st.workers[worker].status.models.iter().filter_map(|m| m.info.clone()).collect();
+        for info in infos {
+            let id = info.model_id.clone();
             let Some((name, i)) = parse_replica_model_id(&id) else { continue };
             let wanted = st.deployments.get(name).and_then(|d| d.replicas.get(&i)).is_some_and(|r| r.on_worker(worker));
-            if !wanted {
-                info!(worker, model = %id, "unloading a replica the controller no longer wants");
-                self.send_unload(st, worker, &id);
+            if wanted {
+                continue;
             }
+            if self.adopt_loaded(st, worker, name, i, &info) {
+                continue;
+            }
+            info!(worker, model = %id, "unloading a replica the controller no longer wants");
+            self.send_unload(st, worker, &id);
         }
+    }
+
+    /// Takes a replica a returning worker still holds as the placement of that replica, when
+    /// the replica is wanted, not placed anywhere else, and loaded from the current source:
+    /// better than unloading it and loading it again.
+    fn adopt_loaded(&self, st: &mut State, worker: &str, name: &str, index: u32, info: &pb::ModelInfo) -> bool {
+        let Some(gpu) = st.workers.get(worker).and_then(|w| device_index(&w.status, &info.device)) else {
+            return false;
+        };
+        let margin = self.config.margin_percent;
+        let Some(d) = st.deployments.get_mut(name) else { return false };
+        let Ok(sized) = &d.sized else { return false };
+        let bytes = with_margin(sized.bytes, margin);
+        let generation = d.record.generation;
+        if info.source != d.record.spec.source {
+            return false;
+        }
+        let Some(r) = d.replicas.get_mut(&index) else { return false };
+        if r.placement.is_some() {
+            return false;
+        }
+        let stage = PlacedStage { node: worker.to_string(), gpu, layers: 0..u64::from(info.num_layers), bytes };
+        let record = PlacementRecord { generation, stages: vec![stage] };
+        let _ = self.writes.send(StoreOp::Put(format!("placements/{name}/{index}"), to_json(&record)));
+        r.placement = Some(record);
+        r.state = ReplicaState::Ready;
+        r.reason.clear();
+        r.progress.clear();
+        r.retry_at = None;
+        r.command = None;
+        let msg = format!("replica {index} adopted from {worker}, which still holds it");
+        info!(deployment = name, "{msg}");
+        self.event(st, name, "Adopted", msg);
+        true
     }
 
     /// A heartbeat from `worker`'s link `session`.
@@ -1140,6 +1185,14 @@ impl Cluster {
             })
             .collect()
     }
+}
+
+/// The inventory index of the device a worker reports a model on (`gpu:N`, `cuda:N`, `cpu`).
+fn device_index(status: &pb::StatusResponse, device: &str) -> Option<u32> {
+    if let Some(n) = device.strip_prefix("gpu:").or_else(|| device.strip_prefix("cuda:")) {
+        return n.parse().ok();
+    }
+    status.gpus.iter().find(|g| g.source == "cpu").or(status.gpus.first()).map(|g| g.index)
 }
 
 /// `bytes` plus `percent`, rounded up as the planner does.

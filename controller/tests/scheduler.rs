@@ -166,3 +166,50 @@ async fn a_lost_worker_gives_its_replicas_to_another() {
     assert_eq!(w1.state, "lost");
     assert_eq!(w1.gpus[0].reserved_bytes, 0);
 }
+
+#[tokio::test]
+async fn a_returning_worker_keeps_the_replica_it_still_holds() {
+    let (_dir, cluster) = start().await;
+    let (_s1, mut l1) = register(&cluster, "w1", 24 << 30);
+    cluster.apply("a", llama_8b(1)).await.unwrap();
+    let load = next_load(&mut l1).await;
+    let info = pb::ModelInfo {
+        model_id: "a/0".into(),
+        source: "meta-llama/Meta-Llama-3-8B-Instruct".into(),
+        device: "gpu:0".into(),
+        num_layers: 32,
+        ..Default::default()
+    };
+    cluster.command_result(
+        "w1",
+        pb::CommandResult { command_id: load.command_id, model: Some(info.clone()), ..Default::default() },
+    );
+    // Silent past its lease: lost, and with no other worker the replica waits.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let r = replica(&cluster, "a");
+    assert_eq!(r.state, pb::ReplicaState::Pending as i32);
+    assert!(r.stages.is_empty());
+
+    // It comes back still holding a/0: the controller takes it as is, sends no load, and
+    // reserves its memory again.
+    let (tx, mut link) = mpsc::unbounded_channel();
+    let mut status = gpu_status(24 << 30, 4 << 30);
+    status.models.push(pb::LoadedModel { info: Some(info), ..Default::default() });
+    let reg = pb::WorkerRegistration {
+        worker_id: "w1".into(),
+        address: "127.0.0.1:9".into(),
+        status: Some(status),
+        ..Default::default()
+    };
+    cluster.register(reg, tx).unwrap();
+    let r = replica(&cluster, "a");
+    assert_eq!(r.state, pb::ReplicaState::Ready as i32, "{r:?}");
+    assert_eq!((r.stages[0].worker_id.as_str(), r.stages[0].gpu_index, r.stages[0].layer_end), ("w1", 0, 32));
+    let events: Vec<String> = cluster.get("a").unwrap().status.unwrap().events.into_iter().map(|e| e.kind).collect();
+    assert!(events.ends_with(&["WorkerLost".to_string(), "Pending".to_string(), "Adopted".to_string()]), "{events:?}");
+    // Only `Registered` went down the new link.
+    let first = link.recv().await.unwrap().unwrap();
+    assert!(matches!(first.message, Some(ToWorker::Registered(_))));
+    assert!(link.try_recv().is_err(), "no load or unload was sent");
+    assert_eq!(cluster.workers()[0].gpus[0].reserved_bytes, cluster.get("a").unwrap().status.unwrap().replica_bytes);
+}

@@ -96,8 +96,24 @@ impl RunningController {
                 }
             }
         }
-        let addr = addr.expect("the controller printed its address");
+        // A standby (`ready_line` "gantry controller standby") has no address yet.
+        let addr = addr.unwrap_or_default();
         RunningController { child, addr, http, stdout, stderr }
+    }
+
+    /// Waits until it prints `gantry controller listening on ADDR` (a standby, once it leads).
+    pub fn wait_listening(&mut self, timeout: Duration) {
+        let started = std::time::Instant::now();
+        loop {
+            let line = self.stdout().into_iter().find(|l| l.starts_with("gantry controller listening on "));
+            if let Some(line) = line {
+                let rest = line.trim_start_matches("gantry controller listening on ");
+                self.addr = rest.split_whitespace().next().unwrap_or_default().to_string();
+                return;
+            }
+            assert!(started.elapsed() < timeout, "no `listening on` within {timeout:?}; stderr:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn url(&self) -> String {

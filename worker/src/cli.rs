@@ -124,7 +124,7 @@ pub struct WorkerArgs {
     /// The GPUs to offer instead of NVML's: `2x80GiB`, or a file of `NAME SIZE` lines
     #[arg(long, env = "GANTRY_GPUS")]
     pub gpus: Option<String>,
-    /// The controller to register with (`http://host:port`); without it the worker serves alone
+    /// The controller to register with (`http://host:port`; several, comma-separated, when controllers share an etcd); without it the worker serves alone
     #[arg(long, env = "GANTRY_CONTROLLER")]
     pub controller: Option<String>,
     /// A model to load at start (repeatable): a folder, a .gguf file or a Hub id, optionally named `NAME=SOURCE`

@@ -25,7 +25,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// Where the controller is and how it reaches this worker.
 #[derive(Debug, Clone)]
 pub struct LinkOptions {
-    /// `http://host:port` of the controller.
+    /// `http://host:port` of the controller; several, comma-separated, for controllers that
+    /// share an etcd (only the leader listens: the others are tried in turn).
     pub controller: String,
     /// `host:port` the controller dials for `Worker` calls.
     pub advertise: String,
@@ -33,22 +34,27 @@ pub struct LinkOptions {
 
 /// Keeps the link up until `shutdown` turns true.
 pub async fn run(options: LinkOptions, state: Arc<WorkerState>, mut shutdown: watch::Receiver<bool>) {
+    let controllers: Vec<String> =
+        options.controller.split(',').map(str::trim).filter(|c| !c.is_empty()).map(url).collect();
+    let mut next = 0;
     let mut backoff = Duration::from_millis(250);
     loop {
         if *shutdown.borrow() {
             return;
         }
+        let Some(controller) = controllers.get(next % controllers.len().max(1)).cloned() else { return };
         let outcome = tokio::select! {
-            r = session(&options, &state) => r,
+            r = session(&controller, &options.advertise, &state) => r,
             _ = shutdown.changed() => return,
         };
         match outcome {
             Ok(()) => {
-                info!(controller = %options.controller, "the controller closed the link; reconnecting");
+                info!(%controller, "the controller closed the link; reconnecting");
                 backoff = Duration::from_millis(250);
             }
             Err(e) => {
-                warn!(controller = %options.controller, error = %e, retry_in_ms = backoff.as_millis() as u64, "controller link down")
+                warn!(%controller, error = %e, retry_in_ms = backoff.as_millis() as u64, "controller link down");
+                next += 1;
             }
         }
         tokio::select! {
@@ -59,14 +65,19 @@ pub async fn run(options: LinkOptions, state: Arc<WorkerState>, mut shutdown: wa
     }
 }
 
+/// `host:port` → `http://host:port`.
+fn url(controller: &str) -> String {
+    if controller.contains("://") { controller.to_string() } else { format!("http://{controller}") }
+}
+
 /// One connection: register, then heartbeats and commands until the stream ends.
-async fn session(options: &LinkOptions, state: &Arc<WorkerState>) -> Result<(), String> {
-    let mut client = WorkerLinkClient::connect(options.controller.clone()).await.map_err(|e| error_chain(&e))?;
+async fn session(controller: &str, advertise: &str, state: &Arc<WorkerState>) -> Result<(), String> {
+    let mut client = WorkerLinkClient::connect(controller.to_string()).await.map_err(|e| error_chain(&e))?;
     let (tx, rx) = mpsc::channel::<pb::WorkerMessage>(64);
     let status = state.status().map_err(|e| e.message().to_string())?;
     let register = pb::WorkerRegistration {
         worker_id: state.options().worker_id.clone(),
-        address: options.advertise.clone(),
+        address: advertise.to_string(),
         version: env!("CARGO_PKG_VERSION").into(),
         status: Some(status),
         labels: state.options().labels.clone().into_iter().collect(),
@@ -84,7 +95,7 @@ async fn session(options: &LinkOptions, state: &Arc<WorkerState>) -> Result<(), 
         match msg.message {
             Some(FromController::Registered(r)) => {
                 let every = if r.heartbeat_ms == 0 { DEFAULT_HEARTBEAT } else { Duration::from_millis(r.heartbeat_ms) };
-                info!(controller = %options.controller, heartbeat_ms = every.as_millis() as u64, "registered with the controller");
+                info!(%controller, heartbeat_ms = every.as_millis() as u64, "registered with the controller");
                 if let Some(h) = heartbeat.take() {
                     h.abort();
                 }
