@@ -321,6 +321,7 @@ fn loopback(addr: std::net::SocketAddr) -> std::net::SocketAddr {
 async fn announce_ready(cluster: Arc<gantry_controller::cluster::Cluster>, name: String, grpc: std::net::SocketAddr) {
     let (_, mut changes) = cluster.watch();
     let mut last_reason = String::new();
+    let started = std::time::Instant::now();
     loop {
         if let Ok(d) = cluster.get(&name) {
             let status = d.status.unwrap_or_default();
@@ -344,12 +345,13 @@ async fn announce_ready(cluster: Arc<gantry_controller::cluster::Cluster>, name:
                 .map(|r| format!("replica {}: {}", r.index, r.reason))
                 .collect();
             let reason = pending.join("; ");
-            if !reason.is_empty() && reason != last_reason {
+            // The local worker registers within milliseconds: only a wait that lasts is news.
+            if !reason.is_empty() && reason != last_reason && started.elapsed() > Duration::from_secs(2) {
                 println!("waiting: {reason}");
                 last_reason = reason;
             }
         }
-        match tokio::time::timeout(Duration::from_secs(5), changes.recv()).await {
+        match tokio::time::timeout(Duration::from_secs(2), changes.recv()).await {
             Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => return,
             _ => continue,
         }
