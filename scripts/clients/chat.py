@@ -10,7 +10,7 @@ import sys
 
 import grpc
 
-from gantry_stubs import controller, models, worker
+from gantry_stubs import controller, models, print_done, worker
 
 
 def main():
@@ -35,13 +35,7 @@ def main():
         if event.WhichOneof("event") == "token":
             print(event.token.text, end="", flush=True)
         else:
-            d = event.done
-            print(
-                f"\n[{model}: {d.usage.prompt_tokens} prompt + {d.usage.completion_tokens} generated tokens, "
-                f"first token {d.time_to_first_token_ms:.0f} ms, {d.decode_tokens_per_sec:.1f} tok/s, "
-                f"finish: {wpb.FinishReason.Name(d.finish_reason)}]",
-                file=sys.stderr,
-            )
+            print_done(event.done, model)
 
 
 if __name__ == "__main__":

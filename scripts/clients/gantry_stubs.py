@@ -58,3 +58,15 @@ def models():
     from gantry.v1 import models_pb2, models_pb2_grpc
 
     return models_pb2, models_pb2_grpc
+
+
+def print_done(done, label=""):
+    """Prints a stream's closing `GenerateDone` on stderr: usage, first token, speed, finish."""
+    pb, _ = worker()
+    prefix = f"{label}: " if label else ""
+    print(
+        f"\n[{prefix}{done.usage.prompt_tokens} prompt + {done.usage.completion_tokens} generated tokens, "
+        f"first token {done.time_to_first_token_ms:.0f} ms, {done.decode_tokens_per_sec:.1f} tok/s, "
+        f"finish: {pb.FinishReason.Name(done.finish_reason)}]",
+        file=sys.stderr,
+    )

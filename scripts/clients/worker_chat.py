@@ -8,6 +8,7 @@ import sys
 
 import grpc
 
+from gantry_stubs import print_done
 from gantry_stubs import worker as worker_stubs
 
 
@@ -25,13 +26,7 @@ def main():
         if event.WhichOneof("event") == "token":
             print(event.token.text, end="", flush=True)
         else:
-            d = event.done
-            print(
-                f"\n[{d.usage.prompt_tokens} prompt + {d.usage.completion_tokens} generated tokens, "
-                f"first token {d.time_to_first_token_ms:.0f} ms, {d.decode_tokens_per_sec:.1f} tok/s, "
-                f"finish: {pb.FinishReason.Name(d.finish_reason)}]",
-                file=sys.stderr,
-            )
+            print_done(event.done)
 
 
 if __name__ == "__main__":

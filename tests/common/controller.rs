@@ -1,9 +1,8 @@
 //! A real controller process for end-to-end tests, and the small gRPC helpers the tests use
 //! to drive it.
 
-use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use gantry_proto::v1 as pb;
@@ -49,28 +48,7 @@ impl RunningController {
     pub fn spawn(mut cmd: std::process::Command, ready_line: Option<&str>) -> RunningController {
         cmd.env("GANTRY_LOG", "info,gantry_controller=debug");
         let mut child: Child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("gantry starts");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let mut err_pipe = child.stderr.take().expect("stderr is piped");
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = err_pipe.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        let stdout = Arc::new(Mutex::new(Vec::new()));
-        let lines = stdout.clone();
-        let (tx, rx) = mpsc::channel();
-        let out_pipe = child.stdout.take().expect("stdout is piped");
-        std::thread::spawn(move || {
-            for line in BufReader::new(out_pipe).lines().map_while(Result::ok) {
-                lines.lock().unwrap().push(line.clone());
-                let _ = tx.send(line);
-            }
-        });
+        let super::Captured { stderr, stdout, lines: rx } = super::capture(&mut child);
         let mut addr = None;
         let mut http = None;
         loop {

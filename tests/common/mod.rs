@@ -90,6 +90,42 @@ pub async fn reflection_services(channel: tonic::transport::Channel) -> Vec<Stri
     }
 }
 
+/// A spawned process's output as it comes: stderr gathered whole, stdout kept line by line
+/// and also sent down `lines` (for waiting on a line).
+pub struct Captured {
+    pub stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    pub stdout: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    pub lines: std::sync::mpsc::Receiver<String>,
+}
+
+/// Starts threads that read a child's piped stdout and stderr.
+pub fn capture(child: &mut std::process::Child) -> Captured {
+    use std::io::{BufRead, BufReader, Read};
+    let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let mut err_pipe = child.stderr.take().expect("stderr is piped");
+    let sink = stderr.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = err_pipe.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().expect("stderr lock").push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    let stdout = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (tx, lines) = std::sync::mpsc::channel();
+    let out_pipe = child.stdout.take().expect("stdout is piped");
+    let kept = stdout.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out_pipe).lines().map_while(Result::ok) {
+            kept.lock().expect("stdout lock").push(line.clone());
+            let _ = tx.send(line);
+        }
+    });
+    Captured { stderr, stdout, lines }
+}
+
 pub mod controller;
 pub mod etcd;
 pub mod worker;

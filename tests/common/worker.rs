@@ -1,9 +1,8 @@
 //! A real worker process for end-to-end tests: started on a free loopback port, found through
 //! the `listening on` line it prints, killed when dropped.
 
-use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use gantry_proto::v1 as pb;
@@ -33,28 +32,7 @@ impl RunningWorker {
     /// Starts a prepared worker command (its own flags and environment) and waits for `ready`.
     pub fn spawn(mut cmd: Command) -> RunningWorker {
         let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("the worker starts");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let mut err_pipe = child.stderr.take().expect("stderr is piped");
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = err_pipe.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        let stdout = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let out_pipe = child.stdout.take().expect("stdout is piped");
-        let lines = stdout.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out_pipe).lines().map_while(Result::ok) {
-                lines.lock().unwrap().push(line.clone());
-                let _ = tx.send(line);
-            }
-        });
+        let super::Captured { stderr, stdout, lines: rx } = super::capture(&mut child);
         let started = Instant::now();
         let mut addr = None;
         loop {
