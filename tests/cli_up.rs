@@ -96,6 +96,12 @@ fn gantry_up_serves_smollm2_and_the_cli_drives_it() {
     assert!(http_get(&http, "/healthz").ends_with("ok\n"));
     let models = http_get(&http, "/v1/models");
     assert!(models.contains(r#""id":"smollm2-135m-instruct""#), "{models}");
+
+    // Ctrl-C / SIGTERM stops it promptly, worker link and all.
+    let mut up = up;
+    let started = std::time::Instant::now();
+    assert!(up.terminate().success());
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "took {:?}", started.elapsed());
 }
 
 #[test]

@@ -238,6 +238,16 @@ async fn the_controller_api_end_to_end() {
             break;
         }
     }
+
+    // SIGTERM stops a controller with workers linked and a watch open, and a linked worker.
+    let mut control = control;
+    let started = Instant::now();
+    assert!(control.terminate().success(), "{}", control.stderr());
+    assert!(started.elapsed() < Duration::from_secs(5), "the controller took {:?}", started.elapsed());
+    let err = tokio::time::timeout(Duration::from_secs(5), watch.message()).await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let mut w1 = w1;
+    assert!(w1.terminate().success(), "{}", w1.stderr());
 }
 
 /// A load that fails on the worker (here: the Hub cannot be reached) releases the memory

@@ -244,6 +244,7 @@ impl pb::deployments_server::Deployments for Api {
         _request: Request<pb::WatchDeploymentsRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let (current, mut rx) = self.cluster.watch();
+        let mut closing = self.cluster.closing();
         let (tx, out) = mpsc::channel(64);
         tokio::spawn(async move {
             for d in current {
@@ -253,7 +254,14 @@ impl pb::deployments_server::Deployments for Api {
                 }
             }
             loop {
-                let msg = match rx.recv().await {
+                let next = tokio::select! {
+                    next = rx.recv() => next,
+                    () = async { let _ = closing.wait_for(|c| *c).await; } => {
+                        let _ = tx.send(Err(Status::unavailable("the controller is stopping; watch again"))).await;
+                        return;
+                    }
+                };
+                let msg = match next {
                     Ok(e) => Ok(e),
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         Err(Status::data_loss(format!("the watch fell {n} changes behind; watch again")))
@@ -422,9 +430,16 @@ impl pb::worker_link_server::WorkerLink for Api {
         let (tx, rx) = mpsc::unbounded_channel();
         let session = self.cluster.register(reg, tx)?;
         let cluster = self.cluster.clone();
+        let mut closing = self.cluster.closing();
         tokio::spawn(async move {
             loop {
-                match inbound.message().await {
+                // A stopping controller stops reading, which resets the stream: a graceful
+                // stop does not wait on links that would otherwise stay open.
+                let next = tokio::select! {
+                    next = inbound.message() => next,
+                    () = async { let _ = closing.wait_for(|c| *c).await; } => break,
+                };
+                match next {
                     Ok(Some(pb::WorkerMessage { message: Some(m) })) => match m {
                         FromWorker::Heartbeat(status) => cluster.heartbeat(&worker, session, status),
                         FromWorker::Progress(p) => cluster.progress(&worker, p),

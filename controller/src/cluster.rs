@@ -18,7 +18,7 @@ use gantry_core::units::format_bytes;
 use gantry_proto::v1 as pb;
 use pb::controller_message::Message as ToWorker;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 use tonic::Status;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{info, warn};
@@ -167,6 +167,8 @@ pub struct Cluster {
     config: ControllerConfig,
     writes: mpsc::UnboundedSender<StoreOp>,
     changes: broadcast::Sender<pb::DeploymentEvent>,
+    /// Turns true when the controller stops: long-lived streams (worker links, watches) end.
+    closing: watch::Sender<bool>,
     started: Instant,
 }
 
@@ -269,7 +271,15 @@ impl Cluster {
             }
         });
 
-        let cluster = Arc::new(Cluster { state: Mutex::new(state), store, config, writes, changes, started });
+        let cluster = Arc::new(Cluster {
+            state: Mutex::new(state),
+            store,
+            config,
+            writes,
+            changes,
+            closing: watch::channel(false).0,
+            started,
+        });
         // Leases, retries and anything waiting on time.
         let weak = Arc::downgrade(&cluster);
         let tick = (cluster.config.lease / 4).clamp(Duration::from_millis(50), Duration::from_millis(500));
@@ -282,6 +292,22 @@ impl Cluster {
             }
         });
         Ok(cluster)
+    }
+
+    /// Ends the long-lived streams so a graceful stop does not wait on them: every worker
+    /// link is closed (workers keep serving and reconnect to whichever controller leads
+    /// next) and watches end.
+    pub fn shutdown(&self) {
+        let _ = self.closing.send(true);
+        let mut st = self.lock();
+        for w in st.workers.values_mut() {
+            w.tx = None;
+        }
+    }
+
+    /// Turns true when the controller stops.
+    pub fn closing(&self) -> watch::Receiver<bool> {
+        self.closing.subscribe()
     }
 
     pub fn config(&self) -> &ControllerConfig {

@@ -17,6 +17,9 @@ use crate::api::Api;
 use crate::cluster::{Cluster, ControllerConfig};
 use crate::store::{Leadership, Store, StoreError};
 
+/// How long running streams may take to finish once a stop begins.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// A controller that leads and has its state loaded, ready to serve.
 #[derive(Debug)]
 pub struct Controller {
@@ -60,6 +63,7 @@ impl Controller {
         let mut lost = self.leadership.lost.clone();
         let reporter = health.clone();
         let stopper = stop_tx.clone();
+        let cluster = self.cluster.clone();
         tokio::spawn(async move {
             tokio::select! {
                 () = shutdown => {}
@@ -68,6 +72,7 @@ impl Controller {
                 },
             }
             reporter.set_service_status("", ServingStatus::NotServing).await;
+            cluster.shutdown();
             let _ = stopper.send(true);
         });
         if let Some(http) = http {
@@ -85,7 +90,8 @@ impl Controller {
             });
         }
         let mut stop = stop_rx.clone();
-        tonic::transport::Server::builder()
+        let mut stopped = stop_rx.clone();
+        let server = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(health_service)
             .add_service(reflection)
@@ -96,8 +102,15 @@ impl Controller {
             .add_service(pb::worker_link_server::WorkerLinkServer::new(api))
             .serve_with_incoming_shutdown(gantry_worker::server::incoming(grpc), async move {
                 let _ = stop.wait_for(|s| *s).await;
-            })
-            .await?;
+            });
+        // Streams in flight get a while to finish once stopping begins, not forever.
+        tokio::select! {
+            r = server => r?,
+            () = async move {
+                let _ = stopped.wait_for(|s| *s).await;
+                tokio::time::sleep(STOP_GRACE).await;
+            } => tracing::warn!(grace_s = STOP_GRACE.as_secs(), "streams still open after the grace period; stopping anyway"),
+        }
         if *self.leadership.lost.borrow() {
             return Err("lost leadership in the state store".into());
         }

@@ -122,6 +122,19 @@ impl RunningController {
         InferenceClient::new(self.channel().await)
     }
 
+    /// Sends SIGTERM and waits (at most 15 s) for the exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waiting on gantry") {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "gantry did not stop within 15 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGKILL: no chance to clean up.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -85,7 +85,9 @@ async fn session(controller: &str, advertise: &str, state: &Arc<WorkerState>) ->
     tx.send(message(ToController::Register(register))).await.map_err(|e| e.to_string())?;
     let mut inbound = client.attach(ReceiverStream::new(rx)).await.map_err(|e| e.message().to_string())?.into_inner();
 
-    let mut heartbeat: Option<tokio::task::JoinHandle<()>> = None;
+    // Aborted when this session ends, however it ends (dropped mid-await included): the
+    // heartbeat task holds a sender of the request stream, which must close with the session.
+    let mut heartbeat: Option<AbortOnDrop> = None;
     let result = loop {
         let msg = match inbound.message().await {
             Ok(Some(m)) => m,
@@ -96,10 +98,7 @@ async fn session(controller: &str, advertise: &str, state: &Arc<WorkerState>) ->
             Some(FromController::Registered(r)) => {
                 let every = if r.heartbeat_ms == 0 { DEFAULT_HEARTBEAT } else { Duration::from_millis(r.heartbeat_ms) };
                 info!(%controller, heartbeat_ms = every.as_millis() as u64, "registered with the controller");
-                if let Some(h) = heartbeat.take() {
-                    h.abort();
-                }
-                heartbeat = Some(tokio::spawn(heartbeats(state.clone(), tx.clone(), every)));
+                heartbeat = Some(AbortOnDrop(tokio::spawn(heartbeats(state.clone(), tx.clone(), every))));
             }
             Some(FromController::Load(cmd)) => {
                 let (state, tx) = (state.clone(), tx.clone());
@@ -114,10 +113,17 @@ async fn session(controller: &str, advertise: &str, state: &Arc<WorkerState>) ->
             None => {}
         }
     };
-    if let Some(h) = heartbeat {
-        h.abort();
-    }
+    drop(heartbeat);
     result
+}
+
+/// A task aborted when this handle is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 async fn heartbeats(state: Arc<WorkerState>, tx: mpsc::Sender<pb::WorkerMessage>, every: Duration) {
