@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+use gantry_worker::cli::Failure;
 use gantry_worker::store::StoreError;
 
 /// A failed command: a one-line message and an exit code.
@@ -12,20 +13,14 @@ pub struct CliError {
 }
 
 impl CliError {
-    /// Bad flags or values (`EX_USAGE`).
-    pub const USAGE: u8 = 64;
-    /// A model file or folder whose content is wrong (`EX_DATAERR`).
-    pub const DATA: u8 = 65;
-    /// A path that does not exist (`EX_NOINPUT`).
-    pub const NO_INPUT: u8 = 66;
-    /// A service (the controller, a port) is not there (`EX_UNAVAILABLE`).
-    pub const UNAVAILABLE: u8 = 69;
-    /// A bug or an unexpected failure (`EX_SOFTWARE`).
-    pub const SOFTWARE: u8 = 70;
-    /// Reading failed (`EX_IOERR`).
-    pub const IO: u8 = 74;
-    /// Refused: a key or token is missing or wrong (`EX_NOPERM`).
-    pub const NO_PERMISSION: u8 = 77;
+    // The exit codes (BSD `sysexits.h`) are the worker's, so every Gantry binary agrees.
+    pub const USAGE: u8 = Failure::USAGE;
+    pub const DATA: u8 = Failure::DATA;
+    pub const NO_INPUT: u8 = Failure::NO_INPUT;
+    pub const UNAVAILABLE: u8 = Failure::UNAVAILABLE;
+    pub const SOFTWARE: u8 = Failure::SOFTWARE;
+    pub const IO: u8 = Failure::IO;
+    pub const NO_PERMISSION: u8 = Failure::NO_PERMISSION;
 
     /// A usage error: the user asked for something invalid.
     pub fn usage(message: impl Into<String>) -> CliError {

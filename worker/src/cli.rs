@@ -26,12 +26,19 @@ pub struct Failure {
 }
 
 impl Failure {
+    /// Bad flags or values (`EX_USAGE`).
     pub const USAGE: u8 = 64;
+    /// A model whose files are wrong (`EX_DATAERR`).
     pub const DATA: u8 = 65;
+    /// A path or model that does not exist (`EX_NOINPUT`).
     pub const NO_INPUT: u8 = 66;
+    /// A service (the Hub, the controller, a port) is not there (`EX_UNAVAILABLE`).
     pub const UNAVAILABLE: u8 = 69;
+    /// A bug or an unexpected failure (`EX_SOFTWARE`).
     pub const SOFTWARE: u8 = 70;
+    /// Reading or writing failed (`EX_IOERR`).
     pub const IO: u8 = 74;
+    /// Refused: a token is missing or may not read it (`EX_NOPERM`).
     pub const NO_PERMISSION: u8 = 77;
 
     pub fn new(code: u8, message: impl Into<String>) -> Failure {
