@@ -13,7 +13,7 @@ use gantry_controller::store::embedded::EmbeddedStore;
 use gantry_controller::store::etcd::EtcdStore;
 use gantry_core::units::format_bytes;
 use gantry_proto::v1 as pb;
-use gantry_worker::cli::{host_name, hub, wait_for_signal};
+use gantry_worker::cli::{host_name, hub, runtime, wait_for_signal};
 use gantry_worker::link::{LinkOptions, run as run_link};
 use gantry_worker::service::{WorkerOptions, WorkerState};
 use tokio::sync::watch;
@@ -167,13 +167,6 @@ impl ControlArgs {
         }
         Ok((controller, grpc, http.map(|(l, _)| l)))
     }
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| CliError::with_code(format!("cannot start the async runtime: {e}"), CliError::SOFTWARE))
 }
 
 /// Serves until Ctrl-C/SIGTERM.

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use gantry_core::placement::{GpuView, NodeView, PlacedStage, Plan, ReplicaRequest, place};
+use gantry_core::placement::{GpuView, NodeView, PlacedStage, Plan, ReplicaRequest, place, with_margin};
 use gantry_core::units::format_bytes;
 use gantry_proto::v1 as pb;
 use pb::controller_message::Message as ToWorker;
@@ -1219,11 +1219,6 @@ fn device_index(status: &pb::StatusResponse, device: &str) -> Option<u32> {
         return n.parse().ok();
     }
     status.gpus.iter().find(|g| g.source == "cpu").or(status.gpus.first()).map(|g| g.index)
-}
-
-/// `bytes` plus `percent`, rounded up as the planner does.
-fn with_margin(bytes: u64, percent: u64) -> u64 {
-    u64::try_from((u128::from(bytes) * u128::from(100 + percent)).div_ceil(100)).unwrap_or(u64::MAX)
 }
 
 fn not_found(st: &State, name: &str) -> Status {

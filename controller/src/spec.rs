@@ -1,6 +1,5 @@
 //! What a deployment asks for, as the controller stores it, and how big one replica is.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use gantry_core::catalog::Catalog;
@@ -136,7 +135,7 @@ pub fn check_replicas(replicas: u32) -> Result<(), Status> {
 /// Gantry's catalog (Hub ids of catalog models included, with any `@revision`/`:file`).
 pub fn size_model(spec: &DeploymentSpec) -> Result<SizedModel, String> {
     let model = match Source::parse(&spec.source) {
-        Source::Local(path) => read_local(&path)?,
+        Source::Local(path) => read_spec(&path).map_err(|e| e.to_string())?,
         Source::Hub(r) => {
             let catalog = Catalog::builtin().map_err(|e| e.to_string())?;
             match catalog.get(&r.repo) {
@@ -170,8 +169,4 @@ pub fn size_model(spec: &DeploymentSpec) -> Result<SizedModel, String> {
     }
     let bytes = estimate_vram(&model, &options).map_err(|e| e.to_string())?.total_bytes;
     Ok(SizedModel { spec: Arc::new(model), options, bytes })
-}
-
-fn read_local(path: &Path) -> Result<ModelSpec, String> {
-    read_spec(path).map_err(|e| e.to_string())
 }

@@ -241,6 +241,11 @@ pub fn place(nodes: &[NodeView], req: &ReplicaRequest<'_>) -> Result<Result<Plan
     }
 }
 
+/// `bytes` plus `percent`, rounded up: the memory placement reserves for an estimate.
+pub fn with_margin(bytes: u64, percent: u64) -> u64 {
+    Margin(percent).add(bytes)
+}
+
 /// The safety margin, in percent on top of every estimate.
 #[derive(Debug, Clone, Copy)]
 struct Margin(u64);

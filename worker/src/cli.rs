@@ -196,7 +196,8 @@ pub fn hub(cache_dir: Option<PathBuf>) -> Result<Hub, Failure> {
     Ok(Hub::new(config)?)
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+/// The multi-threaded runtime the serving commands run on.
+pub fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -307,9 +308,8 @@ pub fn run_worker(args: WorkerArgs) -> Result<(), Failure> {
         let _ = ready_tx.send(true);
         println!("ready");
 
-        if let Some(controller) = &args.controller {
-            let controller =
-                if controller.contains("://") { controller.clone() } else { format!("http://{controller}") };
+        if let Some(controller) = args.controller.clone() {
+            // `link::run` adds `http://` to each address that lacks a scheme.
             let advertise = args.advertise.clone().unwrap_or_else(|| advertise_address(addr));
             tokio::spawn(link::run(LinkOptions { controller, advertise }, state.clone(), stop_rx.clone()));
         }
