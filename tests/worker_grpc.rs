@@ -236,16 +236,7 @@ async fn load(
         context_length: context,
         ..Default::default()
     };
-    let mut stream = client.load_model(req).await?.into_inner();
-    let mut progress = Vec::new();
-    while let Some(ev) = stream.message().await? {
-        match ev.event {
-            Some(pb::load_model_event::Event::Progress(p)) => progress.push(p),
-            Some(pb::load_model_event::Event::Done(info)) => return Ok((progress, info)),
-            None => {}
-        }
-    }
-    panic!("the load stream ended without a done event");
+    common::worker::load(client, req).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

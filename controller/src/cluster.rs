@@ -8,7 +8,7 @@
 //! lost. Deployment records are written to the store before an API call returns; placements
 //! are written in order by one background writer.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -75,8 +75,10 @@ struct Replica {
     progress: String,
     retry_at: Option<Instant>,
     failures: u32,
-    /// The load command in flight: (worker, command id).
-    command: Option<(String, u64)>,
+    /// Load commands in flight: worker → command id (one per worker of the placement).
+    commands: BTreeMap<String, u64>,
+    /// Workers of the placement that hold their stage.
+    loaded: BTreeSet<String>,
     /// Requests the router has sent to it and not seen end.
     inflight: Arc<AtomicU32>,
 }
@@ -90,13 +92,37 @@ impl Replica {
             progress: String::new(),
             retry_at: None,
             failures: 0,
-            command: None,
+            commands: BTreeMap::new(),
+            loaded: BTreeSet::new(),
             inflight: Arc::new(AtomicU32::new(0)),
         }
     }
 
     fn on_worker(&self, worker: &str) -> bool {
         self.placement.as_ref().is_some_and(|p| p.stages.iter().any(|s| s.node == worker))
+    }
+
+    /// The workers of its placement, in pipeline order, each once.
+    fn workers(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for s in self.placement.iter().flat_map(|p| &p.stages) {
+            if !out.contains(&s.node) {
+                out.push(s.node.clone());
+            }
+        }
+        out
+    }
+
+    /// Whether every worker of its placement holds its stage.
+    fn all_loaded(&self) -> bool {
+        self.placement.is_some() && self.workers().iter().all(|w| self.loaded.contains(w))
+    }
+
+    /// Forgets load progress (a new placement, or none).
+    fn clear_loads(&mut self) {
+        self.commands.clear();
+        self.loaded.clear();
+        self.progress.clear();
     }
 }
 
@@ -574,21 +600,26 @@ impl Cluster {
                     continue;
                 }
                 let id = replica_model_id(name, i);
+                r.commands.remove(worker);
                 if loaded.contains(&id) {
-                    if r.state != ReplicaState::Ready {
+                    r.loaded.insert(worker.to_string());
+                    if r.all_loaded() && r.state != ReplicaState::Ready {
                         r.state = ReplicaState::Ready;
                         r.reason.clear();
                         r.progress.clear();
-                        r.command = None;
                     }
                 } else {
+                    r.loaded.remove(worker);
+                    if r.state == ReplicaState::Ready {
+                        r.state = ReplicaState::Loading;
+                    }
                     want.push((name.clone(), i));
                 }
             }
         }
         for (name, i) in want {
             // Reserved already; send the load again.
-            self.send_load(st, &name, i);
+            self.send_load(st, &name, i, Some(worker));
         }
         let infos: Vec<pb::ModelInfo> =
             st.workers[worker].status.models.iter().filter_map(|m| m.info.clone()).collect();
@@ -619,7 +650,8 @@ impl Cluster {
         let Ok(sized) = &d.sized else { return false };
         let bytes = with_margin(sized.bytes, margin);
         let generation = d.record.generation;
-        if info.source != d.record.spec.source {
+        // A stage of a split model is not a replica by itself.
+        if info.source != d.record.spec.source || info.layer_start != 0 || info.layer_end != info.num_layers {
             return false;
         }
         let Some(r) = d.replicas.get_mut(&index) else { return false };
@@ -634,7 +666,8 @@ impl Cluster {
         r.reason.clear();
         r.progress.clear();
         r.retry_at = None;
-        r.command = None;
+        r.clear_loads();
+        r.loaded.insert(worker.to_string());
         let msg = format!("replica {index} adopted from {worker}, which still holds it");
         info!(deployment = name, "{msg}");
         self.event(st, name, "Adopted", msg);
@@ -686,23 +719,39 @@ impl Cluster {
         let Some(r) = st.deployments.get_mut(&c.deployment).and_then(|d| d.replicas.get_mut(&c.replica)) else {
             return;
         };
-        if r.command.as_ref().is_none_or(|(_, id)| *id != result.command_id) {
+        if r.commands.get(worker) != Some(&result.command_id) {
             return;
         }
-        r.command = None;
-        r.progress.clear();
+        r.commands.remove(worker);
         if result.code == 0 {
+            r.loaded.insert(worker.to_string());
+            let load_ms = result.model.as_ref().map_or(0, |m| m.load_ms);
+            let stages = r.workers().len();
+            if !r.all_loaded() {
+                r.reason = format!("{} of {stages} stages loaded", r.loaded.len());
+                let msg = format!("replica {}: stage on {worker} loaded in {load_ms} ms", c.replica);
+                info!(deployment = %c.deployment, "{msg}");
+                self.event(&mut st, &c.deployment, "StageLoaded", msg);
+                self.publish(&mut st);
+                return;
+            }
             r.state = ReplicaState::Ready;
             r.reason.clear();
+            r.progress.clear();
             r.failures = 0;
-            let load_ms = result.model.as_ref().map_or(0, |m| m.load_ms);
-            let msg = format!("replica {} ready on {worker} (loaded in {load_ms} ms)", c.replica);
+            let msg = if stages > 1 {
+                format!("replica {} ready: {stages} stages, the last on {worker} loaded in {load_ms} ms", c.replica)
+            } else {
+                format!("replica {} ready on {worker} (loaded in {load_ms} ms)", c.replica)
+            };
             info!(deployment = %c.deployment, "{msg}");
             self.event(&mut st, &c.deployment, "Loaded", msg);
         } else {
             let code = tonic::Code::from_i32(result.code);
             let msg = format!("replica {} failed to load on {worker}: {} ({code:?})", c.replica, result.error);
             warn!(deployment = %c.deployment, "{msg}");
+            // The other stages of a split replica are no use alone.
+            self.unload_stages(&mut st, &c.deployment, c.replica, Some(worker));
             self.release(&mut st, &c.deployment, c.replica, ReplicaState::Failed, &msg);
             if let Some(r) = st.deployments.get_mut(&c.deployment).and_then(|d| d.replicas.get_mut(&c.replica)) {
                 r.failures += 1;
@@ -738,6 +787,7 @@ impl Cluster {
             .collect();
         st.commands.retain(|_, c| c.worker != id);
         for (name, i) in affected {
+            self.unload_stages(st, &name, i, Some(id));
             let msg = format!(
                 "worker {id} lost (silent for {:.1} s, lease {:.1} s); replica {i} is placed again",
                 silent.as_secs_f64(),
@@ -752,21 +802,32 @@ impl Cluster {
     fn release(&self, st: &mut State, name: &str, index: u32, state: ReplicaState, reason: &str) {
         let Some(r) = st.deployments.get_mut(name).and_then(|d| d.replicas.get_mut(&index)) else { return };
         r.placement = None;
-        r.command = None;
+        r.clear_loads();
         r.state = state;
         r.reason = reason.to_string();
-        r.progress.clear();
         let _ = self.writes.send(StoreOp::Delete(format!("placements/{name}/{index}")));
     }
 
     fn unload_replica(&self, st: &mut State, name: &str, index: u32, r: &Replica) {
         let id = replica_model_id(name, index);
-        if let Some(p) = &r.placement {
-            for s in &p.stages {
-                self.send_unload(st, &s.node, &id);
-            }
+        for worker in r.workers() {
+            self.send_unload(st, &worker, &id);
         }
         let _ = self.writes.send(StoreOp::Delete(format!("placements/{name}/{index}")));
+    }
+
+    /// Unloads a placed replica's stages from its workers other than `except` (a split replica
+    /// losing one stage cannot serve with the others).
+    fn unload_stages(&self, st: &mut State, name: &str, index: u32, except: Option<&str>) {
+        let Some(r) = st.deployments.get(name).and_then(|d| d.replicas.get(&index)) else { return };
+        let workers: Vec<String> = r.workers().into_iter().filter(|w| Some(w.as_str()) != except).collect();
+        if workers.len() + usize::from(except.is_some()) < 2 {
+            return; // a whole-model replica: nothing else holds it
+        }
+        let id = replica_model_id(name, index);
+        for w in workers {
+            self.send_unload(st, &w, &id);
+        }
     }
 
     fn send_unload(&self, st: &mut State, worker: &str, model_id: &str) {
@@ -781,38 +842,100 @@ impl Cluster {
         }
     }
 
-    /// Sends the load command of a placed replica to its worker.
-    fn send_load(&self, st: &mut State, name: &str, index: u32) {
-        st.next_command += 1;
-        let command_id = st.next_command;
-        let Some(d) = st.deployments.get_mut(name) else { return };
+    /// Sends the load commands of a placed replica: one per worker of its placement (or only
+    /// to `only`), each with the worker's layer segments and the address of the next stage.
+    fn send_load(&self, st: &mut State, name: &str, index: u32, only: Option<&str>) {
+        let Some(d) = st.deployments.get(name) else { return };
         let source = d.record.spec.source.clone();
         let context = d.record.spec.context_length;
-        let Some(r) = d.replicas.get_mut(&index) else { return };
-        let Some(stage) = r.placement.as_ref().and_then(|p| p.stages.first()).cloned() else { return };
-        let Some(w) = st.workers.get(&stage.node) else { return };
-        let Some(tx) = &w.tx else {
-            r.state = ReplicaState::Loading;
-            r.reason = format!("waiting for {} to reconnect", stage.node);
-            return;
-        };
-        let cpu = w.status.gpus.iter().find(|g| g.index == stage.gpu).is_some_and(|g| g.source == "cpu");
-        let request = pb::LoadModelRequest {
-            model_id: replica_model_id(name, index),
-            source,
-            device: if cpu { "cpu".into() } else { format!("gpu:{}", stage.gpu) },
-            layer_start: 0,
-            layer_end: 0,
-            context_length: context,
-        };
-        let cmd = pb::LoadCommand { command_id, request: Some(request) };
-        if tx.send(Ok(pb::ControllerMessage { message: Some(ToWorker::Load(cmd)) })).is_ok() {
-            r.state = ReplicaState::Loading;
-            r.reason = format!("loading on {} gpu:{}", stage.node, stage.gpu);
-            r.command = Some((stage.node.clone(), command_id));
-            st.commands
-                .insert(command_id, Command { worker: stage.node, deployment: name.to_string(), replica: index });
+        let Some(r) = d.replicas.get(&index) else { return };
+        let Some(placement) = r.placement.clone() else { return };
+        // Consecutive stages on one worker run in one process: one command for them.
+        let mut groups: Vec<(String, Vec<pb::LayerSegment>)> = Vec::new();
+        for s in &placement.stages {
+            let cpu = st
+                .workers
+                .get(&s.node)
+                .and_then(|w| w.status.gpus.iter().find(|g| g.index == s.gpu))
+                .is_some_and(|g| g.source == "cpu");
+            let segment = pb::LayerSegment {
+                device: if cpu { "cpu".into() } else { format!("gpu:{}", s.gpu) },
+                layer_start: s.layers.start as u32,
+                layer_end: s.layers.end as u32,
+            };
+            match groups.last_mut() {
+                Some((node, segments)) if *node == s.node => segments.push(segment),
+                _ => groups.push((s.node.clone(), vec![segment])),
+            }
         }
+        let split = groups.len() > 1 || groups.first().is_some_and(|(_, segs)| segs.len() > 1);
+        let mut sent = Vec::new();
+        let mut waiting = Vec::new();
+        for (k, (node, segments)) in groups.iter().enumerate() {
+            if only.is_some_and(|o| o != node) {
+                continue;
+            }
+            let next_stage = match groups.get(k + 1) {
+                Some((next, _)) => match st.workers.get(next) {
+                    Some(w) => w.address.clone(),
+                    None => {
+                        waiting.push(next.clone());
+                        continue;
+                    }
+                },
+                None => String::new(),
+            };
+            let Some(tx) = st.workers.get(node).and_then(|w| w.tx.clone()) else {
+                waiting.push(node.clone());
+                continue;
+            };
+            let request = if split {
+                pb::LoadModelRequest {
+                    model_id: replica_model_id(name, index),
+                    source: source.clone(),
+                    context_length: context,
+                    segments: segments.clone(),
+                    next_stage,
+                    ..Default::default()
+                }
+            } else {
+                pb::LoadModelRequest {
+                    model_id: replica_model_id(name, index),
+                    source: source.clone(),
+                    device: segments[0].device.clone(),
+                    context_length: context,
+                    ..Default::default()
+                }
+            };
+            st.next_command += 1;
+            let command_id = st.next_command;
+            let cmd = pb::LoadCommand { command_id, request: Some(request) };
+            if tx.send(Ok(pb::ControllerMessage { message: Some(ToWorker::Load(cmd)) })).is_ok() {
+                st.commands
+                    .insert(command_id, Command { worker: node.clone(), deployment: name.to_string(), replica: index });
+                sent.push((node.clone(), command_id));
+            } else {
+                waiting.push(node.clone());
+            }
+        }
+        let Some(r) = st.deployments.get_mut(name).and_then(|d| d.replicas.get_mut(&index)) else { return };
+        r.state = ReplicaState::Loading;
+        for (node, id) in sent {
+            r.commands.insert(node, id);
+        }
+        r.reason = if !waiting.is_empty() {
+            format!("waiting for {} to reconnect", waiting.join(", "))
+        } else if split {
+            let where_: Vec<String> = placement
+                .stages
+                .iter()
+                .map(|s| format!("{} gpu:{} layers {}..{}", s.node, s.gpu, s.layers.start, s.layers.end))
+                .collect();
+            format!("loading {} stages: {}", placement.stages.len(), where_.join(", "))
+        } else {
+            let s = &placement.stages[0];
+            format!("loading on {} gpu:{}", s.node, s.gpu)
+        };
     }
 
     // ---- The scheduler ----
@@ -959,47 +1082,42 @@ impl Cluster {
             Ok(Err(unschedulable)) => {
                 self.set_pending(st, name, index, &format!("unschedulable: {unschedulable}"));
             }
-            Ok(Ok(plan @ (Plan::MultiGpu { .. } | Plan::MultiNode { .. }))) => {
-                let stages: Vec<String> = plan
-                    .stages()
-                    .iter()
-                    .map(|s| {
-                        format!(
-                            "{} gpu:{} layers {}-{} ({})",
-                            s.node,
-                            s.gpu,
-                            s.layers.start,
-                            s.layers.end,
-                            format_bytes(s.bytes)
-                        )
-                    })
-                    .collect();
-                self.set_pending(
-                    st,
-                    name,
-                    index,
-                    &format!(
-                        "no single GPU can hold it; it needs its layers split: {}. Running split replicas comes with layer sharding (not in this version)",
-                        stages.join(", ")
+            Ok(Ok(plan)) => {
+                let stages = plan.stages().to_vec();
+                let msg = match &plan {
+                    Plan::OneGpu { stage } => format!(
+                        "replica {index} placed on {} gpu:{} ({} reserved)",
+                        stage.node,
+                        stage.gpu,
+                        format_bytes(stage.bytes)
                     ),
-                );
-            }
-            Ok(Ok(Plan::OneGpu { stage })) => {
-                let msg = format!(
-                    "replica {index} placed on {} gpu:{} ({} reserved)",
-                    stage.node,
-                    stage.gpu,
-                    format_bytes(stage.bytes)
-                );
-                let record = PlacementRecord { generation, stages: vec![stage] };
+                    _ => {
+                        let list: Vec<String> = stages
+                            .iter()
+                            .map(|s| {
+                                format!(
+                                    "{} gpu:{} layers {}..{} ({})",
+                                    s.node,
+                                    s.gpu,
+                                    s.layers.start,
+                                    s.layers.end,
+                                    format_bytes(s.bytes)
+                                )
+                            })
+                            .collect();
+                        format!("replica {index} split into {} stages: {}", stages.len(), list.join(", "))
+                    }
+                };
+                let record = PlacementRecord { generation, stages };
                 let _ = self.writes.send(StoreOp::Put(format!("placements/{name}/{index}"), to_json(&record)));
                 if let Some(r) = st.deployments.get_mut(name).and_then(|d| d.replicas.get_mut(&index)) {
                     r.placement = Some(record);
+                    r.clear_loads();
                     r.retry_at = None;
                 }
                 info!(deployment = name, "{msg}");
                 self.event(st, name, "Placed", msg);
-                self.send_load(st, name, index);
+                self.send_load(st, name, index, None);
             }
         }
     }

@@ -144,3 +144,20 @@ pub async fn collect(client: &mut WorkerClient<Channel>, req: pb::GenerateReques
 pub async fn status(client: &mut WorkerClient<Channel>) -> pb::StatusResponse {
     client.status(pb::StatusRequest {}).await.expect("Status answers").into_inner()
 }
+
+/// Loads a model, returning the progress events and the final info.
+pub async fn load(
+    client: &mut WorkerClient<Channel>,
+    req: pb::LoadModelRequest,
+) -> Result<(Vec<pb::LoadProgress>, pb::ModelInfo), tonic::Status> {
+    let mut stream = client.load_model(req).await?.into_inner();
+    let mut progress = Vec::new();
+    while let Some(ev) = stream.message().await? {
+        match ev.event {
+            Some(pb::load_model_event::Event::Progress(p)) => progress.push(p),
+            Some(pb::load_model_event::Event::Done(info)) => return Ok((progress, info)),
+            None => {}
+        }
+    }
+    panic!("the load stream ended without a done event");
+}

@@ -4,6 +4,7 @@
 //! - [`store`]: where model files come from (local paths, the Hugging Face Hub);
 //! - [`engine`]: the Candle inference engine;
 //! - [`service`] and [`server`]: the `gantry.v1.Worker` gRPC service;
+//! - [`pipeline`]: running one stage of a model split over workers;
 //! - [`link`]: the stream to the controller;
 //! - [`cli`]: `gantry worker` / `gantry-worker` and `gantry pull`.
 
@@ -11,6 +12,7 @@ pub mod cli;
 pub mod engine;
 pub mod gpu;
 pub mod link;
+pub mod pipeline;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -1,9 +1,10 @@
-//! Serving the worker: the `gantry.v1.Worker` service with standard gRPC health checking and
+//! Serving the worker: the `gantry.v1.Worker` and `gantry.v1.StageLink` services with standard gRPC health checking and
 //! server reflection beside it.
 
 use std::future::Future;
 use std::sync::Arc;
 
+use gantry_proto::v1::stage_link_server::StageLinkServer;
 use gantry_proto::v1::worker_server::WorkerServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -45,7 +46,12 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(WorkerServer::new(WorkerService::new(state)))
+        .add_service(WorkerServer::new(WorkerService::new(state.clone())))
+        .add_service(
+            StageLinkServer::new(WorkerService::new(state))
+                .max_decoding_message_size(usize::MAX)
+                .max_encoding_message_size(usize::MAX),
+        )
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await?;
     Ok(())

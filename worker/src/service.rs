@@ -24,11 +24,12 @@ use tracing::{info, warn};
 use crate::engine::EngineError;
 use crate::engine::chat::{ChatTemplate, Message};
 use crate::engine::files::ModelFiles;
-use crate::engine::generate::{FinishReason, LogitsSource, Session, generate};
-use crate::engine::model::ModelPart;
+use crate::engine::generate::{FinishReason, generate_from};
+use crate::engine::model::StageInput;
 use crate::engine::sampling::SamplingParams;
 use crate::engine::tokenizer::Tokenizer;
 use crate::gpu::{GpuInfo, GpuInventory, InventorySource};
+use crate::pipeline::{Chain, Downstream, Segment, TurnLock, WireDtype, decode};
 use crate::store::{self, Hub, HubError, Source};
 
 /// Tokens generated when a request does not say.
@@ -90,60 +91,6 @@ impl RateMeter {
     }
 }
 
-/// A fair (first come, first served) lock on a compute device. Generations on one device
-/// take turns at each forward pass: without it, concurrent sequences on the CPU run their
-/// matrix kernels at once and fight over the cores (measured: 4 streams of SmolLM2 on 2
-/// cores gave 20% fewer tokens/s in all than running them one after the other); with it they
-/// interleave token by token. A plain mutex would let the thread that just released it take
-/// it straight back and starve the others.
-#[derive(Debug, Default)]
-struct TurnLock {
-    /// (next ticket to hand out, ticket being served).
-    tickets: Mutex<(u64, u64)>,
-    turn: std::sync::Condvar,
-}
-
-impl TurnLock {
-    /// Waits for this caller's turn and runs `f`.
-    fn run<T>(&self, f: impl FnOnce() -> T) -> T {
-        let mut t = self.tickets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mine = t.0;
-        t.0 += 1;
-        while t.1 != mine {
-            t = self.turn.wait(t).unwrap_or_else(std::sync::PoisonError::into_inner);
-        }
-        drop(t);
-        // Hand the turn on even if `f` panics.
-        struct Next<'a>(&'a TurnLock);
-        impl Drop for Next<'_> {
-            fn drop(&mut self) {
-                let mut t = self.0.tickets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                t.1 += 1;
-                self.0.turn.notify_all();
-            }
-        }
-        let _next = Next(self);
-        f()
-    }
-}
-
-/// A sequence that takes its device's turn for each forward pass.
-struct TakingTurns<'a> {
-    session: Session<'a>,
-    turn: &'a TurnLock,
-}
-
-impl LogitsSource for TakingTurns<'_> {
-    fn next_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
-        let session = &mut self.session;
-        self.turn.run(|| session.next_logits(tokens))
-    }
-
-    fn context_length(&self) -> usize {
-        self.session.context_length()
-    }
-}
-
 /// Where a model runs and whose memory it takes.
 #[derive(Debug, Clone, PartialEq)]
 struct Placement {
@@ -155,18 +102,27 @@ struct Placement {
     label: String,
 }
 
-/// A model being served.
+/// The stage after this worker's layers of a split model.
+#[derive(Debug)]
+struct NextStage {
+    address: String,
+    channel: tonic::transport::Channel,
+    wire: WireDtype,
+}
+
+/// A model (or this worker's stage of a split one) being served.
 #[derive(Debug)]
 struct Served {
     info: pb::ModelInfo,
-    part: ModelPart,
+    /// Its layer ranges in order, each on its device.
+    segments: Vec<Segment>,
+    /// Where each segment's memory is counted, and how much.
+    placements: Vec<(Placement, u64)>,
+    next: Option<NextStage>,
     tokenizer: Tokenizer,
     template: Result<ChatTemplate, String>,
     extra_eos: Vec<u32>,
     slots: Arc<Semaphore>,
-    turn: Arc<TurnLock>,
-    placement: Placement,
-    reserved_bytes: u64,
     running: AtomicU32,
     queued: AtomicU32,
     tokens: AtomicU64,
@@ -226,8 +182,9 @@ impl WorkerState {
         for g in gpus.iter_mut().filter(|g| g.source == InventorySource::Declared) {
             let reserved: u64 = models
                 .values()
-                .filter(|m| m.placement.inventory_index == Some(g.index))
-                .map(|m| m.reserved_bytes)
+                .flat_map(|m| &m.placements)
+                .filter(|(p, _)| p.inventory_index == Some(g.index))
+                .map(|(_, bytes)| bytes)
                 .sum();
             g.used_bytes = reserved.min(g.total_bytes);
             g.free_bytes = g.total_bytes - g.used_bytes;
@@ -327,12 +284,15 @@ impl WorkerState {
         let source = Source::parse(req.source.trim());
         let model_id =
             if req.model_id.trim().is_empty() { default_model_id(&source) } else { req.model_id.trim().into() };
-        if req.layer_end < req.layer_start {
-            return Err(Status::invalid_argument(format!(
-                "layers [{}, {}): the end is before the start",
-                req.layer_start, req.layer_end
-            )));
+        for s in segments(&req) {
+            if s.layer_end < s.layer_start {
+                return Err(Status::invalid_argument(format!(
+                    "layers [{}, {}): the end is before the start",
+                    s.layer_start, s.layer_end
+                )));
+            }
         }
+        WireDtype::parse(&req.wire_dtype).map_err(|e| Status::invalid_argument(e.to_string()))?;
         if let Ok(m) = self.model(&model_id) {
             if m.info.source == req.source.trim() {
                 return Ok(m.info.clone());
@@ -376,20 +336,41 @@ impl WorkerState {
         .map_err(hub_status)?;
 
         let gpus = self.gpus().map_err(|e| Status::internal(format!("reading the GPUs: {e}")))?;
-        let placement = self.placement(&req.device, &gpus)?;
+        let placements =
+            segments(req).iter().map(|s| self.placement(&s.device, &gpus)).collect::<Result<Vec<_>, _>>()?;
+        let next = match req.next_stage.trim() {
+            "" => None,
+            address => Some(NextStage {
+                address: address.to_string(),
+                channel: tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+                    .map_err(|e| Status::invalid_argument(format!("next_stage `{address}`: {e}")))?
+                    .connect_timeout(std::time::Duration::from_secs(3))
+                    .tcp_nodelay(true)
+                    .connect_lazy(),
+                wire: WireDtype::parse(&req.wire_dtype).map_err(|e| Status::invalid_argument(e.to_string()))?,
+            }),
+        };
         let state = self.clone();
         let req = req.clone();
         let model_id = model_id.to_string();
         let load_tx = events.clone();
         let served = tokio::task::spawn_blocking(move || {
-            state.load_blocking(&model_id, path, &req, placement, &gpus, started, &load_tx)
+            state.load_blocking(&model_id, path, &req, placements, next, &gpus, started, &load_tx)
         })
         .await
         .map_err(|e| Status::internal(format!("the load stopped: {e}")))??;
         let info = served.info.clone();
         let mut models = self.models.write().map_err(|_| Status::internal("model table lock poisoned"))?;
         models.insert(info.model_id.clone(), Arc::new(served));
-        info!(model = %info.model_id, source = %info.source, device = %info.device, load_ms = info.load_ms, "serving");
+        info!(
+            model = %info.model_id,
+            source = %info.source,
+            device = %info.device,
+            layers = format!("{}..{} of {}", info.layer_start, info.layer_end, info.num_layers),
+            next_stage = %info.next_stage,
+            load_ms = info.load_ms,
+            "serving"
+        );
         Ok(info)
     }
 
@@ -399,7 +380,8 @@ impl WorkerState {
         model_id: &str,
         path: PathBuf,
         req: &pb::LoadModelRequest,
-        placement: Placement,
+        placements: Vec<Placement>,
+        next: Option<NextStage>,
         gpus: &[GpuInfo],
         started: Instant,
         events: &mpsc::Sender<Result<pb::LoadModelEvent, Status>>,
@@ -418,23 +400,15 @@ impl WorkerState {
         };
         std::sync::Arc::make_mut(&mut files.config).context_length = context;
         let layers = files.config.num_layers;
-        let range = match (req.layer_start, req.layer_end) {
-            (0, 0) => 0..layers,
-            (s, e) if e as usize <= layers => s as usize..e as usize,
-            (s, e) => {
-                return Err(Status::invalid_argument(format!(
-                    "layers [{s}, {e}): {} has {layers} layers",
-                    files.spec.name
-                )));
-            }
-        };
+        let ranges = layer_ranges(&segments(req), layers, next.is_some())
+            .map_err(|e| Status::invalid_argument(format!("{}: {e}", files.spec.name)))?;
 
-        // Admission: the estimate for this context and `parallel` sequences against what is
-        // free on the device it is counted against.
+        // Admission: the estimate for this context and `parallel` sequences, in proportion to
+        // each segment's layers, against what is free on the device it is counted against.
         let options = ServeOptions {
             context: Some(context as u64),
             batch: self.options.parallel as u64,
-            device: if placement.engine_device == "cpu"
+            device: if placements.iter().all(|p| p.engine_device == "cpu")
                 && gpus.first().is_none_or(|g| g.source != InventorySource::Declared)
             {
                 DeviceKind::Cpu
@@ -444,78 +418,113 @@ impl WorkerState {
             ..ServeOptions::default()
         };
         let estimate = estimate_vram(&files.spec, &options).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let share = |bytes: u64| bytes * range.len() as u64 / layers.max(1) as u64;
-        let needed = share(estimate.weights_bytes + estimate.kv_cache_bytes)
-            + estimate.activation_bytes
-            + estimate.overhead_bytes;
-        if let Some(g) = placement.inventory_index.and_then(|i| gpus.iter().find(|g| g.index == i))
-            && needed > g.free_bytes
-        {
-            return Err(Status::resource_exhausted(format!(
-                "{} needs {} on {} ({} weights, {} KV cache for {} tokens × {} sequences, {} activations and overhead); {} of {} is free",
-                files.spec.name,
-                format_bytes(needed),
-                placement.label,
-                format_bytes(share(estimate.weights_bytes)),
-                format_bytes(share(estimate.kv_cache_bytes)),
-                context,
-                self.options.parallel,
-                format_bytes(estimate.activation_bytes + estimate.overhead_bytes),
-                format_bytes(g.free_bytes),
-                format_bytes(g.total_bytes),
-            )));
+        let share = |bytes: u64, range: &std::ops::Range<usize>| bytes * range.len() as u64 / layers.max(1) as u64;
+        let needs: Vec<u64> = ranges
+            .iter()
+            .map(|r| {
+                share(estimate.weights_bytes + estimate.kv_cache_bytes, r)
+                    + estimate.activation_bytes
+                    + estimate.overhead_bytes
+            })
+            .collect();
+        for (placement, range) in placements.iter().zip(&ranges) {
+            let Some(g) = placement.inventory_index.and_then(|d| gpus.iter().find(|g| g.index == d)) else { continue };
+            // Every segment counted against the same device takes from the same free memory.
+            let needed: u64 = placements
+                .iter()
+                .zip(&needs)
+                .filter(|(p, _)| p.inventory_index == placement.inventory_index)
+                .map(|(_, n)| n)
+                .sum();
+            if needed > g.free_bytes {
+                let what = if ranges.len() == 1 && range.len() == layers {
+                    String::new()
+                } else {
+                    format!(" layers {}..{}", range.start, range.end)
+                };
+                return Err(Status::resource_exhausted(format!(
+                    "{}{what} needs {} on {} ({} weights, {} KV cache for {} tokens × {} sequences, {} activations and overhead); {} of {} is free",
+                    files.spec.name,
+                    format_bytes(needed),
+                    placement.label,
+                    format_bytes(share(estimate.weights_bytes, range)),
+                    format_bytes(share(estimate.kv_cache_bytes, range)),
+                    context,
+                    self.options.parallel,
+                    format_bytes(estimate.activation_bytes + estimate.overhead_bytes),
+                    format_bytes(g.free_bytes),
+                    format_bytes(g.total_bytes),
+                )));
+            }
         }
 
-        let device = crate::engine::device(&placement.engine_device).map_err(engine_status)?;
         let tokenizer = files.tokenizer().map_err(engine_status)?;
         let template = files.chat_template(&tokenizer).map_err(|e| e.to_string());
-        let mut last_layers = usize::MAX;
-        let part = files
-            .load_part(range.clone(), &device, &mut |p| {
-                if p.layers_done != last_layers {
-                    last_layers = p.layers_done;
-                    let _ = events.try_send(Ok(progress_event(
-                        "load",
-                        "layers",
-                        p.layers_done as u64,
-                        p.layers_total as u64,
-                    )));
-                }
-            })
-            .map_err(engine_status)?;
+        let total_layers: usize = ranges.iter().map(|r| r.len()).sum();
+        let mut done_before = 0;
+        let mut segments = Vec::with_capacity(ranges.len());
+        for (placement, range) in placements.iter().zip(&ranges) {
+            let device = crate::engine::device(&placement.engine_device).map_err(engine_status)?;
+            let mut last_layers = usize::MAX;
+            let part = files
+                .load_part(range.clone(), &device, &mut |p| {
+                    if p.layers_done != last_layers {
+                        last_layers = p.layers_done;
+                        let _ = events.try_send(Ok(progress_event(
+                            "load",
+                            "layers",
+                            (done_before + p.layers_done) as u64,
+                            total_layers as u64,
+                        )));
+                    }
+                })
+                .map_err(engine_status)?;
+            done_before += range.len();
+            let turn = self
+                .turns
+                .lock()
+                .map_err(|_| Status::internal("turn table lock poisoned"))?
+                .entry(placement.engine_device.clone())
+                .or_default()
+                .clone();
+            segments.push(Segment { part, turn });
+        }
         let extra_eos = files.spec.eos_token_ids.iter().filter_map(|&i| u32::try_from(i).ok()).collect();
-        let turn = self
-            .turns
-            .lock()
-            .map_err(|_| Status::internal("turn table lock poisoned"))?
-            .entry(placement.engine_device.clone())
-            .or_default()
-            .clone();
+        let (first, last) = (ranges.first().cloned().unwrap_or_default(), ranges.last().cloned().unwrap_or_default());
         let info = pb::ModelInfo {
             model_id: model_id.to_string(),
             source: req.source.trim().to_string(),
             family: files.spec.family.to_string(),
             parameters: files.spec.parameters.total,
             context_length: context as u64,
-            weights_bytes: share(estimate.weights_bytes),
-            device: placement.label.clone(),
-            layer_start: range.start as u32,
-            layer_end: range.end as u32,
+            weights_bytes: ranges.iter().map(|r| share(estimate.weights_bytes, r)).sum(),
+            device: placements.first().map(|p| p.label.clone()).unwrap_or_default(),
+            layer_start: first.start as u32,
+            layer_end: last.end as u32,
             num_layers: layers as u32,
             instruct: files.spec.tuning.instruct,
             chat_template: template.as_ref().map(|t| t.origin.clone()).unwrap_or_default(),
             load_ms: started.elapsed().as_millis() as u64,
+            segments: placements
+                .iter()
+                .zip(&ranges)
+                .map(|(p, r)| pb::LayerSegment {
+                    device: p.label.clone(),
+                    layer_start: r.start as u32,
+                    layer_end: r.end as u32,
+                })
+                .collect(),
+            next_stage: next.as_ref().map(|n| n.address.clone()).unwrap_or_default(),
         };
         Ok(Served {
             info,
-            part,
+            segments,
+            placements: placements.into_iter().zip(needs).collect(),
+            next,
             tokenizer,
             template,
             extra_eos,
             slots: Arc::new(Semaphore::new(self.options.parallel)),
-            turn,
-            placement,
-            reserved_bytes: needed,
             running: AtomicU32::new(0),
             queued: AtomicU32::new(0),
             tokens: AtomicU64::new(0),
@@ -538,6 +547,12 @@ impl WorkerState {
         req: pb::GenerateRequest,
     ) -> Result<mpsc::Receiver<Result<pb::GenerateEvent, Status>>, Status> {
         let model = self.model(&req.model_id)?;
+        if model.info.layer_start != 0 {
+            return Err(Status::failed_precondition(format!(
+                "this worker runs layers {}..{} of `{}`, a later pipeline stage; send requests to the stage holding layer 0",
+                model.info.layer_start, model.info.layer_end, model.info.model_id
+            )));
+        }
         let params = sampling_params(req.sampling.as_ref())?;
         let prompt = build_prompt(&model, req.input.as_ref())?;
         let context = model.info.context_length as usize;
@@ -587,14 +602,23 @@ impl WorkerState {
             };
             let Ok(permit) = permit else { return };
             model.running.fetch_add(1, Ordering::Relaxed);
+            let downstream = match &model.next {
+                None => Ok(None),
+                Some(next) => open_next(&model, next, &params, &request_id).await.map(Some),
+            };
             let run_model = model.clone();
             let run_state = state.clone();
             let run_tx = tx.clone();
             let request_id2 = request_id.clone();
-            let outcome = tokio::task::spawn_blocking(move || {
-                run_generation(&run_state, &run_model, &prompt, &params, &request_id2, &run_tx)
-            })
-            .await;
+            let outcome = match downstream {
+                Ok(downstream) => {
+                    tokio::task::spawn_blocking(move || {
+                        run_generation(&run_state, &run_model, downstream, &prompt, &params, &request_id2, &run_tx)
+                    })
+                    .await
+                }
+                Err(e) => Ok(Err(engine_status(e))),
+            };
             drop(permit);
             model.running.fetch_sub(1, Ordering::Relaxed);
             let event = match outcome {
@@ -611,17 +635,34 @@ impl WorkerState {
     }
 }
 
+/// Opens the stream to the stage after `model`'s layers for one sequence.
+async fn open_next(
+    model: &Served,
+    next: &NextStage,
+    params: &SamplingParams,
+    request_id: &str,
+) -> Result<Downstream, EngineError> {
+    let open = pb::StageOpen {
+        model_id: model.info.model_id.clone(),
+        first_layer: model.info.layer_end,
+        sampling: Some(sampling_proto(params)),
+        request_id: request_id.to_string(),
+    };
+    Downstream::open(next.channel.clone(), &next.address, open, next.wire).await
+}
+
 /// Runs one generation on the calling (blocking) thread, sending tokens to `tx`.
 fn run_generation(
     state: &WorkerState,
     model: &Served,
+    downstream: Option<Downstream>,
     prompt: &[u32],
     params: &SamplingParams,
     request_id: &str,
     tx: &mpsc::Sender<Result<pb::GenerateEvent, Status>>,
 ) -> Result<pb::GenerateDone, Status> {
-    let mut session = TakingTurns { session: Session::new(&model.part), turn: &model.turn };
-    let summary = generate(&mut session, &model.tokenizer, prompt, params, &model.extra_eos, &mut |ev| {
+    let mut chain = Chain::new(&model.segments, downstream, params).map_err(engine_status)?;
+    let summary = generate_from(&mut chain, &model.tokenizer, prompt, params, &model.extra_eos, &mut |ev| {
         if ev.token.is_some() {
             model.tokens.fetch_add(1, Ordering::Relaxed);
             model.meter.add(1);
@@ -683,6 +724,113 @@ pub fn sampling_params(p: Option<&pb::SamplingParams>) -> Result<SamplingParams,
     };
     params.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
     Ok(params)
+}
+
+/// The request form of checked sampling settings (what the next stage is sent).
+fn sampling_proto(p: &SamplingParams) -> pb::SamplingParams {
+    pb::SamplingParams {
+        temperature: Some(p.temperature),
+        top_k: Some(p.top_k as u32),
+        top_p: Some(p.top_p),
+        min_p: Some(p.min_p),
+        repetition_penalty: Some(p.repetition_penalty),
+        seed: p.seed,
+        max_tokens: Some(p.max_tokens as u32),
+        stop: p.stop.clone(),
+        ignore_eos: p.ignore_eos,
+        logprobs: p.logprobs,
+    }
+}
+
+/// The layer segments a load asks for: its `segments`, or the one its `device` and
+/// `layer_start`/`layer_end` describe.
+fn segments(req: &pb::LoadModelRequest) -> Vec<pb::LayerSegment> {
+    if req.segments.is_empty() {
+        vec![pb::LayerSegment { device: req.device.clone(), layer_start: req.layer_start, layer_end: req.layer_end }]
+    } else {
+        req.segments.clone()
+    }
+}
+
+/// The segments' layer ranges, checked: within the model, in order and contiguous, and ending
+/// the model exactly when no next stage follows. One segment of `0..0` is the whole model.
+fn layer_ranges(
+    segments: &[pb::LayerSegment],
+    layers: usize,
+    has_next: bool,
+) -> Result<Vec<std::ops::Range<usize>>, String> {
+    if let [only] = segments
+        && only.layer_start == 0
+        && only.layer_end == 0
+    {
+        if has_next {
+            return Err("a stage with a next stage must name its layers".into());
+        }
+        return Ok(std::iter::once(0..layers).collect());
+    }
+    let mut out: Vec<std::ops::Range<usize>> = Vec::with_capacity(segments.len());
+    for s in segments {
+        let (start, end) = (s.layer_start as usize, s.layer_end as usize);
+        if start >= end || end > layers {
+            return Err(format!("layers [{start}, {end}): the model has {layers} layers"));
+        }
+        if let Some(prev) = out.last()
+            && prev.end != start
+        {
+            return Err(format!("layers [{start}, {end}) do not follow on from [{}, {})", prev.start, prev.end));
+        }
+        out.push(start..end);
+    }
+    match (out.last().map(|r| r.end), has_next) {
+        (None, _) => Err("no layers given".into()),
+        (Some(end), true) if end == layers => {
+            Err(format!("these layers end the model at {end}, so there can be no next stage"))
+        }
+        (Some(end), false) if end < layers => Err(format!(
+            "these layers end at {end} of {layers}; give the next stage's address (`next_stage`) for the rest"
+        )),
+        _ => Ok(out),
+    }
+}
+
+/// Serves one `StageLink/Forward` stream on the calling (blocking) thread: each step's hidden
+/// states through this worker's layers, then on to the next stage or sampled here.
+fn run_stage(
+    model: &Served,
+    downstream: Option<Downstream>,
+    params: &SamplingParams,
+    mut inbound: tonic::Streaming<pb::StageRequest>,
+    tx: &mpsc::Sender<Result<pb::StageReply, Status>>,
+) {
+    let runtime = tokio::runtime::Handle::current();
+    let mut chain = match Chain::new(&model.segments, downstream, params) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = tx.blocking_send(Err(engine_status(e)));
+            return;
+        }
+    };
+    let Some(first) = model.segments.first() else { return };
+    let (hidden_size, device) = (first.part.config.hidden_size, first.part.device().clone());
+    // Ends when the previous stage closes the stream (done, cancelled, or gone).
+    while let Ok(Some(msg)) = runtime.block_on(inbound.message()) {
+        let Some(pb::stage_request::Message::Step(step)) = msg.message else {
+            let _ = tx.blocking_send(Err(Status::invalid_argument("a stage stream sends `open` once, then steps")));
+            return;
+        };
+        let reply = step
+            .hidden
+            .as_ref()
+            .ok_or_else(|| EngineError::Config("a step without hidden states".into()))
+            .and_then(|h| decode(h, hidden_size, &device))
+            .and_then(|h| chain.step(StageInput::Hidden(h), &step.tokens, step.sample))
+            .map(|choice| pb::StageReply { token_id: choice.map(|c| c.token), logprob: choice.and_then(|c| c.logprob) })
+            .map_err(engine_status);
+        let failed = reply.is_err();
+        if tx.blocking_send(reply).is_err() || failed {
+            return;
+        }
+    }
 }
 
 /// The prompt's token ids: plain text as is, a conversation through the chat template.
@@ -762,6 +910,7 @@ pub fn engine_status(e: EngineError) -> Status {
             Status::failed_precondition(msg)
         }
         EngineError::Unsupported(_) => Status::unimplemented(msg),
+        EngineError::Stage { code, .. } => Status::new(tonic::Code::from_i32(code), msg),
         _ => Status::internal(msg),
     }
 }
@@ -842,6 +991,41 @@ impl pb::worker_server::Worker for WorkerService {
     }
 }
 
+#[tonic::async_trait]
+impl pb::stage_link_server::StageLink for WorkerService {
+    type ForwardStream = EventStream<pb::StageReply>;
+
+    async fn forward(
+        &self,
+        request: Request<tonic::Streaming<pb::StageRequest>>,
+    ) -> Result<Response<Self::ForwardStream>, Status> {
+        let mut inbound = request.into_inner();
+        let open = match inbound.message().await? {
+            Some(pb::StageRequest { message: Some(pb::stage_request::Message::Open(open)) }) => open,
+            _ => return Err(Status::invalid_argument("a stage stream starts with `open`")),
+        };
+        let model = self.state.model(&open.model_id)?;
+        if open.first_layer == 0 || model.info.layer_start != open.first_layer {
+            return Err(Status::failed_precondition(format!(
+                "this worker runs layers {}..{} of `{}`; the previous stage hands on at layer {}",
+                model.info.layer_start, model.info.layer_end, model.info.model_id, open.first_layer
+            )));
+        }
+        let params = sampling_params(open.sampling.as_ref())?;
+        let downstream = match &model.next {
+            None => None,
+            Some(next) => Some(open_next(&model, next, &params, &open.request_id).await.map_err(engine_status)?),
+        };
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        tokio::task::spawn_blocking(move || {
+            model.running.fetch_add(1, Ordering::Relaxed);
+            run_stage(&model, downstream, &params, inbound, &tx);
+            model.running.fetch_sub(1, Ordering::Relaxed);
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -867,40 +1051,6 @@ mod tests {
         );
         assert_eq!(default_model_id(&Source::Local("/m/llama/config.json".into())), "llama");
         assert_eq!(default_model_id(&Source::parse("org/repo-GGUF:model-Q4_K_M.gguf")), "model-Q4_K_M");
-    }
-
-    #[test]
-    fn turns_are_taken_in_arrival_order() {
-        let lock = Arc::new(TurnLock::default());
-        let order = Arc::new(Mutex::new(Vec::new()));
-        let tickets = |l: &TurnLock| l.tickets.lock().unwrap().0;
-        let (release, held) = std::sync::mpsc::channel::<()>();
-        let (l, o) = (lock.clone(), order.clone());
-        let first = std::thread::spawn(move || {
-            l.run(|| {
-                o.lock().unwrap().push(1);
-                held.recv().unwrap();
-            });
-            // Straight back for another turn: it must wait behind 2 and 3.
-            l.run(|| o.lock().unwrap().push(1));
-        });
-        while tickets(&lock) < 1 {
-            std::thread::yield_now();
-        }
-        let mut others = Vec::new();
-        for id in [2, 3] {
-            let (l, o) = (lock.clone(), order.clone());
-            others.push(std::thread::spawn(move || l.run(|| o.lock().unwrap().push(id))));
-            while tickets(&lock) < id {
-                std::thread::yield_now();
-            }
-        }
-        release.send(()).unwrap();
-        first.join().unwrap();
-        for t in others {
-            t.join().unwrap();
-        }
-        assert_eq!(*order.lock().unwrap(), [1, 2, 3, 1]);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The engine against transformers: tiny random-weight models of every family (made by
 //! `scripts/fixtures/make_engine_fixtures.py`) must give the reference logits within 1e-4 at
-//! every position — whole, split in two at every layer, and decoding token by token.
+//! every position — whole, split in two at every layer, over 4 stages (also with the hidden states
+//! sent through the wire format), and decoding token by token.
 
 #![allow(clippy::unwrap_used)]
 
@@ -9,6 +10,7 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor};
 use gantry_worker::engine::files::ModelFiles;
 use gantry_worker::engine::model::{LogitsFor, ModelPart, StageInput, StageOutput};
+use gantry_worker::pipeline::{WireDtype, decode, encode};
 
 const CASES: [&str; 15] = [
     "llama",
@@ -117,6 +119,38 @@ fn four_stages_of_one_layer_each_match() {
         let r = reference(case);
         let d = max_diff(&run_parts(&parts, &r.inputs[1]), &r.logits[1]);
         assert!(d < TOLERANCE, "{case} over 4 stages: {d}");
+    }
+}
+
+/// Like [`run_parts`], with the hidden states between parts sent through the wire format.
+fn run_parts_over_the_wire(parts: &[ModelPart], ids: &[u32], wire: WireDtype) -> Tensor {
+    let mut caches: Vec<_> = parts.iter().map(ModelPart::new_cache).collect();
+    let mut input = StageInput::Tokens(ids);
+    for (i, part) in parts.iter().enumerate() {
+        match part.forward(input, &mut caches[i], LogitsFor::All).unwrap() {
+            StageOutput::Hidden(h) => {
+                let msg = encode(&h, wire).unwrap();
+                input = StageInput::Hidden(decode(&msg, part.config.hidden_size, &Device::Cpu).unwrap());
+            }
+            StageOutput::Logits(l) => return l,
+        }
+    }
+    panic!("the last part returned hidden states")
+}
+
+#[test]
+fn four_stages_over_the_wire_match() {
+    // f32 is exact; f16 and bf16 round the hidden states (measured max |Δlogit|: f16 ≈ 0.003-0.004,
+    // bf16 ≈ 0.02-0.03, with 8 bits of mantissa).
+    for (wire, tolerance) in [(WireDtype::F32, TOLERANCE), (WireDtype::F16, 1e-2), (WireDtype::Bf16, 1e-1)] {
+        for case in ["llama", "gemma3", "falcon-new", "gpt2"] {
+            let files = ModelFiles::open(&fixture(case)).unwrap();
+            let parts: Vec<ModelPart> =
+                (0..4).map(|i| files.load_part(i..i + 1, &Device::Cpu, &mut |_| {}).unwrap()).collect();
+            let r = reference(case);
+            let d = max_diff(&run_parts_over_the_wire(&parts, &r.inputs[1], wire), &r.logits[1]);
+            assert!(d < tolerance, "{case} over 4 stages, {} on the wire: max |Δlogit| = {d}", wire.name());
+        }
     }
 }
 

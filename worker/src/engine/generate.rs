@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::EngineError;
 use super::detok::{Detokenizer, StopCheck, StopMatcher};
 use super::model::{LogitsFor, ModelPart, PartCache, StageInput, StageOutput};
-use super::sampling::{Sampler, SamplingParams};
+use super::sampling::{Choice, Sampler, SamplingParams};
 use super::tokenizer::Tokenizer;
 
 /// Prompt tokens processed per forward pass; bounds activation and mask memory.
@@ -22,6 +22,56 @@ pub trait LogitsSource {
     fn next_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>, EngineError>;
     /// Tokens the model can attend to in all.
     fn context_length(&self) -> usize;
+}
+
+/// Something that takes the next tokens of a sequence and picks the token after them: a model
+/// with a sampler beside it ([`Sampled`]), or a pipeline whose last stage samples.
+pub trait TokenSource {
+    /// Appends `tokens` to the sequence; when `pick`, returns the token chosen to follow them
+    /// (`pick` is false for all but the last chunk of a long prompt, which keeps a seeded
+    /// sampler's draws the same however the prompt is chunked).
+    fn feed(&mut self, tokens: &[u32], pick: bool) -> Result<Option<Choice>, EngineError>;
+    /// Tokens the model can attend to in all.
+    fn context_length(&self) -> usize;
+}
+
+/// A [`LogitsSource`] with the sampler and the token history it needs.
+#[derive(Debug)]
+pub struct Sampled<S> {
+    pub source: S,
+    sampler: Sampler,
+    history: Vec<u32>,
+}
+
+impl<S: LogitsSource> Sampled<S> {
+    pub fn new(source: S, params: &SamplingParams) -> Result<Sampled<S>, EngineError> {
+        Ok(Sampled { source, sampler: Sampler::new(params.clone())?, history: Vec::new() })
+    }
+}
+
+impl<S: LogitsSource> TokenSource for Sampled<S> {
+    fn feed(&mut self, tokens: &[u32], pick: bool) -> Result<Option<Choice>, EngineError> {
+        let logits = self.source.next_logits(tokens)?;
+        self.history.extend_from_slice(tokens);
+        if !pick {
+            return Ok(None);
+        }
+        Ok(Some(self.sampler.sample(&logits, &self.history)?))
+    }
+
+    fn context_length(&self) -> usize {
+        self.source.context_length()
+    }
+}
+
+impl<T: LogitsSource + ?Sized> LogitsSource for &mut T {
+    fn next_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
+        (**self).next_logits(tokens)
+    }
+
+    fn context_length(&self) -> usize {
+        (**self).context_length()
+    }
 }
 
 /// A whole model and one sequence's cache.
@@ -121,7 +171,20 @@ pub fn generate(
     extra_eos: &[u32],
     on_token: &mut dyn FnMut(&TokenEvent) -> ControlFlow<()>,
 ) -> Result<Summary, EngineError> {
-    let mut sampler = Sampler::new(params.clone())?;
+    let mut sampled = Sampled::new(source, params)?;
+    generate_from(&mut sampled, tokenizer, prompt, params, extra_eos, on_token)
+}
+
+/// [`generate`] from any [`TokenSource`] (a pipeline whose last stage samples).
+pub fn generate_from(
+    source: &mut dyn TokenSource,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    params: &SamplingParams,
+    extra_eos: &[u32],
+    on_token: &mut dyn FnMut(&TokenEvent) -> ControlFlow<()>,
+) -> Result<Summary, EngineError> {
+    params.validate()?;
     let context = source.context_length();
     if prompt.is_empty() {
         return Err(EngineError::PromptTooLong { prompt: 0, context, detail: "the prompt is empty".into() });
@@ -135,13 +198,13 @@ pub fn generate(
     }
     let eos: Vec<u32> = tokenizer.eos.iter().chain(extra_eos).copied().collect();
     let started = Instant::now();
-    let mut logits = Vec::new();
-    for chunk in prompt.chunks(PREFILL_CHUNK) {
-        logits = source.next_logits(chunk)?;
+    let chunks = prompt.chunks(PREFILL_CHUNK).count();
+    let mut next = None;
+    for (i, chunk) in prompt.chunks(PREFILL_CHUNK).enumerate() {
+        next = source.feed(chunk, i + 1 == chunks)?;
     }
     let mut timings = Timings { prefill: started.elapsed(), ..Timings::default() };
 
-    let mut history: Vec<u32> = prompt.to_vec();
     let mut generated = Vec::new();
     let mut text = String::new();
     let mut detok = Detokenizer::with_context(prompt);
@@ -149,13 +212,12 @@ pub fn generate(
     let budget = params.max_tokens.min(context - prompt.len());
     let mut decode_started = None;
     let finish = loop {
-        let choice = sampler.sample(&logits, &history)?;
+        let choice = next.take().ok_or_else(|| EngineError::Numerics("the model picked no token".into()))?;
         if generated.is_empty() {
             timings.first_token = started.elapsed();
             decode_started = Some(Instant::now());
         }
         generated.push(choice.token);
-        history.push(choice.token);
         let is_eos = !params.ignore_eos && eos.contains(&choice.token);
         let piece = if is_eos { String::new() } else { detok.push(tokenizer, choice.token)? };
         let (piece, stopped) = match stops.feed(&piece) {
@@ -176,7 +238,7 @@ pub fn generate(
         if generated.len() >= budget {
             break if generated.len() >= params.max_tokens { FinishReason::Length } else { FinishReason::ContextFull };
         }
-        logits = source.next_logits(&[choice.token])?;
+        next = source.feed(&[choice.token], true)?;
     };
     if !matches!(finish, FinishReason::StopString | FinishReason::EndOfSequence) {
         // Text held back for a possible stop string or an incomplete character.

@@ -81,6 +81,10 @@ pub enum EngineError {
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 
+    /// A later pipeline stage failed or went away; `code` is its gRPC status code.
+    #[error("{message}")]
+    Stage { code: i32, message: String },
+
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),
 }
