@@ -117,17 +117,21 @@ async fn three_workers_place_route_scale_and_survive_a_lost_worker() {
     assert_eq!(err.code(), tonic::Code::NotFound);
     assert!(err.message().contains("no deployment named `nope`"), "{err:?}");
 
-    // 70B at 8K fits two 80 GiB GPUs of w2 only by splitting its layers: it waits with that plan.
+    // 70B at 8K fits two 80 GiB GPUs of w2 only by splitting its layers: it is placed so, and
+    // its load fails here (the workers cannot reach the Hub).
     let mut split = spec("meta-llama/Meta-Llama-3-70B-Instruct", 1, Binpack);
     split.context_length = 8192;
     deployments.apply(pb::ApplyRequest { name: "split".into(), spec: Some(split) }).await.expect("Apply split");
     let d = wait_for(&mut deployments, "split", Duration::from_secs(10), "a split plan", |d| {
-        status(d).replica_status.first().is_some_and(|r| r.reason.contains("split"))
+        status(d).events.iter().any(|e| e.kind == "LoadFailed")
     })
     .await;
-    let reason = &status(&d).replica_status[0].reason;
+    let placed = status(&d).events.iter().find(|e| e.kind == "Placed").unwrap().message.clone();
     // Two stages on w2's two GPUs (the one with more room first), covering all 80 layers.
-    assert!(reason.contains("w2 gpu:1 layers 0-40") && reason.contains("w2 gpu:0 layers 40-80"), "{reason}");
+    assert!(
+        placed.contains("split into 2 stages: w2 gpu:1 layers 0..40") && placed.contains("w2 gpu:0 layers 40..80"),
+        "{placed}"
+    );
     deployments.delete(pb::DeleteDeploymentRequest { name: "split".into() }).await.unwrap();
     deployments.delete(pb::DeleteDeploymentRequest { name: "huge".into() }).await.unwrap();
 

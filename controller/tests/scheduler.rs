@@ -177,6 +177,7 @@ async fn a_returning_worker_keeps_the_replica_it_still_holds() {
         model_id: "a/0".into(),
         source: "meta-llama/Meta-Llama-3-8B-Instruct".into(),
         device: "gpu:0".into(),
+        layer_end: 32,
         num_layers: 32,
         ..Default::default()
     };

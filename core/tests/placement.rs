@@ -456,3 +456,94 @@ fn plans_serialize_with_their_kind() {
             .unwrap();
     assert_eq!(policy.strategy, Strategy::Spread);
 }
+
+/// The sharding table: each model on each cluster, the stages the planner makes (node, GPU,
+/// layers, reserved GiB) or the reason it cannot. Layers go in proportion to each GPU's room,
+/// so uneven GPUs are filled unevenly, and binpack uses the fewest GPUs.
+#[test]
+fn the_sharding_table() {
+    const MIXTRAL: &str = "mistralai/Mixtral-8x7B-Instruct-v0.1";
+    let h100 = |n: &str, count: usize| (0..count).fold(Node::new(n), |node, _| node.gpu("NVIDIA H100", 80)).build();
+    let l40 = |n: &str, count: usize| (0..count).fold(Node::new(n), |node, _| node.gpu("NVIDIA L40S", 48)).build();
+    let multi = Policy { allow_multi_node: true, ..binpack() };
+    type Row<'a> = (&'a str, &'a str, Vec<NodeView>, Policy, &'a str);
+    let rows: Vec<Row> = vec![
+        (
+            "Llama-3-70B fp16, 1×80 GiB",
+            LLAMA_70B,
+            vec![h100("w1", 1)],
+            binpack(),
+            "unschedulable: needs 144.0 GiB; w1: 1×80.0 GiB, 80.0 GiB free on the best GPU, needs 144.0 GiB",
+        ),
+        ("Llama-3-70B fp16, 2×80 GiB", LLAMA_70B, vec![h100("w1", 2)], binpack(), "w1/0 0..40 72.3; w1/1 40..80 72.3"),
+        (
+            "Llama-3-70B fp16, 4×48 GiB",
+            LLAMA_70B,
+            vec![l40("w1", 4)],
+            binpack(),
+            "w1/0 0..20 37.5; w1/1 20..40 35.4; w1/2 40..60 35.4; w1/3 60..80 37.5",
+        ),
+        (
+            "Llama-3-70B fp16, 2 nodes × 2×48 GiB, multi-node off",
+            LLAMA_70B,
+            vec![l40("w1", 2), l40("w2", 2)],
+            binpack(),
+            "unschedulable: needs 144.0 GiB; w1, w2: 2×48.0 GiB, 48.0 GiB free on the best GPU, needs 144.0 GiB; \
+             96.0 GiB free over 2 GPUs (fits across nodes; allow_multi_node is off)",
+        ),
+        (
+            "Llama-3-70B fp16, 2 nodes × 2×48 GiB",
+            LLAMA_70B,
+            vec![l40("w1", 2), l40("w2", 2)],
+            multi.clone(),
+            "w1/0 0..20 37.5; w1/1 20..40 35.4; w2/0 40..60 35.4; w2/1 60..80 37.5",
+        ),
+        (
+            "Llama-3-8B fp16, 1×24 GiB",
+            LLAMA_8B,
+            vec![Node::new("w1").gpu("NVIDIA L4", 24).build()],
+            binpack(),
+            "w1/0 0..32 17.7",
+        ),
+        (
+            "Llama-3-8B fp16, 16 + 8 GiB",
+            LLAMA_8B,
+            vec![Node::new("w1").gpu("NVIDIA A4000", 16).gpu("NVIDIA RTX 2080", 8).build()],
+            binpack(),
+            "w1/0 0..22 11.9; w1/1 22..32 6.3",
+        ),
+        (
+            "Mixtral-8x7B fp16, 80 + 48 + 24 GiB",
+            MIXTRAL,
+            vec![Node::new("w1").gpu("NVIDIA H100", 80).gpu("NVIDIA L40S", 48).gpu("NVIDIA L4", 24).build()],
+            binpack(),
+            "w1/0 0..20 59.4; w1/1 20..32 36.0",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, model, nodes, policy, want) in rows {
+        let spec = spec(model);
+        let got = match run(&nodes, &spec, &policy, &BTreeMap::new()) {
+            Ok(plan) => plan
+                .stages()
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{}/{} {}..{} {:.1}",
+                        s.node,
+                        s.gpu,
+                        s.layers.start,
+                        s.layers.end,
+                        s.bytes as f64 / GIB as f64
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+            Err(u) => format!("unschedulable: {u}"),
+        };
+        if got != want {
+            failures.push(format!("{name}:\n  got  {got}\n  want {want}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

@@ -50,8 +50,10 @@ pub fn gantry() -> Command {
             cmd.env_remove(key);
         }
     }
-    // Nor its Hub cache: a test that downloads says where to.
+    // Nor its Hub cache, nor the real Hub (a placed 70B model must not start a 140 GB
+    // download): a test that downloads says where from and to.
     cmd.env("HF_HOME", std::env::temp_dir().join("gantry-tests-no-hf-home"));
+    cmd.env("HF_ENDPOINT", "http://127.0.0.1:9");
     cmd
 }
 

@@ -1,0 +1,152 @@
+//! A controller splitting SmolLM2 when no single GPU can hold it, with real worker processes
+//! and declared inventories sized so that it must (this machine has no GPU: the stages run on
+//! its CPU with their memory counted against the declared GPUs): over the two GPUs of one
+//! worker, then over three workers; both answer exactly what the unsharded model answers. A
+//! lost stage takes the replica down, frees the other stages, and a new worker brings it back.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::controller::{RunningController, chat, placements, ready, status, wait_for, wait_for_workers};
+use common::worker::{RunningWorker, status as worker_status};
+use gantry_proto::v1 as pb;
+
+const LOAD: Duration = Duration::from_secs(120);
+const QUESTION: &str = "What is the capital of France?";
+
+/// A worker in `pool` with declared `gpus`, serving one sequence per model (so its own
+/// admission counts the KV cache of one sequence, as the controller does).
+fn worker(controller: &RunningController, id: &str, gpus: &str, pool: &str) -> RunningWorker {
+    RunningWorker::start(&[
+        "--controller",
+        &controller.url(),
+        "--worker-id",
+        id,
+        "--gpus",
+        gpus,
+        "--parallel",
+        "1",
+        "--threads",
+        "1",
+        "--label",
+        &format!("pool={pool}"),
+    ])
+}
+
+/// SmolLM2 at 2K context (657 MiB on one GPU) on workers of `pool`.
+fn split_spec(pool: &str, multi_node: bool) -> pb::DeploymentSpec {
+    pb::DeploymentSpec {
+        source: common::smollm2().display().to_string(),
+        replicas: 1,
+        context_length: 2048,
+        placement: Some(pb::PlacementPolicy {
+            node_selector: [("pool".to_string(), pool.to_string())].into(),
+            allow_multi_node: multi_node,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The unsharded model's greedy tokens for the question, from `gantry generate`.
+fn reference_tokens() -> Vec<u32> {
+    let out = common::gantry_json(&[
+        "generate",
+        "--model",
+        common::smollm2().to_str().unwrap(),
+        "--chat",
+        "--prompt",
+        QUESTION,
+        "--max-tokens",
+        "24",
+        "--json",
+    ]);
+    out["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect()
+}
+
+/// Each stage's layers, in order.
+fn layers(d: &pb::Deployment) -> Vec<(u64, u64)> {
+    status(d).replica_status[0].stages.iter().map(|s| (s.layer_start, s.layer_end)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_replicas_serve_across_gpus_and_workers() {
+    let reference = reference_tokens();
+    let control = RunningController::start(&["--lease", "2"]);
+    let mut deployments = control.deployments().await;
+    let mut inference = control.inference().await;
+
+    // Two GPUs of 662 MiB on one worker: the model needs 657 MiB + 5% on one, so it is
+    // split over both, in one process.
+    let pair = worker(&control, "pair", "2x662MiB", "pair");
+    wait_for_workers(&mut control.cluster().await, 1).await;
+    deployments
+        .apply(pb::ApplyRequest { name: "local".into(), spec: Some(split_spec("pair", false)) })
+        .await
+        .expect("Apply");
+    let d = wait_for(&mut deployments, "local", LOAD, "the split replica ready", ready).await;
+    assert_eq!(placements(&d), ["pair/gpu:0,pair/gpu:1"]);
+    let l = layers(&d);
+    assert_eq!((l.len(), l[0].0, l[0].1, l[1].0, l[1].1), (2, 0, l[1].0, l[0].1, 30), "{l:?}");
+    let (text, tokens) = chat(&mut inference, "local", QUESTION, 24).await.expect("chat");
+    assert_eq!(tokens, reference, "two GPUs of one worker: {text:?}");
+    let s = worker_status(&mut pair.client().await).await;
+    let info = s.models[0].info.clone().unwrap();
+    assert_eq!((info.segments.len(), info.next_stage.as_str()), (2, ""), "{info:?}");
+    assert!(s.gpus.iter().all(|g| g.used_bytes > 500 << 20), "both GPUs hold a stage: {:?}", s.gpus);
+
+    // Three workers of one 620 MiB GPU each: two cannot hold it (602 MiB + 5% per stage), three can.
+    let mut trio: Vec<(String, RunningWorker)> =
+        ["w1", "w2", "w3"].iter().map(|id| (id.to_string(), worker(&control, id, "1x620MiB", "trio"))).collect();
+    wait_for_workers(&mut control.cluster().await, 4).await;
+    deployments
+        .apply(pb::ApplyRequest { name: "trio".into(), spec: Some(split_spec("trio", false)) })
+        .await
+        .expect("Apply");
+    let d = wait_for(&mut deployments, "trio", LOAD, "a reason", |d| !status(d).replica_status.is_empty()).await;
+    let reason = &status(&d).replica_status[0].reason;
+    assert!(reason.contains("unschedulable") && reason.contains("allow_multi_node"), "{reason}");
+
+    deployments
+        .apply(pb::ApplyRequest { name: "trio".into(), spec: Some(split_spec("trio", true)) })
+        .await
+        .expect("Apply");
+    let d = wait_for(&mut deployments, "trio", LOAD, "the 3-stage replica ready", ready).await;
+    let mut nodes = placements(&d)[0].split(',').map(str::to_string).collect::<Vec<_>>();
+    nodes.sort();
+    assert_eq!(nodes, ["w1/gpu:0", "w2/gpu:0", "w3/gpu:0"]);
+    let l = layers(&d);
+    assert!(l.len() == 3 && l[0].0 == 0 && l[0].1 == l[1].0 && l[1].1 == l[2].0 && l[2].1 == 30, "{l:?}");
+    let (text, tokens) = chat(&mut inference, "trio", QUESTION, 24).await.expect("chat");
+    assert_eq!(tokens, reference, "three workers: {text:?}");
+
+    // The worker holding the middle stage dies: the replica goes down, the other stages are
+    // unloaded (two GPUs cannot hold it again), and requests get the reason.
+    let middle = status(&d).replica_status[0].stages[1].worker_id.clone();
+    trio.iter_mut().find(|(id, _)| *id == middle).unwrap().1.kill();
+    let survivor = &trio.iter().find(|(id, _)| *id != middle).unwrap().1;
+    let d = wait_for(&mut deployments, "trio", LOAD, "the replica re-placed or pending", |d| {
+        let r = &status(d).replica_status[0];
+        r.stages.is_empty() && r.reason.contains("unschedulable")
+    })
+    .await;
+    assert!(status(&d).events.iter().any(|e| e.kind == "WorkerLost"), "{:?}", status(&d).events);
+    let e = chat(&mut inference, "trio", QUESTION, 4).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    let mut c = survivor.client().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !worker_status(&mut c).await.models.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the surviving stage was not unloaded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A new worker joins the pool: the replica is split over three again and answers the same.
+    let _w4 = worker(&control, "w4", "1x620MiB", "trio");
+    let d = wait_for(&mut deployments, "trio", LOAD, "the replica back", ready).await;
+    assert_eq!(status(&d).replica_status[0].stages.len(), 3);
+    let (_, tokens) = chat(&mut inference, "trio", QUESTION, 24).await.expect("chat");
+    assert_eq!(tokens, reference);
+}
