@@ -232,7 +232,7 @@ async fn main() {
         dtype: String::new(),
         context_length: 2048,
         replicas: 1,
-        policy: Default::default(),
+        ..Default::default()
     };
     cluster.apply("bench", spec).await.expect("apply");
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -187,6 +187,11 @@ async fn the_controller_api_end_to_end() {
         ("unknown", spec("someone/not-a-catalog-model", 1, Binpack), "not a path this controller can read"),
         ("long", pb::DeploymentSpec { context_length: 100_000, ..spec(&smollm2(), 1, Binpack) }, "past"),
         ("dtype", pb::DeploymentSpec { dtype: "q3_z".into(), ..spec(&smollm2(), 1, Binpack) }, "q3_z"),
+        (
+            "wire",
+            pb::DeploymentSpec { stage_wire_dtype: "fp8".into(), ..spec(&smollm2(), 1, Binpack) },
+            "stage_wire_dtype: wire dtype `fp8`: use f32, f16 or bf16",
+        ),
     ];
     for (name, spec, want) in cases {
         let err = deployments.apply(pb::ApplyRequest { name: name.into(), spec: Some(spec) }).await.unwrap_err();

@@ -59,6 +59,9 @@ pub struct DeployArgs {
     /// Let one replica span several nodes
     #[arg(long)]
     allow_multi_node: bool,
+    /// How split replicas' stages send hidden states: f32 (exact), f16 or bf16 (half the bytes)
+    #[arg(long, default_value = "f32")]
+    stage_wire_dtype: String,
     /// Print the deployment as JSON
     #[arg(short = 'o', long = "output", value_parser = ["table", "json"], default_value = "table")]
     output: String,
@@ -215,6 +218,7 @@ pub fn run_deploy(args: DeployArgs) -> Result<(), CliError> {
             gpu_name: args.gpu_name.clone(),
             allow_multi_node: args.allow_multi_node,
         }),
+        stage_wire_dtype: args.stage_wire_dtype.clone(),
     };
     runtime()?.block_on(async {
         let mut client = DeploymentsClient::new(connect(&args.controller.controller).await?);

@@ -292,7 +292,7 @@ pub fn run_up(args: UpArgs) -> Result<(), CliError> {
             dtype: String::new(),
             context_length: context,
             replicas: args.replicas,
-            policy: Default::default(),
+            ..Default::default()
         };
         let applied = cluster.apply(&name, spec).await.map_err(crate::client::status_error)?;
         println!(

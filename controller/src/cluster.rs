@@ -848,6 +848,7 @@ impl Cluster {
         let Some(d) = st.deployments.get(name) else { return };
         let source = d.record.spec.source.clone();
         let context = d.record.spec.context_length;
+        let wire = d.record.spec.stage_wire_dtype.clone();
         let Some(r) = d.replicas.get(&index) else { return };
         let Some(placement) = r.placement.clone() else { return };
         // Consecutive stages on one worker run in one process: one command for them.
@@ -896,6 +897,7 @@ impl Cluster {
                     context_length: context,
                     segments: segments.clone(),
                     next_stage,
+                    wire_dtype: wire.clone(),
                     ..Default::default()
                 }
             } else {

@@ -16,7 +16,7 @@ use tonic::Status;
 pub const MAX_REPLICAS: u32 = 1024;
 
 /// A deployment's desired state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeploymentSpec {
     pub source: String,
     #[serde(default)]
@@ -26,6 +26,9 @@ pub struct DeploymentSpec {
     pub replicas: u32,
     #[serde(default)]
     pub policy: Policy,
+    /// `f16`/`bf16` for split replicas' hidden states; empty: f32.
+    #[serde(default)]
+    pub stage_wire_dtype: String,
 }
 
 /// A deployment as stored under `deployments/NAME`.
@@ -85,6 +88,8 @@ impl DeploymentSpec {
         if !spec.dtype.is_empty() {
             WeightDtype::parse(&spec.dtype).map_err(|e| Status::invalid_argument(e.to_string()))?;
         }
+        let wire = gantry_worker::pipeline::WireDtype::parse(&spec.stage_wire_dtype)
+            .map_err(|e| Status::invalid_argument(format!("stage_wire_dtype: {e}")))?;
         Ok(DeploymentSpec {
             source: spec.source.trim().to_string(),
             dtype: spec.dtype.trim().to_string(),
@@ -95,6 +100,10 @@ impl DeploymentSpec {
                 node_selector: placement.node_selector.into_iter().collect(),
                 gpu_name: placement.gpu_name.trim().to_string(),
                 allow_multi_node: placement.allow_multi_node,
+            },
+            stage_wire_dtype: match wire {
+                gantry_worker::pipeline::WireDtype::F32 => String::new(),
+                other => other.name().to_string(),
             },
         })
     }
@@ -114,6 +123,7 @@ impl DeploymentSpec {
                 gpu_name: self.policy.gpu_name.clone(),
                 allow_multi_node: self.policy.allow_multi_node,
             }),
+            stage_wire_dtype: self.stage_wire_dtype.clone(),
         }
     }
 

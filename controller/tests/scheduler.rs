@@ -3,6 +3,8 @@
 //! free; a failed load releases it and the waiting replica takes it; a lost worker's
 //! replicas are placed again. The worker here is the link's message stream itself: what the
 //! controller sends is read from the channel, what the worker would answer is fed back.
+//! A split replica gets one load per worker, chained by the next stage's address, and is
+//! ready only when every stage is loaded; a failed or lost stage unloads the others.
 
 #![allow(clippy::unwrap_used)]
 
@@ -62,7 +64,7 @@ fn llama_8b(replicas: u32) -> DeploymentSpec {
         dtype: String::new(),
         context_length: 8192,
         replicas,
-        policy: Default::default(),
+        ..Default::default()
     }
 }
 
@@ -213,4 +215,135 @@ async fn a_returning_worker_keeps_the_replica_it_still_holds() {
     assert!(matches!(first.message, Some(ToWorker::Registered(_))));
     assert!(link.try_recv().is_err(), "no load or unload was sent");
     assert_eq!(cluster.workers()[0].gpus[0].reserved_bytes, cluster.get("a").unwrap().status.unwrap().replica_bytes);
+}
+
+/// Registers `id` at `address` with declared GPUs of `sizes` bytes.
+fn register_gpus(cluster: &Cluster, id: &str, sizes: &[u64], address: &str) -> (u64, Link) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut status = gpu_status(0, 0);
+    status.gpus = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| pb::GpuStatus {
+            index: i as u32,
+            name: format!("gpu{i}"),
+            total_bytes: b,
+            free_bytes: b,
+            source: "declared".into(),
+            ..Default::default()
+        })
+        .collect();
+    let reg = pb::WorkerRegistration {
+        worker_id: id.into(),
+        address: address.into(),
+        version: "test".into(),
+        status: Some(status),
+        labels: Default::default(),
+    };
+    (cluster.register(reg, tx).unwrap(), rx)
+}
+
+fn llama_70b(allow_multi_node: bool) -> DeploymentSpec {
+    DeploymentSpec {
+        source: "meta-llama/Meta-Llama-3-70B-Instruct".into(),
+        context_length: 8192,
+        replicas: 1,
+        policy: gantry_core::placement::Policy { allow_multi_node, ..Default::default() },
+        ..Default::default()
+    }
+}
+
+fn segments(req: &pb::LoadModelRequest) -> Vec<(String, u32, u32)> {
+    req.segments.iter().map(|s| (s.device.clone(), s.layer_start, s.layer_end)).collect()
+}
+
+fn loaded(cluster: &Cluster, worker: &str, command_id: u64) {
+    let info = pb::ModelInfo { model_id: "big/0".into(), ..Default::default() };
+    cluster.command_result(worker, pb::CommandResult { command_id, model: Some(info), ..Default::default() });
+}
+
+/// The next unload command on a link.
+async fn next_unload(link: &mut Link) -> pb::UnloadModelRequest {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(5), link.recv()).await.unwrap().unwrap().unwrap();
+        match msg.message.unwrap() {
+            ToWorker::Unload(u) => return u.request.unwrap(),
+            ToWorker::Registered(_) => continue,
+            ToWorker::Load(l) => panic!("unexpected load {l:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn two_gpus_of_one_worker_get_one_load_with_two_segments() {
+    let (_dir, cluster) = start().await;
+    let (_s, mut link) = register_gpus(&cluster, "w1", &[80 << 30, 80 << 30], "10.0.0.1:7000");
+    cluster.apply("big", llama_70b(false)).await.unwrap();
+    let load = next_load(&mut link).await;
+    let req = load.request.unwrap();
+    assert_eq!(segments(&req), [("gpu:0".to_string(), 0, 40), ("gpu:1".to_string(), 40, 80)]);
+    assert_eq!((req.model_id.as_str(), req.next_stage.as_str(), req.context_length), ("big/0", "", 8192));
+    assert!(link.try_recv().is_err(), "one command for both GPUs");
+    let r = replica(&cluster, "big");
+    assert!(r.reason.starts_with("loading 2 stages: w1 gpu:0 layers 0..40, w1 gpu:1 layers 40..80"), "{}", r.reason);
+    loaded(&cluster, "w1", load.command_id);
+    assert_eq!(replica(&cluster, "big").state, pb::ReplicaState::Ready as i32);
+}
+
+#[tokio::test]
+async fn a_replica_split_over_two_workers_is_ready_when_both_stages_are() {
+    let (_dir, cluster) = start().await;
+    let (_s1, mut l1) = register_gpus(&cluster, "w1", &[80 << 30], "10.0.0.1:7000");
+    let (s2, mut l2) = register_gpus(&cluster, "w2", &[80 << 30], "10.0.0.2:7000");
+    let mut spec = llama_70b(true);
+    spec.stage_wire_dtype = "bf16".into();
+    cluster.apply("big", spec).await.unwrap();
+    let (first, second) = (next_load(&mut l1).await, next_load(&mut l2).await);
+    let (a, b) = (first.request.clone().unwrap(), second.request.clone().unwrap());
+    // w1 runs layers 0..40 and hands on to w2's address; w2 ends the model.
+    assert_eq!(segments(&a), [("gpu:0".to_string(), 0, 40)]);
+    assert_eq!((a.next_stage.as_str(), a.wire_dtype.as_str()), ("10.0.0.2:7000", "bf16"));
+    assert_eq!(segments(&b), [("gpu:0".to_string(), 40, 80)]);
+    assert_eq!(b.next_stage, "");
+
+    loaded(&cluster, "w2", second.command_id);
+    let r = replica(&cluster, "big");
+    assert_eq!((r.state, r.reason.as_str()), (pb::ReplicaState::Loading as i32, "1 of 2 stages loaded"));
+    assert!(cluster.pick("big").is_err(), "no requests before every stage is loaded");
+    loaded(&cluster, "w1", first.command_id);
+    assert_eq!(replica(&cluster, "big").state, pb::ReplicaState::Ready as i32);
+    assert_eq!(cluster.pick("big").unwrap().worker, "w1", "requests go to the first stage");
+
+    // w1 goes silent past its lease: the replica is released and w2 unloads its stage.
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        cluster.heartbeat("w2", s2, gpu_status(80 << 30, 80 << 30));
+    }
+    assert_eq!(next_unload(&mut l2).await.model_id, "big/0");
+    let r = replica(&cluster, "big");
+    assert!(r.stages.is_empty() && r.reason.contains("unschedulable"), "{r:?}");
+}
+
+#[tokio::test]
+async fn a_stage_that_fails_to_load_unloads_the_others() {
+    let (_dir, cluster) = start().await;
+    let (_s1, mut l1) = register_gpus(&cluster, "w1", &[80 << 30], "10.0.0.1:7000");
+    let (_s2, mut l2) = register_gpus(&cluster, "w2", &[80 << 30], "10.0.0.2:7000");
+    cluster.apply("big", llama_70b(true)).await.unwrap();
+    let (first, second) = (next_load(&mut l1).await, next_load(&mut l2).await);
+    loaded(&cluster, "w1", first.command_id);
+    cluster.command_result(
+        "w2",
+        pb::CommandResult {
+            command_id: second.command_id,
+            error: "out of memory".into(),
+            code: tonic::Code::ResourceExhausted as i32,
+            model: None,
+        },
+    );
+    assert_eq!(next_unload(&mut l1).await.model_id, "big/0");
+    let r = replica(&cluster, "big");
+    assert_eq!(r.state, pb::ReplicaState::Failed as i32);
+    assert!(r.reason.contains("replica 0 failed to load on w2: out of memory"), "{}", r.reason);
+    assert!(cluster.workers().iter().all(|w| w.gpus.iter().all(|g| g.reserved_bytes == 0)));
 }
