@@ -129,7 +129,7 @@ async fn three_workers_place_route_scale_and_survive_a_lost_worker() {
     let placed = status(&d).events.iter().find(|e| e.kind == "Placed").unwrap().message.clone();
     // Two stages on w2's two GPUs (the one with more room first), covering all 80 layers.
     assert!(
-        placed.contains("split into 2 stages: w2 gpu:1 layers 0..40") && placed.contains("w2 gpu:0 layers 40..80"),
+        placed.contains("split into 2 stages: w2 gpu:1 layers 0-39") && placed.contains("w2 gpu:0 layers 40-79"),
         "{placed}"
     );
     deployments.delete(pb::DeleteDeploymentRequest { name: "split".into() }).await.unwrap();

@@ -380,6 +380,28 @@ pub fn describe(d: &pb::Deployment) -> String {
         ]);
     }
     out.push_str(&t.render(2));
+    // A split replica's pipeline, stage by stage.
+    for r in status.replica_status.iter().filter(|r| r.stages.len() > 1) {
+        out.push_str(&format!("  stages of replica {}:\n", r.index));
+        let mut t = Table::new(&["STAGE", "WORKER", "GPU", "LAYERS", "RESERVED"]);
+        for (i, s) in r.stages.iter().enumerate() {
+            let mut layers = gantry_core::shard::layer_span(&(s.layer_start..s.layer_end));
+            if i == 0 {
+                layers.push_str(" +embed");
+            }
+            if i + 1 == r.stages.len() {
+                layers.push_str(" +head");
+            }
+            t.row(vec![
+                i.to_string(),
+                s.worker_id.clone(),
+                format!("gpu:{}", s.gpu_index),
+                layers,
+                format_bytes(s.reserved_bytes),
+            ]);
+        }
+        out.push_str(&t.render(4));
+    }
     if !status.events.is_empty() {
         out.push_str("  events (latest last):\n");
         for e in status.events.iter().rev().take(8).rev() {

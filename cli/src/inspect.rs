@@ -274,7 +274,7 @@ fn stage_table(gpus: &[Gpu], stages: &[Stage]) -> Table {
         t.row(vec![
             i.to_string(),
             gpus[s.device].name.clone(),
-            format!("{}-{}{role}", s.layers.start, s.layers.end.saturating_sub(1)),
+            format!("{}{role}", gantry_core::shard::layer_span(&s.layers)),
             format_bytes(s.weights_bytes),
             format_bytes(s.kv_cache_bytes),
             format_bytes(s.activation_bytes + s.overhead_bytes),

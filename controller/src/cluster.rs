@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use gantry_core::placement::{GpuView, NodeView, PlacedStage, Plan, ReplicaRequest, place, with_margin};
+use gantry_core::shard::layer_span;
 use gantry_core::units::format_bytes;
 use gantry_proto::v1 as pb;
 use pb::controller_message::Message as ToWorker;
@@ -931,7 +932,7 @@ impl Cluster {
             let where_: Vec<String> = placement
                 .stages
                 .iter()
-                .map(|s| format!("{} gpu:{} layers {}..{}", s.node, s.gpu, s.layers.start, s.layers.end))
+                .map(|s| format!("{} gpu:{} layers {}", s.node, s.gpu, layer_span(&s.layers)))
                 .collect();
             format!("loading {} stages: {}", placement.stages.len(), where_.join(", "))
         } else {
@@ -1098,11 +1099,10 @@ impl Cluster {
                             .iter()
                             .map(|s| {
                                 format!(
-                                    "{} gpu:{} layers {}..{} ({})",
+                                    "{} gpu:{} layers {} ({})",
                                     s.node,
                                     s.gpu,
-                                    s.layers.start,
-                                    s.layers.end,
+                                    layer_span(&s.layers),
                                     format_bytes(s.bytes)
                                 )
                             })

@@ -285,7 +285,7 @@ async fn two_gpus_of_one_worker_get_one_load_with_two_segments() {
     assert_eq!((req.model_id.as_str(), req.next_stage.as_str(), req.context_length), ("big/0", "", 8192));
     assert!(link.try_recv().is_err(), "one command for both GPUs");
     let r = replica(&cluster, "big");
-    assert!(r.reason.starts_with("loading 2 stages: w1 gpu:0 layers 0..40, w1 gpu:1 layers 40..80"), "{}", r.reason);
+    assert!(r.reason.starts_with("loading 2 stages: w1 gpu:0 layers 0-39, w1 gpu:1 layers 40-79"), "{}", r.reason);
     loaded(&cluster, "w1", load.command_id);
     assert_eq!(replica(&cluster, "big").state, pb::ReplicaState::Ready as i32);
 }

@@ -16,6 +16,14 @@ use crate::spec::ModelSpec;
 use crate::units::format_bytes;
 use crate::vram::{MemoryModel, ServeOptions, estimate_vram, memory_model};
 
+/// Layers `start..end` as people write them: `0-7` (inclusive), `5` for one layer.
+pub fn layer_span(layers: &Range<u64>) -> String {
+    match layers.end.saturating_sub(1) {
+        last if last <= layers.start => layers.start.to_string(),
+        last => format!("{}-{last}", layers.start),
+    }
+}
+
 /// One pipeline stage: a device and the layers it runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stage {

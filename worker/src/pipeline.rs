@@ -218,11 +218,15 @@ fn stage_error(describe: &str, what: &str, s: &tonic::Status) -> EngineError {
     // A status the stage sent has no source; one with a source is the connection failing
     // (a dead process, a reset): the stage is unavailable.
     let broken = std::error::Error::source(s).is_some() || s.message().contains("transport error");
-    let code = match s.code() {
-        tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::Internal if broken => tonic::Code::Unavailable,
-        c => c,
-    };
-    EngineError::Stage { code: code as i32, message: format!("{describe} {what}: {}", s.message()) }
+    match s.code() {
+        tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::Internal | tonic::Code::Unavailable if broken => {
+            EngineError::Stage {
+                code: tonic::Code::Unavailable as i32,
+                message: format!("{describe} is unreachable or went away mid-request ({})", s.message()),
+            }
+        }
+        code => EngineError::Stage { code: code as i32, message: format!("{describe} {what}: {}", s.message()) },
+    }
 }
 
 fn gone_error(describe: &str) -> EngineError {

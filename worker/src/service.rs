@@ -440,7 +440,7 @@ impl WorkerState {
                 let what = if ranges.len() == 1 && range.len() == layers {
                     String::new()
                 } else {
-                    format!(" layers {}..{}", range.start, range.end)
+                    format!(" layers {}", span(range))
                 };
                 return Err(Status::resource_exhausted(format!(
                     "{}{what} needs {} on {} ({} weights, {} KV cache for {} tokens × {} sequences, {} activations and overhead); {} of {} is free",
@@ -549,8 +549,9 @@ impl WorkerState {
         let model = self.model(&req.model_id)?;
         if model.info.layer_start != 0 {
             return Err(Status::failed_precondition(format!(
-                "this worker runs layers {}..{} of `{}`, a later pipeline stage; send requests to the stage holding layer 0",
-                model.info.layer_start, model.info.layer_end, model.info.model_id
+                "this worker runs layers {} of `{}`, a later pipeline stage; send requests to the stage holding layer 0",
+                span(&(model.info.layer_start as usize..model.info.layer_end as usize)),
+                model.info.model_id
             )));
         }
         let params = sampling_params(req.sampling.as_ref())?;
@@ -724,6 +725,11 @@ pub fn sampling_params(p: Option<&pb::SamplingParams>) -> Result<SamplingParams,
     };
     params.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
     Ok(params)
+}
+
+/// Layers as people write them (`10-19`).
+fn span(layers: &std::ops::Range<usize>) -> String {
+    gantry_core::shard::layer_span(&(layers.start as u64..layers.end as u64))
 }
 
 /// The request form of checked sampling settings (what the next stage is sent).
@@ -1007,8 +1013,10 @@ impl pb::stage_link_server::StageLink for WorkerService {
         let model = self.state.model(&open.model_id)?;
         if open.first_layer == 0 || model.info.layer_start != open.first_layer {
             return Err(Status::failed_precondition(format!(
-                "this worker runs layers {}..{} of `{}`; the previous stage hands on at layer {}",
-                model.info.layer_start, model.info.layer_end, model.info.model_id, open.first_layer
+                "this worker runs layers {} of `{}`; the previous stage hands on at layer {}",
+                span(&(model.info.layer_start as usize..model.info.layer_end as usize)),
+                model.info.model_id,
+                open.first_layer
             )));
         }
         let params = sampling_params(open.sampling.as_ref())?;
