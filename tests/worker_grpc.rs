@@ -277,6 +277,46 @@ async fn models_load_with_progress_and_unload() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_load_sent_twice_waits_and_an_unload_during_a_load_drops_it() {
+    let worker = RunningWorker::start(&["--gpus", "1x8GiB"]);
+    let mut client = worker.client().await;
+    let gemma = common::gemma3().display().to_string();
+    let req = pb::LoadModelRequest { model_id: "g".into(), source: gemma.clone(), ..Default::default() };
+
+    // The same load twice at once (a controller resending after a reconnect): the second
+    // waits for the first and answers with what it loaded.
+    let (mut a, mut b) = (client.clone(), client.clone());
+    let (ra, rb) = tokio::join!(common::worker::load(&mut a, req.clone()), common::worker::load(&mut b, req.clone()));
+    assert_eq!(ra.unwrap().1, rb.unwrap().1);
+    client.unload_model(pb::UnloadModelRequest { model_id: "g".into() }).await.unwrap();
+
+    // An unload that arrives mid-load (after the first layer): the load ends ABORTED and
+    // nothing stays loaded or reserved.
+    let mut stream = client.load_model(req).await.unwrap().into_inner();
+    loop {
+        let ev = stream.message().await.unwrap().unwrap();
+        if matches!(ev.event, Some(pb::load_model_event::Event::Progress(ref p)) if p.stage == "load") {
+            break;
+        }
+    }
+    client.unload_model(pb::UnloadModelRequest { model_id: "g".into() }).await.unwrap();
+    let end = loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the load ended without a result"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!((end.code(), end.message()), (Code::Aborted, "model `g` was unloaded while it loaded"));
+    let s = status(&mut client).await;
+    assert!(s.models.is_empty());
+    assert_eq!(s.gpus[0].free_bytes, 8 << 30);
+    // The name is free again.
+    let req = pb::LoadModelRequest { model_id: "g".into(), source: gemma, ..Default::default() };
+    assert_eq!(common::worker::load(&mut client, req).await.unwrap().1.model_id, "g");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_model_too_big_for_the_declared_gpu_is_refused_with_the_sizes() {
     let worker = RunningWorker::start(&["--gpus", "1x100MiB"]);
     let mut client = worker.client().await;

@@ -14,6 +14,8 @@ use tonic::transport::Channel;
 #[derive(Debug)]
 pub struct RunningController {
     child: Child,
+    /// The state file's folder when the test named no store (never the user's own).
+    _store: Option<tempfile::TempDir>,
     /// `127.0.0.1:PORT`.
     pub addr: String,
     /// The HTTP address, when it serves HTTP.
@@ -47,6 +49,13 @@ impl RunningController {
     /// `ready_line`, when given).
     pub fn spawn(mut cmd: std::process::Command, ready_line: Option<&str>) -> RunningController {
         cmd.env("GANTRY_LOG", "info,gantry_controller=debug");
+        // A controller started without a store of the test's own gets a fresh one, so that no
+        // test reads what another (or an earlier run) left in the default state file.
+        let named = cmd.get_args().any(|a| a == "--store" || a == "--etcd");
+        let store = (!named).then(|| tempfile::tempdir().expect("a temporary folder"));
+        if let Some(dir) = &store {
+            cmd.env("GANTRY_STORE", dir.path().join("state.redb"));
+        }
         let mut child: Child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("gantry starts");
         let super::Captured { stderr, stdout, lines: rx } = super::capture(&mut child);
         let mut addr = None;
@@ -76,7 +85,7 @@ impl RunningController {
         }
         // A standby (`ready_line` "gantry controller standby") has no address yet.
         let addr = addr.unwrap_or_default();
-        RunningController { child, addr, http, stdout, stderr }
+        RunningController { child, _store: store, addr, http, stdout, stderr }
     }
 
     /// Waits until it prints `gantry controller listening on ADDR` (a standby, once it leads).

@@ -137,6 +137,8 @@ pub struct WorkerState {
     hub: Hub,
     models: RwLock<HashMap<String, Arc<Served>>>,
     loading: Mutex<HashSet<String>>,
+    /// Models asked to be unloaded while they were loading: dropped when the load ends.
+    unload_when_loaded: Mutex<HashSet<String>>,
     /// One turn lock per engine device (`cpu`, `cuda:0`, …).
     turns: Mutex<HashMap<String, Arc<TurnLock>>>,
     waiting: AtomicUsize,
@@ -151,6 +153,7 @@ impl WorkerState {
             hub,
             models: RwLock::new(HashMap::new()),
             loading: Mutex::new(HashSet::new()),
+            unload_when_loaded: Mutex::new(HashSet::new()),
             turns: Mutex::new(HashMap::new()),
             waiting: AtomicUsize::new(0),
             meter: RateMeter::new(),
@@ -293,22 +296,34 @@ impl WorkerState {
             }
         }
         WireDtype::parse(&req.wire_dtype).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if let Ok(m) = self.model(&model_id) {
-            if m.info.source == req.source.trim() {
-                return Ok(m.info.clone());
+        // A load of the same name already running is waited for (the controller may send a
+        // load again after a reconnect), then this one goes on: done if it loaded the same
+        // source, refused if another.
+        loop {
+            if let Ok(m) = self.model(&model_id) {
+                if m.info.source == req.source.trim() {
+                    return Ok(m.info.clone());
+                }
+                return Err(Status::already_exists(format!(
+                    "model `{model_id}` is already loaded from {}; unload it first",
+                    m.info.source
+                )));
             }
-            return Err(Status::already_exists(format!(
-                "model `{model_id}` is already loaded from {}; unload it first",
-                m.info.source
-            )));
-        }
-        {
-            let mut loading = self.loading.lock().map_err(|_| Status::internal("lock poisoned"))?;
-            if !loading.insert(model_id.clone()) {
-                return Err(Status::already_exists(format!("model `{model_id}` is being loaded already")));
+            let started = self.loading.lock().map_err(|_| Status::internal("lock poisoned"))?.insert(model_id.clone());
+            if started {
+                break;
             }
+            if events.is_closed() {
+                return Err(Status::cancelled("the caller went away while an earlier load of the model ran"));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
         let result = self.load_inner(&model_id, &source, &req, &events).await;
+        if result.is_err()
+            && let Ok(mut marks) = self.unload_when_loaded.lock()
+        {
+            marks.remove(&model_id);
+        }
         if let Ok(mut loading) = self.loading.lock() {
             loading.remove(&model_id);
         }
@@ -360,13 +375,22 @@ impl WorkerState {
         .await
         .map_err(|e| Status::internal(format!("the load stopped: {e}")))??;
         let info = served.info.clone();
+        // Decided under the model table's lock, as `unload` decides.
         let mut models = self.models.write().map_err(|_| Status::internal("model table lock poisoned"))?;
+        if self.unload_when_loaded.lock().map_err(|_| Status::internal("lock poisoned"))?.remove(&info.model_id) {
+            info!(model = %info.model_id, "unloaded as asked while it loaded");
+            return Err(Status::aborted(format!("model `{}` was unloaded while it loaded", info.model_id)));
+        }
         models.insert(info.model_id.clone(), Arc::new(served));
         info!(
             model = %info.model_id,
             source = %info.source,
             device = %info.device,
-            layers = format!("{}..{} of {}", info.layer_start, info.layer_end, info.num_layers),
+            layers = format!(
+                "{} of {}",
+                span(&(info.layer_start as usize..info.layer_end as usize)),
+                info.num_layers
+            ),
             next_stage = %info.next_stage,
             load_ms = info.load_ms,
             "serving"
@@ -534,9 +558,19 @@ impl WorkerState {
 
     /// Stops serving a model; generations running on it finish first.
     pub fn unload(&self, model_id: &str) -> Result<(), Status> {
-        self.model(model_id)?;
         let mut models = self.models.write().map_err(|_| Status::internal("model table lock poisoned"))?;
-        models.remove(model_id);
+        if !models.contains_key(model_id)
+            && self.loading.lock().map_err(|_| Status::internal("lock poisoned"))?.contains(model_id)
+        {
+            // Still loading: it is dropped as soon as the load ends.
+            self.unload_when_loaded.lock().map_err(|_| Status::internal("lock poisoned"))?.insert(model_id.into());
+            info!(model = model_id, "unload asked while loading");
+            return Ok(());
+        }
+        if models.remove(model_id).is_none() {
+            drop(models);
+            return self.model(model_id).map(|_| ());
+        }
         info!(model = model_id, "unloaded");
         Ok(())
     }
