@@ -35,7 +35,7 @@ python3 -m pip --version >/dev/null 2>&1 || {
 
 # Real clients for the end-to-end tests, in their own virtual environment.
 venv="$root/.venv-clients"
-if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c 'import grpc, grpc_tools' 2>/dev/null; then
+if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c 'import grpc, grpc_tools, openai' 2>/dev/null; then
   python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' 2>/dev/null || {
     say "installing python3-venv"
     sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv

@@ -138,6 +138,24 @@ fn worker_error(target: &Target, e: Status) -> Status {
 }
 
 impl Api {
+    /// A fresh request id, as the gRPC API gives requests that bring none.
+    pub fn new_request_id() -> String {
+        request_id("")
+    }
+
+    /// Starts a generation on a ready replica of `model` (the OpenAI HTTP API's way in):
+    /// the worker's events as they come; dropping the stream cancels it.
+    pub async fn open_stream(
+        &self,
+        model: &str,
+        input: pb::generate_request::Input,
+        sampling: Option<pb::SamplingParams>,
+        request_id: String,
+        deadline: Option<Duration>,
+    ) -> Result<EventStream<pb::GenerateEvent>, Status> {
+        self.route(model, input, sampling, request_id, deadline).await.map(Response::into_inner)
+    }
+
     async fn route(
         &self,
         model: &str,

@@ -5,10 +5,12 @@
 //! * [`cluster`]: the state and the scheduler (desired vs actual, reservations, leases).
 //! * [`api`]: the gRPC services — `Inference`, `Deployments`, `Cluster`, `Models`, and the
 //!   workers' `WorkerLink`.
+//! * [`openai`]: the OpenAI-compatible HTTP API (`/v1/chat/completions`, `/v1/completions`).
 //! * [`server`]: leadership, restore, and serving.
 
 pub mod api;
 pub mod cluster;
+pub mod openai;
 pub mod server;
 pub mod spec;
 pub mod store;

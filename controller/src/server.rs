@@ -79,7 +79,8 @@ impl Controller {
             let router = axum::Router::new()
                 .route("/healthz", get(|| async { "ok\n" }))
                 .route("/v1/models", get(models))
-                .with_state(self.cluster.clone());
+                .with_state(self.cluster.clone())
+                .merge(crate::openai::routes(api.clone()));
             let mut stop = stop_rx.clone();
             tokio::spawn(async move {
                 let _ = axum::serve(http, router)
@@ -124,8 +125,9 @@ async fn models(State(cluster): State<Arc<Cluster>>) -> Json<serde_json::Value> 
         .models()
         .into_iter()
         .map(|m| {
+            let created = cluster.get(&m.name).map_or(0, |d| d.created_ms / 1000);
             serde_json::json!({
-                "id": m.name, "object": "model", "owned_by": "gantry",
+                "id": m.name, "object": "model", "created": created, "owned_by": "gantry",
                 "source": m.source, "replicas": m.replicas, "ready_replicas": m.ready_replicas,
             })
         })
