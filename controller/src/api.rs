@@ -76,6 +76,33 @@ struct Forward {
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     done: bool,
     request_id: String,
+    /// The deployment, for metrics.
+    model: String,
+    started: Instant,
+    last_token: Option<Instant>,
+    /// Whether the outcome was recorded (else dropping it records a cancel).
+    recorded: bool,
+}
+
+impl Forward {
+    fn record(&mut self, outcome: &str) {
+        if !self.recorded {
+            self.recorded = true;
+            crate::metrics::request_finished(&self.model, outcome);
+        }
+    }
+}
+
+/// A status code as a metric label: `invalid_argument`, `unavailable` …
+pub fn code_name(code: tonic::Code) -> String {
+    let mut out = String::new();
+    for (i, ch) in format!("{code:?}").chars().enumerate() {
+        if ch.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(ch.to_ascii_lowercase());
+    }
+    out
 }
 
 impl Stream for Forward {
@@ -89,6 +116,7 @@ impl Stream for Forward {
             let sleep = self.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
             if sleep.as_mut().poll(cx).is_ready() {
                 self.done = true;
+                self.record("deadline_exceeded");
                 warn!(request = %self.request_id, worker = %self.target.worker, "deadline exceeded; cancelling");
                 return Poll::Ready(Some(Err(Status::deadline_exceeded(
                     "the request's deadline passed while generating",
@@ -98,7 +126,23 @@ impl Stream for Forward {
         match Pin::new(&mut self.inner).poll_next(cx) {
             Poll::Ready(Some(Err(e))) => {
                 self.done = true;
-                Poll::Ready(Some(Err(worker_error(&self.target, e))))
+                let e = worker_error(&self.target, e);
+                self.record(&code_name(e.code()));
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(Some(Ok(ev))) => {
+                match &ev.event {
+                    Some(pb::generate_event::Event::Token(t)) if t.token_id.is_some() => {
+                        let now = Instant::now();
+                        let first = self.last_token.is_none().then(|| now - self.started);
+                        let gap = self.last_token.map(|t| now - t);
+                        self.last_token = Some(now);
+                        crate::metrics::token(&self.model, first, gap);
+                    }
+                    Some(pb::generate_event::Event::Done(_)) => self.record("ok"),
+                    _ => {}
+                }
+                Poll::Ready(Some(Ok(ev)))
             }
             Poll::Ready(None) => {
                 self.done = true;
@@ -111,6 +155,7 @@ impl Stream for Forward {
 
 impl Drop for Forward {
     fn drop(&mut self) {
+        self.record("cancelled");
         self.target.inflight.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -167,7 +212,11 @@ impl Api {
         if model.trim().is_empty() {
             return Err(Status::invalid_argument("the request names no model; `Models/List` shows what is deployed"));
         }
-        let target = self.cluster.pick(model)?;
+        let target = self.cluster.pick(model).inspect_err(|e| {
+            // Names that are not deployments are not labels (anyone could make up millions).
+            let label = if e.code() == tonic::Code::NotFound { "(unknown)" } else { model };
+            crate::metrics::request_finished(label, &code_name(e.code()));
+        })?;
         target.inflight.fetch_add(1, Ordering::Relaxed);
         info!(request = %request_id, model, worker = %target.worker, replica = %target.model_id, "routing");
         let mut req = Request::new(pb::GenerateRequest {
@@ -184,7 +233,9 @@ impl Api {
             Ok(r) => r.into_inner(),
             Err(e) => {
                 target.inflight.fetch_sub(1, Ordering::Relaxed);
-                return Err(worker_error(&target, e));
+                let e = worker_error(&target, e);
+                crate::metrics::request_finished(model, &code_name(e.code()));
+                return Err(e);
             }
         };
         let forward = Forward {
@@ -194,6 +245,10 @@ impl Api {
             sleep: None,
             done: false,
             request_id,
+            model: model.to_string(),
+            started: Instant::now(),
+            last_token: None,
+            recorded: false,
         };
         Ok(Response::new(Box::pin(forward)))
     }

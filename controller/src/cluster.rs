@@ -759,6 +759,7 @@ impl Cluster {
                 let wait = FIRST_RETRY.saturating_mul(1 << r.failures.min(5).saturating_sub(1)).min(MAX_RETRY);
                 r.retry_at = Some(Instant::now() + wait);
             }
+            crate::metrics::placement_failed("load_failed");
             self.event(&mut st, &c.deployment, "LoadFailed", msg);
         }
         self.reconcile(&mut st);
@@ -1131,6 +1132,17 @@ impl Cluster {
         r.reason = reason.to_string();
         if changed {
             info!(deployment = name, replica = index, "{reason}");
+            // Counted once per new reason, not at every re-check.
+            let kind = if reason.starts_with("unschedulable") {
+                "unschedulable"
+            } else if reason.starts_with("cannot size") {
+                "cannot_size"
+            } else if reason.starts_with("no workers") {
+                "no_workers"
+            } else {
+                "other"
+            };
+            crate::metrics::placement_failed(kind);
             self.event(st, name, "Pending", format!("replica {index}: {reason}"));
         }
     }

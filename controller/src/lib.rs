@@ -5,11 +5,13 @@
 //! * [`cluster`]: the state and the scheduler (desired vs actual, reservations, leases).
 //! * [`api`]: the gRPC services — `Inference`, `Deployments`, `Cluster`, `Models`, and the
 //!   workers' `WorkerLink`.
+//! * [`metrics`]: Prometheus metrics (`GET /metrics`).
 //! * [`openai`]: the OpenAI-compatible HTTP API (`/v1/chat/completions`, `/v1/completions`).
 //! * [`server`]: leadership, restore, and serving.
 
 pub mod api;
 pub mod cluster;
+pub mod metrics;
 pub mod openai;
 pub mod server;
 pub mod spec;

@@ -79,6 +79,7 @@ impl Controller {
             let router = axum::Router::new()
                 .route("/healthz", get(|| async { "ok\n" }))
                 .route("/v1/models", get(models))
+                .route("/metrics", get(metrics))
                 .with_state(self.cluster.clone())
                 .merge(crate::openai::routes(api.clone()));
             let mut stop = stop_rx.clone();
@@ -117,6 +118,11 @@ impl Controller {
         }
         Ok(())
     }
+}
+
+/// `GET /metrics`: Prometheus' text format.
+async fn metrics(State(cluster): State<Arc<Cluster>>) -> impl axum::response::IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], crate::metrics::render(&cluster))
 }
 
 /// `GET /v1/models`: the deployed models in the OpenAI list shape.

@@ -131,3 +131,13 @@ pub fn capture(child: &mut std::process::Child) -> Captured {
 pub mod controller;
 pub mod etcd;
 pub mod worker;
+
+/// A plain HTTP/1.1 GET: the whole response, status line and headers included.
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("the HTTP port answers");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").expect("the request is sent");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("the response is read");
+    out
+}

@@ -1,0 +1,204 @@
+//! Prometheus metrics: what the router sees of each request (outcome, time to first token,
+//! time between tokens, tokens), placement failures, and at scrape time the cluster's state
+//! (GPU memory, replicas by state, worker liveness, queues), in the text exposition format.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::{LazyLock, Mutex};
+use std::time::Duration;
+
+use crate::cluster::Cluster;
+
+/// Upper bounds (seconds) of the time-to-first-token buckets.
+const TTFT_BUCKETS: [f64; 12] = [0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0];
+/// Upper bounds (seconds) of the inter-token latency buckets.
+const ITL_BUCKETS: [f64; 12] = [0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5];
+
+#[derive(Debug, Clone, Default)]
+struct Histogram {
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn observe(&mut self, bounds: &[f64], v: f64) {
+        if self.counts.is_empty() {
+            self.counts = vec![0; bounds.len()];
+        }
+        for (c, b) in self.counts.iter_mut().zip(bounds) {
+            if v <= *b {
+                *c += 1;
+            }
+        }
+        self.sum += v;
+        self.count += 1;
+    }
+}
+
+#[derive(Debug, Default)]
+struct Recorded {
+    /// (model, outcome) → requests.
+    requests: BTreeMap<(String, String), u64>,
+    tokens: BTreeMap<String, u64>,
+    ttft: BTreeMap<String, Histogram>,
+    itl: BTreeMap<String, Histogram>,
+    placement_failures: BTreeMap<String, u64>,
+}
+
+static RECORDED: LazyLock<Mutex<Recorded>> = LazyLock::new(Mutex::default);
+
+fn with<T>(f: impl FnOnce(&mut Recorded) -> T) -> T {
+    let mut r = RECORDED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    f(&mut r)
+}
+
+/// A request's end: `ok`, `cancelled`, or the gRPC code's name (`unavailable` …).
+pub fn request_finished(model: &str, outcome: &str) {
+    with(|r| *r.requests.entry((model.to_string(), outcome.to_string())).or_default() += 1);
+}
+
+/// A token streamed back: the first one's delay since the request, or the gap since the last.
+pub fn token(model: &str, first: Option<Duration>, gap: Option<Duration>) {
+    with(|r| {
+        *r.tokens.entry(model.to_string()).or_default() += 1;
+        if let Some(d) = first {
+            r.ttft.entry(model.to_string()).or_default().observe(&TTFT_BUCKETS, d.as_secs_f64());
+        }
+        if let Some(d) = gap {
+            r.itl.entry(model.to_string()).or_default().observe(&ITL_BUCKETS, d.as_secs_f64());
+        }
+    });
+}
+
+/// A replica that could not be placed or loaded, by kind of reason.
+pub fn placement_failed(reason: &str) {
+    with(|r| *r.placement_failures.entry(reason.to_string()).or_default() += 1);
+}
+
+/// Escapes a label value.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn histogram(out: &mut String, name: &str, bounds: &[f64], series: &BTreeMap<String, Histogram>) {
+    for (model, h) in series {
+        let m = label(model);
+        for (b, c) in bounds.iter().zip(&h.counts) {
+            let _ = writeln!(out, "{name}_bucket{{model=\"{m}\",le=\"{b}\"}} {c}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{model=\"{m}\",le=\"+Inf\"}} {}", h.count);
+        let _ = writeln!(out, "{name}_sum{{model=\"{m}\"}} {}", h.sum);
+        let _ = writeln!(out, "{name}_count{{model=\"{m}\"}} {}", h.count);
+    }
+}
+
+/// Everything, in the Prometheus text format.
+pub fn render(cluster: &Cluster) -> String {
+    let mut out = String::new();
+    with(|r| {
+        header(&mut out, "gantry_requests_total", "counter", "Inference requests by deployment and outcome.");
+        for ((model, outcome), n) in &r.requests {
+            let _ =
+                writeln!(out, "gantry_requests_total{{model=\"{}\",outcome=\"{}\"}} {n}", label(model), label(outcome));
+        }
+        header(&mut out, "gantry_generated_tokens_total", "counter", "Tokens streamed to clients by deployment.");
+        for (model, n) in &r.tokens {
+            let _ = writeln!(out, "gantry_generated_tokens_total{{model=\"{}\"}} {n}", label(model));
+        }
+        header(
+            &mut out,
+            "gantry_time_to_first_token_seconds",
+            "histogram",
+            "From routing a request to its first token.",
+        );
+        histogram(&mut out, "gantry_time_to_first_token_seconds", &TTFT_BUCKETS, &r.ttft);
+        header(&mut out, "gantry_inter_token_latency_seconds", "histogram", "Time between consecutive tokens.");
+        histogram(&mut out, "gantry_inter_token_latency_seconds", &ITL_BUCKETS, &r.itl);
+        header(
+            &mut out,
+            "gantry_placement_failures_total",
+            "counter",
+            "Replicas that could not be placed or loaded, by reason.",
+        );
+        for (reason, n) in &r.placement_failures {
+            let _ = writeln!(out, "gantry_placement_failures_total{{reason=\"{}\"}} {n}", label(reason));
+        }
+    });
+
+    let workers = cluster.workers();
+    header(&mut out, "gantry_worker_up", "gauge", "1 while a worker is connected and within its lease.");
+    for w in &workers {
+        let _ =
+            writeln!(out, "gantry_worker_up{{worker=\"{}\"}} {}", label(&w.worker_id), u8::from(w.state == "ready"));
+    }
+    header(&mut out, "gantry_worker_queue_depth", "gauge", "Requests waiting in a worker's queue.");
+    for w in &workers {
+        let _ = writeln!(out, "gantry_worker_queue_depth{{worker=\"{}\"}} {}", label(&w.worker_id), w.queue_depth);
+    }
+    for (name, help, pick) in [
+        ("gantry_gpu_memory_total_bytes", "A GPU's memory.", 0),
+        ("gantry_gpu_memory_used_bytes", "A GPU's memory in use, as its worker reports it.", 1),
+        ("gantry_gpu_memory_reserved_bytes", "A GPU's memory the controller has promised to replicas.", 2),
+    ] {
+        header(&mut out, name, "gauge", help);
+        for w in &workers {
+            for g in &w.gpus {
+                let v = match pick {
+                    0 => g.total_bytes,
+                    1 => g.total_bytes.saturating_sub(g.free_bytes),
+                    _ => g.reserved_bytes,
+                };
+                let _ = writeln!(
+                    out,
+                    "{name}{{worker=\"{}\",gpu=\"{}\",name=\"{}\"}} {v}",
+                    label(&w.worker_id),
+                    g.index,
+                    label(&g.name)
+                );
+            }
+        }
+    }
+    header(&mut out, "gantry_replicas", "gauge", "Replicas by deployment and state.");
+    for d in cluster.list() {
+        let status = d.status.unwrap_or_default();
+        let mut by_state: BTreeMap<&str, u64> =
+            ["pending", "loading", "ready", "failed"].into_iter().map(|s| (s, 0)).collect();
+        for r in &status.replica_status {
+            let state = match gantry_proto::v1::ReplicaState::try_from(r.state) {
+                Ok(gantry_proto::v1::ReplicaState::Loading) => "loading",
+                Ok(gantry_proto::v1::ReplicaState::Ready) => "ready",
+                Ok(gantry_proto::v1::ReplicaState::Failed) => "failed",
+                _ => "pending",
+            };
+            *by_state.entry(state).or_default() += 1;
+        }
+        for (state, n) in by_state {
+            let _ = writeln!(out, "gantry_replicas{{deployment=\"{}\",state=\"{state}\"}} {n}", label(&d.name));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_are_cumulative() {
+        let mut h = Histogram::default();
+        for v in [0.001, 0.04, 3.0] {
+            h.observe(&TTFT_BUCKETS, v);
+        }
+        assert_eq!(h.counts[..3], [1, 2, 2]);
+        assert_eq!(*h.counts.last().unwrap(), 3);
+        assert_eq!(h.count, 3);
+        assert!((h.sum - 3.041).abs() < 1e-9);
+        assert_eq!(label("a\"b\\c"), "a\\\"b\\\\c");
+    }
+}
