@@ -3,12 +3,14 @@
 use std::io::{BufRead, IsTerminal, Write};
 use std::time::Duration;
 
+use gantry_controller::auth::Bearer;
 use gantry_core::units::format_bytes;
 use gantry_proto::v1 as pb;
 use pb::cluster_client::ClusterClient;
 use pb::deployments_client::DeploymentsClient;
 use pb::inference_client::InferenceClient;
 use pb::models_client::ModelsClient;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::CliError;
@@ -23,7 +25,13 @@ pub struct ControllerArg {
     /// The controller's gRPC address
     #[arg(long, env = "GANTRY_CONTROLLER", default_value = DEFAULT_CONTROLLER)]
     pub controller: String,
+    /// The API key, when the controller requires one
+    #[arg(long, env = "GANTRY_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
+
+/// A connection to the controller that sends the API key with every call.
+pub type Conn = InterceptedService<Channel, Bearer>;
 
 pub const DEPLOY_EXAMPLES: &str = "\
 Examples:
@@ -151,7 +159,12 @@ fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
 }
 
 /// Connects to the controller, saying how to start one when nothing answers.
-pub async fn connect(controller: &str) -> Result<Channel, CliError> {
+pub async fn connect(arg: &ControllerArg) -> Result<Conn, CliError> {
+    let bearer = Bearer::new(arg.api_key.as_deref()).map_err(|e| CliError::usage(format!("--api-key: {e}")))?;
+    Ok(InterceptedService::new(connect_channel(&arg.controller).await?, bearer))
+}
+
+async fn connect_channel(controller: &str) -> Result<Channel, CliError> {
     let url = if controller.contains("://") { controller.to_string() } else { format!("http://{controller}") };
     let endpoint = Endpoint::from_shared(url.clone())
         .map_err(|e| CliError::usage(format!("--controller {controller}: {e}")))?
@@ -221,7 +234,7 @@ pub fn run_deploy(args: DeployArgs) -> Result<(), CliError> {
         stage_wire_dtype: args.stage_wire_dtype.clone(),
     };
     runtime()?.block_on(async {
-        let mut client = DeploymentsClient::new(connect(&args.controller.controller).await?);
+        let mut client = DeploymentsClient::new(connect(&args.controller).await?);
         let d = client
             .apply(pb::ApplyRequest { name: args.name.clone(), spec: Some(spec) })
             .await
@@ -239,7 +252,7 @@ pub fn run_deploy(args: DeployArgs) -> Result<(), CliError> {
 
 pub fn run_scale(args: ScaleArgs) -> Result<(), CliError> {
     runtime()?.block_on(async {
-        let mut client = DeploymentsClient::new(connect(&args.controller.controller).await?);
+        let mut client = DeploymentsClient::new(connect(&args.controller).await?);
         let d = client
             .scale(pb::ScaleRequest { name: args.name.clone(), replicas: args.replicas })
             .await
@@ -252,7 +265,7 @@ pub fn run_scale(args: ScaleArgs) -> Result<(), CliError> {
 
 pub fn run_delete(args: DeleteArgs) -> Result<(), CliError> {
     runtime()?.block_on(async {
-        let mut client = DeploymentsClient::new(connect(&args.controller.controller).await?);
+        let mut client = DeploymentsClient::new(connect(&args.controller).await?);
         client.delete(pb::DeleteDeploymentRequest { name: args.name.clone() }).await.map_err(status_error)?;
         println!("deployment {} deleted; its replicas are unloaded", args.name);
         Ok(())
@@ -262,7 +275,7 @@ pub fn run_delete(args: DeleteArgs) -> Result<(), CliError> {
 pub fn run_get(args: GetArgs) -> Result<(), CliError> {
     let json = args.output == "json";
     runtime()?.block_on(async {
-        let channel = connect(&args.controller.controller).await?;
+        let channel = connect(&args.controller).await?;
         match args.kind {
             Kind::Deployments => {
                 let mut client = DeploymentsClient::new(channel);
@@ -434,7 +447,7 @@ fn workers_table(list: &[pb::WorkerInfo]) -> String {
 }
 
 /// Which deployment to chat with: the one named, else the only one.
-async fn chat_model(channel: Channel, named: Option<String>) -> Result<String, CliError> {
+async fn chat_model(channel: Conn, named: Option<String>) -> Result<String, CliError> {
     if let Some(m) = named {
         return Ok(m);
     }
@@ -454,7 +467,7 @@ async fn chat_model(channel: Channel, named: Option<String>) -> Result<String, C
 
 /// Streams one answer to stdout; returns its text.
 async fn stream_answer(
-    client: &mut InferenceClient<Channel>,
+    client: &mut InferenceClient<Conn>,
     request: pb::ChatRequest,
     timeout: Option<u64>,
 ) -> Result<String, CliError> {
@@ -494,7 +507,7 @@ pub fn run_chat(args: ChatArgs) -> Result<(), CliError> {
         return Err(CliError::usage(format!("--temperature {}: must be 0 or more", args.temperature)));
     }
     runtime()?.block_on(async {
-        let channel = connect(&args.controller.controller).await?;
+        let channel = connect(&args.controller).await?;
         let model = chat_model(channel.clone(), args.model.clone()).await?;
         let mut client = InferenceClient::new(channel);
         let sampling = pb::SamplingParams {

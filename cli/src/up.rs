@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use gantry_controller::auth::ApiKeys;
 use gantry_controller::cluster::ControllerConfig;
 use gantry_controller::server::{Controller, bind};
 use gantry_controller::spec::DeploymentSpec;
@@ -62,6 +63,10 @@ pub struct ControlArgs {
     /// Percent of VRAM kept free on top of each replica's estimate
     #[arg(long, default_value_t = 5)]
     vram_margin: u64,
+    /// A file of API keys, one per line: every API but health checks then needs
+    /// `Authorization: Bearer <key>` [default: no keys]
+    #[arg(long, env = "GANTRY_API_KEYS_FILE")]
+    api_keys: Option<PathBuf>,
 }
 
 /// Arguments of `gantry controller`.
@@ -150,7 +155,11 @@ impl ControlArgs {
         {
             println!("gantry controller standby: {leader} leads; waiting to take over (store: {describe})");
         }
-        let controller = Controller::start(store, config, &candidate).await.map_err(unavailable)?;
+        let keys = match &self.api_keys {
+            Some(path) => Some(ApiKeys::load(path).map_err(|e| CliError::usage(format!("--api-keys: {e}")))?),
+            None => None,
+        };
+        let mut controller = Controller::start(store, config, &candidate).await.map_err(unavailable)?;
         let (grpc, grpc_addr) = bind(&self.listen, "--listen").await.map_err(unavailable)?;
         let http = if self.http.eq_ignore_ascii_case("off") {
             None
@@ -165,7 +174,31 @@ impl ControlArgs {
             }
             None => println!("gantry controller listening on {grpc_addr} (gRPC); store: {describe}"),
         }
+        match &keys {
+            Some(k) => println!("API keys: {} accepted; every API but health checks needs one", k.len()),
+            None if !self.loopback_only() => {
+                println!("API keys: none (--api-keys); anyone who can reach {grpc_addr} can use this controller")
+            }
+            None => println!("API keys: none (--api-keys); serving on loopback only"),
+        }
+        controller.api_keys = keys;
         Ok((controller, grpc, http.map(|(l, _)| l)))
+    }
+
+    /// Whether every address it serves on is a loopback one.
+    fn loopback_only(&self) -> bool {
+        let loopback = |addr: &str| {
+            addr.parse::<std::net::SocketAddr>().map(|a| a.ip().is_loopback()).unwrap_or_else(|_| {
+                addr.rsplit_once(':').is_some_and(|(host, _)| host.eq_ignore_ascii_case("localhost"))
+            })
+        };
+        loopback(&self.listen) && (self.http.eq_ignore_ascii_case("off") || loopback(&self.http))
+    }
+
+    /// The first key of the key file, for `gantry up`'s own worker.
+    fn first_key(&self) -> Option<String> {
+        let text = std::fs::read_to_string(self.api_keys.as_ref()?).ok()?;
+        text.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string)
     }
 }
 
@@ -254,6 +287,13 @@ pub fn run_up(args: UpArgs) -> Result<(), CliError> {
     if args.parallel == 0 {
         return Err(CliError::usage("--parallel must be at least 1"));
     }
+    if args.control.api_keys.is_none() && !args.control.loopback_only() {
+        return Err(CliError::usage(format!(
+            "gantry up without API keys serves on loopback only, and --listen {} / --http {} is not: give --api-keys FILE (one key per line), or listen on 127.0.0.1",
+            args.control.listen, args.control.http
+        )));
+    }
+    let worker_key = args.control.first_key();
     let inventory =
         gantry_worker::gpu::detect(args.gpus.as_deref()).map_err(|e| CliError::usage(format!("--gpus: {e}")))?;
     let hub = hub(None)?;
@@ -281,7 +321,7 @@ pub fn run_up(args: UpArgs) -> Result<(), CliError> {
         drop(ready_tx);
         let controller_url = format!("http://{}", loopback(grpc_addr));
         tokio::spawn(run_link(
-            LinkOptions { controller: controller_url, advertise: worker_addr.to_string() },
+            LinkOptions { controller: controller_url, advertise: worker_addr.to_string(), api_key: worker_key },
             state,
             stop_rx.clone(),
         ));

@@ -7,9 +7,11 @@
 //!   workers' `WorkerLink`.
 //! * [`metrics`]: Prometheus metrics (`GET /metrics`).
 //! * [`openai`]: the OpenAI-compatible HTTP API (`/v1/chat/completions`, `/v1/completions`).
+//! * [`auth`]: API keys for the gRPC and HTTP APIs.
 //! * [`server`]: leadership, restore, and serving.
 
 pub mod api;
+pub mod auth;
 pub mod cluster;
 pub mod metrics;
 pub mod openai;

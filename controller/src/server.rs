@@ -8,6 +8,9 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::State;
 use axum::routing::get;
+use tonic::service::interceptor::InterceptedService;
+
+use crate::auth::ApiKeys;
 use gantry_proto::v1 as pb;
 use tokio::net::TcpListener;
 use tonic_health::ServingStatus;
@@ -25,6 +28,8 @@ const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
 pub struct Controller {
     pub cluster: Arc<Cluster>,
     pub leadership: Leadership,
+    /// When set, every API but health checking and `/healthz` needs one of these keys.
+    pub api_keys: Option<ApiKeys>,
 }
 
 impl Controller {
@@ -39,7 +44,7 @@ impl Controller {
         let leadership = store.campaign(candidate).await?;
         info!(store = %store.describe(), "leading");
         let cluster = Cluster::start(store, config).await?;
-        Ok(Controller { cluster, leadership })
+        Ok(Controller { cluster, leadership, api_keys: None })
     }
 
     /// Serves gRPC on `grpc` (and HTTP on `http` when given) until `shutdown` completes or
@@ -75,13 +80,19 @@ impl Controller {
             cluster.shutdown();
             let _ = stopper.send(true);
         });
+        let keys = self.api_keys.clone();
+        let auth = move |req: tonic::Request<()>| match &keys {
+            None => Ok(req),
+            Some(k) => k.interceptor()(req),
+        };
         if let Some(http) = http {
-            let router = axum::Router::new()
-                .route("/healthz", get(|| async { "ok\n" }))
+            let protected = axum::Router::new()
                 .route("/v1/models", get(models))
                 .route("/metrics", get(metrics))
                 .with_state(self.cluster.clone())
-                .merge(crate::openai::routes(api.clone()));
+                .merge(crate::openai::routes(api.clone()))
+                .layer(axum::middleware::from_fn_with_state(self.api_keys.clone(), require_key));
+            let router = axum::Router::new().route("/healthz", get(|| async { "ok\n" })).merge(protected);
             let mut stop = stop_rx.clone();
             tokio::spawn(async move {
                 let _ = axum::serve(http, router)
@@ -96,12 +107,12 @@ impl Controller {
         let server = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(health_service)
-            .add_service(reflection)
-            .add_service(pb::inference_server::InferenceServer::new(api.clone()))
-            .add_service(pb::deployments_server::DeploymentsServer::new(api.clone()))
-            .add_service(pb::cluster_server::ClusterServer::new(api.clone()))
-            .add_service(pb::models_server::ModelsServer::new(api.clone()))
-            .add_service(pb::worker_link_server::WorkerLinkServer::new(api))
+            .add_service(InterceptedService::new(reflection, auth.clone()))
+            .add_service(pb::inference_server::InferenceServer::with_interceptor(api.clone(), auth.clone()))
+            .add_service(pb::deployments_server::DeploymentsServer::with_interceptor(api.clone(), auth.clone()))
+            .add_service(pb::cluster_server::ClusterServer::with_interceptor(api.clone(), auth.clone()))
+            .add_service(pb::models_server::ModelsServer::with_interceptor(api.clone(), auth.clone()))
+            .add_service(pb::worker_link_server::WorkerLinkServer::with_interceptor(api, auth))
             .serve_with_incoming_shutdown(gantry_worker::server::incoming(grpc), async move {
                 let _ = stop.wait_for(|s| *s).await;
             });
@@ -118,6 +129,23 @@ impl Controller {
         }
         Ok(())
     }
+}
+
+/// Refuses HTTP requests without a valid key (when keys are configured), in OpenAI's error shape.
+async fn require_key(
+    State(keys): State<Option<ApiKeys>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if let Some(keys) = &keys {
+        let header = req.headers().get(axum::http::header::AUTHORIZATION);
+        if !keys.accepts(header.map(|v| v.as_bytes())) {
+            let status = crate::auth::unauthenticated(header.is_some());
+            return crate::openai::ApiError::from(status).into_response();
+        }
+    }
+    next.run(req).await
 }
 
 /// `GET /metrics`: Prometheus' text format.

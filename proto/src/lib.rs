@@ -2,6 +2,8 @@
 
 #![allow(missing_debug_implementations, clippy::all)] // generated code
 
+pub mod auth;
+
 /// Package `gantry.v1`.
 pub mod v1 {
     tonic::include_proto!("gantry.v1");

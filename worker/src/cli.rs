@@ -134,6 +134,9 @@ pub struct WorkerArgs {
     /// The controller to register with (`http://host:port`; several, comma-separated, when controllers share an etcd); without it the worker serves alone
     #[arg(long, env = "GANTRY_CONTROLLER")]
     pub controller: Option<String>,
+    /// The API key the controller requires (when it has keys)
+    #[arg(long, env = "GANTRY_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     /// A model to load at start (repeatable): a folder, a .gguf file or a Hub id, optionally named `NAME=SOURCE`
     #[arg(long = "model", value_name = "[NAME=]SOURCE")]
     pub models: Vec<String>,
@@ -311,7 +314,11 @@ pub fn run_worker(args: WorkerArgs) -> Result<(), Failure> {
         if let Some(controller) = args.controller.clone() {
             // `link::run` adds `http://` to each address that lacks a scheme.
             let advertise = args.advertise.clone().unwrap_or_else(|| advertise_address(addr));
-            tokio::spawn(link::run(LinkOptions { controller, advertise }, state.clone(), stop_rx.clone()));
+            tokio::spawn(link::run(
+                LinkOptions { controller, advertise, api_key: args.api_key.clone() },
+                state.clone(),
+                stop_rx.clone(),
+            ));
         }
         match server.await {
             Ok(Ok(())) => Ok(()),

@@ -30,6 +30,8 @@ pub struct LinkOptions {
     pub controller: String,
     /// `host:port` the controller dials for `Worker` calls.
     pub advertise: String,
+    /// Sent with the link when the controller requires API keys.
+    pub api_key: Option<String>,
 }
 
 /// Keeps the link up until `shutdown` turns true.
@@ -44,7 +46,7 @@ pub async fn run(options: LinkOptions, state: Arc<WorkerState>, mut shutdown: wa
         }
         let Some(controller) = controllers.get(next % controllers.len().max(1)).cloned() else { return };
         let outcome = tokio::select! {
-            r = session(&controller, &options.advertise, &state) => r,
+            r = session(&controller, &options, &state) => r,
             _ = shutdown.changed() => return,
         };
         match outcome {
@@ -71,8 +73,15 @@ fn url(controller: &str) -> String {
 }
 
 /// One connection: register, then heartbeats and commands until the stream ends.
-async fn session(controller: &str, advertise: &str, state: &Arc<WorkerState>) -> Result<(), String> {
-    let mut client = WorkerLinkClient::connect(controller.to_string()).await.map_err(|e| error_chain(&e))?;
+async fn session(controller: &str, options: &LinkOptions, state: &Arc<WorkerState>) -> Result<(), String> {
+    let advertise = options.advertise.as_str();
+    let bearer = gantry_proto::auth::Bearer::new(options.api_key.as_deref())?;
+    let channel = tonic::transport::Endpoint::from_shared(controller.to_string())
+        .map_err(|e| format!("controller address {controller}: {e}"))?
+        .connect()
+        .await
+        .map_err(|e| error_chain(&e))?;
+    let mut client = WorkerLinkClient::with_interceptor(channel, bearer);
     let (tx, rx) = mpsc::channel::<pb::WorkerMessage>(64);
     let status = state.status().map_err(|e| e.message().to_string())?;
     let register = pb::WorkerRegistration {

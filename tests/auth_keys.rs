@@ -1,0 +1,127 @@
+//! API keys on `gantry up` serving SmolLM2: without keys it refuses to listen beyond
+//! loopback; with a key file, gRPC and HTTP calls without a key or with a wrong one are
+//! refused (`UNAUTHENTICATED` / 401 in OpenAI's shape), health checks stay open, the CLI and
+//! workers pass their key, and no key ever appears in the logs.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+
+use common::controller::RunningController;
+use common::worker::RunningWorker;
+use common::{gantry, run};
+use gantry_proto::v1 as pb;
+use tonic::Code;
+
+const KEY_A: &str = "k-0123456789abcdef0123456789";
+const KEY_B: &str = "k-fedcba9876543210fedcba9876";
+
+fn http(addr: &str, path: &str, key: Option<&str>) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+fn with_key<T>(msg: T, key: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut().insert("authorization", format!("Bearer {key}").parse().unwrap());
+    req
+}
+
+#[test]
+fn without_keys_gantry_up_stays_on_loopback() {
+    let (code, _, err) = run(gantry().args(["up", "--listen", "0.0.0.0:0", "--http", "off"]));
+    assert_eq!(code, 64, "{err}");
+    assert!(
+        err.contains("gantry up without API keys serves on loopback only, and --listen 0.0.0.0:0 / --http off is not"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_guard_grpc_http_the_cli_and_the_worker_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, format!("# the team's keys\n{KEY_A}\n\n{KEY_B}\n")).unwrap();
+    let up = RunningController::up(&["--api-keys", keys.to_str().unwrap(), "--threads", "1", "--context", "1K"]);
+    assert!(up.stdout().iter().any(|l| l == "API keys: 2 accepted; every API but health checks needs one"));
+    let channel = up.channel().await;
+
+    // gRPC: missing and wrong keys are told apart; the right one works; health stays open.
+    let mut models = pb::models_client::ModelsClient::new(channel.clone());
+    let e = models.list(pb::ListModelsRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(e.message().contains("this controller needs an API key"), "{}", e.message());
+    let e = models.list(with_key(pb::ListModelsRequest {}, "k-wrong-wrong-wrong-wrong")).await.unwrap_err();
+    assert_eq!((e.code(), e.message()), (Code::Unauthenticated, "the API key is not valid"));
+    let listed = models.list(with_key(pb::ListModelsRequest {}, KEY_B)).await.unwrap().into_inner();
+    assert_eq!(listed.models[0].ready_replicas, 1, "the local worker linked with its key and loaded the model");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let h = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap();
+    assert_eq!(h.into_inner().status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+
+    // HTTP: /healthz open; the API needs the key, refused in OpenAI's shape.
+    let addr = up.http.clone().unwrap();
+    assert_eq!(http(&addr, "/healthz", None).0, 200);
+    let (status, body) = http(&addr, "/v1/models", None);
+    assert_eq!(status, 401);
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"]["code"], "invalid_api_key");
+    assert_eq!(http(&addr, "/metrics", Some("k-wrong-wrong-wrong-wrong")).0, 401);
+    let (status, body) = http(&addr, "/v1/models", Some(KEY_A));
+    assert_eq!(status, 200);
+    assert!(body.contains("smollm2-135m-instruct"), "{body}");
+
+    // The CLI: refused without a key (exit 77), fine with --api-key or GANTRY_API_KEY.
+    let (code, _, err) = run(gantry().args(["get", "deployments", "--controller", &up.url()]));
+    assert_eq!(code, 77, "{err}");
+    assert!(err.contains("needs an API key"), "{err}");
+    let (code, out, err) = run(gantry().args(["get", "deployments", "--controller", &up.url(), "--api-key", KEY_A]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("smollm2-135m-instruct"), "{out}");
+    let (code, _, err) = run(gantry().args(["get", "workers", "--controller", &up.url()]).env("GANTRY_API_KEY", KEY_B));
+    assert_eq!(code, 0, "{err}");
+
+    // A worker without the key cannot register; with it, it can.
+    let stranger = RunningWorker::start(&["--controller", &up.url(), "--worker-id", "stranger", "--gpus", "1x1GiB"]);
+    let friend = RunningWorker::start(&[
+        "--controller",
+        &up.url(),
+        "--worker-id",
+        "friend",
+        "--gpus",
+        "1x1GiB",
+        "--api-key",
+        KEY_A,
+    ]);
+    let mut cluster = pb::cluster_client::ClusterClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
+        r.metadata_mut().insert("authorization", format!("Bearer {KEY_A}").parse().unwrap());
+        Ok(r)
+    });
+    let mut workers = Vec::new();
+    for _ in 0..100 {
+        workers = cluster.list_workers(pb::ListWorkersRequest {}).await.unwrap().into_inner().workers;
+        if workers.iter().any(|w| w.worker_id == "friend") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let ids: Vec<&str> = workers.iter().map(|w| w.worker_id.as_str()).collect();
+    assert!(ids.contains(&"friend") && !ids.contains(&"stranger"), "{ids:?}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !stranger.stderr().contains("needs an API key") {
+        assert!(std::time::Instant::now() < deadline, "the refusal is not in its log: {}", stranger.stderr());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    drop(friend);
+
+    // No key is ever written to a log.
+    let logs = format!("{}\n{}\n{}", up.stderr(), up.stdout().join("\n"), stranger.stderr());
+    assert!(!logs.contains(KEY_A) && !logs.contains(KEY_B), "a key leaked into the logs");
+}
