@@ -117,7 +117,7 @@ impl Stream for Forward {
             if sleep.as_mut().poll(cx).is_ready() {
                 self.done = true;
                 self.record("deadline_exceeded");
-                warn!(request = %self.request_id, worker = %self.target.worker, "deadline exceeded; cancelling");
+                warn!(request_id = %self.request_id, worker = %self.target.worker, "deadline exceeded; cancelling");
                 return Poll::Ready(Some(Err(Status::deadline_exceeded(
                     "the request's deadline passed while generating",
                 ))));
@@ -218,7 +218,7 @@ impl Api {
             crate::metrics::request_finished(label, &code_name(e.code()));
         })?;
         target.inflight.fetch_add(1, Ordering::Relaxed);
-        info!(request = %request_id, model, worker = %target.worker, replica = %target.model_id, "routing");
+        info!(request_id = %request_id, model, worker = %target.worker, replica = %target.model_id, "routing");
         let mut req = Request::new(pb::GenerateRequest {
             model_id: target.model_id.clone(),
             input: Some(input),

@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -286,8 +286,15 @@ async fn run(
     common: Common,
     input: pb::generate_request::Input,
     sampling: pb::SamplingParams,
+    headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    let request_id = Api::new_request_id();
+    // The caller's `X-Request-Id` (printable, bounded) names the request in every log line.
+    let request_id = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.chars().all(|c| c.is_ascii_graphic()))
+        .map_or_else(Api::new_request_id, str::to_string);
     let model = common.model.trim().to_string();
     // Opened before answering, so an unknown model or a missing replica is a plain HTTP error.
     let events = api.open_stream(&model, input, Some(sampling), request_id.clone(), None).await?;
@@ -390,7 +397,7 @@ fn sse_events(
     .flatten()
 }
 
-async fn chat_completions(State(api): State<Api>, body: Bytes) -> Result<Response, ApiError> {
+async fn chat_completions(State(api): State<Api>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     let body: ChatBody = parse(&body)?;
     let sampling = sampling(&body.common)?;
     if body.messages.is_empty() {
@@ -426,10 +433,10 @@ async fn chat_completions(State(api): State<Api>, body: Bytes) -> Result<Respons
         messages.push(pb::ChatMessage { role, content });
     }
     let input = pb::generate_request::Input::Chat(pb::Conversation { messages });
-    run(api, Kind::Chat, body.common, input, sampling).await
+    run(api, Kind::Chat, body.common, input, sampling, &headers).await
 }
 
-async fn completions(State(api): State<Api>, body: Bytes) -> Result<Response, ApiError> {
+async fn completions(State(api): State<Api>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     let body: CompletionBody = parse(&body)?;
     let sampling = sampling(&body.common)?;
     let prompt = match body.prompt {
@@ -443,7 +450,7 @@ async fn completions(State(api): State<Api>, body: Bytes) -> Result<Response, Ap
     if prompt.is_empty() {
         return Err(ApiError::invalid(Some("prompt"), "prompt is empty"));
     }
-    run(api, Kind::Completion, body.common, pb::generate_request::Input::Prompt(prompt), sampling).await
+    run(api, Kind::Completion, body.common, pb::generate_request::Input::Prompt(prompt), sampling, &headers).await
 }
 
 #[cfg(test)]

@@ -74,9 +74,19 @@ pub fn install_panic_hook(program: &'static str) {
 }
 
 /// Logs to stderr; `GANTRY_LOG` (e.g. `debug`, `gantry_worker=debug`) overrides `default`.
-/// Servers stamp each line with the time; one-shot commands do not.
+/// Servers stamp each line with the time; one-shot commands do not. `GANTRY_LOG_FORMAT=json`
+/// writes one JSON object per line (for log collectors), fields included.
 pub fn init_logging(default: &str, timestamps: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("GANTRY_LOG").unwrap_or_else(|_| default.into());
+    if std::env::var("GANTRY_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_current_span(false)
+            .init();
+        return;
+    }
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
