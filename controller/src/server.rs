@@ -89,10 +89,15 @@ impl Controller {
             let protected = axum::Router::new()
                 .route("/v1/models", get(models))
                 .route("/metrics", get(metrics))
+                .route("/api/v1/cluster", get(cluster_view))
                 .with_state(self.cluster.clone())
                 .merge(crate::openai::routes(api.clone()))
                 .layer(axum::middleware::from_fn_with_state(self.api_keys.clone(), require_key));
-            let router = axum::Router::new().route("/healthz", get(|| async { "ok\n" })).merge(protected);
+            let router = axum::Router::new()
+                .route("/healthz", get(|| async { "ok\n" }))
+                // The page holds no data; it asks for a key when the API needs one.
+                .route("/", get(|| async { axum::response::Html(DASHBOARD) }))
+                .merge(protected);
             let mut stop = stop_rx.clone();
             tokio::spawn(async move {
                 let _ = axum::serve(http, router)
@@ -146,6 +151,15 @@ async fn require_key(
         }
     }
     next.run(req).await
+}
+
+/// The dashboard: one page, no build step, refreshed from `/api/v1/cluster` every 2 s.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// `GET /api/v1/cluster`: workers with their GPUs and reservations, and deployments with
+/// their replicas, stages and events, as the dashboard shows them.
+async fn cluster_view(State(cluster): State<Arc<Cluster>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "workers": cluster.workers(), "deployments": cluster.list() }))
 }
 
 /// `GET /metrics`: Prometheus' text format.
