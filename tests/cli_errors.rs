@@ -131,3 +131,21 @@ fn help_shows_examples_and_exits_zero() {
     assert_eq!(code, 0);
     assert!(out.contains("inspect") && out.contains("select"), "{out}");
 }
+
+#[test]
+fn completions_are_valid_scripts_for_each_shell() {
+    let (code, bash, err) = common::run(common::gantry().args(["completions", "bash"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(bash.contains("_gantry()") && bash.contains("deploy") && bash.contains("--api-key"), "{bash}");
+    let mut check = std::process::Command::new("bash").arg("-n").stdin(std::process::Stdio::piped()).spawn().unwrap();
+    std::io::Write::write_all(check.stdin.as_mut().unwrap(), bash.as_bytes()).unwrap();
+    assert!(check.wait().unwrap().success(), "bash accepts the script");
+    for shell in ["zsh", "fish"] {
+        let (code, script, _) = common::run(common::gantry().args(["completions", shell]));
+        assert_eq!(code, 0);
+        assert!(script.contains("inspect"), "{shell}: {script}");
+    }
+    let (code, _, err) = common::run(common::gantry().args(["completions", "tcsh"]));
+    assert_eq!(code, 64);
+    assert!(err.contains("invalid value 'tcsh'"), "{err}");
+}

@@ -38,11 +38,17 @@ fn gantry_up_serves_smollm2_and_the_cli_drives_it() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(b"What is the capital of France?\n/reset\n/exit\n").unwrap();
+    let script = "What is the capital of France?\n/reset\n/model nope\n/model smollm2-135m-instruct\n/model\n/frobnicate\n/exit\n";
+    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
     let output = child.wait_with_output().unwrap();
     assert!(output.status.success());
     assert!(String::from_utf8_lossy(&output.stdout).contains("Paris"));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("(conversation forgotten)"));
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains("(conversation forgotten)"), "{err}");
+    assert!(err.contains("error: no deployment named `nope`; deployed: smollm2-135m-instruct"), "{err}");
+    assert!(err.contains("(now talking to smollm2-135m-instruct; conversation forgotten)"), "{err}");
+    assert!(err.contains("(talking to smollm2-135m-instruct)"), "{err}");
+    assert!(err.contains("unknown command /frobnicate; /model NAME talks to another deployment"), "{err}");
 
     // get -o json is the API's message, with enum names.
     let (code, json, err) = at(&up, &["get", "deployments", "-o", "json"]);

@@ -446,6 +446,21 @@ fn workers_table(list: &[pb::WorkerInfo]) -> String {
     t.render(0)
 }
 
+/// The interactive chat's commands.
+const CHAT_COMMANDS: &str =
+    "/model NAME talks to another deployment, /reset forgets the conversation, /exit (or Ctrl-D) ends";
+
+/// Checks that `name` is deployed, naming what is when it is not.
+async fn known_model(channel: &Conn, name: &str) -> Result<(), CliError> {
+    let list =
+        ModelsClient::new(channel.clone()).list(pb::ListModelsRequest {}).await.map_err(status_error)?.into_inner();
+    if list.models.iter().any(|m| m.name == name) {
+        return Ok(());
+    }
+    let names: Vec<&str> = list.models.iter().map(|m| m.name.as_str()).collect();
+    Err(CliError::usage(format!("no deployment named `{name}`; deployed: {}", names.join(", "))))
+}
+
 /// Which deployment to chat with: the one named, else the only one.
 async fn chat_model(channel: Conn, named: Option<String>) -> Result<String, CliError> {
     if let Some(m) = named {
@@ -508,7 +523,8 @@ pub fn run_chat(args: ChatArgs) -> Result<(), CliError> {
     }
     runtime()?.block_on(async {
         let channel = connect(&args.controller).await?;
-        let model = chat_model(channel.clone(), args.model.clone()).await?;
+        let mut model = chat_model(channel.clone(), args.model.clone()).await?;
+        let channel_for_models = channel.clone();
         let mut client = InferenceClient::new(channel);
         let sampling = pb::SamplingParams {
             temperature: Some(args.temperature),
@@ -521,20 +537,20 @@ pub fn run_chat(args: ChatArgs) -> Result<(), CliError> {
         if let Some(s) = &args.system {
             history.push(pb::ChatMessage { role: "system".into(), content: s.clone() });
         }
-        let request = |messages: Vec<pb::ChatMessage>| pb::ChatRequest {
-            model: model.clone(),
+        let request = |model: &str, messages: Vec<pb::ChatMessage>| pb::ChatRequest {
+            model: model.to_string(),
             messages,
             sampling: Some(sampling.clone()),
             request_id: String::new(),
         };
         if let Some(message) = &args.message {
             history.push(pb::ChatMessage { role: "user".into(), content: message.clone() });
-            stream_answer(&mut client, request(history), args.timeout).await?;
+            stream_answer(&mut client, request(&model, history), args.timeout).await?;
             return Ok(());
         }
         let interactive = std::io::stdin().is_terminal();
         if interactive {
-            eprintln!("chatting with {model}; /reset forgets the conversation, /exit (or Ctrl-D) ends");
+            eprintln!("chatting with {model}; {CHAT_COMMANDS}");
         }
         let stdin = std::io::stdin();
         let mut lines = stdin.lock().lines();
@@ -553,10 +569,35 @@ pub fn run_chat(args: ChatArgs) -> Result<(), CliError> {
                     eprintln!("(conversation forgotten)");
                     continue;
                 }
+                "/help" => {
+                    eprintln!("{CHAT_COMMANDS}");
+                    continue;
+                }
+                "/model" => {
+                    eprintln!("(talking to {model})");
+                    continue;
+                }
+                _ if line.starts_with("/model ") => {
+                    // Another deployment: checked to exist, and a fresh conversation with it.
+                    let name = line["/model ".len()..].trim().to_string();
+                    match known_model(&channel_for_models, &name).await {
+                        Ok(()) => {
+                            model = name;
+                            history.retain(|m| m.role == "system");
+                            eprintln!("(now talking to {model}; conversation forgotten)");
+                        }
+                        Err(e) => eprintln!("error: {e}"),
+                    }
+                    continue;
+                }
+                _ if line.starts_with('/') => {
+                    eprintln!("unknown command {line}; {CHAT_COMMANDS}");
+                    continue;
+                }
                 _ => {}
             }
             history.push(pb::ChatMessage { role: "user".into(), content: line.to_string() });
-            match stream_answer(&mut client, request(history.clone()), args.timeout).await {
+            match stream_answer(&mut client, request(&model, history.clone()), args.timeout).await {
                 Ok(answer) => history.push(pb::ChatMessage { role: "assistant".into(), content: answer }),
                 Err(e) => {
                     history.pop();

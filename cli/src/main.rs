@@ -69,7 +69,19 @@ enum Command {
     Get(client::GetArgs),
     /// Delete a deployment, unloading its replicas.
     Delete(client::DeleteArgs),
+    /// Print a shell completion script: `gantry completions bash > /etc/bash_completion.d/gantry`.
+    #[command(after_help = COMPLETION_EXAMPLES)]
+    Completions {
+        /// bash, zsh, fish, elvish or powershell
+        shell: clap_complete::Shell,
+    },
 }
+
+const COMPLETION_EXAMPLES: &str = "\
+Examples:
+  gantry completions bash > ~/.local/share/bash-completion/completions/gantry
+  gantry completions zsh > \"${fpath[1]}/_gantry\"
+  gantry completions fish > ~/.config/fish/completions/gantry.fish";
 
 /// Parses `8192`, `8K`, `128K` for clap.
 fn parse_tokens_arg(s: &str) -> Result<u64, String> {
@@ -103,6 +115,11 @@ fn main() -> ExitCode {
     let default = if serving || matches!(cli.command, Command::Generate(_)) { "info" } else { "warn" };
     gantry_worker::cli::init_logging(default, serving);
     let result = match cli.command {
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "gantry", &mut std::io::stdout());
+            Ok(())
+        }
         Command::Inspect(args) => inspect::run(args),
         Command::Select(args) => select::run(args),
         Command::Generate(args) => generate::run(args),
