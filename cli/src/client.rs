@@ -28,6 +28,9 @@ pub struct ControllerArg {
     /// The API key, when the controller requires one
     #[arg(long, env = "GANTRY_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// The CA that signed the controller's TLS certificate (PEM); the connection then uses TLS
+    #[arg(long, env = "GANTRY_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 /// A connection to the controller that sends the API key with every call.
@@ -161,14 +164,25 @@ fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
 /// Connects to the controller, saying how to start one when nothing answers.
 pub async fn connect(arg: &ControllerArg) -> Result<Conn, CliError> {
     let bearer = Bearer::new(arg.api_key.as_deref()).map_err(|e| CliError::usage(format!("--api-key: {e}")))?;
-    Ok(InterceptedService::new(connect_channel(&arg.controller).await?, bearer))
+    Ok(InterceptedService::new(connect_channel(&arg.controller, arg.tls_ca.as_deref()).await?, bearer))
 }
 
-async fn connect_channel(controller: &str) -> Result<Channel, CliError> {
-    let url = if controller.contains("://") { controller.to_string() } else { format!("http://{controller}") };
-    let endpoint = Endpoint::from_shared(url.clone())
+async fn connect_channel(controller: &str, tls_ca: Option<&std::path::Path>) -> Result<Channel, CliError> {
+    let scheme = if tls_ca.is_some() { "https" } else { "http" };
+    let url = if controller.contains("://") { controller.to_string() } else { format!("{scheme}://{controller}") };
+    let mut endpoint = Endpoint::from_shared(url.clone())
         .map_err(|e| CliError::usage(format!("--controller {controller}: {e}")))?
         .connect_timeout(Duration::from_secs(5));
+    if url.starts_with("https://") {
+        let Some(ca) = tls_ca else {
+            return Err(CliError::usage(format!(
+                "--controller {url}: give --tls-ca FILE (GANTRY_TLS_CA), the CA that signed the controller's certificate"
+            )));
+        };
+        let pem = std::fs::read(ca).map_err(|e| CliError::usage(format!("--tls-ca {}: {e}", ca.display())))?;
+        let tls = tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(pem));
+        endpoint = endpoint.tls_config(tls).map_err(|e| CliError::usage(format!("--tls-ca: {e}")))?;
+    }
     endpoint.connect().await.map_err(|e| {
         CliError::with_code(
             format!(

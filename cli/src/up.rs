@@ -74,6 +74,15 @@ pub struct ControlArgs {
 pub struct ControllerArgs {
     #[command(flatten)]
     control: ControlArgs,
+    /// Serve gRPC and HTTP over TLS with this certificate chain (PEM; with --tls-key)
+    #[arg(long, env = "GANTRY_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM)
+    #[arg(long, env = "GANTRY_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require workers to present a certificate signed by this CA (mutual TLS; API clients need none)
+    #[arg(long, env = "GANTRY_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
 }
 
 /// Arguments of `gantry up`.
@@ -224,8 +233,26 @@ async fn serve(
 }
 
 pub fn run_controller(args: ControllerArgs) -> Result<(), CliError> {
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            gantry_controller::tls::ServerTls::load(cert, key, args.tls_client_ca.as_deref())
+                .map_err(CliError::usage)?,
+        ),
+        _ => None,
+    };
     runtime()?.block_on(async {
-        let (controller, grpc, http) = args.control.start().await?;
+        let (mut controller, grpc, http) = args.control.start().await?;
+        if let Some(t) = &tls {
+            println!(
+                "TLS: on for gRPC and HTTP{}",
+                if t.workers_need_certificates {
+                    "; workers must present a certificate signed by --tls-client-ca"
+                } else {
+                    ""
+                }
+            );
+        }
+        controller.tls = tls;
         let (stop, _) = watch::channel(false);
         serve(controller, grpc, http, stop).await
     })
@@ -321,7 +348,12 @@ pub fn run_up(args: UpArgs) -> Result<(), CliError> {
         drop(ready_tx);
         let controller_url = format!("http://{}", loopback(grpc_addr));
         tokio::spawn(run_link(
-            LinkOptions { controller: controller_url, advertise: worker_addr.to_string(), api_key: worker_key },
+            LinkOptions {
+                controller: controller_url,
+                advertise: worker_addr.to_string(),
+                api_key: worker_key,
+                tls: None,
+            },
             state,
             stop_rx.clone(),
         ));

@@ -32,11 +32,19 @@ type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'sta
 #[derive(Debug, Clone)]
 pub struct Api {
     cluster: Arc<Cluster>,
+    /// Whether a worker must present a client certificate (mutual TLS) to attach.
+    worker_certificates: bool,
 }
 
 impl Api {
     pub fn new(cluster: Arc<Cluster>) -> Api {
-        Api { cluster }
+        Api { cluster, worker_certificates: false }
+    }
+
+    /// Requires workers to present a certificate the TLS layer verified against the client CA.
+    pub fn require_worker_certificates(mut self, yes: bool) -> Api {
+        self.worker_certificates = yes;
+        self
     }
 }
 
@@ -492,6 +500,13 @@ impl pb::worker_link_server::WorkerLink for Api {
         &self,
         request: Request<Streaming<pb::WorkerMessage>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
+        // The handshake verified any certificate against the client CA; a worker must have one.
+        if self.worker_certificates && request.peer_certs().is_none_or(|c| c.is_empty()) {
+            warn!(peer = ?request.remote_addr(), "refused a worker link without a client certificate");
+            return Err(Status::unauthenticated(
+                "this controller requires workers to present a TLS client certificate signed by its --tls-client-ca (gantry worker --tls-cert/--tls-key)",
+            ));
+        }
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
             .await

@@ -8,6 +8,7 @@
 //! * [`metrics`]: Prometheus metrics (`GET /metrics`).
 //! * [`openai`]: the OpenAI-compatible HTTP API (`/v1/chat/completions`, `/v1/completions`).
 //! * [`auth`]: API keys for the gRPC and HTTP APIs.
+//! * [`tls`]: TLS for gRPC and HTTP, mutual TLS for workers.
 //! * [`server`]: leadership, restore, and serving.
 
 pub mod api;
@@ -18,3 +19,4 @@ pub mod openai;
 pub mod server;
 pub mod spec;
 pub mod store;
+pub mod tls;

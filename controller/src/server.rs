@@ -30,6 +30,8 @@ pub struct Controller {
     pub leadership: Leadership,
     /// When set, every API but health checking and `/healthz` needs one of these keys.
     pub api_keys: Option<ApiKeys>,
+    /// When set, gRPC and HTTP are served over TLS (and workers may need certificates).
+    pub tls: Option<crate::tls::ServerTls>,
 }
 
 impl Controller {
@@ -44,7 +46,7 @@ impl Controller {
         let leadership = store.campaign(candidate).await?;
         info!(store = %store.describe(), "leading");
         let cluster = Cluster::start(store, config).await?;
-        Ok(Controller { cluster, leadership, api_keys: None })
+        Ok(Controller { cluster, leadership, api_keys: None, tls: None })
     }
 
     /// Serves gRPC on `grpc` (and HTTP on `http` when given) until `shutdown` completes or
@@ -55,7 +57,8 @@ impl Controller {
         http: Option<TcpListener>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        let api = Api::new(self.cluster.clone());
+        let api = Api::new(self.cluster.clone())
+            .require_worker_certificates(self.tls.as_ref().is_some_and(|t| t.workers_need_certificates));
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<pb::inference_server::InferenceServer<Api>>().await;
         health.set_serving::<pb::deployments_server::DeploymentsServer<Api>>().await;
@@ -99,17 +102,30 @@ impl Controller {
                 .route("/", get(|| async { axum::response::Html(DASHBOARD) }))
                 .merge(protected);
             let mut stop = stop_rx.clone();
-            tokio::spawn(async move {
-                let _ = axum::serve(http, router)
-                    .with_graceful_shutdown(async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    })
-                    .await;
-            });
+            let stopped = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            match &self.tls {
+                Some(tls) => {
+                    let listener = tls.http_listener(http);
+                    tokio::spawn(async move {
+                        let _ = axum::serve(listener, router).with_graceful_shutdown(stopped).await;
+                    });
+                }
+                None => {
+                    tokio::spawn(async move {
+                        let _ = axum::serve(http, router).with_graceful_shutdown(stopped).await;
+                    });
+                }
+            }
         }
         let mut stop = stop_rx.clone();
         let mut stopped = stop_rx.clone();
-        let server = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &self.tls {
+            builder = builder.tls_config(tls.grpc())?;
+        }
+        let server = builder
             .tcp_nodelay(true)
             .add_service(health_service)
             .add_service(InterceptedService::new(reflection, auth.clone()))

@@ -147,6 +147,15 @@ pub struct WorkerArgs {
     /// The API key the controller requires (when it has keys)
     #[arg(long, env = "GANTRY_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// The CA that signed the controller's TLS certificate: the link then uses TLS
+    #[arg(long, env = "GANTRY_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// This worker's TLS certificate (PEM), for controllers that require one (with --tls-key)
+    #[arg(long, env = "GANTRY_TLS_CERT", requires = "tls_key", requires = "tls_ca")]
+    pub tls_cert: Option<PathBuf>,
+    /// This worker's TLS private key (PEM)
+    #[arg(long, env = "GANTRY_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// A model to load at start (repeatable): a folder, a .gguf file or a Hub id, optionally named `NAME=SOURCE`
     #[arg(long = "model", value_name = "[NAME=]SOURCE")]
     pub models: Vec<String>,
@@ -322,10 +331,17 @@ pub fn run_worker(args: WorkerArgs) -> Result<(), Failure> {
         println!("ready");
 
         if let Some(controller) = args.controller.clone() {
-            // `link::run` adds `http://` to each address that lacks a scheme.
+            // `link::run` adds `http://` (or `https://`) to each address that lacks a scheme.
             let advertise = args.advertise.clone().unwrap_or_else(|| advertise_address(addr));
+            let tls = match &args.tls_ca {
+                None => None,
+                Some(ca) => Some(
+                    link::client_tls(ca, args.tls_cert.as_deref().zip(args.tls_key.as_deref()))
+                        .map_err(|e| Failure::new(Failure::NO_INPUT, e))?,
+                ),
+            };
             tokio::spawn(link::run(
-                LinkOptions { controller, advertise, api_key: args.api_key.clone() },
+                LinkOptions { controller, advertise, api_key: args.api_key.clone(), tls },
                 state.clone(),
                 stop_rx.clone(),
             ));

@@ -32,12 +32,34 @@ pub struct LinkOptions {
     pub advertise: String,
     /// Sent with the link when the controller requires API keys.
     pub api_key: Option<String>,
+    /// TLS to the controller (its CA, and this worker's certificate for mutual TLS).
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
+}
+
+/// The worker's TLS settings for its link, from PEM files: the CA that signed the
+/// controller's certificate, and optionally this worker's certificate and key.
+pub fn client_tls(
+    ca: &std::path::Path,
+    identity: Option<(&std::path::Path, &std::path::Path)>,
+) -> Result<tonic::transport::ClientTlsConfig, String> {
+    let read = |p: &std::path::Path, flag: &str| std::fs::read(p).map_err(|e| format!("{flag} {}: {e}", p.display()));
+    let mut tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(read(ca, "--tls-ca")?));
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(tonic::transport::Identity::from_pem(read(cert, "--tls-cert")?, read(key, "--tls-key")?));
+    }
+    Ok(tls)
 }
 
 /// Keeps the link up until `shutdown` turns true.
 pub async fn run(options: LinkOptions, state: Arc<WorkerState>, mut shutdown: watch::Receiver<bool>) {
-    let controllers: Vec<String> =
-        options.controller.split(',').map(str::trim).filter(|c| !c.is_empty()).map(url).collect();
+    let controllers: Vec<String> = options
+        .controller
+        .split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(|c| url(c, options.tls.is_some()))
+        .collect();
     let mut next = 0;
     let mut backoff = Duration::from_millis(250);
     loop {
@@ -67,20 +89,25 @@ pub async fn run(options: LinkOptions, state: Arc<WorkerState>, mut shutdown: wa
     }
 }
 
-/// `host:port` → `http://host:port`.
-fn url(controller: &str) -> String {
-    if controller.contains("://") { controller.to_string() } else { format!("http://{controller}") }
+/// `host:port` → `http://host:port` (`https://` with TLS).
+fn url(controller: &str, tls: bool) -> String {
+    match (controller.contains("://"), tls) {
+        (true, _) => controller.to_string(),
+        (false, false) => format!("http://{controller}"),
+        (false, true) => format!("https://{controller}"),
+    }
 }
 
 /// One connection: register, then heartbeats and commands until the stream ends.
 async fn session(controller: &str, options: &LinkOptions, state: &Arc<WorkerState>) -> Result<(), String> {
     let advertise = options.advertise.as_str();
     let bearer = gantry_proto::auth::Bearer::new(options.api_key.as_deref())?;
-    let channel = tonic::transport::Endpoint::from_shared(controller.to_string())
-        .map_err(|e| format!("controller address {controller}: {e}"))?
-        .connect()
-        .await
-        .map_err(|e| error_chain(&e))?;
+    let mut endpoint = tonic::transport::Endpoint::from_shared(controller.to_string())
+        .map_err(|e| format!("controller address {controller}: {e}"))?;
+    if let Some(tls) = &options.tls {
+        endpoint = endpoint.tls_config(tls.clone()).map_err(|e| format!("TLS to {controller}: {e}"))?;
+    }
+    let channel = endpoint.connect().await.map_err(|e| error_chain(&e))?;
     let mut client = WorkerLinkClient::with_interceptor(channel, bearer);
     let (tx, rx) = mpsc::channel::<pb::WorkerMessage>(64);
     let status = state.status().map_err(|e| e.message().to_string())?;

@@ -1,0 +1,124 @@
+//! TLS for the controller: its certificate and key serve gRPC (through tonic) and HTTP
+//! (through rustls); with a client CA, workers must present a certificate it signed to
+//! attach (mutual TLS), while API clients need none.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+
+/// How long an HTTPS client may take over its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The controller's TLS settings, read and checked.
+#[derive(Clone)]
+pub struct ServerTls {
+    grpc: ServerTlsConfig,
+    http: Arc<rustls::ServerConfig>,
+    /// Whether workers must present a certificate signed by the client CA.
+    pub workers_need_certificates: bool,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ServerTls(mutual: {})", self.workers_need_certificates)
+    }
+}
+
+fn read(path: &Path, what: &str) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("{what} {}: {e}", path.display()))
+}
+
+impl ServerTls {
+    /// Reads a PEM certificate chain and key, and optionally the CA that signs workers'
+    /// certificates.
+    pub fn load(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<ServerTls, String> {
+        let cert_pem = read(cert, "--tls-cert")?;
+        let key_pem = read(key, "--tls-key")?;
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(&cert_pem)
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("--tls-cert {}: not a PEM certificate ({e})", cert.display()))?;
+        if chain.is_empty() {
+            return Err(format!("--tls-cert {}: no certificate in it", cert.display()));
+        }
+        let private = PrivateKeyDer::from_pem_slice(&key_pem)
+            .map_err(|e| format!("--tls-key {}: not a PEM private key ({e})", key.display()))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut http = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?
+            .with_no_client_auth()
+            .with_single_cert(chain, private)
+            .map_err(|e| format!("--tls-cert/--tls-key: {e}"))?;
+        http.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let mut grpc = ServerTlsConfig::new().identity(Identity::from_pem(&cert_pem, &key_pem));
+        if let Some(ca) = client_ca {
+            let ca_pem = read(ca, "--tls-client-ca")?;
+            if CertificateDer::pem_slice_iter(&ca_pem).next().is_none() {
+                return Err(format!("--tls-client-ca {}: no certificate in it", ca.display()));
+            }
+            // Optional at the handshake (API clients have no certificate); the worker link
+            // refuses a peer without one.
+            grpc = grpc.client_ca_root(Certificate::from_pem(ca_pem)).client_auth_optional(true);
+        }
+        Ok(ServerTls { grpc, http: Arc::new(http), workers_need_certificates: client_ca.is_some() })
+    }
+
+    pub fn grpc(&self) -> ServerTlsConfig {
+        self.grpc.clone()
+    }
+
+    /// An HTTPS listener over `tcp`.
+    pub fn http_listener(&self, tcp: TcpListener) -> TlsListener {
+        TlsListener { tcp, acceptor: TlsAcceptor::from(self.http.clone()) }
+    }
+}
+
+/// Accepts TCP connections and completes their TLS handshake; failed handshakes are dropped.
+pub struct TlsListener {
+    tcp: TcpListener,
+    acceptor: TlsAcceptor,
+}
+
+impl std::fmt::Debug for TlsListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TlsListener({:?})", self.tcp.local_addr().ok())
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let (stream, addr) = match self.tcp.accept().await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting an HTTPS connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => return (tls, addr),
+                Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.tcp.local_addr()
+    }
+}
