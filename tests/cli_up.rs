@@ -75,6 +75,10 @@ fn gantry_up_serves_smollm2_and_the_cli_drives_it() {
         err.contains("several models are deployed (second, smollm2-135m-instruct); pick one with --model"),
         "{err}"
     );
+    let (code, out, _) = at(&up, &["scale", "second", "--replicas", "2", "-o", "json"]);
+    assert_eq!(code, 0);
+    let scaled: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((&scaled["name"], &scaled["spec"]["replicas"]), (&serde_json::json!("second"), &serde_json::json!(2)));
     let (code, out, _) = at(&up, &["scale", "second", "--replicas", "0"]);
     assert_eq!((code, out.trim()), (0, "deployment second scaled to 0 replica(s)"));
     let (code, _, err) = at(&up, &["chat", "Hi", "--model", "second"]);

@@ -86,9 +86,29 @@ pub struct ScaleArgs {
     name: String,
     #[arg(long)]
     replicas: u32,
+    /// Print the deployment as JSON
+    #[arg(short = 'o', long = "output", value_parser = ["table", "json"], default_value = "table")]
+    output: String,
     #[command(flatten)]
     controller: ControllerArg,
 }
+
+pub const SCALE_EXAMPLES: &str = "\
+Examples:
+  gantry scale chat --replicas 3
+  gantry scale chat --replicas 0                  # unload every replica, keep the deployment";
+
+pub const GET_EXAMPLES: &str = "\
+Examples:
+  gantry get deployments                          # one line each
+  gantry get deployments chat                     # replicas, stages and events
+  gantry get workers                              # GPUs with free and reserved memory
+  gantry get models -o json";
+
+pub const DELETE_EXAMPLES: &str = "\
+Examples:
+  gantry delete chat
+  gantry delete chat -o json";
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum Kind {
@@ -117,6 +137,9 @@ pub struct GetArgs {
 #[derive(Debug, clap::Args)]
 pub struct DeleteArgs {
     name: String,
+    /// Print the result as JSON
+    #[arg(short = 'o', long = "output", value_parser = ["table", "json"], default_value = "table")]
+    output: String,
     #[command(flatten)]
     controller: ControllerArg,
 }
@@ -272,7 +295,11 @@ pub fn run_scale(args: ScaleArgs) -> Result<(), CliError> {
             .await
             .map_err(status_error)?
             .into_inner();
-        println!("deployment {} scaled to {} replica(s)", d.name, args.replicas);
+        if args.output == "json" {
+            println!("{}", serde_json::to_string_pretty(&d)?);
+        } else {
+            println!("deployment {} scaled to {} replica(s)", d.name, args.replicas);
+        }
         Ok(())
     })
 }
@@ -281,7 +308,11 @@ pub fn run_delete(args: DeleteArgs) -> Result<(), CliError> {
     runtime()?.block_on(async {
         let mut client = DeploymentsClient::new(connect(&args.controller).await?);
         client.delete(pb::DeleteDeploymentRequest { name: args.name.clone() }).await.map_err(status_error)?;
-        println!("deployment {} deleted; its replicas are unloaded", args.name);
+        if args.output == "json" {
+            println!("{}", serde_json::json!({ "deleted": args.name }));
+        } else {
+            println!("deployment {} deleted; its replicas are unloaded", args.name);
+        }
         Ok(())
     })
 }

@@ -64,10 +64,13 @@ enum Command {
     #[command(after_help = client::DEPLOY_EXAMPLES)]
     Deploy(client::DeployArgs),
     /// Change a deployment's replica count.
+    #[command(after_help = client::SCALE_EXAMPLES)]
     Scale(client::ScaleArgs),
     /// List deployments, workers or models (`gantry get deployments NAME` for one in full).
+    #[command(after_help = client::GET_EXAMPLES)]
     Get(client::GetArgs),
     /// Delete a deployment, unloading its replicas.
+    #[command(after_help = client::DELETE_EXAMPLES)]
     Delete(client::DeleteArgs),
     /// Print a shell completion script: `gantry completions bash > /etc/bash_completion.d/gantry`.
     #[command(after_help = COMPLETION_EXAMPLES)]
