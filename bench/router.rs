@@ -124,7 +124,7 @@ async fn link(controller: String, advertise: String, model_ids: Arc<std::sync::M
         address: advertise,
         version: "bench".into(),
         status: Some(fake_status()),
-        labels: Default::default(),
+        ..Default::default()
     };
     tx.send(pb::WorkerMessage { message: Some(pb::worker_message::Message::Register(reg)) }).await.unwrap();
     let mut inbound = client.attach(ReceiverStream::new(rx)).await.expect("attach").into_inner();

@@ -1,7 +1,9 @@
 //! TLS with certificates the test makes (openssl): a controller serving gRPC and HTTPS with
 //! its certificate and requiring workers to present one signed by its client CA. A worker
-//! with such a certificate registers and serves; one without a certificate, one with a
-//! certificate from another CA, and one speaking plaintext never register. The CLI and an
+//! with such a certificate registers and serves (over TLS itself: the controller dials it
+//! with its own certificate, and a plaintext caller is refused); one without a certificate,
+//! one with a certificate from another CA, and one speaking plaintext never register. A model
+//! split over two TLS workers streams hidden states between them over TLS. The CLI and an
 //! HTTPS client verify the controller against the CA.
 
 #![allow(clippy::unwrap_used)]
@@ -112,9 +114,9 @@ async fn mutual_tls_admits_only_workers_with_a_certificate_from_the_ca() {
     ]);
     let control = RunningController::spawn(cmd, None);
     let url = format!("https://{}", control.addr);
-    let worker = |id: &str, tls: &[String]| {
+    let worker_on = |id: &str, gpus: &str, tls: &[String]| {
         let mut args: Vec<String> =
-            ["--controller", &url, "--worker-id", id, "--gpus", "1x2GiB", "--threads", "1"].map(String::from).to_vec();
+            ["--controller", &url, "--worker-id", id, "--gpus", gpus, "--threads", "1"].map(String::from).to_vec();
         args.extend_from_slice(tls);
         RunningWorker::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
     };
@@ -128,6 +130,7 @@ async fn mutual_tls_admits_only_workers_with_a_certificate_from_the_ca() {
             p(d, &format!("{cert}.key")),
         ]
     };
+    let worker = |id: &str, tls: &[String]| worker_on(id, "1x2GiB", tls);
     let good = worker("good", &tls_args("worker"));
     let nocert = worker("nocert", &["--tls-ca".into(), p(d, "ca.pem")]);
     let rogue = worker("rogue", &tls_args("rogue"));
@@ -181,6 +184,36 @@ async fn mutual_tls_admits_only_workers_with_a_certificate_from_the_ca() {
         std::thread::sleep(Duration::from_millis(200));
     };
     assert!(answer.contains("Paris"), "{answer}");
+
+    // The worker serves TLS: a plaintext caller gets nowhere.
+    let mut plain_client = good.client().await;
+    assert!(plain_client.status(gantry_proto::v1::StatusRequest {}).await.is_err(), "plaintext reached a TLS worker");
+
+    // Split over two TLS workers (one 662 MiB GPU each cannot hold SmolLM2 at 2K alone): the
+    // stages talk over TLS with their certificates, and answer the same.
+    let mut split_args = tls_args("worker");
+    split_args.extend(["--parallel", "1", "--label", "pool=split"].map(String::from));
+    let _s1 = worker_on("s1", "1x662MiB", &split_args);
+    let _s2 = worker_on("s2", "1x662MiB", &split_args);
+    let (code, _, err) = run(gantry()
+        .args(["deploy", "split", "--model", model.to_str().unwrap(), "--context", "2K"])
+        .args(["--selector", "pool=split", "--allow-multi-node", "--controller", &url, "--tls-ca", &p(d, "ca.pem")]));
+    assert_eq!(code, 0, "{err}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let split_answer = loop {
+        let (code, out, err) = run(gantry()
+            .args(["chat", "--model", "split", "What is the capital of France?"])
+            .args(["--max-tokens", "12", "--controller", &url, "--tls-ca", &p(d, "ca.pem")]));
+        if code == 0 {
+            break out;
+        }
+        assert!(Instant::now() < deadline, "{err}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(split_answer, answer, "two stages over TLS answer as one replica");
+    let (_, described, _) =
+        run(gantry().args(["get", "deployments", "split", "--controller", &url, "--tls-ca", &p(d, "ca.pem")]));
+    assert!(described.contains("s1") && described.contains("s2") && described.contains("+head"), "{described}");
 
     // HTTPS with the CA: the OpenAI model list.
     let script = "import ssl, sys, urllib.request\nctx = ssl.create_default_context(cafile=sys.argv[1])\nprint(urllib.request.urlopen(sys.argv[2], context=ctx).read().decode())";

@@ -137,6 +137,7 @@ impl ControlArgs {
             lease,
             heartbeat: (lease / 4).clamp(Duration::from_millis(50), Duration::from_secs(2)),
             margin_percent: self.vram_margin,
+            worker_tls: None,
         })
     }
 
@@ -152,8 +153,11 @@ impl ControlArgs {
     }
 
     /// Starts the controller: leadership, restored state, listeners. Returns what to serve.
-    async fn start(&self) -> Result<(Controller, tokio::net::TcpListener, Option<tokio::net::TcpListener>), CliError> {
-        let config = self.config()?;
+    async fn start(
+        &self,
+        worker_tls: Option<tonic::transport::ClientTlsConfig>,
+    ) -> Result<(Controller, tokio::net::TcpListener, Option<tokio::net::TcpListener>), CliError> {
+        let config = ControllerConfig { worker_tls, ..self.config()? };
         let store = self.open_store().await?;
         let describe = store.describe();
         let candidate = format!("{} pid {} ({})", host_name(), std::process::id(), self.listen);
@@ -241,7 +245,7 @@ pub fn run_controller(args: ControllerArgs) -> Result<(), CliError> {
         _ => None,
     };
     runtime()?.block_on(async {
-        let (mut controller, grpc, http) = args.control.start().await?;
+        let (mut controller, grpc, http) = args.control.start(tls.as_ref().and_then(|t| t.worker_client())).await?;
         if let Some(t) = &tls {
             println!(
                 "TLS: on for gRPC and HTTP{}",
@@ -325,7 +329,7 @@ pub fn run_up(args: UpArgs) -> Result<(), CliError> {
         gantry_worker::gpu::detect(args.gpus.as_deref()).map_err(|e| CliError::usage(format!("--gpus: {e}")))?;
     let hub = hub(None)?;
     runtime()?.block_on(async move {
-        let (controller, grpc, http) = args.control.start().await?;
+        let (controller, grpc, http) = args.control.start(None).await?;
         let grpc_addr = grpc.local_addr().map_err(|e| unavailable(e.to_string()))?;
         let cluster = controller.cluster.clone();
         let (stop, stop_rx) = watch::channel(false);
@@ -337,12 +341,13 @@ pub fn run_up(args: UpArgs) -> Result<(), CliError> {
             parallel: args.parallel,
             queue: args.queue,
             labels: [("gantry.dev/local".to_string(), "true".to_string())].into(),
+            stage_tls: None,
         };
         let state = WorkerState::new(options, inventory, hub);
         let (listener, worker_addr) = bind("127.0.0.1:0", "the local worker").await.map_err(unavailable)?;
         let (ready_tx, ready_rx) = watch::channel(true);
         let mut worker_stop = stop_rx.clone();
-        tokio::spawn(gantry_worker::server::serve(listener, state.clone(), ready_rx, async move {
+        tokio::spawn(gantry_worker::server::serve(listener, state.clone(), ready_rx, None, async move {
             let _ = worker_stop.wait_for(|s| *s).await;
         }));
         drop(ready_tx);
@@ -353,6 +358,7 @@ pub fn run_up(args: UpArgs) -> Result<(), CliError> {
                 advertise: worker_addr.to_string(),
                 api_key: worker_key,
                 tls: None,
+                serves_tls: false,
             },
             state,
             stop_rx.clone(),

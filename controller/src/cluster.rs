@@ -45,11 +45,18 @@ pub struct ControllerConfig {
     pub heartbeat: Duration,
     /// Safety margin on top of each replica's estimate, in percent.
     pub margin_percent: u64,
+    /// How to dial workers that serve TLS (the cluster CA, and the controller's certificate).
+    pub worker_tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl Default for ControllerConfig {
     fn default() -> Self {
-        ControllerConfig { lease: Duration::from_secs(6), heartbeat: Duration::from_secs(1), margin_percent: 5 }
+        ControllerConfig {
+            lease: Duration::from_secs(6),
+            heartbeat: Duration::from_secs(1),
+            margin_percent: 5,
+            worker_tls: None,
+        }
     }
 }
 
@@ -532,11 +539,18 @@ impl Cluster {
             return Err(Status::invalid_argument("the worker registered without a worker_id"));
         }
         let status = reg.status.unwrap_or_default();
-        let channel = Endpoint::from_shared(format!("http://{}", reg.address))
-            .map_err(|e| Status::invalid_argument(format!("worker address `{}`: {e}", reg.address)))?
-            .connect_timeout(Duration::from_secs(3))
-            .tcp_nodelay(true)
-            .connect_lazy();
+        let scheme = if reg.tls { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{}", reg.address))
+            .map_err(|e| Status::invalid_argument(format!("worker address `{}`: {e}", reg.address)))?;
+        if reg.tls {
+            let tls = self.config.worker_tls.clone().ok_or_else(|| {
+                Status::failed_precondition(
+                    "this worker serves TLS, and this controller has no certificate to dial it with: start the controller with --tls-cert, --tls-key and --tls-client-ca",
+                )
+            })?;
+            endpoint = endpoint.tls_config(tls).map_err(|e| Status::internal(format!("TLS to the worker: {e}")))?;
+        }
+        let channel = endpoint.connect_timeout(Duration::from_secs(3)).tcp_nodelay(true).connect_lazy();
         let mut st = self.lock();
         st.next_session += 1;
         let session = st.next_session;

@@ -22,6 +22,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub struct ServerTls {
     grpc: ServerTlsConfig,
+    /// For dialing workers that serve TLS: the client CA as their CA, this certificate as identity.
+    worker_client: Option<tonic::transport::ClientTlsConfig>,
     http: Arc<rustls::ServerConfig>,
     /// Whether workers must present a certificate signed by the client CA.
     pub workers_need_certificates: bool,
@@ -61,6 +63,7 @@ impl ServerTls {
             .map_err(|e| format!("--tls-cert/--tls-key: {e}"))?;
         http.alpn_protocols = vec![b"http/1.1".to_vec()];
         let mut grpc = ServerTlsConfig::new().identity(Identity::from_pem(&cert_pem, &key_pem));
+        let mut worker_client = None;
         if let Some(ca) = client_ca {
             let ca_pem = read(ca, "--tls-client-ca")?;
             if CertificateDer::pem_slice_iter(&ca_pem).next().is_none() {
@@ -68,13 +71,23 @@ impl ServerTls {
             }
             // Optional at the handshake (API clients have no certificate); the worker link
             // refuses a peer without one.
+            worker_client = Some(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(&ca_pem))
+                    .identity(Identity::from_pem(&cert_pem, &key_pem)),
+            );
             grpc = grpc.client_ca_root(Certificate::from_pem(ca_pem)).client_auth_optional(true);
         }
-        Ok(ServerTls { grpc, http: Arc::new(http), workers_need_certificates: client_ca.is_some() })
+        Ok(ServerTls { grpc, worker_client, http: Arc::new(http), workers_need_certificates: client_ca.is_some() })
     }
 
     pub fn grpc(&self) -> ServerTlsConfig {
         self.grpc.clone()
+    }
+
+    /// How the controller dials workers that serve TLS (with a client CA only).
+    pub fn worker_client(&self) -> Option<tonic::transport::ClientTlsConfig> {
+        self.worker_client.clone()
     }
 
     /// An HTTPS listener over `tcp`.

@@ -41,7 +41,7 @@ fn register(cluster: &Cluster, id: &str, total: u64) -> (u64, Link) {
         address: "127.0.0.1:9".into(),
         version: "test".into(),
         status: Some(gpu_status(total, total)),
-        labels: Default::default(),
+        ..Default::default()
     };
     (cluster.register(reg, tx).unwrap(), rx)
 }
@@ -238,7 +238,7 @@ fn register_gpus(cluster: &Cluster, id: &str, sizes: &[u64], address: &str) -> (
         address: address.into(),
         version: "test".into(),
         status: Some(status),
-        labels: Default::default(),
+        ..Default::default()
     };
     (cluster.register(reg, tx).unwrap(), rx)
 }

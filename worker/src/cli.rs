@@ -150,7 +150,8 @@ pub struct WorkerArgs {
     /// The CA that signed the controller's TLS certificate: the link then uses TLS
     #[arg(long, env = "GANTRY_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
-    /// This worker's TLS certificate (PEM), for controllers that require one (with --tls-key)
+    /// This worker's TLS certificate (PEM, with --tls-key): presented to the controller and to
+    /// other pipeline stages, and served, so that callers need a certificate from --tls-ca
     #[arg(long, env = "GANTRY_TLS_CERT", requires = "tls_key", requires = "tls_ca")]
     pub tls_cert: Option<PathBuf>,
     /// This worker's TLS private key (PEM)
@@ -265,11 +266,25 @@ pub fn run_worker(args: WorkerArgs) -> Result<(), Failure> {
     }
     let hub = hub(args.cache_dir.clone())?;
     let worker_id = args.worker_id.clone().unwrap_or_else(host_name);
+    // With a certificate the worker serves TLS too, and wants callers (the controller, other
+    // stages) to present certificates from the same CA; it dials other stages the same way.
+    let tls = match (&args.tls_ca, &args.tls_cert, &args.tls_key) {
+        (Some(ca), Some(cert), Some(key)) => Some(worker_tls(ca, cert, key)?),
+        _ => None,
+    };
+    let client_tls = match &args.tls_ca {
+        None => None,
+        Some(ca) => Some(
+            link::client_tls(ca, args.tls_cert.as_deref().zip(args.tls_key.as_deref()))
+                .map_err(|e| Failure::new(Failure::NO_INPUT, e))?,
+        ),
+    };
     let options = WorkerOptions {
         worker_id: worker_id.clone(),
         parallel: args.parallel,
         queue: args.queue,
         labels: args.labels.iter().cloned().collect(),
+        stage_tls: tls.as_ref().and(client_tls.clone()),
     };
     let note = inventory.note().to_string();
     let state = WorkerState::new(options, inventory, hub);
@@ -296,7 +311,7 @@ pub fn run_worker(args: WorkerArgs) -> Result<(), Failure> {
         });
         let (ready_tx, ready_rx) = watch::channel(false);
         let mut stop = stop_rx.clone();
-        let server = tokio::spawn(server::serve(listener, state.clone(), ready_rx, async move {
+        let server = tokio::spawn(server::serve(listener, state.clone(), ready_rx, tls.clone(), async move {
             let _ = stop.wait_for(|s| *s).await;
         }));
 
@@ -333,15 +348,14 @@ pub fn run_worker(args: WorkerArgs) -> Result<(), Failure> {
         if let Some(controller) = args.controller.clone() {
             // `link::run` adds `http://` (or `https://`) to each address that lacks a scheme.
             let advertise = args.advertise.clone().unwrap_or_else(|| advertise_address(addr));
-            let tls = match &args.tls_ca {
-                None => None,
-                Some(ca) => Some(
-                    link::client_tls(ca, args.tls_cert.as_deref().zip(args.tls_key.as_deref()))
-                        .map_err(|e| Failure::new(Failure::NO_INPUT, e))?,
-                ),
-            };
             tokio::spawn(link::run(
-                LinkOptions { controller, advertise, api_key: args.api_key.clone(), tls },
+                LinkOptions {
+                    controller,
+                    advertise,
+                    api_key: args.api_key.clone(),
+                    tls: client_tls.clone(),
+                    serves_tls: tls.is_some(),
+                },
                 state.clone(),
                 stop_rx.clone(),
             ));
@@ -352,6 +366,20 @@ pub fn run_worker(args: WorkerArgs) -> Result<(), Failure> {
             Err(e) => Err(Failure::new(Failure::SOFTWARE, format!("serving: {e}"))),
         }
     })
+}
+
+/// The worker's server TLS: its certificate, and callers must present one the CA signed.
+fn worker_tls(
+    ca: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<tonic::transport::ServerTlsConfig, Failure> {
+    let read = |p: &std::path::Path, flag: &str| {
+        std::fs::read(p).map_err(|e| Failure::new(Failure::NO_INPUT, format!("{flag} {}: {e}", p.display())))
+    };
+    Ok(tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(read(cert, "--tls-cert")?, read(key, "--tls-key")?))
+        .client_ca_root(tonic::transport::Certificate::from_pem(read(ca, "--tls-ca")?)))
 }
 
 /// The listen address, with the host name in place of an unspecified IP.

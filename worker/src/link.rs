@@ -34,6 +34,8 @@ pub struct LinkOptions {
     pub api_key: Option<String>,
     /// TLS to the controller (its CA, and this worker's certificate for mutual TLS).
     pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// Whether this worker's own gRPC is served over TLS (the controller then dials it so).
+    pub serves_tls: bool,
 }
 
 /// The worker's TLS settings for its link, from PEM files: the CA that signed the
@@ -117,6 +119,7 @@ async fn session(controller: &str, options: &LinkOptions, state: &Arc<WorkerStat
         version: env!("CARGO_PKG_VERSION").into(),
         status: Some(status),
         labels: state.options().labels.clone().into_iter().collect(),
+        tls: options.serves_tls,
     };
     tx.send(message(ToController::Register(register))).await.map_err(|e| e.to_string())?;
     let mut inbound = client.attach(ReceiverStream::new(rx)).await.map_err(|e| e.message().to_string())?.into_inner();

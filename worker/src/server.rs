@@ -21,6 +21,7 @@ pub async fn serve(
     listener: TcpListener,
     state: Arc<WorkerState>,
     mut ready: watch::Receiver<bool>,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -43,7 +44,11 @@ pub async fn serve(
         reporter.set_not_serving::<WorkerServer<WorkerService>>().await;
         reporter.set_service_status("", ServingStatus::NotServing).await;
     };
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
         .add_service(health_service)
         .add_service(reflection)
         .add_service(WorkerServer::new(WorkerService::new(state.clone())))

@@ -50,11 +50,20 @@ pub struct WorkerOptions {
     pub queue: usize,
     /// `--label key=value`: what placement policies' node selectors match.
     pub labels: std::collections::BTreeMap<String, String>,
+    /// How to dial the next pipeline stage when workers serve TLS (the cluster CA and this
+    /// worker's certificate).
+    pub stage_tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl Default for WorkerOptions {
     fn default() -> Self {
-        WorkerOptions { worker_id: "worker".into(), parallel: 4, queue: 64, labels: Default::default() }
+        WorkerOptions {
+            worker_id: "worker".into(),
+            parallel: 4,
+            queue: 64,
+            labels: Default::default(),
+            stage_tls: None,
+        }
     }
 }
 
@@ -275,6 +284,19 @@ impl WorkerState {
         }
     }
 
+    /// The endpoint of another stage: TLS with this worker's certificate when workers serve TLS.
+    fn stage_endpoint(&self, address: &str) -> Result<tonic::transport::Endpoint, Status> {
+        let scheme = if self.options.stage_tls.is_some() { "https" } else { "http" };
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{address}"))
+            .map_err(|e| Status::invalid_argument(format!("next_stage `{address}`: {e}")))?;
+        match &self.options.stage_tls {
+            Some(tls) => endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| Status::invalid_argument(format!("TLS to next_stage `{address}`: {e}"))),
+            None => Ok(endpoint),
+        }
+    }
+
     /// Loads a model, sending progress to `events`; the model is served once this returns Ok.
     pub async fn load(
         self: &Arc<Self>,
@@ -357,8 +379,8 @@ impl WorkerState {
             "" => None,
             address => Some(NextStage {
                 address: address.to_string(),
-                channel: tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-                    .map_err(|e| Status::invalid_argument(format!("next_stage `{address}`: {e}")))?
+                channel: self
+                    .stage_endpoint(address)?
                     .connect_timeout(std::time::Duration::from_secs(3))
                     .tcp_nodelay(true)
                     .connect_lazy(),
