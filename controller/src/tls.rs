@@ -92,19 +92,54 @@ impl ServerTls {
 
     /// An HTTPS listener over `tcp`.
     pub fn http_listener(&self, tcp: TcpListener) -> TlsListener {
-        TlsListener { tcp, acceptor: TlsAcceptor::from(self.http.clone()) }
+        TlsListener::new(tcp, TlsAcceptor::from(self.http.clone()))
     }
 }
 
-/// Accepts TCP connections and completes their TLS handshake; failed handshakes are dropped.
+/// Accepts TCP connections and completes each TLS handshake in a task of its own (so a
+/// slow or silent client delays no one else); failed handshakes are dropped.
 pub struct TlsListener {
-    tcp: TcpListener,
-    acceptor: TlsAcceptor,
+    ready: tokio::sync::mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    local: io::Result<SocketAddr>,
 }
 
 impl std::fmt::Debug for TlsListener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "TlsListener({:?})", self.tcp.local_addr().ok())
+        write!(f, "TlsListener({:?})", self.local.as_ref().ok())
+    }
+}
+
+impl TlsListener {
+    fn new(tcp: TcpListener, acceptor: TlsAcceptor) -> TlsListener {
+        let local = tcp.local_addr();
+        let (tx, ready) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let (stream, addr) = match tcp.accept().await {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accepting an HTTPS connection failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                if tx.is_closed() {
+                    return;
+                }
+                let _ = stream.set_nodelay(true);
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            let _ = tx.send((tls, addr)).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        TlsListener { ready, local }
     }
 }
 
@@ -113,25 +148,17 @@ impl axum::serve::Listener for TlsListener {
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            let (stream, addr) = match self.tcp.accept().await {
-                Ok(conn) => conn,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accepting an HTTPS connection failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => return (tls, addr),
-                Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
-                Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
-            }
+        match self.ready.recv().await {
+            Some(conn) => conn,
+            // The accepting task never ends while this listener lives.
+            None => std::future::pending().await,
         }
     }
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.tcp.local_addr()
+        match &self.local {
+            Ok(a) => Ok(*a),
+            Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+        }
     }
 }
