@@ -172,17 +172,21 @@ async fn mutual_tls_admits_only_workers_with_a_certificate_from_the_ca() {
         .args(["deploy", "smol", "--model", model.to_str().unwrap(), "--context", "1K"])
         .args(["--controller", &url, "--tls-ca", &p(d, "ca.pem")]));
     assert_eq!(code, 0, "{err}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let answer = loop {
-        let (code, out, err) = run(gantry()
-            .args(["chat", "--model", "smol", "What is the capital of France?"])
-            .args(["--max-tokens", "12", "--controller", &url, "--tls-ca", &p(d, "ca.pem")]));
-        if code == 0 {
-            break out;
+    // Asks `model` through TLS until its replica is ready (a minute at most).
+    let ask = |model: &str| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (code, out, err) = run(gantry()
+                .args(["chat", "--model", model, "What is the capital of France?"])
+                .args(["--max-tokens", "12", "--controller", &url, "--tls-ca", &p(d, "ca.pem")]));
+            if code == 0 {
+                break out;
+            }
+            assert!(Instant::now() < deadline, "{err}");
+            std::thread::sleep(Duration::from_millis(200));
         }
-        assert!(Instant::now() < deadline, "{err}");
-        std::thread::sleep(Duration::from_millis(200));
     };
+    let answer = ask("smol");
     assert!(answer.contains("Paris"), "{answer}");
 
     // The worker serves TLS: a plaintext caller gets nowhere.
@@ -199,17 +203,7 @@ async fn mutual_tls_admits_only_workers_with_a_certificate_from_the_ca() {
         .args(["deploy", "split", "--model", model.to_str().unwrap(), "--context", "2K"])
         .args(["--selector", "pool=split", "--allow-multi-node", "--controller", &url, "--tls-ca", &p(d, "ca.pem")]));
     assert_eq!(code, 0, "{err}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let split_answer = loop {
-        let (code, out, err) = run(gantry()
-            .args(["chat", "--model", "split", "What is the capital of France?"])
-            .args(["--max-tokens", "12", "--controller", &url, "--tls-ca", &p(d, "ca.pem")]));
-        if code == 0 {
-            break out;
-        }
-        assert!(Instant::now() < deadline, "{err}");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let split_answer = ask("split");
     assert_eq!(split_answer, answer, "two stages over TLS answer as one replica");
     let (_, described, _) =
         run(gantry().args(["get", "deployments", "split", "--controller", &url, "--tls-ca", &p(d, "ca.pem")]));
