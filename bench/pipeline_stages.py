@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "scripts" / "clients"))
 
-from worker_vs_llamacpp_server import LlamaCppServer, eos_ids, prompt, timed_stream  # noqa: E402
+from worker_vs_llamacpp_server import LlamaCppServer, eos_ids, prompt, start_worker, timed_stream  # noqa: E402
 
 MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LAYERS = 30
@@ -59,22 +58,10 @@ class GantryStages:
         from gantry_stubs import worker
 
         self.pb, rpc = worker()
-        self.procs, addrs = [], []
-        for _ in range(1 if one_process else stages):
-            p = subprocess.Popen(
-                [str(ROOT / "target/release/gantry"), "worker", "--listen", "127.0.0.1:0", "--threads", str(threads),
-                 "--parallel", "1"],
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-            addr = None
-            for line in p.stdout:
-                if " listening on " in line:
-                    addr = line.split(" listening on ")[1].strip()
-                if line.strip() == "ready":
-                    break
-            if addr is None:
-                raise SystemExit("a Gantry worker did not start")
-            self.procs.append(p)
-            addrs.append(addr)
+        started = [start_worker("--threads", str(threads), "--parallel", "1")
+                   for _ in range(1 if one_process else stages)]
+        self.procs = [p for p, _ in started]
+        addrs = [a for _, a in started]
         self.stubs = [rpc.WorkerStub(grpc.insecure_channel(a)) for a in addrs]
         cuts = [round(k * LAYERS / stages) for k in range(stages + 1)]
         self.layers = [f"{cuts[k]}-{cuts[k + 1] - 1}" for k in range(stages)]

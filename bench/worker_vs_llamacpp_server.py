@@ -52,6 +52,23 @@ def prompt(i: int, words: int) -> str:
     return f"Note {i}. " + " ".join(PROMPT_TEXT.split()[:words])
 
 
+def start_worker(*args: str) -> tuple[subprocess.Popen, str]:
+    """Starts the release `gantry worker` on a free loopback port with `args`; returns the
+    process and its address once it prints `ready`."""
+    proc = subprocess.Popen(
+        [str(ROOT / "target/release/gantry"), "worker", "--listen", "127.0.0.1:0", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    addr = None
+    for line in proc.stdout:
+        if " listening on " in line:
+            addr = line.split(" listening on ")[1].strip()
+        if line.strip() == "ready":
+            break
+    if addr is None:
+        raise SystemExit("a Gantry worker did not start")
+    return proc, addr
+
+
 class Gantry:
     name = "gantry"
 
@@ -60,18 +77,7 @@ class Gantry:
         from gantry_stubs import worker
 
         self.pb, rpc = worker()
-        self.proc = subprocess.Popen(
-            [str(ROOT / "target/release/gantry"), "worker", "--listen", "127.0.0.1:0", "--threads", str(threads),
-             "--parallel", str(parallel), "--model", f"m={model}"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        addr = None
-        for line in self.proc.stdout:
-            if " listening on " in line:
-                addr = line.split(" listening on ")[1].strip()
-            if line.strip() == "ready":
-                break
-        if addr is None:
-            raise SystemExit("the Gantry worker did not start")
+        self.proc, addr = start_worker("--threads", str(threads), "--parallel", str(parallel), "--model", f"m={model}")
         self.stub = rpc.WorkerStub(grpc.insecure_channel(addr))
 
     def stream(self, text: str, gen: int):

@@ -7,8 +7,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
-
 use common::controller::RunningController;
 use common::worker::RunningWorker;
 use common::{gantry, run};
@@ -19,11 +17,8 @@ const KEY_A: &str = "k-0123456789abcdef0123456789";
 const KEY_B: &str = "k-fedcba9876543210fedcba9876";
 
 fn http(addr: &str, path: &str, key: Option<&str>) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
     let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
+    let out = common::http_request(addr, "GET", path, &auth, None);
     let status = out.split_whitespace().nth(1).unwrap().parse().unwrap();
     (status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
 }

@@ -6,26 +6,12 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use common::controller::RunningController;
 use gantry_proto::v1 as pb;
 
 const MODEL: &str = "smollm2-135m-instruct";
-
-fn post(addr: &str, path: &str, headers: &str, body: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{headers}Connection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
 
 /// The messages of the JSON log lines that carry `request_id`.
 fn messages_for(up: &RunningController, request_id: &str) -> Vec<String> {
@@ -67,7 +53,13 @@ async fn json_logs_carry_the_request_id_through_controller_and_worker() {
     wait_for_messages(&up, "req-grpc-42", &["routing", "generated"]);
 
     let body = format!(r#"{{"model":"{MODEL}","messages":[{{"role":"user","content":"Hi"}}],"max_tokens":4}}"#);
-    let out = post(&up.http.clone().unwrap(), "/v1/chat/completions", "X-Request-Id: req-http-7\r\n", &body);
+    let out = common::http_request(
+        &up.http.clone().unwrap(),
+        "POST",
+        "/v1/chat/completions",
+        "X-Request-Id: req-http-7\r\n",
+        Some(&body),
+    );
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     assert!(out.contains("\"id\":\"chatcmpl-req-http-7\""), "{out}");
     wait_for_messages(&up, "req-http-7", &["routing", "generated"]);

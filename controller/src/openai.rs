@@ -302,7 +302,8 @@ async fn run(
     let created = unix_now();
     if common.stream {
         let include_usage = common.stream_options.is_some_and(|o| o.include_usage);
-        let stream = sse_events(events, kind, id, created, model, include_usage);
+        let state = SseState { events, kind, id, created, model, include_usage, first: true, ended: false };
+        let stream = sse_events(state);
         return Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response());
     }
     let mut text = String::new();
@@ -375,15 +376,7 @@ impl SseState {
 
 /// The worker's events as OpenAI chunks, then (when asked) a usage chunk, then `[DONE]`. A
 /// failure mid-stream is sent as an `error` object and ends the stream.
-fn sse_events(
-    events: Events,
-    kind: Kind,
-    id: String,
-    created: u64,
-    model: String,
-    include_usage: bool,
-) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static {
-    let state = SseState { events, kind, id, created, model, include_usage, first: true, ended: false };
+fn sse_events(state: SseState) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static {
     futures_util::stream::unfold(state, |mut st| async move {
         if st.ended {
             return None;

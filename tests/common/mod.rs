@@ -134,9 +134,24 @@ pub mod worker;
 
 /// A plain HTTP/1.1 GET: the whole response, status line and headers included.
 pub fn http_get(addr: &str, path: &str) -> String {
+    http_request(addr, "GET", path, "", None)
+}
+
+/// A plain HTTP/1.1 request with extra header lines (each ending in `\r\n`) and an optional
+/// JSON body: the whole response, status line and headers included.
+pub fn http_request(addr: &str, method: &str, path: &str, headers: &str, json: Option<&str>) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).expect("the HTTP port answers");
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").expect("the request is sent");
+    let body = match json {
+        Some(b) => format!("Content-Type: application/json\r\nContent-Length: {}\r\n", b.len()),
+        None => String::new(),
+    };
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{body}{headers}Connection: close\r\n\r\n{}",
+        json.unwrap_or_default()
+    )
+    .expect("the request is sent");
     let mut out = String::new();
     s.read_to_string(&mut out).expect("the response is read");
     out
