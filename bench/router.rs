@@ -252,7 +252,7 @@ async fn main() {
             model_id: "bench/0".into(),
             input: Some(pb::generate_request::Input::Prompt("x".into())),
             sampling: sampling.clone(),
-            request_id: String::new(),
+            ..Default::default()
         };
         let mut s = direct.generate(req).await.unwrap().into_inner();
         let mut sample = Sample::default();
@@ -266,7 +266,7 @@ async fn main() {
             model: "bench".into(),
             prompt: "x".into(),
             sampling: sampling.clone(),
-            request_id: String::new(),
+            ..Default::default()
         };
         let mut s = routed.generate(req).await.unwrap().into_inner();
         let mut sample = Sample::default();

@@ -5,7 +5,6 @@ use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::Stream;
@@ -74,33 +73,6 @@ fn deadline_of<T>(req: &Request<T>) -> Option<Duration> {
     })
 }
 
-/// The worker's stream, forwarded event by event as it comes; counts the request against
-/// its replica until dropped. Dropping it (the client went away) drops the worker's stream,
-/// which cancels the generation there.
-struct Forward {
-    inner: Streaming<pb::GenerateEvent>,
-    target: Target,
-    deadline: Option<Instant>,
-    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
-    done: bool,
-    request_id: String,
-    /// The deployment, for metrics.
-    model: String,
-    started: Instant,
-    last_token: Option<Instant>,
-    /// Whether the outcome was recorded (else dropping it records a cancel).
-    recorded: bool,
-}
-
-impl Forward {
-    fn record(&mut self, outcome: &str) {
-        if !self.recorded {
-            self.recorded = true;
-            crate::metrics::request_finished(&self.model, outcome);
-        }
-    }
-}
-
 /// A status code as a metric label: `invalid_argument`, `unavailable` …
 pub fn code_name(code: tonic::Code) -> String {
     let mut out = String::new();
@@ -113,80 +85,232 @@ pub fn code_name(code: tonic::Code) -> String {
     out
 }
 
-impl Stream for Forward {
-    type Item = Result<pb::GenerateEvent, Status>;
+/// Whether a worker's error means the replica failed (the worker died, its connection broke,
+/// a pipeline stage went away) rather than that the request is wrong: then the request may go
+/// on elsewhere.
+fn replica_failed(e: &Status) -> bool {
+    let transport = || {
+        let m = e.message();
+        ["transport", "connect", "connection", "broken pipe", "h2 protocol", "reset", "went away"]
+            .iter()
+            .any(|w| m.contains(w))
+    };
+    match e.code() {
+        tonic::Code::Unavailable => true,
+        tonic::Code::Unknown | tonic::Code::Internal | tonic::Code::Cancelled => transport(),
+        _ => false,
+    }
+}
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.done {
-            return Poll::Ready(None);
-        }
-        if let Some(deadline) = self.deadline {
-            let sleep = self.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-            if sleep.as_mut().poll(cx).is_ready() {
-                self.done = true;
-                self.record("deadline_exceeded");
-                warn!(request_id = %self.request_id, worker = %self.target.worker, "deadline exceeded; cancelling");
-                return Poll::Ready(Some(Err(Status::deadline_exceeded(
-                    "the request's deadline passed while generating",
-                ))));
+/// Events to a client: a request is relayed by a task of its own that keeps at most this many
+/// ahead of the client.
+const RELAY_BUFFER: usize = 16;
+
+/// One routed request: what it asked for and what has been delivered, so that when its replica
+/// fails mid-stream it can go on on another one from where it stopped.
+struct Relay {
+    cluster: Arc<Cluster>,
+    model: String,
+    input: pb::generate_request::Input,
+    sampling: Option<pb::SamplingParams>,
+    request_id: String,
+    deadline: Option<Instant>,
+    /// Token ids delivered to the client.
+    sent: Vec<u32>,
+    /// Whether held-back text (sent once, at the end) was delivered.
+    flushed: bool,
+    /// Replicas that failed this request (worker, replica id).
+    failed: Vec<(String, String)>,
+    started: Instant,
+    last_token: Option<Instant>,
+}
+
+/// Holds a request against its replica's in-flight count while it runs there.
+struct Attached {
+    target: Target,
+    events: Streaming<pb::GenerateEvent>,
+}
+
+impl Attached {
+    fn new(target: Target, events: Streaming<pb::GenerateEvent>) -> Attached {
+        target.inflight.fetch_add(1, Ordering::Relaxed);
+        Attached { target, events }
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        self.target.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How a relay ended.
+enum Ending {
+    Done,
+    Cancelled,
+    Failed(Status),
+}
+
+impl Relay {
+    /// Opens the request on a ready replica, past the ones that failed it, resuming after the
+    /// tokens already delivered.
+    async fn attach(&mut self) -> Result<Attached, Status> {
+        let mut unreachable = Vec::new();
+        loop {
+            let target = self.cluster.pick(&self.model, &self.failed).map_err(|e| {
+                if unreachable.is_empty() {
+                    e
+                } else {
+                    Status::new(e.code(), format!("{} ({})", e.message(), unreachable.join("; ")))
+                }
+            })?;
+            let mut req = Request::new(pb::GenerateRequest {
+                model_id: target.model_id.clone(),
+                input: Some(self.input.clone()),
+                sampling: self.sampling.clone(),
+                request_id: self.request_id.clone(),
+                resume_tokens: self.sent.clone(),
+            });
+            if let Some(deadline) = self.deadline {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(Status::deadline_exceeded("the request's deadline passed while generating"));
+                }
+                req.set_timeout(left);
+            }
+            info!(
+                request_id = %self.request_id,
+                model = %self.model,
+                worker = %target.worker,
+                replica = %target.model_id,
+                resume_after = self.sent.len(),
+                "routing"
+            );
+            match WorkerClient::new(target.channel.clone()).generate(req).await {
+                Ok(r) => return Ok(Attached::new(target, r.into_inner())),
+                Err(e) if replica_failed(&e) => {
+                    warn!(request_id = %self.request_id, worker = %target.worker, error = %e.message(), "replica unreachable; trying another");
+                    unreachable.push(format!(
+                        "worker {} serving replica {}: {}",
+                        target.worker,
+                        target.model_id,
+                        e.message()
+                    ));
+                    self.failed.push((target.worker, target.model_id));
+                }
+                Err(e) => return Err(e),
             }
         }
-        match Pin::new(&mut self.inner).poll_next(cx) {
-            Poll::Ready(Some(Err(e))) => {
-                self.done = true;
-                let e = worker_error(&self.target, e);
-                self.record(&code_name(e.code()));
-                Poll::Ready(Some(Err(e)))
-            }
-            Poll::Ready(Some(Ok(ev))) => {
-                match &ev.event {
-                    Some(pb::generate_event::Event::Token(t)) if t.token_id.is_some() => {
+    }
+
+    /// Forwards `at`'s events to `tx` until the request ends or its replica fails (`Ok`).
+    async fn forward(
+        &mut self,
+        at: &mut Attached,
+        tx: &mpsc::Sender<Result<pb::GenerateEvent, Status>>,
+    ) -> Result<Ending, Status> {
+        let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+        let deadline = tokio::time::sleep_until(self.deadline.unwrap_or(far));
+        tokio::pin!(deadline);
+        loop {
+            let message = tokio::select! {
+                () = tx.closed() => return Ok(Ending::Cancelled),
+                () = &mut deadline => {
+                    warn!(request_id = %self.request_id, worker = %at.target.worker, "deadline exceeded; cancelling");
+                    return Ok(Ending::Failed(Status::deadline_exceeded("the request's deadline passed while generating")));
+                }
+                m = at.events.message() => m,
+            };
+            let ev = match message {
+                Ok(Some(ev)) => ev,
+                Ok(None) => return Err(Status::unavailable("its stream ended before the request finished")),
+                Err(e) if replica_failed(&e) => return Err(e),
+                Err(e) => return Ok(Ending::Failed(e)),
+            };
+            let done = match &ev.event {
+                Some(pb::generate_event::Event::Token(t)) => match t.token_id {
+                    Some(id) => {
+                        self.sent.push(id);
                         let now = Instant::now();
                         let first = self.last_token.is_none().then(|| now - self.started);
                         let gap = self.last_token.map(|t| now - t);
                         self.last_token = Some(now);
                         crate::metrics::token(&self.model, first, gap);
+                        false
                     }
-                    Some(pb::generate_event::Event::Done(_)) => self.record("ok"),
-                    _ => {}
+                    // Held-back text is sent once; a resumed run that reaches the same end sends it again.
+                    None if self.flushed => continue,
+                    None => {
+                        self.flushed = true;
+                        false
+                    }
+                },
+                Some(pb::generate_event::Event::Done(_)) => true,
+                None => false,
+            };
+            if tx.send(Ok(ev)).await.is_err() {
+                return Ok(Ending::Cancelled);
+            }
+            if done {
+                return Ok(Ending::Done);
+            }
+        }
+    }
+
+    /// Runs the request to its end, moving it to another replica whenever its replica fails.
+    async fn run(mut self, mut at: Attached, tx: mpsc::Sender<Result<pb::GenerateEvent, Status>>) {
+        let ending = loop {
+            let lost = match self.forward(&mut at, &tx).await {
+                Ok(ending) => break ending,
+                Err(e) => e,
+            };
+            let from = at.target.clone();
+            drop(at);
+            self.failed.push((from.worker.clone(), from.model_id.clone()));
+            match self.attach().await {
+                Ok(next) => {
+                    warn!(
+                        request_id = %self.request_id,
+                        model = %self.model,
+                        from_worker = %from.worker,
+                        to_worker = %next.target.worker,
+                        to_replica = %next.target.model_id,
+                        tokens_sent = self.sent.len(),
+                        error = %lost.message(),
+                        "replica failed mid-stream; resumed on another"
+                    );
+                    crate::metrics::migration(&self.model, "resumed");
+                    at = next;
                 }
-                Poll::Ready(Some(Ok(ev)))
+                Err(e) => {
+                    crate::metrics::migration(&self.model, "failed");
+                    let e = if e.code() == tonic::Code::Unavailable {
+                        Status::unavailable(format!(
+                            "worker {} serving replica {} failed after {} tokens ({}), and no other replica could go on with the request: {}",
+                            from.worker,
+                            from.model_id,
+                            self.sent.len(),
+                            lost.message(),
+                            e.message()
+                        ))
+                    } else {
+                        e
+                    };
+                    warn!(request_id = %self.request_id, model = %self.model, error = %e.message(), "replica failed mid-stream; request failed");
+                    break Ending::Failed(e);
+                }
             }
-            Poll::Ready(None) => {
-                self.done = true;
-                Poll::Ready(None)
+        };
+        let outcome = match ending {
+            Ending::Done => "ok".to_string(),
+            Ending::Cancelled => "cancelled".to_string(),
+            Ending::Failed(e) => {
+                let name = code_name(e.code());
+                let _ = tx.send(Err(e)).await;
+                name
             }
-            other => other,
-        }
-    }
-}
-
-impl Drop for Forward {
-    fn drop(&mut self) {
-        self.record("cancelled");
-        self.target.inflight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-use std::future::Future as _;
-
-/// A worker's failure as the client should see it: its own status for request errors, and
-/// UNAVAILABLE naming the worker when it could not be reached.
-fn worker_error(target: &Target, e: Status) -> Status {
-    match e.code() {
-        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal
-            if e.message().contains("transport")
-                || e.message().contains("connect")
-                || e.message().contains("broken pipe") =>
-        {
-            Status::unavailable(format!(
-                "worker {} serving replica {} failed: {}",
-                target.worker,
-                target.model_id,
-                e.message()
-            ))
-        }
-        _ => e,
+        };
+        crate::metrics::request_finished(&self.model, &outcome);
     }
 }
 
@@ -209,6 +333,8 @@ impl Api {
         self.route(model, input, sampling, request_id, deadline).await.map(Response::into_inner)
     }
 
+    /// Starts a request on a replica and relays its events; a replica that fails mid-stream
+    /// hands the request to another, which goes on after the tokens already sent.
     async fn route(
         &self,
         model: &str,
@@ -220,45 +346,27 @@ impl Api {
         if model.trim().is_empty() {
             return Err(Status::invalid_argument("the request names no model; `Models/List` shows what is deployed"));
         }
-        let target = self.cluster.pick(model).inspect_err(|e| {
+        let mut relay = Relay {
+            cluster: self.cluster.clone(),
+            model: model.to_string(),
+            input,
+            sampling,
+            request_id,
+            deadline: deadline.map(|d| Instant::now() + d),
+            sent: Vec::new(),
+            flushed: false,
+            failed: Vec::new(),
+            started: Instant::now(),
+            last_token: None,
+        };
+        let attached = relay.attach().await.inspect_err(|e| {
             // Names that are not deployments are not labels (anyone could make up millions).
             let label = if e.code() == tonic::Code::NotFound { "(unknown)" } else { model };
             crate::metrics::request_finished(label, &code_name(e.code()));
         })?;
-        target.inflight.fetch_add(1, Ordering::Relaxed);
-        info!(request_id = %request_id, model, worker = %target.worker, replica = %target.model_id, "routing");
-        let mut req = Request::new(pb::GenerateRequest {
-            model_id: target.model_id.clone(),
-            input: Some(input),
-            sampling,
-            request_id: request_id.clone(),
-        });
-        if let Some(d) = deadline {
-            req.set_timeout(d);
-        }
-        let mut client = WorkerClient::new(target.channel.clone());
-        let started = match client.generate(req).await {
-            Ok(r) => r.into_inner(),
-            Err(e) => {
-                target.inflight.fetch_sub(1, Ordering::Relaxed);
-                let e = worker_error(&target, e);
-                crate::metrics::request_finished(model, &code_name(e.code()));
-                return Err(e);
-            }
-        };
-        let forward = Forward {
-            inner: started,
-            target,
-            deadline: deadline.map(|d| Instant::now() + d),
-            sleep: None,
-            done: false,
-            request_id,
-            model: model.to_string(),
-            started: Instant::now(),
-            last_token: None,
-            recorded: false,
-        };
-        Ok(Response::new(Box::pin(forward)))
+        let (tx, rx) = mpsc::channel(RELAY_BUFFER);
+        tokio::spawn(relay.run(attached, tx));
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 }
 

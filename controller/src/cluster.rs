@@ -1250,12 +1250,14 @@ impl Cluster {
 
     // ---- Routing and the cluster view ----
 
-    /// Two ready replicas of `model` at random, the less loaded of them (power of two choices).
-    pub fn pick(&self, model: &str) -> Result<Target, Status> {
+    /// Two ready replicas of `model` at random, the less loaded of them (power of two choices),
+    /// leaving out `avoid` (replicas that failed this request, as worker and replica id).
+    pub fn pick(&self, model: &str, avoid: &[(String, String)]) -> Result<Target, Status> {
         let st = self.lock();
         let d = st.deployments.get(model).ok_or_else(|| not_found(&st, model))?;
         let mut ready: Vec<Target> = Vec::new();
         let mut load: Vec<u64> = Vec::new();
+        let mut failed_here = Vec::new();
         for (&i, r) in &d.replicas {
             if r.state != ReplicaState::Ready {
                 continue;
@@ -1264,6 +1266,10 @@ impl Cluster {
             let Some(w) = st.workers.get(&stage.node).filter(|w| !w.lost) else { continue };
             let Some(channel) = w.channel.clone() else { continue };
             let model_id = replica_model_id(model, i);
+            if avoid.iter().any(|(worker, id)| *worker == w.id && *id == model_id) {
+                failed_here.push(i);
+                continue;
+            }
             let queued = w
                 .status
                 .models
@@ -1274,7 +1280,7 @@ impl Cluster {
             ready.push(Target { worker: w.id.clone(), model_id, channel, inflight: r.inflight.clone() });
         }
         match ready.len() {
-            0 => Err(Status::unavailable(no_replica_reason(model, d))),
+            0 => Err(Status::unavailable(no_replica_reason(model, d, &failed_here))),
             1 => Ok(ready.swap_remove(0)),
             n => {
                 let a = rand::random_range(0..n);
@@ -1377,13 +1383,16 @@ fn not_found(st: &State, name: &str) -> Status {
 }
 
 /// Why a deployment has no ready replica, from its replicas' states.
-fn no_replica_reason(name: &str, d: &Deployment) -> String {
+/// Why no replica of `name` can take a request (`failed_here`: ready replicas that already
+/// failed this one).
+fn no_replica_reason(name: &str, d: &Deployment, failed_here: &[u32]) -> String {
     if d.record.spec.replicas == 0 {
         return format!("`{name}` is scaled to 0 replicas");
     }
     let mut parts: Vec<String> = Vec::new();
     for (i, r) in &d.replicas {
         let state = match r.state {
+            _ if failed_here.contains(i) => "failed this request",
             ReplicaState::Pending => "pending",
             ReplicaState::Loading => "loading",
             ReplicaState::Ready => "ready",

@@ -44,6 +44,8 @@ struct Recorded {
     ttft: BTreeMap<String, Histogram>,
     itl: BTreeMap<String, Histogram>,
     placement_failures: BTreeMap<String, u64>,
+    /// (model, outcome) → requests moved off a failed replica.
+    migrations: BTreeMap<(String, String), u64>,
 }
 
 static RECORDED: LazyLock<Mutex<Recorded>> = LazyLock::new(Mutex::default);
@@ -69,6 +71,12 @@ pub fn token(model: &str, first: Option<Duration>, gap: Option<Duration>) {
             r.itl.entry(model.to_string()).or_default().observe(&ITL_BUCKETS, d.as_secs_f64());
         }
     });
+}
+
+/// A request moved off a failed replica mid-stream: `resumed` on another, or `failed` when
+/// none could take it.
+pub fn migration(model: &str, outcome: &str) {
+    with(|r| *r.migrations.entry((model.to_string(), outcome.to_string())).or_default() += 1);
 }
 
 /// A replica that could not be placed or loaded, by kind of reason.
@@ -128,6 +136,20 @@ pub fn render(cluster: &Cluster) -> String {
         );
         for (reason, n) in &r.placement_failures {
             let _ = writeln!(out, "gantry_placement_failures_total{{reason=\"{}\"}} {n}", label(reason));
+        }
+        header(
+            &mut out,
+            "gantry_request_migrations_total",
+            "counter",
+            "Requests whose replica failed mid-stream: resumed on another replica, or failed for want of one.",
+        );
+        for ((model, outcome), n) in &r.migrations {
+            let _ = writeln!(
+                out,
+                "gantry_request_migrations_total{{model=\"{}\",outcome=\"{}\"}} {n}",
+                label(model),
+                label(outcome)
+            );
         }
     });
 

@@ -309,10 +309,10 @@ async fn a_replica_split_over_two_workers_is_ready_when_both_stages_are() {
     loaded(&cluster, "w2", second.command_id);
     let r = replica(&cluster, "big");
     assert_eq!((r.state, r.reason.as_str()), (pb::ReplicaState::Loading as i32, "1 of 2 stages loaded"));
-    assert!(cluster.pick("big").is_err(), "no requests before every stage is loaded");
+    assert!(cluster.pick("big", &[]).is_err(), "no requests before every stage is loaded");
     loaded(&cluster, "w1", first.command_id);
     assert_eq!(replica(&cluster, "big").state, pb::ReplicaState::Ready as i32);
-    assert_eq!(cluster.pick("big").unwrap().worker, "w1", "requests go to the first stage");
+    assert_eq!(cluster.pick("big", &[]).unwrap().worker, "w1", "requests go to the first stage");
 
     // w1 goes silent past its lease: the replica is released and w2 unloads its stage.
     for _ in 0..10 {

@@ -80,6 +80,12 @@ impl RunningWorker {
         let _ = self.child.wait();
     }
 
+    /// Sends a signal (`STOP` freezes the process as a hung machine would, `CONT` thaws it).
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill").args([&format!("-{name}"), &self.child.id().to_string()]).status();
+        assert!(ok.is_ok_and(|s| s.success()), "kill -{name} failed");
+    }
+
     /// Sends SIGTERM and waits for the exit.
     pub fn terminate(&mut self) -> ExitStatus {
         let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
@@ -109,7 +115,7 @@ pub fn chat_request(model: &str, user: &str, max_tokens: u32) -> pb::GenerateReq
             messages: vec![pb::ChatMessage { role: "user".into(), content: user.into() }],
         })),
         sampling: Some(pb::SamplingParams { max_tokens: Some(max_tokens), ..Default::default() }),
-        request_id: String::new(),
+        ..Default::default()
     }
 }
 

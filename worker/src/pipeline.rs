@@ -255,15 +255,21 @@ pub struct Chain<'a> {
 }
 
 impl<'a> Chain<'a> {
-    /// A sequence over `segments`, handing on to `next` or, without one, sampling with `params`.
+    /// A sequence over `segments`, handing on to `next` or, without one, sampling with `params`
+    /// (its draws advanced past `resumed` tokens an earlier run of the request generated).
     pub fn new(
         segments: &'a [Segment],
         next: Option<Downstream>,
         params: &SamplingParams,
+        resumed: usize,
     ) -> Result<Chain<'a>, EngineError> {
         let sampler = match next {
             Some(_) => None,
-            None => Some((Sampler::new(params.clone())?, Vec::new())),
+            None => {
+                let mut sampler = Sampler::new(params.clone())?;
+                sampler.resume_after(resumed);
+                Some((sampler, Vec::new()))
+            }
         };
         let context = segments.first().map_or(0, |s| s.part.config.context_length);
         let caches = segments.iter().map(|s| s.part.new_cache()).collect();

@@ -621,6 +621,8 @@ impl WorkerState {
                 context - 1
             )));
         }
+        let resumed = req.resume_tokens;
+        check_resumed(&resumed, &model, prompt.len(), &params)?;
 
         // A free slot now, else a place in the queue, else refused.
         let permit = match model.slots.clone().try_acquire_owned() {
@@ -661,7 +663,7 @@ impl WorkerState {
             model.running.fetch_add(1, Ordering::Relaxed);
             let downstream = match &model.next {
                 None => Ok(None),
-                Some(next) => open_next(&model, next, &params, &request_id).await.map(Some),
+                Some(next) => open_next(&model, next, &params, &request_id, resumed.len()).await.map(Some),
             };
             let run_model = model.clone();
             let run_state = state.clone();
@@ -670,7 +672,8 @@ impl WorkerState {
             let outcome = match downstream {
                 Ok(downstream) => {
                     tokio::task::spawn_blocking(move || {
-                        run_generation(&run_state, &run_model, downstream, &prompt, &params, &request_id2, &run_tx)
+                        let run = Run { prompt: &prompt, resumed: &resumed, params: &params, request_id: &request_id2 };
+                        run_generation(&run_state, &run_model, downstream, &run, &run_tx)
                     })
                     .await
                 }
@@ -698,14 +701,47 @@ async fn open_next(
     next: &NextStage,
     params: &SamplingParams,
     request_id: &str,
+    resumed: usize,
 ) -> Result<Downstream, EngineError> {
     let open = pb::StageOpen {
         model_id: model.info.model_id.clone(),
         first_layer: model.info.layer_end,
         sampling: Some(sampling_proto(params)),
         request_id: request_id.to_string(),
+        resumed_tokens: resumed as u32,
     };
     Downstream::open(next.channel.clone(), &next.address, open, next.wire).await
+}
+
+/// Tokens to resume after must be the model's, and leave room to generate.
+fn check_resumed(resumed: &[u32], model: &Served, prompt: usize, params: &SamplingParams) -> Result<(), Status> {
+    let vocab = model.segments.first().map_or(0, |s| s.part.config.vocab_size);
+    if let Some(bad) = resumed.iter().find(|&&t| t as usize >= vocab) {
+        return Err(Status::invalid_argument(format!(
+            "resume token {bad} is not in the vocabulary of `{}` ({vocab} tokens)",
+            model.info.model_id
+        )));
+    }
+    let context = model.info.context_length as usize;
+    let budget = params.max_tokens.min(context.saturating_sub(prompt));
+    if resumed.len() > budget {
+        return Err(Status::invalid_argument(format!(
+            "{} tokens to resume after, but the request can generate at most {budget} (max_tokens {}, {} of the {context}-token context left after the prompt)",
+            resumed.len(),
+            params.max_tokens,
+            context.saturating_sub(prompt)
+        )));
+    }
+    Ok(())
+}
+
+/// One request's inputs, as the generation thread needs them.
+struct Run<'a> {
+    prompt: &'a [u32],
+    /// Tokens an earlier run generated (a resumed request).
+    resumed: &'a [u32],
+    params: &'a SamplingParams,
+    request_id: &'a str,
 }
 
 /// Runs one generation on the calling (blocking) thread, sending tokens to `tx`.
@@ -713,13 +749,12 @@ fn run_generation(
     state: &WorkerState,
     model: &Served,
     downstream: Option<Downstream>,
-    prompt: &[u32],
-    params: &SamplingParams,
-    request_id: &str,
+    run: &Run<'_>,
     tx: &mpsc::Sender<Result<pb::GenerateEvent, Status>>,
 ) -> Result<pb::GenerateDone, Status> {
-    let mut chain = Chain::new(&model.segments, downstream, params).map_err(engine_status)?;
-    let summary = generate_from(&mut chain, &model.tokenizer, prompt, params, &model.extra_eos, &mut |ev| {
+    let Run { prompt, resumed, params, request_id } = *run;
+    let mut chain = Chain::new(&model.segments, downstream, params, resumed.len()).map_err(engine_status)?;
+    let summary = generate_from(&mut chain, &model.tokenizer, prompt, resumed, params, &model.extra_eos, &mut |ev| {
         if ev.token.is_some() {
             model.tokens.fetch_add(1, Ordering::Relaxed);
             model.meter.add(1);
@@ -733,13 +768,15 @@ fn run_generation(
     })
     .map_err(engine_status)?;
     let t = summary.timings;
+    let new_tokens = summary.completion_tokens - resumed.len().min(summary.completion_tokens);
     info!(
         request_id,
         model = %model.info.model_id,
         prompt_tokens = summary.prompt_tokens,
         completion_tokens = summary.completion_tokens,
+        resumed_after = resumed.len(),
         finish = ?summary.finish_reason,
-        decode_tokens_per_sec = format!("{:.1}", t.decode_tokens_per_sec(summary.completion_tokens)),
+        decode_tokens_per_sec = format!("{:.1}", t.decode_tokens_per_sec(new_tokens)),
         "generated"
     );
     Ok(pb::GenerateDone {
@@ -749,7 +786,7 @@ fn run_generation(
             completion_tokens: summary.completion_tokens as u32,
         }),
         time_to_first_token_ms: t.first_token.as_secs_f64() * 1000.0,
-        decode_tokens_per_sec: t.decode_tokens_per_sec(summary.completion_tokens),
+        decode_tokens_per_sec: t.decode_tokens_per_sec(new_tokens),
     })
 }
 
@@ -861,11 +898,12 @@ fn run_stage(
     model: &Served,
     downstream: Option<Downstream>,
     params: &SamplingParams,
+    resumed: usize,
     mut inbound: tonic::Streaming<pb::StageRequest>,
     tx: &mpsc::Sender<Result<pb::StageReply, Status>>,
 ) {
     let runtime = tokio::runtime::Handle::current();
-    let mut chain = match Chain::new(&model.segments, downstream, params) {
+    let mut chain = match Chain::new(&model.segments, downstream, params, resumed) {
         Ok(c) => c,
         Err(e) => {
             let _ = tx.blocking_send(Err(engine_status(e)));
@@ -1078,12 +1116,16 @@ impl pb::stage_link_server::StageLink for WorkerService {
         let params = sampling_params(open.sampling.as_ref())?;
         let downstream = match &model.next {
             None => None,
-            Some(next) => Some(open_next(&model, next, &params, &open.request_id).await.map_err(engine_status)?),
+            Some(next) => Some(
+                open_next(&model, next, &params, &open.request_id, open.resumed_tokens as usize)
+                    .await
+                    .map_err(engine_status)?,
+            ),
         };
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         tokio::task::spawn_blocking(move || {
             model.running.fetch_add(1, Ordering::Relaxed);
-            run_stage(&model, downstream, &params, inbound, &tx);
+            run_stage(&model, downstream, &params, open.resumed_tokens as usize, inbound, &tx);
             model.running.fetch_sub(1, Ordering::Relaxed);
         });
         Ok(Response::new(ReceiverStream::new(rx)))

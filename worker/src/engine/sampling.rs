@@ -107,6 +107,17 @@ impl Sampler {
         Ok(Sampler { params, rng })
     }
 
+    /// Skips the random draws an earlier run of the same request made for its first `tokens`
+    /// tokens (one per token when sampling, none when greedy), so a request resumed after a
+    /// lost worker draws what the first run would have drawn next.
+    pub fn resume_after(&mut self, tokens: usize) {
+        if self.params.temperature != 0.0 {
+            for _ in 0..tokens {
+                let _: f64 = self.rng.random();
+            }
+        }
+    }
+
     /// The parameters.
     pub fn params(&self) -> &SamplingParams {
         &self.params
