@@ -11,11 +11,9 @@ mod common;
 
 use std::time::Duration;
 
-#[allow(unused_imports)]
 use common::controller::{RunningController, placements, ready, spec, status, wait_for, wait_for_workers};
 use common::worker::{RunningWorker, Streamed, chat_request, collect};
 use gantry_proto::v1 as pb;
-use pb::PlacementStrategy::Binpack;
 
 const MODEL: &str = "smollm2";
 const LOAD: Duration = Duration::from_secs(120);
@@ -252,4 +250,161 @@ async fn twenty_streams_survive_a_killed_worker_with_the_unbroken_text() {
     assert!(m.contains("no other replica could go on with the request"), "{m}");
     let metrics = common::http_get(&http, "/metrics");
     assert_eq!(metric(&metrics, "gantry_request_migrations_total{model=\"chat\",outcome=\"failed\"}"), 1.0);
+}
+
+fn gpu_of<'a>(workers: &'a [pb::WorkerInfo], id: &str) -> &'a pb::GpuUsage {
+    &workers.iter().find(|w| w.worker_id == id).unwrap_or_else(|| panic!("no worker {id}: {workers:#?}")).gpus[0]
+}
+
+async fn list_workers(control: &RunningController) -> Vec<pb::WorkerInfo> {
+    control.cluster().await.list_workers(pb::ListWorkersRequest {}).await.unwrap().into_inner().workers
+}
+
+/// Waits until `check` holds for the worker list.
+async fn wait_workers(control: &RunningController, what: &str, check: impl Fn(&[pb::WorkerInfo]) -> bool) {
+    let started = std::time::Instant::now();
+    loop {
+        let workers = list_workers(control).await;
+        if check(&workers) {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "not {what}: {workers:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A worker frozen (SIGSTOP) past its lease is declared lost; thawed, it registers again and
+/// is told what to keep and what to drop. Alone, it keeps its replica (adopted, not loaded
+/// twice); once the replica was placed on another worker meanwhile, it is told to unload it,
+/// and the reserved memory is exactly one replica's, on the worker that serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_back_from_the_dead_is_told_what_to_keep_and_what_to_drop() {
+    let control = RunningController::start(&["--lease", "2"]);
+    let worker = |id: &str| {
+        RunningWorker::start(&[
+            "--controller",
+            &control.url(),
+            "--worker-id",
+            id,
+            "--gpus",
+            "1x24GiB",
+            "--threads",
+            "1",
+        ])
+    };
+    let w1 = worker("w1");
+    let mut deployments = control.deployments().await;
+    let s = spec(common::smollm2().to_str().unwrap(), 1, pb::PlacementStrategy::Binpack);
+    deployments.apply(pb::ApplyRequest { name: "chat".into(), spec: Some(s) }).await.unwrap();
+    let d = wait_for(&mut deployments, "chat", LOAD, "ready", ready).await;
+    assert_eq!(placements(&d), ["w1/gpu:0"]);
+    let reserved = status(&d).replica_status[0].stages[0].reserved_bytes;
+    let mut inference = control.inference().await;
+    let (answer, _) = common::controller::chat(&mut inference, "chat", "Name a planet.", 12).await.unwrap();
+
+    // Alone: lost, nowhere else to go, back: it keeps what it holds.
+    w1.signal("STOP");
+    wait_workers(&control, "w1 lost", |w| w.iter().any(|w| w.worker_id == "w1" && w.state == "lost")).await;
+    w1.signal("CONT");
+    let d = wait_for(&mut deployments, "chat", Duration::from_secs(30), "adopted", |d| {
+        ready(d) && status(d).events.iter().any(|e| e.kind == "Adopted")
+    })
+    .await;
+    assert_eq!(placements(&d), ["w1/gpu:0"]);
+    let (again, _) = common::controller::chat(&mut inference, "chat", "Name a planet.", 12).await.unwrap();
+    assert_eq!(again, answer);
+    let loads = w1.stderr().lines().filter(|l| l.contains("serving") && l.contains("model=chat/0")).count();
+    assert_eq!(loads, 1, "kept, not loaded again:\n{}", w1.stderr());
+    assert_eq!(gpu_of(&list_workers(&control).await, "w1").reserved_bytes, reserved);
+
+    // With another worker: lost, the replica moves, back: it is told to unload it.
+    let w2 = worker("w2");
+    wait_for_workers(&mut control.cluster().await, 2).await;
+    w1.signal("STOP");
+    let d =
+        wait_for(&mut deployments, "chat", LOAD, "moved to w2", |d| ready(d) && placements(d) == ["w2/gpu:0"]).await;
+    assert!(status(&d).events.iter().any(|e| e.kind == "WorkerLost"), "{:?}", status(&d).events);
+    w1.signal("CONT");
+    let mut w1_client = w1.client().await;
+    let started = std::time::Instant::now();
+    loop {
+        let st = common::worker::status(&mut w1_client).await;
+        if st.models.is_empty() {
+            // Its memory is all free again.
+            assert_eq!(st.gpus[0].free_bytes, st.gpus[0].total_bytes, "{st:#?}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "w1 still holds {:?}", st.models);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_workers(&control, "w1 ready again", |w| w.iter().any(|w| w.worker_id == "w1" && w.state == "ready")).await;
+    let workers = list_workers(&control).await;
+    assert_eq!(gpu_of(&workers, "w1").reserved_bytes, 0, "{workers:#?}");
+    assert!(gpu_of(&workers, "w1").replicas.is_empty(), "{workers:#?}");
+    assert_eq!(gpu_of(&workers, "w2").reserved_bytes, reserved, "{workers:#?}");
+    assert_eq!(gpu_of(&workers, "w2").replicas, ["chat/0"]);
+    assert!(control.stderr().contains("unloading a replica the controller no longer wants"));
+    let (moved, _) = common::controller::chat(&mut inference, "chat", "Name a planet.", 12).await.unwrap();
+    assert_eq!(moved, answer);
+    drop(w2);
+}
+
+/// etcd goes away under a serving controller: requests are still answered, changes are refused
+/// with the reason, a lost worker's replica is still placed again on another; when etcd comes
+/// back, the controller writes what changed meanwhile (a controller started afresh on that
+/// etcd finds the new placement) and takes changes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_etcd_gone_the_controller_serves_refuses_changes_and_catches_up() {
+    let mut etcd = common::etcd::EtcdServer::start();
+    let url = etcd.url();
+    let args = ["--etcd", url.as_str(), "--etcd-prefix", "/reliability/", "--lease", "2"];
+    let addr = format!("127.0.0.1:{}", common::etcd::free_port());
+    let mut control = RunningController::start_on(&addr, &args);
+    let worker = |id: &str| {
+        RunningWorker::start(&["--controller", &format!("http://{addr}"), "--worker-id", id, "--gpus", "1x24GiB"])
+    };
+    let mut w1 = worker("w1");
+    let mut deployments = control.deployments().await;
+    let s = spec(common::smollm2().to_str().unwrap(), 1, pb::PlacementStrategy::Binpack);
+    deployments.apply(pb::ApplyRequest { name: "chat".into(), spec: Some(s) }).await.unwrap();
+    wait_for(&mut deployments, "chat", LOAD, "ready", ready).await;
+    let mut inference = control.inference().await;
+    let (answer, _) = common::controller::chat(&mut inference, "chat", "Name a planet.", 12).await.unwrap();
+
+    etcd.stop();
+    // Past the controller's etcd lease: it still leads and serves.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (during, _) = common::controller::chat(&mut inference, "chat", "Name a planet.", 12).await.unwrap();
+    assert_eq!(during, answer);
+    let e = deployments.scale(pb::ScaleRequest { name: "chat".into(), replicas: 2 }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("the state store is unreachable, so changes are refused until it answers"), "{e:?}");
+    assert!(e.message().contains(&url), "{e:?}");
+    // A worker lost meanwhile: its replica is placed again on another, in memory.
+    let w2 = worker("w2");
+    w1.kill();
+    let d =
+        wait_for(&mut deployments, "chat", LOAD, "moved to w2", |d| ready(d) && placements(d) == ["w2/gpu:0"]).await;
+    assert_eq!(status(&d).replica_status.len(), 1);
+    let (moved, _) = common::controller::chat(&mut inference, "chat", "Name a planet.", 12).await.unwrap();
+    assert_eq!(moved, answer);
+
+    etcd.restart();
+    let started = std::time::Instant::now();
+    while !control.stderr().contains("the state store answers again") {
+        assert!(started.elapsed() < Duration::from_secs(30), "no catch-up:\n{}", control.stderr());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(control.stderr().contains("etcd answers again; the leadership lease is intact"), "{}", control.stderr());
+    let d = deployments.scale(pb::ScaleRequest { name: "chat".into(), replicas: 1 }).await.expect("changes work again");
+    assert_eq!(d.into_inner().spec.unwrap().replicas, 1);
+
+    // What changed while etcd was away is in etcd: a fresh controller restores it.
+    control.kill();
+    let control = RunningController::start_on(&addr, &args);
+    let mut deployments = control.deployments().await;
+    let d = wait_for(&mut deployments, "chat", Duration::from_secs(30), "ready after restart", ready).await;
+    assert_eq!(placements(&d), ["w2/gpu:0"]);
+    let loads = w2.stderr().lines().filter(|l| l.contains("serving") && l.contains("model=chat/0")).count();
+    assert_eq!(loads, 1, "w2 loaded chat/0 {loads} times");
 }

@@ -206,6 +206,69 @@ pub struct Cluster {
     started: Instant,
 }
 
+/// How often writes the store refused are tried again.
+const WRITE_RETRY: Duration = Duration::from_secs(1);
+
+/// Writes placements and worker records to the store in the background. A write the store
+/// refuses (etcd unreachable) is kept and tried again until it lands, the latest for each key
+/// winning, so the store catches up with what happened while it was away. Keys are written in
+/// order, so a prefix's removal lands before later writes under it.
+async fn write_behind(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<StoreOp>) {
+    let mut pending: BTreeMap<String, StoreOp> = BTreeMap::new();
+    let mut failing = false;
+    loop {
+        // `None`: time to retry what is pending.
+        let received = if pending.is_empty() {
+            Some(rx.recv().await)
+        } else {
+            tokio::time::timeout(WRITE_RETRY, rx.recv()).await.ok()
+        };
+        match received {
+            Some(None) => return,
+            Some(Some(op)) => {
+                queue_write(&mut pending, op);
+                while let Ok(op) = rx.try_recv() {
+                    queue_write(&mut pending, op);
+                }
+            }
+            None => {}
+        }
+        while let Some((key, op)) = pending.pop_first() {
+            let result = match &op {
+                StoreOp::Put(k, value) => store.put(k, value.clone()).await,
+                StoreOp::Delete(k) => store.delete(k).await.map(|_| ()),
+                StoreOp::DeletePrefix(prefix) => store.delete_prefix(prefix).await.map(|_| ()),
+            };
+            if let Err(e) = result {
+                if !failing {
+                    warn!(key, error = %e, "could not write to the state store; keeping the change to write when it answers");
+                    failing = true;
+                }
+                // The store is away: the rest would fail the same way.
+                pending.insert(key, op);
+                break;
+            }
+        }
+        if failing && pending.is_empty() {
+            info!("the state store answers again; the changes made meanwhile are written");
+            failing = false;
+        }
+    }
+}
+
+/// Adds a write to those pending: the latest for a key replaces an earlier one, and a prefix's
+/// removal replaces pending writes under it.
+fn queue_write(pending: &mut BTreeMap<String, StoreOp>, op: StoreOp) {
+    let key = match &op {
+        StoreOp::Put(k, _) | StoreOp::Delete(k) => k.clone(),
+        StoreOp::DeletePrefix(prefix) => {
+            pending.retain(|k, _| !k.starts_with(prefix.as_str()));
+            prefix.clone()
+        }
+    };
+    pending.insert(key, op);
+}
+
 /// The model id a replica is loaded under on its worker: `NAME/INDEX`.
 pub fn replica_model_id(deployment: &str, index: u32) -> String {
     format!("{deployment}/{index}")
@@ -228,7 +291,9 @@ fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
 
 fn store_status(e: StoreError) -> Status {
     match e {
-        StoreError::Unavailable(m) => Status::unavailable(format!("the state store is unreachable: {m}")),
+        StoreError::Unavailable(m) => Status::unavailable(format!(
+            "the state store is unreachable, so changes are refused until it answers (requests are still served on the last known state): {m}"
+        )),
         StoreError::Busy(m) => Status::failed_precondition(m),
         StoreError::Backend(m) => Status::internal(format!("the state store failed: {m}")),
     }
@@ -238,7 +303,7 @@ impl Cluster {
     /// Loads the deployments and placements in `store` and starts the writer, lease and
     /// retry tasks. Call after this controller has won leadership.
     pub async fn start(store: Arc<dyn Store>, config: ControllerConfig) -> Result<Arc<Cluster>, StoreError> {
-        let (writes, mut write_rx) = mpsc::unbounded_channel::<StoreOp>();
+        let (writes, write_rx) = mpsc::unbounded_channel::<StoreOp>();
         let (changes, _) = broadcast::channel(1024);
         let mut state = State::default();
         let started = Instant::now();
@@ -282,28 +347,7 @@ impl Cluster {
             );
         }
 
-        let writer_store = store.clone();
-        tokio::spawn(async move {
-            while let Some(op) = write_rx.recv().await {
-                let (key, result) = match op {
-                    StoreOp::Put(key, value) => {
-                        let r = writer_store.put(&key, value).await;
-                        (key, r)
-                    }
-                    StoreOp::Delete(key) => {
-                        let r = writer_store.delete(&key).await.map(|_| ());
-                        (key, r)
-                    }
-                    StoreOp::DeletePrefix(prefix) => {
-                        let r = writer_store.delete_prefix(&prefix).await.map(|_| ());
-                        (prefix, r)
-                    }
-                };
-                if let Err(e) = result {
-                    warn!(key, error = %e, "could not write to the state store");
-                }
-            }
-        });
+        tokio::spawn(write_behind(store.clone(), write_rx));
 
         let cluster = Arc::new(Cluster {
             state: Mutex::new(state),

@@ -273,25 +273,50 @@ async fn etcd_resign_passes_leadership_on_and_marks_it_lost() {
     assert_eq!(first.leader().await.unwrap().as_deref(), Some("host-b:7100"));
 }
 
+/// While etcd is away the leader stays leader (it serves on what it knows; the store refuses
+/// writes, naming etcd); when etcd comes back with the lease intact, it still leads.
 #[tokio::test]
-async fn etcd_leadership_is_lost_when_etcd_goes_away() {
+async fn etcd_leadership_outlasts_an_etcd_outage() {
     let mut server = EtcdServer::start();
     let store = etcd_store(&server, "/gantry/", 2).await;
-    let mut leading = timeout(PATIENCE, store.campaign("host-a:7100")).await.unwrap().unwrap();
+    let leading = timeout(PATIENCE, store.campaign("host-a:7100")).await.unwrap().unwrap();
     // Kept alive past its TTL while etcd is up.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(!*leading.lost.borrow(), "the lease is kept alive");
     assert_eq!(store.leader().await.unwrap().as_deref(), Some("host-a:7100"));
 
     server.stop();
-    timeout(PATIENCE, leading.lost.wait_for(|lost| *lost))
-        .await
-        .expect("leadership is lost within about a lease TTL of etcd going away")
-        .unwrap();
-    match store.get("deployments/a").await {
+    match store.put("deployments/a", b"x".to_vec()).await {
         Err(StoreError::Unavailable(message)) => assert!(message.contains(&server.url()), "{message}"),
         other => panic!("expected Unavailable, got {other:?}"),
     }
+    // Two TTLs without etcd: leadership is in no one else's hands, so it is kept.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(!*leading.lost.borrow(), "an unreachable etcd does not end leadership");
+
+    server.restart();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!*leading.lost.borrow(), "the lease survived etcd's restart");
+    assert_eq!(store.leader().await.unwrap().as_deref(), Some("host-a:7100"));
+    store.put("deployments/a", b"y".to_vec()).await.expect("writes work again");
+}
+
+/// When etcd answers that the lease is gone (it was revoked, or expired while this controller
+/// could not reach etcd and another took over), leadership is lost.
+#[tokio::test]
+async fn etcd_leadership_is_lost_when_etcd_says_the_lease_is_gone() {
+    let server = EtcdServer::start();
+    let store = etcd_store(&server, "/gantry/", 2).await;
+    let mut leading = timeout(PATIENCE, store.campaign("host-a:7100")).await.unwrap().unwrap();
+    let mut admin = etcd_client::Client::connect([server.url()], None).await.unwrap();
+    let leases = admin.leases().await.unwrap();
+    for l in leases.leases() {
+        admin.lease_revoke(l.id()).await.unwrap();
+    }
+    timeout(PATIENCE, leading.lost.wait_for(|lost| *lost))
+        .await
+        .expect("leadership is lost once etcd says the lease is gone")
+        .unwrap();
 }
 
 #[tokio::test]

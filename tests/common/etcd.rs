@@ -8,7 +8,6 @@
 
 #![allow(dead_code)]
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -23,6 +22,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct EtcdServer {
     child: Child,
     client_port: u16,
+    peer_port: u16,
     /// Holds the data directory and etcd's output; removed on drop.
     dir: tempfile::TempDir,
 }
@@ -54,40 +54,41 @@ impl EtcdServer {
                 break port;
             }
         };
-        let client_url = format!("http://127.0.0.1:{client_port}");
-        let peer_url = format!("http://127.0.0.1:{peer_port}");
-        let log = File::create(dir.path().join("etcd.log")).expect("etcd's log file can be created");
-        let child = Command::new(binary)
-            .args(["--name", "default"])
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
-            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("default={peer_url}"), "--initial-cluster-state", "new"])
-            // A lone member elects itself after one election timeout: keep it short.
-            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("etcd's log file can be shared"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}; run scripts/setup.sh", binary.display()));
-        let mut server = EtcdServer { child, client_port, dir };
+        let child = spawn(binary, dir.path(), client_port, peer_port);
+        let mut server = EtcdServer { child, client_port, peer_port, dir };
+        server.wait_healthy()?;
+        Ok(server)
+    }
+
+    /// Starts etcd again after [`EtcdServer::stop`], on the same ports and data: what it held
+    /// before is there again.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.child = spawn(&etcd_binary(), self.dir.path(), self.client_port, self.peer_port);
+        if let Err(why) = self.wait_healthy() {
+            panic!("etcd did not come back: {why}");
+        }
+    }
+
+    /// `Err` when etcd exits before answering; panics when it hangs.
+    fn wait_healthy(&mut self) -> Result<(), String> {
+        let client_url = self.url();
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if server.is_healthy() {
-                return Ok(server);
+            if self.is_healthy() {
+                return Ok(());
             }
-            if let Ok(Some(status)) = server.child.try_wait() {
+            if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(format!(
                     "etcd exited ({status}) before answering on {client_url}; its output:\n{}",
-                    server.log()
+                    self.log()
                 ));
             }
             assert!(
                 Instant::now() < deadline,
                 "etcd did not answer on {client_url} within {} s; its output:\n{}",
                 START_TIMEOUT.as_secs(),
-                server.log()
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -131,6 +132,31 @@ impl Drop for EtcdServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Runs etcd on `dir`'s data folder (logging to `dir/etcd.log`, appended).
+fn spawn(binary: &Path, dir: &Path, client_port: u16, peer_port: u16) -> Child {
+    let client_url = format!("http://127.0.0.1:{client_port}");
+    let peer_url = format!("http://127.0.0.1:{peer_port}");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("etcd.log"))
+        .expect("etcd's log file can be created");
+    Command::new(binary)
+        .args(["--name", "default"])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
+        .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+        .args(["--initial-cluster", &format!("default={peer_url}"), "--initial-cluster-state", "new"])
+        // A lone member elects itself after one election timeout: keep it short.
+        .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("etcd's log file can be shared"))
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}; run scripts/setup.sh", binary.display()))
 }
 
 /// `etcd` on `PATH`, else Debian's `/usr/bin/etcd`.

@@ -104,6 +104,9 @@ fn is_unreachable(e: &etcd_client::Error) -> bool {
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
         etcd_client::Error::GRpcStatus(s) => {
             matches!(s.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled)
+                // A connection that broke under the call.
+                || (s.code() == tonic::Code::Unknown
+                    && ["transport error", "connection error", "broken pipe"].iter().any(|w| s.message().contains(w)))
         }
         _ => false,
     }
@@ -384,13 +387,18 @@ async fn forward_watch(mut stream: WatchStream, tx: mpsc::Sender<WatchEvent>, pr
     }
 }
 
-/// Refreshes lease `lease_id` every third of its TTL. A refresh that fails is retried at the
-/// next tick; `lost` turns true once refreshes have failed for a whole TTL, or at once when
-/// etcd says the lease is gone.
+/// Refreshes lease `lease_id` every third of its TTL. A refresh that fails because etcd cannot
+/// be reached is retried for as long as it takes: the controller goes on serving on what it
+/// knows (changes, which need etcd, are refused meanwhile). `lost` turns true only when etcd
+/// answers that the lease is gone (it expired while this controller could not reach etcd, or
+/// was revoked); then another controller may lead, and this one must stop.
+///
+/// etcd keeps leases across its own restarts (a new etcd leader extends every lease by its
+/// TTL), so a controller whose etcd was down and came back keeps leading.
 async fn keep_alive(mut client: LeaseClient, lease_id: i64, ttl_secs: i64, lost: watch::Sender<bool>, urls: String) {
     let ttl = Duration::from_secs(u64::try_from(ttl_secs).unwrap_or(1).max(1));
     let period = ttl / 3;
-    let mut last_refresh = Instant::now();
+    let mut failing_since: Option<Instant> = None;
     let mut channel = None;
     loop {
         tokio::time::sleep(period).await;
@@ -405,7 +413,9 @@ async fn keep_alive(mut client: LeaseClient, lease_id: i64, ttl_secs: i64, lost:
         .await;
         let why = match attempt {
             Ok(Ok(Some(resp))) if resp.ttl() > 0 => {
-                last_refresh = Instant::now();
+                if let Some(since) = failing_since.take() {
+                    warn!(etcd = %urls, lease_id, after_s = since.elapsed().as_secs(), "etcd answers again; the leadership lease is intact");
+                }
                 continue;
             }
             Ok(Ok(Some(_))) => {
@@ -421,11 +431,16 @@ async fn keep_alive(mut client: LeaseClient, lease_id: i64, ttl_secs: i64, lost:
             Err(_) => format!("no answer within {} ms", period.as_millis()),
         };
         channel = None;
-        if last_refresh.elapsed() >= ttl {
-            warn!(etcd = %urls, lease_id, error = %why, "could not keep the leadership lease alive");
-            break;
+        match failing_since {
+            None => {
+                failing_since = Some(Instant::now());
+                warn!(etcd = %urls, lease_id, error = %why, "cannot reach etcd to keep the leadership lease; serving on the last known state, refusing changes, retrying");
+            }
+            Some(since) if since.elapsed().as_secs() % 30 < period.as_secs().max(1) => {
+                warn!(etcd = %urls, lease_id, error = %why, down_s = since.elapsed().as_secs(), "etcd still unreachable; retrying");
+            }
+            Some(_) => {}
         }
-        warn!(etcd = %urls, lease_id, error = %why, "keeping the leadership lease alive failed; retrying");
     }
     lost.send_replace(true);
 }
