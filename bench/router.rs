@@ -1,9 +1,9 @@
 //! What the controller's router adds to a token stream: time to first token and latency per
 //! token, through the controller against calling the worker directly, in the same run.
 //!
-//! A stand-in worker (in this process, on its own loopback port, registered over the real
-//! `WorkerLink`) answers `Generate` with N tokens, one every `--interval-us`, each carrying
-//! the moment it was sent; the client reads the moment each arrives. Both clocks are this
+//! A stand-in worker (`tests/common/standin.rs`: in this process, on its own loopback port,
+//! registered over the real `WorkerLink`) answers `Generate` with N tokens, one every
+//! `--interval-us`, each carrying the moment it was sent; the client reads the moment each arrives. Both clocks are this
 //! process's, so the difference is the one-way latency of that token. The controller is the
 //! real one (embedded store in a temporary folder), routing over loopback TCP as in
 //! production.
@@ -12,7 +12,9 @@
 
 #![allow(clippy::unwrap_used)] // a benchmark: any failure is fatal
 
-use std::pin::Pin;
+#[path = "../tests/common/standin.rs"]
+mod standin;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,142 +24,7 @@ use gantry_controller::store::embedded::EmbeddedStore;
 use gantry_proto::v1 as pb;
 use pb::inference_client::InferenceClient;
 use pb::worker_client::WorkerClient;
-use pb::worker_link_client::WorkerLinkClient;
-use tokio::sync::mpsc;
-use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
-
-/// When the bench started: token send times are nanoseconds since then.
-static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-
-fn now_ns() -> u64 {
-    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
-}
-
-#[derive(Clone)]
-struct FakeWorker {
-    interval: Duration,
-}
-
-type Events = Pin<Box<dyn Stream<Item = Result<pb::GenerateEvent, Status>> + Send>>;
-type LoadEvents = Pin<Box<dyn Stream<Item = Result<pb::LoadModelEvent, Status>> + Send>>;
-
-fn fake_status() -> pb::StatusResponse {
-    pb::StatusResponse {
-        worker_id: "bench".into(),
-        gpus: vec![pb::GpuStatus {
-            index: 0,
-            name: "stand-in".into(),
-            total_bytes: 80 << 30,
-            free_bytes: 80 << 30,
-            source: "declared".into(),
-            ..Default::default()
-        }],
-        ..Default::default()
-    }
-}
-
-#[tonic::async_trait]
-impl pb::worker_server::Worker for FakeWorker {
-    type LoadModelStream = LoadEvents;
-    type GenerateStream = Events;
-
-    async fn load_model(&self, _: Request<pb::LoadModelRequest>) -> Result<Response<LoadEvents>, Status> {
-        Err(Status::unimplemented("the stand-in loads through the link"))
-    }
-
-    async fn unload_model(
-        &self,
-        _: Request<pb::UnloadModelRequest>,
-    ) -> Result<Response<pb::UnloadModelResponse>, Status> {
-        Ok(Response::new(pb::UnloadModelResponse {}))
-    }
-
-    async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<Events>, Status> {
-        let n = request.into_inner().sampling.and_then(|s| s.max_tokens).unwrap_or(16);
-        let (tx, rx) = mpsc::channel(8);
-        let interval = self.interval;
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            for i in 0..n {
-                tick.tick().await;
-                let chunk = pb::TokenChunk { text: now_ns().to_string(), token_id: Some(i), logprob: None };
-                if tx
-                    .send(Ok(pb::GenerateEvent { event: Some(pb::generate_event::Event::Token(chunk)) }))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-            let done = pb::GenerateDone { finish_reason: pb::FinishReason::Length as i32, ..Default::default() };
-            let _ = tx.send(Ok(pb::GenerateEvent { event: Some(pb::generate_event::Event::Done(done)) })).await;
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-    }
-
-    async fn status(&self, _: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
-        Ok(Response::new(fake_status()))
-    }
-}
-
-/// The stand-in's status with these models loaded.
-fn status_with(model_ids: &[String]) -> pb::StatusResponse {
-    let mut status = fake_status();
-    status.models = model_ids
-        .iter()
-        .map(|id| pb::LoadedModel {
-            info: Some(pb::ModelInfo { model_id: id.clone(), ..Default::default() }),
-            ..Default::default()
-        })
-        .collect();
-    status
-}
-
-/// Registers the stand-in with the controller and answers its load commands at once.
-async fn link(controller: String, advertise: String, model_ids: Arc<std::sync::Mutex<Vec<String>>>) {
-    let mut client = WorkerLinkClient::connect(controller).await.expect("controller link");
-    let (tx, rx) = mpsc::channel(64);
-    let reg = pb::WorkerRegistration {
-        worker_id: "bench".into(),
-        address: advertise,
-        version: "bench".into(),
-        status: Some(fake_status()),
-        ..Default::default()
-    };
-    tx.send(pb::WorkerMessage { message: Some(pb::worker_message::Message::Register(reg)) }).await.unwrap();
-    let mut inbound = client.attach(ReceiverStream::new(rx)).await.expect("attach").into_inner();
-    // Heartbeats, or the controller declares the stand-in lost after its lease.
-    let (beat_tx, ids) = (tx.clone(), model_ids.clone());
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let status = status_with(&ids.lock().unwrap());
-            if beat_tx
-                .send(pb::WorkerMessage { message: Some(pb::worker_message::Message::Heartbeat(status)) })
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
-    });
-    while let Ok(Some(msg)) = inbound.message().await {
-        if let Some(pb::controller_message::Message::Load(cmd)) = msg.message {
-            let req = cmd.request.unwrap_or_default();
-            model_ids.lock().unwrap().push(req.model_id.clone());
-            let status = status_with(&model_ids.lock().unwrap());
-            let result = pb::CommandResult {
-                command_id: cmd.command_id,
-                model: Some(pb::ModelInfo { model_id: req.model_id, ..Default::default() }),
-                ..Default::default()
-            };
-            let _ = tx.send(pb::WorkerMessage { message: Some(pb::worker_message::Message::Result(result)) }).await;
-            let _ = tx.send(pb::WorkerMessage { message: Some(pb::worker_message::Message::Heartbeat(status)) }).await;
-        }
-    }
-}
+use standin::{Engine, StandIn, now_ns};
 
 #[derive(Default)]
 struct Sample {
@@ -199,18 +66,6 @@ async fn main() {
     let requests = arg(&args, "--requests", 200) as usize;
     let tokens = arg(&args, "--tokens", 64) as u32;
     let interval = Duration::from_micros(arg(&args, "--interval-us", 500));
-    EPOCH.get_or_init(Instant::now);
-
-    // The stand-in worker.
-    let worker_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let worker_addr = worker_listener.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .add_service(pb::worker_server::WorkerServer::new(FakeWorker { interval }))
-            .serve_with_incoming(gantry_worker::server::incoming(worker_listener)),
-    );
-
     // The real controller.
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(EmbeddedStore::open(&dir.path().join("state.redb")).unwrap());
@@ -219,7 +74,10 @@ async fn main() {
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let grpc_addr = grpc.local_addr().unwrap();
     tokio::spawn(controller.serve(grpc, None, std::future::pending()));
-    tokio::spawn(link(format!("http://{grpc_addr}"), worker_addr.to_string(), Default::default()));
+    // The stand-in worker: each token's text is the moment it was sent.
+    let engine = Engine { interval, stamp: true, ..Engine::default() };
+    let worker = StandIn::start(&format!("http://{grpc_addr}"), "bench", engine).await;
+    let worker_addr = worker.addr;
 
     // A deployment the stand-in "loads": the real SmolLM2 file when fetched, else a catalog id.
     let source = ["models/SmolLM2-135M-Instruct.Q4_1.gguf"]

@@ -63,6 +63,9 @@ pub struct ControlArgs {
     /// Percent of VRAM kept free on top of each replica's estimate
     #[arg(long, default_value_t = 5)]
     vram_margin: u64,
+    /// Requests relayed at once; past this, new ones are refused at once (RESOURCE_EXHAUSTED)
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    max_requests: u32,
     /// A file of API keys, one per line: every API but health checks then needs
     /// `Authorization: Bearer <key>` [default: no keys]
     #[arg(long, env = "GANTRY_API_KEYS_FILE")]
@@ -138,6 +141,7 @@ impl ControlArgs {
             heartbeat: (lease / 4).clamp(Duration::from_millis(50), Duration::from_secs(2)),
             margin_percent: self.vram_margin,
             worker_tls: None,
+            max_requests: self.max_requests as usize,
         })
     }
 

@@ -33,11 +33,14 @@ pub struct Api {
     cluster: Arc<Cluster>,
     /// Whether a worker must present a client certificate (mutual TLS) to attach.
     worker_certificates: bool,
+    /// One permit per request relayed (`ControllerConfig::max_requests`).
+    relays: Arc<tokio::sync::Semaphore>,
 }
 
 impl Api {
     pub fn new(cluster: Arc<Cluster>) -> Api {
-        Api { cluster, worker_certificates: false }
+        let relays = Arc::new(tokio::sync::Semaphore::new(cluster.config().max_requests));
+        Api { cluster, worker_certificates: false, relays }
     }
 
     /// Requires workers to present a certificate the TLS layer verified against the client CA.
@@ -346,6 +349,14 @@ impl Api {
         if model.trim().is_empty() {
             return Err(Status::invalid_argument("the request names no model; `Models/List` shows what is deployed"));
         }
+        let Ok(permit) = self.relays.clone().try_acquire_owned() else {
+            let label = if self.cluster.get(model).is_ok() { model } else { "(unknown)" };
+            crate::metrics::request_finished(label, "resource_exhausted");
+            let limit = self.cluster.config().max_requests;
+            return Err(Status::resource_exhausted(format!(
+                "the controller is relaying {limit} requests, its limit (--max-requests); retry later"
+            )));
+        };
         let mut relay = Relay {
             cluster: self.cluster.clone(),
             model: model.to_string(),
@@ -365,7 +376,10 @@ impl Api {
             crate::metrics::request_finished(label, &code_name(e.code()));
         })?;
         let (tx, rx) = mpsc::channel(RELAY_BUFFER);
-        tokio::spawn(relay.run(attached, tx));
+        tokio::spawn(async move {
+            relay.run(attached, tx).await;
+            drop(permit);
+        });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 }

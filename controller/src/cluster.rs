@@ -47,6 +47,8 @@ pub struct ControllerConfig {
     pub margin_percent: u64,
     /// How to dial workers that serve TLS (the cluster CA, and the controller's certificate).
     pub worker_tls: Option<tonic::transport::ClientTlsConfig>,
+    /// Requests relayed at once; past this, new ones are refused with RESOURCE_EXHAUSTED.
+    pub max_requests: usize,
 }
 
 impl Default for ControllerConfig {
@@ -56,6 +58,7 @@ impl Default for ControllerConfig {
             heartbeat: Duration::from_secs(1),
             margin_percent: 5,
             worker_tls: None,
+            max_requests: 10_000,
         }
     }
 }

@@ -130,6 +130,7 @@ pub fn capture(child: &mut std::process::Child) -> Captured {
 
 pub mod controller;
 pub mod etcd;
+pub mod standin;
 pub mod worker;
 
 /// A plain HTTP/1.1 GET: the whole response, status line and headers included.
