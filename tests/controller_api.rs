@@ -135,7 +135,7 @@ async fn the_controller_api_end_to_end() {
 
     // A deadline ends the stream with DEADLINE_EXCEEDED and stops the worker's generation.
     let mut inference = control.inference().await;
-    let mut req = tonic::Request::new(long_chat("chat", 4000));
+    let mut req = tonic::Request::new(long_chat("chat", 2000));
     req.set_timeout(Duration::from_millis(800));
     let started = Instant::now();
     let result: Result<(), tonic::Status> = async {
@@ -144,7 +144,7 @@ async fn the_controller_api_end_to_end() {
         Ok(())
     }
     .await;
-    let err = result.expect_err("4000 tokens do not fit in 800 ms");
+    let err = result.expect_err("2000 tokens do not fit in 800 ms");
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
     wait_until(Duration::from_secs(5), "the worker stops after the deadline", || async {
@@ -153,7 +153,7 @@ async fn the_controller_api_end_to_end() {
     .await;
 
     // A client that goes away stops the worker within a token or so.
-    let mut s = inference.chat(long_chat("chat", 4000)).await.unwrap().into_inner();
+    let mut s = inference.chat(long_chat("chat", 2000)).await.unwrap().into_inner();
     for _ in 0..3 {
         s.message().await.unwrap().unwrap();
     }

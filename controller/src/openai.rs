@@ -26,7 +26,24 @@ pub fn routes(api: Api) -> axum::Router {
     axum::Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(api)
+}
+
+/// The largest request body taken: room for a prompt filling a 1M-token context.
+pub const MAX_BODY: usize = 8 << 20;
+
+/// The body, or the reason it could not be read (too large: 413) in OpenAI's shape.
+fn body_bytes(body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        let status = e.status();
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            format!("the request body is larger than {} MiB", MAX_BODY >> 20)
+        } else {
+            format!("the request body could not be read: {e}")
+        };
+        ApiError { status, kind: "invalid_request_error", code: None, param: None, message }
+    })
 }
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
@@ -390,8 +407,12 @@ fn sse_events(state: SseState) -> impl Stream<Item = Result<Event, Infallible>> 
     .flatten()
 }
 
-async fn chat_completions(State(api): State<Api>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
-    let body: ChatBody = parse(&body)?;
+async fn chat_completions(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body: ChatBody = parse(&body_bytes(body)?)?;
     let sampling = sampling(&body.common)?;
     if body.messages.is_empty() {
         return Err(ApiError::invalid(Some("messages"), "messages is empty: give at least one message"));
@@ -429,8 +450,12 @@ async fn chat_completions(State(api): State<Api>, headers: HeaderMap, body: Byte
     run(api, Kind::Chat, body.common, input, sampling, &headers).await
 }
 
-async fn completions(State(api): State<Api>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
-    let body: CompletionBody = parse(&body)?;
+async fn completions(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body: CompletionBody = parse(&body_bytes(body)?)?;
     let sampling = sampling(&body.common)?;
     let prompt = match body.prompt {
         Some(Prompt::One(p)) => p,

@@ -168,7 +168,7 @@ pub fn parse_gguf_keeping(prefix: &[u8], file_len: u64, keep_whole: &dyn Fn(&str
 
     let mut metadata = BTreeMap::new();
     for i in 0..n_kv {
-        let key = r.string(&format!("metadata key #{i}"))?;
+        let key = r.name(&format!("metadata key #{i}"))?;
         let ty = r.u32(&format!("the type of `{key}`"))?;
         let value = r.value(ty, &key, 0)?;
         metadata.insert(key, value);
@@ -260,6 +260,16 @@ impl<'a> Reader<'a> {
         Ok(String::from_utf8_lossy(raw).into_owned())
     }
 
+    /// A name (a metadata key, a tensor's name): it must be UTF-8, as the format says, since
+    /// lookups by name would silently miss a mangled one.
+    fn name(&mut self, what: &str) -> Result<String> {
+        let len = self.u64(&format!("the length of {what}"))?;
+        let raw = self.take(len, what)?;
+        std::str::from_utf8(raw).map(str::to_string).map_err(|e| Error::InvalidGguf {
+            reason: format!("{what} is not UTF-8 (bad byte at {}: {})", e.valid_up_to(), String::from_utf8_lossy(raw)),
+        })
+    }
+
     fn skip_string(&mut self, what: &str) -> Result<()> {
         let len = self.u64(&format!("the length of {what}"))?;
         self.take(len, what).map(|_| ())
@@ -343,7 +353,7 @@ impl<'a> Reader<'a> {
     }
 
     fn tensor_info(&mut self, index: u64) -> Result<GgufTensor> {
-        let name = self.string(&format!("the name of tensor #{index}"))?;
+        let name = self.name(&format!("the name of tensor #{index}"))?;
         let n_dims = self.u32(&format!("the dimension count of `{name}`"))?;
         if n_dims == 0 || n_dims > MAX_DIMS {
             return Err(Error::InvalidGguf {

@@ -621,6 +621,12 @@ impl WorkerState {
                 context - 1
             )));
         }
+        if params.max_tokens > context {
+            return Err(Status::invalid_argument(format!(
+                "max_tokens {} is more than model `{}` can hold: its context is {context} tokens, prompt included",
+                params.max_tokens, model.info.model_id
+            )));
+        }
         let resumed = req.resume_tokens;
         check_resumed(&resumed, &model, prompt.len(), &params)?;
 
@@ -933,6 +939,9 @@ fn run_stage(
     }
 }
 
+/// The roles a conversation's messages may have (chat templates know these).
+const CHAT_ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
+
 /// The prompt's token ids: plain text as is, a conversation through the chat template.
 fn build_prompt(model: &Served, input: Option<&pb::generate_request::Input>) -> Result<Vec<u32>, Status> {
     let text = match input {
@@ -941,6 +950,14 @@ fn build_prompt(model: &Served, input: Option<&pb::generate_request::Input>) -> 
         Some(pb::generate_request::Input::Chat(c)) => {
             if c.messages.is_empty() {
                 return Err(Status::invalid_argument("the chat has no messages"));
+            }
+            if let Some((i, m)) = c.messages.iter().enumerate().find(|(_, m)| !CHAT_ROLES.contains(&m.role.as_str())) {
+                return Err(Status::invalid_argument(format!(
+                    "message #{} has unknown role `{}`: use {}",
+                    i + 1,
+                    m.role.escape_debug(),
+                    CHAT_ROLES.join(", ")
+                )));
             }
             let template = model.template.as_ref().map_err(|e| {
                 Status::failed_precondition(format!("model `{}` has no usable chat template: {e}", model.info.model_id))
