@@ -246,6 +246,11 @@ async fn with_etcd_a_standby_controller_takes_over_when_the_leader_dies() {
     let mut inference = standby.inference().await;
     let (text, _) = chat(&mut inference, "chat", "What is the capital of France?", 24).await.unwrap();
     assert!(text.contains("Paris"), "{text}");
+    // The CLI given both addresses finds the new leader (the old one is gone, a standby does
+    // not listen).
+    let (code, out, err) = common::run(common::gantry().args(["get", "deployments", "--controller", &controllers]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("chat") && out.contains("1/1"), "{out}");
     let loads = worker.stderr().lines().filter(|l| l.contains("serving") && l.contains("model=chat/0")).count();
     assert_eq!(loads, 1, "chat/0 was loaded {loads} times");
 }

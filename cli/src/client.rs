@@ -22,7 +22,8 @@ pub const DEFAULT_CONTROLLER: &str = "http://127.0.0.1:50051";
 /// Where the controller is.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ControllerArg {
-    /// The controller's gRPC address
+    /// The controller's gRPC address; several, comma-separated, for controllers sharing an etcd
+    /// (the one that leads answers: the others do not listen)
     #[arg(long, env = "GANTRY_CONTROLLER", default_value = DEFAULT_CONTROLLER)]
     pub controller: String,
     /// The API key, when the controller requires one
@@ -190,7 +191,30 @@ pub async fn connect(arg: &ControllerArg) -> Result<Conn, CliError> {
     Ok(InterceptedService::new(connect_channel(&arg.controller, arg.tls_ca.as_deref()).await?, bearer))
 }
 
-async fn connect_channel(controller: &str, tls_ca: Option<&std::path::Path>) -> Result<Channel, CliError> {
+/// Connects to the first of the comma-separated controllers that answers: with several
+/// controllers on one etcd only the leader listens, so this finds it, and after a takeover
+/// the same command finds the new one.
+async fn connect_channel(controllers: &str, tls_ca: Option<&std::path::Path>) -> Result<Channel, CliError> {
+    let all: Vec<&str> = controllers.split(',').map(str::trim).filter(|c| !c.is_empty()).collect();
+    let mut last = None;
+    for controller in &all {
+        match connect_one(controller, tls_ca).await {
+            Ok(channel) => return Ok(channel),
+            Err(e) if e.code() == CliError::UNAVAILABLE && all.len() > 1 => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(match (last, all.len()) {
+        (Some(e), n) if n > 1 => CliError::with_code(
+            format!("none of the {n} controllers answers ({controllers}); the last: {}", e.message()),
+            CliError::UNAVAILABLE,
+        ),
+        (Some(e), _) => e,
+        (None, _) => CliError::usage("--controller is empty: give the controller's address"),
+    })
+}
+
+async fn connect_one(controller: &str, tls_ca: Option<&std::path::Path>) -> Result<Channel, CliError> {
     let scheme = if tls_ca.is_some() { "https" } else { "http" };
     let url = if controller.contains("://") { controller.to_string() } else { format!("{scheme}://{controller}") };
     let mut endpoint = Endpoint::from_shared(url.clone())

@@ -33,6 +33,10 @@ impl CliError {
     }
 
     /// The exit code.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
     pub fn code(&self) -> u8 {
         self.code
     }
