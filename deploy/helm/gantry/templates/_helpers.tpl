@@ -1,0 +1,136 @@
+{{/*
+Names. The full name is kept to 42 characters so that "<fullname>-controller" and the etcd
+members' host names stay within the 63 characters of a DNS label.
+*/}}
+{{- define "gantry.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 42 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "gantry.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 42 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 42 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 42 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "gantry.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels every resource carries. */}}
+{{- define "gantry.labels" -}}
+helm.sh/chart: {{ include "gantry.chart" . }}
+app.kubernetes.io/name: {{ include "gantry.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: gantry
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Selector labels of one component: include "gantry.selectorLabels" (list $ "controller") */}}
+{{- define "gantry.selectorLabels" -}}
+{{- $ctx := index . 0 -}}
+app.kubernetes.io/name: {{ include "gantry.name" $ctx }}
+app.kubernetes.io/instance: {{ $ctx.Release.Name }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end }}
+
+{{/* All labels of one component's resources: include "gantry.componentLabels" (list $ "etcd") */}}
+{{- define "gantry.componentLabels" -}}
+{{ include "gantry.labels" (index . 0) }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end }}
+
+{{/* Images. */}}
+{{- define "gantry.controllerImage" -}}
+{{- $repo := default .Values.image.repository .Values.controller.image.repository -}}
+{{- $tag := default (default .Chart.AppVersion .Values.image.tag) .Values.controller.image.tag -}}
+{{- printf "%s:%s" $repo $tag -}}
+{{- end }}
+
+{{- define "gantry.workerImage" -}}
+{{- $repo := default .Values.image.repository .Values.worker.image.repository -}}
+{{- $tag := default (printf "%s-cuda" (default .Chart.AppVersion .Values.image.tag)) .Values.worker.image.tag -}}
+{{- printf "%s:%s" $repo $tag -}}
+{{- end }}
+
+{{/* Service accounts. */}}
+{{- define "gantry.controllerServiceAccount" -}}
+{{- if .Values.serviceAccount.controller.create -}}
+{{- default (printf "%s-controller" (include "gantry.fullname" .)) .Values.serviceAccount.controller.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.controller.name -}}
+{{- end -}}
+{{- end }}
+
+{{- define "gantry.workerServiceAccount" -}}
+{{- if .Values.serviceAccount.worker.create -}}
+{{- default (printf "%s-worker" (include "gantry.fullname" .)) .Values.serviceAccount.worker.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.worker.name -}}
+{{- end -}}
+{{- end }}
+
+{{/* The controller's Service: the address workers and clients dial. */}}
+{{- define "gantry.controllerUrl" -}}
+{{- printf "http://%s-controller:%d" (include "gantry.fullname" .) (int .Values.controller.service.grpcPort) -}}
+{{- end }}
+
+{{/* etcd: the headless Service's name and the client URLs the controller is given. */}}
+{{- define "gantry.etcdName" -}}
+{{- printf "%s-etcd" (include "gantry.fullname" .) -}}
+{{- end }}
+
+{{- define "gantry.etcdEndpoints" -}}
+{{- if .Values.etcd.enabled -}}
+{{- $name := include "gantry.etcdName" . -}}
+{{- $urls := list -}}
+{{- range $i := until (int .Values.etcd.replicas) -}}
+{{- $urls = append $urls (printf "http://%s-%d.%s.%s.svc.%s:2379" $name $i $name $.Release.Namespace $.Values.clusterDomain) -}}
+{{- end -}}
+{{- join "," $urls -}}
+{{- else -}}
+{{- if not .Values.etcd.external.endpoints -}}
+{{- fail "etcd.enabled is false: give etcd.external.endpoints (a list of etcd client URLs)" -}}
+{{- end -}}
+{{- join "," .Values.etcd.external.endpoints -}}
+{{- end -}}
+{{- end }}
+
+{{/* API keys: whether they are on, and the Secret that holds them. */}}
+{{- define "gantry.apiKeysEnabled" -}}
+{{- if or .Values.apiKeys.create .Values.apiKeys.existingSecret -}}true{{- end -}}
+{{- end }}
+
+{{- define "gantry.apiKeysSecret" -}}
+{{- default (printf "%s-api-keys" (include "gantry.fullname" .)) .Values.apiKeys.existingSecret -}}
+{{- end }}
+
+{{/* Checks of values that a schema cannot express. */}}
+{{- define "gantry.checkValues" -}}
+{{- if and .Values.apiKeys.create .Values.apiKeys.existingSecret -}}
+{{- fail "apiKeys: set either create (with keys) or existingSecret, not both" -}}
+{{- end -}}
+{{- if .Values.apiKeys.create -}}
+{{- if not .Values.apiKeys.keys -}}
+{{- fail "apiKeys.create is true but apiKeys.keys is empty" -}}
+{{- end -}}
+{{- range .Values.apiKeys.keys -}}
+{{- if lt (len .) 16 -}}
+{{- fail "apiKeys.keys: every key needs at least 16 characters" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.etcd.enabled (eq (mod (int .Values.etcd.replicas) 2) 0) -}}
+{{- fail "etcd.replicas must be odd (1, 3, 5): an even count adds no fault tolerance" -}}
+{{- end -}}
+{{- end }}
