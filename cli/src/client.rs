@@ -74,6 +74,12 @@ pub struct DeployArgs {
     /// How split replicas' stages send hidden states: f32 (exact), f16 or bf16 (half the bytes)
     #[arg(long, default_value = "f32")]
     stage_wire_dtype: String,
+    /// Temperature for requests that give none (0: greedy)
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// max_tokens for requests that give none
+    #[arg(long)]
+    max_tokens: Option<u32>,
     /// Print the deployment as JSON
     #[arg(short = 'o', long = "output", value_parser = ["table", "json"], default_value = "table")]
     output: String,
@@ -293,6 +299,11 @@ pub fn run_deploy(args: DeployArgs) -> Result<(), CliError> {
             allow_multi_node: args.allow_multi_node,
         }),
         stage_wire_dtype: args.stage_wire_dtype.clone(),
+        sampling_defaults: (args.temperature.is_some() || args.max_tokens.is_some()).then(|| pb::SamplingParams {
+            temperature: args.temperature,
+            max_tokens: args.max_tokens,
+            ..Default::default()
+        }),
     };
     runtime()?.block_on(async {
         let mut client = DeploymentsClient::new(connect(&args.controller).await?);

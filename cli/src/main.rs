@@ -78,6 +78,11 @@ enum Command {
         /// bash, zsh, fish, elvish or powershell
         shell: clap_complete::Shell,
     },
+    /// Print the `ModelDeployment` CustomResourceDefinition (YAML) for `kubectl apply -f -`.
+    #[command(
+        after_help = "Examples:\n  gantry crd | kubectl apply -f -\n  gantry crd > deploy/crds/gantry.dev_modeldeployments.yaml"
+    )]
+    Crd,
 }
 
 const COMPLETION_EXAMPLES: &str = "\
@@ -121,6 +126,10 @@ fn main() -> ExitCode {
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "gantry", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Crd => {
+            print!("{}", gantry_controller::operator::crd::crd_yaml());
             Ok(())
         }
         Command::Inspect(args) => inspect::run(args),

@@ -357,6 +357,11 @@ impl Api {
                 "the controller is relaying {limit} requests, its limit (--max-requests); retry later"
             )));
         };
+        // The deployment's defaults fill what the request leaves unset.
+        let sampling = match self.cluster.spec(model) {
+            Some(spec) => spec.sampling.apply(sampling),
+            None => sampling,
+        };
         let mut relay = Relay {
             cluster: self.cluster.clone(),
             model: model.to_string(),

@@ -177,6 +177,9 @@ struct State {
     next_session: u64,
     /// The last view of each deployment sent to watchers.
     published: HashMap<String, pb::Deployment>,
+    /// Hugging Face tokens for deployments' downloads (from Kubernetes Secrets): kept in
+    /// memory only, never in the store.
+    hub_tokens: HashMap<String, String>,
 }
 
 /// A write for the store, applied in order by the writer task.
@@ -484,6 +487,20 @@ impl Cluster {
         self.event(&mut st, name, if existed { "Updated" } else { "Created" }, msg);
         self.reconcile(&mut st);
         Self::view(&st, name, &self.config).ok_or_else(|| Status::internal("the deployment vanished"))
+    }
+
+    /// What deployment `name` asks for.
+    pub fn spec(&self, name: &str) -> Option<DeploymentSpec> {
+        self.lock().deployments.get(name).map(|d| d.record.spec.clone())
+    }
+
+    /// Sets (or, with `None`, forgets) the Hugging Face token `name`'s loads carry.
+    pub fn set_hub_token(&self, name: &str, token: Option<String>) {
+        let mut st = self.lock();
+        match token {
+            Some(t) => st.hub_tokens.insert(name.to_string(), t),
+            None => st.hub_tokens.remove(name),
+        };
     }
 
     pub fn get(&self, name: &str) -> Result<pb::Deployment, Status> {
@@ -972,6 +989,8 @@ impl Cluster {
                     ..Default::default()
                 }
             };
+            let request =
+                pb::LoadModelRequest { hf_token: st.hub_tokens.get(name).cloned().unwrap_or_default(), ..request };
             st.next_command += 1;
             let command_id = st.next_command;
             let cmd = pb::LoadCommand { command_id, request: Some(request) };

@@ -16,6 +16,7 @@ pub mod auth;
 pub mod cluster;
 pub mod metrics;
 pub mod openai;
+pub mod operator;
 pub mod server;
 pub mod spec;
 pub mod store;

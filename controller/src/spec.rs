@@ -29,6 +29,72 @@ pub struct DeploymentSpec {
     /// `f16`/`bf16` for split replicas' hidden states; empty: f32.
     #[serde(default)]
     pub stage_wire_dtype: String,
+    /// Sampling for the values a request leaves unset.
+    #[serde(default)]
+    pub sampling: SamplingDefaults,
+}
+
+/// Sampling values a deployment gives requests that leave them unset.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SamplingDefaults {
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    #[serde(default)]
+    pub top_k: Option<u32>,
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    #[serde(default)]
+    pub min_p: Option<f32>,
+    #[serde(default)]
+    pub repetition_penalty: Option<f32>,
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+}
+
+// Sampling values are finite (checked), so the derived `PartialEq` is an equivalence.
+impl Eq for SamplingDefaults {}
+
+impl SamplingDefaults {
+    fn from_proto(p: &pb::SamplingParams) -> Result<SamplingDefaults, Status> {
+        // Checked as a request carrying only these values would be.
+        gantry_worker::service::sampling_params(Some(p))
+            .map_err(|e| Status::invalid_argument(format!("sampling defaults: {}", e.message())))?;
+        Ok(SamplingDefaults {
+            temperature: p.temperature,
+            top_k: p.top_k,
+            top_p: p.top_p,
+            min_p: p.min_p,
+            repetition_penalty: p.repetition_penalty,
+            max_tokens: p.max_tokens,
+        })
+    }
+
+    pub fn to_proto(&self) -> pb::SamplingParams {
+        pb::SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            max_tokens: self.max_tokens,
+            ..Default::default()
+        }
+    }
+
+    /// `request` with these values where it leaves them unset.
+    pub fn apply(&self, request: Option<pb::SamplingParams>) -> Option<pb::SamplingParams> {
+        if *self == SamplingDefaults::default() {
+            return request;
+        }
+        let mut p = request.unwrap_or_default();
+        p.temperature = p.temperature.or(self.temperature);
+        p.top_k = p.top_k.or(self.top_k);
+        p.top_p = p.top_p.or(self.top_p);
+        p.min_p = p.min_p.or(self.min_p);
+        p.repetition_penalty = p.repetition_penalty.or(self.repetition_penalty);
+        p.max_tokens = p.max_tokens.or(self.max_tokens);
+        Some(p)
+    }
 }
 
 /// A deployment as stored under `deployments/NAME`.
@@ -105,6 +171,10 @@ impl DeploymentSpec {
                 gantry_worker::pipeline::WireDtype::F32 => String::new(),
                 other => other.name().to_string(),
             },
+            sampling: match &spec.sampling_defaults {
+                Some(p) => SamplingDefaults::from_proto(p)?,
+                None => SamplingDefaults::default(),
+            },
         })
     }
 
@@ -124,6 +194,7 @@ impl DeploymentSpec {
                 allow_multi_node: self.policy.allow_multi_node,
             }),
             stage_wire_dtype: self.stage_wire_dtype.clone(),
+            sampling_defaults: (self.sampling != SamplingDefaults::default()).then(|| self.sampling.to_proto()),
         }
     }
 

@@ -362,7 +362,12 @@ impl WorkerState {
         let started = Instant::now();
         let progress_tx = events.clone();
         let mut last_sent = Instant::now() - std::time::Duration::from_secs(1);
-        let path = store::resolve(source, &self.hub, &mut |p| {
+        // A token sent with the load (a Kubernetes Secret's) stands in for the worker's own.
+        let hub = match req.hf_token.trim() {
+            "" => self.hub.clone(),
+            token => self.hub.with_token(token),
+        };
+        let path = store::resolve(source, &hub, &mut |p| {
             // A few events a second are plenty; the last one always goes.
             if p.done == p.total || last_sent.elapsed().as_millis() >= 200 {
                 last_sent = Instant::now();

@@ -270,6 +270,13 @@ pub struct Hub {
 }
 
 impl Hub {
+    /// The same client with `token` instead of the configured one.
+    pub fn with_token(&self, token: &str) -> Hub {
+        let mut hub = self.clone();
+        hub.config.token = Some(token.to_string());
+        hub
+    }
+
     pub fn new(config: HubConfig) -> Result<Hub, HubError> {
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
