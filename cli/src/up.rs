@@ -86,6 +86,54 @@ pub struct ControllerArgs {
     /// Require workers to present a certificate signed by this CA (mutual TLS; API clients need none)
     #[arg(long, env = "GANTRY_TLS_CLIENT_CA", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// Run the ModelDeployment operator (in-cluster config, or the kubeconfig outside a
+    /// cluster) and elect the active controller with a Kubernetes Lease
+    #[arg(long, env = "GANTRY_KUBERNETES")]
+    kubernetes: bool,
+    /// The namespace whose ModelDeployments to serve, and where the Lease lives
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default", requires = "kubernetes")]
+    namespace: String,
+    /// The Lease that elects the active controller
+    #[arg(long, default_value = "gantry-controller", requires = "kubernetes")]
+    lease_name: String,
+    /// This controller's name in the Lease and on events [default: the host name]
+    #[arg(long, env = "POD_NAME", requires = "kubernetes")]
+    identity: Option<String>,
+}
+
+/// The operator's part of a controller on Kubernetes: the Lease is held before anything else.
+struct Kubernetes {
+    client: kube::Client,
+    namespace: String,
+    identity: String,
+    lost: watch::Receiver<bool>,
+}
+
+impl ControllerArgs {
+    /// Connects to the API server and waits to hold the Lease.
+    async fn kubernetes(&self) -> Result<Option<Kubernetes>, CliError> {
+        if !self.kubernetes {
+            return Ok(None);
+        }
+        let client = kube::Client::try_default().await.map_err(|e| {
+            CliError::with_code(format!("--kubernetes: no Kubernetes API to talk to: {e}"), CliError::UNAVAILABLE)
+        })?;
+        let identity = self.identity.clone().unwrap_or_else(host_name);
+        let duration = std::time::Duration::from_secs_f64(self.control.lease.max(2.0) * 2.5);
+        let lock = gantry_controller::operator::lease::LeaseLock::new(
+            client.clone(),
+            &self.namespace,
+            &self.lease_name,
+            &identity,
+            duration,
+        );
+        let (ns, name) = (self.namespace.clone(), self.lease_name.clone());
+        lock.acquire(|holder| {
+            println!("gantry controller standby: {holder} holds the Lease {ns}/{name}; waiting to take over");
+        })
+        .await;
+        Ok(Some(Kubernetes { client, namespace: self.namespace.clone(), identity, lost: lock.keep() }))
+    }
 }
 
 /// Arguments of `gantry up`.
@@ -249,7 +297,28 @@ pub fn run_controller(args: ControllerArgs) -> Result<(), CliError> {
         _ => None,
     };
     runtime()?.block_on(async {
+        let kubernetes = args.kubernetes().await?;
         let (mut controller, grpc, http) = args.control.start(tls.as_ref().and_then(|t| t.worker_client())).await?;
+        if let Some(k) = kubernetes {
+            // Leadership ends with the Lease as with the store's election.
+            let mut from_store = controller.leadership.lost.clone();
+            let mut from_lease = k.lost.clone();
+            let (lost_tx, lost) = watch::channel(false);
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = from_store.wait_for(|l| *l) => {}
+                    _ = from_lease.wait_for(|l| *l) => tracing::error!("lost the Kubernetes Lease"),
+                }
+                lost_tx.send_replace(true);
+            });
+            controller.leadership.lost = lost.clone();
+            let ctx = gantry_controller::operator::Context::new(k.client, controller.cluster.clone(), &k.identity);
+            let mut stop = lost;
+            tokio::spawn(gantry_controller::operator::run(ctx, k.namespace.clone(), async move {
+                let _ = stop.wait_for(|l| *l).await;
+            }));
+            println!("operator: serving ModelDeployments in namespace {} as {}", k.namespace, k.identity);
+        }
         if let Some(t) = &tls {
             println!(
                 "TLS: on for gRPC and HTTP{}",

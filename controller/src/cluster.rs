@@ -1233,7 +1233,9 @@ impl Cluster {
             if d.events.back().is_some_and(|e| e.kind == kind && e.message == message) {
                 return;
             }
-            d.events.push_back(pb::DeploymentEventRecord { at_ms: now_ms(), kind: kind.into(), message });
+            // Strictly increasing per deployment, so "published up to T" names each event once.
+            let at_ms = d.events.back().map_or(0, |e| e.at_ms + 1).max(now_ms());
+            d.events.push_back(pb::DeploymentEventRecord { at_ms, kind: kind.into(), message });
             while d.events.len() > MAX_EVENTS {
                 d.events.pop_front();
             }
