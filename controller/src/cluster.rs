@@ -24,7 +24,7 @@ use tonic::Status;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{info, warn};
 
-use crate::spec::{DeploymentRecord, DeploymentSpec, SizedModel, check_name, check_replicas, size_model};
+use crate::spec::{DeploymentRecord, DeploymentSpec, SizedModel, check_name, check_replicas, size_model_async};
 use crate::store::{Store, StoreError};
 
 /// Events kept per deployment.
@@ -321,7 +321,7 @@ impl Cluster {
                     continue;
                 }
             };
-            let sized = size_model(&record.spec);
+            let sized = size_model_async(&record.spec).await;
             state.deployments.insert(
                 record.name.clone(),
                 Deployment { record, sized, replicas: BTreeMap::new(), events: VecDeque::new() },
@@ -449,7 +449,7 @@ impl Cluster {
     /// Creates or updates a deployment; returns its view.
     pub async fn apply(&self, name: &str, spec: DeploymentSpec) -> Result<pb::Deployment, Status> {
         check_name(name)?;
-        let sized = size_model(&spec).map_err(Status::invalid_argument)?;
+        let sized = size_model_async(&spec).await.map_err(Status::invalid_argument)?;
         let (record, existed) = {
             let st = self.lock();
             match st.deployments.get(name) {

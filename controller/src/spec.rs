@@ -216,6 +216,9 @@ pub fn check_replicas(replicas: u32) -> Result<(), Status> {
 /// Gantry's catalog (Hub ids of catalog models included, with any `@revision`/`:file`).
 pub fn size_model(spec: &DeploymentSpec) -> Result<SizedModel, String> {
     let model = match Source::parse(&spec.source) {
+        Source::Url(u) => {
+            return Err(format!("{u}: a URL source is sized from its header over the network (size_model_async)"));
+        }
         Source::Local(path) => read_spec(&path).map_err(|e| e.to_string())?,
         Source::Hub(r) => {
             let catalog = Catalog::builtin().map_err(|e| e.to_string())?;
@@ -231,6 +234,22 @@ pub fn size_model(spec: &DeploymentSpec) -> Result<SizedModel, String> {
             }
         }
     };
+    size_with(model, spec)
+}
+
+/// [`size_model`], and for a URL source its GGUF header read with range requests.
+pub async fn size_model_async(spec: &DeploymentSpec) -> Result<SizedModel, String> {
+    match Source::parse(&spec.source) {
+        Source::Url(u) => {
+            let model = gantry_worker::store::url::read_remote_spec(&u).await.map_err(|e| e.to_string())?;
+            size_with(model, spec)
+        }
+        _ => size_model(spec),
+    }
+}
+
+/// The memory a replica of `model` needs as `spec` asks for it.
+fn size_with(model: ModelSpec, spec: &DeploymentSpec) -> Result<SizedModel, String> {
     let options = ServeOptions {
         context: (spec.context_length > 0).then_some(u64::from(spec.context_length)),
         dtype: if spec.dtype.is_empty() {

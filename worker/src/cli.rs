@@ -464,6 +464,15 @@ pub fn local_path(source: &str, cache_dir: Option<PathBuf>) -> Result<PathBuf, F
     match Source::parse(source) {
         Source::Local(p) => Ok(p),
         Source::Hub(r) => Ok(fetch_with_progress(&r, cache_dir)?.path),
+        Source::Url(u) => {
+            let config = HubConfig::from_env()?;
+            let dir = cache_dir.unwrap_or(config.cache_dir);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| Failure::new(Failure::SOFTWARE, format!("cannot start the download: {e}")))?;
+            Ok(rt.block_on(crate::store::url::download(&u, &dir, &mut |_| {}))?)
+        }
     }
 }
 

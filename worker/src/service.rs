@@ -988,6 +988,12 @@ fn progress_event(stage: &str, item: &str, done: u64, total: u64) -> pb::LoadMod
     }
 }
 
+/// A URL's file name without `.gguf`.
+fn url_file_stem(u: &str) -> String {
+    let name = store::url::file_name(u).unwrap_or_else(|_| "model.gguf".into());
+    name.strip_suffix(".gguf").map(str::to_string).unwrap_or(name)
+}
+
 /// The name a model is served under when the request gives none: a Hub repository's
 /// name, a file's stem, a folder's name.
 fn default_model_id(source: &Source) -> String {
@@ -996,6 +1002,7 @@ fn default_model_id(source: &Source) -> String {
             Some(f) => f.trim_end_matches(".gguf").to_string(),
             None => r.repo.rsplit('/').next().unwrap_or(&r.repo).to_string(),
         },
+        Source::Url(u) => url_file_stem(u),
         Source::Local(p) => {
             let p = if p.file_name().is_some_and(|n| n == "config.json") { p.parent().unwrap_or(p) } else { p };
             let name =

@@ -94,7 +94,8 @@ fn one() -> u32 {
 pub enum ModelSource {
     /// A Hugging Face Hub repository.
     Hub(HubModel),
-    /// A file or folder the workers download from this URL.
+    /// One `.gguf` file the workers download from this `http(s)` URL (once, into their cache);
+    /// the controller reads only its header (range requests) to size a replica.
     Url(String),
     /// A `.gguf` file or a model folder on the workers' nodes (a host path or a shared volume).
     Path(String),

@@ -270,6 +270,11 @@ pub struct Hub {
 }
 
 impl Hub {
+    /// The cache folder (Hub repositories, and files fetched by URL).
+    pub fn cache_dir(&self) -> &Path {
+        &self.config.cache_dir
+    }
+
     /// The same client with `token` instead of the configured one.
     pub fn with_token(&self, token: &str) -> Hub {
         let mut hub = self.clone();

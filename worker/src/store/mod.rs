@@ -5,6 +5,7 @@ pub mod hub;
 #[cfg(any(test, feature = "test-support"))]
 pub mod hub_stub;
 pub mod local;
+pub mod url;
 
 use std::path::{Path, PathBuf};
 
@@ -16,12 +17,17 @@ pub use local::{ModelLocation, StoreError, locate, read_spec};
 pub enum Source {
     Local(PathBuf),
     Hub(HubRef),
+    /// An `http(s)://` URL of one `.gguf` file.
+    Url(String),
 }
 
 impl Source {
     /// A path that exists is local; otherwise `org/name[@rev][:file]` is a Hub id unless
     /// `org` is a local folder (then it is a missing local path, reported as such).
     pub fn parse(text: &str) -> Source {
+        if url::is_url(text) {
+            return Source::Url(text.trim().to_string());
+        }
         let path = Path::new(text);
         if path.exists() {
             return Source::Local(path.to_path_buf());
@@ -38,6 +44,7 @@ impl std::fmt::Display for Source {
         match self {
             Source::Local(p) => write!(f, "{}", p.display()),
             Source::Hub(r) => write!(f, "{r}"),
+            Source::Url(u) => write!(f, "{u}"),
         }
     }
 }
@@ -51,5 +58,6 @@ pub async fn resolve(
     match source {
         Source::Local(p) => Ok(p.clone()),
         Source::Hub(r) => Ok(hub.fetch(r, progress).await?.path),
+        Source::Url(u) => url::download(u, hub.cache_dir(), progress).await,
     }
 }

@@ -1,0 +1,132 @@
+//! A model named by a URL: the controller sizes it from its GGUF header, read with HTTP range
+//! requests (not the weights), and the worker downloads it once into its cache and serves it.
+//! The server is a small HTTP/1.1 file server in the test (ranges supported, bytes counted).
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::controller::{RunningController, chat, placements, ready, spec, status, wait_for};
+use common::worker::RunningWorker;
+use gantry_proto::v1 as pb;
+
+/// Serves `file` at `/models/NAME` until the test ends; counts the bytes it sent.
+fn serve(file: Vec<u8>, name: &'static str) -> (String, Arc<AtomicU64>, Arc<AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (sent, whole) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (s, w) = (sent.clone(), whole.clone());
+    let file = Arc::new(file);
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let (file, s, w) = (file.clone(), s.clone(), w.clone());
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                let path = line.split_whitespace().nth(1).unwrap_or_default().to_string();
+                let mut range = None;
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = h.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                        let (a, b) = v.trim().split_once('-').unwrap();
+                        range = Some((a.parse::<usize>().unwrap(), b.parse::<usize>().unwrap()));
+                    }
+                }
+                if path != format!("/models/{name}") {
+                    let _ = conn.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                    return;
+                }
+                let (head, body) = match range {
+                    Some((a, b)) => {
+                        let b = b.min(file.len() - 1);
+                        (
+                            format!(
+                                "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {a}-{b}/{}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                                file.len(),
+                                b + 1 - a
+                            ),
+                            &file[a..=b],
+                        )
+                    }
+                    None => {
+                        w.fetch_add(1, Ordering::Relaxed);
+                        (
+                            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", file.len()),
+                            &file[..],
+                        )
+                    }
+                };
+                if conn.write_all(head.as_bytes()).is_ok() && conn.write_all(body).is_ok() {
+                    s.fetch_add(body.len() as u64, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    (format!("http://{addr}/models/{name}"), sent, whole)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_from_a_url_is_sized_from_its_header_downloaded_once_and_served() {
+    let real = std::fs::read(common::smollm2()).unwrap();
+    let size = real.len() as u64;
+    let (url, sent, whole) = serve(real, "SmolLM2-135M-Instruct.Q4_1.gguf");
+    let control = RunningController::start(&[]);
+    let cache = tempfile::tempdir().unwrap();
+    let _worker = RunningWorker::start(&[
+        "--controller",
+        &control.url(),
+        "--worker-id",
+        "w1",
+        "--gpus",
+        "1x24GiB",
+        "--cache-dir",
+        cache.path().to_str().unwrap(),
+    ]);
+    let mut deployments = control.deployments().await;
+
+    // Sized from the header alone: the controller read a few MiB, not the 94 MiB of weights.
+    deployments
+        .apply(pb::ApplyRequest { name: "chat".into(), spec: Some(spec(&url, 1, pb::PlacementStrategy::Binpack)) })
+        .await
+        .unwrap();
+    let d = wait_for(&mut deployments, "chat", Duration::from_secs(120), "ready", ready).await;
+    assert_eq!(placements(&d), ["w1/gpu:0"]);
+    assert!(status(&d).replica_bytes > 100 << 20, "{:?}", status(&d));
+    assert_eq!(whole.load(Ordering::Relaxed), 1, "one whole download, by the worker");
+    let header_bytes = sent.load(Ordering::Relaxed) - size;
+    assert!(header_bytes < 16 << 20, "the controller read {header_bytes} bytes of the header");
+    let mut inference = control.inference().await;
+    let (text, _) = chat(&mut inference, "chat", "What is the capital of France?", 24).await.unwrap();
+    assert!(text.contains("Paris"), "{text}");
+
+    // Scaled to two on the same worker: the file comes from the cache, not the server.
+    deployments.scale(pb::ScaleRequest { name: "chat".into(), replicas: 2 }).await.unwrap();
+    wait_for(&mut deployments, "chat", Duration::from_secs(120), "2 ready", |d| status(d).ready_replicas == 2).await;
+    assert_eq!(whole.load(Ordering::Relaxed), 1, "downloaded once");
+
+    // A URL that is not there, and one that names no .gguf file: refused with the reason.
+    let missing = url.replace("SmolLM2", "Nope");
+    let e = deployments
+        .apply(pb::ApplyRequest { name: "nope".into(), spec: Some(spec(&missing, 1, pb::PlacementStrategy::Binpack)) })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains(&missing) && e.message().contains("the server answered 404 Not Found"), "{e:?}");
+    let folder = url.rsplit_once('/').unwrap().0.to_string() + "/";
+    let e = deployments
+        .apply(pb::ApplyRequest { name: "folder".into(), spec: Some(spec(&folder, 1, pb::PlacementStrategy::Binpack)) })
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("a URL source must name one .gguf file"), "{e:?}");
+}
