@@ -188,18 +188,7 @@ async fn twenty_streams_survive_a_killed_worker_with_the_unbroken_text() {
     cmd.args(["controller", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--lease", "2"]);
     let control = RunningController::spawn(cmd, None);
     let http = control.http.clone().unwrap();
-    let worker = |id: &str| {
-        RunningWorker::start(&[
-            "--controller",
-            &control.url(),
-            "--worker-id",
-            id,
-            "--gpus",
-            "1x24GiB",
-            "--threads",
-            "1",
-        ])
-    };
+    let worker = |id: &str| RunningWorker::join(&control.url(), id, &["--threads", "1"]);
     let mut w1 = worker("w1");
     let mut w2 = worker("w2");
     let mut deployments = control.deployments().await;
@@ -280,18 +269,7 @@ async fn wait_workers(control: &RunningController, what: &str, check: impl Fn(&[
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_back_from_the_dead_is_told_what_to_keep_and_what_to_drop() {
     let control = RunningController::start(&["--lease", "2"]);
-    let worker = |id: &str| {
-        RunningWorker::start(&[
-            "--controller",
-            &control.url(),
-            "--worker-id",
-            id,
-            "--gpus",
-            "1x24GiB",
-            "--threads",
-            "1",
-        ])
-    };
+    let worker = |id: &str| RunningWorker::join(&control.url(), id, &["--threads", "1"]);
     let w1 = worker("w1");
     let mut deployments = control.deployments().await;
     let s = spec(common::smollm2().to_str().unwrap(), 1, pb::PlacementStrategy::Binpack);
@@ -360,9 +338,7 @@ async fn with_etcd_gone_the_controller_serves_refuses_changes_and_catches_up() {
     let args = ["--etcd", url.as_str(), "--etcd-prefix", "/reliability/", "--lease", "2"];
     let addr = format!("127.0.0.1:{}", common::etcd::free_port());
     let mut control = RunningController::start_on(&addr, &args);
-    let worker = |id: &str| {
-        RunningWorker::start(&["--controller", &format!("http://{addr}"), "--worker-id", id, "--gpus", "1x24GiB"])
-    };
+    let worker = |id: &str| RunningWorker::join(&format!("http://{addr}"), id, &[]);
     let mut w1 = worker("w1");
     let mut deployments = control.deployments().await;
     let s = spec(common::smollm2().to_str().unwrap(), 1, pb::PlacementStrategy::Binpack);

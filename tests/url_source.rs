@@ -83,16 +83,7 @@ async fn a_model_from_a_url_is_sized_from_its_header_downloaded_once_and_served(
     let (url, sent, whole) = serve(real, "SmolLM2-135M-Instruct.Q4_1.gguf");
     let control = RunningController::start(&[]);
     let cache = tempfile::tempdir().unwrap();
-    let _worker = RunningWorker::start(&[
-        "--controller",
-        &control.url(),
-        "--worker-id",
-        "w1",
-        "--gpus",
-        "1x24GiB",
-        "--cache-dir",
-        cache.path().to_str().unwrap(),
-    ]);
+    let _worker = RunningWorker::join(&control.url(), "w1", &["--cache-dir", cache.path().to_str().unwrap()]);
     let mut deployments = control.deployments().await;
 
     // Sized from the header alone: the controller read a few MiB, not the 94 MiB of weights.

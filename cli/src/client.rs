@@ -413,16 +413,6 @@ pub fn run_get(args: GetArgs) -> Result<(), CliError> {
     })
 }
 
-fn state_name(state: i32) -> &'static str {
-    match pb::ReplicaState::try_from(state) {
-        Ok(pb::ReplicaState::Pending) => "Pending",
-        Ok(pb::ReplicaState::Loading) => "Loading",
-        Ok(pb::ReplicaState::Ready) => "Ready",
-        Ok(pb::ReplicaState::Failed) => "Failed",
-        _ => "Unknown",
-    }
-}
-
 fn placement_of(r: &pb::Replica) -> String {
     if r.stages.is_empty() {
         return "-".into();
@@ -466,7 +456,7 @@ pub fn describe(d: &pb::Deployment) -> String {
         let reserved: u64 = r.stages.iter().map(|s| s.reserved_bytes).sum();
         t.row(vec![
             r.index.to_string(),
-            state_name(r.state).into(),
+            gantry_controller::cluster::replica_state_name(r.state).into(),
             placement_of(r),
             if reserved > 0 { format_bytes(reserved) } else { "-".into() },
             if r.progress.is_empty() { r.reason.clone() } else { r.progress.clone() },

@@ -275,6 +275,17 @@ fn queue_write(pending: &mut BTreeMap<String, StoreOp>, op: StoreOp) {
     pending.insert(key, op);
 }
 
+/// A replica state as people read it: `Pending`, `Loading`, `Ready`, `Failed`.
+pub fn replica_state_name(state: i32) -> &'static str {
+    match pb::ReplicaState::try_from(state) {
+        Ok(pb::ReplicaState::Pending) => "Pending",
+        Ok(pb::ReplicaState::Loading) => "Loading",
+        Ok(pb::ReplicaState::Ready) => "Ready",
+        Ok(pb::ReplicaState::Failed) => "Failed",
+        _ => "Unknown",
+    }
+}
+
 /// The model id a replica is loaded under on its worker: `NAME/INDEX`.
 pub fn replica_model_id(deployment: &str, index: u32) -> String {
     format!("{deployment}/{index}")

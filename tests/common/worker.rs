@@ -29,6 +29,13 @@ impl RunningWorker {
         RunningWorker::spawn(cmd)
     }
 
+    /// A worker named `id` with one declared 24 GiB GPU, attached to the controller at
+    /// `controller` (a URL), with `extra` flags.
+    pub fn join(controller: &str, id: &str, extra: &[&str]) -> RunningWorker {
+        let args = [&["--controller", controller, "--worker-id", id, "--gpus", "1x24GiB"][..], extra].concat();
+        RunningWorker::start(&args)
+    }
+
     /// Starts a prepared worker command (its own flags and environment) and waits for `ready`.
     pub fn spawn(mut cmd: Command) -> RunningWorker {
         let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("the worker starts");

@@ -140,16 +140,6 @@ pub fn selector(name: &str) -> String {
     format!("app.kubernetes.io/managed-by={MANAGER},gantry.dev/deployment={name}")
 }
 
-fn state_name(state: i32) -> &'static str {
-    match pb::ReplicaState::try_from(state) {
-        Ok(pb::ReplicaState::Pending) => "Pending",
-        Ok(pb::ReplicaState::Loading) => "Loading",
-        Ok(pb::ReplicaState::Ready) => "Ready",
-        Ok(pb::ReplicaState::Failed) => "Failed",
-        _ => "Unknown",
-    }
-}
-
 fn gib(bytes: u64) -> String {
     format!("{:.1} GiB", bytes as f64 / f64::from(1u32 << 30))
 }
@@ -169,7 +159,7 @@ pub fn status_of(md: &ModelDeployment, d: &pb::Deployment, last_event_ms: u64) -
         .iter()
         .map(|r| ReplicaStatus {
             index: r.index,
-            state: state_name(r.state).into(),
+            state: crate::cluster::replica_state_name(r.state).into(),
             stages: r
                 .stages
                 .iter()
