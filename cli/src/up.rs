@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use tracing::info;
 
 use crate::error::CliError;
+use gantry_controller::operator::lease::mark_leader;
 
 pub const CONTROLLER_EXAMPLES: &str = "\
 Examples:
@@ -127,11 +128,30 @@ impl ControllerArgs {
             &identity,
             duration,
         );
+        // Not the leader until the Lease is held (a restarted container keeps its pod's labels).
+        if self.identity.is_some()
+            && let Err(e) = mark_leader(client.clone(), &self.namespace, &identity, false).await
+        {
+            tracing::warn!(pod = %identity, error = %e, "could not clear this pod's leader label");
+        }
+        // A standby answers health checks on the HTTP port, so it is Ready (and can be evicted
+        // or rolled) while the Service, which selects the leader label, sends it nothing.
+        let standby = match self.control.http.as_str() {
+            h if h.eq_ignore_ascii_case("off") => None,
+            h => {
+                let (listener, _) = bind(h, "--http").await.map_err(unavailable)?;
+                Some(gantry_controller::server::standby_health(listener))
+            }
+        };
         let (ns, name) = (self.namespace.clone(), self.lease_name.clone());
         lock.acquire(|holder| {
             println!("gantry controller standby: {holder} holds the Lease {ns}/{name}; waiting to take over");
         })
         .await;
+        if let Some(task) = standby {
+            task.abort();
+            let _ = task.await;
+        }
         Ok(Some(Kubernetes { client, namespace: self.namespace.clone(), identity, lost: lock.keep() }))
     }
 }
@@ -312,11 +332,17 @@ pub fn run_controller(args: ControllerArgs) -> Result<(), CliError> {
                 lost_tx.send_replace(true);
             });
             controller.leadership.lost = lost.clone();
-            let ctx = gantry_controller::operator::Context::new(k.client, controller.cluster.clone(), &k.identity);
+            let ctx =
+                gantry_controller::operator::Context::new(k.client.clone(), controller.cluster.clone(), &k.identity);
             let mut stop = lost;
             tokio::spawn(gantry_controller::operator::run(ctx, k.namespace.clone(), async move {
                 let _ = stop.wait_for(|l| *l).await;
             }));
+            if args.identity.is_some()
+                && let Err(e) = mark_leader(k.client.clone(), &k.namespace, &k.identity, true).await
+            {
+                tracing::warn!(pod = %k.identity, error = %e, "could not label this pod as the leader");
+            }
             println!("operator: serving ModelDeployments in namespace {} as {}", k.namespace, k.identity);
         }
         if let Some(t) = &tls {

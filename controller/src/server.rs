@@ -152,6 +152,15 @@ impl Controller {
     }
 }
 
+/// Serves only `GET /healthz` (`standby`) on `listener` while this controller waits to lead, so
+/// an orchestrator sees a healthy standby; abort the task before the leader's server binds.
+pub fn standby_health(listener: TcpListener) -> tokio::task::JoinHandle<()> {
+    let router = axum::Router::new().route("/healthz", get(|| async { "standby\n" }));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    })
+}
+
 /// Refuses HTTP requests without a valid key (when keys are configured), in OpenAI's error shape.
 async fn require_key(
     State(keys): State<Option<ApiKeys>>,

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use gantry_controller::cluster::{Cluster, ControllerConfig};
 use gantry_controller::operator::crd::{HubModel, ModelDeployment, ModelDeploymentSpec, ModelSource, SecretKeyRef};
-use gantry_controller::operator::lease::{Attempt, LeaseLock};
+use gantry_controller::operator::lease::{Attempt, LeaseLock, mark_leader};
 use gantry_controller::operator::{Context, FINALIZER, reconcile};
 use gantry_controller::store::embedded::EmbeddedStore;
 use gantry_proto::v1 as pb;
@@ -94,6 +94,9 @@ fn answer(world: &mut World, method: &str, path: &str, body: &Value) -> (StatusC
                 (if method == "POST" { StatusCode::CREATED } else { StatusCode::OK }, l)
             }
         };
+    }
+    if path.contains("/pods/") {
+        return (StatusCode::OK, json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": last}}));
     }
     if path.contains("/events") {
         let mut ev = body.clone();
@@ -463,6 +466,7 @@ async fn an_invalid_spec_is_reported_not_retried() {
 #[tokio::test]
 async fn the_lease_is_taken_when_free_or_expired_and_never_by_two() {
     let (client, world) = fake_api();
+    let a_client = client.clone();
     let a = LeaseLock::new(client.clone(), "default", "gantry-controller", "pod-a", Duration::from_secs(15));
     let b = LeaseLock::new(client, "default", "gantry-controller", "pod-b", Duration::from_secs(15));
     // No Lease: a creates it.
@@ -499,6 +503,16 @@ async fn the_lease_is_taken_when_free_or_expired_and_never_by_two() {
         w.conflict_next = true;
     }
     assert!(matches!(a.try_acquire_or_renew().await.unwrap(), Attempt::HeldBy(_)), "the refused writer does not lead");
+
+    // The leader labels its pod (the Service selects the label); a starting pod clears it.
+    take_calls(&world);
+    let client = a_client.clone();
+    mark_leader(client.clone(), "default", "pod-b", true).await.unwrap();
+    mark_leader(client, "default", "pod-a", false).await.unwrap();
+    let calls = take_calls(&world);
+    assert!(calls[0].is("PATCH", "/api/v1/namespaces/default/pods/pod-b"), "{calls:?}");
+    assert_eq!(calls[0].body, json!({"metadata": {"labels": {"gantry.dev/leader": "true"}}}));
+    assert_eq!(calls[1].body, json!({"metadata": {"labels": {"gantry.dev/leader": null}}}));
 }
 
 #[tokio::test]

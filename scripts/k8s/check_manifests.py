@@ -293,9 +293,13 @@ def check_policy(objs, where, failures):
             if str(arg).startswith("--lease-name=") and o.get("kind") != "Deployment":
                 failures.add(where, f"{name}: leader election outside a Deployment")
         o["_labels"] = labels
+    # The leader controller labels its own pod at run time (gantry.dev/leader=true), so that
+    # label is matched by the controller's pods though their template cannot carry it.
+    runtime_labels = {"gantry.dev/leader": "true"}
     for s in services.values():
         sel = (s.get("spec") or {}).get("selector") or {}
-        if not any(all(w["_labels"].get(k) == v for k, v in sel.items()) for w in workloads):
+        static = {k: v for k, v in sel.items() if runtime_labels.get(k) != v}
+        if not any(all(w["_labels"].get(k) == v for k, v in static.items()) for w in workloads):
             failures.add(where, f"{describe(s)}: its selector {sel} matches no pod template")
     for o in workloads:
         o.pop("_labels", None)

@@ -7,9 +7,10 @@
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{Api, ObjectMeta, PostParams};
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Client, Error};
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -149,4 +150,17 @@ impl LeaseLock {
         });
         lost
     }
+}
+
+/// The label the leader puts on its own pod: the chart's Service selects it, so requests and
+/// workers reach the leader while every controller pod, standbys included, can be Ready.
+pub const LEADER_LABEL: &str = "gantry.dev/leader";
+
+/// Labels pod `pod` as the leader (`true`), or removes the label (a pod starting, or
+/// restarted after losing the Lease, is not the leader until it holds the Lease again).
+pub async fn mark_leader(client: Client, namespace: &str, pod: &str, leader: bool) -> Result<(), Error> {
+    let pods: Api<Pod> = Api::namespaced(client, namespace);
+    let value = if leader { serde_json::json!("true") } else { serde_json::Value::Null };
+    let patch = serde_json::json!({ "metadata": { "labels": { LEADER_LABEL: value } } });
+    pods.patch(pod, &PatchParams::default(), &Patch::Merge(patch)).await.map(|_| ())
 }
