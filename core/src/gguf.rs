@@ -174,7 +174,7 @@ pub fn parse_gguf_keeping(prefix: &[u8], file_len: u64, keep_whole: &dyn Fn(&str
         metadata.insert(key, value);
     }
 
-    let mut tensors = Vec::with_capacity(usize::try_from(n_tensors).unwrap_or(0));
+    let mut tensors = Vec::with_capacity(r.capacity_for(n_tensors, 25));
     for i in 0..n_tensors {
         tensors.push(r.tensor_info(i)?);
     }
@@ -210,6 +210,16 @@ impl<'a> Reader<'a> {
     /// Bytes left in the whole file (the prefix may hold fewer).
     fn remaining(&self) -> u64 {
         self.file_len.saturating_sub(self.pos as u64)
+    }
+
+    /// Room to set aside for `count` entries of at least `min_bytes_each`: no more than the
+    /// bytes at hand can hold. Counts are checked against the file's length, but a prefix's
+    /// claimed length (a header read over HTTP, or a huge file) must not size an allocation:
+    /// the list grows as entries are actually read. (Found by fuzzing: a 40-byte prefix
+    /// claiming a 2^60-byte file asked for 27 TB.)
+    fn capacity_for(&self, count: u64, min_bytes_each: u64) -> usize {
+        let at_hand = (self.bytes.len().saturating_sub(self.pos) as u64) / min_bytes_each.max(1);
+        usize::try_from(count.min(at_hand)).unwrap_or(0)
     }
 
     fn take(&mut self, n: u64, what: &str) -> Result<&'a [u8]> {
@@ -341,7 +351,7 @@ impl<'a> Reader<'a> {
             }
             return Ok(MetaValue::LongArray { element_type: elem, len });
         }
-        let mut items = Vec::with_capacity(len as usize);
+        let mut items = Vec::with_capacity(self.capacity_for(len, min_size));
         let what = format!("an element of `{key}`");
         for _ in 0..len {
             items.push(match elem {
@@ -518,6 +528,33 @@ pub mod write {
 mod tests {
     use super::write::{Value, gguf};
     use super::*;
+
+    /// Found by fuzzing: a short prefix claiming a huge file (as a header read over HTTP may)
+    /// passed the count check against the claimed length and reserved room for every claimed
+    /// tensor (27 TB). Now the room is what the bytes at hand hold, and the read asks for more.
+    #[test]
+    fn a_prefix_claiming_a_huge_file_allocates_only_what_it_holds() {
+        let mut prefix = b"GGUF".to_vec();
+        prefix.extend_from_slice(&3u32.to_le_bytes());
+        prefix.extend_from_slice(&(1u64 << 40).to_le_bytes()); // tensors
+        prefix.extend_from_slice(&0u64.to_le_bytes()); // metadata
+        prefix.extend_from_slice(&[7; 16]);
+        match parse_gguf_prefix(&prefix, 1 << 60) {
+            Err(Error::NeedMoreBytes { .. }) => {}
+            other => panic!("expected a request for more bytes, got {other:?}"),
+        }
+        // The same with an array claiming 2^40 strings.
+        let mut prefix = b"GGUF".to_vec();
+        prefix.extend_from_slice(&3u32.to_le_bytes());
+        prefix.extend_from_slice(&0u64.to_le_bytes());
+        prefix.extend_from_slice(&1u64.to_le_bytes());
+        prefix.extend_from_slice(&5u64.to_le_bytes());
+        prefix.extend_from_slice(b"a.key");
+        prefix.extend_from_slice(&9u32.to_le_bytes());
+        prefix.extend_from_slice(&8u32.to_le_bytes());
+        prefix.extend_from_slice(&(1u64 << 40).to_le_bytes());
+        assert!(matches!(parse_gguf_prefix(&prefix, 1 << 60), Err(Error::NeedMoreBytes { .. })));
+    }
 
     fn tiny() -> Vec<u8> {
         gguf(
