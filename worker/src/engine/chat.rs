@@ -120,11 +120,21 @@ impl ChatTemplate {
         for (k, v) in extra {
             ctx.insert(k.clone(), v.clone());
         }
-        tmpl.render(Value::from_serialize(&ctx)).map_err(|e| match e.kind() {
+        let mut out = Capped(Vec::new());
+        tmpl.render_captured_to(Value::from_serialize(&ctx), &mut out).map_err(|e| match e.kind() {
             // raise_exception's message, as transformers reports it.
             ErrorKind::InvalidOperation => EngineError::Template(e.detail().unwrap_or_default().to_string()),
+            ErrorKind::OutOfFuel => EngineError::Template(format!(
+                "the chat template ran past {TEMPLATE_FUEL} steps (a runaway loop?); it was stopped"
+            )),
+            ErrorKind::WriteFailure => EngineError::Template(format!(
+                "the chat template's output passed {} MiB; it was stopped",
+                TEMPLATE_OUTPUT_LIMIT >> 20
+            )),
             _ => EngineError::Template(e.to_string()),
-        })
+        })?;
+        String::from_utf8(out.0)
+            .map_err(|e| EngineError::Template(format!("the chat template's output is not UTF-8: {e}")))
     }
 }
 
@@ -141,7 +151,34 @@ fn environment() -> Environment<'static> {
         Err(Error::new(ErrorKind::InvalidOperation, msg))
     });
     env.add_function("strftime_now", |fmt: String| -> String { strftime_now(&fmt) });
+    // A template comes with the model, so it is untrusted: it gets a budget of instructions
+    // (a real one spends a few hundred per message) and its output is capped (see `render`).
+    env.set_fuel(Some(TEMPLATE_FUEL));
     env
+}
+
+/// Instructions a template may run per render: far above any real template's needs (a few
+/// hundred per message), far below a loop nest that would hold a worker for minutes.
+pub const TEMPLATE_FUEL: u64 = 20_000_000;
+
+/// The longest prompt text a template may produce: more than a 1M-token context holds.
+pub const TEMPLATE_OUTPUT_LIMIT: usize = 32 << 20;
+
+/// Collects a render's output, failing once it passes [`TEMPLATE_OUTPUT_LIMIT`].
+struct Capped(Vec<u8>);
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > TEMPLATE_OUTPUT_LIMIT {
+            return Err(std::io::Error::other("output limit"));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Python's `json.dumps(x, ensure_ascii=False, indent=…)`: `", "`/`": "` separators, non-ASCII
@@ -268,6 +305,27 @@ pub fn format_date(unix_secs: u64, fmt: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A model's template is untrusted: a runaway loop and a flood of output are stopped with
+    /// the reason, quickly, instead of holding a worker thread or its memory.
+    #[test]
+    fn runaway_templates_are_stopped() {
+        let hi = [Message::new("user", "hi")];
+        let cases = [
+            (
+                "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+                "ran past 20000000 steps",
+            ),
+            ("{% for i in range(1000) %}{{ 'x' * 100000 }}{% endfor %}", "output passed 32 MiB"),
+        ];
+        for (source, want) in cases {
+            let started = std::time::Instant::now();
+            let t = ChatTemplate::new(source, "test", "<s>", "</s>").unwrap();
+            let e = t.render(&hi, true, &Default::default()).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+            assert!(started.elapsed() < std::time::Duration::from_secs(30), "{:?}", started.elapsed());
+        }
+    }
 
     #[test]
     fn dates_format_like_python() {
