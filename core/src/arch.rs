@@ -120,6 +120,10 @@ pub struct ParamBreakdown {
     pub active: u64,
 }
 
+/// The most layers a model may have (far beyond any published one); per-layer lists are sized
+/// only after a count is checked against it.
+pub const MAX_LAYERS: u64 = 1 << 14;
+
 impl Architecture {
     /// Checks the numbers are those of a model that could exist, before any arithmetic.
     pub fn validate(&self) -> Result<()> {
@@ -133,7 +137,7 @@ impl Architecture {
             ("vocab_size", self.vocab_size, 1 << 24),
             ("hidden_size", self.hidden_size, 1 << 20),
             ("intermediate_size", self.intermediate_size, 1 << 22),
-            ("num_hidden_layers", self.num_layers, 1 << 14),
+            ("num_hidden_layers", self.num_layers, MAX_LAYERS),
             ("num_attention_heads", self.num_heads, 1 << 14),
             ("num_key_value_heads", self.num_kv_heads, 1 << 14),
             ("head_dim", self.head_dim, 1 << 14),

@@ -327,11 +327,16 @@ fn sliding_window(cfg: &Keys<'_>, layers: u64) -> Result<Option<SlidingWindow>> 
     let Some(window) = cfg.u64_opt(&["sliding_window", "sliding_window_size"])?.or(default_window) else {
         return Ok(None);
     };
-    let layers32 = u32::try_from(layers).map_err(|_| Error::Absurd {
-        what: "num_hidden_layers".into(),
-        value: layers.to_string(),
-        why: "too many layers".into(),
-    })?;
+    // Checked before any per-layer list is built (found by fuzzing: a Gemma 3 config claiming
+    // 3 billion layers built a 13 GB list before the architecture's own checks ran).
+    if layers > crate::arch::MAX_LAYERS {
+        return Err(Error::Absurd {
+            what: "num_hidden_layers".into(),
+            value: layers.to_string(),
+            why: format!("the largest plausible value is {}", crate::arch::MAX_LAYERS),
+        });
+    }
+    let layers32 = layers as u32; // fits: at most MAX_LAYERS
     let sliding: Vec<u32> = if let Some(types) = cfg.raw(&["layer_types"]).and_then(Value::as_array) {
         types
             .iter()
@@ -487,6 +492,11 @@ mod tests {
             (
                 r#"{"model_type":"llama","hidden_size":64,"num_hidden_layers":99999999999,"num_attention_heads":4,"vocab_size":10,"intermediate_size":8}"#,
                 "absurd num_hidden_layers",
+            ),
+            // Found by fuzzing: a family with sliding layers used to list them all first.
+            (
+                r#"{"architectures":["Gemma3ForCausalLM"],"attntn_size":2,"num_hidden_layers":3238038144}"#,
+                "absurd num_hidden_layers: 3238038144 (the largest plausible value is 16384)",
             ),
         ];
         for (text, want) in cases {
