@@ -2,8 +2,8 @@
 //! transformers configures jinja2, so prompts are byte-identical to `apply_chat_template`.
 //! Models without a template get a documented default chosen by their vocabulary.
 
-use minijinja::value::Kwargs;
-use minijinja::{Environment, Error, ErrorKind, Value};
+use minijinja::value::{Kwargs, Rest};
+use minijinja::{Environment, Error, ErrorKind, State, Value};
 use serde::{Deserialize, Serialize};
 
 use super::EngineError;
@@ -147,6 +147,7 @@ fn environment() -> Environment<'static> {
     env.set_keep_trailing_newline(false);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_filter("tojson", tojson);
+    add_bounded_filters(&mut env);
     env.add_function("raise_exception", |msg: String| -> Result<Value, Error> {
         Err(Error::new(ErrorKind::InvalidOperation, msg))
     });
@@ -163,6 +164,9 @@ pub const TEMPLATE_FUEL: u64 = 20_000_000;
 
 /// The longest prompt text a template may produce: more than a 1M-token context holds.
 pub const TEMPLATE_OUTPUT_LIMIT: usize = 32 << 20;
+
+/// The widest `tojson` indent a template may ask for.
+const MAX_JSON_INDENT: usize = 64;
 
 /// Collects a render's output, failing once it passes [`TEMPLATE_OUTPUT_LIMIT`].
 struct Capped(Vec<u8>);
@@ -181,11 +185,135 @@ impl std::io::Write for Capped {
     }
 }
 
+/// The builtin filters whose result an argument sizes, each checked before it runs: one call
+/// must not ask for more than a render may produce. (Found by fuzzing: `indent(10**12)`,
+/// `batch(10**12)`, `'%1000000000000d' | format(1)`, a `join` or `replace` with a long string
+/// asked for gigabytes to terabytes at once, and a failed allocation aborts the worker. Also
+/// `format` with a non-ASCII `%(key)`, which panics inside minijinja.)
+fn add_bounded_filters(env: &mut Environment<'static>) {
+    use minijinja::filters;
+    bounded(env, "indent", Value::from_function(filters::indent), |args| {
+        let (positional, kwargs) = split_kwargs(args);
+        let text = positional.first().map(to_text).unwrap_or_default();
+        let width = positional.get(1).cloned().or_else(|| kwarg(kwargs, "width")).map_or(4, |w| int(&w));
+        let lines = text.matches('\n').count() as u64 + 1;
+        Ok((text.len() as u64).saturating_add(lines.saturating_mul(width)))
+    });
+    // Both set aside room for `count` values at once.
+    let values = |args: &[Value]| Ok(args.get(1).map_or(0, int).saturating_mul(std::mem::size_of::<Value>() as u64));
+    bounded(env, "slice", Value::from_function(filters::slice), values);
+    bounded(env, "batch", Value::from_function(filters::batch), values);
+    bounded(env, "join", Value::from_function(filters::join), |args| {
+        let (positional, _) = split_kwargs(args);
+        let joiner = positional.get(1).map_or(0, |j| to_text(j).len() as u64);
+        let (mut n, mut len) = (0u64, 0u64);
+        for item in positional.first().and_then(|v| v.try_iter().ok()).into_iter().flatten() {
+            n += 1;
+            len = len.saturating_add(to_text(&item).len() as u64);
+        }
+        Ok(len.saturating_add(n.saturating_sub(1).saturating_mul(joiner)))
+    });
+    bounded(env, "replace", Value::from_function(filters::replace), |args| {
+        let [text, from, to] = [0, 1, 2].map(|i| args.get(i).map(to_text).unwrap_or_default());
+        let hits = if from.is_empty() { text.chars().count() + 1 } else { text.matches(from.as_str()).count() };
+        Ok((text.len() as u64).saturating_add((hits as u64).saturating_mul(to.len() as u64)))
+    });
+    bounded(env, "format", Value::from_function(filters::format), |args| {
+        let (positional, _) = split_kwargs(args);
+        let spec = positional.first().map(to_text).unwrap_or_default();
+        let texts = positional.iter().fold(0u64, |n, a| n.saturating_add(to_text(a).len() as u64));
+        // Widths and precisions: every number in a `%…` conversion, and every argument a `*` takes.
+        let mut widths = 0u64;
+        let mut rest = spec.as_str();
+        while let Some(at) = rest.find('%') {
+            let mut conversion = &rest[at + 1..];
+            if let Some(after) = conversion.strip_prefix('%') {
+                rest = after;
+                continue;
+            }
+            if let Some(key) = conversion.strip_prefix('(') {
+                let (name, after) = key.split_once(')').unwrap_or((key, ""));
+                // Found by fuzzing: minijinja 2.24 panics on a non-ASCII mapping key (it steps
+                // through the key a byte at a time), and the format string may be a message.
+                if !name.is_ascii() {
+                    return Err(Error::new(
+                        ErrorKind::InvalidOperation,
+                        format!("format's mapping key `{name}` is not ASCII"),
+                    ));
+                }
+                conversion = after;
+            }
+            let digits = conversion.trim_start_matches(|c: char| "-+ #0".contains(c));
+            let digits = digits.split(|c: char| !c.is_ascii_digit() && c != '.').next().unwrap_or_default();
+            for number in digits.split('.').filter(|n| !n.is_empty()) {
+                widths = widths.saturating_add(number.parse::<u64>().unwrap_or(u64::MAX));
+            }
+            rest = conversion;
+        }
+        if spec.contains('*') {
+            widths = positional.iter().skip(1).fold(widths, |n, a| n.saturating_add(int(a)));
+        }
+        Ok(texts.saturating_add(widths))
+    });
+}
+
+/// Registers `builtin` as filter `name`, refused when `size` says its result could pass
+/// [`TEMPLATE_OUTPUT_LIMIT`] (or refuses the arguments itself).
+fn bounded(
+    env: &mut Environment<'static>,
+    name: &'static str,
+    builtin: Value,
+    size: fn(&[Value]) -> Result<u64, Error>,
+) {
+    env.add_filter(name, move |state: &State, args: Rest<Value>| -> Result<Value, Error> {
+        let size = size(&args)?;
+        if size > TEMPLATE_OUTPUT_LIMIT as u64 {
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                format!(
+                    "the chat template's `{name}` would make {size} bytes, more than a render may produce ({} MiB)",
+                    TEMPLATE_OUTPUT_LIMIT >> 20
+                ),
+            ));
+        }
+        builtin.call(state, &args)
+    });
+}
+
+/// A filter's positional arguments (the filtered value first) and its keyword arguments.
+fn split_kwargs(args: &[Value]) -> (&[Value], Option<&Value>) {
+    match args.split_last() {
+        Some((last, positional)) if last.is_kwargs() => (positional, Some(last)),
+        _ => (args, None),
+    }
+}
+
+fn kwarg(kwargs: Option<&Value>, name: &str) -> Option<Value> {
+    kwargs.and_then(|k| k.get_attr(name).ok()).filter(|v| !v.is_undefined() && !v.is_none())
+}
+
+/// An integer argument's size (0 for anything else: the filter itself refuses those).
+fn int(v: &Value) -> u64 {
+    v.as_i64().map_or(0, i64::unsigned_abs)
+}
+
+fn to_text(v: &Value) -> String {
+    v.as_str().map_or_else(|| v.to_string(), str::to_string)
+}
+
 /// Python's `json.dumps(x, ensure_ascii=False, indent=…)`: `", "`/`": "` separators, non-ASCII
 /// kept, no HTML escaping.
 fn tojson(value: Value, kwargs: Kwargs) -> Result<String, Error> {
     let indent: Option<usize> = kwargs.get("indent")?;
     kwargs.assert_all_used()?;
+    // Found by fuzzing: `tojson(indent=10**12)` asked for a terabyte of spaces. Real templates
+    // indent by 2 or 4.
+    if let Some(n) = indent.filter(|&n| n > MAX_JSON_INDENT) {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            format!("tojson's indent {n} is more than {MAX_JSON_INDENT}"),
+        ));
+    }
     let json = serde_json::to_value(&value).map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
     let mut out = String::new();
     py_dump(&json, indent, 0, &mut out);
@@ -325,6 +453,60 @@ mod tests {
             assert!(e.contains(want), "{e}");
             assert!(started.elapsed() < std::time::Duration::from_secs(30), "{:?}", started.elapsed());
         }
+    }
+
+    /// Found by fuzzing: a filter whose argument sizes its result (`indent`, `slice`, `batch`,
+    /// `join`, `replace`, `format`, `tojson`'s indent) asked for terabytes in one call and the
+    /// failed allocation aborted the process. Now such a call is refused; ordinary ones work.
+    #[test]
+    fn filters_cannot_ask_for_terabytes() {
+        let hi = [Message::new("user", "hi")];
+        let render = |source: &str| {
+            let t = ChatTemplate::new(source, "test", "<s>", "</s>").unwrap();
+            t.render(&hi, false, &Default::default()).map_err(|e| e.to_string())
+        };
+        for source in [
+            "{{ 'a\nb' | indent(1000000000000) }}",
+            "{{ 'a\nb' | indent(width=1000000000000) }}",
+            "{{ ('\n' * 10000000) | indent(100) }}",
+            "{{ [1] | slice(1000000000000) | list }}",
+            "{{ [1] | batch(1000000000000) | list }}",
+            "{{ range(100000) | join('x' * 10000000) }}",
+            "{{ ('x' * 10000000) | replace('x', 'yyyyyyyy') }}",
+            "{{ 'ab' | replace('', 'x' * 100000000) }}",
+            "{{ '%1000000000000d' | format(1) }}",
+            "{{ '%.99999999999999999999f' | format(1.5) }}",
+            "{{ '%(a)1000000000000s' | format(a=1) }}",
+            "{{ '%*d' | format(1000000000000, 1) }}",
+        ] {
+            let e = render(source).unwrap_err();
+            assert!(e.contains("more than a render may produce"), "{source}: {e}");
+        }
+        assert!(render("{{ [[1]] | tojson(indent=1000000000000) }}").unwrap_err().contains("more than 64"));
+        // What real templates do still works, as the builtins do it.
+        let ok = "{{ 'a\nb' | indent(2) }}|{{ 'a\nb' | indent(width=3, first=true) }}|{{ [1, 2, 3] | slice(2) | list }}|\
+                  {{ [1, 2, 3] | batch(2) | list }}|{{ ['a', 'b'] | join(', ') }}|{{ 'abc' | replace('b', 'x') }}|\
+                  {{ '%5d|%-4s|%.2f' | format(3, 'ab', 1.234) }}|{{ [1] | tojson(indent=2) }}";
+        assert_eq!(
+            render(ok).unwrap(),
+            "a\n  b|   a\n   b|[[1, 2], [3]]|[[1, 2], [3]]|a, b|axc|    3|ab  |1.23|[\n  1\n]"
+        );
+    }
+
+    /// Found by fuzzing: minijinja's `format` panicked on a mapping key with a non-ASCII
+    /// character (`'%(é)s'`), and a template may format a message's text. Now it is an error.
+    #[test]
+    fn format_with_a_non_ascii_key_is_an_error_not_a_panic() {
+        let t = ChatTemplate::new("{{ messages[0]['content'] | format(a=1) }}", "test", "<s>", "</s>").unwrap();
+        for content in ["%(\u{e9})s", "x %(caf\u{e9}", "true %(}\n pla\u{ee}t"] {
+            let e = t.render(&[Message::new("user", content)], false, &Default::default()).unwrap_err().to_string();
+            assert!(e.contains("is not ASCII"), "{content}: {e}");
+        }
+        // ASCII keys, an escaped `%%(` and non-ASCII text outside keys still format.
+        let t = ChatTemplate::new("{{ '%%(\u{e9}) \u{e9} %(a)s' | format(a=1) }}", "test", "<s>", "</s>").unwrap();
+        assert_eq!(t.render(&[], false, &Default::default()).unwrap(), "%(\u{e9}) \u{e9} 1");
+        let t = ChatTemplate::new("{{ '%(a)s and %(b)5s' | format(a=1, b='x') }}", "test", "<s>", "</s>").unwrap();
+        assert_eq!(t.render(&[], false, &Default::default()).unwrap(), "1 and     x");
     }
 
     #[test]
