@@ -186,10 +186,11 @@ impl std::io::Write for Capped {
 }
 
 /// The builtin filters whose result an argument sizes, each checked before it runs: one call
-/// must not ask for more than a render may produce. (Found by fuzzing: `indent(10**12)`,
-/// `batch(10**12)`, `'%1000000000000d' | format(1)`, a `join` or `replace` with a long string
-/// asked for gigabytes to terabytes at once, and a failed allocation aborts the worker. Also
-/// `format` with a non-ASCII `%(key)`, which panics inside minijinja.)
+/// must not ask for more than a render may produce. (Found with inputs written for the fuzz
+/// target: `indent(10**12)`, `batch(10**12)`, `'%1000000000000d' | format(1)`, a `join` or
+/// `replace` with a long string asked for gigabytes to terabytes at once, and a failed
+/// allocation aborts the worker. The fuzzer itself found `format` with a non-ASCII `%(key)`,
+/// which panics inside minijinja.)
 fn add_bounded_filters(env: &mut Environment<'static>) {
     use minijinja::filters;
     bounded(env, "indent", Value::from_function(filters::indent), |args| {
@@ -306,7 +307,7 @@ fn to_text(v: &Value) -> String {
 fn tojson(value: Value, kwargs: Kwargs) -> Result<String, Error> {
     let indent: Option<usize> = kwargs.get("indent")?;
     kwargs.assert_all_used()?;
-    // Found by fuzzing: `tojson(indent=10**12)` asked for a terabyte of spaces. Real templates
+    // Found while fuzzing: `tojson(indent=10**12)` asked for a terabyte of spaces. Real templates
     // indent by 2 or 4.
     if let Some(n) = indent.filter(|&n| n > MAX_JSON_INDENT) {
         return Err(Error::new(
@@ -455,9 +456,10 @@ mod tests {
         }
     }
 
-    /// Found by fuzzing: a filter whose argument sizes its result (`indent`, `slice`, `batch`,
-    /// `join`, `replace`, `format`, `tojson`'s indent) asked for terabytes in one call and the
-    /// failed allocation aborted the process. Now such a call is refused; ordinary ones work.
+    /// Found with inputs written for the fuzz target: a filter whose argument sizes its result
+    /// (`indent`, `slice`, `batch`, `join`, `replace`, `format`, `tojson`'s indent) asked for
+    /// terabytes in one call and the failed allocation aborted the process. Now such a call is
+    /// refused; ordinary ones work.
     #[test]
     fn filters_cannot_ask_for_terabytes() {
         let hi = [Message::new("user", "hi")];
