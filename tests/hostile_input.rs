@@ -487,3 +487,108 @@ async fn bad_requests_each_get_their_error_and_the_server_goes_on() {
     assert!(!up.stderr().contains("panicked"), "{}", up.stderr());
     assert!(wrong.is_empty(), "{} of {} cases went wrong:\n{}", wrong.len(), count + http_count, wrong.join("\n"));
 }
+
+// ---- hostile chat templates ----
+
+/// A copy of the tiny llama fixture whose tokenizer_config.json carries `template`.
+fn model_with_template(dir: &Path, name: &str, template: &str) -> PathBuf {
+    let from = common::repo_root().join("fixtures/engine/llama");
+    let to = dir.join(name);
+    std::fs::create_dir_all(&to).unwrap();
+    for f in ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(from.join(f), to.join(f)).unwrap();
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(from.join("tokenizer_config.json")).unwrap()).unwrap();
+    config["chat_template"] = template.into();
+    std::fs::write(to.join("tokenizer_config.json"), config.to_string()).unwrap();
+    to
+}
+
+fn prompt_request(model: &str) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        model_id: model.into(),
+        input: Some(pb::generate_request::Input::Prompt("hello there".into())),
+        sampling: Some(pb::SamplingParams { max_tokens: Some(4), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+/// Templates that stop an in-process renderer (minijinja 2.24 bounds none of these; see
+/// docs/fuzzing.md) cost the chat that hits them an error: the worker renders a model's own
+/// template in a child process with a memory limit and a deadline, started again for the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_chat_template_costs_its_chat_an_error_and_the_worker_goes_on() {
+    use common::worker::{RunningWorker, chat_request, collect};
+    let dir = tempfile::tempdir().unwrap();
+    let fixture =
+        std::fs::read_to_string(common::repo_root().join("fixtures/engine/llama/tokenizer_config.json")).unwrap();
+    let good: serde_json::Value = serde_json::from_str(&fixture).unwrap();
+    let models = [
+        ("good", good["chat_template"].as_str().unwrap().to_string()),
+        ("hang", "{% set n = 1000000000000 %}{{ ([] * n) ~ '' }}".into()),
+        ("hang-at-compile", "{{ ([] * 1000000000000) ~ '' }}".into()),
+        (
+            "memory",
+            "{% set ns = namespace(s='xxxxxxxx') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}".into(),
+        ),
+        ("stack", "{% set ns = namespace(l=[]) %}{% for i in range(100000) %}{% set ns.l = [ns.l] %}{% endfor %}{{ ns.l }}".into()),
+    ];
+    let mut args: Vec<String> =
+        ["--chat-template-timeout", "2", "--chat-template-memory", "256", "--threads", "1"].map(String::from).into();
+    for (name, template) in &models {
+        let path = model_with_template(dir.path(), name, template);
+        args.extend(["--model".into(), format!("{name}={}", path.display())]);
+    }
+    let worker = RunningWorker::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut client = worker.client().await;
+
+    let expected = [
+        (
+            "hang",
+            Code::InvalidArgument,
+            "chat template: the chat template did not finish within 2 s (a loop the step budget does not see?); its renderer was stopped",
+        ),
+        (
+            "hang-at-compile",
+            Code::FailedPrecondition,
+            "model `hang-at-compile` has no usable chat template: chat template: the chat template did not finish within 2 s (a loop the step budget does not see?); its renderer was stopped",
+        ),
+        (
+            "memory",
+            Code::InvalidArgument,
+            "chat template: the chat template asked for more memory than its renderer may use (256 MiB; signal 6); that render was stopped",
+        ),
+        (
+            "stack",
+            Code::InvalidArgument,
+            "chat template: the chat template nested too deeply and overflowed its renderer's stack (signal 6); that render was stopped",
+        ),
+    ];
+    let good_text = collect(&mut client, chat_request("good", "Hi", 6)).await.unwrap().text;
+    assert!(!good_text.is_empty());
+    for (model, code, message) in expected {
+        // Twice: the second chat gets a fresh renderer and the same answer.
+        for round in 0..2 {
+            // The hostile render runs off the worker's async threads: the good model answers
+            // while it is under way.
+            let mut hostile_client = client.clone();
+            let hostile = tokio::spawn(async move { collect(&mut hostile_client, chat_request(model, "Hi", 6)).await });
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            let other = collect(&mut client, chat_request("good", "Hi", 6)).await.unwrap();
+            assert_eq!(other.text, good_text, "{model} round {round}: the good model's chat");
+            if model == "hang" {
+                assert!(!hostile.is_finished(), "round {round}: the good chat waited for the hanging render");
+            }
+            let e = hostile.await.unwrap().unwrap_err();
+            assert_eq!((e.code(), e.message()), (code, message), "{model} round {round}");
+            // A plain prompt to the same model needs no template: it is served.
+            let plain = collect(&mut client, prompt_request(model)).await.unwrap();
+            assert_eq!(plain.tokens.len(), 4, "{model} round {round}");
+        }
+    }
+    let status = common::worker::status(&mut client).await;
+    assert_eq!(status.models.len(), 5);
+    let log = worker.stderr();
+    assert!(!log.contains("panicked"), "{log}");
+}

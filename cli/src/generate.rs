@@ -171,7 +171,8 @@ pub fn run(args: Args) -> Result<(), CliError> {
 
     let user_text = args.prompt.clone().unwrap_or_default();
     let prompt_text = if args.chat || args.system.is_some() {
-        let template = files.chat_template(&tokenizer)?;
+        let isolation = gantry_worker::cli::TemplateArgs::default().isolation()?;
+        let template = files.chat_template(&tokenizer, &isolation)?;
         let mut messages = Vec::new();
         if let Some(s) = &args.system {
             messages.push(Message::new("system", s));

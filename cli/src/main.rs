@@ -107,6 +107,8 @@ fn set_threads(threads: Option<usize>) -> Result<usize, CliError> {
 }
 
 fn main() -> ExitCode {
+    // A chat-template renderer child of a worker serves here and never returns.
+    gantry_worker::engine::chat_child::serve_renderer_if_child();
     gantry_worker::cli::install_panic_hook("gantry");
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

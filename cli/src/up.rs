@@ -184,6 +184,8 @@ pub struct UpArgs {
     /// CPU threads [default: all cores]
     #[arg(long, env = "GANTRY_THREADS")]
     pub threads: Option<usize>,
+    #[command(flatten)]
+    templates: gantry_worker::cli::TemplateArgs,
 }
 
 fn unavailable(e: impl ToString) -> CliError {
@@ -441,6 +443,7 @@ pub fn run_up(args: UpArgs) -> Result<(), CliError> {
             queue: args.queue,
             labels: [("gantry.dev/local".to_string(), "true".to_string())].into(),
             stage_tls: None,
+            templates: args.templates.isolation()?,
         };
         let state = WorkerState::new(options, inventory, hub);
         let (listener, worker_addr) = bind("127.0.0.1:0", "the local worker").await.map_err(unavailable)?;

@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
+use crate::engine::chat::{ChildLimits, TemplateIsolation};
 use crate::gpu::{self, GpuInfo};
 use crate::link::{self, LinkOptions};
 use crate::server;
@@ -187,6 +188,43 @@ pub struct WorkerArgs {
     /// Print the GPUs this worker would offer, and exit
     #[arg(long)]
     pub print_gpus: bool,
+    #[command(flatten)]
+    pub templates: TemplateArgs,
+}
+
+/// How models' own chat templates are rendered: in a child process with these bounds, so that a
+/// hostile template costs one request an error instead of stopping the worker.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TemplateArgs {
+    /// Seconds one chat-template render may take before its renderer process is stopped
+    #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = parse_template_timeout)]
+    pub chat_template_timeout: f64,
+    /// Address space, in MiB, of the process that renders a model's chat template
+    #[arg(long, value_name = "MIB", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(64..=1 << 20))]
+    pub chat_template_memory: u64,
+}
+
+impl Default for TemplateArgs {
+    fn default() -> Self {
+        TemplateArgs { chat_template_timeout: 10.0, chat_template_memory: 1024 }
+    }
+}
+
+impl TemplateArgs {
+    /// Renderer children of this executable, with these bounds.
+    pub fn isolation(&self) -> Result<TemplateIsolation, Failure> {
+        let mut limits = ChildLimits::this_executable().map_err(|e| Failure::new(Failure::SOFTWARE, e))?;
+        limits.deadline = std::time::Duration::from_secs_f64(self.chat_template_timeout);
+        limits.memory_bytes = self.chat_template_memory << 20;
+        Ok(TemplateIsolation::Child(limits))
+    }
+}
+
+fn parse_template_timeout(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.1..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!("`{s}` is not a number of seconds from 0.1 to 3600")),
+    }
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -285,6 +323,7 @@ pub fn run_worker(args: WorkerArgs) -> Result<(), Failure> {
         queue: args.queue,
         labels: args.labels.iter().cloned().collect(),
         stage_tls: tls.as_ref().and(client_tls.clone()),
+        templates: args.templates.isolation()?,
     };
     let note = inventory.note().to_string();
     let state = WorkerState::new(options, inventory, hub);

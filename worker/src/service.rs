@@ -22,7 +22,7 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use crate::engine::EngineError;
-use crate::engine::chat::{ChatTemplate, Message};
+use crate::engine::chat::{ChatTemplate, Message, TemplateIsolation};
 use crate::engine::files::ModelFiles;
 use crate::engine::generate::{FinishReason, generate_from};
 use crate::engine::model::StageInput;
@@ -53,6 +53,9 @@ pub struct WorkerOptions {
     /// How to dial the next pipeline stage when workers serve TLS (the cluster CA and this
     /// worker's certificate).
     pub stage_tls: Option<tonic::transport::ClientTlsConfig>,
+    /// Where models' own chat templates render: the binaries use a child process
+    /// ([`TemplateIsolation::Child`]), so that a hostile template cannot stop the worker.
+    pub templates: TemplateIsolation,
 }
 
 impl Default for WorkerOptions {
@@ -63,6 +66,7 @@ impl Default for WorkerOptions {
             queue: 64,
             labels: Default::default(),
             stage_tls: None,
+            templates: TemplateIsolation::InProcess,
         }
     }
 }
@@ -510,7 +514,7 @@ impl WorkerState {
         }
 
         let tokenizer = files.tokenizer().map_err(engine_status)?;
-        let template = files.chat_template(&tokenizer).map_err(|e| e.to_string());
+        let template = files.chat_template(&tokenizer, &self.options.templates).map_err(|e| e.to_string());
         let total_layers: usize = ranges.iter().map(|r| r.len()).sum();
         let mut done_before = 0;
         let mut segments = Vec::with_capacity(ranges.len());
@@ -1111,7 +1115,12 @@ impl pb::worker_server::Worker for WorkerService {
     }
 
     async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
-        let rx = self.state.generate(request.into_inner())?;
+        // Off the async threads: a chat's template renders in a child process (see
+        // `engine::chat_child`), which may take up to its deadline when the template is hostile.
+        let state = self.state.clone();
+        let rx = tokio::task::spawn_blocking(move || state.generate(request.into_inner()))
+            .await
+            .map_err(|e| Status::internal(format!("the request's task failed: {e}")))??;
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 

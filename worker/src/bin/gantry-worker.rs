@@ -14,6 +14,8 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // A chat-template renderer child of a worker serves here and never returns.
+    gantry_worker::engine::chat_child::serve_renderer_if_child();
     cli::install_panic_hook("gantry-worker");
     let args = match Args::try_parse() {
         Ok(a) => a,

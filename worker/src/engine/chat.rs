@@ -6,7 +6,11 @@ use minijinja::value::{Kwargs, Rest};
 use minijinja::{Environment, Error, ErrorKind, State, Value};
 use serde::{Deserialize, Serialize};
 
+use std::sync::Mutex;
+
 use super::EngineError;
+use super::chat_child::ChildRenderer;
+pub use super::chat_child::{ChildLimits, TemplateIsolation};
 
 /// One message of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,11 +29,16 @@ impl Message {
 /// A compiled chat template with the special tokens it may refer to.
 #[derive(Debug)]
 pub struct ChatTemplate {
-    env: Environment<'static>,
     /// Where it came from: `model` or `default:<name>`.
     pub origin: String,
-    bos_token: String,
-    eos_token: String,
+    renderer: Renderer,
+}
+
+/// Where a template renders (see [`TemplateIsolation`]).
+#[derive(Debug)]
+enum Renderer {
+    Here { env: Box<Environment<'static>>, bos_token: String, eos_token: String },
+    Child(Mutex<ChildRenderer>),
 }
 
 const NAME: &str = "chat";
@@ -78,12 +87,31 @@ pub const DEFAULTS: [(&str, &str, &str); 6] = [
 ];
 
 impl ChatTemplate {
-    /// Compiles a template.
+    /// Compiles a template to render in this process.
     pub fn new(source: &str, origin: &str, bos_token: &str, eos_token: &str) -> Result<ChatTemplate, EngineError> {
         let mut env = environment();
         env.add_template_owned(NAME, source.to_string())
             .map_err(|e| EngineError::Template(format!("the chat template does not compile: {e}")))?;
-        Ok(ChatTemplate { env, origin: origin.to_string(), bos_token: bos_token.into(), eos_token: eos_token.into() })
+        let renderer = Renderer::Here { env: Box::new(env), bos_token: bos_token.into(), eos_token: eos_token.into() };
+        Ok(ChatTemplate { origin: origin.to_string(), renderer })
+    }
+
+    /// Compiles a template where `isolation` says: in this process, or in a renderer child
+    /// (started now, so that a template that does not compile is known at once).
+    pub fn isolated(
+        source: &str,
+        origin: &str,
+        bos_token: &str,
+        eos_token: &str,
+        isolation: &TemplateIsolation,
+    ) -> Result<ChatTemplate, EngineError> {
+        match isolation {
+            TemplateIsolation::InProcess => ChatTemplate::new(source, origin, bos_token, eos_token),
+            TemplateIsolation::Child(limits) => {
+                let child = ChildRenderer::start(limits, source, origin, bos_token, eos_token)?;
+                Ok(ChatTemplate { origin: origin.to_string(), renderer: Renderer::Child(Mutex::new(child)) })
+            }
+        }
     }
 
     /// The default template for a vocabulary: the first whose marker token it has.
@@ -96,6 +124,7 @@ impl ChatTemplate {
             .iter()
             .find(|(_, marker, _)| marker.is_empty() || has_token(marker))
             .expect("the plain default has no marker");
+        // Gantry's own defaults are trusted: they render in this process.
         ChatTemplate::new(source, &format!("default:{name}"), bos_token, eos_token)
     }
 
@@ -106,7 +135,15 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         extra: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<String, EngineError> {
-        let tmpl = self.env.get_template(NAME).map_err(|e| EngineError::Template(e.to_string()))?;
+        let (env, bos_token, eos_token) = match &self.renderer {
+            Renderer::Here { env, bos_token, eos_token } => (env, bos_token, eos_token),
+            Renderer::Child(child) => {
+                let mut child =
+                    child.lock().map_err(|_| EngineError::Template("the renderer's lock is poisoned".into()))?;
+                return child.render(messages, add_generation_prompt, extra);
+            }
+        };
+        let tmpl = env.get_template(NAME).map_err(|e| EngineError::Template(e.to_string()))?;
         let mut ctx = serde_json::Map::new();
         ctx.insert(
             "messages".into(),
@@ -115,8 +152,8 @@ impl ChatTemplate {
         ctx.insert("tools".into(), serde_json::Value::Null);
         ctx.insert("documents".into(), serde_json::Value::Null);
         ctx.insert("add_generation_prompt".into(), add_generation_prompt.into());
-        ctx.insert("bos_token".into(), self.bos_token.clone().into());
-        ctx.insert("eos_token".into(), self.eos_token.clone().into());
+        ctx.insert("bos_token".into(), bos_token.clone().into());
+        ctx.insert("eos_token".into(), eos_token.clone().into());
         for (k, v) in extra {
             ctx.insert(k.clone(), v.clone());
         }

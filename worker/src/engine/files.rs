@@ -9,7 +9,7 @@ use gantry_core::{Family, ModelSpec};
 use tracing::info;
 
 use super::EngineError;
-use super::chat::ChatTemplate;
+use super::chat::{ChatTemplate, TemplateIsolation};
 use super::config::EngineConfig;
 use super::model::{LoadProgress, ModelPart};
 use super::tokenizer::Tokenizer;
@@ -121,13 +121,14 @@ impl ModelFiles {
         Ok(tok)
     }
 
-    /// The chat template: the model's own, else the default for its vocabulary.
-    pub fn chat_template(&self, tok: &Tokenizer) -> Result<ChatTemplate, EngineError> {
+    /// The chat template: the model's own (rendered where `isolation` says), else the default
+    /// for its vocabulary.
+    pub fn chat_template(&self, tok: &Tokenizer, isolation: &TemplateIsolation) -> Result<ChatTemplate, EngineError> {
         let text_of = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i)).unwrap_or_default();
         let bos = text_of(tok.bos);
         let eos = text_of(tok.eos.first().copied());
         match &self.spec.chat_template {
-            Some(source) => ChatTemplate::new(source, "model", &bos, &eos),
+            Some(source) => ChatTemplate::isolated(source, "model", &bos, &eos, isolation),
             None => ChatTemplate::default_for(&|t| tok.token_to_id(t).is_some(), &bos, &eos),
         }
     }

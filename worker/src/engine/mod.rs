@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod chat;
+pub mod chat_child;
 pub mod config;
 pub mod detok;
 pub mod files;
