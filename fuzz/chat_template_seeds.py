@@ -122,9 +122,19 @@ SNIPPETS = [
     "{{ strftime_now('%Y-%m-%d') }}{{ range(3) | list | batch(2) | list }}{{ [1, 2, 3] | slice(2) | list }}",
 ]
 
+# Templates that stop an in-process renderer (docs/fuzzing.md, findings 5-7); the target renders
+# in a child, so these must cost only that child.
+HOSTILE = [
+    "{% set n = 1000000000000 %}{{ ([] * n) ~ '' }}",
+    "{% set ns = namespace(s='xxxxxxxx') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+    "{% set ns = namespace(l=[]) %}{% for i in range(100000) %}{% set ns.l = [ns.l] %}{% endfor %}{{ ns.l }}",
+    "{% macro grow(s, n) %}{% if n %}{{ grow(s ~ s, n - 1) }}{% else %}{{ s | length }}{% endif %}{% endmacro %}{{ grow('ab', 40) }}",
+]
+
 
 def templates():
     yield from SNIPPETS
+    yield from HOSTILE
     for path in sorted(glob.glob("fixtures/chat-templates/templates/*.jinja")):
         with open(path) as f:
             yield f.read()

@@ -128,3 +128,25 @@ fn a_template_that_does_not_compile_or_a_renderer_that_cannot_start_is_known_at_
         "chat template: cannot start the chat-template renderer (/nonexistent/gantry): No such file or directory (os error 2)"
     );
 }
+
+#[test]
+fn one_renderer_compiles_template_after_template_in_the_same_child() {
+    use gantry_worker::engine::chat_child::ChildRenderer;
+    let TemplateIsolation::Child(limits) = child(5.0, 256) else { unreachable!() };
+    let none = Default::default();
+    let mut r = ChildRenderer::start(&limits, "A{{ messages | length }}", "model", "", "").unwrap();
+    assert_eq!(r.render(&user(2), true, &none).unwrap(), "A2");
+    let pid = r.pid().unwrap();
+    r.recompile("B{{ messages[0].content }}", "model", "", "").unwrap();
+    assert_eq!(r.render(&user(1), true, &none).unwrap(), "Bmessage 0");
+    // A template that does not compile leaves none: renders say so instead of using the last.
+    let e = r.recompile("{% if %}", "model", "", "").unwrap_err().to_string();
+    assert!(e.starts_with("chat template: the chat template does not compile: "), "{e}");
+    assert_eq!(
+        r.render(&user(1), true, &none).unwrap_err().to_string(),
+        "chat template: renderer: no template was compiled"
+    );
+    r.recompile("C", "model", "", "").unwrap();
+    assert_eq!(r.render(&user(1), true, &none).unwrap(), "C");
+    assert_eq!(r.pid(), Some(pid), "the same child throughout");
+}

@@ -158,7 +158,10 @@ fn answer(template: &mut Option<ChatTemplate>, request: Request) -> Reply {
                     *template = Some(t);
                     Reply::Ok(String::new())
                 }
-                Err(e) => Reply::Err(message(e)),
+                Err(e) => {
+                    *template = None;
+                    Reply::Err(message(e))
+                }
             }
         }
         Request::Render { messages, add_generation_prompt, extra } => match template {
@@ -179,9 +182,21 @@ fn message(e: EngineError) -> String {
     }
 }
 
-/// The worker's side: one template's renderer child, started when needed.
+impl Reply {
+    /// The text, or the template's error (a panic reported as one).
+    pub fn into_result(self) -> Result<String, EngineError> {
+        match self {
+            Reply::Ok(text) => Ok(text),
+            Reply::Err(e) => Err(EngineError::Template(e)),
+            Reply::Panic(p) => Err(EngineError::Template(format!("the chat template's renderer panicked: {p}"))),
+        }
+    }
+}
+
+/// The worker's side: one template's renderer child, started when needed (and again after
+/// one dies).
 #[derive(Debug)]
-pub(crate) struct ChildRenderer {
+pub struct ChildRenderer {
     limits: ChildLimits,
     /// The compile request, sent to every child this renderer starts.
     compile: String,
@@ -211,33 +226,64 @@ const STDERR_TAIL: usize = 4096;
 
 impl ChildRenderer {
     /// Starts a child and compiles `source` in it, so that a template that does not compile (or
-    /// a renderer that cannot start) is known when the model loads.
-    pub(crate) fn start(
+    /// a renderer that cannot start) is known at once (when the model loads).
+    pub fn start(
         limits: &ChildLimits,
         source: &str,
         origin: &str,
         bos_token: &str,
         eos_token: &str,
     ) -> Result<ChildRenderer, EngineError> {
+        let mut renderer = ChildRenderer { limits: limits.clone(), compile: String::new(), running: None };
+        renderer.recompile(source, origin, bos_token, eos_token)?;
+        Ok(renderer)
+    }
+
+    /// Compiles another template in this renderer (its child stays, if it runs).
+    pub fn recompile(
+        &mut self,
+        source: &str,
+        origin: &str,
+        bos_token: &str,
+        eos_token: &str,
+    ) -> Result<(), EngineError> {
         let compile = Request::Compile {
             source: source.into(),
             origin: origin.into(),
             bos_token: bos_token.into(),
             eos_token: eos_token.into(),
         };
-        let compile = serde_json::to_string(&compile).map_err(|e| EngineError::Template(e.to_string()))?;
-        let mut renderer = ChildRenderer { limits: limits.clone(), compile, running: None };
-        renderer.ensure_running()?;
-        Ok(renderer)
+        self.compile = serde_json::to_string(&compile).map_err(|e| EngineError::Template(e.to_string()))?;
+        if self.running.is_none() {
+            return self.ensure_running();
+        }
+        let compile = self.compile.clone();
+        self.call(&compile)?.into_result().map(|_| ())
+    }
+
+    /// The running child's process id, if one runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.running.as_ref().map(|r| r.child.id())
     }
 
     /// Renders in the child, starting one first when none runs.
-    pub(crate) fn render(
+    pub fn render(
         &mut self,
         messages: &[Message],
         add_generation_prompt: bool,
         extra: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<String, EngineError> {
+        self.render_reply(messages, add_generation_prompt, extra)?.into_result()
+    }
+
+    /// Renders in the child and returns its reply as it is; `Err` when the renderer failed (it
+    /// died, passed its deadline, or could not start).
+    pub fn render_reply(
+        &mut self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        extra: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Reply, EngineError> {
         let request = Request::Render { messages: messages.to_vec(), add_generation_prompt, extra: extra.clone() };
         let line = serde_json::to_string(&request).map_err(|e| EngineError::Template(e.to_string()))?;
         self.ensure_running()?;
@@ -286,11 +332,11 @@ impl ChildRenderer {
             .map_err(|e| EngineError::Template(format!("cannot start a thread for the renderer: {e}")))?;
         self.running = Some(Running { child, stdin, replies, stderr: Some(stderr) });
         let compile = self.compile.clone();
-        self.call(&compile).map(|_| ())
+        self.call(&compile)?.into_result().map(|_| ())
     }
 
     /// Sends one request line and waits for its reply, within the deadline.
-    fn call(&mut self, line: &str) -> Result<String, EngineError> {
+    fn call(&mut self, line: &str) -> Result<Reply, EngineError> {
         let Some(running) = self.running.as_mut() else {
             return Err(EngineError::Template("the chat-template renderer is not running".into()));
         };
@@ -305,11 +351,7 @@ impl ChildRenderer {
         };
         match received {
             Ok(reply) => match serde_json::from_str::<Reply>(&reply) {
-                Ok(Reply::Ok(text)) => Ok(text),
-                Ok(Reply::Err(e)) => Err(EngineError::Template(e)),
-                Ok(Reply::Panic(p)) => {
-                    Err(EngineError::Template(format!("the chat template's renderer panicked: {p}")))
-                }
+                Ok(reply) => Ok(reply),
                 Err(e) => {
                     self.running = None;
                     Err(EngineError::Template(format!("the chat-template renderer answered something unreadable: {e}")))

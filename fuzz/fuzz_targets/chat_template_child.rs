@@ -1,0 +1,62 @@
+//! The chat-template renderer the way a worker runs it: the template compiled and rendered in a
+//! renderer child process (this same binary, started with the renderer variable set) with a
+//! memory limit and a deadline. A template that hangs, runs out of memory or overflows the
+//! stack costs its child, which the renderer starts again; what must never happen is the caller
+//! stopping, or minijinja panicking (a panic in the child is reported back and fails this
+//! target).
+//!
+//! libFuzzer sees no coverage from the child, so this target is for replaying inputs (the
+//! corpus, and whatever `chat_template` — the same inputs in-process, coverage-guided — stopped
+//! on), not for exploring; see docs/fuzzing.md.
+#![no_main]
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use arbitrary::Arbitrary;
+use gantry_worker::engine::chat::Message;
+use gantry_worker::engine::chat_child::{ChildLimits, ChildRenderer, Reply, serve_renderer_if_child};
+use libfuzzer_sys::fuzz_target;
+
+#[derive(Debug, Arbitrary)]
+struct Input {
+    template: String,
+    messages: Vec<(u8, String)>,
+    add_generation_prompt: bool,
+}
+
+/// One renderer for the whole run: each input compiles its template in it.
+static RENDERER: Mutex<Option<ChildRenderer>> = Mutex::new(None);
+
+fn limits() -> ChildLimits {
+    let mut limits = ChildLimits::this_executable().expect("this executable");
+    // Under libFuzzer's -timeout (10 s in docs/fuzzing.md) and -rss_limit_mb, with room.
+    limits.deadline = Duration::from_secs(2);
+    limits.memory_bytes = 512 << 20;
+    limits
+}
+
+fuzz_target!(init: serve_renderer_if_child(), |input: Input| {
+    let mut renderer = RENDERER.lock().unwrap_or_else(|p| p.into_inner());
+    let compiled = match renderer.as_mut() {
+        Some(r) => r.recompile(&input.template, "fuzz", "<s>", "</s>").map(|_| ()),
+        None => ChildRenderer::start(&limits(), &input.template, "fuzz", "<s>", "</s>").map(|r| {
+            *renderer = Some(r);
+        }),
+    };
+    if let Err(e) = compiled {
+        assert!(!e.to_string().contains("renderer panicked"), "{e}");
+        return;
+    }
+    let Some(r) = renderer.as_mut() else { return };
+    let roles = ["system", "user", "assistant", "tool"];
+    let messages: Vec<Message> = input
+        .messages
+        .iter()
+        .take(16)
+        .map(|(r, c)| Message::new(roles[usize::from(*r) % roles.len()], c))
+        .collect();
+    if let Ok(Reply::Panic(p)) = r.render_reply(&messages, input.add_generation_prompt, &Default::default()) {
+        panic!("minijinja panicked in the renderer: {p}");
+    }
+});
