@@ -12,6 +12,7 @@
 //! this way calls [`serve_renderer_if_child`] first thing in `main`. It reads one JSON request
 //! per line on stdin and answers one JSON line on stdout.
 
+use std::borrow::Cow;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
@@ -72,9 +73,19 @@ impl ChildLimits {
 
 /// One request to a renderer child.
 #[derive(Debug, Serialize, Deserialize)]
-enum Request {
-    Compile { source: String, origin: String, bos_token: String, eos_token: String },
-    Render { messages: Vec<Message>, add_generation_prompt: bool, extra: serde_json::Map<String, serde_json::Value> },
+enum Request<'a> {
+    Compile {
+        source: String,
+        origin: String,
+        bos_token: String,
+        eos_token: String,
+    },
+    /// Borrowed when the worker writes it (no copy of the conversation), owned when read.
+    Render {
+        messages: Cow<'a, [Message]>,
+        add_generation_prompt: bool,
+        extra: Cow<'a, serde_json::Map<String, serde_json::Value>>,
+    },
 }
 
 /// A renderer child's answer.
@@ -150,7 +161,7 @@ fn serve(memory_bytes: u64) -> i32 {
     }
 }
 
-fn answer(template: &mut Option<ChatTemplate>, request: Request) -> Reply {
+fn answer(template: &mut Option<ChatTemplate>, request: Request<'_>) -> Reply {
     match request {
         Request::Compile { source, origin, bos_token, eos_token } => {
             match ChatTemplate::new(&source, &origin, &bos_token, &eos_token) {
@@ -284,7 +295,8 @@ impl ChildRenderer {
         add_generation_prompt: bool,
         extra: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<Reply, EngineError> {
-        let request = Request::Render { messages: messages.to_vec(), add_generation_prompt, extra: extra.clone() };
+        let request =
+            Request::Render { messages: Cow::Borrowed(messages), add_generation_prompt, extra: Cow::Borrowed(extra) };
         let line = serde_json::to_string(&request).map_err(|e| EngineError::Template(e.to_string()))?;
         self.ensure_running()?;
         self.call(&line)
