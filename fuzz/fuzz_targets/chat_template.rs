@@ -2,25 +2,15 @@
 //! compiled and rendered over a fuzzed conversation.
 #![no_main]
 
-use arbitrary::Arbitrary;
-use gantry_worker::engine::chat::{ChatTemplate, Message};
-use libfuzzer_sys::fuzz_target;
+#[path = "chat_input.rs"]
+mod chat_input;
 
-#[derive(Debug, Arbitrary)]
-struct Input {
-    template: String,
-    messages: Vec<(u8, String)>,
-    add_generation_prompt: bool,
-}
+use chat_input::Input;
+use gantry_worker::engine::chat::ChatTemplate;
+use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: Input| {
     let Ok(template) = ChatTemplate::new(&input.template, "fuzz", "<s>", "</s>") else { return };
-    let roles = ["system", "user", "assistant", "tool"];
-    let messages: Vec<Message> = input
-        .messages
-        .iter()
-        .take(16)
-        .map(|(r, c)| Message::new(roles[usize::from(*r) % roles.len()], c))
-        .collect();
+    let messages = input.messages();
     let _ = template.render(&messages, input.add_generation_prompt, &Default::default());
 });

@@ -10,20 +10,15 @@
 //! on), not for exploring; see docs/fuzzing.md.
 #![no_main]
 
+#[path = "chat_input.rs"]
+mod chat_input;
+
 use std::sync::Mutex;
 use std::time::Duration;
 
-use arbitrary::Arbitrary;
-use gantry_worker::engine::chat::Message;
+use chat_input::Input;
 use gantry_worker::engine::chat_child::{ChildLimits, ChildRenderer, Reply, serve_renderer_if_child};
 use libfuzzer_sys::fuzz_target;
-
-#[derive(Debug, Arbitrary)]
-struct Input {
-    template: String,
-    messages: Vec<(u8, String)>,
-    add_generation_prompt: bool,
-}
 
 /// One renderer for the whole run: each input compiles its template in it.
 static RENDERER: Mutex<Option<ChildRenderer>> = Mutex::new(None);
@@ -49,13 +44,7 @@ fuzz_target!(init: serve_renderer_if_child(), |input: Input| {
         return;
     }
     let Some(r) = renderer.as_mut() else { return };
-    let roles = ["system", "user", "assistant", "tool"];
-    let messages: Vec<Message> = input
-        .messages
-        .iter()
-        .take(16)
-        .map(|(r, c)| Message::new(roles[usize::from(*r) % roles.len()], c))
-        .collect();
+    let messages = input.messages();
     if let Ok(Reply::Panic(p)) = r.render_reply(&messages, input.add_generation_prompt, &Default::default()) {
         panic!("minijinja panicked in the renderer: {p}");
     }
