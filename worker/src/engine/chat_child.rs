@@ -14,6 +14,7 @@
 
 use std::borrow::Cow;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -307,6 +308,8 @@ impl ChildRenderer {
             return Ok(());
         }
         let mut child = Command::new(&self.limits.program)
+            // What `ps` shows, instead of `/proc/self/exe`.
+            .arg0("gantry chat-template renderer")
             .env(RENDERER_ENV, self.limits.memory_bytes.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
