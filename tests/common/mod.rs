@@ -139,7 +139,10 @@ pub fn http_get(addr: &str, path: &str) -> String {
 }
 
 /// A plain HTTP/1.1 request with extra header lines (each ending in `\r\n`) and an optional
-/// JSON body: the whole response, status line and headers included.
+/// JSON body: the whole response, status line and headers included. The request is written by
+/// another thread while this one reads, because a server may answer before it has read the
+/// whole body (a 413 for a body past its limit) and close: the rest of the write then fails
+/// with a broken pipe, and the answer must still be read.
 pub fn http_request(addr: &str, method: &str, path: &str, headers: &str, json: Option<&str>) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).expect("the HTTP port answers");
@@ -147,13 +150,18 @@ pub fn http_request(addr: &str, method: &str, path: &str, headers: &str, json: O
         Some(b) => format!("Content-Type: application/json\r\nContent-Length: {}\r\n", b.len()),
         None => String::new(),
     };
-    write!(
-        s,
+    let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{body}{headers}Connection: close\r\n\r\n{}",
         json.unwrap_or_default()
-    )
-    .expect("the request is sent");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("the response is read");
-    out
+    );
+    let mut writer = s.try_clone().expect("the socket can be shared");
+    let written = std::thread::spawn(move || writer.write_all(request.as_bytes()));
+    let mut out = Vec::new();
+    let read = s.read_to_end(&mut out);
+    let written = written.join().expect("the writer thread ends");
+    if out.is_empty() {
+        written.expect("the request is sent");
+        read.expect("the response is read");
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
