@@ -197,20 +197,27 @@ pub struct WorkerArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub struct TemplateArgs {
     /// Seconds one chat-template render may take before its renderer process is stopped
-    #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = parse_template_timeout)]
+    #[arg(long, value_name = "SECS", default_value_t = TemplateArgs::DEFAULT_TIMEOUT_SECS, value_parser = parse_template_timeout)]
     pub chat_template_timeout: f64,
     /// Address space, in MiB, of the process that renders a model's chat template
-    #[arg(long, value_name = "MIB", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(64..=1 << 20))]
+    #[arg(long, value_name = "MIB", default_value_t = TemplateArgs::DEFAULT_MEMORY_MIB, value_parser = clap::value_parser!(u64).range(64..=1 << 20))]
     pub chat_template_memory: u64,
 }
 
 impl Default for TemplateArgs {
     fn default() -> Self {
-        TemplateArgs { chat_template_timeout: 10.0, chat_template_memory: 1024 }
+        TemplateArgs {
+            chat_template_timeout: TemplateArgs::DEFAULT_TIMEOUT_SECS,
+            chat_template_memory: TemplateArgs::DEFAULT_MEMORY_MIB,
+        }
     }
 }
 
 impl TemplateArgs {
+    /// The defaults are the renderer's own ([`ChildLimits`]).
+    const DEFAULT_TIMEOUT_SECS: f64 = ChildLimits::DEFAULT_DEADLINE.as_secs_f64();
+    const DEFAULT_MEMORY_MIB: u64 = ChildLimits::DEFAULT_MEMORY_BYTES >> 20;
+
     /// Renderer children of this executable, with these bounds.
     pub fn isolation(&self) -> Result<TemplateIsolation, Failure> {
         let mut limits = ChildLimits::this_executable().map_err(|e| Failure::new(Failure::SOFTWARE, e))?;
