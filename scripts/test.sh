@@ -9,6 +9,14 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 scripts/setup.sh
 
+# The test build takes about 3 GB under target/ (42 test binaries of ~40 MB, the dependencies'
+# libraries); say so up front when the disk is short rather than failing in the linker.
+free_kb="$(df -Pk "$root" | awk 'NR==2 {print $4}')"
+if [[ -n "$free_kb" && "$free_kb" -lt 4000000 && ! -d "$root/target/debug/deps" ]]; then
+  echo "test: warning: only $((free_kb / 1024)) MiB free under $root; the build needs about 3 GB" >&2
+fi
+# One build, no rebuilds: incremental caches would add ~1.8 GB to target/ for nothing.
+export CARGO_INCREMENTAL=0
 echo "test: building the workspace" >&2
 cargo build --workspace --all-targets --locked
 echo "test: running the tests" >&2
