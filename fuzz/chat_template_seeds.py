@@ -120,6 +120,10 @@ SNIPPETS = [
     "{{ m.content.strip().startswith('H') }}{% endfor %}{{ raise_exception('no') if messages | length > 8 }}",
     "{% for m in messages | reverse %}{{ m.content[:5] }}{{ m.content | replace('a', 'b') | indent(2) }}{% endfor %}"
     "{{ strftime_now('%Y-%m-%d') }}{{ range(3) | list | batch(2) | list }}{{ [1, 2, 3] | slice(2) | list }}",
+    # Formatting and Python's string methods, which size their result from their arguments.
+    "{% for m in messages %}{{ '%-8s|%05.2f|%(n)x' | format(m.role, loop.index / 3, n=loop.index) }}"
+    "{{ '{:>10}|{:+.3e}|{:,}'.format(m.role, loop.length / 7, 1234567) }}{{ m.content.replace(' ', '_') }}"
+    "{{ ', '.join(m.content.split(' ')) }}{% endfor %}",
 ]
 
 # Templates that stop an in-process renderer (docs/fuzzing.md, findings 5-7); the target renders

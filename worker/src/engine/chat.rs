@@ -182,7 +182,7 @@ fn environment() -> Environment<'static> {
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_keep_trailing_newline(false);
-    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.set_unknown_method_callback(string_method);
     env.add_filter("tojson", tojson);
     add_bounded_filters(&mut env);
     env.add_function("raise_exception", |msg: String| -> Result<Value, Error> {
@@ -227,7 +227,9 @@ impl std::io::Write for Capped {
 /// target: `indent(10**12)`, `batch(10**12)`, `'%1000000000000d' | format(1)`, a `join` or
 /// `replace` with a long string asked for gigabytes to terabytes at once, and a failed
 /// allocation aborts the worker. The fuzzer itself found `format` with a non-ASCII `%(key)`,
-/// which panics inside minijinja.)
+/// which panics inside minijinja, and a precision past 65535, which panics in Rust's
+/// formatting.) The Python string methods that do the same work (`.format()`, `.replace()`,
+/// `.join()`) are checked alike, in [`string_method`].
 fn add_bounded_filters(env: &mut Environment<'static>) {
     use minijinja::filters;
     bounded(env, "indent", Value::from_function(filters::indent), |args| {
@@ -243,56 +245,38 @@ fn add_bounded_filters(env: &mut Environment<'static>) {
     bounded(env, "batch", Value::from_function(filters::batch), values);
     bounded(env, "join", Value::from_function(filters::join), |args| {
         let (positional, _) = split_kwargs(args);
-        let joiner = positional.get(1).map_or(0, |j| to_text(j).len() as u64);
-        let (mut n, mut len) = (0u64, 0u64);
-        for item in positional.first().and_then(|v| v.try_iter().ok()).into_iter().flatten() {
-            n += 1;
-            len = len.saturating_add(to_text(&item).len() as u64);
-        }
-        Ok(len.saturating_add(n.saturating_sub(1).saturating_mul(joiner)))
+        Ok(join_size(positional.first(), &positional.get(1).map(to_text).unwrap_or_default()))
     });
     bounded(env, "replace", Value::from_function(filters::replace), |args| {
         let [text, from, to] = [0, 1, 2].map(|i| args.get(i).map(to_text).unwrap_or_default());
-        let hits = if from.is_empty() { text.chars().count() + 1 } else { text.matches(from.as_str()).count() };
-        Ok((text.len() as u64).saturating_add((hits as u64).saturating_mul(to.len() as u64)))
+        Ok(replace_size(&text, &from, &to))
     });
     bounded(env, "format", Value::from_function(filters::format), |args| {
         let (positional, _) = split_kwargs(args);
         let spec = positional.first().map(to_text).unwrap_or_default();
-        let texts = positional.iter().fold(0u64, |n, a| n.saturating_add(to_text(a).len() as u64));
-        // Widths and precisions: every number in a `%…` conversion, and every argument a `*` takes.
-        let mut widths = 0u64;
-        let mut rest = spec.as_str();
-        while let Some(at) = rest.find('%') {
-            let mut conversion = &rest[at + 1..];
-            if let Some(after) = conversion.strip_prefix('%') {
-                rest = after;
-                continue;
-            }
-            if let Some(key) = conversion.strip_prefix('(') {
-                let (name, after) = key.split_once(')').unwrap_or((key, ""));
-                // Found by fuzzing: minijinja 2.24 panics on a non-ASCII mapping key (it steps
-                // through the key a byte at a time), and the format string may be a message.
-                if !name.is_ascii() {
-                    return Err(Error::new(
-                        ErrorKind::InvalidOperation,
-                        format!("format's mapping key `{name}` is not ASCII"),
-                    ));
-                }
-                conversion = after;
-            }
-            let digits = conversion.trim_start_matches(|c: char| "-+ #0".contains(c));
-            let digits = digits.split(|c: char| !c.is_ascii_digit() && c != '.').next().unwrap_or_default();
-            for number in digits.split('.').filter(|n| !n.is_empty()) {
-                widths = widths.saturating_add(number.parse::<u64>().unwrap_or(u64::MAX));
-            }
-            rest = conversion;
-        }
-        if spec.contains('*') {
-            widths = positional.iter().skip(1).fold(widths, |n, a| n.saturating_add(int(a)));
-        }
-        Ok(texts.saturating_add(widths))
+        format_size(FormatStyle::Printf, &spec, positional.get(1..).unwrap_or_default())
     });
+}
+
+/// Python's string methods (minijinja-contrib's `pycompat`, as transformers' jinja2 has them),
+/// with `.format()`, `.replace()` and `.join()` checked as their filters are.
+fn string_method(state: &State, value: &Value, method: &str, args: &[Value]) -> Result<Value, Error> {
+    if let Some(text) = value.as_str() {
+        let (positional, _) = split_kwargs(args);
+        let size = match method {
+            "format" => Some(format_size(FormatStyle::Str, text, positional)?),
+            "replace" => {
+                let [from, to] = [0, 1].map(|i| positional.get(i).map(to_text).unwrap_or_default());
+                Some(replace_size(text, &from, &to))
+            }
+            "join" => Some(join_size(positional.first(), text)),
+            _ => None,
+        };
+        if let Some(size) = size {
+            within_output_limit(method, size)?;
+        }
+    }
+    minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
 }
 
 /// Registers `builtin` as filter `name`, refused when `size` says its result could pass
@@ -304,18 +288,136 @@ fn bounded(
     size: fn(&[Value]) -> Result<u64, Error>,
 ) {
     env.add_filter(name, move |state: &State, args: Rest<Value>| -> Result<Value, Error> {
-        let size = size(&args)?;
-        if size > TEMPLATE_OUTPUT_LIMIT as u64 {
-            return Err(Error::new(
-                ErrorKind::InvalidOperation,
-                format!(
-                    "the chat template's `{name}` would make {size} bytes, more than a render may produce ({} MiB)",
-                    TEMPLATE_OUTPUT_LIMIT >> 20
-                ),
-            ));
-        }
+        within_output_limit(name, size(&args)?)?;
         builtin.call(state, &args)
     });
+}
+
+fn within_output_limit(name: &str, size: u64) -> Result<(), Error> {
+    if size > TEMPLATE_OUTPUT_LIMIT as u64 {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            format!(
+                "the chat template's `{name}` would make {size} bytes, more than a render may produce ({} MiB)",
+                TEMPLATE_OUTPUT_LIMIT >> 20
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Joining `items` with `joiner` between them.
+fn join_size(items: Option<&Value>, joiner: &str) -> u64 {
+    let (mut n, mut len) = (0u64, 0u64);
+    for item in items.and_then(|v| v.try_iter().ok()).into_iter().flatten() {
+        n += 1;
+        len = len.saturating_add(to_text(&item).len() as u64);
+    }
+    len.saturating_add(n.saturating_sub(1).saturating_mul(joiner.len() as u64))
+}
+
+/// Replacing every `from` in `text` with `to` (an empty `from` matches between all characters).
+fn replace_size(text: &str, from: &str, to: &str) -> u64 {
+    let hits = if from.is_empty() { text.chars().count() + 1 } else { text.matches(from).count() };
+    (text.len() as u64).saturating_add((hits as u64).saturating_mul(to.len() as u64))
+}
+
+/// The two format-string languages minijinja speaks: the `format` filter's printf style and
+/// Python's `str.format()`.
+#[derive(Clone, Copy)]
+enum FormatStyle {
+    Printf,
+    Str,
+}
+
+/// The widest width or precision a format may ask for. minijinja hands a precision to Rust's
+/// formatting, which panics past `u16::MAX` (found by fuzzing: `'%.70000e' | format(1.5)`);
+/// real templates ask for a few characters.
+const MAX_FORMAT_WIDTH: u64 = u16::MAX as u64;
+
+/// What formatting `args` by `spec` can produce: the texts plus every width and precision. An
+/// error, before minijinja sees it, for what would panic there: a width or precision past
+/// [`MAX_FORMAT_WIDTH`], a printf mapping key that is not ASCII.
+fn format_size(style: FormatStyle, spec: &str, args: &[Value]) -> Result<u64, Error> {
+    let texts = args.iter().fold(spec.len() as u64, |n, a| n.saturating_add(to_text(a).len() as u64));
+    let mut widths = match style {
+        FormatStyle::Printf => printf_widths(spec)?,
+        FormatStyle::Str => str_format_widths(spec),
+    };
+    // A printf `*` takes its width from the arguments (minijinja refuses it today; counted in
+    // case it learns it).
+    if matches!(style, FormatStyle::Printf) && spec.contains('*') {
+        widths.extend(args.iter().map(int));
+    }
+    if let Some(n) = widths.iter().find(|&&n| n > MAX_FORMAT_WIDTH) {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            format!("the chat template's format asks for a width or precision of {n}; at most {MAX_FORMAT_WIDTH}"),
+        ));
+    }
+    Ok(widths.iter().fold(texts, |n, w| n.saturating_add(*w)))
+}
+
+/// Every width and precision of a printf-style format (`%(key)-08.3f`).
+fn printf_widths(spec: &str) -> Result<Vec<u64>, Error> {
+    let mut widths = Vec::new();
+    let mut rest = spec;
+    while let Some(at) = rest.find('%') {
+        let mut conversion = &rest[at + 1..];
+        if let Some(after) = conversion.strip_prefix('%') {
+            rest = after;
+            continue;
+        }
+        if let Some(key) = conversion.strip_prefix('(') {
+            let (name, after) = key.split_once(')').unwrap_or((key, ""));
+            // Found by fuzzing: minijinja 2.24 panics on a non-ASCII mapping key (it steps
+            // through the key a byte at a time), and the format string may be a message.
+            if !name.is_ascii() {
+                return Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!("format's mapping key `{name}` is not ASCII"),
+                ));
+            }
+            conversion = after;
+        }
+        widths.extend(numbers(conversion.trim_start_matches(|c: char| "-+ #0".contains(c))));
+        rest = conversion;
+    }
+    Ok(widths)
+}
+
+/// Every width and precision of a `str.format()` string (`{0:*^+#08,.3f}`).
+fn str_format_widths(spec: &str) -> Vec<u64> {
+    let mut widths = Vec::new();
+    let mut rest = spec;
+    while let Some(at) = rest.find('{') {
+        let field = &rest[at + 1..];
+        if let Some(after) = field.strip_prefix('{') {
+            rest = after;
+            continue;
+        }
+        let (field, after) = field.split_once('}').unwrap_or((field, ""));
+        if let Some((_, options)) = field.split_once(':') {
+            // [[fill]align][sign][#][0]width[,|_][.precision][type]
+            let mut chars = options.chars();
+            let options = match (chars.next(), chars.next()) {
+                (Some(fill), Some('<' | '>' | '^')) => &options[fill.len_utf8() + 1..],
+                (Some('<' | '>' | '^'), _) => &options[1..],
+                _ => options,
+            };
+            let options = options.trim_start_matches(['+', '-', ' ']).trim_start_matches('#').trim_start_matches('0');
+            widths.extend(numbers(&options.replacen([',', '_'], "", 1)));
+        }
+        rest = after;
+    }
+    widths
+}
+
+/// The width and precision at the start of a conversion: `12.3f` gives 12 and 3 (a number too
+/// long for u64 gives u64::MAX).
+fn numbers(conversion: &str) -> Vec<u64> {
+    let digits = conversion.split(|c: char| !c.is_ascii_digit() && c != '.').next().unwrap_or_default();
+    digits.split('.').filter(|n| !n.is_empty()).map(|n| n.parse::<u64>().unwrap_or(u64::MAX)).collect()
 }
 
 /// A filter's positional arguments (the filtered value first) and its keyword arguments.
@@ -513,10 +615,12 @@ mod tests {
             "{{ range(100000) | join('x' * 10000000) }}",
             "{{ ('x' * 10000000) | replace('x', 'yyyyyyyy') }}",
             "{{ 'ab' | replace('', 'x' * 100000000) }}",
-            "{{ '%1000000000000d' | format(1) }}",
-            "{{ '%.99999999999999999999f' | format(1.5) }}",
-            "{{ '%(a)1000000000000s' | format(a=1) }}",
-            "{{ '%*d' | format(1000000000000, 1) }}",
+            "{{ '%s' | format('x' * 40000000) }}",
+            // The Python string methods that do the same work.
+            "{{ ('x' * 10000000).replace('x', 'yyyyyyyy') }}",
+            "{{ 'ab'.replace('', 'x' * 100000000) }}",
+            "{{ ('x' * 1000000).join(range(100)) }}",
+            "{{ '{}'.format('x' * 40000000) }}",
         ] {
             let e = render(source).unwrap_err();
             assert!(e.contains("more than a render may produce"), "{source}: {e}");
@@ -529,6 +633,57 @@ mod tests {
         assert_eq!(
             render(ok).unwrap(),
             "a\n  b|   a\n   b|[[1, 2], [3]]|[[1, 2], [3]]|a, b|axc|    3|ab  |1.23|[\n  1\n]"
+        );
+        let ok = "{{ 'abc'.replace('b', 'x') }}|{{ ', '.join(['a', 'b']) }}|{{ '{:>5}|{:.2f}|{:,}'.format('ab', 1.234, 1234567) }}";
+        assert_eq!(render(ok).unwrap(), "axc|a, b|   ab|1.23|1,234,567");
+    }
+
+    /// Found by fuzzing: a precision past 65535 (`'%.70000e' | format(1.5)`) panicked in
+    /// Rust's formatting, which minijinja's `format` hands the precision to; a template may
+    /// format a message's text, and `str.format()` does the same. Widths and precisions are
+    /// now at most 65535, for both, which also keeps one field from asking for terabytes.
+    #[test]
+    fn format_widths_past_what_rust_formats_are_an_error_not_a_panic() {
+        let render = |source: &str, content: &str| {
+            let t = ChatTemplate::new(source, "test", "<s>", "</s>").unwrap();
+            t.render(&[Message::new("user", content)], false, &Default::default()).map_err(|e| e.to_string())
+        };
+        for (source, n) in [
+            ("{{ '%.70000e' | format(1.5) }}", "70000"),
+            ("{{ '%.70000f' | format(1.5) }}", "70000"),
+            ("{{ '%#.70000g' | format(1.5) }}", "70000"),
+            ("{{ '%70000d' | format(1) }}", "70000"),
+            ("{{ '%(a)-070000.2f' | format(a=1.5) }}", "70000"),
+            ("{{ '%1000000000000d' | format(1) }}", "1000000000000"),
+            ("{{ '%.99999999999999999999f' | format(1.5) }}", "18446744073709551615"),
+            ("{{ '%(a)1000000000000s' | format(a=1) }}", "1000000000000"),
+            ("{{ '%*d' | format(1000000000000, 1) }}", "1000000000000"),
+            ("{{ '{:.70000e}'.format(1.5) }}", "70000"),
+            ("{{ '{0:*^+#070000,.2f}'.format(1.5) }}", "70000"),
+            ("{{ '{:.2f} {:>70000}'.format(1.5, 'x') }}", "70000"),
+            ("{{ '{{ {:1000000000000}'.format(1) }}", "1000000000000"),
+        ] {
+            let e = render(source, "hi").unwrap_err();
+            assert_eq!(
+                e,
+                format!(
+                    "chat template: the chat template's format asks for a width or precision of {n}; at most 65535"
+                ),
+                "{source}"
+            );
+        }
+        // From a message, through a template that formats the message's text.
+        let e = render("{{ messages[0]['content'] | format(2) }}", "%.70000g").unwrap_err();
+        assert_eq!(
+            e,
+            "chat template: the chat template's format asks for a width or precision of 70000; at most 65535"
+        );
+        // 65535 itself formats, in both styles; `{{` and `%%` are not fields.
+        assert_eq!(render("{{ ('%.65535f' | format(1.5)) | length }}", "").unwrap(), "65537");
+        assert_eq!(render("{{ ('{:.65535f}'.format(1.5)) | length }}", "").unwrap(), "65537");
+        assert_eq!(
+            render("{{ '%%70000d %d' | format(1) }}|{{ '{{:70000}} {}'.format(1) }}", "").unwrap(),
+            "%70000d 1|{:70000} 1"
         );
     }
 
