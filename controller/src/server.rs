@@ -63,10 +63,6 @@ impl Controller {
         health.set_serving::<pb::inference_server::InferenceServer<Api>>().await;
         health.set_serving::<pb::deployments_server::DeploymentsServer<Api>>().await;
         health.set_service_status("", ServingStatus::Serving).await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(gantry_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut lost = self.leadership.lost.clone();
         let reporter = health.clone();
@@ -128,13 +124,14 @@ impl Controller {
         let server = builder
             .tcp_nodelay(true)
             .add_service(health_service)
-            .add_service(InterceptedService::new(reflection, auth.clone()))
+            .add_service(InterceptedService::new(gantry_proto::serve::reflection_v1()?, auth.clone()))
+            .add_service(InterceptedService::new(gantry_proto::serve::reflection_v1alpha()?, auth.clone()))
             .add_service(pb::inference_server::InferenceServer::with_interceptor(api.clone(), auth.clone()))
             .add_service(pb::deployments_server::DeploymentsServer::with_interceptor(api.clone(), auth.clone()))
             .add_service(pb::cluster_server::ClusterServer::with_interceptor(api.clone(), auth.clone()))
             .add_service(pb::models_server::ModelsServer::with_interceptor(api.clone(), auth.clone()))
             .add_service(pb::worker_link_server::WorkerLinkServer::with_interceptor(api, auth))
-            .serve_with_incoming_shutdown(gantry_worker::server::incoming(grpc), async move {
+            .serve_with_incoming_shutdown(gantry_proto::serve::incoming(grpc), async move {
                 let _ = stop.wait_for(|s| *s).await;
             });
         // Streams in flight get a while to finish once stopping begins, not forever.

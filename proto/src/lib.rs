@@ -3,6 +3,7 @@
 #![allow(missing_debug_implementations, clippy::all)] // generated code
 
 pub mod auth;
+pub mod serve;
 
 /// Package `gantry.v1`.
 pub mod v1 {

@@ -194,7 +194,7 @@ impl StandIn {
             let _ = tonic::transport::Server::builder()
                 .tcp_nodelay(true)
                 .add_service(pb::worker_server::WorkerServer::new(service))
-                .serve_with_incoming(gantry_worker::server::incoming(listener))
+                .serve_with_incoming(gantry_proto::serve::incoming(listener))
                 .await;
         });
         let link = tokio::spawn(link(controller.to_string(), id.to_string(), addr.to_string(), engine.gpu_bytes));

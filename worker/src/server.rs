@@ -1,5 +1,5 @@
-//! Serving the worker: the `gantry.v1.Worker` and `gantry.v1.StageLink` services with standard gRPC health checking and
-//! server reflection beside it.
+//! Serving the worker: the `gantry.v1.Worker` and `gantry.v1.StageLink` services with standard
+//! gRPC health checking and server reflection (`v1` and `v1alpha`) beside them.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -8,8 +8,6 @@ use gantry_proto::v1::stage_link_server::StageLinkServer;
 use gantry_proto::v1::worker_server::WorkerServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
 use crate::service::{WorkerService, WorkerState};
@@ -34,10 +32,6 @@ pub async fn serve(
             reporter.set_service_status("", ServingStatus::Serving).await;
         }
     });
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(gantry_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
     let reporter = health.clone();
     let shutdown = async move {
         shutdown.await;
@@ -50,28 +44,15 @@ pub async fn serve(
     }
     builder
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(gantry_proto::serve::reflection_v1()?)
+        .add_service(gantry_proto::serve::reflection_v1alpha()?)
         .add_service(WorkerServer::new(WorkerService::new(state.clone())))
         .add_service(
             StageLinkServer::new(WorkerService::new(state))
                 .max_decoding_message_size(usize::MAX)
                 .max_encoding_message_size(usize::MAX),
         )
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(gantry_proto::serve::incoming(listener), shutdown)
         .await?;
     Ok(())
-}
-
-/// The connections a listener accepts, with Nagle's algorithm off: a token is a few dozen
-/// bytes, and without this a stream's small writes wait for the peer's delayed ACK (tens of
-/// milliseconds per token). tonic's own `tcp_nodelay` applies only to addresses it binds.
-pub fn incoming(
-    listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send + 'static {
-    TcpListenerStream::new(listener).map(|conn| {
-        if let Ok(stream) = &conn {
-            let _ = stream.set_nodelay(true);
-        }
-        conn
-    })
 }
