@@ -1,6 +1,6 @@
 //! Many concurrent streams through one controller: a real `gantry controller` process (its
 //! memory and CPU read from `/proc`), four stand-in workers in this process
-//! (`tests/common/standin.rs`: the real worker protocols, a deterministic engine, one token
+//! (`tests/e2e/common/standin.rs`: the real worker protocols, a deterministic engine, one token
 //! every `--interval-ms`), and clients over 10 connections. For each level of concurrency:
 //! wall time, errors, wrong streams, time to first token and gaps between tokens as clients
 //! see them, the controller's peak resident memory and CPU time, and how fast the request past
@@ -15,7 +15,7 @@
 
 #![allow(clippy::unwrap_used)] // a benchmark: any failure is fatal
 
-#[path = "../tests/common/standin.rs"]
+#[path = "../tests/e2e/common/standin.rs"]
 mod standin;
 
 use std::io::BufRead;

@@ -1,7 +1,7 @@
 //! What the controller's router adds to a token stream: time to first token and latency per
 //! token, through the controller against calling the worker directly, in the same run.
 //!
-//! A stand-in worker (`tests/common/standin.rs`: in this process, on its own loopback port,
+//! A stand-in worker (`tests/e2e/common/standin.rs`: in this process, on its own loopback port,
 //! registered over the real `WorkerLink`) answers `Generate` with N tokens, one every
 //! `--interval-us`, each carrying the moment it was sent; the client reads the moment each arrives. Both clocks are this
 //! process's, so the difference is the one-way latency of that token. The controller is the
@@ -12,15 +12,15 @@
 
 #![allow(clippy::unwrap_used)] // a benchmark: any failure is fatal
 
-#[path = "../tests/common/standin.rs"]
+#[path = "../tests/e2e/common/standin.rs"]
 mod standin;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gantry_controller::cluster::ControllerConfig;
+use gantry_controller::ControllerConfig;
 use gantry_controller::server::Controller;
-use gantry_controller::store::embedded::EmbeddedStore;
+use gantry_controller::statestore::embedded::EmbeddedStore;
 use gantry_proto::v1 as pb;
 use pb::inference_client::InferenceClient;
 use pb::worker_client::WorkerClient;

@@ -12,8 +12,8 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use gantry_worker::engine::chat::{ChatTemplate, Message};
-use gantry_worker::engine::chat_child::{ChildLimits, ChildRenderer, serve_renderer_if_child};
+use gantry_engine::chat::{ChatTemplate, Message};
+use gantry_engine::chat_child::{ChildLimits, ChildRenderer, serve_renderer_if_child};
 
 fn arg(args: &[String], name: &str, default: &str) -> String {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.into())

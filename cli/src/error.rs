@@ -1,9 +1,10 @@
-//! Errors of the `gantry` command and the exit codes they map to (BSD `sysexits.h`).
+//! Errors of the `gantry` and `gantry-worker` commands and the exit codes they map to (BSD
+//! `sysexits.h`), the same in both binaries.
 
 use std::fmt;
 
-use gantry_worker::cli::Failure;
-use gantry_worker::store::StoreError;
+use gantry_model::FilesError;
+use gantry_store::HubError;
 
 /// A failed command: a one-line message and an exit code.
 #[derive(Debug)]
@@ -13,14 +14,20 @@ pub struct CliError {
 }
 
 impl CliError {
-    // The exit codes (BSD `sysexits.h`) are the worker's, so every Gantry binary agrees.
-    pub const USAGE: u8 = Failure::USAGE;
-    pub const DATA: u8 = Failure::DATA;
-    pub const NO_INPUT: u8 = Failure::NO_INPUT;
-    pub const UNAVAILABLE: u8 = Failure::UNAVAILABLE;
-    pub const SOFTWARE: u8 = Failure::SOFTWARE;
-    pub const IO: u8 = Failure::IO;
-    pub const NO_PERMISSION: u8 = Failure::NO_PERMISSION;
+    /// Bad flags or values (`EX_USAGE`).
+    pub const USAGE: u8 = 64;
+    /// A model whose files are wrong (`EX_DATAERR`).
+    pub const DATA: u8 = 65;
+    /// A path or model that does not exist (`EX_NOINPUT`).
+    pub const NO_INPUT: u8 = 66;
+    /// A service (the Hub, the controller, a port) is not there (`EX_UNAVAILABLE`).
+    pub const UNAVAILABLE: u8 = 69;
+    /// A bug or an unexpected failure (`EX_SOFTWARE`).
+    pub const SOFTWARE: u8 = 70;
+    /// Reading or writing failed (`EX_IOERR`).
+    pub const IO: u8 = 74;
+    /// Refused: a token is missing or may not read it (`EX_NOPERM`).
+    pub const NO_PERMISSION: u8 = 77;
 
     /// A usage error: the user asked for something invalid.
     pub fn usage(message: impl Into<String>) -> CliError {
@@ -48,19 +55,32 @@ impl fmt::Display for CliError {
     }
 }
 
-impl From<gantry_worker::cli::Failure> for CliError {
-    fn from(f: gantry_worker::cli::Failure) -> CliError {
-        CliError { message: f.message, code: f.code }
+impl From<HubError> for CliError {
+    fn from(e: HubError) -> CliError {
+        let code = match &e {
+            HubError::Gated { .. } | HubError::Unauthorized { .. } => CliError::NO_PERMISSION,
+            HubError::RepoNotFound { .. } | HubError::RevisionNotFound { .. } | HubError::FileNotFound { .. } => {
+                CliError::NO_INPUT
+            }
+            HubError::BadId(_) | HubError::AmbiguousGguf { .. } => CliError::USAGE,
+            HubError::Checksum { .. } | HubError::NothingToServe { .. } | HubError::UnsafePath(_) => CliError::DATA,
+            HubError::Unreachable { .. }
+            | HubError::Http { .. }
+            | HubError::Transfer { .. }
+            | HubError::OfflineMiss { .. } => CliError::UNAVAILABLE,
+            HubError::Io { .. } => CliError::IO,
+        };
+        CliError { message: e.to_string(), code }
     }
 }
 
-impl From<StoreError> for CliError {
-    fn from(e: StoreError) -> CliError {
+impl From<FilesError> for CliError {
+    fn from(e: FilesError) -> CliError {
         let code = match &e {
-            StoreError::NotFound { .. } | StoreError::MissingShard { .. } => CliError::NO_INPUT,
-            StoreError::Io { .. } => CliError::IO,
-            StoreError::Ambiguous { .. } => CliError::USAGE,
-            StoreError::Model { .. } | StoreError::NotAModel { .. } => CliError::DATA,
+            FilesError::NotFound { .. } | FilesError::MissingShard { .. } => CliError::NO_INPUT,
+            FilesError::Io { .. } => CliError::IO,
+            FilesError::Ambiguous { .. } => CliError::USAGE,
+            FilesError::Model { .. } | FilesError::NotAModel { .. } => CliError::DATA,
         };
         CliError { message: e.to_string(), code }
     }

@@ -1,23 +1,33 @@
 //! `gantry-controller`: holds the desired deployments, knows every worker's GPUs, places
-//! replicas with `gantry_core::placement` and routes requests to them.
+//! replicas with `gantry_core::placement` and routes requests to them. It runs no model: it
+//! does not depend on the engine.
 //!
-//! * [`store`]: the state store (an embedded database file, or etcd) with leader election.
-//! * [`cluster`]: the state and the scheduler (desired vs actual, reservations, leases).
-//! * [`api`]: the gRPC services — `Inference`, `Deployments`, `Cluster`, `Models`, and the
-//!   workers' `WorkerLink`.
-//! * [`metrics`]: Prometheus metrics (`GET /metrics`).
-//! * [`openai`]: the OpenAI-compatible HTTP API (`/v1/chat/completions`, `/v1/completions`).
-//! * [`auth`]: API keys for the gRPC and HTTP APIs.
-//! * [`tls`]: TLS for gRPC and HTTP, mutual TLS for workers.
-//! * [`server`]: leadership, restore, and serving.
+//! * [`cluster`]: the state behind one lock and the operations that change it;
+//! * [`scheduler`]: the decisions — reconcile, placement, expiry — as functions of the state
+//!   returning effects;
+//! * [`router`]: picking a replica and relaying a request's stream, across failures;
+//! * [`api`]: the gRPC services; [`http`]: the OpenAI API, metrics, the dashboard;
+//! * [`statestore`]: where the state is kept (an embedded database file, or etcd), leadership;
+//! * [`operator`]: the Kubernetes `ModelDeployment` operator;
+//! * [`spec`]: what a deployment asks for, and sizing its model;
+//! * [`auth`], [`tls`], [`metrics`], [`server`] (leadership and serving), [`error`], [`config`].
 
 pub mod api;
 pub mod auth;
+pub mod clock;
 pub mod cluster;
+pub mod config;
+pub mod error;
+pub mod http;
 pub mod metrics;
-pub mod openai;
 pub mod operator;
+pub mod router;
+pub mod scheduler;
 pub mod server;
 pub mod spec;
-pub mod store;
+pub mod statestore;
 pub mod tls;
+
+pub use cluster::Cluster;
+pub use config::ControllerConfig;
+pub use error::ClusterError;

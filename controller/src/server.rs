@@ -2,12 +2,8 @@
 //! services (with health checking and reflection) and the HTTP endpoint.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::Json;
-use axum::extract::State;
-use axum::routing::get;
 use tonic::service::interceptor::InterceptedService;
 
 use crate::auth::ApiKeys;
@@ -17,8 +13,10 @@ use tonic_health::ServingStatus;
 use tracing::info;
 
 use crate::api::Api;
-use crate::cluster::{Cluster, ControllerConfig};
-use crate::store::{Leadership, Store, StoreError};
+use crate::cluster::Cluster;
+use crate::config::ControllerConfig;
+use crate::error::ClusterError;
+use crate::statestore::{Leadership, StateStore};
 
 /// How long running streams may take to finish once a stop begins.
 const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
@@ -38,12 +36,12 @@ impl Controller {
     /// Waits to lead (`candidate` names this controller to the others), then restores the
     /// deployments and placements in `store`.
     pub async fn start(
-        store: Arc<dyn Store>,
+        store: Arc<dyn StateStore>,
         config: ControllerConfig,
         candidate: &str,
-    ) -> Result<Controller, StoreError> {
+    ) -> Result<Controller, ClusterError> {
         info!(store = %store.describe(), candidate, "campaigning for leadership");
-        let leadership = store.campaign(candidate).await?;
+        let leadership = store.campaign(candidate).await.map_err(ClusterError::from)?;
         info!(store = %store.describe(), "leading");
         let cluster = Cluster::start(store, config).await?;
         Ok(Controller { cluster, leadership, api_keys: None, tls: None })
@@ -85,18 +83,7 @@ impl Controller {
             Some(k) => k.interceptor()(req),
         };
         if let Some(http) = http {
-            let protected = axum::Router::new()
-                .route("/v1/models", get(models))
-                .route("/metrics", get(metrics))
-                .route("/api/v1/cluster", get(cluster_view))
-                .with_state(self.cluster.clone())
-                .merge(crate::openai::routes(api.clone()))
-                .layer(axum::middleware::from_fn_with_state(self.api_keys.clone(), require_key));
-            let router = axum::Router::new()
-                .route("/healthz", get(|| async { "ok\n" }))
-                // The page holds no data; it asks for a key when the API needs one.
-                .route("/", get(|| async { axum::response::Html(DASHBOARD) }))
-                .merge(protected);
+            let router = crate::http::router(api.router().clone(), self.api_keys.clone());
             let mut stop = stop_rx.clone();
             let stopped = async move {
                 let _ = stop.wait_for(|s| *s).await;
@@ -149,65 +136,4 @@ impl Controller {
     }
 }
 
-/// Serves only `GET /healthz` (`standby`) on `listener` while this controller waits to lead, so
-/// an orchestrator sees a healthy standby; abort the task before the leader's server binds.
-pub fn standby_health(listener: TcpListener) -> tokio::task::JoinHandle<()> {
-    let router = axum::Router::new().route("/healthz", get(|| async { "standby\n" }));
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
-    })
-}
-
-/// Refuses HTTP requests without a valid key (when keys are configured), in OpenAI's error shape.
-async fn require_key(
-    State(keys): State<Option<ApiKeys>>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    if let Some(keys) = &keys {
-        let header = req.headers().get(axum::http::header::AUTHORIZATION);
-        if !keys.accepts(header.map(|v| v.as_bytes())) {
-            let status = crate::auth::unauthenticated(header.is_some());
-            return crate::openai::ApiError::from(status).into_response();
-        }
-    }
-    next.run(req).await
-}
-
-/// The dashboard: one page, no build step, refreshed from `/api/v1/cluster` every 2 s.
-const DASHBOARD: &str = include_str!("dashboard.html");
-
-/// `GET /api/v1/cluster`: workers with their GPUs and reservations, and deployments with
-/// their replicas, stages and events, as the dashboard shows them.
-async fn cluster_view(State(cluster): State<Arc<Cluster>>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "workers": cluster.workers(), "deployments": cluster.list() }))
-}
-
-/// `GET /metrics`: Prometheus' text format.
-async fn metrics(State(cluster): State<Arc<Cluster>>) -> impl axum::response::IntoResponse {
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], crate::metrics::render(&cluster))
-}
-
-/// `GET /v1/models`: the deployed models in the OpenAI list shape.
-async fn models(State(cluster): State<Arc<Cluster>>) -> Json<serde_json::Value> {
-    let data: Vec<serde_json::Value> = cluster
-        .models()
-        .into_iter()
-        .map(|m| {
-            let created = cluster.get(&m.name).map_or(0, |d| d.created_ms / 1000);
-            serde_json::json!({
-                "id": m.name, "object": "model", "created": created, "owned_by": "gantry",
-                "source": m.source, "replicas": m.replicas, "ready_replicas": m.ready_replicas,
-            })
-        })
-        .collect();
-    Json(serde_json::json!({ "object": "list", "data": data }))
-}
-
-/// Binds a listener, saying which flag to change when the port is taken.
-pub async fn bind(addr: &str, flag: &str) -> Result<(TcpListener, SocketAddr), String> {
-    let l = TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr} ({flag}): {e}"))?;
-    let a = l.local_addr().map_err(|e| e.to_string())?;
-    Ok((l, a))
-}
+pub use gantry_proto::serve::bind;

@@ -2,15 +2,19 @@
 
 use std::sync::Arc;
 
+use gantry_core::WireDtype;
 use gantry_core::catalog::Catalog;
 use gantry_core::placement::{Policy, Strategy};
 use gantry_core::quant::WeightDtype;
 use gantry_core::spec::ModelSpec;
 use gantry_core::vram::{ServeOptions, estimate_vram};
+use gantry_model::read_spec;
+use gantry_proto::convert::sampling_from_proto;
 use gantry_proto::v1 as pb;
-use gantry_worker::store::{Source, read_spec};
+use gantry_store::Source;
 use serde::{Deserialize, Serialize};
-use tonic::Status;
+
+use crate::error::ClusterError;
 
 /// The most replicas one deployment may ask for.
 pub const MAX_REPLICAS: u32 = 1024;
@@ -55,10 +59,11 @@ pub struct SamplingDefaults {
 impl Eq for SamplingDefaults {}
 
 impl SamplingDefaults {
-    fn from_proto(p: &pb::SamplingParams) -> Result<SamplingDefaults, Status> {
+    fn from_proto(p: &pb::SamplingParams) -> Result<SamplingDefaults, ClusterError> {
         // Checked as a request carrying only these values would be.
-        gantry_worker::service::sampling_params(Some(p))
-            .map_err(|e| Status::invalid_argument(format!("sampling defaults: {}", e.message())))?;
+        sampling_from_proto(Some(p))
+            .validate()
+            .map_err(|e| ClusterError::Invalid(format!("sampling defaults: invalid sampling: {e}")))?;
         Ok(SamplingDefaults {
             temperature: p.temperature,
             top_k: p.top_k,
@@ -117,7 +122,7 @@ pub struct SizedModel {
 }
 
 /// Checks a deployment name: a DNS label, so it is also a valid Kubernetes name.
-pub fn check_name(name: &str) -> Result<(), Status> {
+pub fn check_name(name: &str) -> Result<(), ClusterError> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
@@ -126,7 +131,7 @@ pub fn check_name(name: &str) -> Result<(), Status> {
     if ok {
         Ok(())
     } else {
-        Err(Status::invalid_argument(format!(
+        Err(ClusterError::Invalid(format!(
             "deployment name `{name}`: use 1 to 63 lowercase letters, digits and `-`, not starting or ending with `-`"
         )))
     }
@@ -134,10 +139,10 @@ pub fn check_name(name: &str) -> Result<(), Status> {
 
 impl DeploymentSpec {
     /// Reads and checks the spec of an `Apply`.
-    pub fn from_proto(spec: Option<pb::DeploymentSpec>) -> Result<DeploymentSpec, Status> {
-        let spec = spec.ok_or_else(|| Status::invalid_argument("the deployment has no spec"))?;
+    pub fn from_proto(spec: Option<pb::DeploymentSpec>) -> Result<DeploymentSpec, ClusterError> {
+        let spec = spec.ok_or_else(|| ClusterError::Invalid("the deployment has no spec".into()))?;
         if spec.source.trim().is_empty() {
-            return Err(Status::invalid_argument("the deployment's spec names no model source"));
+            return Err(ClusterError::Invalid("the deployment's spec names no model source".into()));
         }
         check_replicas(spec.replicas)?;
         let placement = spec.placement.unwrap_or_default();
@@ -145,17 +150,17 @@ impl DeploymentSpec {
             Ok(pb::PlacementStrategy::Unspecified | pb::PlacementStrategy::Binpack) => Strategy::Binpack,
             Ok(pb::PlacementStrategy::Spread) => Strategy::Spread,
             Err(_) => {
-                return Err(Status::invalid_argument(format!(
+                return Err(ClusterError::Invalid(format!(
                     "placement strategy {}: use binpack or spread",
                     placement.strategy
                 )));
             }
         };
         if !spec.dtype.is_empty() {
-            WeightDtype::parse(&spec.dtype).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            WeightDtype::parse(&spec.dtype).map_err(|e| ClusterError::Invalid(e.to_string()))?;
         }
-        let wire = gantry_worker::pipeline::WireDtype::parse(&spec.stage_wire_dtype)
-            .map_err(|e| Status::invalid_argument(format!("stage_wire_dtype: {e}")))?;
+        let wire = WireDtype::parse(&spec.stage_wire_dtype)
+            .map_err(|e| ClusterError::Invalid(format!("stage_wire_dtype: {e}")))?;
         Ok(DeploymentSpec {
             source: spec.source.trim().to_string(),
             dtype: spec.dtype.trim().to_string(),
@@ -168,7 +173,7 @@ impl DeploymentSpec {
                 allow_multi_node: placement.allow_multi_node,
             },
             stage_wire_dtype: match wire {
-                gantry_worker::pipeline::WireDtype::F32 => String::new(),
+                WireDtype::F32 => String::new(),
                 other => other.name().to_string(),
             },
             sampling: match &spec.sampling_defaults {
@@ -204,9 +209,9 @@ impl DeploymentSpec {
     }
 }
 
-pub fn check_replicas(replicas: u32) -> Result<(), Status> {
+pub fn check_replicas(replicas: u32) -> Result<(), ClusterError> {
     if replicas > MAX_REPLICAS {
-        return Err(Status::invalid_argument(format!("{replicas} replicas: at most {MAX_REPLICAS}")));
+        return Err(ClusterError::Invalid(format!("{replicas} replicas: at most {MAX_REPLICAS}")));
     }
     Ok(())
 }
@@ -241,7 +246,7 @@ pub fn size_model(spec: &DeploymentSpec) -> Result<SizedModel, String> {
 pub async fn size_model_async(spec: &DeploymentSpec) -> Result<SizedModel, String> {
     match Source::parse(&spec.source) {
         Source::Url(u) => {
-            let model = gantry_worker::store::url::read_remote_spec(&u).await.map_err(|e| e.to_string())?;
+            let model = gantry_store::url::read_remote_spec(&u).await.map_err(|e| e.to_string())?;
             size_with(model, spec)
         }
         _ => size_model(spec),

@@ -16,11 +16,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use gantry_controller::cluster::{Cluster, ControllerConfig};
 use gantry_controller::operator::crd::{HubModel, ModelDeployment, ModelDeploymentSpec, ModelSource, SecretKeyRef};
 use gantry_controller::operator::lease::{Attempt, LeaseLock, mark_leader};
 use gantry_controller::operator::{Context, FINALIZER, reconcile};
-use gantry_controller::store::embedded::EmbeddedStore;
+use gantry_controller::statestore::embedded::EmbeddedStore;
+use gantry_controller::{Cluster, ControllerConfig};
 use gantry_proto::v1 as pb;
 use http::{Request, Response, StatusCode};
 use kube::client::Body;
@@ -484,12 +484,15 @@ async fn the_lease_is_taken_when_free_or_expired_and_never_by_two() {
     let put = calls.iter().find(|c| c.method == "PUT").unwrap();
     assert_eq!(put.body["metadata"]["resourceVersion"], "1");
     assert_eq!(put.body["spec"]["leaseTransitions"], 0);
-    // a stops renewing: once the renew time is a duration old, b takes over.
-    {
-        let mut w = world.lock().unwrap();
-        let lease = w.lease.as_mut().unwrap();
-        lease["spec"]["renewTime"] = json!("2026-01-01T00:00:00.000000Z");
-    }
+    // a stops renewing: renewed 14 s ago, the 15 s Lease still holds and b waits; once the
+    // renew time is a whole duration old, b takes over.
+    let renewed_ago = |secs: i64| {
+        let t = k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(secs);
+        json!(t.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string())
+    };
+    world.lock().unwrap().lease.as_mut().unwrap()["spec"]["renewTime"] = renewed_ago(14);
+    assert_eq!(b.try_acquire_or_renew().await.unwrap(), Attempt::HeldBy("pod-a".into()), "not expired yet");
+    world.lock().unwrap().lease.as_mut().unwrap()["spec"]["renewTime"] = renewed_ago(16);
     assert_eq!(b.try_acquire_or_renew().await.unwrap(), Attempt::Held);
     let lease = world.lock().unwrap().lease.clone().unwrap();
     assert_eq!(
@@ -499,7 +502,7 @@ async fn the_lease_is_taken_when_free_or_expired_and_never_by_two() {
     // Two racing for an expired Lease: the API server takes one write, refuses the other (409).
     {
         let mut w = world.lock().unwrap();
-        w.lease.as_mut().unwrap()["spec"]["renewTime"] = json!("2026-01-01T00:00:00.000000Z");
+        w.lease.as_mut().unwrap()["spec"]["renewTime"] = renewed_ago(16);
         w.conflict_next = true;
     }
     assert!(matches!(a.try_acquire_or_renew().await.unwrap(), Attempt::HeldBy(_)), "the refused writer does not lead");
@@ -518,9 +521,67 @@ async fn the_lease_is_taken_when_free_or_expired_and_never_by_two() {
 #[tokio::test]
 #[ignore = "needs a real Kubernetes API server (kind, k3d): none can be reached from this machine"]
 async fn against_a_real_cluster_the_crd_installs_and_a_resource_gets_a_status() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+    use kube::{CustomResourceExt, ResourceExt};
+
     let client = kube::Client::try_default().await.expect("a kubeconfig or in-cluster config");
-    let crds: kube::Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
-        kube::Api::all(client);
-    let crd = <ModelDeployment as kube::CustomResourceExt>::crd_name();
-    crds.get(crd).await.expect("the CRD is installed (kubectl apply -f deploy/crds/)");
+    // The CRD, installed as `kubectl apply --server-side` would, and established.
+    let crds: kube::Api<CustomResourceDefinition> = kube::Api::all(client.clone());
+    let crd = ModelDeployment::crd();
+    let apply = PatchParams::apply("gantry-tests").force();
+    crds.patch(&crd.name_any(), &apply, &Patch::Apply(&crd)).await.expect("the CRD installs");
+    let established = |c: &CustomResourceDefinition| {
+        c.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Established" && c.status == "True"))
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !established(&crds.get(&crd.name_any()).await.unwrap()) {
+        assert!(tokio::time::Instant::now() < deadline, "the CRD was not established within 30 s");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // The operator over a cluster with no workers: the resource is taken, sized and reported
+    // Pending with the reason, on the status subresource.
+    let (_dir, cluster) = start_cluster().await;
+    let ctx = Context::new(client.clone(), cluster.clone(), "gantry-tests");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let operator = tokio::spawn(gantry_controller::operator::run(ctx, "default".into(), async move {
+        let _ = stop_rx.await;
+    }));
+    let api: kube::Api<ModelDeployment> = kube::Api::namespaced(client, "default");
+    let name = format!("gantry-test-{}", std::process::id());
+    let mut md = model_deployment(&name, 1);
+    md.metadata =
+        kube::api::ObjectMeta { name: Some(name.clone()), namespace: Some("default".into()), ..Default::default() };
+    api.create(&PostParams::default(), &md).await.expect("the resource is created");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let got = api.get(&name).await.unwrap();
+        if let Some(status) =
+            got.status.clone().filter(|s| s.observed_generation == got.metadata.generation.unwrap_or(0))
+        {
+            assert!(got.finalizers().contains(&FINALIZER.to_string()), "the finalizer is set first");
+            break status;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no status within 60 s: {got:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!((status.replicas, status.ready_replicas, status.phase.as_str()), (1, 0, "Pending"));
+    assert!(status.vram_per_replica.ends_with("GiB"), "{status:?}");
+    assert!(status.replica_status[0].reason.contains("no workers are connected"), "{status:?}");
+    assert!(status.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "False"), "{status:?}");
+
+    // Deleted: the finalizer runs (the deployment leaves the cluster) and the resource goes.
+    api.delete(&name, &DeleteParams::default()).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while api.get_opt(&name).await.unwrap().is_some() {
+        assert!(tokio::time::Instant::now() < deadline, "the resource was not deleted within 30 s");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(cluster.get(&name).is_err(), "the cluster forgot the deployment");
+    let _ = stop_tx.send(());
+    let _ = operator.await;
 }

@@ -11,9 +11,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use gantry_controller::cluster::{Cluster, ControllerConfig};
 use gantry_controller::spec::DeploymentSpec;
-use gantry_controller::store::embedded::EmbeddedStore;
+use gantry_controller::statestore::embedded::EmbeddedStore;
+use gantry_controller::{Cluster, ControllerConfig};
 use gantry_proto::v1 as pb;
 use pb::controller_message::Message as ToWorker;
 use tokio::sync::mpsc;

@@ -5,16 +5,16 @@
 // The shared helpers below are test code too (clippy.toml allows unwrap only inside #[test]).
 #![allow(clippy::unwrap_used)]
 
-#[path = "../../tests/common/etcd.rs"]
+#[path = "../../tests/e2e/common/etcd.rs"]
 mod etcd;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use etcd::EtcdServer;
-use gantry_controller::store::embedded::EmbeddedStore;
-use gantry_controller::store::etcd::EtcdStore;
-use gantry_controller::store::{Leadership, Store, StoreError, WatchEvent};
+use gantry_controller::statestore::embedded::EmbeddedStore;
+use gantry_controller::statestore::etcd::EtcdStore;
+use gantry_controller::statestore::{Leadership, StateStore, StateStoreError, WatchEvent};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 
@@ -29,7 +29,7 @@ fn delete(key: &str) -> WatchEvent {
     WatchEvent::Delete { key: key.into() }
 }
 
-async fn next_event(rx: &mut mpsc::Receiver<WatchEvent>, store: &dyn Store) -> WatchEvent {
+async fn next_event(rx: &mut mpsc::Receiver<WatchEvent>, store: &dyn StateStore) -> WatchEvent {
     timeout(PATIENCE, rx.recv())
         .await
         .unwrap_or_else(|_| panic!("{}: no watch event within {PATIENCE:?}", store.describe()))
@@ -38,7 +38,7 @@ async fn next_event(rx: &mut mpsc::Receiver<WatchEvent>, store: &dyn Store) -> W
 
 /// What every backend must do: get, list in key order, put over an old value, delete, delete
 /// a prefix, and watch exactly the changes under a prefix, in order.
-async fn behaves_as_a_store(store: Arc<dyn Store>) {
+async fn behaves_as_a_store(store: Arc<dyn StateStore>) {
     let name = store.describe();
     assert_eq!(store.get("deployments/a").await.unwrap(), None, "{name}");
     assert!(store.list("deployments/").await.unwrap().is_empty(), "{name}");
@@ -174,7 +174,7 @@ async fn a_second_open_of_the_same_file_is_busy_and_names_the_file() {
     let path = dir.path().join("state.redb");
     let _first = EmbeddedStore::open(&path).unwrap();
     match EmbeddedStore::open(&path) {
-        Err(StoreError::Busy(message)) => {
+        Err(StateStoreError::Busy(message)) => {
             assert!(message.contains(&path.display().to_string()), "{message}");
             assert!(message.contains("another controller"), "{message}");
             assert!(message.contains("--store"), "{message}");
@@ -189,7 +189,7 @@ async fn a_file_that_is_not_a_state_file_is_reported_by_name() {
     let path = dir.path().join("state.redb");
     std::fs::write(&path, vec![0x5a; 64 * 1024]).unwrap();
     match EmbeddedStore::open(&path) {
-        Err(StoreError::Backend(message)) => {
+        Err(StateStoreError::Backend(message)) => {
             assert!(message.contains(&path.display().to_string()), "{message}");
             assert!(!message.contains('\n'), "one line: {message}");
         }
@@ -204,7 +204,7 @@ async fn etcd_where_nothing_listens_is_unavailable_quickly_and_names_the_url() {
         .await
         .expect("connecting to a dead etcd gives up by itself, well within 10 s");
     match result {
-        Err(StoreError::Unavailable(message)) => {
+        Err(StateStoreError::Unavailable(message)) => {
             assert!(message.contains(&url), "{message}");
             assert!(!message.contains('\n'), "one line: {message}");
         }
@@ -228,7 +228,7 @@ async fn embedded_campaign_leads_at_once() {
 async fn waiting_campaign(
     store: &Arc<EtcdStore>,
     candidate: &'static str,
-) -> tokio::task::JoinHandle<Result<Leadership, StoreError>> {
+) -> tokio::task::JoinHandle<Result<Leadership, StateStoreError>> {
     let waiting = store.clone();
     let campaign = tokio::spawn(async move { waiting.campaign(candidate).await });
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -287,7 +287,7 @@ async fn etcd_leadership_outlasts_an_etcd_outage() {
 
     server.stop();
     match store.put("deployments/a", b"x".to_vec()).await {
-        Err(StoreError::Unavailable(message)) => assert!(message.contains(&server.url()), "{message}"),
+        Err(StateStoreError::Unavailable(message)) => assert!(message.contains(&server.url()), "{message}"),
         other => panic!("expected Unavailable, got {other:?}"),
     }
     // Two TTLs without etcd: leadership is in no one else's hands, so it is kept.
@@ -331,7 +331,7 @@ async fn a_truncated_state_file_is_reported_as_corrupt_by_name() {
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
     match EmbeddedStore::open(&path) {
-        Err(StoreError::Backend(message)) => {
+        Err(StateStoreError::Backend(message)) => {
             assert!(message.contains(&path.display().to_string()), "{message}");
             assert!(message.contains("corrupt"), "{message}");
         }

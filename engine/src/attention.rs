@@ -3,8 +3,8 @@
 
 use candle_core::{D, DType, Device, Result, Tensor};
 
-use super::config::QkvLayout;
-use super::layers::{Linear, Norm, Rope};
+use crate::config::QkvLayout;
+use crate::layers::{Linear, Norm, Rope};
 
 /// The keys and values one layer has seen for one sequence, `[1, kv_heads, capacity, head_dim]`,
 /// grown by doubling.

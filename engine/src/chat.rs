@@ -8,9 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use std::sync::Mutex;
 
-use super::EngineError;
-use super::chat_child::ChildRenderer;
-pub use super::chat_child::{ChildLimits, TemplateIsolation};
+use crate::EngineError;
+use crate::chat_child::ChildRenderer;
+pub use crate::chat_child::{ChildLimits, TemplateIsolation};
 
 /// One message of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -576,6 +576,15 @@ mod tests {
 
     /// A model's template is untrusted: a runaway loop and a flood of output are stopped with
     /// the reason, quickly, instead of holding a worker thread or its memory.
+    #[test]
+    fn a_backwards_slice_that_starts_before_its_stop_is_empty_as_in_python() {
+        // Fuzz finding 9: minijinja computed the slice's length with a subtraction that
+        // underflows here; builds with overflow checks panicked.
+        let t = ChatTemplate::new("[{{ messages[0]['content'][0:2:-1] }}|{{ 'abcd'[3:1:-1] }}]", "test", "<s>", "</s>")
+            .unwrap();
+        assert_eq!(t.render(&[Message::new("user", "abc")], false, &Default::default()).unwrap(), "[|dc]");
+    }
+
     #[test]
     fn runaway_templates_are_stopped() {
         let hi = [Message::new("user", "hi")];

@@ -24,8 +24,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::EngineError;
-use super::chat::{ChatTemplate, Message};
+use crate::EngineError;
+use crate::chat::{ChatTemplate, Message};
 
 /// Set (to the address-space limit in bytes) in a renderer child's environment.
 pub const RENDERER_ENV: &str = "GANTRY_CHAT_TEMPLATE_RENDERER";

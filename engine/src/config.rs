@@ -10,7 +10,7 @@ use gantry_core::arch::Architecture;
 use gantry_core::gguf::{GgufFile, MetaValue};
 use serde_json::Value;
 
-use super::EngineError;
+use crate::EngineError;
 
 /// Where the weights come from; decides the storage conventions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,8 +1,8 @@
 //! Streaming detokenization: text pieces as tokens arrive, never half a UTF-8 character, never
 //! a dropped or doubled space, and never text a stop string could still claim.
 
-use super::EngineError;
-use super::tokenizer::Tokenizer;
+use crate::EngineError;
+use crate::tokenizer::Tokenizer;
 
 /// Turns a growing list of token ids into text pieces.
 ///

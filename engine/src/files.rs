@@ -8,13 +8,13 @@ use candle_core::Device;
 use gantry_core::{Family, ModelSpec};
 use tracing::info;
 
-use super::EngineError;
-use super::chat::{ChatTemplate, TemplateIsolation};
-use super::config::EngineConfig;
-use super::model::{LoadProgress, ModelPart};
-use super::tokenizer::Tokenizer;
-use super::weights::{LoadStats, WeightSource, log_stats};
-use crate::store::local::{ModelLocation, locate, read_gguf_header, read_hf_folder, safetensors_files};
+use crate::EngineError;
+use crate::chat::{ChatTemplate, TemplateIsolation};
+use crate::config::EngineConfig;
+use crate::model::{LoadProgress, ModelPart};
+use crate::tokenizer::Tokenizer;
+use crate::weights::{LoadStats, WeightSource, log_stats};
+use gantry_model::{ModelLocation, locate, read_gguf_header, read_hf_folder, safetensors_files};
 
 /// A model's files, opened (headers read, weights memory-mapped, nothing loaded yet).
 #[derive(Debug)]

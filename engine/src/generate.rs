@@ -6,11 +6,11 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::EngineError;
-use super::detok::{Detokenizer, StopCheck, StopMatcher};
-use super::model::{LogitsFor, ModelPart, PartCache, StageInput, StageOutput};
-use super::sampling::{Choice, Sampler, SamplingParams};
-use super::tokenizer::Tokenizer;
+use crate::EngineError;
+use crate::detok::{Detokenizer, StopCheck, StopMatcher};
+use crate::model::{LogitsFor, ModelPart, PartCache, StageInput, StageOutput};
+use crate::sampling::{Choice, Sampler, SamplingParams};
+use crate::tokenizer::Tokenizer;
 
 /// Prompt tokens processed per forward pass; bounds activation and mask memory.
 pub const PREFILL_CHUNK: usize = 512;
@@ -131,6 +131,10 @@ pub struct TokenEvent {
     /// Text this token completes (may be empty while a character or stop string is pending).
     pub text: String,
     pub logprob: Option<f32>,
+    /// The most likely alternatives at this position, best first (when asked for).
+    pub top: Vec<(u32, f32)>,
+    /// The token is an end-of-sequence token (its text is empty; generation ends after it).
+    pub end_of_sequence: bool,
 }
 
 /// Timings of a generation.
@@ -305,7 +309,15 @@ pub fn generate_from(
         }
         new_tokens += 1;
         let (piece, end) = progress.accept(choice.token)?;
-        let flow = on_token(&TokenEvent { token: Some(choice.token), text: piece, logprob: choice.logprob });
+        let eos = matches!(end, Some(FinishReason::EndOfSequence));
+        let event = TokenEvent {
+            token: Some(choice.token),
+            text: piece,
+            logprob: choice.logprob,
+            top: choice.top,
+            end_of_sequence: eos,
+        };
+        let flow = on_token(&event);
         if let Some(end @ (FinishReason::StopString | FinishReason::EndOfSequence)) = end {
             break end;
         }
@@ -323,7 +335,13 @@ pub fn generate_from(
         rest = format!("{}{rest}", progress.stops.flush());
         if !rest.is_empty() {
             progress.text.push_str(&rest);
-            let _ = on_token(&TokenEvent { token: None, text: rest, logprob: None });
+            let _ = on_token(&TokenEvent {
+                token: None,
+                text: rest,
+                logprob: None,
+                top: Vec::new(),
+                end_of_sequence: false,
+            });
         }
     }
     timings.decode = decode_started.map_or(Duration::ZERO, |d| d.elapsed());

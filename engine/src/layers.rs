@@ -3,8 +3,8 @@
 use candle_core::quantized::QMatMul;
 use candle_core::{D, DType, Device, Module, Result, Tensor};
 
-use super::config::{Activation, NormKind, RopeConfig, RopeScaling};
-use super::kernels::QuantMatrix;
+use crate::config::{Activation, NormKind, RopeConfig, RopeScaling};
+use crate::kernels::QuantMatrix;
 
 /// A weight matrix: Candle's quantized or dense matmul, or one of Gantry's kernels for the
 /// GGML types Candle has no fast CPU kernel for.

@@ -1,5 +1,8 @@
-//! The inference engine: Candle models of the supported families, from GGUF or safetensors,
-//! runnable whole or as any contiguous range of layers.
+//! `gantry-engine`: the inference engine. Candle models of the supported families, from GGUF
+//! or safetensors, runnable whole or as any contiguous range of layers; Gantry's own quantized
+//! kernels; tokenizers; chat templates (rendered in a child process, since a model's template
+//! is untrusted); sampling; the generation loop; and the in-process part of a pipeline split.
+//! No network: a worker serves it over gRPC, `gantry generate` runs it here.
 
 pub mod attention;
 pub mod chat;
@@ -11,9 +14,11 @@ pub mod generate;
 pub mod kernels;
 pub mod layers;
 pub mod model;
+pub mod pipeline;
 pub mod sampling;
 pub mod tokenizer;
 pub mod weights;
+pub mod wire;
 
 use std::path::PathBuf;
 
@@ -43,7 +48,7 @@ pub fn device(name: &str) -> Result<candle_core::Device, EngineError> {
 #[derive(Debug, Error)]
 pub enum EngineError {
     #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
+    Files(#[from] gantry_model::FilesError),
 
     #[error("{0}")]
     Model(#[from] gantry_core::Error),
@@ -82,10 +87,17 @@ pub enum EngineError {
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 
-    /// A later pipeline stage failed or went away; `code` is its gRPC status code.
-    #[error("{message}")]
-    Stage { code: i32, message: String },
+    /// A later pipeline stage failed or went away: the error its transport gave (the worker
+    /// gives a gRPC status, which it maps back to one).
+    #[error("{0}")]
+    Stage(Box<dyn std::error::Error + Send + Sync>),
 
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),
+}
+
+impl From<gantry_core::SamplingError> for EngineError {
+    fn from(e: gantry_core::SamplingError) -> EngineError {
+        EngineError::InvalidSampling(e.to_string())
+    }
 }

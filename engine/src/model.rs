@@ -11,11 +11,11 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use gantry_core::Family;
 
-use super::EngineError;
-use super::attention::{Attention, LayerCache, QkvProj};
-use super::config::{BlockKind, EngineConfig, QkvLayout, RopeConfig, RopeScaling, WeightFormat};
-use super::layers::{Linear, Mlp, Norm, Rope};
-use super::weights::{Embedding, LoadStats, Part, Role, WeightSource};
+use crate::EngineError;
+use crate::attention::{Attention, LayerCache, QkvProj};
+use crate::config::{BlockKind, EngineConfig, QkvLayout, RopeConfig, RopeScaling, WeightFormat};
+use crate::layers::{Linear, Mlp, Norm, Rope};
+use crate::weights::{Embedding, LoadStats, Part, Role, WeightSource};
 
 /// One transformer block.
 #[derive(Debug, Clone)]

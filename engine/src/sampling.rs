@@ -1,92 +1,29 @@
-//! Choosing the next token: greedy, or sampled with temperature, top-k, top-p, min-p and a
-//! repetition penalty, from a seeded generator so the same seed gives the same tokens.
+//! Choosing the next token: greedy, or sampled with temperature, top-k, top-p and min-p, after
+//! a logit bias and the repetition, presence and frequency penalties, from a seeded generator
+//! so the same seed gives the same tokens. The settings are `gantry_core::SamplingParams`.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde::{Deserialize, Serialize};
 
-use super::EngineError;
+pub use gantry_core::SamplingParams;
 
-/// How to pick tokens and when to stop.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct SamplingParams {
-    /// 0 picks the most likely token (greedy); higher flattens the distribution.
-    pub temperature: f32,
-    /// Keep only the `k` most likely tokens (0 = all).
-    pub top_k: usize,
-    /// Keep the smallest set of tokens whose probability adds up to `p` (1 = all).
-    pub top_p: f32,
-    /// Drop tokens less likely than `min_p` × the most likely one (0 = none).
-    pub min_p: f32,
-    /// Divide positive logits (multiply negative ones) of tokens already in the sequence.
-    pub repetition_penalty: f32,
-    /// Seed of the sampler; `None` seeds from the OS.
-    pub seed: Option<u64>,
-    /// Tokens to generate at most.
-    pub max_tokens: usize,
-    /// Stop before any of these strings; the text returned excludes it.
-    pub stop: Vec<String>,
-    /// Keep going past end-of-sequence tokens (benchmarks).
-    pub ignore_eos: bool,
-    /// Report the log-probability of each chosen token.
-    pub logprobs: bool,
-}
+use crate::EngineError;
 
-impl Default for SamplingParams {
-    fn default() -> Self {
-        SamplingParams {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            min_p: 0.0,
-            repetition_penalty: 1.0,
-            seed: None,
-            max_tokens: 256,
-            stop: Vec::new(),
-            ignore_eos: false,
-            logprobs: false,
-        }
-    }
-}
-
-/// Most stop strings accepted (OpenAI's limit is 4; a few more cost nothing).
-pub const MAX_STOP_STRINGS: usize = 16;
-
-impl SamplingParams {
-    /// Checks every value, naming the first bad one.
-    pub fn validate(&self) -> Result<(), EngineError> {
-        let bad = |what: &str, why: String| Err(EngineError::InvalidSampling(format!("{what} {why}")));
-        if !self.temperature.is_finite() || self.temperature < 0.0 || self.temperature > 100.0 {
-            return bad("temperature", format!("must be between 0 and 100, got {}", self.temperature));
-        }
-        if !self.top_p.is_finite() || self.top_p <= 0.0 || self.top_p > 1.0 {
-            return bad("top_p", format!("must be in (0, 1], got {}", self.top_p));
-        }
-        if !self.min_p.is_finite() || !(0.0..=1.0).contains(&self.min_p) {
-            return bad("min_p", format!("must be in [0, 1], got {}", self.min_p));
-        }
-        if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 || self.repetition_penalty > 10.0 {
-            return bad("repetition_penalty", format!("must be in (0, 10], got {}", self.repetition_penalty));
-        }
-        if self.max_tokens == 0 {
-            return bad("max_tokens", "must be at least 1".into());
-        }
-        if self.stop.len() > MAX_STOP_STRINGS {
-            return bad("stop", format!("has {} strings; at most {MAX_STOP_STRINGS}", self.stop.len()));
-        }
-        if self.stop.iter().any(String::is_empty) {
-            return bad("stop", "strings must not be empty".into());
-        }
-        Ok(())
-    }
-}
-
-/// A token chosen, with its log-probability under the model's distribution.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// A token chosen, with its log-probability under the model's distribution (the raw logits,
+/// before bias, penalties and temperature) and the most likely alternatives when asked for.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Choice {
     pub token: u32,
     pub logprob: Option<f32>,
+    /// The `top_logprobs` most likely tokens with their log-probabilities, best first.
+    pub top: Vec<(u32, f32)>,
+}
+
+impl Choice {
+    /// A choice with nothing but its token.
+    pub fn plain(token: u32) -> Choice {
+        Choice { token, logprob: None, top: Vec::new() }
+    }
 }
 
 /// Picks tokens from logits.
@@ -94,6 +31,10 @@ pub struct Choice {
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    /// Tokens an earlier run of the request generated (they count as generated).
+    resumed: usize,
+    /// Where the generated tokens start in the history, fixed at the first pick.
+    generated_from: Option<usize>,
 }
 
 impl Sampler {
@@ -104,13 +45,15 @@ impl Sampler {
             Some(s) => StdRng::seed_from_u64(s),
             None => StdRng::from_os_rng(),
         };
-        Ok(Sampler { params, rng })
+        Ok(Sampler { params, rng, resumed: 0, generated_from: None })
     }
 
     /// Skips the random draws an earlier run of the same request made for its first `tokens`
     /// tokens (one per token when sampling, none when greedy), so a request resumed after a
-    /// lost worker draws what the first run would have drawn next.
+    /// lost worker draws what the first run would have drawn next; those tokens (the last
+    /// `tokens` of the history at the first pick) count as generated for the penalties.
     pub fn resume_after(&mut self, tokens: usize) {
+        self.resumed = tokens;
         if self.params.temperature != 0.0 {
             for _ in 0..tokens {
                 let _: f64 = self.rng.random();
@@ -123,7 +66,8 @@ impl Sampler {
         &self.params
     }
 
-    /// Picks the next token from `logits` given the tokens of the sequence so far.
+    /// Picks the next token from `logits` given the tokens of the sequence so far (prompt,
+    /// then generated).
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Result<Choice, EngineError> {
         if logits.is_empty() {
             return Err(EngineError::InvalidSampling("no logits to sample from".into()));
@@ -131,9 +75,20 @@ impl Sampler {
         if logits.iter().any(|l| l.is_nan()) {
             return Err(EngineError::Numerics("the model produced NaN logits".into()));
         }
-        let logprob = self.params.logprobs.then(|| log_softmax_at(logits));
+        let generated_from = *self.generated_from.get_or_insert(history.len().saturating_sub(self.resumed));
         let p = &self.params;
+        let (logprob_of, top) = if p.logprobs || p.top_logprobs > 0 {
+            let lse = log_sum_exp(logits);
+            (Some(lse), top_logprobs(logits, lse, p.top_logprobs))
+        } else {
+            (None, Vec::new())
+        };
         let mut scores = logits.to_vec();
+        for &(t, bias) in &p.logit_bias {
+            if let Some(s) = scores.get_mut(t as usize) {
+                *s += bias;
+            }
+        }
         if p.repetition_penalty != 1.0 {
             let mut seen = vec![false; scores.len()];
             for &t in history {
@@ -145,8 +100,21 @@ impl Sampler {
                 *score = if *score > 0.0 { *score / p.repetition_penalty } else { *score * p.repetition_penalty };
             }
         }
-        let token = if p.temperature == 0.0 { argmax(&scores) } else { self.sample_distribution(&scores) };
-        Ok(Choice { token, logprob: logprob.map(|f| f(token)) })
+        if p.penalises_generated() {
+            let mut counts = std::collections::HashMap::<u32, u32>::new();
+            for &t in history.get(generated_from..).unwrap_or_default() {
+                *counts.entry(t).or_default() += 1;
+            }
+            for (t, c) in counts {
+                if let Some(s) = scores.get_mut(t as usize) {
+                    *s -= p.presence_penalty + c as f32 * p.frequency_penalty;
+                }
+            }
+        }
+        let (greedy, want_logprob) = (p.temperature == 0.0, p.logprobs);
+        let token = if greedy { argmax(&scores) } else { self.sample_distribution(&scores) };
+        let logprob = logprob_of.filter(|_| want_logprob).map(|lse| logits[token as usize] - lse);
+        Ok(Choice { token, logprob, top })
     }
 
     fn sample_distribution(&mut self, scores: &[f32]) -> u32 {
@@ -200,11 +168,27 @@ fn argmax(xs: &[f32]) -> u32 {
     best as u32
 }
 
-/// `log_softmax(logits)[token]`, computed lazily for the chosen token.
-fn log_softmax_at(logits: &[f32]) -> impl Fn(u32) -> f32 + '_ {
+/// `log Σ exp(logits)`, in f64 for the sum.
+fn log_sum_exp(logits: &[f32]) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = logits.iter().map(|&l| f64::from(l - max).exp()).sum::<f64>().ln() as f32 + max;
-    move |t| logits.get(t as usize).map_or(f32::NEG_INFINITY, |l| l - lse)
+    logits.iter().map(|&l| f64::from(l - max).exp()).sum::<f64>().ln() as f32 + max
+}
+
+/// The `n` largest logits as (token, log-probability), best first (ties by token id).
+fn top_logprobs(logits: &[f32], lse: f32, n: usize) -> Vec<(u32, f32)> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(n + 1);
+    for (i, &l) in logits.iter().enumerate() {
+        if best.len() == n && best.last().is_some_and(|&(_, worst)| l <= worst) {
+            continue;
+        }
+        let at = best.partition_point(|&(_, b)| b >= l);
+        best.insert(at, (i as u32, l));
+        best.truncate(n);
+    }
+    best.into_iter().map(|(t, l)| (t, l - lse)).collect()
 }
 
 #[cfg(test)]
@@ -274,21 +258,61 @@ mod tests {
     }
 
     #[test]
-    fn invalid_values_are_clear_errors() {
-        let cases: Vec<(SamplingParams, &str)> = vec![
-            (params(|p| p.temperature = f32::NAN), "temperature must be between 0 and 100, got NaN"),
-            (params(|p| p.temperature = -1.0), "temperature must be between 0 and 100, got -1"),
-            (params(|p| p.top_p = 1.5), "top_p must be in (0, 1], got 1.5"),
-            (params(|p| p.top_p = 0.0), "top_p must be in (0, 1], got 0"),
-            (params(|p| p.min_p = -0.1), "min_p must be in [0, 1]"),
-            (params(|p| p.repetition_penalty = 0.0), "repetition_penalty must be in (0, 10]"),
-            (params(|p| p.max_tokens = 0), "max_tokens must be at least 1"),
-            (params(|p| p.stop = vec![String::new()]), "stop strings must not be empty"),
-        ];
-        for (p, want) in cases {
-            let err = Sampler::new(p).unwrap_err().to_string();
-            assert!(err.contains(want), "{want}: {err}");
+    fn invalid_values_are_refused_with_the_setting_named() {
+        let err = Sampler::new(params(|p| p.temperature = -1.0)).unwrap_err().to_string();
+        assert_eq!(err, "invalid sampling: temperature must be between 0 and 100, got -1");
+    }
+
+    #[test]
+    fn logit_bias_bans_and_forces_tokens_even_when_greedy() {
+        let mut s = Sampler::new(params(|p| p.logit_bias = vec![(1, -100.0)])).unwrap();
+        assert_eq!(s.sample(&[0.1, 3.0, 2.9], &[]).unwrap().token, 2, "token 1 is banned");
+        let mut s = Sampler::new(params(|p| (p.temperature, p.logit_bias) = (1.0, vec![(0, 100.0)]))).unwrap();
+        for _ in 0..50 {
+            assert_eq!(s.sample(&[0.1, 3.0, 2.9], &[]).unwrap().token, 0, "token 0 is all but forced");
         }
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_count_generated_tokens_only() {
+        // The prompt (5, 5, 5) holds token 1 nowhere; generated so far: 1, 1.
+        let logits = [0.0, 3.0, 1.5];
+        let history = [5, 5, 5];
+        // Presence 1: token 1 loses 1 once it has appeared, whatever the count.
+        let mut s = Sampler::new(params(|p| p.presence_penalty = 1.0)).unwrap();
+        assert_eq!(s.sample(&logits, &history).unwrap().token, 1, "nothing generated yet");
+        assert_eq!(s.sample(&logits, &[5, 5, 5, 1]).unwrap().token, 1, "3 - 1 = 2 > 1.5");
+        assert_eq!(s.sample(&logits, &[5, 5, 5, 1, 1]).unwrap().token, 1, "still 2: presence counts once");
+        // Frequency 0.8: each appearance costs 0.8, so two put it under token 2.
+        let mut s = Sampler::new(params(|p| p.frequency_penalty = 0.8)).unwrap();
+        assert_eq!(s.sample(&logits, &history).unwrap().token, 1);
+        assert_eq!(s.sample(&logits, &[5, 5, 5, 1]).unwrap().token, 1, "3 - 0.8 = 2.2");
+        assert_eq!(s.sample(&logits, &[5, 5, 5, 1, 1]).unwrap().token, 2, "3 - 1.6 = 1.4 < 1.5");
+        // Prompt tokens never count: token 1 in the prompt only.
+        let mut s = Sampler::new(params(|p| p.frequency_penalty = 2.0)).unwrap();
+        assert_eq!(s.sample(&logits, &[1, 1, 1, 1]).unwrap().token, 1);
+        // Resumed tokens count as generated: the last two of the history at the first pick.
+        let mut s = Sampler::new(params(|p| p.frequency_penalty = 0.8)).unwrap();
+        s.resume_after(2);
+        assert_eq!(s.sample(&logits, &[5, 5, 5, 1, 1]).unwrap().token, 2);
+    }
+
+    #[test]
+    fn top_logprobs_are_the_best_tokens_in_order_with_log_softmax_values() {
+        let logits = [0.5, 2.0, -1.0, 2.0, 1.0];
+        let mut s = Sampler::new(params(|p| (p.logprobs, p.top_logprobs) = (true, 3))).unwrap();
+        let c = s.sample(&logits, &[]).unwrap();
+        let lse = logits.iter().map(|l: &f32| f64::from(*l).exp()).sum::<f64>().ln() as f32;
+        let tokens: Vec<u32> = c.top.iter().map(|t| t.0).collect();
+        assert_eq!(tokens, [1, 3, 4], "best first, ties by id");
+        for (t, lp) in &c.top {
+            assert!((lp - (logits[*t as usize] - lse)).abs() < 1e-6);
+        }
+        assert_eq!((c.token, c.logprob), (1, Some(c.top[0].1)));
+        // Without logprobs nothing is computed.
+        let mut s = Sampler::new(params(|_| {})).unwrap();
+        let c = s.sample(&logits, &[]).unwrap();
+        assert_eq!((c.logprob, c.top.len()), (None, 0));
     }
 
     #[test]

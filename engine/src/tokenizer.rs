@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use gantry_core::gguf::{GgufFile, MetaValue};
 use serde_json::json;
 
-use super::EngineError;
+use crate::EngineError;
 
 /// llama.cpp's token types in GGUF `tokenizer.ggml.token_type`.
 const TYPE_CONTROL: i32 = 3;
@@ -179,6 +179,29 @@ impl Tokenizer {
         }
     }
 
+    /// A token's own bytes, as it adds them to text: a token may hold part of a UTF-8
+    /// character (a byte token, a byte-level BPE piece), so these are bytes. Empty for an id
+    /// outside the vocabulary.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        match &self.kind {
+            Kind::Spm(s) => s.decode_bytes(&[id], false),
+            Kind::Hf(t) => {
+                let Ok(t) = t.lock() else { return Vec::new() };
+                let Some(piece) = t.id_to_token(id) else { return Vec::new() };
+                if let Some(b) = byte_token(&piece) {
+                    return vec![b];
+                }
+                // Special tokens (`<|im_start|>`) are printable ASCII, which byte-level BPE
+                // writes as itself.
+                let byte_level = matches!(t.get_decoder(), Some(tokenizers::DecoderWrapper::ByteLevel(_)));
+                if byte_level && let Some(bytes) = byte_level_bytes(&piece) {
+                    return bytes;
+                }
+                piece.replace('\u{2581}', " ").into_bytes()
+            }
+        }
+    }
+
     /// The id of a token's text, if the vocabulary has it.
     pub fn token_to_id(&self, text: &str) -> Option<u32> {
         match &self.kind {
@@ -186,6 +209,33 @@ impl Tokenizer {
             Kind::Spm(s) => s.id_of(text),
         }
     }
+}
+
+/// A SentencePiece byte token's value: `<0x0A>` is byte 10.
+fn byte_token(piece: &str) -> Option<u8> {
+    let hex = piece.strip_prefix("<0x")?.strip_suffix('>')?;
+    if hex.len() != 2 {
+        return None;
+    }
+    u8::from_str_radix(hex, 16).ok()
+}
+
+/// The bytes behind a byte-level BPE piece: GPT-2 writes each byte as a printable character
+/// (bytes that already are stand for themselves; the others for 256 + their rank among them).
+/// `None` if a character is not one of those 256.
+fn byte_level_bytes(piece: &str) -> Option<Vec<u8>> {
+    let printable = |b: u8| matches!(b, 33..=126 | 161..=172 | 174..=255);
+    piece
+        .chars()
+        .map(|c| {
+            let c = c as u32;
+            if c < 256 && printable(c as u8) {
+                return Some(c as u8);
+            }
+            let rank = c.checked_sub(256)? as usize;
+            (0..=255u8).filter(|&b| !printable(b)).nth(rank)
+        })
+        .collect()
 }
 
 /// The pre-tokenizer splits llama.cpp applies for each `tokenizer.ggml.pre`, as
@@ -445,6 +495,10 @@ impl Spm {
     }
 
     fn decode(&self, ids: &[u32], skip_special: bool) -> String {
+        String::from_utf8_lossy(&self.decode_bytes(ids, skip_special)).into_owned()
+    }
+
+    fn decode_bytes(&self, ids: &[u32], skip_special: bool) -> Vec<u8> {
         let mut bytes = Vec::new();
         for &id in ids {
             let Some(piece) = self.pieces.get(id as usize) else { continue };
@@ -462,7 +516,7 @@ impl Spm {
                 _ => bytes.extend_from_slice(piece.replace('\u{2581}', " ").as_bytes()),
             }
         }
-        String::from_utf8_lossy(&bytes).into_owned()
+        bytes
     }
 }
 

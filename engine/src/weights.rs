@@ -19,9 +19,9 @@ use gantry_core::Family;
 use gantry_core::gguf::GgufFile;
 use tracing::info;
 
-use super::EngineError;
-use super::kernels::{Kind, QuantMatrix};
-use super::layers::Matrix;
+use crate::EngineError;
+use crate::kernels::{Kind, QuantMatrix};
+use crate::layers::Matrix;
 
 /// What a tensor is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

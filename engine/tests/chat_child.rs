@@ -1,19 +1,21 @@
-//! Chat templates rendered in a renderer child (the `gantry-worker` binary started as one):
+//! Chat templates rendered in a renderer child (this test binary, started as one):
 //! real templates render exactly as in-process; hostile ones that would stop an in-process
 //! renderer (a hang outside the step budget, memory built up unseen, a stack overflow) cost one
 //! render a clear error, and the next render gets a fresh child.
 
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use gantry_worker::engine::chat::{ChatTemplate, ChildLimits, Message, TemplateIsolation};
+use gantry_engine::chat::{ChatTemplate, ChildLimits, Message, TemplateIsolation};
 use serde_json::Value;
 
 fn child(deadline_s: f64, memory_mib: u64) -> TemplateIsolation {
     TemplateIsolation::Child(ChildLimits {
-        program: PathBuf::from(env!("CARGO_BIN_EXE_gantry-worker")),
+        program: support::this_binary(),
         memory_bytes: memory_mib << 20,
         deadline: Duration::from_secs_f64(deadline_s),
     })
@@ -31,7 +33,6 @@ fn render_error(t: &ChatTemplate, messages: &[Message]) -> String {
     t.render(messages, true, &Default::default()).unwrap_err().to_string()
 }
 
-#[test]
 fn real_templates_render_the_same_in_a_renderer_child() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/chat-templates");
     let isolation = child(10.0, 1024);
@@ -61,7 +62,6 @@ fn real_templates_render_the_same_in_a_renderer_child() {
     assert!(checked >= 90, "{checked} cases");
 }
 
-#[test]
 fn hostile_templates_cost_one_render_an_error_and_the_renderer_starts_again() {
     let isolation = child(3.0, 256);
     // Each is hostile only past one message, so the same template then renders again.
@@ -107,7 +107,6 @@ fn hostile_templates_cost_one_render_an_error_and_the_renderer_starts_again() {
     }
 }
 
-#[test]
 fn a_template_that_does_not_compile_or_a_renderer_that_cannot_start_is_known_at_once() {
     let e = ChatTemplate::isolated("{% for %}", "model", "", "", &child(5.0, 256)).unwrap_err().to_string();
     assert!(e.starts_with("chat template: the chat template does not compile: syntax error: "), "{e}");
@@ -129,9 +128,8 @@ fn a_template_that_does_not_compile_or_a_renderer_that_cannot_start_is_known_at_
     );
 }
 
-#[test]
 fn one_renderer_compiles_template_after_template_in_the_same_child() {
-    use gantry_worker::engine::chat_child::ChildRenderer;
+    use gantry_engine::chat_child::ChildRenderer;
     let TemplateIsolation::Child(limits) = child(5.0, 256) else { unreachable!() };
     let none = Default::default();
     let mut r = ChildRenderer::start(&limits, "A{{ messages | length }}", "model", "", "").unwrap();
@@ -149,4 +147,22 @@ fn one_renderer_compiles_template_after_template_in_the_same_child() {
     r.recompile("C", "model", "", "").unwrap();
     assert_eq!(r.render(&user(1), true, &none).unwrap(), "C");
     assert_eq!(r.pid(), Some(pid), "the same child throughout");
+}
+
+fn main() {
+    support::main(&[
+        ("real_templates_render_the_same_in_a_renderer_child", real_templates_render_the_same_in_a_renderer_child),
+        (
+            "hostile_templates_cost_one_render_an_error_and_the_renderer_starts_again",
+            hostile_templates_cost_one_render_an_error_and_the_renderer_starts_again,
+        ),
+        (
+            "a_template_that_does_not_compile_or_a_renderer_that_cannot_start_is_known_at_once",
+            a_template_that_does_not_compile_or_a_renderer_that_cannot_start_is_known_at_once,
+        ),
+        (
+            "one_renderer_compiles_template_after_template_in_the_same_child",
+            one_renderer_compiles_template_after_template_in_the_same_child,
+        ),
+    ]);
 }

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use gantry_worker::engine::chat::{ChatTemplate, Message};
+use gantry_engine::chat::{ChatTemplate, Message};
 use serde_json::Value;
 
 fn fixtures() -> Vec<(String, Value)> {

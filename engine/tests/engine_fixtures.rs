@@ -8,9 +8,10 @@
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
-use gantry_worker::engine::files::ModelFiles;
-use gantry_worker::engine::model::{LogitsFor, ModelPart, StageInput, StageOutput};
-use gantry_worker::pipeline::{WireDtype, decode, encode};
+use gantry_core::WireDtype;
+use gantry_engine::files::ModelFiles;
+use gantry_engine::model::{LogitsFor, ModelPart, StageInput, StageOutput};
+use gantry_engine::wire::{decode, encode};
 
 const CASES: [&str; 15] = [
     "llama",

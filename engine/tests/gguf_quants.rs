@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use gantry_core::gguf::write::{RawTensor, Value, gguf_with_data};
-use gantry_worker::engine::files::ModelFiles;
-use gantry_worker::engine::model::{LogitsFor, StageInput, StageOutput};
+use gantry_engine::files::ModelFiles;
+use gantry_engine::model::{LogitsFor, StageInput, StageOutput};
 
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/engine/llama-plain")

@@ -9,10 +9,10 @@
 use std::path::PathBuf;
 
 use candle_core::Device;
-use gantry_worker::engine::files::ModelFiles;
-use gantry_worker::engine::generate::{Session, generate};
-use gantry_worker::engine::model::{LogitsFor, StageInput, StageOutput};
-use gantry_worker::engine::sampling::SamplingParams;
+use gantry_engine::files::ModelFiles;
+use gantry_engine::generate::{Session, generate};
+use gantry_engine::model::{LogitsFor, StageInput, StageOutput};
+use gantry_engine::sampling::SamplingParams;
 use serde_json::Value;
 
 fn root() -> PathBuf {
@@ -110,7 +110,7 @@ fn teacher_forced_next_tokens_agree_with_llama_cpp() {
             let prompt = ids(&case["prompt_ids"]);
             let continuation = ids(&case["generated_ids"]);
             let mut cache = model.new_cache();
-            let step = |tokens: &[u32], cache: &mut gantry_worker::engine::model::PartCache| {
+            let step = |tokens: &[u32], cache: &mut gantry_engine::model::PartCache| {
                 let StageOutput::Logits(l) = model.forward(StageInput::Tokens(tokens), cache, LogitsFor::Last).unwrap()
                 else {
                     panic!("logits expected")
@@ -247,7 +247,7 @@ fn logit_differences_diagnostic() {
 /// BPE and Gemma's SentencePiece with byte fallback).
 #[test]
 fn streamed_pieces_add_up_to_llama_cpps_text() {
-    use gantry_worker::engine::detok::Detokenizer;
+    use gantry_engine::detok::Detokenizer;
     for stem in MODELS {
         let files = ModelFiles::open(&model_path(&format!("{stem}.gguf"))).unwrap();
         let tok = files.tokenizer().unwrap();
@@ -263,5 +263,22 @@ fn streamed_pieces_add_up_to_llama_cpps_text() {
             text.push_str(&d.finish(&tok).unwrap());
             assert_eq!(text, case["generated_text"].as_str().unwrap(), "{stem} {}", case["name"]);
         }
+    }
+}
+
+#[test]
+fn each_tokens_bytes_add_up_to_the_text_even_when_a_token_holds_part_of_a_character() {
+    // Byte-level BPE (SmolLM2) and SentencePiece with byte tokens (Gemma), on text whose
+    // characters some tokens split: the bytes a token reports (OpenAI's `logprobs.bytes`)
+    // concatenate to the text exactly.
+    let text = "Café au lait — naïve façade, 東京 🚀 and \u{1F9EA}, \u{13000}\u{1D50A}\u{2F804}!";
+    for file in ["SmolLM2-135M-Instruct.Q4_1.gguf", "gemma-3-270m-q4_k_m.gguf"] {
+        let files = ModelFiles::open(&model_path(file)).unwrap();
+        let tok = files.tokenizer().unwrap();
+        let ids = tok.encode(text, false, false).unwrap();
+        let bytes: Vec<u8> = ids.iter().flat_map(|&id| tok.token_bytes(id)).collect();
+        assert_eq!(String::from_utf8(bytes).unwrap(), text, "{file}: {ids:?}");
+        let partial = ids.iter().filter(|&&id| std::str::from_utf8(&tok.token_bytes(id)).is_err()).count();
+        assert!(partial > 0, "{file}: the text should have tokens holding part of a character");
     }
 }

@@ -6,7 +6,7 @@
 mod chat_input;
 
 use chat_input::Input;
-use gantry_worker::engine::chat::ChatTemplate;
+use gantry_engine::chat::ChatTemplate;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: Input| {

@@ -16,8 +16,8 @@ mod chat_input;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use chat_input::Input;
-use gantry_worker::engine::chat_child::{ChildLimits, ChildRenderer, Reply, serve_renderer_if_child};
+use chat_input::{Input, render_in_child};
+use gantry_engine::chat_child::{ChildLimits, ChildRenderer, serve_renderer_if_child};
 use libfuzzer_sys::fuzz_target;
 
 /// One renderer for the whole run: each input compiles its template in it.
@@ -33,19 +33,7 @@ fn limits() -> ChildLimits {
 
 fuzz_target!(init: serve_renderer_if_child(), |input: Input| {
     let mut renderer = RENDERER.lock().unwrap_or_else(|p| p.into_inner());
-    let compiled = match renderer.as_mut() {
-        Some(r) => r.recompile(&input.template, "fuzz", "<s>", "</s>").map(|_| ()),
-        None => ChildRenderer::start(&limits(), &input.template, "fuzz", "<s>", "</s>").map(|r| {
-            *renderer = Some(r);
-        }),
-    };
-    if let Err(e) = compiled {
-        assert!(!e.to_string().contains("renderer panicked"), "{e}");
-        return;
-    }
-    let Some(r) = renderer.as_mut() else { return };
-    let messages = input.messages();
-    if let Ok(Reply::Panic(p)) = r.render_reply(&messages, input.add_generation_prompt, &Default::default()) {
-        panic!("minijinja panicked in the renderer: {p}");
+    if let Err(e) = render_in_child(&mut renderer, &limits(), &input) {
+        panic!("{e}");
     }
 });

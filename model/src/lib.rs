@@ -1,4 +1,5 @@
-//! Models on local disk: a Hugging Face folder, its `config.json`, or a `.gguf` file.
+//! `gantry-model`: models on local disk — a Hugging Face folder, its `config.json`, or a `.gguf`
+//! file: where their files are ([`locate`]) and what their headers say ([`read_spec`]).
 //!
 //! Only headers are read — a GGUF file's metadata and tensor table (a few MiB), safetensors
 //! JSON headers (kilobytes) — never the weights, so inspecting a 140 GB model takes
@@ -22,7 +23,7 @@ const MAX_SHARDS: usize = 4096;
 
 /// Why a local model could not be read.
 #[derive(Debug, Error)]
-pub enum StoreError {
+pub enum FilesError {
     #[error("{}: no such file or directory", path.display())]
     NotFound { path: PathBuf },
 
@@ -53,32 +54,32 @@ pub enum StoreError {
     MissingShard { dir: PathBuf, missing: String },
 }
 
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> FilesError + '_ {
     move |source| match source.kind() {
-        io::ErrorKind::NotFound => StoreError::NotFound { path: path.to_path_buf() },
-        _ => StoreError::Io { path: path.to_path_buf(), source },
+        io::ErrorKind::NotFound => FilesError::NotFound { path: path.to_path_buf() },
+        _ => FilesError::Io { path: path.to_path_buf(), source },
     }
 }
 
-fn model_err(path: &Path) -> impl FnOnce(gantry_core::Error) -> StoreError + '_ {
-    move |source| StoreError::Model { path: path.to_path_buf(), source }
+fn model_err(path: &Path) -> impl FnOnce(gantry_core::Error) -> FilesError + '_ {
+    move |source| FilesError::Model { path: path.to_path_buf(), source }
 }
 
 /// Reads what a local model is: `path` is a model folder, a `config.json`, or a `.gguf` file.
-pub fn read_spec(path: &Path) -> Result<ModelSpec, StoreError> {
+pub fn read_spec(path: &Path) -> Result<ModelSpec, FilesError> {
     match locate(path)? {
         ModelLocation::Folder(dir) => read_hf_folder(&dir),
         ModelLocation::Gguf(file) => read_gguf(&file),
     }
 }
 
-fn starts_with_gguf_magic(path: &Path) -> Result<bool, StoreError> {
+fn starts_with_gguf_magic(path: &Path) -> Result<bool, FilesError> {
     let mut magic = [0u8; 4];
     let mut f = File::open(path).map_err(io_err(path))?;
     Ok(f.read_exact(&mut magic).is_ok() && &magic == b"GGUF")
 }
 
-fn list_with_extension(dir: &Path, ext: &str) -> Result<Vec<PathBuf>, StoreError> {
+fn list_with_extension(dir: &Path, ext: &str) -> Result<Vec<PathBuf>, FilesError> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
         let p = entry.map_err(io_err(dir))?.path();
@@ -91,19 +92,19 @@ fn list_with_extension(dir: &Path, ext: &str) -> Result<Vec<PathBuf>, StoreError
 }
 
 /// Reads the first `n` bytes of a file (fewer if it is shorter).
-fn read_prefix(file: &mut File, path: &Path, n: u64) -> Result<Vec<u8>, StoreError> {
+fn read_prefix(file: &mut File, path: &Path, n: u64) -> Result<Vec<u8>, FilesError> {
     let mut buf = Vec::new();
     file.take(n).read_to_end(&mut buf).map_err(io_err(path))?;
     Ok(buf)
 }
 
 /// Reads a GGUF file's metadata and tensor table, growing the read until the header fits.
-pub fn read_gguf(path: &Path) -> Result<ModelSpec, StoreError> {
+pub fn read_gguf(path: &Path) -> Result<ModelSpec, FilesError> {
     read_gguf_header(path).map(|(_, spec)| spec)
 }
 
 /// Reads a GGUF file's parsed header and the spec built from it.
-pub fn read_gguf_header(path: &Path) -> Result<(GgufFile, ModelSpec), StoreError> {
+pub fn read_gguf_header(path: &Path) -> Result<(GgufFile, ModelSpec), FilesError> {
     let file_len = std::fs::metadata(path).map_err(io_err(path))?.len();
     let mut want = FIRST_READ_BYTES.min(file_len);
     let parsed = loop {
@@ -135,7 +136,7 @@ pub enum ModelLocation {
 }
 
 /// Resolves a model path (folder, `config.json`, `.gguf` file) to where its files are.
-pub fn locate(path: &Path) -> Result<ModelLocation, StoreError> {
+pub fn locate(path: &Path) -> Result<ModelLocation, FilesError> {
     let meta = std::fs::metadata(path).map_err(io_err(path))?;
     if meta.is_dir() {
         if path.join("config.json").is_file() {
@@ -144,8 +145,8 @@ pub fn locate(path: &Path) -> Result<ModelLocation, StoreError> {
         let ggufs = list_with_extension(path, "gguf")?;
         return match ggufs.as_slice() {
             [one] => Ok(ModelLocation::Gguf(one.clone())),
-            [] => Err(StoreError::NotAModel { path: path.to_path_buf() }),
-            many => Err(StoreError::Ambiguous {
+            [] => Err(FilesError::NotAModel { path: path.to_path_buf() }),
+            many => Err(FilesError::Ambiguous {
                 dir: path.to_path_buf(),
                 files: many.iter().filter_map(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned()).collect(),
             }),
@@ -159,23 +160,23 @@ pub fn locate(path: &Path) -> Result<ModelLocation, StoreError> {
     if name.ends_with(".gguf") || starts_with_gguf_magic(path)? {
         return Ok(ModelLocation::Gguf(path.to_path_buf()));
     }
-    Err(StoreError::NotAModel { path: path.to_path_buf() })
+    Err(FilesError::NotAModel { path: path.to_path_buf() })
 }
 
 /// The safetensors files of a folder, sorted.
-pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
+pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, FilesError> {
     list_with_extension(dir, "safetensors")
 }
 
-fn read_optional(path: &Path) -> Result<Option<String>, StoreError> {
+fn read_optional(path: &Path) -> Result<Option<String>, FilesError> {
     match std::fs::read_to_string(path) {
         Ok(text) => Ok(Some(text)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(StoreError::Io { path: path.to_path_buf(), source: e }),
+        Err(e) => Err(FilesError::Io { path: path.to_path_buf(), source: e }),
     }
 }
 
-fn read_safetensors_header(path: &Path) -> Result<SafetensorsHeader, StoreError> {
+fn read_safetensors_header(path: &Path) -> Result<SafetensorsHeader, FilesError> {
     let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let file_len = std::fs::metadata(path).map_err(io_err(path))?.len();
     let mut f = File::open(path).map_err(io_err(path))?;
@@ -200,7 +201,7 @@ pub fn folder_display_name(dir: &Path) -> String {
 }
 
 /// Reads a Hugging Face model folder: the JSON files and every safetensors header.
-pub fn read_hf_folder(dir: &Path) -> Result<ModelSpec, StoreError> {
+pub fn read_hf_folder(dir: &Path) -> Result<ModelSpec, FilesError> {
     let config_path = dir.join("config.json");
     let config = std::fs::read_to_string(&config_path).map_err(io_err(&config_path))?;
     let tokenizer_config = read_optional(&dir.join("tokenizer_config.json"))?;
@@ -213,14 +214,14 @@ pub fn read_hf_folder(dir: &Path) -> Result<ModelSpec, StoreError> {
 
     let shards = list_with_extension(dir, "safetensors")?;
     if shards.len() > MAX_SHARDS {
-        return Err(StoreError::NotAModel { path: dir.to_path_buf() });
+        return Err(FilesError::NotAModel { path: dir.to_path_buf() });
     }
     if let Some(idx) = &index {
         // With an index, every shard it names must be here to read exact sizes.
         if !shards.is_empty() {
             for f in &idx.files {
                 if !dir.join(f).is_file() {
-                    return Err(StoreError::MissingShard { dir: dir.to_path_buf(), missing: f.clone() });
+                    return Err(FilesError::MissingShard { dir: dir.to_path_buf(), missing: f.clone() });
                 }
             }
         }

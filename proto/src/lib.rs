@@ -3,6 +3,7 @@
 #![allow(missing_debug_implementations, clippy::all)] // generated code
 
 pub mod auth;
+pub mod convert;
 pub mod serve;
 
 /// Package `gantry.v1`.
@@ -46,4 +47,16 @@ enum_names! {
     v1::PlacementStrategy => "PLACEMENT_STRATEGY_",
     v1::deployment_event::Kind => "KIND_",
     v1::FinishReason => "FINISH_REASON_",
+}
+
+/// A replica state as people read it: `Pending`, `Loading`, `Ready`, `Failed` (the CLI, the
+/// operator's status and the dashboard say the same).
+pub fn replica_state_name(state: i32) -> &'static str {
+    match v1::ReplicaState::try_from(state) {
+        Ok(v1::ReplicaState::Pending) => "Pending",
+        Ok(v1::ReplicaState::Loading) => "Loading",
+        Ok(v1::ReplicaState::Ready) => "Ready",
+        Ok(v1::ReplicaState::Failed) => "Failed",
+        _ => "Unknown",
+    }
 }

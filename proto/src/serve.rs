@@ -27,11 +27,20 @@ pub fn reflection_v1alpha() -> Result<v1alpha::ServerReflectionServer<impl v1alp
 /// The connections a listener accepts, with Nagle's algorithm off: a token is a few dozen
 /// bytes, and without this a stream's small writes wait for the peer's delayed ACK (tens of
 /// milliseconds per token). tonic's own `tcp_nodelay` applies only to addresses it binds.
-pub fn incoming(listener: TcpListener) -> impl tokio_stream::Stream<Item = std::io::Result<TcpStream>> + Send + 'static {
+pub fn incoming(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<TcpStream>> + Send + 'static {
     TcpListenerStream::new(listener).map(|conn| {
         if let Ok(stream) = &conn {
             let _ = stream.set_nodelay(true);
         }
         conn
     })
+}
+
+/// Binds a listener, saying which flag to change when the address is taken.
+pub async fn bind(addr: &str, flag: &str) -> Result<(TcpListener, std::net::SocketAddr), String> {
+    let l = TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr} ({flag}): {e}"))?;
+    let a = l.local_addr().map_err(|e| e.to_string())?;
+    Ok((l, a))
 }

@@ -1,16 +1,15 @@
-//! The model store: where model files come from — a local folder or file, or the Hugging
-//! Face Hub.
+//! `gantry-store`: where a model's files come from — a local folder or file, the URL of a GGUF
+//! file, or the Hugging Face Hub — fetched once into a cache ([`resolve`]). Reading the files
+//! once they are here is `gantry-model`'s.
 
 pub mod hub;
 #[cfg(any(test, feature = "test-support"))]
 pub mod hub_stub;
-pub mod local;
 pub mod url;
 
 use std::path::{Path, PathBuf};
 
 pub use hub::{DownloadProgress, Hub, HubConfig, HubError, HubRef};
-pub use local::{ModelLocation, StoreError, locate, read_spec};
 
 /// A model source as users write it.
 #[derive(Debug, Clone, PartialEq, Eq)]

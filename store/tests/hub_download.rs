@@ -6,9 +6,8 @@
 
 use std::path::{Path, PathBuf};
 
-use gantry_worker::engine::files::ModelFiles;
-use gantry_worker::store::hub::{Hub, HubConfig, HubError, HubRef};
-use gantry_worker::store::hub_stub::{Access, HubStub, StubFile, StubRepo};
+use gantry_store::hub::{Hub, HubConfig, HubError, HubRef};
+use gantry_store::hub_stub::{Access, HubStub, StubFile, StubRepo};
 
 fn fixture_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/engine/llama")
@@ -54,7 +53,7 @@ fn hub(stub: &HubStub, cache: &Path, token: Option<&str>) -> Hub {
     .unwrap()
 }
 
-async fn fetch(hub: &Hub, id: &str) -> Result<gantry_worker::store::hub::Fetched, HubError> {
+async fn fetch(hub: &Hub, id: &str) -> Result<gantry_store::hub::Fetched, HubError> {
     hub.fetch(&HubRef::parse(id).unwrap(), &mut |_| {}).await
 }
 
@@ -81,15 +80,15 @@ async fn a_safetensors_model_lands_in_the_hub_cache_layout_and_loads() {
     // Snapshot entries are relative links into blobs/, named by SHA-256 for LFS files.
     let link = std::fs::read_link(fetched.path.join("model.safetensors")).unwrap();
     let weights = std::fs::read(fixture_dir().join("model.safetensors")).unwrap();
-    let sha = gantry_worker::store::hub::sha256_of(&fixture_dir().join("model.safetensors")).unwrap();
+    let sha = gantry_store::hub::sha256_of(&fixture_dir().join("model.safetensors")).unwrap();
     assert_eq!(link, PathBuf::from(format!("../../blobs/{sha}")));
     assert_eq!(std::fs::read(fetched.path.join("model.safetensors")).unwrap(), weights);
     assert_eq!(fetched.downloaded_bytes as usize, names_len(&fetched.path, &names));
     assert!(events.iter().any(|e| e.file == "model.safetensors" && e.done == weights.len() as u64));
 
-    // The engine opens it like any local folder.
-    let files = ModelFiles::open(&fetched.path).unwrap();
-    assert_eq!(files.spec.family.to_string(), "llama");
+    // It reads like any local folder.
+    let spec = gantry_model::read_spec(&fetched.path).unwrap();
+    assert_eq!(spec.family.to_string(), "llama");
 
     // A second fetch finds everything cached and downloads nothing.
     let before = stub.requests().iter().filter(|r| r.path.contains("/resolve/")).count();

@@ -5,11 +5,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
-use common::controller::RunningController;
-use common::worker::RunningWorker;
-use common::{gantry, run};
+use crate::common::controller::RunningController;
+use crate::common::worker::RunningWorker;
+use crate::common::{gantry, run};
 use gantry_proto::v1 as pb;
 use tonic::Code;
 

@@ -4,11 +4,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 
-use common::{gantry, run, smollm2};
+use crate::common::{gantry, run, smollm2};
 
 /// Runs `gantry inspect PATH` and checks the failure is one clear line.
 fn inspect_fails(path: &Path, code: i32, want: &str) {

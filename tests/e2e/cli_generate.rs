@@ -3,9 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::{gantry, gantry_json, gemma3, repo_root, run, smollm2};
+use crate::common::{gantry, gantry_json, gemma3, repo_root, run, smollm2};
 
 fn golden_case(stem: &str, name: &str) -> serde_json::Value {
     let g: serde_json::Value = serde_json::from_str(

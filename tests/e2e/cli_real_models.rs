@@ -6,9 +6,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::{gantry, gantry_json, gemma3, run, smollm2};
+use crate::common::{gantry, gantry_json, gemma3, run, smollm2};
 use serde_json::Value;
 
 fn path_str(p: &std::path::Path) -> String {

@@ -4,13 +4,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::process::Stdio;
 
-use common::controller::RunningController;
-use common::{gantry, http_get, run};
+use crate::common::controller::RunningController;
+use crate::common::{gantry, http_get, run};
 
 fn at(controller: &RunningController, args: &[&str]) -> (i32, String, String) {
     run(gantry().args(args).args(["--controller", &controller.url()]))

@@ -5,12 +5,12 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
-use common::controller::{RunningController, placements, ready, spec, status, wait_for, wait_for_workers};
-use common::worker::RunningWorker;
+use crate::common::controller::{RunningController, placements, ready, spec, status, wait_for, wait_for_workers};
+use crate::common::worker::RunningWorker;
 use gantry_proto::v1 as pb;
 use pb::PlacementStrategy::Binpack;
 use tonic::Code;

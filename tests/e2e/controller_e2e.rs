@@ -7,12 +7,12 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
-use common::controller::{RunningController, chat, placements, ready, spec, status, wait_for, wait_for_workers};
-use common::worker::{RunningWorker, chat_request, collect};
+use crate::common::controller::{RunningController, chat, placements, ready, spec, status, wait_for, wait_for_workers};
+use crate::common::worker::{RunningWorker, chat_request, collect};
 use gantry_proto::v1 as pb;
 use pb::PlacementStrategy::{Binpack, Spread};
 

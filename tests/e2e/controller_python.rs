@@ -4,9 +4,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
-use common::controller::RunningController;
+use crate::common::controller::RunningController;
 
 #[test]
 fn python_grpcio_deploys_chats_and_watches_through_the_controller() {

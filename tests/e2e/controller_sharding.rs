@@ -6,12 +6,12 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
-use common::controller::{RunningController, chat, placements, ready, status, wait_for, wait_for_workers};
-use common::worker::{RunningWorker, status as worker_status};
+use crate::common::controller::{RunningController, chat, placements, ready, status, wait_for, wait_for_workers};
+use crate::common::worker::{RunningWorker, status as worker_status};
 use gantry_proto::v1 as pb;
 
 const LOAD: Duration = Duration::from_secs(120);

@@ -7,12 +7,12 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 
-use common::controller::RunningController;
-use common::run;
+use crate::common::controller::RunningController;
+use crate::common::run;
 use gantry_proto::v1 as pb;
 use tonic::Code;
 
@@ -81,6 +81,7 @@ fn safetensors_json(json: &str, data: usize) -> Vec<u8> {
 const TINY_CONFIG: &str = r#"{"model_type":"llama","hidden_size":8,"num_hidden_layers":1,"num_attention_heads":2,"vocab_size":10,"intermediate_size":16,"max_position_embeddings":64}"#;
 
 /// What a file case is: a GGUF file, a safetensors file beside a good config, or a config.
+#[derive(Clone, PartialEq)]
 enum File {
     Gguf(Vec<u8>),
     Safetensors(Vec<u8>),
@@ -222,6 +223,27 @@ fn file_cases(real: &[u8]) -> Vec<(&'static str, File, &'static str)> {
     ]
 }
 
+/// Every case must test something of its own: a name or a file given twice is a copy that
+/// adds nothing (and hides that the case meant to be there is missing).
+fn distinct(cases: &[(&str, File, &str)]) -> Result<(), String> {
+    for (i, (name, file, _)) in cases.iter().enumerate() {
+        if let Some((other, _, _)) = cases[..i].iter().find(|(n, f, _)| n == name || f == file) {
+            return Err(format!("`{name}` repeats `{other}`"));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn the_case_list_check_refuses_a_copied_case() {
+    let real = std::fs::read(common::smollm2()).unwrap();
+    let mut cases = file_cases(&real);
+    assert_eq!(distinct(&cases), Ok(()));
+    let (file, want) = (cases[3].1.clone(), cases[3].2);
+    cases.push(("a renamed copy", file, want));
+    assert_eq!(distinct(&cases), Err(format!("`a renamed copy` repeats `{}`", cases[3].0)));
+}
+
 /// Writes the case where `gantry inspect` can read it: a file, or a folder for a config.
 fn materialize(dir: &Path, i: usize, file: &File) -> PathBuf {
     match file {
@@ -251,7 +273,7 @@ fn bad_model_files_each_get_their_error_and_allocate_nothing_they_claim() {
     let real = std::fs::read(common::smollm2()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cases = file_cases(&real);
-    assert!(cases.len() >= 30, "{} cases", cases.len());
+    assert_eq!(distinct(&cases), Ok(()));
     let mut wrong = Vec::new();
     for (i, (name, file, want)) in cases.iter().enumerate() {
         let path = materialize(dir.path(), i, file);

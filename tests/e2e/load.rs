@@ -6,15 +6,15 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::controller::{RunningController, ready, spec, wait_for, wait_for_workers};
-use common::standin::{Engine, StandIn, reply};
-use common::worker::RunningWorker;
+use crate::common::controller::{RunningController, ready, spec, wait_for, wait_for_workers};
+use crate::common::standin::{Engine, StandIn, reply};
+use crate::common::worker::RunningWorker;
 use gantry_proto::v1 as pb;
 use pb::inference_client::InferenceClient;
 use tonic::transport::Channel;

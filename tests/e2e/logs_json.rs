@@ -4,11 +4,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
-use common::controller::RunningController;
+use crate::common::controller::RunningController;
 use gantry_proto::v1 as pb;
 
 const MODEL: &str = "smollm2-135m-instruct";

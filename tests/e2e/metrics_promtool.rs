@@ -4,9 +4,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
-use common::controller::{RunningController, chat};
+use crate::common::controller::{RunningController, chat};
 use gantry_proto::v1 as pb;
 
 const MODEL: &str = "smollm2-135m-instruct";

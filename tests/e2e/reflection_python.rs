@@ -5,9 +5,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
-use common::controller::RunningController;
+use crate::common::controller::RunningController;
 use serde_json::{Value, json};
 
 const MODEL: &str = "smollm2-135m-instruct";
@@ -17,12 +17,8 @@ fn discover_and_call(addr: &str, service: &str, method: &str, request: &Value) -
     let python = common::repo_root().join(".venv-clients/bin/python");
     assert!(python.is_file(), "{} is missing: run scripts/setup.sh", python.display());
     let script = common::repo_root().join("tests/python/reflection_client.py");
-    let (code, out, err) = common::run(std::process::Command::new(python).arg(script).args([
-        addr,
-        service,
-        method,
-        &request.to_string(),
-    ]));
+    let (code, out, err) =
+        common::run(std::process::Command::new(python).arg(script).args([addr, service, method, &request.to_string()]));
     assert_eq!(code, 0, "the reflection client failed against {addr}:\n{err}");
     serde_json::from_str(out.trim()).unwrap()
 }
@@ -55,7 +51,10 @@ fn grpcio_reflection_discovers_and_calls_the_controller_and_a_worker() {
     for want in ["gantry.v1.Inference", "gantry.v1.Deployments", "gantry.v1.Models", "grpc.health.v1.Health"] {
         assert!(services.contains(&want), "the controller lists {want}: {services:?}");
     }
-    assert_eq!((c["input_type"].as_str(), c["output_type"].as_str()), (Some("gantry.v1.ChatRequest"), Some("gantry.v1.GenerateEvent")));
+    assert_eq!(
+        (c["input_type"].as_str(), c["output_type"].as_str()),
+        (Some("gantry.v1.ChatRequest"), Some("gantry.v1.GenerateEvent"))
+    );
     let (controller_text, done) = text_and_done(&c["replies"]);
     assert!(controller_text.contains("Paris"), "{controller_text:?}");
     assert_eq!(done["done"]["usage"]["completionTokens"], c["replies"].as_array().unwrap().len() - 1, "{done}");

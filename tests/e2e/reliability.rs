@@ -7,12 +7,12 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
-use common::controller::{RunningController, placements, ready, spec, status, wait_for, wait_for_workers};
-use common::worker::{RunningWorker, Streamed, chat_request, collect};
+use crate::common::controller::{RunningController, placements, ready, spec, status, wait_for, wait_for_workers};
+use crate::common::worker::{RunningWorker, Streamed, chat_request, collect};
 use gantry_proto::v1 as pb;
 
 const MODEL: &str = "smollm2";

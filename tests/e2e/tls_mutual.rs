@@ -8,15 +8,15 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::controller::RunningController;
-use common::worker::RunningWorker;
-use common::{gantry, run};
+use crate::common::controller::RunningController;
+use crate::common::worker::RunningWorker;
+use crate::common::{gantry, run};
 
 fn openssl(dir: &Path, args: &[&str]) {
     let (code, _, err) = run(Command::new("openssl").current_dir(dir).args(args));

@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::controller::{RunningController, chat, placements, ready, spec, status, wait_for};
-use common::worker::RunningWorker;
+use crate::common::controller::{RunningController, chat, placements, ready, spec, status, wait_for};
+use crate::common::worker::RunningWorker;
 use gantry_proto::v1 as pb;
 
 /// Serves `file` at `/models/NAME` until the test ends; counts the bytes it sent.

@@ -4,11 +4,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
-use common::worker::{RunningWorker, chat_request, collect, status};
+use crate::common::worker::{RunningWorker, chat_request, collect, status};
 use gantry_proto::v1 as pb;
 use tonic::Code;
 

@@ -4,13 +4,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 
-use common::worker::{RunningWorker, chat_request, collect};
+use crate::common::worker::{RunningWorker, chat_request, collect};
 use gantry_proto::v1 as pb;
-use gantry_worker::store::hub_stub::{Access, HubStub, StubFile, StubRepo};
+use gantry_store::hub_stub::{Access, HubStub, StubFile, StubRepo};
 use tonic::Code;
 
 const FILE: &str = "SmolLM2-135M-Instruct-Q4_1.gguf";

@@ -6,14 +6,14 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::worker::{RunningWorker, chat_request, collect};
+use crate::common::worker::{RunningWorker, chat_request, collect};
 use gantry_proto::v1 as pb;
 use gantry_proto::v1::worker_link_server::{WorkerLink, WorkerLinkServer};
 use pb::controller_message::Message as ToWorker;

@@ -5,11 +5,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
-use common::worker::{RunningWorker, Streamed, chat_request, collect, load, status};
+use crate::common::worker::{RunningWorker, Streamed, chat_request, collect, load, status};
 use gantry_proto::v1 as pb;
 use gantry_proto::v1::worker_client::WorkerClient;
 use tonic::Code;

@@ -3,9 +3,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
-use common::worker::RunningWorker;
+use crate::common::worker::RunningWorker;
 
 #[test]
 fn python_grpcio_streams_cancels_and_sees_error_codes() {

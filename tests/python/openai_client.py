@@ -1,6 +1,6 @@
 """OpenAI's official Python client against Gantry's OpenAI-compatible HTTP API.
 
-    python openai_client.py BASE_URL MODEL
+    python openai_client.py BASE_URL MODEL FIRST_TOKEN_ID
 
 Prints one JSON object with what each call returned, for tests/openai_python.rs to check.
 """
@@ -53,6 +53,38 @@ seeded = [client.chat.completions.create(
     temperature=0.9, seed=42, max_tokens=20).choices[0].message.content for _ in range(2)]
 out["seeded_equal"] = seeded[0] == seeded[1]
 
+# Log-probabilities: a chat with the 3 best alternatives per token, whole and streamed, and a
+# legacy completion with 2.
+q = [{"role": "user", "content": "What is the capital of France?"}]
+r = client.chat.completions.create(model=model, messages=q, temperature=0, max_tokens=8, logprobs=True, top_logprobs=3)
+out["chat_logprobs"] = {"text": r.choices[0].message.content,
+                        "content": [c.model_dump() for c in r.choices[0].logprobs.content]}
+streamed = []
+for chunk in client.chat.completions.create(model=model, messages=q, temperature=0, max_tokens=8, logprobs=True,
+                                            top_logprobs=3, stream=True):
+    for c in chunk.choices:
+        if c.logprobs is not None and c.logprobs.content:
+            streamed.extend(e.model_dump() for e in c.logprobs.content)
+out["chat_logprobs_streamed"] = streamed
+r = client.completions.create(model=model, prompt="The three primary colors are", max_tokens=6, temperature=0, logprobs=2)
+lp = r.choices[0].logprobs
+out["completion_logprobs"] = {"text": r.choices[0].text, "tokens": lp.tokens, "token_logprobs": lp.token_logprobs,
+                              "top_logprobs": lp.top_logprobs, "text_offset": lp.text_offset}
+# Penalties: a greedy count that repeats itself, without and with a frequency penalty; and a
+# logit bias banning the token greedy decoding picks first.
+count = "1 1 1 1 1 1 1 1"
+plain = client.completions.create(model=model, prompt=count, max_tokens=12, temperature=0, logprobs=0)
+penalised = client.completions.create(model=model, prompt=count, max_tokens=12, temperature=0, logprobs=0,
+                                      frequency_penalty=2.0, presence_penalty=1.0)
+out["penalties"] = {"plain": plain.choices[0].logprobs.tokens, "penalised": penalised.choices[0].logprobs.tokens}
+# The first token greedy decoding picks (its id from the gRPC API: argv[3]), then banned.
+first = client.chat.completions.create(model=model, messages=q, temperature=0, max_tokens=1, logprobs=True, top_logprobs=2)
+first = first.choices[0].logprobs.content[0]
+biased = client.chat.completions.create(model=model, messages=q, temperature=0, max_tokens=1, logprobs=True,
+                                        top_logprobs=2, logit_bias={sys.argv[3]: -100})
+out["logit_bias"] = {"first": first.token, "second_best": first.top_logprobs[1].token,
+                     "biased": biased.choices[0].logprobs.content[0].token}
+
 # Errors, as the client raises them.
 def error(call):
     try:
@@ -67,4 +99,23 @@ out["unknown_model"] = error(lambda: client.chat.completions.create(
     model="nope", messages=[{"role": "user", "content": "Hi"}]))
 out["empty_messages"] = error(lambda: client.chat.completions.create(model=model, messages=[]))
 out["too_long"] = error(lambda: client.completions.create(model=model, prompt="word " * 3000, max_tokens=4))
+
+# Fields Gantry does not do are refused by name, never ignored.
+def refused(call):
+    try:
+        call()
+    except openai.BadRequestError as e:
+        return {"status": e.status_code, "param": e.param, "code": e.code, "message": e.message}
+    return None
+
+hi = [{"role": "user", "content": "Hi"}]
+tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+out["refused"] = {
+    "tools": refused(lambda: client.chat.completions.create(model=model, messages=hi, tools=[tool])),
+    "response_format": refused(lambda: client.chat.completions.create(
+        model=model, messages=hi, response_format={"type": "json_object"})),
+    "echo": refused(lambda: client.completions.create(model=model, prompt="Hi", echo=True)),
+    "unknown": refused(lambda: client.chat.completions.create(model=model, messages=hi, extra_body={"frobnicate": 1})),
+    "top_logprobs_alone": refused(lambda: client.chat.completions.create(model=model, messages=hi, top_logprobs=2)),
+}
 print(json.dumps(out))

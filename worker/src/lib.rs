@@ -1,18 +1,28 @@
 //! `gantry-worker`: the process that owns a node's GPUs, loads models and streams tokens.
 //!
 //! - [`gpu`]: the devices it offers (NVML, declared, or the CPU);
-//! - [`store`]: where model files come from (local paths, the Hugging Face Hub);
-//! - [`engine`]: the Candle inference engine;
-//! - [`service`] and [`server`]: the `gantry.v1.Worker` gRPC service;
-//! - [`pipeline`]: running one stage of a model split over workers;
-//! - [`link`]: the stream to the controller;
-//! - [`cli`]: `gantry worker` / `gantry-worker` and `gantry pull`.
+//! - [`state`]: how it serves and the models it serves; [`served`]: one of them;
+//! - [`load`] (with [`devices`]): loading a model onto its devices, admission by memory;
+//! - [`generate`]: serving a generation; [`stage`] and [`downstream`]: a model split into
+//!   pipeline stages over workers;
+//! - [`grpc`] and [`server`]: the `gantry.v1.Worker` and `StageLink` services; [`error`]: the
+//!   one place where errors become gRPC statuses;
+//! - [`link`]: the stream to the controller.
+//!
+//! The engine itself is `gantry-engine`; model sources are `gantry-store`'s.
 
-pub mod cli;
-pub mod engine;
+pub mod devices;
+pub mod downstream;
+pub mod error;
+pub mod generate;
 pub mod gpu;
+pub mod grpc;
 pub mod link;
-pub mod pipeline;
+pub mod load;
+pub mod served;
 pub mod server;
-pub mod service;
-pub mod store;
+pub mod stage;
+pub mod state;
+
+pub use error::WorkerError;
+pub use state::{WorkerOptions, WorkerState};

@@ -14,8 +14,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use tracing::{info, warn};
 
-use crate::service::WorkerState;
-use crate::store::hub::error_chain;
+use gantry_store::hub::error_chain;
+
+use crate::state::WorkerState;
 
 /// Heartbeat period when the controller does not set one.
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(2);
@@ -112,7 +113,7 @@ async fn session(controller: &str, options: &LinkOptions, state: &Arc<WorkerStat
     let channel = endpoint.connect().await.map_err(|e| error_chain(&e))?;
     let mut client = WorkerLinkClient::with_interceptor(channel, bearer);
     let (tx, rx) = mpsc::channel::<pb::WorkerMessage>(64);
-    let status = state.status().map_err(|e| e.message().to_string())?;
+    let status = state.status().map_err(|e| e.to_string())?;
     let register = pb::WorkerRegistration {
         worker_id: state.options().worker_id.clone(),
         address: advertise.to_string(),
@@ -145,7 +146,7 @@ async fn session(controller: &str, options: &LinkOptions, state: &Arc<WorkerStat
             }
             Some(FromController::Unload(cmd)) => {
                 let id = cmd.request.map(|r| r.model_id).unwrap_or_default();
-                let result = state.unload(&id);
+                let result = state.unload(&id).map_err(Status::from);
                 let _ =
                     tx.send(message(ToController::Result(command_result(cmd.command_id, result.map(|()| None))))).await;
             }
@@ -189,7 +190,7 @@ async fn load(state: Arc<WorkerState>, tx: mpsc::Sender<pb::WorkerMessage>, cmd:
             let _ = forward_tx.send(message(ToController::Progress(progress))).await;
         }
     });
-    let result = state.load(cmd.request.unwrap_or_default(), events_tx).await;
+    let result = state.load(cmd.request.unwrap_or_default(), events_tx).await.map_err(Status::from);
     let _ = forward.await;
     let _ = tx.send(message(ToController::Result(command_result(id, result.map(Some))))).await;
 }

@@ -10,7 +10,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic_health::ServingStatus;
 
-use crate::service::{WorkerService, WorkerState};
+use crate::grpc::WorkerService;
+use crate::state::WorkerState;
 
 /// Serves `state` on `listener` until `shutdown` completes. Health answers `NOT_SERVING`
 /// until `ready` turns true (the models asked for at start are loaded) and again once

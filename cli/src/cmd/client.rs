@@ -13,8 +13,8 @@ use pb::models_client::ModelsClient;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::cmd::table::Table;
 use crate::error::CliError;
-use crate::table::Table;
 
 /// The default controller address (`gantry up`'s).
 pub const DEFAULT_CONTROLLER: &str = "http://127.0.0.1:50051";
@@ -57,7 +57,7 @@ pub struct DeployArgs {
     #[arg(long, default_value = "")]
     dtype: String,
     /// Tokens per sequence [default: the model's trained context]
-    #[arg(long, value_parser = crate::parse_tokens_arg)]
+    #[arg(long, value_parser = crate::process::parse_tokens_arg)]
     context: Option<u64>,
     /// binpack (fill the fullest GPU that fits) or spread (one replica per node first)
     #[arg(long, default_value = "binpack")]
@@ -240,7 +240,7 @@ async fn connect_one(controller: &str, tls_ca: Option<&std::path::Path>) -> Resu
         CliError::with_code(
             format!(
                 "cannot reach the controller at {url}: {}; start one with `gantry up`, or point --controller (GANTRY_CONTROLLER) at yours",
-                gantry_worker::store::hub::error_chain(&e)
+                gantry_store::hub::error_chain(&e)
             ),
             CliError::UNAVAILABLE,
         )
@@ -456,7 +456,7 @@ pub fn describe(d: &pb::Deployment) -> String {
         let reserved: u64 = r.stages.iter().map(|s| s.reserved_bytes).sum();
         t.row(vec![
             r.index.to_string(),
-            gantry_controller::cluster::replica_state_name(r.state).into(),
+            gantry_proto::replica_state_name(r.state).into(),
             placement_of(r),
             if reserved > 0 { format_bytes(reserved) } else { "-".into() },
             if r.progress.is_empty() { r.reason.clone() } else { r.progress.clone() },

@@ -5,11 +5,11 @@ use std::io::{IsTerminal, Write};
 use std::ops::ControlFlow;
 use std::time::Instant;
 
-use gantry_worker::engine::EngineError;
-use gantry_worker::engine::chat::Message;
-use gantry_worker::engine::files::ModelFiles;
-use gantry_worker::engine::generate::{Session, Summary, generate};
-use gantry_worker::engine::sampling::SamplingParams;
+use gantry_engine::EngineError;
+use gantry_engine::chat::Message;
+use gantry_engine::files::ModelFiles;
+use gantry_engine::generate::{Session, Summary, generate};
+use gantry_engine::sampling::SamplingParams;
 use serde::Serialize;
 
 use crate::error::CliError;
@@ -87,7 +87,7 @@ impl From<EngineError> for CliError {
             EngineError::InvalidSampling(_)
             | EngineError::PromptTooLong { .. }
             | EngineError::ContextExceeded { .. } => CliError::USAGE,
-            EngineError::Store(_) | EngineError::Io { .. } => CliError::NO_INPUT,
+            EngineError::Files(_) | EngineError::Io { .. } => CliError::NO_INPUT,
             _ => CliError::DATA,
         };
         CliError::with_code(e.to_string(), code)
@@ -102,7 +102,7 @@ struct JsonOutput<'a> {
     prompt_ids: &'a [u32],
     tokens: &'a [u32],
     text: &'a str,
-    finish_reason: gantry_worker::engine::generate::FinishReason,
+    finish_reason: gantry_engine::generate::FinishReason,
     usage: Usage,
     timings: JsonTimings,
 }
@@ -146,16 +146,16 @@ pub fn run(args: Args) -> Result<(), CliError> {
         max_tokens: args.max_tokens,
         stop: args.stop.clone(),
         ignore_eos: args.ignore_eos,
-        logprobs: false,
+        ..SamplingParams::default()
     };
-    params.validate()?;
-    let threads = crate::set_threads(args.threads)?;
+    params.validate().map_err(|e| CliError::usage(format!("invalid sampling: {e}")))?;
+    let threads = crate::process::set_threads(args.threads)?;
 
     let load_started = Instant::now();
-    let path = gantry_worker::cli::local_path(&args.model, None)?;
+    let path = crate::cmd::pull::local_path(&args.model, None)?;
     let files = ModelFiles::open(&path)?;
     let tokenizer = files.tokenizer()?;
-    let device = gantry_worker::engine::device(&args.device).map_err(|e| CliError::usage(e.to_string()))?;
+    let device = gantry_engine::device(&args.device).map_err(|e| CliError::usage(e.to_string()))?;
     // A progress line on terminals; one summary line otherwise.
     let show = !args.json && std::io::stderr().is_terminal();
     let model = files.load_part(0..files.config.num_layers, &device, &mut |p| {
@@ -171,7 +171,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
 
     let user_text = args.prompt.clone().unwrap_or_default();
     let prompt_text = if args.chat || args.system.is_some() {
-        let isolation = gantry_worker::cli::TemplateArgs::default().isolation()?;
+        let isolation = crate::cmd::worker::TemplateArgs::default().isolation()?;
         let template = files.chat_template(&tokenizer, &isolation)?;
         let mut messages = Vec::new();
         if let Some(s) = &args.system {

@@ -12,11 +12,11 @@ use gantry_core::vram::{
     CPU_OVERHEAD_BYTES, DeviceKind, FRAGMENTATION_PERCENT, GPU_OVERHEAD_BYTES, KvDtype, ServeOptions, VramEstimate,
     estimate_vram,
 };
-use gantry_worker::store::read_spec;
+use gantry_model::read_spec;
 use serde::Serialize;
 
+use crate::cmd::table::Table;
 use crate::error::CliError;
-use crate::table::Table;
 
 pub const EXAMPLES: &str = "\
 Examples:
@@ -31,7 +31,7 @@ pub struct Args {
     /// A model folder, its config.json, a .gguf file, or a catalog id (see `gantry select`)
     model: String,
     /// Tokens per sequence to size the KV cache for (8192, 8K, 128K) [default: the model's context]
-    #[arg(long, env = "GANTRY_CONTEXT", value_parser = crate::parse_tokens_arg)]
+    #[arg(long, env = "GANTRY_CONTEXT", value_parser = crate::process::parse_tokens_arg)]
     context: Option<u64>,
     /// Serve the weights at this precision: f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0 … [default: as stored]
     #[arg(long, env = "GANTRY_DTYPE")]

@@ -5,8 +5,8 @@ use gantry_core::hardware::parse_gpus;
 use gantry_core::select::{Latency, Need, Selection, Task, select};
 use gantry_core::units::{format_bytes, format_params, format_tokens};
 
+use crate::cmd::table::Table;
 use crate::error::CliError;
-use crate::table::Table;
 
 pub const EXAMPLES: &str = "\
 Examples:
@@ -28,7 +28,7 @@ pub struct Args {
     #[arg(long, env = "GANTRY_LATENCY")]
     latency: String,
     /// Context the model must handle (8192, 32K, 128K); memory is estimated at it [default: 8K]
-    #[arg(long, env = "GANTRY_MIN_CONTEXT", value_parser = crate::parse_tokens_arg)]
+    #[arg(long, env = "GANTRY_MIN_CONTEXT", value_parser = crate::process::parse_tokens_arg)]
     min_context: Option<u64>,
     /// GPUs available: COUNTxSIZE groups such as 1x24GiB or 2x80GiB,4x16GiB [default: no memory check]
     #[arg(long, env = "GANTRY_GPUS")]
@@ -37,7 +37,7 @@ pub struct Args {
     #[arg(long)]
     no_gated: bool,
     /// Leave out models larger than this (8B, 500M)
-    #[arg(long, value_parser = crate::parse_params_arg)]
+    #[arg(long, value_parser = crate::process::parse_params_arg)]
     max_params: Option<u64>,
     /// Show every candidate, not just the top 10
     #[arg(long)]

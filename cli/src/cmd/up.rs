@@ -5,18 +5,19 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::cmd::worker::hub;
+use crate::process::{host_name, runtime, wait_for_signal};
+use gantry_controller::ControllerConfig;
 use gantry_controller::auth::ApiKeys;
-use gantry_controller::cluster::ControllerConfig;
 use gantry_controller::server::{Controller, bind};
 use gantry_controller::spec::DeploymentSpec;
-use gantry_controller::store::Store;
-use gantry_controller::store::embedded::EmbeddedStore;
-use gantry_controller::store::etcd::EtcdStore;
+use gantry_controller::statestore::StateStore;
+use gantry_controller::statestore::embedded::EmbeddedStore;
+use gantry_controller::statestore::etcd::EtcdStore;
 use gantry_core::units::format_bytes;
 use gantry_proto::v1 as pb;
-use gantry_worker::cli::{host_name, hub, runtime, wait_for_signal};
 use gantry_worker::link::{LinkOptions, run as run_link};
-use gantry_worker::service::{WorkerOptions, WorkerState};
+use gantry_worker::{WorkerOptions, WorkerState};
 use tokio::sync::watch;
 use tracing::info;
 
@@ -140,7 +141,7 @@ impl ControllerArgs {
             h if h.eq_ignore_ascii_case("off") => None,
             h => {
                 let (listener, _) = bind(h, "--http").await.map_err(unavailable)?;
-                Some(gantry_controller::server::standby_health(listener))
+                Some(gantry_controller::http::standby_health(listener))
             }
         };
         let (ns, name) = (self.namespace.clone(), self.lease_name.clone());
@@ -170,7 +171,7 @@ pub struct UpArgs {
     #[arg(long, default_value_t = 1)]
     replicas: u32,
     /// Tokens per sequence [default: the model's trained context]
-    #[arg(long, value_parser = crate::parse_tokens_arg)]
+    #[arg(long, value_parser = crate::process::parse_tokens_arg)]
     context: Option<u64>,
     /// GPUs the local worker offers instead of NVML's (`1x24GiB`)
     #[arg(long, env = "GANTRY_GPUS")]
@@ -185,7 +186,7 @@ pub struct UpArgs {
     #[arg(long, env = "GANTRY_THREADS")]
     pub threads: Option<usize>,
     #[command(flatten)]
-    templates: gantry_worker::cli::TemplateArgs,
+    templates: crate::cmd::worker::TemplateArgs,
 }
 
 fn unavailable(e: impl ToString) -> CliError {
@@ -215,7 +216,7 @@ impl ControlArgs {
         })
     }
 
-    async fn open_store(&self) -> Result<Arc<dyn Store>, CliError> {
+    async fn open_store(&self) -> Result<Arc<dyn StateStore>, CliError> {
         if !self.etcd.is_empty() {
             let ttl = (self.lease.ceil() as i64).max(2);
             let store = EtcdStore::connect(&self.etcd, &self.etcd_prefix, ttl).await.map_err(unavailable)?;
@@ -474,7 +475,7 @@ pub fn run_up(args: UpArgs) -> Result<(), CliError> {
             replicas: args.replicas,
             ..Default::default()
         };
-        let applied = cluster.apply(&name, spec).await.map_err(crate::client::status_error)?;
+        let applied = cluster.apply(&name, spec).await.map_err(|e| crate::cmd::client::status_error(e.into()))?;
         println!(
             "deployment {name}: {} replica(s) of {source}, {} each",
             args.replicas,

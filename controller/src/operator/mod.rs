@@ -33,6 +33,8 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::cluster::Cluster;
+use crate::cluster::events::EventKind;
+use crate::error::ClusterError;
 use crate::spec::{DeploymentSpec, SamplingDefaults, check_name};
 use crd::{ModelDeployment, ModelDeploymentStatus, ModelSource, ReplicaStatus, StageStatus, Strategy, WireDtype};
 
@@ -77,9 +79,9 @@ pub enum OperatorError {
     Finalizer(String),
 }
 
-impl From<tonic::Status> for OperatorError {
-    fn from(s: tonic::Status) -> OperatorError {
-        OperatorError::Cluster(s.message().to_string())
+impl From<ClusterError> for OperatorError {
+    fn from(e: ClusterError) -> OperatorError {
+        OperatorError::Cluster(e.to_string())
     }
 }
 
@@ -132,7 +134,7 @@ pub fn to_spec(md: &ModelDeployment) -> Result<DeploymentSpec, String> {
             .to_proto()
         }),
     };
-    DeploymentSpec::from_proto(Some(spec)).map_err(|e| e.message().to_string())
+    DeploymentSpec::from_proto(Some(spec)).map_err(|e| e.to_string())
 }
 
 /// The label selector the scale subresource reports (`app.kubernetes.io/instance=NAME`).
@@ -159,7 +161,7 @@ pub fn status_of(md: &ModelDeployment, d: &pb::Deployment, last_event_ms: u64) -
         .iter()
         .map(|r| ReplicaStatus {
             index: r.index,
-            state: crate::cluster::replica_state_name(r.state).into(),
+            state: gantry_proto::replica_state_name(r.state).into(),
             stages: r
                 .stages
                 .iter()
@@ -235,9 +237,9 @@ pub fn status_of(md: &ModelDeployment, d: &pb::Deployment, last_event_ms: u64) -
     }
 }
 
-/// Event kinds that mean something went wrong.
+/// Whether a cluster event (by its kind's name) means something went wrong.
 fn warning(kind: &str) -> bool {
-    matches!(kind, "WorkerLost" | "LoadFailed" | "Unschedulable" | "Pending" | "Failed" | "StageFailed")
+    EventKind::from_name(kind).is_some_and(EventKind::is_warning)
 }
 
 async fn publish(ctx: &Context, md: &ModelDeployment, type_: EventType, reason: &str, note: String) {
@@ -278,7 +280,7 @@ async fn refuse(
 async fn apply(md: Arc<ModelDeployment>, ctx: &Context, api: &Api<ModelDeployment>) -> Result<Action, OperatorError> {
     let name = md.name_any();
     if let Err(e) = check_name(&name) {
-        refuse(ctx, api, &md, "InvalidName", e.message().to_string()).await?;
+        refuse(ctx, api, &md, "InvalidName", e.to_string()).await?;
         return Ok(Action::await_change());
     }
     // The token first: a load sent without it would fail on a gated model.
@@ -334,8 +336,8 @@ async fn apply(md: Arc<ModelDeployment>, ctx: &Context, api: &Api<ModelDeploymen
     if ctx.cluster.spec(&name).as_ref() != Some(&spec) {
         match ctx.cluster.apply(&name, spec).await {
             Ok(_) => info!(resource = %name, "applied"),
-            Err(e) if e.code() == tonic::Code::InvalidArgument => {
-                refuse(ctx, api, &md, "InvalidSpec", e.message().to_string()).await?;
+            Err(ClusterError::Invalid(message)) => {
+                refuse(ctx, api, &md, "InvalidSpec", message).await?;
                 return Ok(Action::await_change());
             }
             Err(e) => return Err(e.into()),
@@ -376,7 +378,7 @@ async fn cleanup(md: Arc<ModelDeployment>, ctx: &Context) -> Result<Action, Oper
             )
             .await;
         }
-        Err(e) if e.code() == tonic::Code::NotFound => {}
+        Err(ClusterError::NotFound { .. }) => {}
         Err(e) => return Err(e.into()),
     }
     ctx.cluster.set_hub_token(&name, None);

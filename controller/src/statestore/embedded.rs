@@ -1,7 +1,7 @@
 //! The embedded store: one redb database file on this machine, the default backend.
 //!
 //! redb locks the file, so only one controller can hold it; holding it makes that controller
-//! the leader, which is why [`Store::campaign`] returns at once. Every redb call is blocking
+//! the leader, which is why [`StateStore::campaign`] returns at once. Every redb call is blocking
 //! (a commit syncs the file), so each operation runs on `tokio::task::spawn_blocking`; only
 //! [`EmbeddedStore::open`] blocks its caller, once, at start-up. Watches are in-process: the
 //! write path hands each change to the subscribers whose prefix matches.
@@ -16,7 +16,7 @@ use redb::{Builder, Database, DatabaseError, ReadableDatabase, ReadableTable, St
 use tokio::sync::{mpsc, watch};
 use tracing::warn;
 
-use super::{Leadership, Store, StoreError, WatchEvent};
+use super::{Leadership, StateStore, StateStoreError, WatchEvent};
 
 /// The one table: keys are the store's `/`-separated keys, values the bytes given to `put`.
 const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
@@ -34,7 +34,7 @@ const CACHE_BYTES: usize = 64 << 20;
 /// The state store in a local redb file. See the module docs.
 pub struct EmbeddedStore {
     inner: Arc<Inner>,
-    /// The candidate given to [`Store::campaign`].
+    /// The candidate given to [`StateStore::campaign`].
     leader: Mutex<Option<String>>,
     /// Turns true when the store is dropped; leadership lasts as long as the file is held.
     lost: watch::Sender<bool>,
@@ -65,10 +65,10 @@ impl EmbeddedStore {
     /// `Busy` when another controller holds the file, `Backend` when it is corrupt or not a
     /// Gantry state file, `Unavailable` when it cannot be created or read. Blocks while redb
     /// opens the file and checks its integrity.
-    pub fn open(path: &Path) -> Result<EmbeddedStore, StoreError> {
+    pub fn open(path: &Path) -> Result<EmbeddedStore, StateStoreError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| {
-                StoreError::Unavailable(format!("cannot create the state directory {}: {e}", parent.display()))
+                StateStoreError::Unavailable(format!("cannot create the state directory {}: {e}", parent.display()))
             })?;
         }
         // With the integrity check a file altered outside redb is reported as corrupt instead
@@ -85,7 +85,7 @@ impl EmbeddedStore {
             Ok(())
         };
         create_table()
-            .map_err(|e| StoreError::Backend(format!("cannot prepare the state file {}: {e}", path.display())))?;
+            .map_err(|e| StateStoreError::Backend(format!("cannot prepare the state file {}: {e}", path.display())))?;
         let (lost, _) = watch::channel(false);
         Ok(EmbeddedStore {
             inner: Arc::new(Inner { db, path: path.to_path_buf(), watchers: Mutex::new(Vec::new()) }),
@@ -100,7 +100,7 @@ impl EmbeddedStore {
     }
 
     /// Runs `f` on a blocking thread; `what` names the operation in its error.
-    async fn blocking<T, F>(&self, what: String, f: F) -> Result<T, StoreError>
+    async fn blocking<T, F>(&self, what: String, f: F) -> Result<T, StateStoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Inner) -> Result<T, redb::Error> + Send + 'static,
@@ -109,34 +109,34 @@ impl EmbeddedStore {
         let path = self.inner.path.display().to_string();
         match tokio::task::spawn_blocking(move || f(&inner)).await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(StoreError::Backend(format!("embedded store {path}: {what} failed: {e}"))),
-            Err(e) => Err(StoreError::Backend(format!("embedded store {path}: {what} did not finish: {e}"))),
+            Ok(Err(e)) => Err(StateStoreError::Backend(format!("embedded store {path}: {what} failed: {e}"))),
+            Err(e) => Err(StateStoreError::Backend(format!("embedded store {path}: {what} did not finish: {e}"))),
         }
     }
 }
 
 /// Turns redb's open error into one line that says what to do.
-fn open_error(path: &Path, e: DatabaseError) -> StoreError {
+fn open_error(path: &Path, e: DatabaseError) -> StateStoreError {
     let path = path.display();
     match e {
-        DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch => StoreError::Busy(format!(
+        DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch => StateStoreError::Busy(format!(
             "state file {path} is in use by another controller: stop that controller, \
              or give this one another file with --store"
         )),
-        DatabaseError::Storage(StorageError::Corrupted(why)) => StoreError::Backend(format!(
+        DatabaseError::Storage(StorageError::Corrupted(why)) => StateStoreError::Backend(format!(
             "state file {path} is corrupt ({why}): move it aside to start with an empty state"
         )),
         // redb's answer for a file that does not hold a redb database.
         DatabaseError::Storage(StorageError::Io(e)) if e.kind() == io::ErrorKind::InvalidData => {
-            StoreError::Backend(format!(
+            StateStoreError::Backend(format!(
                 "state file {path} is not a Gantry state file or is corrupt ({e}): move it aside, \
                  or give another file with --store"
             ))
         }
         DatabaseError::Storage(StorageError::Io(e)) => {
-            StoreError::Unavailable(format!("cannot open the state file {path}: {e}"))
+            StateStoreError::Unavailable(format!("cannot open the state file {path}: {e}"))
         }
-        e => StoreError::Backend(format!("cannot open the state file {path}: {e}")),
+        e => StateStoreError::Backend(format!("cannot open the state file {path}: {e}")),
     }
 }
 
@@ -211,12 +211,12 @@ fn notify(watchers: &mut Vec<Watcher>, events: &[WatchEvent], path: &Path) {
 }
 
 #[async_trait]
-impl Store for EmbeddedStore {
+impl StateStore for EmbeddedStore {
     fn describe(&self) -> String {
         format!("embedded ({})", self.inner.path.display())
     }
 
-    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StateStoreError> {
         let k = key.to_string();
         self.blocking(format!("get {key}"), move |inner| {
             let txn = inner.db.begin_read()?;
@@ -226,7 +226,7 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StateStoreError> {
         let p = prefix.to_string();
         self.blocking(format!("list {prefix}"), move |inner| {
             let txn = inner.db.begin_read()?;
@@ -245,7 +245,7 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
+    async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), StateStoreError> {
         let k = key.to_string();
         self.blocking(format!("put {key}"), move |inner| {
             inner.write(|table| {
@@ -256,7 +256,7 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn delete(&self, key: &str) -> Result<bool, StoreError> {
+    async fn delete(&self, key: &str) -> Result<bool, StateStoreError> {
         let k = key.to_string();
         self.blocking(format!("delete {key}"), move |inner| {
             inner.write(|table| {
@@ -268,7 +268,7 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn delete_prefix(&self, prefix: &str) -> Result<u64, StoreError> {
+    async fn delete_prefix(&self, prefix: &str) -> Result<u64, StateStoreError> {
         let p = prefix.to_string();
         self.blocking(format!("delete everything under {prefix}"), move |inner| {
             inner.write(|table| {
@@ -283,7 +283,7 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn watch(&self, prefix: &str) -> Result<mpsc::Receiver<WatchEvent>, StoreError> {
+    async fn watch(&self, prefix: &str) -> Result<mpsc::Receiver<WatchEvent>, StateStoreError> {
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
         let prefix = prefix.to_string();
         // Registered under the watcher lock, which writers hold through commit: every change
@@ -298,12 +298,12 @@ impl Store for EmbeddedStore {
     }
 
     /// Returns at once: holding the file already makes this process the only controller.
-    async fn campaign(&self, candidate: &str) -> Result<Leadership, StoreError> {
+    async fn campaign(&self, candidate: &str) -> Result<Leadership, StateStoreError> {
         *lock(&self.leader) = Some(candidate.to_string());
         Ok(Leadership { lost: self.lost.subscribe() })
     }
 
-    async fn leader(&self) -> Result<Option<String>, StoreError> {
+    async fn leader(&self) -> Result<Option<String>, StateStoreError> {
         Ok(lock(&self.leader).clone())
     }
 }

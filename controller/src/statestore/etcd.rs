@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
 use tracing::{info, warn};
 
-use super::{Leadership, Store, StoreError, WatchEvent};
+use super::{Leadership, StateStore, StateStoreError, WatchEvent};
 
 /// How long connecting to etcd may take before the store reports it unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -33,7 +33,7 @@ const WATCH_BUFFER: usize = 1024;
 
 /// The state store on etcd. See the module docs.
 ///
-/// Leadership rests on a lease granted by [`Store::campaign`] and kept alive by a background
+/// Leadership rests on a lease granted by [`StateStore::campaign`] and kept alive by a background
 /// task. [`EtcdStore::resign`] revokes it; dropping the store stops the keep-alive and revokes
 /// it in the background (when a Tokio runtime is still running; otherwise etcd lets it expire
 /// after its TTL). Either way the next candidate's campaign then returns.
@@ -123,18 +123,22 @@ impl EtcdStore {
     ///
     /// `Unavailable`, naming the endpoints and etcd's error, when no endpoint answers within
     /// a few seconds.
-    pub async fn connect(endpoints: &[String], prefix: &str, lease_ttl_secs: i64) -> Result<EtcdStore, StoreError> {
+    pub async fn connect(
+        endpoints: &[String],
+        prefix: &str,
+        lease_ttl_secs: i64,
+    ) -> Result<EtcdStore, StateStoreError> {
         if endpoints.is_empty() {
-            return Err(StoreError::Unavailable("no etcd endpoint given: pass --etcd URL".into()));
+            return Err(StateStoreError::Unavailable("no etcd endpoint given: pass --etcd URL".into()));
         }
         if lease_ttl_secs < 1 {
-            return Err(StoreError::Backend(format!(
+            return Err(StateStoreError::Backend(format!(
                 "the etcd lease must last at least 1 second, not {lease_ttl_secs}"
             )));
         }
         let urls = endpoints.join(",");
         let unreachable = |why: String| {
-            StoreError::Unavailable(format!("cannot reach etcd at {urls}: {why}; is etcd running there (--etcd)?"))
+            StateStoreError::Unavailable(format!("cannot reach etcd at {urls}: {why}; is etcd running there (--etcd)?"))
         };
         let options =
             ConnectOptions::new().with_connect_timeout(CONNECT_TIMEOUT).with_keep_alive(PING_INTERVAL, PING_TIMEOUT);
@@ -160,7 +164,7 @@ impl EtcdStore {
     /// Ends this store's leadership (or candidacy) now: stops the keep-alive and revokes the
     /// lease, which deletes its election key, so the next candidate leads at once. The
     /// [`Leadership`]'s `lost` turns true. Does nothing when this store never campaigned.
-    pub async fn resign(&self) -> Result<(), StoreError> {
+    pub async fn resign(&self) -> Result<(), StateStoreError> {
         let Some(session) = lock(&self.session).take() else {
             return Ok(());
         };
@@ -183,11 +187,11 @@ impl EtcdStore {
         &self,
         what: &str,
         call: impl Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T, StoreError> {
+    ) -> Result<T, StateStoreError> {
         match timeout(OP_TIMEOUT, call).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(self.failed(what, &e)),
-            Err(_) => Err(StoreError::Unavailable(format!(
+            Err(_) => Err(StateStoreError::Unavailable(format!(
                 "etcd at {}: {what}: no answer within {} s",
                 self.urls,
                 OP_TIMEOUT.as_secs()
@@ -195,9 +199,9 @@ impl EtcdStore {
         }
     }
 
-    fn failed(&self, what: &str, e: &etcd_client::Error) -> StoreError {
+    fn failed(&self, what: &str, e: &etcd_client::Error) -> StateStoreError {
         let line = format!("etcd at {}: {what} failed: {}", self.urls, error_line(e));
-        if is_unreachable(e) { StoreError::Unavailable(line) } else { StoreError::Backend(line) }
+        if is_unreachable(e) { StateStoreError::Unavailable(line) } else { StateStoreError::Backend(line) }
     }
 }
 
@@ -207,18 +211,18 @@ fn relative(key: &[u8], prefix: &str) -> String {
 }
 
 #[async_trait]
-impl Store for EtcdStore {
+impl StateStore for EtcdStore {
     fn describe(&self) -> String {
         format!("etcd ({}, prefix {})", self.urls, self.prefix)
     }
 
-    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StateStoreError> {
         let mut kv = self.client.kv_client();
         let mut resp = self.timed(&format!("get {key}"), kv.get(self.full(key), None)).await?;
         Ok(resp.take_kvs().into_iter().next().map(|kv| kv.into_key_value().1))
     }
 
-    async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StateStoreError> {
         let mut kv = self.client.kv_client();
         // etcd returns a range in key order unless asked otherwise.
         let options = GetOptions::new().with_prefix();
@@ -233,18 +237,18 @@ impl Store for EtcdStore {
             .collect())
     }
 
-    async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
+    async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), StateStoreError> {
         let mut kv = self.client.kv_client();
         self.timed(&format!("put {key}"), kv.put(self.full(key), value, None)).await.map(|_| ())
     }
 
-    async fn delete(&self, key: &str) -> Result<bool, StoreError> {
+    async fn delete(&self, key: &str) -> Result<bool, StateStoreError> {
         let mut kv = self.client.kv_client();
         let resp = self.timed(&format!("delete {key}"), kv.delete(self.full(key), None)).await?;
         Ok(resp.deleted() > 0)
     }
 
-    async fn delete_prefix(&self, prefix: &str) -> Result<u64, StoreError> {
+    async fn delete_prefix(&self, prefix: &str) -> Result<u64, StateStoreError> {
         let mut kv = self.client.kv_client();
         let options = DeleteOptions::new().with_prefix();
         let what = format!("delete everything under {prefix}");
@@ -254,7 +258,7 @@ impl Store for EtcdStore {
 
     /// The receiver also ends when etcd ends the watch (etcd gone, history compacted); the
     /// caller then lists again and watches anew.
-    async fn watch(&self, prefix: &str) -> Result<mpsc::Receiver<WatchEvent>, StoreError> {
+    async fn watch(&self, prefix: &str) -> Result<mpsc::Receiver<WatchEvent>, StateStoreError> {
         let mut watcher = self.client.watch_client();
         let key = self.full(prefix);
         // Returns once etcd has created the watch, so every later change reaches it.
@@ -277,7 +281,7 @@ impl Store for EtcdStore {
 
     /// Grants a lease of `lease_ttl_secs`, keeps it alive (every third of its TTL) and waits in
     /// etcd's election until this candidate leads. A later campaign replaces the earlier lease.
-    async fn campaign(&self, candidate: &str) -> Result<Leadership, StoreError> {
+    async fn campaign(&self, candidate: &str) -> Result<Leadership, StateStoreError> {
         let mut lease = self.client.lease_client();
         let grant = self.timed("grant the leadership lease", lease.grant(self.lease_ttl_secs, None)).await?;
         let (lease_id, ttl_secs) = (grant.id(), grant.ttl());
@@ -302,7 +306,7 @@ impl Store for EtcdStore {
                 won.map_err(|e| self.failed("campaign for leadership", &e))?;
             }
             _ = lease_lost.wait_for(|lost| *lost) => {
-                return Err(StoreError::Unavailable(format!(
+                return Err(StateStoreError::Unavailable(format!(
                     "etcd at {}: the leadership lease ended while waiting to lead",
                     self.urls
                 )));
@@ -311,14 +315,14 @@ impl Store for EtcdStore {
         Ok(Leadership { lost })
     }
 
-    async fn leader(&self) -> Result<Option<String>, StoreError> {
+    async fn leader(&self) -> Result<Option<String>, StateStoreError> {
         let mut election = self.client.election_client();
         match timeout(OP_TIMEOUT, election.leader(self.election_name())).await {
             Ok(Ok(resp)) => Ok(resp.kv().map(|kv| String::from_utf8_lossy(kv.value()).into_owned())),
             // etcd's answer when nobody campaigns (not its raft "etcdserver: no leader").
             Ok(Err(etcd_client::Error::GRpcStatus(s))) if s.message().contains("election: no leader") => Ok(None),
             Ok(Err(e)) => Err(self.failed("ask for the leader", &e)),
-            Err(_) => Err(StoreError::Unavailable(format!(
+            Err(_) => Err(StateStoreError::Unavailable(format!(
                 "etcd at {}: ask for the leader: no answer within {} s",
                 self.urls,
                 OP_TIMEOUT.as_secs()

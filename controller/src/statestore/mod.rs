@@ -1,4 +1,5 @@
-//! The controller's state store: one `Store` trait, two backends.
+//! The controller's state store: one `StateStore` trait, two backends. (Model files are
+//! `gantry-store`'s, a different thing.)
 //!
 //! * [`embedded::EmbeddedStore`] — a database file on this machine (redb), the default:
 //!   nothing to install. Only one controller can hold the file; holding it makes it the leader.
@@ -19,7 +20,7 @@ use tokio::sync::{mpsc, watch};
 
 /// A store failure, said so a user can act on it.
 #[derive(Debug, thiserror::Error)]
-pub enum StoreError {
+pub enum StateStoreError {
     /// The backend cannot be reached or refused (etcd down, file unreadable).
     #[error("{0}")]
     Unavailable(String),
@@ -46,21 +47,21 @@ pub struct Leadership {
 
 /// Durable key-value state with prefix listing, a watch, and leader election.
 #[async_trait]
-pub trait Store: Send + Sync + fmt::Debug + 'static {
+pub trait StateStore: Send + Sync + fmt::Debug + 'static {
     /// `embedded (PATH)` or `etcd (URL, prefix P)`, for logs and `gantry up`'s banner.
     fn describe(&self) -> String;
-    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StateStoreError>;
     /// Every key starting with `prefix`, in key order.
-    async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
-    async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError>;
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StateStoreError>;
+    async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), StateStoreError>;
     /// Whether the key existed.
-    async fn delete(&self, key: &str) -> Result<bool, StoreError>;
+    async fn delete(&self, key: &str) -> Result<bool, StateStoreError>;
     /// Removes every key under `prefix`; how many there were.
-    async fn delete_prefix(&self, prefix: &str) -> Result<u64, StoreError>;
+    async fn delete_prefix(&self, prefix: &str) -> Result<u64, StateStoreError>;
     /// Changes under `prefix` made after this call, in order, until the receiver is dropped.
-    async fn watch(&self, prefix: &str) -> Result<mpsc::Receiver<WatchEvent>, StoreError>;
+    async fn watch(&self, prefix: &str) -> Result<mpsc::Receiver<WatchEvent>, StateStoreError>;
     /// Waits until this controller (`candidate`, e.g. its address) leads, then returns.
-    async fn campaign(&self, candidate: &str) -> Result<Leadership, StoreError>;
+    async fn campaign(&self, candidate: &str) -> Result<Leadership, StateStoreError>;
     /// The current leader's candidate string, if any.
-    async fn leader(&self) -> Result<Option<String>, StoreError>;
+    async fn leader(&self) -> Result<Option<String>, StateStoreError>;
 }

@@ -1,6 +1,6 @@
 //! A real etcd server for tests: a single member on free loopback ports, its data in a
 //! temporary directory, killed on drop. Shared by the controller's store tests and the
-//! end-to-end tests; include it with `#[path = "…/tests/common/etcd.rs"] mod etcd;`. It
+//! end-to-end tests; include it with `#[path = "…/tests/e2e/common/etcd.rs"] mod etcd;`. It
 //! needs only `std` and `tempfile`, and is synchronous so any test can start one.
 //!
 //! etcd must be installed (`scripts/setup.sh` installs Debian's `etcd-server`); without it the

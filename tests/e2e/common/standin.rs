@@ -130,7 +130,7 @@ impl pb::worker_server::Worker for Service {
                 tick.tick().await;
                 let id = token_at(&prompt, i);
                 let text = if engine.stamp { now_ns().to_string() } else { format!("{id} ") };
-                let chunk = pb::TokenChunk { text, token_id: Some(id), logprob: None };
+                let chunk = pb::TokenChunk { text, token_id: Some(id), ..Default::default() };
                 if tx.send(Ok(token_event(chunk))).await.is_err() {
                     return;
                 }

@@ -1,0 +1,10 @@
+//! One module per command (or family of commands) of `gantry`.
+
+pub mod client;
+pub mod generate;
+pub mod inspect;
+pub mod pull;
+pub mod select;
+pub mod table;
+pub mod up;
+pub mod worker;

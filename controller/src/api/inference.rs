@@ -1,0 +1,31 @@
+//! `gantry.v1.Inference`: generation and chat, routed to a ready replica.
+
+use gantry_proto::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use super::Api;
+use crate::router::{EventStream, deadline_of, request_id};
+
+#[tonic::async_trait]
+impl pb::inference_server::Inference for Api {
+    type GenerateStream = EventStream<pb::GenerateEvent>;
+    type ChatStream = EventStream<pb::GenerateEvent>;
+
+    async fn generate(&self, request: Request<pb::InferenceRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+        let deadline = deadline_of(&request);
+        let r = request.into_inner();
+        let id = request_id(&r.request_id);
+        self.router.route(&r.model, pb::generate_request::Input::Prompt(r.prompt), r.sampling, id, deadline).await
+    }
+
+    async fn chat(&self, request: Request<pb::ChatRequest>) -> Result<Response<Self::ChatStream>, Status> {
+        let deadline = deadline_of(&request);
+        let r = request.into_inner();
+        if r.messages.is_empty() {
+            return Err(Status::invalid_argument("the chat has no messages"));
+        }
+        let id = request_id(&r.request_id);
+        let chat = pb::Conversation { messages: r.messages };
+        self.router.route(&r.model, pb::generate_request::Input::Chat(chat), r.sampling, id, deadline).await
+    }
+}

@@ -1,0 +1,30 @@
+//! How the controller runs.
+
+use std::time::Duration;
+
+/// The controller's settings (from `gantry controller`'s and `gantry up`'s flags).
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// A worker silent for this long is lost.
+    pub lease: Duration,
+    /// How often workers send heartbeats.
+    pub heartbeat: Duration,
+    /// Safety margin on top of each replica's estimate, in percent.
+    pub margin_percent: u64,
+    /// How to dial workers that serve TLS (the cluster CA, and the controller's certificate).
+    pub worker_tls: Option<tonic::transport::ClientTlsConfig>,
+    /// Requests relayed at once; past this, new ones are refused with RESOURCE_EXHAUSTED.
+    pub max_requests: usize,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig {
+            lease: Duration::from_secs(6),
+            heartbeat: Duration::from_secs(1),
+            margin_percent: 5,
+            worker_tls: None,
+            max_requests: 10_000,
+        }
+    }
+}

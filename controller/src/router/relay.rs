@@ -1,0 +1,244 @@
+//! One routed request: its relay from a replica's stream to the client, and its move to
+//! another replica when the first fails mid-stream — the new one goes on after the tokens
+//! already delivered (the worker replays them), so the client sees one stream.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use gantry_proto::v1 as pb;
+use gantry_proto::v1::worker_client::WorkerClient;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tonic::{Request, Status, Streaming};
+use tracing::{info, warn};
+
+use super::code_name;
+use super::pick::Target;
+use crate::cluster::Cluster;
+
+/// Whether a worker's error means the replica failed (the worker died, its connection broke,
+/// a pipeline stage went away) rather than that the request is wrong: then the request may go
+/// on elsewhere.
+fn replica_failed(e: &Status) -> bool {
+    let transport = || {
+        let m = e.message();
+        ["transport", "connect", "connection", "broken pipe", "h2 protocol", "reset", "went away"]
+            .iter()
+            .any(|w| m.contains(w))
+    };
+    match e.code() {
+        tonic::Code::Unavailable => true,
+        tonic::Code::Unknown | tonic::Code::Internal | tonic::Code::Cancelled => transport(),
+        _ => false,
+    }
+}
+
+/// One routed request: what it asked for and what has been delivered, so that when its replica
+/// fails mid-stream it can go on on another one from where it stopped.
+pub(super) struct Relay {
+    pub(super) cluster: Arc<Cluster>,
+    pub(super) model: String,
+    pub(super) input: pb::generate_request::Input,
+    pub(super) sampling: Option<pb::SamplingParams>,
+    pub(super) request_id: String,
+    pub(super) deadline: Option<Instant>,
+    /// Token ids delivered to the client.
+    pub(super) sent: Vec<u32>,
+    /// Whether held-back text (sent once, at the end) was delivered.
+    pub(super) flushed: bool,
+    /// Replicas that failed this request (worker, replica id).
+    pub(super) failed: Vec<(String, String)>,
+    pub(super) started: Instant,
+    pub(super) last_token: Option<Instant>,
+}
+
+/// Holds a request against its replica's in-flight count while it runs there.
+pub(super) struct Attached {
+    target: Target,
+    events: Streaming<pb::GenerateEvent>,
+}
+
+impl Attached {
+    fn new(target: Target, events: Streaming<pb::GenerateEvent>) -> Attached {
+        target.inflight.fetch_add(1, Ordering::Relaxed);
+        Attached { target, events }
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        self.target.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How a relay ended.
+enum Ending {
+    Done,
+    Cancelled,
+    Failed(Status),
+}
+
+impl Relay {
+    /// Opens the request on a ready replica, past the ones that failed it, resuming after the
+    /// tokens already delivered.
+    pub(super) async fn attach(&mut self) -> Result<Attached, Status> {
+        let mut unreachable = Vec::new();
+        loop {
+            let target = self.cluster.pick(&self.model, &self.failed).map_err(|e| {
+                let e = Status::from(e);
+                if unreachable.is_empty() {
+                    e
+                } else {
+                    Status::new(e.code(), format!("{} ({})", e.message(), unreachable.join("; ")))
+                }
+            })?;
+            let mut req = Request::new(pb::GenerateRequest {
+                model_id: target.model_id.clone(),
+                input: Some(self.input.clone()),
+                sampling: self.sampling.clone(),
+                request_id: self.request_id.clone(),
+                resume_tokens: self.sent.clone(),
+            });
+            if let Some(deadline) = self.deadline {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(Status::deadline_exceeded("the request's deadline passed while generating"));
+                }
+                req.set_timeout(left);
+            }
+            info!(
+                request_id = %self.request_id,
+                model = %self.model,
+                worker = %target.worker,
+                replica = %target.model_id,
+                resume_after = self.sent.len(),
+                "routing"
+            );
+            match WorkerClient::new(target.channel.clone()).generate(req).await {
+                Ok(r) => return Ok(Attached::new(target, r.into_inner())),
+                Err(e) if replica_failed(&e) => {
+                    warn!(request_id = %self.request_id, worker = %target.worker, error = %e.message(), "replica unreachable; trying another");
+                    unreachable.push(format!(
+                        "worker {} serving replica {}: {}",
+                        target.worker,
+                        target.model_id,
+                        e.message()
+                    ));
+                    self.failed.push((target.worker, target.model_id));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Forwards `at`'s events to `tx` until the request ends or its replica fails (`Ok`).
+    async fn forward(
+        &mut self,
+        at: &mut Attached,
+        tx: &mpsc::Sender<Result<pb::GenerateEvent, Status>>,
+    ) -> Result<Ending, Status> {
+        let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+        let deadline = tokio::time::sleep_until(self.deadline.unwrap_or(far));
+        tokio::pin!(deadline);
+        loop {
+            let message = tokio::select! {
+                () = tx.closed() => return Ok(Ending::Cancelled),
+                () = &mut deadline => {
+                    warn!(request_id = %self.request_id, worker = %at.target.worker, "deadline exceeded; cancelling");
+                    return Ok(Ending::Failed(Status::deadline_exceeded("the request's deadline passed while generating")));
+                }
+                m = at.events.message() => m,
+            };
+            let ev = match message {
+                Ok(Some(ev)) => ev,
+                Ok(None) => return Err(Status::unavailable("its stream ended before the request finished")),
+                Err(e) if replica_failed(&e) => return Err(e),
+                Err(e) => return Ok(Ending::Failed(e)),
+            };
+            let done = match &ev.event {
+                Some(pb::generate_event::Event::Token(t)) => match t.token_id {
+                    Some(id) => {
+                        self.sent.push(id);
+                        let now = Instant::now();
+                        let first = self.last_token.is_none().then(|| now - self.started);
+                        let gap = self.last_token.map(|t| now - t);
+                        self.last_token = Some(now);
+                        crate::metrics::token(&self.model, first, gap);
+                        false
+                    }
+                    // Held-back text is sent once; a resumed run that reaches the same end sends it again.
+                    None if self.flushed => continue,
+                    None => {
+                        self.flushed = true;
+                        false
+                    }
+                },
+                Some(pb::generate_event::Event::Done(_)) => true,
+                None => false,
+            };
+            if tx.send(Ok(ev)).await.is_err() {
+                return Ok(Ending::Cancelled);
+            }
+            if done {
+                return Ok(Ending::Done);
+            }
+        }
+    }
+
+    /// Runs the request to its end, moving it to another replica whenever its replica fails.
+    pub(super) async fn run(mut self, mut at: Attached, tx: mpsc::Sender<Result<pb::GenerateEvent, Status>>) {
+        let ending = loop {
+            let lost = match self.forward(&mut at, &tx).await {
+                Ok(ending) => break ending,
+                Err(e) => e,
+            };
+            let from = at.target.clone();
+            drop(at);
+            self.failed.push((from.worker.clone(), from.model_id.clone()));
+            match self.attach().await {
+                Ok(next) => {
+                    warn!(
+                        request_id = %self.request_id,
+                        model = %self.model,
+                        from_worker = %from.worker,
+                        to_worker = %next.target.worker,
+                        to_replica = %next.target.model_id,
+                        tokens_sent = self.sent.len(),
+                        error = %lost.message(),
+                        "replica failed mid-stream; resumed on another"
+                    );
+                    crate::metrics::migration(&self.model, "resumed");
+                    at = next;
+                }
+                Err(e) => {
+                    crate::metrics::migration(&self.model, "failed");
+                    let e = if e.code() == tonic::Code::Unavailable {
+                        Status::unavailable(format!(
+                            "worker {} serving replica {} failed after {} tokens ({}), and no other replica could go on with the request: {}",
+                            from.worker,
+                            from.model_id,
+                            self.sent.len(),
+                            lost.message(),
+                            e.message()
+                        ))
+                    } else {
+                        e
+                    };
+                    warn!(request_id = %self.request_id, model = %self.model, error = %e.message(), "replica failed mid-stream; request failed");
+                    break Ending::Failed(e);
+                }
+            }
+        };
+        let outcome = match ending {
+            Ending::Done => "ok".to_string(),
+            Ending::Cancelled => "cancelled".to_string(),
+            Ending::Failed(e) => {
+                let name = code_name(e.code());
+                let _ = tx.send(Err(e)).await;
+                name
+            }
+        };
+        crate::metrics::request_finished(&self.model, &outcome);
+    }
+}

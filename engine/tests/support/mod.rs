@@ -1,0 +1,47 @@
+//! A test runner for test binaries that must also serve as a chat-template renderer child
+//! (`harness = false`): `main` first calls `serve_renderer_if_child`, then runs the tests and
+//! reports them the way libtest does, so `cargo test` shows and counts them as usual.
+
+#![allow(dead_code)]
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// A named test.
+pub type Test = (&'static str, fn());
+
+/// Serves as a renderer child when started as one; otherwise runs `tests` (those whose name
+/// contains the first non-flag argument, when given) and exits 101 if any failed.
+pub fn main(tests: &[Test]) {
+    gantry_engine::chat_child::serve_renderer_if_child();
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let chosen: Vec<&Test> =
+        tests.iter().filter(|(name, _)| filter.as_ref().is_none_or(|f| name.contains(f.as_str()))).collect();
+    println!("\nrunning {} tests", chosen.len());
+    let started = Instant::now();
+    let mut failed = Vec::new();
+    for (name, test) in &chosen {
+        let ok = catch_unwind(AssertUnwindSafe(test)).is_ok();
+        println!("test {name} ... {}", if ok { "ok" } else { "FAILED" });
+        if !ok {
+            failed.push(*name);
+        }
+    }
+    let verdict = if failed.is_empty() { "ok" } else { "FAILED" };
+    println!(
+        "\ntest result: {verdict}. {} passed; {} failed; 0 ignored; 0 measured; {} filtered out; finished in {:.2}s\n",
+        chosen.len() - failed.len(),
+        failed.len(),
+        tests.len() - chosen.len(),
+        started.elapsed().as_secs_f64()
+    );
+    if !failed.is_empty() {
+        std::process::exit(101);
+    }
+}
+
+/// This test binary, which serves as a renderer child (see [`main`]).
+pub fn this_binary() -> PathBuf {
+    std::env::current_exe().expect("the test binary's path")
+}

@@ -1,0 +1,79 @@
+//! Conversions between the wire's messages and `gantry-core`'s types, in one place, so every
+//! service reads a request the same way.
+
+use gantry_core::SamplingParams;
+
+use crate::v1 as pb;
+
+/// A request's sampling settings, with the defaults for what it leaves unset. Not checked:
+/// call [`SamplingParams::validate`].
+pub fn sampling_from_proto(p: Option<&pb::SamplingParams>) -> SamplingParams {
+    let d = SamplingParams::default();
+    let Some(p) = p else { return d };
+    let mut logit_bias: Vec<(u32, f32)> = p.logit_bias.iter().map(|(&t, &b)| (t, b)).collect();
+    logit_bias.sort_by_key(|&(t, _)| t);
+    SamplingParams {
+        temperature: p.temperature.unwrap_or(d.temperature),
+        top_k: p.top_k.map_or(d.top_k, |k| k as usize),
+        top_p: p.top_p.unwrap_or(d.top_p),
+        min_p: p.min_p.unwrap_or(d.min_p),
+        repetition_penalty: p.repetition_penalty.unwrap_or(d.repetition_penalty),
+        presence_penalty: p.presence_penalty.unwrap_or(d.presence_penalty),
+        frequency_penalty: p.frequency_penalty.unwrap_or(d.frequency_penalty),
+        logit_bias,
+        seed: p.seed,
+        max_tokens: p.max_tokens.map_or(d.max_tokens, |m| m as usize),
+        stop: p.stop.clone(),
+        ignore_eos: p.ignore_eos,
+        logprobs: p.logprobs,
+        top_logprobs: p.top_logprobs as usize,
+    }
+}
+
+/// Every setting spelled out (what a pipeline stage sends the next one).
+pub fn sampling_to_proto(p: &SamplingParams) -> pb::SamplingParams {
+    pb::SamplingParams {
+        temperature: Some(p.temperature),
+        top_k: Some(u32::try_from(p.top_k).unwrap_or(u32::MAX)),
+        top_p: Some(p.top_p),
+        min_p: Some(p.min_p),
+        repetition_penalty: Some(p.repetition_penalty),
+        seed: p.seed,
+        max_tokens: Some(u32::try_from(p.max_tokens).unwrap_or(u32::MAX)),
+        stop: p.stop.clone(),
+        ignore_eos: p.ignore_eos,
+        logprobs: p.logprobs,
+        presence_penalty: Some(p.presence_penalty),
+        frequency_penalty: Some(p.frequency_penalty),
+        logit_bias: p.logit_bias.iter().copied().collect(),
+        top_logprobs: u32::try_from(p.top_logprobs).unwrap_or(u32::MAX),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unset_fields_take_the_defaults_and_set_ones_survive_a_round_trip() {
+        assert_eq!(sampling_from_proto(None), SamplingParams::default());
+        assert_eq!(sampling_from_proto(Some(&pb::SamplingParams::default())), SamplingParams::default());
+        let p = SamplingParams {
+            temperature: 0.7,
+            top_k: 40,
+            top_p: 0.9,
+            min_p: 0.05,
+            repetition_penalty: 1.1,
+            presence_penalty: 0.5,
+            frequency_penalty: -0.25,
+            logit_bias: vec![(3, -100.0), (17, 2.5)],
+            seed: Some(9),
+            max_tokens: 12,
+            stop: vec!["\n".into()],
+            ignore_eos: true,
+            logprobs: true,
+            top_logprobs: 5,
+        };
+        assert_eq!(sampling_from_proto(Some(&sampling_to_proto(&p))), p);
+    }
+}

@@ -1,0 +1,457 @@
+//! Loading a model: resolve its source (downloading it once), bind its layer segments to
+//! devices, check the memory they need against what is free (`admit`), build the engine's parts,
+//! and add it to the model table. A load of a name already loading is waited for; an unload
+//! asked while it loads drops it when it ends.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::time::Instant;
+
+use gantry_core::WireDtype;
+use gantry_core::units::format_bytes;
+use gantry_core::vram::{DeviceKind, ServeOptions, VramEstimate, estimate_vram};
+use gantry_engine::files::ModelFiles;
+use gantry_engine::pipeline::Segment;
+use gantry_proto::v1 as pb;
+use gantry_store::Source;
+use tokio::sync::{Semaphore, mpsc};
+use tracing::info;
+
+use crate::devices::{self, DeviceBinding};
+use crate::error::WorkerError;
+use crate::gpu::{GpuInfo, InventorySource};
+use crate::served::{NextStage, RateMeter, Served};
+use crate::state::WorkerState;
+
+/// Where a load reports its progress (the `LoadModel` stream, or the controller link).
+pub type LoadEvents = mpsc::Sender<Result<pb::LoadModelEvent, tonic::Status>>;
+
+impl WorkerState {
+    /// Loads a model, sending progress to `events`; the model is served once this returns Ok.
+    pub async fn load(
+        self: &Arc<Self>,
+        req: pb::LoadModelRequest,
+        events: LoadEvents,
+    ) -> Result<pb::ModelInfo, WorkerError> {
+        if req.source.trim().is_empty() {
+            return Err(WorkerError::Invalid("source is empty: give a model folder, a .gguf file or a Hub id".into()));
+        }
+        let source = Source::parse(req.source.trim());
+        let model_id =
+            if req.model_id.trim().is_empty() { default_model_id(&source) } else { req.model_id.trim().into() };
+        for s in segments(&req) {
+            if s.layer_end < s.layer_start {
+                return Err(WorkerError::Invalid(format!(
+                    "layers [{}, {}): the end is before the start",
+                    s.layer_start, s.layer_end
+                )));
+            }
+        }
+        WireDtype::parse(&req.wire_dtype).map_err(|e| WorkerError::Invalid(e.to_string()))?;
+        // A load of the same name already running is waited for (the controller may send a
+        // load again after a reconnect), then this one goes on: done if it loaded the same
+        // source, refused if another.
+        loop {
+            if let Ok(m) = self.model(&model_id) {
+                if m.info.source == req.source.trim() {
+                    return Ok(m.info.clone());
+                }
+                return Err(WorkerError::AlreadyLoaded { id: model_id, source_now: m.info.source.clone() });
+            }
+            let started = self.loading.lock().map_err(|_| WorkerError::poisoned("loading"))?.insert(model_id.clone());
+            if started {
+                break;
+            }
+            if events.is_closed() {
+                return Err(WorkerError::Aborted("the caller went away while an earlier load of the model ran".into()));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let result = self.load_inner(&model_id, &source, &req, &events).await;
+        if result.is_err()
+            && let Ok(mut marks) = self.unload_when_loaded.lock()
+        {
+            marks.remove(&model_id);
+        }
+        if let Ok(mut loading) = self.loading.lock() {
+            loading.remove(&model_id);
+        }
+        result
+    }
+
+    async fn load_inner(
+        self: &Arc<Self>,
+        model_id: &str,
+        source: &Source,
+        req: &pb::LoadModelRequest,
+        events: &LoadEvents,
+    ) -> Result<pb::ModelInfo, WorkerError> {
+        let started = Instant::now();
+        let progress_tx = events.clone();
+        let mut last_sent = Instant::now() - std::time::Duration::from_secs(1);
+        // A token sent with the load (a Kubernetes Secret's) stands in for the worker's own.
+        let hub = match req.hf_token.trim() {
+            "" => self.hub.clone(),
+            token => self.hub.with_token(token),
+        };
+        let path = gantry_store::resolve(source, &hub, &mut |p| {
+            // A few events a second are plenty; the last one always goes.
+            if p.done == p.total || last_sent.elapsed().as_millis() >= 200 {
+                last_sent = Instant::now();
+                let _ = progress_tx.try_send(Ok(progress_event("download", &p.file, p.done, p.total)));
+            }
+        })
+        .await?;
+
+        let gpus = self.gpus().map_err(|e| WorkerError::Internal(format!("reading the GPUs: {e}")))?;
+        let bindings = segments(req).iter().map(|s| devices::bind(&s.device, &gpus)).collect::<Result<Vec<_>, _>>()?;
+        let next = match req.next_stage.trim() {
+            "" => None,
+            address => Some(NextStage {
+                address: address.to_string(),
+                channel: self
+                    .stage_endpoint(address)?
+                    .connect_timeout(std::time::Duration::from_secs(3))
+                    .tcp_nodelay(true)
+                    .connect_lazy(),
+                wire: WireDtype::parse(&req.wire_dtype).map_err(|e| WorkerError::Invalid(e.to_string()))?,
+            }),
+        };
+        let state = self.clone();
+        let req = req.clone();
+        let model_id = model_id.to_string();
+        let load_tx = events.clone();
+        let served = tokio::task::spawn_blocking(move || {
+            let load = Load { model_id: &model_id, path, req: &req, bindings, next, gpus: &gpus, started };
+            state.load_blocking(load, &load_tx)
+        })
+        .await
+        .map_err(|e| WorkerError::Internal(format!("the load stopped: {e}")))??;
+        let info = served.info.clone();
+        // Decided under the model table's lock, as `unload` decides.
+        let mut models = self.models.write().map_err(|_| WorkerError::poisoned("model table"))?;
+        if self.unload_when_loaded.lock().map_err(|_| WorkerError::poisoned("unload"))?.remove(&info.model_id) {
+            info!(model = %info.model_id, "unloaded as asked while it loaded");
+            return Err(WorkerError::Aborted(format!("model `{}` was unloaded while it loaded", info.model_id)));
+        }
+        models.insert(info.model_id.clone(), Arc::new(served));
+        info!(
+            model = %info.model_id,
+            source = %info.source,
+            device = %info.device,
+            layers = format!(
+                "{} of {}",
+                span(&(info.layer_start as usize..info.layer_end as usize)),
+                info.num_layers
+            ),
+            next_stage = %info.next_stage,
+            load_ms = info.load_ms,
+            "serving"
+        );
+        Ok(info)
+    }
+
+    /// Reads the files and builds the model's parts (on a blocking thread).
+    fn load_blocking(&self, load: Load<'_>, events: &LoadEvents) -> Result<Served, WorkerError> {
+        let Load { model_id, path, req, bindings, next, gpus, started } = load;
+        let mut files = ModelFiles::open(&path)?;
+        let trained = files.config.context_length;
+        let context = match req.context_length {
+            0 => trained,
+            n if n as usize > trained => {
+                return Err(WorkerError::Invalid(format!(
+                    "context_length {n}: {} was trained for {trained} tokens; ask for at most that",
+                    files.spec.name
+                )));
+            }
+            n => n as usize,
+        };
+        std::sync::Arc::make_mut(&mut files.config).context_length = context;
+        let layers = files.config.num_layers;
+        let ranges = layer_ranges(&segments(req), layers, next.is_some())
+            .map_err(|e| WorkerError::Invalid(format!("{}: {e}", files.spec.name)))?;
+
+        // Admission: the estimate for this context and `parallel` sequences, in proportion to
+        // each segment's layers, against what is free on the device it is counted against.
+        let options = ServeOptions {
+            context: Some(context as u64),
+            batch: self.options.parallel as u64,
+            device: if bindings.iter().all(|b| b.engine_device == "cpu")
+                && gpus.first().is_none_or(|g| g.source != InventorySource::Declared)
+            {
+                DeviceKind::Cpu
+            } else {
+                DeviceKind::Gpu
+            },
+            ..ServeOptions::default()
+        };
+        let estimate = estimate_vram(&files.spec, &options).map_err(|e| WorkerError::Invalid(e.to_string()))?;
+        let admission = Admission {
+            name: &files.spec.name,
+            estimate: &estimate,
+            layers,
+            context,
+            sequences: self.options.parallel,
+        };
+        let needs = admission.check(&bindings, &ranges, gpus)?;
+
+        let tokenizer = files.tokenizer()?;
+        let template = files.chat_template(&tokenizer, &self.options.templates).map_err(|e| e.to_string());
+        let total_layers: usize = ranges.iter().map(|r| r.len()).sum();
+        let mut done_before = 0;
+        let mut segments = Vec::with_capacity(ranges.len());
+        for (binding, range) in bindings.iter().zip(&ranges) {
+            let device = gantry_engine::device(&binding.engine_device)?;
+            let mut last_layers = usize::MAX;
+            let part = files.load_part(range.clone(), &device, &mut |p| {
+                if p.layers_done != last_layers {
+                    last_layers = p.layers_done;
+                    let _ = events.try_send(Ok(progress_event(
+                        "load",
+                        "layers",
+                        (done_before + p.layers_done) as u64,
+                        total_layers as u64,
+                    )));
+                }
+            })?;
+            done_before += range.len();
+            segments.push(Segment { part, turn: self.turn(&binding.engine_device)? });
+        }
+        let extra_eos = files.spec.eos_token_ids.iter().filter_map(|&i| u32::try_from(i).ok()).collect();
+        let (first, last) = (ranges.first().cloned().unwrap_or_default(), ranges.last().cloned().unwrap_or_default());
+        let info = pb::ModelInfo {
+            model_id: model_id.to_string(),
+            source: req.source.trim().to_string(),
+            family: files.spec.family.to_string(),
+            parameters: files.spec.parameters.total,
+            context_length: context as u64,
+            weights_bytes: ranges.iter().map(|r| admission.share(estimate.weights_bytes, r)).sum(),
+            device: bindings.first().map(|b| b.label.clone()).unwrap_or_default(),
+            layer_start: first.start as u32,
+            layer_end: last.end as u32,
+            num_layers: layers as u32,
+            instruct: files.spec.tuning.instruct,
+            chat_template: template.as_ref().map(|t| t.origin.clone()).unwrap_or_default(),
+            load_ms: started.elapsed().as_millis() as u64,
+            segments: bindings
+                .iter()
+                .zip(&ranges)
+                .map(|(b, r)| pb::LayerSegment {
+                    device: b.label.clone(),
+                    layer_start: r.start as u32,
+                    layer_end: r.end as u32,
+                })
+                .collect(),
+            next_stage: next.as_ref().map(|n| n.address.clone()).unwrap_or_default(),
+        };
+        Ok(Served {
+            info,
+            segments,
+            bindings: bindings.into_iter().zip(needs).collect(),
+            next,
+            tokenizer,
+            template,
+            extra_eos,
+            slots: Arc::new(Semaphore::new(self.options.parallel)),
+            running: AtomicU32::new(0),
+            queued: AtomicU32::new(0),
+            tokens: AtomicU64::new(0),
+            meter: RateMeter::new(),
+        })
+    }
+
+    /// The endpoint of another stage: TLS with this worker's certificate when workers serve TLS.
+    fn stage_endpoint(&self, address: &str) -> Result<tonic::transport::Endpoint, WorkerError> {
+        let scheme = if self.options.stage_tls.is_some() { "https" } else { "http" };
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{address}"))
+            .map_err(|e| WorkerError::Invalid(format!("next_stage `{address}`: {e}")))?;
+        match &self.options.stage_tls {
+            Some(tls) => endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| WorkerError::Invalid(format!("TLS to next_stage `{address}`: {e}"))),
+            None => Ok(endpoint),
+        }
+    }
+}
+
+/// What a load reads on its blocking thread.
+struct Load<'a> {
+    model_id: &'a str,
+    path: PathBuf,
+    req: &'a pb::LoadModelRequest,
+    bindings: Vec<DeviceBinding>,
+    next: Option<NextStage>,
+    gpus: &'a [GpuInfo],
+    started: Instant,
+}
+
+/// The memory check before a load: the estimate for this context and sequence count, split
+/// over the segments in proportion to their layers, against each device's free memory.
+#[derive(Debug)]
+struct Admission<'a> {
+    name: &'a str,
+    estimate: &'a VramEstimate,
+    layers: usize,
+    context: usize,
+    sequences: usize,
+}
+
+impl Admission<'_> {
+    /// `bytes` of the whole model in proportion to `range`'s layers.
+    fn share(&self, bytes: u64, range: &std::ops::Range<usize>) -> u64 {
+        bytes * range.len() as u64 / self.layers.max(1) as u64
+    }
+
+    /// What each segment needs; an error naming the device short of memory, with the parts.
+    fn check(
+        &self,
+        bindings: &[DeviceBinding],
+        ranges: &[std::ops::Range<usize>],
+        gpus: &[GpuInfo],
+    ) -> Result<Vec<u64>, WorkerError> {
+        let e = self.estimate;
+        let needs: Vec<u64> = ranges
+            .iter()
+            .map(|r| self.share(e.weights_bytes + e.kv_cache_bytes, r) + e.activation_bytes + e.overhead_bytes)
+            .collect();
+        for (binding, range) in bindings.iter().zip(ranges) {
+            let Some(g) = binding.inventory_index.and_then(|d| gpus.iter().find(|g| g.index == d)) else { continue };
+            // Every segment counted against the same device takes from the same free memory.
+            let needed: u64 = bindings
+                .iter()
+                .zip(&needs)
+                .filter(|(b, _)| b.inventory_index == binding.inventory_index)
+                .map(|(_, n)| n)
+                .sum();
+            if needed > g.free_bytes {
+                let what = if ranges.len() == 1 && range.len() == self.layers {
+                    String::new()
+                } else {
+                    format!(" layers {}", span(range))
+                };
+                return Err(WorkerError::Exhausted(format!(
+                    "{}{what} needs {} on {} ({} weights, {} KV cache for {} tokens × {} sequences, {} activations and overhead); {} of {} is free",
+                    self.name,
+                    format_bytes(needed),
+                    binding.label,
+                    format_bytes(self.share(e.weights_bytes, range)),
+                    format_bytes(self.share(e.kv_cache_bytes, range)),
+                    self.context,
+                    self.sequences,
+                    format_bytes(e.activation_bytes + e.overhead_bytes),
+                    format_bytes(g.free_bytes),
+                    format_bytes(g.total_bytes),
+                )));
+            }
+        }
+        Ok(needs)
+    }
+}
+
+/// Layers as people write them (`10-19`).
+pub(crate) fn span(layers: &std::ops::Range<usize>) -> String {
+    gantry_core::shard::layer_span(&(layers.start as u64..layers.end as u64))
+}
+
+/// The layer segments a load asks for: its `segments`, or the one its `device` and
+/// `layer_start`/`layer_end` describe.
+fn segments(req: &pb::LoadModelRequest) -> Vec<pb::LayerSegment> {
+    if req.segments.is_empty() {
+        vec![pb::LayerSegment { device: req.device.clone(), layer_start: req.layer_start, layer_end: req.layer_end }]
+    } else {
+        req.segments.clone()
+    }
+}
+
+/// The segments' layer ranges, checked: within the model, in order and contiguous, and ending
+/// the model exactly when no next stage follows. One segment of `0..0` is the whole model.
+fn layer_ranges(
+    segments: &[pb::LayerSegment],
+    layers: usize,
+    has_next: bool,
+) -> Result<Vec<std::ops::Range<usize>>, String> {
+    if let [only] = segments
+        && only.layer_start == 0
+        && only.layer_end == 0
+    {
+        if has_next {
+            return Err("a stage with a next stage must name its layers".into());
+        }
+        return Ok(std::iter::once(0..layers).collect());
+    }
+    let mut out: Vec<std::ops::Range<usize>> = Vec::with_capacity(segments.len());
+    for s in segments {
+        let (start, end) = (s.layer_start as usize, s.layer_end as usize);
+        if start >= end || end > layers {
+            return Err(format!("layers [{start}, {end}): the model has {layers} layers"));
+        }
+        if let Some(prev) = out.last()
+            && prev.end != start
+        {
+            return Err(format!("layers [{start}, {end}) do not follow on from [{}, {})", prev.start, prev.end));
+        }
+        out.push(start..end);
+    }
+    match (out.last().map(|r| r.end), has_next) {
+        (None, _) => Err("no layers given".into()),
+        (Some(end), true) if end == layers => {
+            Err(format!("these layers end the model at {end}, so there can be no next stage"))
+        }
+        (Some(end), false) if end < layers => Err(format!(
+            "these layers end at {end} of {layers}; give the next stage's address (`next_stage`) for the rest"
+        )),
+        _ => Ok(out),
+    }
+}
+
+fn progress_event(stage: &str, item: &str, done: u64, total: u64) -> pb::LoadModelEvent {
+    pb::LoadModelEvent {
+        event: Some(pb::load_model_event::Event::Progress(pb::LoadProgress {
+            stage: stage.into(),
+            item: item.into(),
+            done,
+            total,
+        })),
+    }
+}
+
+/// A URL's file name without `.gguf`.
+fn url_file_stem(u: &str) -> String {
+    let name = gantry_store::url::file_name(u).unwrap_or_else(|_| "model.gguf".into());
+    name.strip_suffix(".gguf").map(str::to_string).unwrap_or(name)
+}
+
+/// The name a model is served under when the request gives none: a Hub repository's
+/// name, a file's stem, a folder's name.
+fn default_model_id(source: &Source) -> String {
+    match source {
+        Source::Hub(r) => match &r.file {
+            Some(f) => f.trim_end_matches(".gguf").to_string(),
+            None => r.repo.rsplit('/').next().unwrap_or(&r.repo).to_string(),
+        },
+        Source::Url(u) => url_file_stem(u),
+        Source::Local(p) => {
+            let p = if p.file_name().is_some_and(|n| n == "config.json") { p.parent().unwrap_or(p) } else { p };
+            let name =
+                p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| p.display().to_string());
+            name.strip_suffix(".gguf").map(str::to_string).unwrap_or(name)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn models_are_named_after_their_source() {
+        assert_eq!(default_model_id(&Source::parse("HuggingFaceTB/SmolLM2-135M-Instruct")), "SmolLM2-135M-Instruct");
+        assert_eq!(
+            default_model_id(&Source::Local("models/SmolLM2-135M-Instruct.Q4_1.gguf".into())),
+            "SmolLM2-135M-Instruct.Q4_1"
+        );
+        assert_eq!(default_model_id(&Source::Local("/m/llama/config.json".into())), "llama");
+        assert_eq!(default_model_id(&Source::parse("org/repo-GGUF:model-Q4_K_M.gguf")), "model-Q4_K_M");
+    }
+}

@@ -1,0 +1,118 @@
+//! A model being served: its layers on their devices, its tokenizer and chat template, where its
+//! memory is counted, and its counters.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::time::Instant;
+
+use gantry_core::WireDtype;
+use gantry_engine::chat::ChatTemplate;
+use gantry_engine::pipeline::Segment;
+use gantry_engine::tokenizer::Tokenizer;
+use gantry_proto::v1 as pb;
+use tokio::sync::Semaphore;
+
+use crate::devices::DeviceBinding;
+
+/// Seconds over which tokens/s are averaged.
+const RATE_WINDOW_SECS: u64 = 10;
+
+/// The stage after this worker's layers of a split model.
+#[derive(Debug)]
+pub struct NextStage {
+    pub address: String,
+    pub channel: tonic::transport::Channel,
+    pub wire: WireDtype,
+}
+
+/// A model (or this worker's stage of a split one) being served.
+#[derive(Debug)]
+pub struct Served {
+    pub info: pb::ModelInfo,
+    /// Its layer ranges in order, each on its device.
+    pub segments: Vec<Segment>,
+    /// Where each segment's memory is counted, and how much.
+    pub bindings: Vec<(DeviceBinding, u64)>,
+    pub next: Option<NextStage>,
+    pub tokenizer: Tokenizer,
+    pub template: Result<ChatTemplate, String>,
+    pub extra_eos: Vec<u32>,
+    /// One permit per generation running at once (`WorkerOptions::parallel`).
+    pub slots: std::sync::Arc<Semaphore>,
+    pub running: AtomicU32,
+    pub queued: AtomicU32,
+    pub tokens: AtomicU64,
+    pub meter: RateMeter,
+}
+
+impl Served {
+    /// What `Status` reports of it.
+    pub fn loaded(&self) -> pb::LoadedModel {
+        use std::sync::atomic::Ordering::Relaxed;
+        pb::LoadedModel {
+            info: Some(self.info.clone()),
+            running: self.running.load(Relaxed),
+            queued: self.queued.load(Relaxed),
+            tokens_generated: self.tokens.load(Relaxed),
+            tokens_per_sec: self.meter.rate(),
+        }
+    }
+
+    /// Its vocabulary size (resumed tokens and logit biases are checked against it).
+    pub fn vocab_size(&self) -> usize {
+        self.segments.first().map_or(0, |s| s.part.config.vocab_size)
+    }
+}
+
+/// Tokens per second over the last few seconds.
+#[derive(Debug)]
+pub struct RateMeter {
+    origin: Instant,
+    buckets: Mutex<VecDeque<(u64, u64)>>,
+}
+
+impl Default for RateMeter {
+    fn default() -> Self {
+        RateMeter::new()
+    }
+}
+
+impl RateMeter {
+    pub fn new() -> RateMeter {
+        RateMeter { origin: Instant::now(), buckets: Mutex::new(VecDeque::new()) }
+    }
+
+    pub fn add(&self, n: u64) {
+        let sec = self.origin.elapsed().as_secs();
+        let Ok(mut b) = self.buckets.lock() else { return };
+        match b.back_mut() {
+            Some((s, count)) if *s == sec => *count += n,
+            _ => b.push_back((sec, n)),
+        }
+        while b.front().is_some_and(|(s, _)| s + RATE_WINDOW_SECS < sec) {
+            b.pop_front();
+        }
+    }
+
+    pub fn rate(&self) -> f64 {
+        let now = self.origin.elapsed().as_secs_f64();
+        let Ok(b) = self.buckets.lock() else { return 0.0 };
+        let from = (now - RATE_WINDOW_SECS as f64).max(0.0);
+        let tokens: u64 = b.iter().filter(|(s, _)| *s as f64 + 1.0 > from).map(|(_, n)| n).sum();
+        tokens as f64 / (now - from).max(1.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rate_meter_counts_recent_tokens() {
+        let m = RateMeter::new();
+        assert_eq!(m.rate(), 0.0);
+        m.add(30);
+        assert!(m.rate() > 0.0);
+    }
+}
