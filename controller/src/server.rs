@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tonic_health::ServingStatus;
 use tracing::info;
 
-use crate::api::Api;
+use crate::api::Services;
 use crate::cluster::Cluster;
 use crate::config::ControllerConfig;
 use crate::error::ClusterError;
@@ -55,11 +55,11 @@ impl Controller {
         http: Option<TcpListener>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        let api = Api::new(self.cluster.clone())
+        let api = Services::new(self.cluster.clone())
             .require_worker_certificates(self.tls.as_ref().is_some_and(|t| t.workers_need_certificates));
         let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_serving::<pb::inference_server::InferenceServer<Api>>().await;
-        health.set_serving::<pb::deployments_server::DeploymentsServer<Api>>().await;
+        health.set_serving::<pb::inference_server::InferenceServer<Services>>().await;
+        health.set_serving::<pb::deployments_server::DeploymentsServer<Services>>().await;
         health.set_service_status("", ServingStatus::Serving).await;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut lost = self.leadership.lost.clone();

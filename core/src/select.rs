@@ -218,8 +218,9 @@ pub fn select(need: &Need, gpus: &[Gpu], catalog: &Catalog) -> Result<Selection>
     })
 }
 
-/// How a model would be served on the GPUs: precision, memory, GPUs used.
-struct Placement {
+/// How a model would be served on the GPUs (not where: that is `placement`): precision,
+/// memory, GPUs used.
+struct ServingFit {
     dtype: Option<WeightDtype>,
     dtype_name: String,
     memory_bytes: u64,
@@ -276,11 +277,11 @@ fn place(
     gpus: &[Gpu],
     spec: &ModelSpec,
     context: u64,
-) -> Result<std::result::Result<Option<Placement>, String>> {
+) -> Result<std::result::Result<Option<ServingFit>, String>> {
     let base = ServeOptions { context: Some(context), ..ServeOptions::default() };
     let stored_need = estimate_vram(spec, &base)?.total_bytes;
     if gpus.is_empty() {
-        return Ok(Ok(Some(Placement {
+        return Ok(Ok(Some(ServingFit {
             dtype: None,
             dtype_name: spec.weights.dtype.clone(),
             memory_bytes: stored_need,
@@ -304,7 +305,7 @@ fn place(
         let name = dtype.map_or_else(|| spec.weights.dtype.clone(), |d| d.to_string());
         match fit(spec, &options, &free)? {
             Fit::OneDevice { .. } => {
-                return Ok(Ok(Some(Placement {
+                return Ok(Ok(Some(ServingFit {
                     dtype,
                     dtype_name: name,
                     memory_bytes: est.total_bytes,
@@ -314,7 +315,7 @@ fn place(
             }
             Fit::Split { stages } if need.latency != Latency::Realtime => {
                 let memory = stages.iter().map(|s| s.total_bytes).sum();
-                return Ok(Ok(Some(Placement {
+                return Ok(Ok(Some(ServingFit {
                     dtype,
                     dtype_name: name,
                     memory_bytes: memory,
@@ -346,7 +347,7 @@ fn clamp100(x: f64) -> u32 {
     (x.clamp(0.0, 1.0) * 100.0).round() as u32
 }
 
-fn score(need: &Need, gpus: &[Gpu], entry: &CatalogEntry, spec: &ModelSpec, p: Placement, want_ctx: u64) -> Candidate {
+fn score(need: &Need, gpus: &[Gpu], entry: &CatalogEntry, spec: &ModelSpec, p: ServingFit, want_ctx: u64) -> Candidate {
     let total = entry.parameters as f64;
     let active = spec.parameters.active as f64;
     let effective = (total * active).sqrt();

@@ -4,12 +4,12 @@ use gantry_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
-use super::Api;
+use super::Services;
 use crate::router::EventStream;
 use crate::spec::DeploymentSpec;
 
 #[tonic::async_trait]
-impl pb::deployments_server::Deployments for Api {
+impl pb::deployments_server::Deployments for Services {
     type WatchStream = EventStream<pb::DeploymentEvent>;
 
     async fn apply(&self, request: Request<pb::ApplyRequest>) -> Result<Response<pb::Deployment>, Status> {
@@ -82,7 +82,7 @@ impl pb::deployments_server::Deployments for Api {
 }
 
 #[tonic::async_trait]
-impl pb::cluster_server::Cluster for Api {
+impl pb::cluster_server::Cluster for Services {
     async fn list_workers(
         &self,
         _request: Request<pb::ListWorkersRequest>,

@@ -3,11 +3,11 @@
 use gantry_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use super::Api;
+use super::Services;
 use crate::router::{EventStream, deadline_of, request_id};
 
 #[tonic::async_trait]
-impl pb::inference_server::Inference for Api {
+impl pb::inference_server::Inference for Services {
     type GenerateStream = EventStream<pb::GenerateEvent>;
     type ChatStream = EventStream<pb::GenerateEvent>;
 

@@ -15,19 +15,19 @@ use crate::router::Router;
 
 /// Implements every controller service over one `Cluster`.
 #[derive(Debug, Clone)]
-pub struct Api {
+pub struct Services {
     router: Router,
     /// Whether a worker must present a client certificate (mutual TLS) to attach.
     worker_certificates: bool,
 }
 
-impl Api {
-    pub fn new(cluster: Arc<Cluster>) -> Api {
-        Api { router: Router::new(cluster), worker_certificates: false }
+impl Services {
+    pub fn new(cluster: Arc<Cluster>) -> Services {
+        Services { router: Router::new(cluster), worker_certificates: false }
     }
 
     /// Requires workers to present a certificate the TLS layer verified against the client CA.
-    pub fn require_worker_certificates(mut self, yes: bool) -> Api {
+    pub fn require_worker_certificates(mut self, yes: bool) -> Services {
         self.worker_certificates = yes;
         self
     }

@@ -11,7 +11,7 @@ use gantry_core::vram::{ServeOptions, estimate_vram};
 use gantry_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use super::Api;
+use super::Services;
 
 fn invalid(e: impl ToString) -> Status {
     Status::invalid_argument(e.to_string())
@@ -37,7 +37,7 @@ fn request_gpus(gpus: &[pb::Gpu]) -> Vec<gantry_core::Gpu> {
 }
 
 #[tonic::async_trait]
-impl pb::models_server::Models for Api {
+impl pb::models_server::Models for Services {
     async fn inspect(&self, request: Request<pb::InspectRequest>) -> Result<Response<pb::InspectResponse>, Status> {
         let r = request.into_inner();
         let spec = inspect_spec(r.model.trim())?;

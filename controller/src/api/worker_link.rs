@@ -10,11 +10,11 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::warn;
 
-use super::Api;
+use super::Services;
 use crate::router::EventStream;
 
 #[tonic::async_trait]
-impl pb::worker_link_server::WorkerLink for Api {
+impl pb::worker_link_server::WorkerLink for Services {
     type AttachStream = EventStream<pb::ControllerMessage>;
 
     async fn attach(
