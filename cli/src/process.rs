@@ -38,14 +38,16 @@ pub fn init_logging(default: &str, timestamps: bool) {
     }
 }
 
-/// Sizes the CPU thread pool (Candle's kernels run on rayon's global pool); returns the count.
-/// Call it first thing in `main`, before any other thread starts.
+/// Sizes the CPU runtime's thread pool (and rayon's, which Candle uses); returns the count.
+/// The default is the CPUs the process may use: its affinity mask, capped by its cgroup's CPU
+/// quota. Call it first thing in `main`, before any other thread starts.
 pub fn set_threads(threads: Option<usize>) -> Result<usize, CliError> {
     let n = match threads {
         Some(0) => return Err(CliError::with_code("--threads must be at least 1", CliError::USAGE)),
         Some(n) => n,
-        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        None => gantry_engine::cpu::pool::default_threads(),
     };
+    gantry_engine::cpu::pool::set_global_threads(n);
     // Candle sizes its matmul parallelism from RAYON_NUM_THREADS.
     #[allow(unsafe_code)]
     // SAFETY: called from `main`'s thread before any other thread exists (the pool is built

@@ -11,7 +11,7 @@ use tracing::info;
 use crate::EngineError;
 use crate::chat::{ChatTemplate, TemplateIsolation};
 use crate::config::EngineConfig;
-use crate::model::{LoadProgress, ModelPart};
+use crate::model::{Backend, LoadProgress, ModelPart};
 use crate::tokenizer::Tokenizer;
 use crate::weights::{LoadStats, WeightSource, log_stats};
 use gantry_model::{ModelLocation, locate, read_gguf_header, read_hf_folder, safetensors_files};
@@ -82,16 +82,26 @@ impl ModelFiles {
         }
     }
 
-    /// Loads layers `range` onto `device`.
+    /// Loads layers `range` onto `device` (the CPU runtime on the CPU, Candle on a GPU).
     pub fn load_part(
         &self,
         range: Range<usize>,
         device: &Device,
         progress: &mut dyn FnMut(LoadProgress),
     ) -> Result<ModelPart, EngineError> {
+        self.load_part_on(range, &Backend::for_device(device), progress)
+    }
+
+    /// Loads layers `range` for `backend`.
+    pub fn load_part_on(
+        &self,
+        range: Range<usize>,
+        backend: &Backend,
+        progress: &mut dyn FnMut(LoadProgress),
+    ) -> Result<ModelPart, EngineError> {
         let mut stats = LoadStats::default();
         let started = std::time::Instant::now();
-        let part = ModelPart::load(&self.source, self.config.clone(), range.clone(), device, &mut stats, progress)?;
+        let part = ModelPart::load(&self.source, self.config.clone(), range.clone(), backend, &mut stats, progress)?;
         log_stats(&stats);
         info!(
             model = %self.spec.name,

@@ -185,6 +185,31 @@ impl Rope {
         Rope { inv_freq, inv_freq_long, attention_factor, rotary_dim: dim, interleaved: cfg.interleaved, linear_factor }
     }
 
+    /// Rotated dimensions (the first `rotary_dim` of a head).
+    pub fn rotary_dim(&self) -> usize {
+        self.rotary_dim
+    }
+
+    /// Whether adjacent pairs rotate together (GGUF's layout) rather than the two halves.
+    pub fn interleaved(&self) -> bool {
+        self.interleaved
+    }
+
+    /// cos and sin (`rotary_dim/2` each) for position `pos` of a sequence that has reached
+    /// `total` positions, as [`Rope::tables`] computes them.
+    pub fn cos_sin(&self, pos: usize, total: usize, cos: &mut [f32], sin: &mut [f32]) {
+        let inv = match &self.inv_freq_long {
+            Some((long, original)) if total > *original => long,
+            _ => &self.inv_freq,
+        };
+        let p = pos as f64 / self.linear_factor;
+        for ((f, c), s) in inv.iter().zip(cos.iter_mut()).zip(sin.iter_mut()) {
+            let angle = p * f;
+            *c = (angle.cos() * self.attention_factor) as f32;
+            *s = (angle.sin() * self.attention_factor) as f32;
+        }
+    }
+
     /// cos and sin `[len, rotary_dim/2]` for positions `start..start+len`; `total` is the
     /// sequence length reached (LongRoPE switches tables past the original context).
     pub fn tables(

@@ -8,6 +8,7 @@ pub mod attention;
 pub mod chat;
 pub mod chat_child;
 pub mod config;
+pub mod cpu;
 pub mod detok;
 pub mod files;
 pub mod generate;
@@ -74,6 +75,12 @@ pub enum EngineError {
 
     #[error("prompt is {prompt} tokens; model context is {context} ({detail})")]
     PromptTooLong { prompt: usize, context: usize, detail: String },
+
+    /// The part's KV cache has no free block for the sequence's next positions.
+    #[error(
+        "the KV cache is full: the sequence needs {needed} more blocks of {block_tokens} positions and {free} are free"
+    )]
+    KvCacheFull { needed: usize, free: usize, block_tokens: usize },
 
     #[error("invalid sampling: {0}")]
     InvalidSampling(String),

@@ -4,6 +4,11 @@
 //! final norm and output head. `forward` takes token ids (first part) or hidden states (any
 //! other) and returns hidden states, or logits from the last part. Each sequence keeps its own
 //! [`PartCache`]. One part holding every layer is the whole model; pipeline stages are parts.
+//!
+//! On the CPU a part runs on Gantry's own runtime ([`crate::cpu`]): its kernels, the process's
+//! thread pool and a paged KV cache, where several sequences' steps can run as one batch
+//! ([`ModelPart::forward_batch`]). On a GPU it runs on Candle ([`Backend::Candle`]), one
+//! sequence at a time; tests also run Candle on the CPU, as the stand-in for that path.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -14,6 +19,10 @@ use gantry_core::Family;
 use crate::EngineError;
 use crate::attention::{Attention, LayerCache, QkvProj};
 use crate::config::{BlockKind, EngineConfig, QkvLayout, RopeConfig, RopeScaling, WeightFormat};
+use crate::cpu::forward::{SeqInput, SeqStep, forward as cpu_forward};
+use crate::cpu::kv::{BLOCK_TOKENS, KvPool};
+use crate::cpu::model::CpuModel;
+use crate::cpu::pool;
 use crate::layers::{Linear, Mlp, Norm, Rope};
 use crate::weights::{Embedding, LoadStats, Part, Role, WeightSource};
 
@@ -65,22 +74,79 @@ impl Block {
 }
 
 /// The KV caches of one sequence in one part.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug)]
 pub struct PartCache {
-    layers: Vec<LayerCache>,
+    kind: CacheKind,
     /// Tokens processed so far.
     pub position: usize,
+}
+
+#[derive(Debug)]
+enum CacheKind {
+    Candle(Vec<LayerCache>),
+    Cpu(CpuSeq),
+}
+
+/// A sequence's blocks in a CPU part's paged KV cache, given back when it is dropped.
+#[derive(Debug)]
+pub struct CpuSeq {
+    kv: Arc<KvPool>,
+    blocks: Vec<u32>,
+    /// The newest pool job that read the blocks (they are reused only after it).
+    last_job: u64,
+}
+
+impl CpuSeq {
+    /// Makes the blocks cover `positions` positions, taking free blocks from the pool.
+    fn reserve(&mut self, positions: usize) -> Result<(), EngineError> {
+        let want = positions.div_ceil(BLOCK_TOKENS);
+        let needed = want.saturating_sub(self.blocks.len());
+        let oldest = pool::global().oldest_active();
+        let mut got = Vec::with_capacity(needed);
+        for _ in 0..needed {
+            match self.kv.alloc(oldest) {
+                Some(b) => got.push(b),
+                None => {
+                    let free = self.kv.max_blocks().saturating_sub(self.kv.used_blocks());
+                    for b in got {
+                        self.kv.free(b, 0);
+                    }
+                    return Err(EngineError::KvCacheFull { needed, free, block_tokens: BLOCK_TOKENS });
+                }
+            }
+        }
+        self.blocks.extend(got);
+        Ok(())
+    }
+
+    fn release(&mut self) {
+        for b in self.blocks.drain(..) {
+            self.kv.free(b, self.last_job);
+        }
+    }
+}
+
+impl Drop for CpuSeq {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 impl PartCache {
     /// Bytes the caches hold allocated.
     pub fn allocated_bytes(&self) -> usize {
-        self.layers.iter().map(LayerCache::allocated_bytes).sum()
+        match &self.kind {
+            CacheKind::Candle(layers) => layers.iter().map(LayerCache::allocated_bytes).sum(),
+            CacheKind::Cpu(seq) => seq.blocks.len() * seq.kv.shape().bytes_per_block(),
+        }
     }
 
-    /// Forgets the sequence.
+    /// Forgets the sequence (a CPU part's blocks go back to the pool).
     pub fn clear(&mut self) {
-        self.layers.iter_mut().for_each(LayerCache::clear);
+        match &mut self.kind {
+            CacheKind::Candle(layers) => layers.iter_mut().for_each(LayerCache::clear),
+            CacheKind::Cpu(seq) => seq.release(),
+        }
         self.position = 0;
     }
 }
@@ -112,11 +178,58 @@ pub enum LogitsFor {
     All,
 }
 
+/// Where a part runs.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// Gantry's CPU runtime.
+    Cpu,
+    /// Candle on a device: a GPU (`cuda:N`), or the CPU as the stand-in tests use for that
+    /// path.
+    Candle(Device),
+}
+
+impl Backend {
+    /// The runtime for a device: the CPU runtime on the CPU, Candle elsewhere.
+    pub fn for_device(device: &Device) -> Backend {
+        if device.is_cpu() { Backend::Cpu } else { Backend::Candle(device.clone()) }
+    }
+}
+
 /// Layers `range` of a model on one device.
 #[derive(Debug)]
 pub struct ModelPart {
     pub config: Arc<EngineConfig>,
     pub range: Range<usize>,
+    runtime: Runtime,
+}
+
+#[derive(Debug)]
+enum Runtime {
+    Candle(CandlePart),
+    Cpu(Arc<CpuModel>),
+}
+
+/// One step of a sequence in [`ModelPart::forward_batch`].
+#[derive(Debug)]
+pub struct BatchStep<'a> {
+    pub cache: &'a mut PartCache,
+    /// Token ids (the first part) or hidden states, `rows × hidden`, row after row.
+    pub input: BatchInput<'a>,
+    pub logits_for: LogitsFor,
+}
+
+/// What a sequence brings to a batch.
+#[derive(Debug, Clone, Copy)]
+pub enum BatchInput<'a> {
+    Tokens(&'a [u32]),
+    Hidden(&'a [f32]),
+}
+
+/// Layers of a model on a device, run with Candle.
+#[derive(Debug)]
+struct CandlePart {
+    config: Arc<EngineConfig>,
+    range: Range<usize>,
     device: Device,
     dtype: DType,
     embed: Option<Embedding>,
@@ -132,14 +245,16 @@ pub struct LoadProgress {
     pub layers_total: usize,
 }
 
+static CPU: Device = Device::Cpu;
+
 impl ModelPart {
     /// Loads layers `range` (and the embeddings or head when the range starts or ends the
-    /// model) from `source` onto `device`, reporting progress after each layer.
+    /// model) from `source` for `backend`, reporting progress after each layer.
     pub fn load(
         source: &WeightSource,
         config: Arc<EngineConfig>,
         range: Range<usize>,
-        device: &Device,
+        backend: &Backend,
         stats: &mut LoadStats,
         progress: &mut dyn FnMut(LoadProgress),
     ) -> Result<ModelPart, EngineError> {
@@ -150,6 +265,143 @@ impl ModelPart {
                 range.start, range.end
             )));
         }
+        let runtime = match backend {
+            Backend::Cpu => {
+                let total = range.len();
+                let mut layer_done = |d: usize| progress(LoadProgress { layers_done: d, layers_total: total });
+                Runtime::Cpu(Arc::new(CpuModel::load(source, config.clone(), range.clone(), stats, &mut layer_done)?))
+            }
+            Backend::Candle(device) => {
+                Runtime::Candle(CandlePart::load(source, config.clone(), range.clone(), device, stats, progress)?)
+            }
+        };
+        Ok(ModelPart { config, range, runtime })
+    }
+
+    /// The device the part runs on.
+    pub fn device(&self) -> &Device {
+        match &self.runtime {
+            Runtime::Candle(c) => &c.device,
+            Runtime::Cpu(_) => &CPU,
+        }
+    }
+
+    /// The CPU runtime's paged KV cache (`None` on Candle, which keeps a cache per sequence).
+    pub fn kv_pool(&self) -> Option<&Arc<KvPool>> {
+        match &self.runtime {
+            Runtime::Cpu(m) => Some(&m.kv),
+            Runtime::Candle(_) => None,
+        }
+    }
+
+    /// A fresh cache for a new sequence.
+    pub fn new_cache(&self) -> PartCache {
+        let kind = match &self.runtime {
+            Runtime::Candle(c) => CacheKind::Candle(vec![LayerCache::default(); c.blocks.len()]),
+            Runtime::Cpu(m) => CacheKind::Cpu(CpuSeq { kv: m.kv.clone(), blocks: Vec::new(), last_job: 0 }),
+        };
+        PartCache { kind, position: 0 }
+    }
+
+    /// Runs the part on the next tokens (or hidden states) of the sequence `cache` belongs to.
+    pub fn forward(
+        &self,
+        input: StageInput<'_>,
+        cache: &mut PartCache,
+        logits_for: LogitsFor,
+    ) -> Result<StageOutput, EngineError> {
+        match (&self.runtime, &mut cache.kind) {
+            (Runtime::Candle(c), CacheKind::Candle(layers)) => {
+                let (out, t) = c.forward(input, layers, cache.position, logits_for)?;
+                cache.position += t;
+                Ok(out)
+            }
+            (Runtime::Cpu(_), CacheKind::Cpu(_)) => {
+                let hidden;
+                let input = match input {
+                    StageInput::Tokens(ids) => BatchInput::Tokens(ids),
+                    StageInput::Hidden(h) => {
+                        hidden = h.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                        BatchInput::Hidden(&hidden)
+                    }
+                };
+                let mut out = self.forward_batch(&mut [BatchStep { cache, input, logits_for }])?;
+                Ok(out.remove(0))
+            }
+            _ => Err(EngineError::Config("this cache belongs to a part on another runtime".into())),
+        }
+    }
+
+    /// Runs one step of several sequences together: on the CPU runtime as one pass, every
+    /// projection reading its weights once for all of them (each sequence's results are the
+    /// same as it would get alone); on Candle one after the other. On an error no sequence
+    /// advances.
+    pub fn forward_batch(&self, steps: &mut [BatchStep<'_>]) -> Result<Vec<StageOutput>, EngineError> {
+        let Runtime::Cpu(model) = &self.runtime else {
+            let mut outs = Vec::with_capacity(steps.len());
+            for step in steps.iter_mut() {
+                let hidden;
+                let input = match step.input {
+                    BatchInput::Tokens(ids) => StageInput::Tokens(ids),
+                    BatchInput::Hidden(h) => {
+                        let rows = h.len() / self.config.hidden_size.max(1);
+                        hidden = Tensor::from_slice(h, (1, rows, self.config.hidden_size), self.device())?;
+                        StageInput::Hidden(hidden)
+                    }
+                };
+                outs.push(self.forward(input, step.cache, step.logits_for)?);
+            }
+            return Ok(outs);
+        };
+        let hidden = self.config.hidden_size;
+        let mut seq_steps = Vec::with_capacity(steps.len());
+        for step in steps.iter_mut() {
+            let CacheKind::Cpu(seq) = &mut step.cache.kind else {
+                return Err(EngineError::Config("this cache belongs to a part on another runtime".into()));
+            };
+            let (input, rows) = match step.input {
+                BatchInput::Tokens(ids) => (SeqInput::Tokens(ids.to_vec()), ids.len()),
+                BatchInput::Hidden(h) => (SeqInput::Hidden(h.to_vec()), h.len() / hidden.max(1)),
+            };
+            let start = step.cache.position;
+            seq.reserve(start + rows)?;
+            seq_steps.push(SeqStep {
+                input,
+                start,
+                blocks: seq.blocks.clone(),
+                all_logits: step.logits_for == LogitsFor::All,
+            });
+        }
+        let rows: Vec<usize> = seq_steps.iter().map(|s| s.input.rows(hidden)).collect();
+        let out = cpu_forward(model, pool::global(), seq_steps)?;
+        let vocab = self.config.vocab_size;
+        let mut outs = Vec::with_capacity(steps.len());
+        for ((step, values), n) in steps.iter_mut().zip(out.per_seq).zip(rows) {
+            if let CacheKind::Cpu(seq) = &mut step.cache.kind {
+                seq.last_job = out.job;
+            }
+            step.cache.position += n;
+            outs.push(if model.head.is_some() {
+                let k = values.len() / vocab;
+                StageOutput::Logits(Tensor::from_vec(values, (k, vocab), &CPU)?)
+            } else {
+                StageOutput::Hidden(Tensor::from_vec(values, (1, n, hidden), &CPU)?)
+            });
+        }
+        Ok(outs)
+    }
+}
+
+impl CandlePart {
+    fn load(
+        source: &WeightSource,
+        config: Arc<EngineConfig>,
+        range: Range<usize>,
+        device: &Device,
+        stats: &mut LoadStats,
+        progress: &mut dyn FnMut(LoadProgress),
+    ) -> Result<CandlePart, EngineError> {
+        let n = config.num_layers;
         // Candle's CPU kernels compute in f32; quantized matrices take f32 activations too.
         let dtype = DType::F32;
         let cfg = &*config;
@@ -194,27 +446,18 @@ impl ModelPart {
         };
         // A last-only part keeps the embedding table solely as its tied head.
         let embed = if first { embed } else { None };
-        Ok(ModelPart { config, range, device: device.clone(), dtype, embed, pos_embed, blocks, head })
+        Ok(CandlePart { config, range, device: device.clone(), dtype, embed, pos_embed, blocks, head })
     }
 
-    /// The device the part runs on.
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
-
-    /// A fresh cache for a new sequence.
-    pub fn new_cache(&self) -> PartCache {
-        PartCache { layers: vec![LayerCache::default(); self.blocks.len()], position: 0 }
-    }
-
-    /// Runs the part on the next tokens (or hidden states) of the sequence `cache` belongs to.
-    pub fn forward(
+    /// Runs the part on the next tokens (or hidden states) of a sequence at `start`; returns
+    /// the output and how many positions it added.
+    fn forward(
         &self,
         input: StageInput<'_>,
-        cache: &mut PartCache,
+        layers: &mut [LayerCache],
+        start: usize,
         logits_for: LogitsFor,
-    ) -> Result<StageOutput, EngineError> {
-        let start = cache.position;
+    ) -> Result<(StageOutput, usize), EngineError> {
         let mut x = match input {
             StageInput::Tokens(ids) => {
                 let embed = self.embed.as_ref().ok_or_else(|| {
@@ -256,11 +499,10 @@ impl ModelPart {
             }
         };
         let t = x.dim(1)?;
-        for (block, layer_cache) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+        for (block, layer_cache) in self.blocks.iter().zip(layers.iter_mut()) {
             x = block.forward(&x, start, layer_cache)?;
         }
-        cache.position = start + t;
-        let Some((norm, output)) = &self.head else { return Ok(StageOutput::Hidden(x)) };
+        let Some((norm, output)) = &self.head else { return Ok((StageOutput::Hidden(x), t)) };
         let x = match logits_for {
             LogitsFor::Last => x.narrow(1, t - 1, 1)?,
             LogitsFor::All => x,
@@ -269,7 +511,7 @@ impl ModelPart {
         if let Some(cap) = self.config.final_softcap {
             logits = ((logits / cap)?.tanh()? * cap)?;
         }
-        Ok(StageOutput::Logits(logits.squeeze(0)?.to_dtype(DType::F32)?))
+        Ok((StageOutput::Logits(logits.squeeze(0)?.to_dtype(DType::F32)?), t))
     }
 }
 

@@ -402,6 +402,70 @@ impl WeightSource {
         }
     }
 
+    /// A matrix `[out, in]` for the CPU runtime: the GGUF blocks as stored for the formats it
+    /// has kernels for, dense f32 for F32/F16/BF16 (and safetensors), and for other formats
+    /// (Q2_K, Q3_K …) the values requantized to Q8_0. `transpose` is for GPT-2's `Conv1D`.
+    pub fn cpu_matrix(
+        &self,
+        role: Role,
+        layer: Option<usize>,
+        transpose: bool,
+        stats: &mut LoadStats,
+    ) -> Result<crate::cpu::kernels::QMatrix, EngineError> {
+        use crate::cpu::kernels::QMatrix;
+        use crate::cpu::quant::{Kind as CpuKind, quantize_q8_0};
+        let name = self.find(role, layer, Part::Weight).ok_or_else(|| self.missing(role, layer, Part::Weight))?;
+        stats.tensors += 1;
+        let bad = |e: String| EngineError::Config(format!("tensor `{name}`: {e}"));
+        let dense = |t: Tensor| -> Result<QMatrix, EngineError> {
+            let t = if transpose { t.t()?.contiguous()? } else { t };
+            let (rows, cols) = t.dims2()?;
+            let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            QMatrix::from_f32(rows, cols, values).map_err(bad)
+        };
+        let m = match self {
+            WeightSource::Gguf { file, .. } => {
+                let t = file
+                    .tensors
+                    .iter()
+                    .find(|t| t.name == name)
+                    .ok_or_else(|| EngineError::MissingTensor(name.clone()))?;
+                let [k, n] = t.dims.as_slice() else {
+                    return Err(bad(format!("a matrix needs 2 dimensions, it has {}", t.dims.len())));
+                };
+                let (rows, cols) = (*n as usize, *k as usize);
+                match CpuKind::from_ggml(t.ggml_type.name) {
+                    Some(kind) => {
+                        let (bytes, _) = self.gguf_bytes(&name)?;
+                        note_kernel_name(stats, kind.name());
+                        QMatrix::from_blocks(kind, rows, cols, bytes).map_err(bad)?
+                    }
+                    None => {
+                        let values = self.gguf_qtensor(&name, &Device::Cpu)?.dequantize(&Device::Cpu)?;
+                        if matches!(t.ggml_type.name, "F16" | "BF16") || !cols.is_multiple_of(32) {
+                            dense(values)?
+                        } else {
+                            note_repack_names(stats, t.ggml_type.name, "Q8_0");
+                            let v = values.flatten_all()?.to_vec1::<f32>()?;
+                            QMatrix::from_blocks(CpuKind::Q8_0, rows, cols, quantize_q8_0(&v)).map_err(bad)?
+                        }
+                    }
+                }
+            }
+            WeightSource::Safetensors { tensors, .. } => dense(tensors.load(&name, &Device::Cpu)?)?,
+        };
+        stats.bytes += m.size_in_bytes() as u64;
+        Ok(m)
+    }
+
+    /// A dense vector (a norm's weight, a bias) as f32 values, if the file has it.
+    pub fn cpu_vec(&self, role: Role, layer: Option<usize>, part: Part) -> Result<Option<Vec<f32>>, EngineError> {
+        match self.dense_opt(role, layer, part, &Device::Cpu, DType::F32)? {
+            Some(t) => Ok(Some(t.flatten_all()?.to_vec1::<f32>()?)),
+            None => Ok(None),
+        }
+    }
+
     /// The token embedding table, quantized when stored quantized.
     pub fn embedding(&self, role: Role, device: &Device, dtype: DType) -> Result<Embedding, EngineError> {
         let name = self.find(role, None, Part::Weight).ok_or_else(|| self.missing(role, None, Part::Weight))?;
@@ -425,7 +489,11 @@ impl WeightSource {
 }
 
 fn note_kernel(stats: &mut LoadStats, kind: Kind) {
-    let from = format!("{kind:?}");
+    note_kernel_name(stats, &format!("{kind:?}"));
+}
+
+fn note_kernel_name(stats: &mut LoadStats, from: &str) {
+    let from = from.to_string();
     match stats.kernels.iter_mut().find(|(k, _)| *k == from) {
         Some(entry) => entry.1 += 1,
         None => stats.kernels.push((from, 1)),
@@ -433,7 +501,11 @@ fn note_kernel(stats: &mut LoadStats, kind: Kind) {
 }
 
 fn note_repack(stats: &mut LoadStats, from: GgmlDType, to: GgmlDType) {
-    let (from, to) = (format!("{from:?}"), format!("{to:?}"));
+    note_repack_names(stats, &format!("{from:?}"), &format!("{to:?}"));
+}
+
+fn note_repack_names(stats: &mut LoadStats, from: &str, to: &str) {
+    let (from, to) = (from.to_string(), to.to_string());
     match stats.repacked.iter_mut().find(|(f, t, _)| *f == from && *t == to) {
         Some(entry) => entry.2 += 1,
         None => stats.repacked.push((from, to, 1)),

@@ -1,7 +1,9 @@
 //! The engine against transformers: tiny random-weight models of every family (made by
 //! `scripts/fixtures/make_engine_fixtures.py`) must give the reference logits within 1e-4 at
 //! every position — whole, split in two at every layer, over 4 stages (also with the hidden states
-//! sent through the wire format), and decoding token by token.
+//! sent through the wire format), and decoding token by token — on both runtimes: the CPU
+//! runtime, and Candle (what runs on a GPU; here on the CPU, its stand-in). On the CPU runtime
+//! a batch of sequences gives each the very bits it gets alone.
 
 #![allow(clippy::unwrap_used)]
 
@@ -10,7 +12,7 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor};
 use gantry_core::WireDtype;
 use gantry_engine::files::ModelFiles;
-use gantry_engine::model::{LogitsFor, ModelPart, StageInput, StageOutput};
+use gantry_engine::model::{Backend, BatchInput, BatchStep, LogitsFor, ModelPart, StageInput, StageOutput};
 use gantry_engine::wire::{decode, encode};
 
 const CASES: [&str; 15] = [
@@ -31,6 +33,11 @@ const CASES: [&str; 15] = [
     "qwen2",
 ];
 const TOLERANCE: f32 = 1e-4;
+
+/// Both runtimes, named for messages.
+fn backends() -> [(&'static str, Backend); 2] {
+    [("cpu runtime", Backend::Cpu), ("candle (gpu path, on the cpu)", Backend::Candle(Device::Cpu))]
+}
 
 fn fixture(case: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/engine").join(case)
@@ -80,46 +87,53 @@ fn run_parts(parts: &[ModelPart], ids: &[u32]) -> Tensor {
 
 #[test]
 fn every_family_matches_transformers_at_every_position() {
-    for case in CASES {
-        let files = ModelFiles::open(&fixture(case)).unwrap_or_else(|e| panic!("{case}: {e}"));
-        let model = files.load(&Device::Cpu).unwrap_or_else(|e| panic!("{case}: {e}"));
-        let r = reference(case);
-        for (ids, want) in r.inputs.iter().zip(&r.logits) {
-            let got = run_parts(std::slice::from_ref(&model), ids);
-            let d = max_diff(&got, want);
-            eprintln!("{case:>13}, {:2} tokens: max |Δlogit| = {d:.1e}", ids.len());
-            assert!(d < TOLERANCE, "{case}, {} tokens: max |Δlogit| = {d}", ids.len());
+    for (name, backend) in backends() {
+        for case in CASES {
+            let files = ModelFiles::open(&fixture(case)).unwrap_or_else(|e| panic!("{case}: {e}"));
+            let n = files.config.num_layers;
+            let model = files.load_part_on(0..n, &backend, &mut |_| {}).unwrap_or_else(|e| panic!("{case}: {e}"));
+            let r = reference(case);
+            for (ids, want) in r.inputs.iter().zip(&r.logits) {
+                let got = run_parts(std::slice::from_ref(&model), ids);
+                let d = max_diff(&got, want);
+                eprintln!("{name}: {case:>13}, {:2} tokens: max |Δlogit| = {d:.1e}", ids.len());
+                assert!(d < TOLERANCE, "{name}: {case}, {} tokens: max |Δlogit| = {d}", ids.len());
+            }
         }
     }
 }
 
 #[test]
 fn every_two_way_layer_split_matches() {
-    for case in CASES {
-        let files = ModelFiles::open(&fixture(case)).unwrap();
-        let n = files.config.num_layers;
-        let r = reference(case);
-        for cut in 1..n {
-            let parts = [
-                files.load_part(0..cut, &Device::Cpu, &mut |_| {}).unwrap(),
-                files.load_part(cut..n, &Device::Cpu, &mut |_| {}).unwrap(),
-            ];
-            let got = run_parts(&parts, &r.inputs[1]);
-            let d = max_diff(&got, &r.logits[1]);
-            assert!(d < TOLERANCE, "{case} split at layer {cut}: max |Δlogit| = {d}");
+    for (name, backend) in backends() {
+        for case in CASES {
+            let files = ModelFiles::open(&fixture(case)).unwrap();
+            let n = files.config.num_layers;
+            let r = reference(case);
+            for cut in 1..n {
+                let parts = [
+                    files.load_part_on(0..cut, &backend, &mut |_| {}).unwrap(),
+                    files.load_part_on(cut..n, &backend, &mut |_| {}).unwrap(),
+                ];
+                let got = run_parts(&parts, &r.inputs[1]);
+                let d = max_diff(&got, &r.logits[1]);
+                assert!(d < TOLERANCE, "{name}: {case} split at layer {cut}: max |Δlogit| = {d}");
+            }
         }
     }
 }
 
 #[test]
 fn four_stages_of_one_layer_each_match() {
-    for case in ["llama", "gemma3", "falcon-new"] {
-        let files = ModelFiles::open(&fixture(case)).unwrap();
-        let parts: Vec<ModelPart> =
-            (0..4).map(|i| files.load_part(i..i + 1, &Device::Cpu, &mut |_| {}).unwrap()).collect();
-        let r = reference(case);
-        let d = max_diff(&run_parts(&parts, &r.inputs[1]), &r.logits[1]);
-        assert!(d < TOLERANCE, "{case} over 4 stages: {d}");
+    for (name, backend) in backends() {
+        for case in ["llama", "gemma3", "falcon-new"] {
+            let files = ModelFiles::open(&fixture(case)).unwrap();
+            let parts: Vec<ModelPart> =
+                (0..4).map(|i| files.load_part_on(i..i + 1, &backend, &mut |_| {}).unwrap()).collect();
+            let r = reference(case);
+            let d = max_diff(&run_parts(&parts, &r.inputs[1]), &r.logits[1]);
+            assert!(d < TOLERANCE, "{name}: {case} over 4 stages: {d}");
+        }
     }
 }
 
@@ -157,20 +171,101 @@ fn four_stages_over_the_wire_match() {
 
 #[test]
 fn decoding_token_by_token_with_the_cache_matches() {
-    for case in CASES {
-        let files = ModelFiles::open(&fixture(case)).unwrap();
-        let model = files.load(&Device::Cpu).unwrap();
-        let r = reference(case);
-        let ids = &r.inputs[1];
-        let want = &r.logits[1];
-        let mut cache = model.new_cache();
-        // Prefill 5 tokens, then one at a time (past the sliding windows of 4).
-        let pre = logits(model.forward(StageInput::Tokens(&ids[..5]), &mut cache, LogitsFor::All).unwrap());
-        assert!(max_diff(&pre, &want.narrow(0, 0, 5).unwrap()) < TOLERANCE, "{case} prefill");
-        for (pos, id) in ids.iter().enumerate().skip(5) {
-            let step = logits(model.forward(StageInput::Tokens(&[*id]), &mut cache, LogitsFor::Last).unwrap());
-            let d = max_diff(&step, &want.narrow(0, pos, 1).unwrap());
-            assert!(d < TOLERANCE, "{case} decode at position {pos}: {d}");
+    for (name, backend) in backends() {
+        for case in CASES {
+            let files = ModelFiles::open(&fixture(case)).unwrap();
+            let model = files.load_part_on(0..files.config.num_layers, &backend, &mut |_| {}).unwrap();
+            let r = reference(case);
+            let ids = &r.inputs[1];
+            let want = &r.logits[1];
+            let mut cache = model.new_cache();
+            // Prefill 5 tokens, then one at a time (past the sliding windows of 4).
+            let pre = logits(model.forward(StageInput::Tokens(&ids[..5]), &mut cache, LogitsFor::All).unwrap());
+            assert!(max_diff(&pre, &want.narrow(0, 0, 5).unwrap()) < TOLERANCE, "{name}: {case} prefill");
+            for (pos, id) in ids.iter().enumerate().skip(5) {
+                let step = logits(model.forward(StageInput::Tokens(&[*id]), &mut cache, LogitsFor::Last).unwrap());
+                let d = max_diff(&step, &want.narrow(0, pos, 1).unwrap());
+                assert!(d < TOLERANCE, "{name}: {case} decode at position {pos}: {d}");
+            }
         }
     }
+}
+
+fn values(out: StageOutput) -> Vec<f32> {
+    logits(out).flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// A step of the batch test: `(sequence, tokens, logits wanted for)`.
+type Plan = [(usize, std::ops::Range<usize>, LogitsFor)];
+
+/// Runs `plan`'s steps one sequence at a time, then as batches of every step with the same
+/// batch number, and returns both results per step.
+fn alone_and_batched(model: &ModelPart, ids: &[Vec<u32>], plan: &[(usize, &Plan)]) -> Vec<(Vec<f32>, Vec<f32>)> {
+    let mut alone = Vec::new();
+    let mut caches: Vec<_> = ids.iter().map(|_| model.new_cache()).collect();
+    for (_, steps) in plan {
+        for (seq, range, lf) in steps.iter() {
+            alone.push(values(
+                model.forward(StageInput::Tokens(&ids[*seq][range.clone()]), &mut caches[*seq], *lf).unwrap(),
+            ));
+        }
+    }
+    let mut batched = Vec::new();
+    let mut caches: Vec<_> = ids.iter().map(|_| model.new_cache()).collect();
+    for (_, steps) in plan {
+        let mut refs: Vec<Option<&mut gantry_engine::model::PartCache>> = caches.iter_mut().map(Some).collect();
+        let mut batch: Vec<BatchStep<'_>> = steps
+            .iter()
+            .map(|(seq, range, lf)| BatchStep {
+                cache: refs[*seq].take().unwrap(),
+                input: BatchInput::Tokens(&ids[*seq][range.clone()]),
+                logits_for: *lf,
+            })
+            .collect();
+        batched.extend(model.forward_batch(&mut batch).unwrap().into_iter().map(values));
+    }
+    alone.into_iter().zip(batched).collect()
+}
+
+#[test]
+fn a_batch_gives_every_sequence_the_bits_it_gets_alone() {
+    // Three sequences in steps that mix prefill and decode, at different positions, past the
+    // sliding windows and across KV blocks of 16 positions.
+    for case in CASES {
+        let files = ModelFiles::open(&fixture(case)).unwrap();
+        let model = files.load_part_on(0..files.config.num_layers, &Backend::Cpu, &mut |_| {}).unwrap();
+        let r = reference(case);
+        let vocab = files.config.vocab_size as u32;
+        let long: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % vocab).collect();
+        let ids = vec![r.inputs[1].clone(), r.inputs[0].clone(), long];
+        let plan: &[(usize, &Plan)] = &[
+            (0, &[(0, 0..5, LogitsFor::All), (1, 0..3, LogitsFor::Last), (2, 0..17, LogitsFor::Last)]),
+            (1, &[(0, 5..6, LogitsFor::Last), (1, 3..7, LogitsFor::All), (2, 17..18, LogitsFor::Last)]),
+            (2, &[(2, 18..35, LogitsFor::All), (0, 6..7, LogitsFor::Last)]),
+            (3, &[(0, 7..13, LogitsFor::Last), (2, 35..36, LogitsFor::Last)]),
+        ];
+        for (i, (alone, batched)) in alone_and_batched(&model, &ids, plan).into_iter().enumerate() {
+            assert_eq!(alone.len(), batched.len(), "{case} step {i}");
+            let same = alone.iter().zip(&batched).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{case} step {i}: the batch changed the logits");
+        }
+        // The KV blocks went back to the pool with the caches.
+        assert_eq!(model.kv_pool().unwrap().used_blocks(), 0, "{case}");
+    }
+}
+
+#[test]
+fn a_batch_with_one_bad_step_fails_whole_and_moves_no_sequence() {
+    let files = ModelFiles::open(&fixture("llama")).unwrap();
+    let model = files.load_part_on(0..files.config.num_layers, &Backend::Cpu, &mut |_| {}).unwrap();
+    let (mut a, mut b) = (model.new_cache(), model.new_cache());
+    let bad = files.config.vocab_size as u32;
+    let err = model
+        .forward_batch(&mut [
+            BatchStep { cache: &mut a, input: BatchInput::Tokens(&[1, 2, 3]), logits_for: LogitsFor::Last },
+            BatchStep { cache: &mut b, input: BatchInput::Tokens(&[4, bad]), logits_for: LogitsFor::Last },
+        ])
+        .unwrap_err();
+    assert_eq!(err.to_string(), format!("token id {bad} is outside the vocabulary of {bad}"));
+    assert_eq!((a.position, b.position), (0, 0));
 }

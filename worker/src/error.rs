@@ -87,6 +87,7 @@ fn engine_status(e: EngineError) -> Status {
             Status::failed_precondition(msg)
         }
         EngineError::Unsupported(_) => Status::unimplemented(msg),
+        EngineError::KvCacheFull { .. } => Status::resource_exhausted(msg),
         // A later stage's status, as the downstream link made it (`downstream::stage_error`).
         EngineError::Stage(inner) => match inner.downcast::<Status>() {
             Ok(status) => *status,

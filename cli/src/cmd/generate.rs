@@ -67,7 +67,7 @@ pub struct Args {
     /// Keep generating past end-of-sequence tokens
     #[arg(long)]
     ignore_eos: bool,
-    /// CPU threads [default: all cores]
+    /// CPU threads [default: the CPUs this process may use (affinity mask, cgroup CPU quota)]
     #[arg(long, env = "GANTRY_THREADS")]
     threads: Option<usize>,
     /// Where to run: cpu, or cuda:N in a build with the `cuda` feature

@@ -182,7 +182,7 @@ pub struct UpArgs {
     /// Requests that may wait for a slot
     #[arg(long, default_value_t = 64)]
     queue: usize,
-    /// CPU threads [default: all cores]
+    /// CPU threads [default: the CPUs this process may use (affinity mask, cgroup CPU quota)]
     #[arg(long, env = "GANTRY_THREADS")]
     pub threads: Option<usize>,
     #[command(flatten)]

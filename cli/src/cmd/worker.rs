@@ -72,7 +72,7 @@ pub struct WorkerArgs {
     /// Requests that may wait for a slot; beyond this they are refused (RESOURCE_EXHAUSTED)
     #[arg(long, default_value_t = 64)]
     pub queue: usize,
-    /// CPU threads [default: all cores]
+    /// CPU threads [default: the CPUs this process may use (affinity mask, cgroup CPU quota)]
     #[arg(long, env = "GANTRY_THREADS")]
     pub threads: Option<usize>,
     /// The Hugging Face cache folder [default: HF_HUB_CACHE, else ~/.cache/huggingface/hub]
