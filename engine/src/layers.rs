@@ -4,25 +4,9 @@ use candle_core::quantized::QMatMul;
 use candle_core::{D, DType, Device, Module, Result, Tensor};
 
 use crate::config::{Activation, NormKind, RopeConfig, RopeScaling};
-use crate::kernels::QuantMatrix;
 
-/// A weight matrix: Candle's quantized or dense matmul, or one of Gantry's kernels for the
-/// GGML types Candle has no fast CPU kernel for.
-#[derive(Debug, Clone)]
-pub enum Matrix {
-    Candle(QMatMul),
-    Kernel(std::sync::Arc<QuantMatrix>),
-}
-
-impl Matrix {
-    /// `x · Wᵀ`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Matrix::Candle(q) => q.forward(x),
-            Matrix::Kernel(m) => x.contiguous()?.apply_op1_no_bwd(m.as_ref()),
-        }
-    }
-}
+/// A weight matrix: Candle's quantized or dense matmul (`x · Wᵀ`).
+pub type Matrix = QMatMul;
 
 /// `x · Wᵀ + b` with a quantized or dense `W`.
 #[derive(Debug, Clone)]

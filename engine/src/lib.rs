@@ -12,7 +12,6 @@ pub mod cpu;
 pub mod detok;
 pub mod files;
 pub mod generate;
-pub mod kernels;
 pub mod layers;
 pub mod model;
 pub mod pipeline;

@@ -20,7 +20,6 @@ use gantry_core::gguf::GgufFile;
 use tracing::info;
 
 use crate::EngineError;
-use crate::kernels::{Kind, QuantMatrix};
 use crate::layers::Matrix;
 
 /// What a tensor is for.
@@ -314,19 +313,6 @@ impl WeightSource {
         Ok(Some(QTensor::new(QStorage::Cpu(storage), shape)?))
     }
 
-    /// A GGUF matrix in a format of Gantry's CPU kernels (`None` for other types or devices).
-    fn gguf_kernel_matrix(&self, name: &str, device: &Device) -> Result<Option<QuantMatrix>, EngineError> {
-        let WeightSource::Gguf { file, .. } = self else { return Ok(None) };
-        let t = file.tensors.iter().find(|t| t.name == name).ok_or_else(|| EngineError::MissingTensor(name.into()))?;
-        let (Some(kind), true, [k, n]) = (Kind::from_ggml(t.ggml_type.name), device.is_cpu(), t.dims.as_slice()) else {
-            return Ok(None);
-        };
-        let (bytes, _) = self.gguf_bytes(name)?;
-        QuantMatrix::from_gguf_bytes(kind, bytes, *n as usize, *k as usize)
-            .map(Some)
-            .map_err(|e| EngineError::Config(format!("tensor `{name}`: {e}")))
-    }
-
     /// A dense tensor in `dtype` (norm weights, biases, dense matrices).
     pub fn dense(
         &self,
@@ -373,31 +359,25 @@ impl WeightSource {
         stats.tensors += 1;
         match self {
             WeightSource::Gguf { .. } => {
-                // Gantry's own kernels for the types small models ship in.
-                if let Some(m) = self.gguf_kernel_matrix(&name, device)? {
-                    stats.bytes += m.size_in_bytes() as u64;
-                    note_kernel(stats, m.kind());
-                    return Ok(Matrix::Kernel(std::sync::Arc::new(m)));
-                }
                 let q = self.gguf_qtensor(&name, device)?;
                 stats.bytes += q.storage_size_in_bytes() as u64;
                 let from = q.dtype();
                 if matches!(from, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
-                    return Ok(Matrix::Candle(QMatMul::Tensor(q.dequantize(device)?.to_dtype(dtype)?)));
+                    return Ok(QMatMul::Tensor(q.dequantize(device)?.to_dtype(dtype)?));
                 }
                 // On GPUs Candle's CUDA kernels take every type as stored.
                 if device.is_cpu() && needs_repack(from) && q.shape().dims().last().is_some_and(|k| k % 32 == 0) {
                     let repacked = QTensor::quantize(&q.dequantize(device)?, GgmlDType::Q8_0)?;
                     note_repack(stats, from, GgmlDType::Q8_0);
-                    return Ok(Matrix::Candle(QMatMul::from_qtensor(repacked)?));
+                    return Ok(QMatMul::from_qtensor(repacked)?);
                 }
-                Ok(Matrix::Candle(QMatMul::from_qtensor(q)?))
+                Ok(QMatMul::from_qtensor(q)?)
             }
             WeightSource::Safetensors { tensors, .. } => {
                 let t = tensors.load(&name, device)?;
                 stats.bytes += (t.elem_count() * t.dtype().size_in_bytes()) as u64;
                 let t = if transpose { t.t()?.contiguous()? } else { t };
-                Ok(Matrix::Candle(QMatMul::Tensor(t.to_dtype(dtype)?)))
+                Ok(QMatMul::Tensor(t.to_dtype(dtype)?))
             }
         }
     }
@@ -471,9 +451,6 @@ impl WeightSource {
         let name = self.find(role, None, Part::Weight).ok_or_else(|| self.missing(role, None, Part::Weight))?;
         match self {
             WeightSource::Gguf { .. } => {
-                if let Some(m) = self.gguf_kernel_matrix(&name, device)? {
-                    return Ok(Embedding::Kernel(std::sync::Arc::new(m)));
-                }
                 let q = self.gguf_qtensor(&name, device)?;
                 if matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
                     Ok(Embedding::Dense(q.dequantize(device)?.to_dtype(dtype)?))
@@ -486,10 +463,6 @@ impl WeightSource {
             }
         }
     }
-}
-
-fn note_kernel(stats: &mut LoadStats, kind: Kind) {
-    note_kernel_name(stats, &format!("{kind:?}"));
 }
 
 fn note_kernel_name(stats: &mut LoadStats, from: &str) {
@@ -517,8 +490,6 @@ fn note_repack_names(stats: &mut LoadStats, from: &str, to: &str) {
 pub enum Embedding {
     Dense(Tensor),
     Quantized(std::sync::Arc<QTensor>),
-    /// In one of Gantry's kernel formats (also usable as the tied output head).
-    Kernel(std::sync::Arc<QuantMatrix>),
 }
 
 impl Embedding {
@@ -531,22 +502,14 @@ impl Embedding {
                 w.index_select(&ids.flatten_all()?, 0)?.reshape(dims)
             }
             Embedding::Quantized(q) => q.embedding(ids)?.to_dtype(dtype),
-            Embedding::Kernel(m) => {
-                let flat: Vec<u32> = ids.flatten_all()?.to_vec1()?;
-                let rows = m.rows_f32(&flat).map_err(candle_core::Error::msg)?;
-                let mut dims = ids.dims().to_vec();
-                dims.push(m.cols());
-                Tensor::from_vec(rows, dims, ids.device())?.to_dtype(dtype)
-            }
         }
     }
 
     /// The table as an output head (`x · Eᵀ`) when the head is tied to it.
     pub fn as_head(&self) -> candle_core::Result<Matrix> {
         match self {
-            Embedding::Dense(w) => Ok(Matrix::Candle(QMatMul::Tensor(w.clone()))),
-            Embedding::Quantized(q) => Ok(Matrix::Candle(QMatMul::from_arc(q.clone())?)),
-            Embedding::Kernel(m) => Ok(Matrix::Kernel(m.clone())),
+            Embedding::Dense(w) => Ok(QMatMul::Tensor(w.clone())),
+            Embedding::Quantized(q) => Ok(QMatMul::from_arc(q.clone())?),
         }
     }
 }
