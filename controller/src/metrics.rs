@@ -163,6 +163,42 @@ pub fn render(cluster: &Cluster) -> String {
     for w in &workers {
         let _ = writeln!(out, "gantry_worker_queue_depth{{worker=\"{}\"}} {}", label(&w.worker_id), w.queue_depth);
     }
+    header(
+        &mut out,
+        "gantry_kv_cache_blocks",
+        "gauge",
+        "A served model's KV cache blocks: total, used by running sequences, cached (held only by the prefix cache).",
+    );
+    for w in &workers {
+        for kv in &w.kv_cache {
+            for (state, v) in [("total", kv.blocks_total), ("used", kv.blocks_used), ("cached", kv.blocks_cached)] {
+                let _ = writeln!(
+                    out,
+                    "gantry_kv_cache_blocks{{worker=\"{}\",model=\"{}\",state=\"{state}\"}} {v}",
+                    label(&w.worker_id),
+                    label(&kv.model_id)
+                );
+            }
+        }
+    }
+    for (name, help, pick) in [
+        ("gantry_prefix_cache_lookup_blocks_total", "Full prompt blocks new requests looked up in a worker's prefix cache.", 0),
+        ("gantry_prefix_cache_hit_blocks_total", "Full prompt blocks found in a worker's prefix cache (not computed again).", 1),
+        ("gantry_kv_preemptions_total", "Sequences preempted (computed again later) for want of KV blocks.", 2),
+    ] {
+        header(&mut out, name, "counter", help);
+        for w in &workers {
+            for kv in &w.kv_cache {
+                let v = [kv.prefix_blocks_looked_up, kv.prefix_blocks_hit, kv.preemptions][pick];
+                let _ = writeln!(
+                    out,
+                    "{name}{{worker=\"{}\",model=\"{}\"}} {v}",
+                    label(&w.worker_id),
+                    label(&kv.model_id)
+                );
+            }
+        }
+    }
     for (name, help, pick) in [
         ("gantry_gpu_memory_total_bytes", "A GPU's memory.", 0),
         ("gantry_gpu_memory_used_bytes", "A GPU's memory in use, as its worker reports it.", 1),

@@ -14,6 +14,7 @@ pub mod gguf;
 pub mod hardware;
 pub mod hf;
 pub mod placement;
+pub mod prefix;
 pub mod quant;
 pub mod safetensors;
 pub mod sampling;

@@ -12,7 +12,7 @@ use crate::model::{LogitsFor, ModelPart, PartCache, StageInput, StageOutput};
 use crate::sampling::{Choice, Sampler, SamplingParams};
 use crate::tokenizer::Tokenizer;
 
-/// Prompt tokens processed per forward pass; bounds activation and mask memory.
+/// Prompt tokens a [`Session`] processes per forward pass; bounds activation and mask memory.
 pub const PREFILL_CHUNK: usize = 512;
 
 /// Something that turns the next tokens of a sequence into the logits of the last one: a
@@ -95,10 +95,14 @@ impl<'a> Session<'a> {
 
 impl LogitsSource for Session<'_> {
     fn next_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
-        match self.model.forward(StageInput::Tokens(tokens), &mut self.cache, LogitsFor::Last)? {
-            StageOutput::Logits(l) => Ok(l.flatten_all()?.to_vec1()?),
-            StageOutput::Hidden(_) => Err(EngineError::Config("this part does not end the model".into())),
+        let mut last = Err(EngineError::Config("no tokens to process".into()));
+        for chunk in tokens.chunks(PREFILL_CHUNK) {
+            last = match self.model.forward(StageInput::Tokens(chunk), &mut self.cache, LogitsFor::Last)? {
+                StageOutput::Logits(l) => Ok(l),
+                StageOutput::Hidden(_) => Err(EngineError::Config("this part does not end the model".into())),
+            };
         }
+        Ok(last?.flatten_all()?.to_vec1()?)
     }
 
     fn context_length(&self) -> usize {
@@ -284,15 +288,11 @@ pub fn generate_from(
     let started = Instant::now();
     let mut next = None;
     if replayed_end.is_none() {
-        // The prompt in the chunks a first run used, then the resumed tokens one at a time as
-        // the first run decoded them: the same computations give the same numbers, so the
-        // continuation is the first run's to the bit. (Prefilling the resumed tokens in one
-        // pass computes them in another order; SmolLM2's greedy text then drifted a few
-        // tokens after the cut.)
-        let chunks: Vec<&[u32]> = prompt.chunks(PREFILL_CHUNK).chain(resumed.chunks(1)).collect();
-        for (i, chunk) in chunks.iter().enumerate() {
-            next = source.feed(chunk, i + 1 == chunks.len())?;
-        }
+        // The prompt and the resumed tokens in one feed (a batched prefill, chunked where the
+        // source chunks): the CPU runtime computes each position the same way however the
+        // tokens are grouped, so the continuation is the first run's to the bit.
+        let all: Vec<u32> = prompt.iter().chain(resumed).copied().collect();
+        next = source.feed(&all, true)?;
     }
     let mut timings = Timings { prefill: started.elapsed(), ..Timings::default() };
 

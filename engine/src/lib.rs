@@ -5,6 +5,7 @@
 //! No network: a worker serves it over gRPC, `gantry generate` runs it here.
 
 pub mod attention;
+pub mod batch;
 pub mod chat;
 pub mod chat_child;
 pub mod config;
@@ -80,6 +81,12 @@ pub enum EngineError {
         "the KV cache is full: the sequence needs {needed} more blocks of {block_tokens} positions and {free} are free"
     )]
     KvCacheFull { needed: usize, free: usize, block_tokens: usize },
+
+    /// A sequence longer than the whole KV cache: it cannot run however long it waits.
+    #[error(
+        "the sequence needs {needed} blocks of {block_tokens} positions ({positions} positions), more than the whole KV cache holds ({capacity} blocks); give the model more KV memory (the worker's --parallel) or send a shorter prompt"
+    )]
+    KvCacheTooSmall { needed: usize, capacity: usize, block_tokens: usize, positions: usize },
 
     #[error("invalid sampling: {0}")]
     InvalidSampling(String),

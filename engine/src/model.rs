@@ -94,26 +94,37 @@ pub struct CpuSeq {
     blocks: Vec<u32>,
     /// The newest pool job that read the blocks (they are reused only after it).
     last_job: u64,
+    /// The token ids of the positions so far, while they are known (the prefix cache keys full
+    /// blocks by them; a sequence fed hidden states keys none).
+    tokens: Vec<u32>,
+    keyed: bool,
+    /// The prefix-cache keys of the full blocks so far.
+    keys: Vec<u64>,
 }
 
 impl CpuSeq {
-    /// Makes the blocks cover `positions` positions, taking free blocks from the pool.
+    /// Makes the blocks cover `positions` positions, taking free blocks from the pool (waiting
+    /// a moment for blocks a straggler thread of an earlier pass may still be reading).
     fn reserve(&mut self, positions: usize) -> Result<(), EngineError> {
         let want = positions.div_ceil(BLOCK_TOKENS);
         let needed = want.saturating_sub(self.blocks.len());
-        let oldest = pool::global().oldest_active();
         let mut got = Vec::with_capacity(needed);
-        for _ in 0..needed {
-            match self.kv.alloc(oldest) {
-                Some(b) => got.push(b),
-                None => {
-                    let free = self.kv.max_blocks().saturating_sub(self.kv.used_blocks());
-                    for b in got {
-                        self.kv.free(b, 0);
-                    }
-                    return Err(EngineError::KvCacheFull { needed, free, block_tokens: BLOCK_TOKENS });
-                }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        while got.len() < needed {
+            let oldest = pool::global().oldest_active();
+            if let Some(b) = self.kv.alloc(oldest) {
+                got.push(b);
+                continue;
             }
+            if self.kv.held_for_readers(oldest) && std::time::Instant::now() < deadline {
+                std::thread::yield_now();
+                continue;
+            }
+            let free = self.kv.available();
+            for b in got {
+                self.kv.free(b, 0);
+            }
+            return Err(EngineError::KvCacheFull { needed, free, block_tokens: BLOCK_TOKENS });
         }
         self.blocks.extend(got);
         Ok(())
@@ -122,6 +133,26 @@ impl CpuSeq {
     fn release(&mut self) {
         for b in self.blocks.drain(..) {
             self.kv.free(b, self.last_job);
+        }
+        self.tokens.clear();
+        self.keys.clear();
+        self.keyed = true;
+    }
+
+    /// Records a step's tokens and keys the blocks they filled.
+    fn advanced(&mut self, input: &BatchInput<'_>) {
+        match input {
+            BatchInput::Tokens(ids) if self.keyed => self.tokens.extend_from_slice(ids),
+            _ => {
+                self.keyed = false;
+                return;
+            }
+        }
+        while self.keys.len() < self.tokens.len() / BLOCK_TOKENS {
+            let i = self.keys.len();
+            let parent = self.keys.last().copied().unwrap_or_else(|| self.kv.seed());
+            let key = self.kv.register(self.blocks[i], parent, &self.tokens[i * BLOCK_TOKENS..(i + 1) * BLOCK_TOKENS]);
+            self.keys.push(key);
         }
     }
 }
@@ -148,6 +179,41 @@ impl PartCache {
             CacheKind::Cpu(seq) => seq.release(),
         }
         self.position = 0;
+    }
+
+    /// Starts a new sequence whose first tokens are `tokens` from the prefix cache: takes the
+    /// cached blocks of its longest cached run of leading full blocks, leaving at least one token
+    /// to compute, and returns how many tokens they hold (0 on Candle, or when the cache holds
+    /// none, or when the sequence has begun).
+    pub fn reuse_prefix(&mut self, tokens: &[u32]) -> usize {
+        let CacheKind::Cpu(seq) = &mut self.kind else { return 0 };
+        if self.position != 0 || !seq.blocks.is_empty() || tokens.len() <= BLOCK_TOKENS {
+            return 0;
+        }
+        let full = (tokens.len() - 1) / BLOCK_TOKENS * BLOCK_TOKENS;
+        let (blocks, keys) = seq.kv.lookup(&tokens[..full]);
+        let n = blocks.len() * BLOCK_TOKENS;
+        seq.blocks = blocks;
+        seq.keys = keys;
+        seq.tokens = tokens[..n].to_vec();
+        self.position = n;
+        n
+    }
+
+    /// Blocks the pool must hand this sequence for `rows` more positions (0 on Candle).
+    pub fn blocks_needed(&self, rows: usize) -> usize {
+        match &self.kind {
+            CacheKind::Candle(_) => 0,
+            CacheKind::Cpu(seq) => (self.position + rows).div_ceil(BLOCK_TOKENS).saturating_sub(seq.blocks.len()),
+        }
+    }
+
+    /// Blocks the sequence holds (0 on Candle).
+    pub fn blocks_held(&self) -> usize {
+        match &self.kind {
+            CacheKind::Candle(_) => 0,
+            CacheKind::Cpu(seq) => seq.blocks.len(),
+        }
     }
 }
 
@@ -298,7 +364,14 @@ impl ModelPart {
     pub fn new_cache(&self) -> PartCache {
         let kind = match &self.runtime {
             Runtime::Candle(c) => CacheKind::Candle(vec![LayerCache::default(); c.blocks.len()]),
-            Runtime::Cpu(m) => CacheKind::Cpu(CpuSeq { kv: m.kv.clone(), blocks: Vec::new(), last_job: 0 }),
+            Runtime::Cpu(m) => CacheKind::Cpu(CpuSeq {
+                kv: m.kv.clone(),
+                blocks: Vec::new(),
+                last_job: 0,
+                tokens: Vec::new(),
+                keyed: true,
+                keys: Vec::new(),
+            }),
         };
         PartCache { kind, position: 0 }
     }
@@ -379,6 +452,7 @@ impl ModelPart {
         for ((step, values), n) in steps.iter_mut().zip(out.per_seq).zip(rows) {
             if let CacheKind::Cpu(seq) = &mut step.cache.kind {
                 seq.last_job = out.job;
+                seq.advanced(&step.input);
             }
             step.cache.position += n;
             outs.push(if model.head.is_some() {

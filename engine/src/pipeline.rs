@@ -1,8 +1,9 @@
 //! Running a model split into pipeline stages, within one process: a stage is one or more
 //! [`Segment`]s (layer ranges, each on its own device, run one after the other) and, unless its
 //! layers end the model, a [`NextStage`] to hand the hidden states to. For each sequence a
-//! [`Chain`] keeps the KV caches of the stage's layers: a step runs them, then either hands on to
-//! the next stage (which answers with the token its last stage sampled) or samples here. How the
+//! [`Chain`] keeps the KV caches of the stage's layers: a step runs them (in the segment's
+//! batcher, together with the other sequences' steps), then either hands on to the next stage
+//! (which answers with the token its last stage sampled) or samples here. How the
 //! next stage is reached (gRPC, in the worker) is not the engine's business.
 
 use std::sync::{Arc, Mutex};
@@ -12,15 +13,14 @@ use gantry_core::SamplingParams;
 
 use crate::EngineError;
 use crate::generate::TokenSource;
+use crate::batch::{Batcher, Job, JobInput, Member, StepResult};
 use crate::model::{LogitsFor, ModelPart, PartCache, StageInput, StageOutput};
 use crate::sampling::{Choice, Sampler};
 
-/// A fair (first come, first served) lock on a compute device. Generations on one device
-/// take turns at each forward pass: without it, concurrent sequences on the CPU run their
-/// matrix kernels at once and fight over the cores (measured: 4 streams of SmolLM2 on 2
-/// cores gave 20% fewer tokens/s in all than running them one after the other); with it they
-/// interleave token by token. A plain mutex would let the thread that just released it take
-/// it straight back and starve the others.
+/// A fair (first come, first served) lock on a compute device. The models on one device take
+/// turns at their forward passes (each a batch of all their running sequences, see
+/// [`crate::batch`]): run at once, their kernels would fight over the cores. A plain mutex
+/// would let the caller that just released it take it straight back and starve the others.
 #[derive(Debug, Default)]
 pub struct TurnLock {
     /// (next ticket to hand out, ticket being served).
@@ -56,13 +56,17 @@ impl TurnLock {
 #[derive(Debug)]
 pub struct Segment {
     pub part: ModelPart,
-    /// The turn lock of its device.
+    /// The turn lock of its device (models on one device take turns at their steps).
     pub turn: Arc<TurnLock>,
+    /// The sequences on these layers, stepped together.
+    pub batcher: Batcher,
 }
 
 impl Segment {
-    fn forward(&self, input: StageInput<'_>, cache: &mut PartCache) -> Result<StageOutput, EngineError> {
-        self.turn.run(|| self.part.forward(input, cache, LogitsFor::Last))
+    /// `part` on the device whose turn lock is `turn`, batching steps of up to `step_tokens`
+    /// prompt tokens.
+    pub fn new(part: ModelPart, turn: Arc<TurnLock>, step_tokens: usize) -> Segment {
+        Segment { part, turn, batcher: Batcher::new(step_tokens) }
     }
 }
 
@@ -77,10 +81,14 @@ pub trait NextStage: std::fmt::Debug {
 #[derive(Debug)]
 pub struct Chain<'a> {
     segments: &'a [Segment],
-    caches: Vec<PartCache>,
+    /// (Dropped before `members`: a batcher that sees a sequence leave finds its blocks back.)
+    caches: Vec<Option<PartCache>>,
+    members: Vec<Member<'a>>,
     next: Option<Box<dyn NextStage + Send>>,
     sampler: Option<(Sampler, Vec<u32>)>,
     context: usize,
+    /// The token ids fed so far (a first stage's): what a preempted sequence computes again.
+    fed: Vec<u32>,
 }
 
 impl<'a> Chain<'a> {
@@ -101,15 +109,66 @@ impl<'a> Chain<'a> {
             }
         };
         let context = segments.first().map_or(0, |s| s.part.config.context_length);
-        let caches = segments.iter().map(|s| s.part.new_cache()).collect();
-        Ok(Chain { segments, caches, next, sampler, context })
+        let caches = segments.iter().map(|s| Some(s.part.new_cache())).collect();
+        let members = segments.iter().map(|s| s.batcher.join()).collect();
+        Ok(Chain { segments, members, caches, next, sampler, context, fed: Vec::new() })
+    }
+
+    /// Runs `input` through segment `i` in its batcher's next steps. A preempted sequence
+    /// (only a whole model's, fed token ids, can be) is computed again from its tokens, its
+    /// full blocks from the prefix cache where they are still there.
+    fn run_segment(&mut self, i: usize, input: StageInput<'_>) -> Result<StageOutput, EngineError> {
+        let segment = &self.segments[i];
+        let whole = self.segments.len() == 1;
+        let tokens = match &input {
+            StageInput::Tokens(t) => Some(*t),
+            StageInput::Hidden(_) => None,
+        };
+        let mut job_input = match input {
+            StageInput::Tokens(t) => JobInput::Tokens(t.to_vec()),
+            StageInput::Hidden(h) => JobInput::Hidden(h.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?),
+        };
+        // Only a last stage's logits of the last row are needed: its cached prefix need not run.
+        let reuse = whole && self.next.is_none();
+        loop {
+            let cache =
+                self.caches[i].take().ok_or_else(|| EngineError::Config("a step of this sequence failed".into()))?;
+            let job = Job {
+                cache,
+                input: job_input.clone(),
+                logits_for: LogitsFor::Last,
+                preemptible: whole && tokens.is_some(),
+                reuse_prefix: reuse,
+            };
+            match self.members[i].step(&segment.part, &segment.turn, job) {
+                StepResult::Done(cache, out) => {
+                    self.caches[i] = Some(cache);
+                    let out = out?;
+                    let Some(t) = tokens else { return Ok(out) };
+                    self.fed.extend_from_slice(t);
+                    // A recomputed sequence's hidden states: the rows of this step's tokens.
+                    return match out {
+                        StageOutput::Hidden(h) if h.dim(1)? > t.len() => {
+                            let n = h.dim(1)?;
+                            Ok(StageOutput::Hidden(h.narrow(1, n - t.len(), t.len())?))
+                        }
+                        out => Ok(out),
+                    };
+                }
+                StepResult::Preempted(cache) => {
+                    self.caches[i] = Some(cache);
+                    let t = tokens.ok_or_else(|| EngineError::Config("a sequence fed hidden states was preempted".into()))?;
+                    job_input = JobInput::Tokens(self.fed.iter().chain(t).copied().collect());
+                }
+            }
+        }
     }
 
     /// Runs one step: this worker's layers, then the next stage or the sampler.
     pub fn step(&mut self, input: StageInput<'_>, tokens: &[u32], pick: bool) -> Result<Option<Choice>, EngineError> {
         let mut input = Some(input);
         let mut output = None;
-        for (segment, cache) in self.segments.iter().zip(self.caches.iter_mut()) {
+        for i in 0..self.segments.len() {
             let this = match output.take() {
                 Some(StageOutput::Hidden(h)) => StageInput::Hidden(h),
                 // Logits end the model: no segment can follow (checked at load).
@@ -119,7 +178,7 @@ impl<'a> Chain<'a> {
                 }
                 None => input.take().ok_or_else(|| EngineError::Config("no input for this stage".into()))?,
             };
-            output = Some(segment.forward(this, cache)?);
+            output = Some(self.run_segment(i, this)?);
         }
         let hidden = match output {
             Some(StageOutput::Hidden(h)) => h,

@@ -5,20 +5,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
+mod support;
+
 use std::process::{Child, Command};
 
 use gantry_engine::cpu::pool;
 use gantry_engine::files::ModelFiles;
 use gantry_engine::model::{Backend, LogitsFor, ModelPart, StageInput, StageOutput};
-
-fn model_path(file: &str) -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let dir = std::env::var_os("GANTRY_MODELS_DIR").map_or_else(|| root.join("models"), PathBuf::from);
-    let p = dir.join(file);
-    assert!(p.is_file(), "{} is missing: run scripts/fetch-models.sh", p.display());
-    p
-}
 
 /// Processes spinning on the CPU until dropped.
 struct Busy(Vec<Child>);
@@ -68,7 +61,7 @@ fn busy_cores_change_no_bit_of_the_logits() {
     pool::set_global_threads(pool::default_threads().max(2));
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     for file in ["SmolLM2-135M-Instruct.Q4_1.gguf", "gemma-3-270m-q4_k_m.gguf"] {
-        let files = ModelFiles::open(&model_path(file)).unwrap();
+        let files = ModelFiles::open(&support::model_path(file)).unwrap();
         let model = files.load_part_on(0..files.config.num_layers, &Backend::Cpu, &mut |_| {}).unwrap();
         let tok = files.tokenizer().unwrap();
         let prompt = tok.encode(&"The quick brown fox jumps over the lazy dog. ".repeat(4), true, false).unwrap();

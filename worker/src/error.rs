@@ -88,6 +88,7 @@ fn engine_status(e: EngineError) -> Status {
         }
         EngineError::Unsupported(_) => Status::unimplemented(msg),
         EngineError::KvCacheFull { .. } => Status::resource_exhausted(msg),
+        EngineError::KvCacheTooSmall { .. } => Status::out_of_range(msg),
         // A later stage's status, as the downstream link made it (`downstream::stage_error`).
         EngineError::Stage(inner) => match inner.downcast::<Status>() {
             Ok(status) => *status,

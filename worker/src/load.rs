@@ -216,7 +216,12 @@ impl WorkerState {
                 }
             })?;
             done_before += range.len();
-            segments.push(Segment { part, turn: self.turn(&binding.engine_device)? });
+            if let Some(kv) = part.kv_pool() {
+                // The memory reserved for `parallel` sequences at the full context.
+                kv.set_max_blocks(self.options.parallel * context.div_ceil(gantry_engine::cpu::kv::BLOCK_TOKENS));
+                kv.set_model(model_id);
+            }
+            segments.push(Segment::new(part, self.turn(&binding.engine_device)?, self.options.step_tokens));
         }
         let extra_eos = files.spec.eos_token_ids.iter().filter_map(|&i| u32::try_from(i).ok()).collect();
         let (first, last) = (ranges.first().cloned().unwrap_or_default(), ranges.last().cloned().unwrap_or_default());
@@ -253,7 +258,7 @@ impl WorkerState {
             tokenizer,
             template,
             extra_eos,
-            slots: Arc::new(Semaphore::new(self.options.parallel)),
+            slots: Arc::new(Semaphore::new(self.options.max_running.max(1))),
             running: AtomicU32::new(0),
             queued: AtomicU32::new(0),
             tokens: AtomicU64::new(0),

@@ -38,7 +38,8 @@ pub struct Served {
     pub tokenizer: Tokenizer,
     pub template: Result<ChatTemplate, String>,
     pub extra_eos: Vec<u32>,
-    /// One permit per generation running at once (`WorkerOptions::parallel`).
+    /// One permit per generation running at once (`WorkerOptions::max_running`); within
+    /// them, sequences start as their KV blocks fit.
     pub slots: std::sync::Arc<Semaphore>,
     pub running: AtomicU32,
     pub queued: AtomicU32,
@@ -50,13 +51,31 @@ impl Served {
     /// What `Status` reports of it.
     pub fn loaded(&self) -> pb::LoadedModel {
         use std::sync::atomic::Ordering::Relaxed;
-        pb::LoadedModel {
+        let mut m = pb::LoadedModel {
             info: Some(self.info.clone()),
             running: self.running.load(Relaxed),
             queued: self.queued.load(Relaxed),
             tokens_generated: self.tokens.load(Relaxed),
             tokens_per_sec: self.meter.rate(),
+            ..Default::default()
+        };
+        for s in &self.segments {
+            let b = s.batcher.stats();
+            m.preemptions += b.preempted;
+            m.batch_steps += b.steps;
+            m.batch_rows += b.rows;
+            if let Some(kv) = s.part.kv_pool() {
+                let c = kv.counts();
+                let (looked_up, hit) = kv.prefix_stats();
+                m.kv_block_tokens = gantry_engine::cpu::kv::BLOCK_TOKENS as u32;
+                m.kv_blocks_total += c.total as u64;
+                m.kv_blocks_used += c.used as u64;
+                m.kv_blocks_cached += c.cached as u64;
+                m.prefix_blocks_looked_up += looked_up;
+                m.prefix_blocks_hit += hit;
+            }
         }
+        m
     }
 
     /// Its vocabulary size (resumed tokens and logit biases are checked against it).

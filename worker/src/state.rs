@@ -20,8 +20,14 @@ use crate::served::{RateMeter, Served};
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
     pub worker_id: String,
-    /// Generations running at once on one model.
+    /// Sequences at the full context that a model's KV cache is sized for (its memory is
+    /// reserved for `parallel × context` tokens); more, shorter ones run at once when their
+    /// blocks fit.
     pub parallel: usize,
+    /// Generations running at once on one model, at most (beyond it they queue).
+    pub max_running: usize,
+    /// Prompt tokens a forward pass takes at most beside the decoding tokens (chunked prefill).
+    pub step_tokens: usize,
     /// Requests waiting for a slot, across the worker.
     pub queue: usize,
     /// `--label key=value`: what placement policies' node selectors match.
@@ -39,6 +45,8 @@ impl Default for WorkerOptions {
         WorkerOptions {
             worker_id: "worker".into(),
             parallel: 4,
+            max_running: 64,
+            step_tokens: gantry_engine::batch::DEFAULT_STEP_TOKENS,
             queue: 64,
             labels: Default::default(),
             stage_tls: None,

@@ -176,9 +176,16 @@ pub struct UpArgs {
     /// GPUs the local worker offers instead of NVML's (`1x24GiB`)
     #[arg(long, env = "GANTRY_GPUS")]
     gpus: Option<String>,
-    /// Generations running at once per replica
-    #[arg(long, default_value_t = 4)]
+    /// Sequences at the full context each replica's KV cache is sized for (parallel × context
+    /// tokens); more, shorter ones run at once while their blocks fit
+    #[arg(long, env = "GANTRY_PARALLEL", default_value_t = 4)]
     parallel: usize,
+    /// Generations running at once per replica, batched into each forward pass
+    #[arg(long, env = "GANTRY_MAX_RUNNING", default_value_t = 64)]
+    max_running: usize,
+    /// Prompt tokens one forward pass takes beside the decoding tokens (chunked prefill)
+    #[arg(long, env = "GANTRY_STEP_TOKENS", default_value_t = gantry_engine::batch::DEFAULT_STEP_TOKENS)]
+    step_tokens: usize,
     /// Requests that may wait for a slot
     #[arg(long, default_value_t = 64)]
     queue: usize,
@@ -417,8 +424,10 @@ pub fn run_up(args: UpArgs) -> Result<(), CliError> {
         Some(c) => u32::try_from(c).map_err(|_| CliError::usage(format!("--context {c} is too large")))?,
         None => 0,
     };
-    if args.parallel == 0 {
-        return Err(CliError::usage("--parallel must be at least 1"));
+    for (flag, v) in [("--parallel", args.parallel), ("--max-running", args.max_running), ("--step-tokens", args.step_tokens)] {
+        if v == 0 {
+            return Err(CliError::usage(format!("{flag} must be at least 1")));
+        }
     }
     if args.control.api_keys.is_none() && !args.control.loopback_only() {
         return Err(CliError::usage(format!(
@@ -441,6 +450,8 @@ pub fn run_up(args: UpArgs) -> Result<(), CliError> {
         let options = WorkerOptions {
             worker_id: worker_id.clone(),
             parallel: args.parallel,
+            max_running: args.max_running,
+            step_tokens: args.step_tokens,
             queue: args.queue,
             labels: [("gantry.dev/local".to_string(), "true".to_string())].into(),
             stage_tls: None,

@@ -66,9 +66,18 @@ pub struct WorkerArgs {
     /// This worker's name for the controller [default: the host name]
     #[arg(long, env = "GANTRY_WORKER_ID")]
     pub worker_id: Option<String>,
-    /// Generations running at once on one model (each has its own KV cache)
-    #[arg(long, default_value_t = 4)]
+    /// Sequences at the full context each model's KV cache is sized for (its memory holds
+    /// parallel × context tokens); more, shorter ones run at once while their blocks fit
+    #[arg(long, env = "GANTRY_PARALLEL", default_value_t = 4)]
     pub parallel: usize,
+    /// Generations running at once on one model, batched into each forward pass; beyond it
+    /// requests queue
+    #[arg(long, env = "GANTRY_MAX_RUNNING", default_value_t = 64)]
+    pub max_running: usize,
+    /// Prompt tokens one forward pass takes beside the decoding tokens: a long prompt is
+    /// split into chunks of this many, so that running streams wait at most one chunk
+    #[arg(long, env = "GANTRY_STEP_TOKENS", default_value_t = gantry_engine::batch::DEFAULT_STEP_TOKENS)]
+    pub step_tokens: usize,
     /// Requests that may wait for a slot; beyond this they are refused (RESOURCE_EXHAUSTED)
     #[arg(long, default_value_t = 64)]
     pub queue: usize,
@@ -185,8 +194,10 @@ pub fn run_worker(args: WorkerArgs) -> Result<(), CliError> {
         print_gpus(&gpus, inventory.note(), inventory.driver_version());
         return Ok(());
     }
-    if args.parallel == 0 {
-        return Err(CliError::with_code("--parallel must be at least 1", CliError::USAGE));
+    for (flag, v) in [("--parallel", args.parallel), ("--max-running", args.max_running), ("--step-tokens", args.step_tokens)] {
+        if v == 0 {
+            return Err(CliError::with_code(format!("{flag} must be at least 1"), CliError::USAGE));
+        }
     }
     let hub = hub(args.cache_dir.clone())?;
     let worker_id = args.worker_id.clone().unwrap_or_else(host_name);
@@ -206,6 +217,8 @@ pub fn run_worker(args: WorkerArgs) -> Result<(), CliError> {
     let options = WorkerOptions {
         worker_id: worker_id.clone(),
         parallel: args.parallel,
+        max_running: args.max_running,
+        step_tokens: args.step_tokens,
         queue: args.queue,
         labels: args.labels.iter().cloned().collect(),
         stage_tls: tls.as_ref().and(client_tls.clone()),

@@ -163,6 +163,22 @@ impl Cluster {
                 queue_depth: w.status.queue_depth,
                 loaded_models: w.loaded_ids(),
                 gpu_note: w.status.gpu_note.clone(),
+                kv_cache: w
+                    .status
+                    .models
+                    .iter()
+                    .filter(|m| m.kv_blocks_total > 0)
+                    .map(|m| pb::KvCacheUsage {
+                        model_id: m.info.as_ref().map(|i| i.model_id.clone()).unwrap_or_default(),
+                        block_tokens: m.kv_block_tokens,
+                        blocks_total: m.kv_blocks_total,
+                        blocks_used: m.kv_blocks_used,
+                        blocks_cached: m.kv_blocks_cached,
+                        prefix_blocks_looked_up: m.prefix_blocks_looked_up,
+                        prefix_blocks_hit: m.prefix_blocks_hit,
+                        preemptions: m.preemptions,
+                    })
+                    .collect(),
             })
             .collect()
     }

@@ -3,11 +3,20 @@
 //! block ids. Memory is taken in slabs as blocks are first needed and never moves, so a thread
 //! reading a block needs no lock. A freed block is reused only once no thread can still be
 //! reading it (a straggler of an older job: see [`super::pool`]).
+//!
+//! The pool is also the prefix cache: a block a sequence has filled is keyed by the chained
+//! hash of its tokens ([`gantry_core::prefix`]) and, once no sequence holds it, kept until its
+//! room is needed (least recently used first); a new sequence whose tokens start with cached
+//! blocks takes them instead of computing them again. Blocks are shared only when full, and a
+//! full block is never written again, so sharing needs no copy.
 
 #![allow(unsafe_code)] // blocks are addressed through raw pointers into slabs: see SAFETY notes.
 
-use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+
+use gantry_core::prefix;
 
 use half::f16;
 
@@ -55,14 +64,82 @@ impl KvShape {
     }
 }
 
+/// What the pool knows of a block.
+#[derive(Debug, Clone, Copy, Default)]
+struct Meta {
+    /// Sequences holding it.
+    refs: u32,
+    /// Its prefix-cache entry: (parent key, key, token ids), once a sequence filled it.
+    entry: Option<(u64, u64, [u32; BLOCK_TOKENS])>,
+    /// The newest job that may have read it.
+    last_job: u64,
+    /// Its place in the least-recently-used order while only the cache holds it.
+    tick: u64,
+}
+
 #[derive(Debug, Default)]
 struct Free {
     /// Blocks ready for reuse.
     ready: Vec<u32>,
     /// Blocks freed after job `.1` began: reusable once no thread is in a job that old.
     limbo: Vec<(u32, u64)>,
-    /// Blocks handed out in all (capacity in use).
+    /// Blocks sequences hold.
     used: usize,
+    meta: Vec<Meta>,
+    /// Prefix-cache entries: key → block.
+    by_key: HashMap<u64, u32>,
+    /// Blocks only the cache holds, least recently used first (tick → block).
+    lru: BTreeMap<u64, u32>,
+    tick: u64,
+}
+
+impl Free {
+    /// Moves blocks out of limbo whose readers are gone.
+    fn settle(&mut self, oldest_active: u64) {
+        if self.limbo.is_empty() {
+            return;
+        }
+        let limbo = std::mem::take(&mut self.limbo);
+        let (ready, still): (Vec<_>, Vec<_>) = limbo.into_iter().partition(|&(_, job)| job < oldest_active);
+        self.ready.extend(ready.into_iter().map(|(b, _)| b));
+        self.limbo = still;
+    }
+
+    /// Takes block `b` for a sequence.
+    fn take(&mut self, b: u32) -> u32 {
+        let m = &mut self.meta[b as usize];
+        if m.refs == 0 {
+            self.used += 1;
+            if m.entry.is_some() {
+                self.lru.remove(&m.tick);
+            }
+        }
+        m.refs += 1;
+        b
+    }
+
+    /// Drops the cache entry of the least recently used block no reader is still in; returns it.
+    fn evict(&mut self, oldest_active: u64) -> Option<u32> {
+        let (&tick, &b) = self.lru.iter().find(|(_, b)| self.meta[**b as usize].last_job < oldest_active)?;
+        self.lru.remove(&tick);
+        let m = &mut self.meta[b as usize];
+        if let Some((_, key, _)) = m.entry.take() {
+            self.by_key.remove(&key);
+        }
+        Some(b)
+    }
+}
+
+/// The pool's blocks by use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KvCounts {
+    /// The most blocks the pool may hold.
+    pub total: usize,
+    /// Held by sequences.
+    pub used: usize,
+    /// Held only by the prefix cache (given to a new sequence that starts with their tokens,
+    /// else reclaimed, least recently used first).
+    pub cached: usize,
 }
 
 /// The pool.
@@ -75,6 +152,11 @@ pub struct KvPool {
     max_blocks: AtomicUsize,
     free: Mutex<Free>,
     grow: Mutex<()>,
+    /// The seed of prefix-cache keys ([`gantry_core::prefix::model_seed`]).
+    seed: AtomicU64,
+    /// Blocks new sequences looked up in the prefix cache, and found.
+    looked_up: AtomicU64,
+    hits: AtomicU64,
 }
 
 impl std::fmt::Debug for KvPool {
@@ -95,7 +177,14 @@ impl KvPool {
             max_blocks: AtomicUsize::new(max_blocks.min(MAX_SLABS * SLAB_BLOCKS)),
             free: Mutex::new(Free::default()),
             grow: Mutex::new(()),
+            seed: AtomicU64::new(prefix::model_seed("")),
+            looked_up: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
         })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Free> {
+        self.free.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn shape(&self) -> KvShape {
@@ -112,9 +201,43 @@ impl KvPool {
         self.max_blocks.store(n.min(MAX_SLABS * SLAB_BLOCKS), Ordering::Relaxed);
     }
 
+    /// Keys prefix-cache entries for model `model_id` (see [`gantry_core::prefix`]).
+    pub fn set_model(&self, model_id: &str) {
+        self.seed.store(prefix::model_seed(model_id), Ordering::Relaxed);
+    }
+
+    /// The seed of this pool's prefix-cache keys.
+    pub fn seed(&self) -> u64 {
+        self.seed.load(Ordering::Relaxed)
+    }
+
     /// Blocks handed out now.
     pub fn used_blocks(&self) -> usize {
-        self.free.lock().unwrap_or_else(|p| p.into_inner()).used
+        self.lock().used
+    }
+
+    /// The pool's blocks by use.
+    pub fn counts(&self) -> KvCounts {
+        let free = self.lock();
+        KvCounts { total: self.max_blocks(), used: free.used, cached: free.lru.len() }
+    }
+
+    /// Blocks sequences could take: free ones and those only the cache holds (counting those a
+    /// straggler thread may still read for a moment: [`KvPool::alloc`] waits for them).
+    pub fn available(&self) -> usize {
+        self.max_blocks().saturating_sub(self.lock().used)
+    }
+
+    /// Whether blocks the pool could hand out are held back only for stragglers of jobs as old
+    /// as `oldest_active` or newer (they come back when those threads leave their jobs).
+    pub fn held_for_readers(&self, oldest_active: u64) -> bool {
+        let free = self.lock();
+        !free.limbo.is_empty() || free.lru.values().any(|&b| free.meta[b as usize].last_job >= oldest_active)
+    }
+
+    /// (blocks looked up in the prefix cache, blocks found) since the pool was made.
+    pub fn prefix_stats(&self) -> (u64, u64) {
+        (self.looked_up.load(Ordering::Relaxed), self.hits.load(Ordering::Relaxed))
     }
 
     /// Bytes of memory the pool holds (its slabs).
@@ -122,43 +245,94 @@ impl KvPool {
         self.slabs.load(Ordering::Acquire) * SLAB_BLOCKS * self.shape.bytes_per_block()
     }
 
-    /// A block, if the pool has room; `oldest_active` is the oldest job a thread may still be
-    /// reading in (blocks freed after it began are not reused yet).
+    /// A block, if the pool has room (reclaiming the least recently used cached block when it
+    /// is full); `oldest_active` is the oldest job a thread may still be reading in (blocks
+    /// freed after it began are not reused yet).
     pub fn alloc(&self, oldest_active: u64) -> Option<u32> {
-        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-        if free.ready.is_empty() && !free.limbo.is_empty() {
-            let limbo = std::mem::take(&mut free.limbo);
-            let (ready, still): (Vec<_>, Vec<_>) = limbo.into_iter().partition(|&(_, job)| job < oldest_active);
-            free.ready.extend(ready.into_iter().map(|(b, _)| b));
-            free.limbo = still;
-        }
-        if let Some(b) = free.ready.pop() {
-            free.used += 1;
-            return Some(b);
-        }
-        let total = self.slabs.load(Ordering::Acquire) * SLAB_BLOCKS;
-        let in_limbo = free.limbo.len();
-        if free.used + in_limbo >= self.max_blocks() {
-            return None;
-        }
-        if free.used + in_limbo >= total {
-            drop(free);
-            self.add_slab()?;
-            free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        let mut free = self.lock();
+        free.settle(oldest_active);
+        let max = self.max_blocks();
+        let held = free.used + free.limbo.len() + free.lru.len();
+        if held < max {
             if let Some(b) = free.ready.pop() {
-                free.used += 1;
-                return Some(b);
+                return Some(free.take(b));
             }
+            drop(free);
+            let grown = self.add_slab().is_some();
+            free = self.lock();
+            if let Some(b) = free.ready.pop().filter(|_| grown) {
+                return Some(free.take(b));
+            }
+        }
+        if free.used + free.limbo.len() >= max {
             return None;
         }
-        None
+        let b = free.evict(oldest_active)?;
+        Some(free.take(b))
     }
 
-    /// Gives block `b` back; `job` is the newest job that may have read it.
+    /// Lets go of block `b`; `job` is the newest job that may have read it. A block the prefix
+    /// cache keys stays, reusable, until its room is needed.
     pub fn free(&self, b: u32, job: u64) {
-        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        let mut free = self.lock();
+        let free = &mut *free;
+        let Some(m) = free.meta.get_mut(b as usize) else { return };
+        m.last_job = m.last_job.max(job);
+        m.refs = m.refs.saturating_sub(1);
+        if m.refs > 0 {
+            return;
+        }
         free.used = free.used.saturating_sub(1);
-        free.limbo.push((b, job));
+        if m.entry.is_some() {
+            free.tick += 1;
+            m.tick = free.tick;
+            free.lru.insert(free.tick, b);
+        } else {
+            free.limbo.push((b, m.last_job));
+        }
+    }
+
+    /// Records that block `b` holds the keys and values of `tokens` (a full block) after the
+    /// block keyed `parent`; returns its key. A key another block has already keeps that one.
+    pub fn register(&self, b: u32, parent: u64, tokens: &[u32]) -> u64 {
+        let key = prefix::block_key(parent, tokens);
+        let Ok(toks) = <[u32; BLOCK_TOKENS]>::try_from(tokens) else { return key };
+        let mut free = self.lock();
+        let free = &mut *free;
+        if free.by_key.contains_key(&key) {
+            return key;
+        }
+        if let Some(m) = free.meta.get_mut(b as usize) {
+            if m.entry.is_none() {
+                m.entry = Some((parent, key, toks));
+                free.by_key.insert(key, b);
+            }
+        }
+        key
+    }
+
+    /// The cached blocks holding the longest run of leading full blocks of `tokens`, taken for a
+    /// new sequence, with their keys.
+    pub fn lookup(&self, tokens: &[u32]) -> (Vec<u32>, Vec<u64>) {
+        let mut parent = self.seed();
+        let (mut blocks, mut keys) = (Vec::new(), Vec::new());
+        let mut free = self.lock();
+        let wanted = tokens.len() / BLOCK_TOKENS;
+        for chunk in tokens.chunks_exact(BLOCK_TOKENS) {
+            let key = prefix::block_key(parent, chunk);
+            let Some(&b) = free.by_key.get(&key) else { break };
+            match free.meta[b as usize].entry {
+                Some((p, _, toks)) if p == parent && toks[..] == chunk[..] => {}
+                _ => break,
+            }
+            blocks.push(free.take(b));
+            keys.push(key);
+            parent = key;
+        }
+        drop(free);
+        self.looked_up.fetch_add(wanted as u64, Ordering::Relaxed);
+        self.hits.fetch_add(blocks.len() as u64, Ordering::Relaxed);
+        (blocks, keys)
     }
 
     /// Allocates one more slab for every layer, putting its blocks on the ready list.
@@ -176,7 +350,8 @@ impl KvPool {
             }
         }
         self.slabs.store(s + 1, Ordering::Release);
-        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        let mut free = self.lock();
+        free.meta.resize((s + 1) * SLAB_BLOCKS, Meta::default());
         free.ready.extend((s * SLAB_BLOCKS..(s + 1) * SLAB_BLOCKS).rev().map(|b| b as u32));
         Some(())
     }
@@ -304,5 +479,76 @@ mod tests {
             }
         }
         assert_eq!(pool.allocated_bytes(), 64 * shape().bytes_per_block());
+    }
+
+    #[test]
+    fn a_filled_block_is_found_by_its_tokens_and_shared() {
+        let pool = KvPool::new(shape(), 4);
+        pool.set_model("m");
+        let tokens: Vec<u32> = (0..40).collect();
+        let a = pool.alloc(u64::MAX).unwrap();
+        let b = pool.alloc(u64::MAX).unwrap();
+        let k0 = pool.register(a, pool.seed(), &tokens[..16]);
+        pool.register(b, k0, &tokens[16..32]);
+        // A second sequence with the same first 40 tokens finds both full blocks.
+        let (found, keys) = pool.lookup(&tokens);
+        assert_eq!(found, vec![a, b]);
+        assert_eq!(keys, gantry_core::prefix::block_keys(gantry_core::prefix::model_seed("m"), &tokens, 16));
+        assert_eq!(pool.counts(), KvCounts { total: 4, used: 2, cached: 0 });
+        // Another second block: only the first is shared.
+        let mut other = tokens.clone();
+        other[20] = 7;
+        let (found, _) = pool.lookup(&other);
+        assert_eq!(found, vec![a]);
+        assert_eq!(pool.prefix_stats(), (4, 3));
+        // Both sequences end: the blocks stay cached, not used.
+        for blk in [a, b, a, b, a] {
+            pool.free(blk, 0);
+        }
+        assert_eq!(pool.counts(), KvCounts { total: 4, used: 0, cached: 2 });
+        assert_eq!(pool.lookup(&tokens).0, vec![a, b]);
+    }
+
+    #[test]
+    fn a_full_pool_reclaims_the_least_recently_used_cached_block() {
+        let pool = KvPool::new(shape(), 3);
+        let seqs: Vec<Vec<u32>> = (0..3).map(|s| (0..16).map(|t| s * 100 + t).collect()).collect();
+        let blocks: Vec<u32> = seqs
+            .iter()
+            .map(|toks| {
+                let b = pool.alloc(u64::MAX).unwrap();
+                pool.register(b, pool.seed(), toks);
+                b
+            })
+            .collect();
+        // Freed in the order 1, 0, 2: block 1 is the least recently used.
+        for i in [1, 0, 2] {
+            pool.free(blocks[i], 0);
+        }
+        assert_eq!(pool.counts().cached, 3);
+        assert_eq!(pool.available(), 3);
+        let got = pool.alloc(u64::MAX).unwrap();
+        assert_eq!(got, blocks[1]);
+        assert!(pool.lookup(&seqs[1]).0.is_empty(), "its entry went with it");
+        assert_eq!(pool.lookup(&seqs[0]).0, vec![blocks[0]]);
+        // A block a straggler of job 9 may still read is not reclaimed before that job ends.
+        pool.free(blocks[0], 9);
+        assert_eq!(pool.alloc(9), Some(blocks[2]));
+        assert_eq!(pool.alloc(9), None);
+        assert_eq!(pool.alloc(10), Some(blocks[0]));
+    }
+
+    #[test]
+    fn a_colliding_key_is_a_miss_not_a_wrong_block() {
+        let pool = KvPool::new(shape(), 2);
+        let toks: Vec<u32> = (0..16).collect();
+        let b = pool.alloc(u64::MAX).unwrap();
+        let key = pool.register(b, pool.seed(), &toks);
+        // Forge another block's entry under the same key, as a hash collision would.
+        {
+            let mut free = pool.lock();
+            free.meta[b as usize].entry = Some((pool.seed(), key, [9; BLOCK_TOKENS]));
+        }
+        assert!(pool.lookup(&toks).0.is_empty());
     }
 }

@@ -45,3 +45,13 @@ pub fn main(tests: &[Test]) {
 pub fn this_binary() -> PathBuf {
     std::env::current_exe().expect("the test binary's path")
 }
+
+/// A real model's file under `models/` (or `GANTRY_MODELS_DIR`), fetched by
+/// scripts/fetch-models.sh.
+pub fn model_path(file: &str) -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = std::env::var_os("GANTRY_MODELS_DIR").map_or_else(|| root.join("models"), PathBuf::from);
+    let p = dir.join(file);
+    assert!(p.is_file(), "{} is missing: run scripts/fetch-models.sh", p.display());
+    p
+}
