@@ -151,7 +151,7 @@ async fn a_thousand_streams_through_one_controller_to_standin_workers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_two_real_chats_complete_and_the_next_is_refused_at_once() {
     let control = RunningController::start(&[]);
-    let _worker = RunningWorker::join(&control.url(), "w1", &["--parallel", "8", "--queue", "24"]);
+    let _worker = RunningWorker::join(&control.url(), "w1", &["--max-running", "8", "--queue", "24"]);
     let mut deployments = control.deployments().await;
     let s = spec(common::smollm2().to_str().unwrap(), 1, pb::PlacementStrategy::Binpack);
     deployments.apply(pb::ApplyRequest { name: "chat".into(), spec: Some(s) }).await.unwrap();

@@ -40,7 +40,20 @@ async fn metrics_pass_promtool_and_count_what_happened() {
     };
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
 
-    let response = common::http_get(&http, "/metrics");
+    // The worker's KV cache as its heartbeats report it: 4 sequences (`up`'s --parallel) of
+    // 1,024 tokens, in blocks of 16.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let response = loop {
+        let response = common::http_get(&http, "/metrics");
+        let kv_total = response
+            .lines()
+            .any(|l| l.starts_with("gantry_kv_cache_blocks{") && l.contains("state=\"total\"") && l.ends_with(" 256"));
+        if kv_total || std::time::Instant::now() > deadline {
+            assert!(kv_total, "no KV cache of 256 blocks in\n{response}");
+            break response;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
     let (head, body) = response.split_once("\r\n\r\n").unwrap();
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(head.to_ascii_lowercase().contains("content-type: text/plain; version=0.0.4"), "{head}");

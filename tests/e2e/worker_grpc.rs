@@ -89,6 +89,31 @@ async fn concurrent_requests_on_one_model_keep_their_own_caches() {
     assert_eq!(together, alone, "three interleaved generations give what each gives alone");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn status_counts_kv_blocks_and_a_repeated_prompt_comes_from_the_prefix_cache() {
+    // 2 sequences of 512 tokens: 64 blocks of 16.
+    let worker = RunningWorker::start(&["--model", &smollm2_arg(), "--context", "512", "--parallel", "2"]);
+    let mut client = worker.client().await;
+    let m = status(&mut client).await.models.remove(0);
+    assert_eq!((m.kv_block_tokens, m.kv_blocks_total, m.kv_blocks_used, m.kv_blocks_cached), (16, 64, 0, 0));
+
+    let question = "Explain in a few words why the sea is salty. ".repeat(4);
+    let first = collect(&mut client, chat_request(MODEL, &question, 12)).await.unwrap();
+    let prompt = first.done.as_ref().unwrap().usage.unwrap().prompt_tokens as u64;
+    let m = status(&mut client).await.models.remove(0);
+    // Nothing runs; the full blocks of the prompt and the 11 tokens fed back stay cached.
+    assert_eq!((m.kv_blocks_used, m.kv_blocks_cached), (0, (prompt + 11) / 16), "prompt of {prompt} tokens");
+    assert_eq!((m.prefix_blocks_looked_up, m.prefix_blocks_hit), ((prompt - 1) / 16, 0));
+    assert!(m.batch_steps >= 12 && m.batch_rows >= prompt + 11, "{m:?}");
+
+    // The same chat again: every full block of its prompt comes from the cache, same tokens.
+    let second = collect(&mut client, chat_request(MODEL, &question, 12)).await.unwrap();
+    assert_eq!(second.tokens, first.tokens);
+    let m = status(&mut client).await.models.remove(0);
+    assert_eq!((m.prefix_blocks_looked_up, m.prefix_blocks_hit), (2 * ((prompt - 1) / 16), (prompt - 1) / 16));
+    assert_eq!(m.preemptions, 0);
+}
+
 /// Runs futures concurrently on the runtime and returns their outputs in order.
 async fn futures_all<F, T>(futures: impl Iterator<Item = F>) -> Vec<T>
 where
@@ -144,7 +169,7 @@ async fn a_cancelled_stream_stops_the_generation() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_queue_answers_resource_exhausted() {
-    let worker = RunningWorker::start(&["--model", &smollm2_arg(), "--parallel", "1", "--queue", "1"]);
+    let worker = RunningWorker::start(&["--model", &smollm2_arg(), "--max-running", "1", "--queue", "1"]);
     let mut client = worker.client().await;
     // One running, one waiting: the queue of one is full.
     let mut running = client.generate(long_request(2000)).await.unwrap().into_inner();
