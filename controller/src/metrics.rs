@@ -182,20 +182,24 @@ pub fn render(cluster: &Cluster) -> String {
         }
     }
     for (name, help, pick) in [
-        ("gantry_prefix_cache_lookup_blocks_total", "Full prompt blocks new requests looked up in a worker's prefix cache.", 0),
-        ("gantry_prefix_cache_hit_blocks_total", "Full prompt blocks found in a worker's prefix cache (not computed again).", 1),
+        (
+            "gantry_prefix_cache_lookup_blocks_total",
+            "Full prompt blocks new requests looked up in a worker's prefix cache.",
+            0,
+        ),
+        (
+            "gantry_prefix_cache_hit_blocks_total",
+            "Full prompt blocks found in a worker's prefix cache (not computed again).",
+            1,
+        ),
         ("gantry_kv_preemptions_total", "Sequences preempted (computed again later) for want of KV blocks.", 2),
     ] {
         header(&mut out, name, "counter", help);
         for w in &workers {
             for kv in &w.kv_cache {
                 let v = [kv.prefix_blocks_looked_up, kv.prefix_blocks_hit, kv.preemptions][pick];
-                let _ = writeln!(
-                    out,
-                    "{name}{{worker=\"{}\",model=\"{}\"}} {v}",
-                    label(&w.worker_id),
-                    label(&kv.model_id)
-                );
+                let _ =
+                    writeln!(out, "{name}{{worker=\"{}\",model=\"{}\"}} {v}", label(&w.worker_id), label(&kv.model_id));
             }
         }
     }

@@ -222,11 +222,7 @@ impl Batcher {
             // Wait for the sequences between steps, unless they have been away too long.
             let soonest = inner.outside.values().map(Instant::elapsed).filter(|&e| e < AWAY).max();
             if let Some(away) = soonest {
-                inner = self
-                    .turn
-                    .wait_timeout(inner, AWAY - away)
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .0;
+                inner = self.turn.wait_timeout(inner, AWAY - away).unwrap_or_else(std::sync::PoisonError::into_inner).0;
                 continue;
             }
             let everyone_here = inner.outside.is_empty();
@@ -317,7 +313,8 @@ impl Batcher {
     fn pick(&self, inner: &mut Inner, part: &ModelPart, everyone_here: bool) -> Vec<Pick> {
         let hidden = part.config.hidden_size;
         let kv = part.kv_pool().cloned();
-        let available = |kv: &Option<std::sync::Arc<crate::cpu::kv::KvPool>>| kv.as_ref().map_or(usize::MAX, |kv| kv.available());
+        let available =
+            |kv: &Option<std::sync::Arc<crate::cpu::kv::KvPool>>| kv.as_ref().map_or(usize::MAX, |kv| kv.available());
         let capacity = kv.as_ref().map_or(usize::MAX, |kv| kv.max_blocks());
         let remaining = |w: &Waiting| w.job.input.rows(hidden) - w.offset;
 
@@ -451,9 +448,8 @@ fn joined(mut outs: Vec<StageOutput>, logits_for: LogitsFor) -> Result<StageOutp
     }
     match logits_for {
         LogitsFor::All => Ok(StageOutput::Logits(Tensor::cat(&logits, 0)?)),
-        LogitsFor::Last => logits
-            .pop()
-            .map(StageOutput::Logits)
-            .ok_or_else(|| EngineError::Numerics("a step gave no output".into())),
+        LogitsFor::Last => {
+            logits.pop().map(StageOutput::Logits).ok_or_else(|| EngineError::Numerics("a step gave no output".into()))
+        }
     }
 }

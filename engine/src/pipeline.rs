@@ -12,8 +12,8 @@ use candle_core::Tensor;
 use gantry_core::SamplingParams;
 
 use crate::EngineError;
-use crate::generate::TokenSource;
 use crate::batch::{Batcher, Job, JobInput, Member, StepResult};
+use crate::generate::TokenSource;
 use crate::model::{LogitsFor, ModelPart, PartCache, StageInput, StageOutput};
 use crate::sampling::{Choice, Sampler};
 
@@ -157,7 +157,8 @@ impl<'a> Chain<'a> {
                 }
                 StepResult::Preempted(cache) => {
                     self.caches[i] = Some(cache);
-                    let t = tokens.ok_or_else(|| EngineError::Config("a sequence fed hidden states was preempted".into()))?;
+                    let t = tokens
+                        .ok_or_else(|| EngineError::Config("a sequence fed hidden states was preempted".into()))?;
                     job_input = JobInput::Tokens(self.fed.iter().chain(t).copied().collect());
                 }
             }

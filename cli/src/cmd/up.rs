@@ -424,7 +424,9 @@ pub fn run_up(args: UpArgs) -> Result<(), CliError> {
         Some(c) => u32::try_from(c).map_err(|_| CliError::usage(format!("--context {c} is too large")))?,
         None => 0,
     };
-    for (flag, v) in [("--parallel", args.parallel), ("--max-running", args.max_running), ("--step-tokens", args.step_tokens)] {
+    for (flag, v) in
+        [("--parallel", args.parallel), ("--max-running", args.max_running), ("--step-tokens", args.step_tokens)]
+    {
         if v == 0 {
             return Err(CliError::usage(format!("{flag} must be at least 1")));
         }

@@ -194,7 +194,9 @@ pub fn run_worker(args: WorkerArgs) -> Result<(), CliError> {
         print_gpus(&gpus, inventory.note(), inventory.driver_version());
         return Ok(());
     }
-    for (flag, v) in [("--parallel", args.parallel), ("--max-running", args.max_running), ("--step-tokens", args.step_tokens)] {
+    for (flag, v) in
+        [("--parallel", args.parallel), ("--max-running", args.max_running), ("--step-tokens", args.step_tokens)]
+    {
         if v == 0 {
             return Err(CliError::with_code(format!("{flag} must be at least 1"), CliError::USAGE));
         }

@@ -24,8 +24,10 @@ use half::f16;
 pub const BLOCK_TOKENS: usize = 16;
 /// Blocks per slab (one allocation per layer for K and for V).
 const SLAB_BLOCKS: usize = 64;
-/// Most slabs a pool can have (the table is fixed, so readers need no lock).
-const MAX_SLABS: usize = 1 << 14;
+/// Most slabs a pool can have (the table is fixed, so readers need no lock): 4 Mi positions
+/// per model part, 64 sequences of 64K tokens. (Each table takes 8 bytes a slab for every layer,
+/// touched when made: 16K slabs cost SmolLM2 8 MiB of resident memory for nothing.)
+const MAX_SLABS: usize = 1 << 12;
 
 /// How keys and values are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -302,11 +304,11 @@ impl KvPool {
         if free.by_key.contains_key(&key) {
             return key;
         }
-        if let Some(m) = free.meta.get_mut(b as usize) {
-            if m.entry.is_none() {
-                m.entry = Some((parent, key, toks));
-                free.by_key.insert(key, b);
-            }
+        if let Some(m) = free.meta.get_mut(b as usize)
+            && m.entry.is_none()
+        {
+            m.entry = Some((parent, key, toks));
+            free.by_key.insert(key, b);
         }
         key
     }
