@@ -269,18 +269,20 @@ impl Batcher {
                     }
                 })
                 .collect();
-            let all = device.run(|| part.forward_batch(&mut steps));
-            match all {
+            // A panic in a pass (a bug) fails its sequences, not every sequence after it.
+            let pass = |steps: &mut [BatchStep<'_>]| {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| device.run(|| part.forward_batch(steps))))
+                    .unwrap_or_else(|_| {
+                        Err(EngineError::Numerics("the forward pass failed (a panic: see the log)".into()))
+                    })
+            };
+            match pass(&mut steps) {
                 Ok(outs) => outs.into_iter().map(Ok).collect::<Vec<_>>(),
                 // One bad step fails the pass and moves no sequence: run each alone, so that
                 // only its own sequence fails.
-                Err(_) if steps.len() > 1 => steps
-                    .iter_mut()
-                    .map(|s| {
-                        let one = std::slice::from_mut(s);
-                        device.run(|| part.forward_batch(one)).map(|mut o| o.remove(0))
-                    })
-                    .collect(),
+                Err(_) if steps.len() > 1 => {
+                    steps.iter_mut().map(|s| pass(std::slice::from_mut(s)).map(|mut o| o.remove(0))).collect()
+                }
                 Err(e) => vec![Err(e)],
             }
         };
@@ -400,7 +402,9 @@ impl Batcher {
                 .enumerate()
                 .rev()
                 .find(|(_, w)| w.job.preemptible && w.job.cache.blocks_held() > 0)
-                .map(|(at, _)| at);
+                .map(|(at, _)| at)
+                // Only a sequence as young as the one short of a block gives way.
+                .filter(|&at| stuck || short.is_none_or(|s| at >= s));
             match victim {
                 Some(at) => {
                     let mut w = inner.waiting.remove(at);
