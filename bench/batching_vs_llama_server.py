@@ -41,6 +41,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts" / "clients"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from gantry_worker import start_worker  # noqa: E402
 
 MODELS = ["SmolLM2-135M-Instruct.Q4_1.gguf", "gemma-3-270m-q4_k_m.gguf"]
 LLAMA_SERVER = ROOT / "bench/peer/.llama.cpp/bin/llama-server"
@@ -76,18 +79,8 @@ class Gantry:
         from gantry_stubs import worker
 
         self.pb, rpc = worker()
-        self.proc = subprocess.Popen(
-            [str(ROOT / "target/release/gantry"), "worker", "--listen", "127.0.0.1:0", "--threads", str(threads),
-             "--context", str(context), "--parallel", "16", "--max-running", "64", "--model", f"m={model}"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        addr = None
-        for line in self.proc.stdout:
-            if " listening on " in line:
-                addr = line.split(" listening on ")[1].strip()
-            if line.strip() == "ready":
-                break
-        if addr is None:
-            raise SystemExit("the Gantry worker did not start")
+        self.proc, addr = start_worker("--threads", str(threads), "--context", str(context), "--parallel", "16",
+                                       "--max-running", "64", "--model", f"m={model}")
         self.stub = rpc.WorkerStub(grpc.insecure_channel(addr, options=[("grpc.max_receive_message_length", 1 << 26)]))
 
     def stream(self, prompt: str, gen: int, resume=None):

@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "scripts" / "clients"))
 
-from worker_vs_llamacpp_server import LlamaCppServer, eos_ids, prompt, start_worker, timed_stream  # noqa: E402
+from gantry_worker import start_worker  # noqa: E402
+from worker_vs_llamacpp_server import LlamaCppServer, eos_ids, prompt, timed_stream  # noqa: E402
 
 MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LAYERS = 30

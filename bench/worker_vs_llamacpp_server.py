@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts" / "clients"))
 sys.path.insert(0, str(ROOT / "bench" / "peer"))
 
+from gantry_worker import start_worker  # noqa: E402
 from llamacpp_bench import PROMPT_TEXT  # noqa: E402
 
 MODELS = ["SmolLM2-135M-Instruct.Q4_1.gguf", "gemma-3-270m-q4_k_m.gguf"]
@@ -50,23 +51,6 @@ def free_port() -> int:
 
 def prompt(i: int, words: int) -> str:
     return f"Note {i}. " + " ".join(PROMPT_TEXT.split()[:words])
-
-
-def start_worker(*args: str) -> tuple[subprocess.Popen, str]:
-    """Starts the release `gantry worker` on a free loopback port with `args`; returns the
-    process and its address once it prints `ready`."""
-    proc = subprocess.Popen(
-        [str(ROOT / "target/release/gantry"), "worker", "--listen", "127.0.0.1:0", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    addr = None
-    for line in proc.stdout:
-        if " listening on " in line:
-            addr = line.split(" listening on ")[1].strip()
-        if line.strip() == "ready":
-            break
-    if addr is None:
-        raise SystemExit("a Gantry worker did not start")
-    return proc, addr
 
 
 class Gantry:

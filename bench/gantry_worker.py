@@ -1,0 +1,23 @@
+"""Starting the release `gantry worker` for the benchmarks that call one (shared by
+bench/worker_vs_llamacpp_server.py, bench/pipeline_stages.py and bench/batching_vs_llama_server.py)."""
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_worker(*args: str) -> tuple[subprocess.Popen, str]:
+    """Starts the release `gantry worker` on a free loopback port with `args`; returns the
+    process and its address once it prints `ready`."""
+    proc = subprocess.Popen(
+        [str(ROOT / "target/release/gantry"), "worker", "--listen", "127.0.0.1:0", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    addr = None
+    for line in proc.stdout:
+        if " listening on " in line:
+            addr = line.split(" listening on ")[1].strip()
+        if line.strip() == "ready":
+            break
+    if addr is None:
+        raise SystemExit("a Gantry worker did not start")
+    return proc, addr
