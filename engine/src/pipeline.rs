@@ -135,7 +135,7 @@ impl<'a> Chain<'a> {
                 self.caches[i].take().ok_or_else(|| EngineError::Config("a step of this sequence failed".into()))?;
             let job = Job {
                 cache,
-                input: job_input.clone(),
+                input: std::mem::replace(&mut job_input, JobInput::Tokens(Vec::new())),
                 logits_for: LogitsFor::Last,
                 preemptible: whole && tokens.is_some(),
                 reuse_prefix: reuse,

@@ -254,15 +254,17 @@ impl KvPool {
         let mut free = self.lock();
         free.settle(oldest_active);
         let max = self.max_blocks();
-        let held = free.used + free.limbo.len() + free.lru.len();
-        if held < max {
-            if let Some(b) = free.ready.pop() {
-                return Some(free.take(b));
+        let held = |f: &Free| f.used + f.limbo.len() + f.lru.len();
+        if held(&free) < max {
+            if free.ready.is_empty() {
+                // No slab to grow at the table's end: then only reclaiming a block helps.
+                drop(free);
+                self.add_slab();
+                free = self.lock();
             }
-            drop(free);
-            let grown = self.add_slab().is_some();
-            free = self.lock();
-            if let Some(b) = free.ready.pop().filter(|_| grown) {
+            if held(&free) < max
+                && let Some(b) = free.ready.pop()
+            {
                 return Some(free.take(b));
             }
         }
