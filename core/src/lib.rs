@@ -7,6 +7,7 @@
 //! every input is data and every decision a plain function.
 
 pub mod arch;
+pub mod autoscale;
 pub mod catalog;
 pub mod error;
 pub mod family;
