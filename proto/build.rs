@@ -21,6 +21,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("gantry.v1.PlacementPolicy.strategy", "PlacementStrategy"),
         ("gantry.v1.DeploymentEvent.kind", "deployment_event::Kind"),
         ("gantry.v1.GenerateDone.finish_reason", "FinishReason"),
+        ("gantry.v1.AutoscalingPolicy.metric", "AutoscalingMetric"),
     ] {
         config =
             config.field_attribute(field, format!("#[serde(serialize_with = \"crate::enum_name::<_, {enum_type}>\")]"));

@@ -15,6 +15,13 @@ pub struct ControllerConfig {
     pub worker_tls: Option<tonic::transport::ClientTlsConfig>,
     /// Requests relayed at once; past this, new ones are refused with RESOURCE_EXHAUSTED.
     pub max_requests: usize,
+    /// How often the autoscaler samples the deployments' signals and decides.
+    pub autoscale_interval: Duration,
+    /// The longest a request waits for a replica to come up (a cold start) when its own
+    /// deadline is later or unset.
+    pub cold_start_timeout: Duration,
+    /// Requests that may wait for a cold start per deployment; past this, RESOURCE_EXHAUSTED.
+    pub max_waiting: usize,
 }
 
 impl Default for ControllerConfig {
@@ -25,6 +32,9 @@ impl Default for ControllerConfig {
             margin_percent: 5,
             worker_tls: None,
             max_requests: 10_000,
+            autoscale_interval: Duration::from_secs(1),
+            cold_start_timeout: Duration::from_secs(300),
+            max_waiting: 256,
         }
     }
 }

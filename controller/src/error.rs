@@ -39,6 +39,14 @@ pub enum ClusterError {
     #[error("{0}")]
     NoReadyReplica(String),
 
+    /// Too many requests wait already (for a cold start); retry later.
+    #[error("{0}")]
+    Exhausted(String),
+
+    /// The request's deadline passed while it waited.
+    #[error("{0}")]
+    DeadlineExceeded(String),
+
     /// A bug or an unexpected failure.
     #[error("{0}")]
     Internal(String),
@@ -62,6 +70,8 @@ impl From<ClusterError> for Status {
             ClusterError::Invalid(_) => Status::invalid_argument(msg),
             ClusterError::StoreUnavailable(_) | ClusterError::NoReadyReplica(_) => Status::unavailable(msg),
             ClusterError::StoreBusy(_) | ClusterError::Precondition(_) => Status::failed_precondition(msg),
+            ClusterError::Exhausted(_) => Status::resource_exhausted(msg),
+            ClusterError::DeadlineExceeded(_) => Status::deadline_exceeded(msg),
             ClusterError::StoreFailed(_) | ClusterError::Internal(_) => Status::internal(msg),
         }
     }

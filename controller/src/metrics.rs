@@ -46,6 +46,8 @@ struct Recorded {
     placement_failures: BTreeMap<String, u64>,
     /// (model, outcome) → requests moved off a failed replica.
     migrations: BTreeMap<(String, String), u64>,
+    /// (deployment, direction) → the autoscaler's decisions.
+    autoscaled: BTreeMap<(String, String), u64>,
 }
 
 static RECORDED: LazyLock<Mutex<Recorded>> = LazyLock::new(Mutex::default);
@@ -77,6 +79,11 @@ pub fn token(model: &str, first: Option<Duration>, gap: Option<Duration>) {
 /// none could take it.
 pub fn migration(model: &str, outcome: &str) {
     with(|r| *r.migrations.entry((model.to_string(), outcome.to_string())).or_default() += 1);
+}
+
+/// An autoscaler decision for `deployment`: `up` or `down`.
+pub fn autoscaled(deployment: &str, direction: &str) {
+    with(|r| *r.autoscaled.entry((deployment.to_string(), direction.to_string())).or_default() += 1);
 }
 
 /// A replica that could not be placed or loaded, by kind of reason.
@@ -151,7 +158,22 @@ pub fn render(cluster: &Cluster) -> String {
                 label(outcome)
             );
         }
+        header(
+            &mut out,
+            "gantry_autoscaler_decisions_total",
+            "counter",
+            "The autoscaler's changes of a deployment's replica count, by direction (up, down).",
+        );
+        for ((name, direction), n) in &r.autoscaled {
+            let _ = writeln!(
+                out,
+                "gantry_autoscaler_decisions_total{{deployment=\"{}\",direction=\"{}\"}} {n}",
+                label(name),
+                label(direction)
+            );
+        }
     });
+    deployment_signals(&mut out, cluster);
 
     let workers = cluster.workers();
     header(&mut out, "gantry_worker_up", "gauge", "1 while a worker is connected and within its lease.");
@@ -245,6 +267,42 @@ pub fn render(cluster: &Cluster) -> String {
         }
     }
     out
+}
+
+/// Per-deployment signals with stable names, for dashboards and for HPA or KEDA
+/// (`gantry_deployment_in_flight_requests{deployment="chat"}`).
+fn deployment_signals(out: &mut String, cluster: &Cluster) {
+    let signals = cluster.signals();
+    let series: [(&str, &str, fn(&(String, u32, gantry_core::autoscale::Signals)) -> f64); 6] = [
+        (
+            "gantry_deployment_desired_replicas",
+            "Replicas a deployment asks for (its spec, or the autoscaler's count).",
+            |s| f64::from(s.1),
+        ),
+        ("gantry_deployment_ready_replicas", "Replicas of a deployment ready to serve.", |s| f64::from(s.2.ready)),
+        ("gantry_deployment_in_flight_requests", "Requests sent to a deployment's replicas and not finished.", |s| {
+            f64::from(s.2.in_flight)
+        }),
+        ("gantry_deployment_queued_requests", "Requests queued at a deployment's workers, not yet running.", |s| {
+            f64::from(s.2.queued)
+        }),
+        (
+            "gantry_deployment_waiting_requests",
+            "Requests waiting for a replica of a deployment to come up (a cold start).",
+            |s| f64::from(s.2.waiting),
+        ),
+        (
+            "gantry_deployment_kv_utilization",
+            "The fraction of a deployment's KV cache blocks in use, over its ready replicas (0 when not reported).",
+            |s| if s.2.kv_total_blocks == 0 { 0.0 } else { s.2.kv_used_blocks as f64 / s.2.kv_total_blocks as f64 },
+        ),
+    ];
+    for (name, help, value) in series {
+        header(out, name, "gauge", help);
+        for s in &signals {
+            let _ = writeln!(out, "{name}{{deployment=\"{}\"}} {}", label(&s.0), value(s));
+        }
+    }
 }
 
 #[cfg(test)]

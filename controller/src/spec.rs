@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use gantry_core::WireDtype;
+use gantry_core::autoscale::{Metric, Policy as AutoscalePolicy};
 use gantry_core::catalog::Catalog;
 use gantry_core::placement::{Policy, Strategy};
 use gantry_core::quant::WeightDtype;
@@ -36,6 +37,9 @@ pub struct DeploymentSpec {
     /// Sampling for the values a request leaves unset.
     #[serde(default)]
     pub sampling: SamplingDefaults,
+    /// Replicas that follow the load; `None`: `replicas` as Apply and Scale set it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalePolicy>,
 }
 
 /// Sampling values a deployment gives requests that leave them unset.
@@ -180,7 +184,17 @@ impl DeploymentSpec {
                 Some(p) => SamplingDefaults::from_proto(p)?,
                 None => SamplingDefaults::default(),
             },
-        })
+            autoscaling: spec.autoscaling.as_ref().map(autoscaling_from_proto).transpose()?,
+        }
+        .with_replicas_in_bounds())
+    }
+
+    /// `replicas` within the autoscaling bounds, if there are any.
+    pub fn with_replicas_in_bounds(mut self) -> DeploymentSpec {
+        if let Some(p) = &self.autoscaling {
+            self.replicas = p.clamp(self.replicas);
+        }
+        self
     }
 
     pub fn to_proto(&self) -> pb::DeploymentSpec {
@@ -200,12 +214,59 @@ impl DeploymentSpec {
             }),
             stage_wire_dtype: self.stage_wire_dtype.clone(),
             sampling_defaults: (self.sampling != SamplingDefaults::default()).then(|| self.sampling.to_proto()),
+            autoscaling: self.autoscaling.as_ref().map(autoscaling_to_proto),
         }
     }
 
-    /// Whether `other` differs in more than the replica count (a new generation).
+    /// Whether `other` differs in more than the replica count and the autoscaling policy (a
+    /// new generation: its replicas are loaded again).
     pub fn differs_beyond_replicas(&self, other: &DeploymentSpec) -> bool {
-        DeploymentSpec { replicas: other.replicas, ..self.clone() } != *other
+        DeploymentSpec { replicas: other.replicas, autoscaling: other.autoscaling.clone(), ..self.clone() } != *other
+    }
+}
+
+/// Reads and checks an autoscaling policy.
+pub fn autoscaling_from_proto(p: &pb::AutoscalingPolicy) -> Result<AutoscalePolicy, ClusterError> {
+    let metric = match pb::AutoscalingMetric::try_from(p.metric) {
+        Ok(pb::AutoscalingMetric::Unspecified | pb::AutoscalingMetric::InFlight) => Metric::InFlight,
+        Ok(pb::AutoscalingMetric::Queue) => Metric::Queue,
+        Ok(pb::AutoscalingMetric::KvUtilization) => Metric::KvUtilization,
+        Err(_) => {
+            return Err(ClusterError::Invalid(format!(
+                "autoscaling metric {}: use in_flight, queue or kv_utilization",
+                p.metric
+            )));
+        }
+    };
+    let defaults = AutoscalePolicy::default();
+    let policy = AutoscalePolicy {
+        min_replicas: p.min_replicas,
+        max_replicas: p.max_replicas,
+        metric,
+        target: p.target,
+        scale_up_window_ms: u64::from(p.scale_up_window_s) * 1000,
+        scale_down_delay_ms: p.scale_down_delay_s.map_or(defaults.scale_down_delay_ms, |s| u64::from(s) * 1000),
+        scale_to_zero_after_ms: p
+            .scale_to_zero_after_s
+            .map_or(defaults.scale_to_zero_after_ms, |s| u64::from(s) * 1000),
+    };
+    policy.validate().map_err(ClusterError::Invalid)?;
+    Ok(policy)
+}
+
+pub fn autoscaling_to_proto(p: &AutoscalePolicy) -> pb::AutoscalingPolicy {
+    pb::AutoscalingPolicy {
+        min_replicas: p.min_replicas,
+        max_replicas: p.max_replicas,
+        metric: match p.metric {
+            Metric::InFlight => pb::AutoscalingMetric::InFlight,
+            Metric::Queue => pb::AutoscalingMetric::Queue,
+            Metric::KvUtilization => pb::AutoscalingMetric::KvUtilization,
+        } as i32,
+        target: p.target,
+        scale_up_window_s: (p.scale_up_window_ms / 1000) as u32,
+        scale_down_delay_s: Some((p.scale_down_delay_ms / 1000) as u32),
+        scale_to_zero_after_s: Some((p.scale_to_zero_after_ms / 1000) as u32),
     }
 }
 

@@ -16,7 +16,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use gantry_controller::operator::crd::{HubModel, ModelDeployment, ModelDeploymentSpec, ModelSource, SecretKeyRef};
+use gantry_controller::operator::crd::{
+    AutoscalingSpec, HubModel, ModelDeployment, ModelDeploymentSpec, ModelSource, SecretKeyRef,
+};
 use gantry_controller::operator::lease::{Attempt, LeaseLock, mark_leader};
 use gantry_controller::operator::{Context, FINALIZER, reconcile};
 use gantry_controller::statestore::embedded::EmbeddedStore;
@@ -102,6 +104,13 @@ fn answer(world: &mut World, method: &str, path: &str, body: &Value) -> (StatusC
         let mut ev = body.clone();
         ev["metadata"]["name"] = json!(ev["metadata"]["name"].as_str().unwrap_or("ev"));
         return (if method == "POST" { StatusCode::CREATED } else { StatusCode::OK }, ev);
+    }
+    if path.ends_with("/scale") {
+        let replicas = body["spec"]["replicas"].as_u64().unwrap_or(0);
+        return (
+            StatusCode::OK,
+            json!({"apiVersion": "autoscaling/v1", "kind": "Scale", "metadata": {"name": "x"}, "spec": {"replicas": replicas}}),
+        );
     }
     if path.contains("/modeldeployments/") {
         // The reconciler does not read what a patch returns: a valid object is enough.
@@ -240,6 +249,7 @@ fn model_deployment(name: &str, replicas: u32) -> ModelDeployment {
             placement: None,
             stage_wire_dtype: None,
             hf_token_secret: None,
+            autoscaling: None,
         },
     );
     md.metadata.namespace = Some("default".into());
@@ -409,6 +419,77 @@ async fn create_scale_worker_loss_and_delete() {
         json!([{"op": "test", "path": "/metadata/finalizers/0", "value": FINALIZER}, {"op": "remove", "path": "/metadata/finalizers/0"}])
     );
     assert!(events(&calls).contains(&("Normal".into(), "Deleted".into())), "{calls:?}");
+}
+
+/// Waits for the operator to have made a call that `pick` accepts.
+async fn wait_for_call(world: &Arc<Mutex<World>>, what: &str, pick: impl Fn(&Call) -> bool) -> Call {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(c) = world.lock().unwrap().calls.iter().find(|c| pick(c)) {
+            return c.clone();
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "no {what} within 10 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_autoscaled_resource_gets_the_autoscalers_count_through_its_scale_subresource() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(EmbeddedStore::open(&dir.path().join("state.redb")).unwrap());
+    let config = ControllerConfig {
+        lease: Duration::from_secs(2),
+        autoscale_interval: Duration::from_millis(100),
+        ..ControllerConfig::default()
+    };
+    let cluster = Cluster::start(store, config).await.unwrap();
+    let (client, world) = fake_api();
+    let ctx = Context::new(client, cluster.clone(), "gantry-controller-0");
+    let (s1, mut w1) = register(&cluster, "w1");
+
+    let mut md = model_deployment("auto", 1);
+    md.spec.autoscaling = Some(AutoscalingSpec {
+        min_replicas: 0,
+        max_replicas: 2,
+        metric: None,
+        target: 1.0,
+        scale_up_window_seconds: None,
+        scale_down_delay_seconds: Some(1),
+        scale_to_zero_after_seconds: Some(1),
+    });
+    reconcile(Arc::new(md.clone()), ctx.clone()).await.unwrap();
+    let ToWorker::Load(cmd) = next_command(&mut w1).await else { panic!("a load") };
+    loaded(&cluster, "w1", s1, &cmd);
+    assert_eq!(cluster.spec("auto").unwrap().autoscaling.unwrap().max_replicas, 2);
+
+    // Idle past scale_to_zero_after: the count goes to the resource, not straight to the cluster.
+    let patch = wait_for_call(&world, "PATCH of the scale subresource", |c| {
+        c.is("PATCH", "/namespaces/default/modeldeployments/auto/scale")
+    })
+    .await;
+    assert_eq!(patch.body, json!({"spec": {"replicas": 0}}));
+    assert_eq!(cluster.spec("auto").unwrap().replicas, 1, "the resource owns the count until it comes back");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let patches = world.lock().unwrap().calls.iter().filter(|c| c.path.ends_with("/scale")).count();
+    assert_eq!(patches, 1, "asked once while the resource catches up");
+
+    // The resource comes back with spec.replicas 0: the replica is unloaded, and the decision is
+    // published as an event with its reason.
+    let mut scaled = with_status(md, &take_calls(&world));
+    scaled.spec.replicas = 0;
+    reconcile(Arc::new(scaled), ctx.clone()).await.unwrap();
+    let ToWorker::Unload(u) = next_command(&mut w1).await else { panic!("an unload") };
+    assert_eq!(u.request.unwrap().model_id, "auto/0");
+    let calls = take_calls(&world);
+    assert!(events(&calls).contains(&("Normal".into(), "Autoscaled".into())), "{:?}", events(&calls));
+    let note = calls
+        .iter()
+        .find(|c| c.path.contains("/events") && c.body["reason"] == "Autoscaled")
+        .map(|c| c.body["note"].as_str().unwrap_or_default().to_string())
+        .unwrap();
+    assert!(note.ends_with("1 → 0 replica(s), idle for 1 s (scale to zero)"), "{note}");
+    let d = cluster.get("auto").unwrap();
+    assert_eq!(d.status.unwrap().phase, "ScaledToZero");
 }
 
 #[tokio::test]

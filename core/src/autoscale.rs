@@ -269,10 +269,7 @@ pub fn decide(policy: &Policy, current: u32, samples: &[Signals], now_ms: u64) -
     if policy.min_replicas == 0 && covers(policy.scale_to_zero_after_ms) {
         let idle = within(policy.scale_to_zero_after_ms).all(|s| !s.active());
         if idle {
-            return Some(describe(
-                0,
-                &format!("idle for {} s (scale to zero)", policy.scale_to_zero_after_ms / 1000),
-            ));
+            return Some(describe(0, &format!("idle for {} s (scale to zero)", policy.scale_to_zero_after_ms / 1000)));
         }
     }
     if now_wants < current && covers(policy.scale_down_delay_ms) {
@@ -370,7 +367,11 @@ mod tests {
         assert_eq!(counts[101], 2);
         assert_eq!(counts[129], 2);
         assert_eq!(decisions.len(), 2);
-        assert!(decisions[0].reason.ends_with("5 → 3 replica(s), the highest recommendation over 60 s"), "{}", decisions[0].reason);
+        assert!(
+            decisions[0].reason.ends_with("5 → 3 replica(s), the highest recommendation over 60 s"),
+            "{}",
+            decisions[0].reason
+        );
     }
 
     #[test]

@@ -47,6 +47,7 @@ enum_names! {
     v1::PlacementStrategy => "PLACEMENT_STRATEGY_",
     v1::deployment_event::Kind => "KIND_",
     v1::FinishReason => "FINISH_REASON_",
+    v1::AutoscalingMetric => "AUTOSCALING_METRIC_",
 }
 
 /// A replica state as people read it: `Pending`, `Loading`, `Ready`, `Failed` (the CLI, the

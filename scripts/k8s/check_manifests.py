@@ -32,6 +32,9 @@ import kubernetes_validate
 import yaml
 
 GROUP = "gantry.dev"
+# KEDA's ScaledObject (the chart's optional keda.scaledObjects), checked against the fields the
+# chart renders (scripts/k8s/keda-scaledobject.schema.json): no schema of it ships with Kubernetes.
+KEDA_SCHEMA = __import__("pathlib").Path(__file__).with_name("keda-scaledobject.schema.json")
 KIND = "ModelDeployment"
 DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
@@ -177,6 +180,10 @@ def object_errors(obj, kube_version, crd_schemas, crd_problem):
         if crd_schemas is None:
             return [f"cannot check a {GROUP} object without the CRD: {crd_problem}"]
         return crd_schemas.errors(obj)
+    if str(obj["apiVersion"]).split("/")[0] == "keda.sh":
+        import json
+        validator = jsonschema.Draft202012Validator(json.loads(KEDA_SCHEMA.read_text()))
+        return [f"{path_of(e)}: {e.message}" for e in validator.iter_errors(obj)]
     return builtin_errors(obj, kube_version)
 
 

@@ -41,7 +41,8 @@ pub const DEPLOY_EXAMPLES: &str = "\
 Examples:
   gantry deploy smollm2 --model models/SmolLM2-135M-Instruct.Q4_1.gguf
   gantry deploy llama --model meta-llama/Llama-3.1-8B-Instruct --replicas 2 --strategy spread
-  gantry deploy big --model ./Llama-3-70B --gpu-name H100 --selector zone=a --context 8K";
+  gantry deploy big --model ./Llama-3-70B --gpu-name H100 --selector zone=a --context 8K
+  gantry deploy chat --model models/SmolLM2-135M-Instruct.Q4_1.gguf --min-replicas 0 --max-replicas 4 --target-in-flight 8";
 
 /// Arguments of `gantry deploy`.
 #[derive(Debug, clap::Args)]
@@ -51,8 +52,11 @@ pub struct DeployArgs {
     /// The model: a folder or .gguf file the workers can read, or a Hub id `org/name[@rev][:file]`
     #[arg(long)]
     model: String,
-    #[arg(long, default_value_t = 1)]
-    replicas: u32,
+    /// Replicas to run [default: 1; with autoscaling, --min-replicas]
+    #[arg(long)]
+    replicas: Option<u32>,
+    #[command(flatten)]
+    autoscaling: AutoscalingArgs,
     /// Size the weights at this precision (f16, q8_0, q4_k_m …) [default: as stored]
     #[arg(long, default_value = "")]
     dtype: String,
@@ -85,6 +89,56 @@ pub struct DeployArgs {
     output: String,
     #[command(flatten)]
     controller: ControllerArg,
+}
+
+/// `gantry deploy`'s autoscaling flags: --max-replicas turns autoscaling on.
+#[derive(Debug, clap::Args)]
+pub struct AutoscalingArgs {
+    /// Autoscale: the fewest replicas (0: scale to zero when idle; a request then waits while one loads)
+    #[arg(long, requires = "max_replicas")]
+    min_replicas: Option<u32>,
+    /// Autoscale up to this many replicas
+    #[arg(long)]
+    max_replicas: Option<u32>,
+    /// Autoscale on requests in flight per replica [default: 8]
+    #[arg(long, group = "autoscale_target", requires = "max_replicas")]
+    target_in_flight: Option<f64>,
+    /// Autoscale on requests queued at the workers per replica
+    #[arg(long, group = "autoscale_target", requires = "max_replicas")]
+    target_queue: Option<f64>,
+    /// Autoscale on the fraction of KV cache blocks in use per replica, in (0, 1]
+    #[arg(long, group = "autoscale_target", requires = "max_replicas")]
+    target_kv_utilization: Option<f64>,
+    /// Seconds: scale up to the lowest recommendation over this window [default: 0, at once]
+    #[arg(long, requires = "max_replicas")]
+    scale_up_window: Option<u32>,
+    /// Seconds: scale down to the highest recommendation over this window [default: 300]
+    #[arg(long, requires = "max_replicas")]
+    scale_down_delay: Option<u32>,
+    /// Seconds idle before the last replica goes, with --min-replicas 0 [default: 300]
+    #[arg(long, requires = "max_replicas")]
+    scale_to_zero_after: Option<u32>,
+}
+
+impl AutoscalingArgs {
+    /// The policy these flags ask for, if any.
+    fn policy(&self) -> Option<pb::AutoscalingPolicy> {
+        let max = self.max_replicas?;
+        let (metric, target) = match (self.target_in_flight, self.target_queue, self.target_kv_utilization) {
+            (_, Some(q), _) => (pb::AutoscalingMetric::Queue, q),
+            (_, _, Some(kv)) => (pb::AutoscalingMetric::KvUtilization, kv),
+            (t, _, _) => (pb::AutoscalingMetric::InFlight, t.unwrap_or(8.0)),
+        };
+        Some(pb::AutoscalingPolicy {
+            min_replicas: self.min_replicas.unwrap_or(1),
+            max_replicas: max,
+            metric: metric as i32,
+            target,
+            scale_up_window_s: self.scale_up_window.unwrap_or(0),
+            scale_down_delay_s: self.scale_down_delay,
+            scale_to_zero_after_s: self.scale_to_zero_after,
+        })
+    }
 }
 
 /// Arguments of `gantry scale`.
@@ -287,11 +341,13 @@ pub fn run_deploy(args: DeployArgs) -> Result<(), CliError> {
         Ok(p) => p.display().to_string(),
         Err(_) => args.model.clone(),
     };
+    let autoscaling = args.autoscaling.policy();
+    let replicas = args.replicas.unwrap_or(autoscaling.as_ref().map_or(1, |p| p.min_replicas));
     let spec = pb::DeploymentSpec {
         source,
         dtype: args.dtype.clone(),
         context_length: context,
-        replicas: args.replicas,
+        replicas,
         placement: Some(pb::PlacementPolicy {
             strategy: strategy as i32,
             node_selector: parse_selectors(&args.selectors)?,
@@ -304,6 +360,7 @@ pub fn run_deploy(args: DeployArgs) -> Result<(), CliError> {
             max_tokens: args.max_tokens,
             ..Default::default()
         }),
+        autoscaling,
     };
     runtime()?.block_on(async {
         let mut client = DeploymentsClient::new(connect(&args.controller).await?);
@@ -451,6 +508,9 @@ pub fn describe(d: &pb::Deployment) -> String {
         format_bytes(status.replica_bytes),
         spec.source
     );
+    if let (Some(p), Some(a)) = (&spec.autoscaling, &status.autoscaler) {
+        out.push_str(&autoscaling_line(p, a));
+    }
     let mut t = Table::new(&["REPLICA", "STATE", "PLACEMENT", "RESERVED", "DETAIL"]);
     for r in &status.replica_status {
         let reserved: u64 = r.stages.iter().map(|s| s.reserved_bytes).sum();
@@ -490,6 +550,35 @@ pub fn describe(d: &pb::Deployment) -> String {
         for e in status.events.iter().rev().take(8).rev() {
             out.push_str(&format!("    {:<14} {}\n", e.kind, e.message));
         }
+    }
+    out
+}
+
+/// The autoscaling policy, what the autoscaler sees now and its last decision.
+fn autoscaling_line(p: &pb::AutoscalingPolicy, a: &pb::AutoscalerStatus) -> String {
+    let metric = match pb::AutoscalingMetric::try_from(p.metric) {
+        Ok(pb::AutoscalingMetric::Queue) => "queue",
+        Ok(pb::AutoscalingMetric::KvUtilization) => "kv_utilization",
+        _ => "in_flight",
+    };
+    let mut out = format!(
+        "  autoscaling: {}..{} replicas, target {metric} {} per replica (down after {} s{}); now {metric} {:.2}, {} in flight, {} queued, {} waiting\n",
+        p.min_replicas,
+        p.max_replicas,
+        p.target,
+        p.scale_down_delay_s.unwrap_or(300),
+        if p.min_replicas == 0 {
+            format!(", to zero after {} s idle", p.scale_to_zero_after_s.unwrap_or(300))
+        } else {
+            String::new()
+        },
+        a.load,
+        a.in_flight,
+        a.queued,
+        a.waiting,
+    );
+    if !a.last_decision.is_empty() {
+        out.push_str(&format!("  last decision: {}\n", a.last_decision));
     }
     out
 }

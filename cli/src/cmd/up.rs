@@ -68,6 +68,16 @@ pub struct ControlArgs {
     /// Requests relayed at once; past this, new ones are refused at once (RESOURCE_EXHAUSTED)
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     max_requests: u32,
+    /// Seconds between the autoscaler's rounds (each samples every autoscaled deployment)
+    #[arg(long, default_value_t = 1.0)]
+    autoscale_interval: f64,
+    /// Seconds a request waits at most for a replica of an autoscaled deployment to come up
+    /// (scaled to zero, or scaling up); its own deadline may be shorter
+    #[arg(long, default_value_t = 300.0)]
+    cold_start_timeout: f64,
+    /// Requests that may wait for a cold start per deployment; past this, RESOURCE_EXHAUSTED
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    max_waiting: u32,
     /// A file of API keys, one per line: every API but health checks then needs
     /// `Authorization: Bearer <key>` [default: no keys]
     #[arg(long, env = "GANTRY_API_KEYS_FILE")]
@@ -214,12 +224,27 @@ impl ControlArgs {
             return Err(CliError::usage(format!("--lease {}: give at least 0.2 seconds", self.lease)));
         }
         let lease = Duration::from_secs_f64(self.lease);
+        if !(self.autoscale_interval.is_finite() && (0.05..=60.0).contains(&self.autoscale_interval)) {
+            return Err(CliError::usage(format!(
+                "--autoscale-interval {}: give 0.05 to 60 seconds",
+                self.autoscale_interval
+            )));
+        }
+        if !(self.cold_start_timeout.is_finite() && (0.0..=86_400.0).contains(&self.cold_start_timeout)) {
+            return Err(CliError::usage(format!(
+                "--cold-start-timeout {}: give 0 to 86400 seconds",
+                self.cold_start_timeout
+            )));
+        }
         Ok(ControllerConfig {
             lease,
             heartbeat: (lease / 4).clamp(Duration::from_millis(50), Duration::from_secs(2)),
             margin_percent: self.vram_margin,
             worker_tls: None,
             max_requests: self.max_requests as usize,
+            autoscale_interval: Duration::from_secs_f64(self.autoscale_interval),
+            cold_start_timeout: Duration::from_secs_f64(self.cold_start_timeout),
+            max_waiting: self.max_waiting as usize,
         })
     }
 

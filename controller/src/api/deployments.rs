@@ -14,8 +14,16 @@ impl pb::deployments_server::Deployments for Services {
 
     async fn apply(&self, request: Request<pb::ApplyRequest>) -> Result<Response<pb::Deployment>, Status> {
         let r = request.into_inner();
-        let spec = DeploymentSpec::from_proto(r.spec)?;
-        Ok(Response::new(self.cluster().apply(r.name.trim(), spec).await?))
+        let name = r.name.trim();
+        let mut spec = DeploymentSpec::from_proto(r.spec)?;
+        // The autoscaler owns the count of an autoscaled deployment: applying it again keeps
+        // the current count, within the new bounds.
+        if let Some(policy) = &spec.autoscaling
+            && let Some(current) = self.cluster().spec(name).filter(|c| c.autoscaling.is_some())
+        {
+            spec.replicas = policy.clamp(current.replicas);
+        }
+        Ok(Response::new(self.cluster().apply(name, spec).await?))
     }
 
     async fn get(&self, request: Request<pb::GetDeploymentRequest>) -> Result<Response<pb::Deployment>, Status> {

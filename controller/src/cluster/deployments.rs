@@ -84,6 +84,17 @@ impl Cluster {
     }
 
     pub async fn scale(&self, name: &str, replicas: u32) -> Result<pb::Deployment, ClusterError> {
+        self.scale_with(name, replicas, None).await
+    }
+
+    /// Sets the replica count, written to the store first; the event is `why` (the autoscaler's
+    /// decision) or `Scaled`.
+    pub(crate) async fn scale_with(
+        &self,
+        name: &str,
+        replicas: u32,
+        why: Option<(EventKind, String)>,
+    ) -> Result<pb::Deployment, ClusterError> {
         check_replicas(replicas)?;
         let record = {
             let inner = self.lock();
@@ -98,8 +109,12 @@ impl Cluster {
         let Some(d) = st.deployments.get_mut(name) else { return Err(view::not_found(st, name)) };
         let before = d.record.spec.replicas;
         d.record.spec.replicas = replicas;
-        if before != replicas {
-            st.event(name, EventKind::Scaled, format!("scaled from {before} to {replicas} replica(s)"));
+        match why {
+            Some((kind, message)) => st.event(name, kind, message),
+            None if before != replicas => {
+                st.event(name, EventKind::Scaled, format!("scaled from {before} to {replicas} replica(s)"));
+            }
+            None => {}
         }
         self.settle(&mut inner, Vec::new());
         view::deployment(&inner.state, name, &self.config)

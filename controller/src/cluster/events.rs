@@ -13,6 +13,8 @@ pub enum EventKind {
     Created,
     Updated,
     Scaled,
+    /// The autoscaler changed the replica count (the message has the signal and the target).
+    Autoscaled,
     /// A replica was given GPUs.
     Placed,
     /// A replica cannot be placed now (the message says why).
@@ -28,10 +30,11 @@ pub enum EventKind {
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 10] = [
+    pub const ALL: [EventKind; 11] = [
         EventKind::Created,
         EventKind::Updated,
         EventKind::Scaled,
+        EventKind::Autoscaled,
         EventKind::Placed,
         EventKind::Pending,
         EventKind::Adopted,
@@ -47,6 +50,7 @@ impl EventKind {
             EventKind::Created => "Created",
             EventKind::Updated => "Updated",
             EventKind::Scaled => "Scaled",
+            EventKind::Autoscaled => "Autoscaled",
             EventKind::Placed => "Placed",
             EventKind::Pending => "Pending",
             EventKind::Adopted => "Adopted",

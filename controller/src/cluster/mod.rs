@@ -6,9 +6,11 @@
 //!
 //! - [`deployments`]: the Deployments API (apply, scale, delete, watch …);
 //! - [`workers`]: the worker links (register, heartbeats, command results, loss);
+//! - [`autoscale`]: the autoscaler's rounds and requests waiting for a cold start;
 //! - [`view`]: what the API reports (a deployment's view, workers, GPUs);
 //! - [`events`], [`persist`], [`state`].
 
+pub mod autoscale;
 pub mod deployments;
 pub mod events;
 pub mod persist;
@@ -69,6 +71,8 @@ pub struct Cluster {
     /// Turns true when the controller stops: long-lived streams (worker links, watches) end.
     closing: watch::Sender<bool>,
     started: Instant,
+    /// Another owner of replica counts (the operator), if any.
+    scaler: Mutex<Option<Arc<dyn autoscale::Scaler>>>,
 }
 
 impl Cluster {
@@ -86,7 +90,9 @@ impl Cluster {
             changes: broadcast::channel(1024).0,
             closing: watch::channel(false).0,
             started: Instant::now(),
+            scaler: Mutex::new(None),
         });
+        cluster.start_autoscaler();
         // Leases, retries and anything waiting on time.
         let weak = Arc::downgrade(&cluster);
         let tick = (cluster.config.lease / 4).clamp(Duration::from_millis(50), Duration::from_millis(500));

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
 use std::time::Instant;
 
+use gantry_core::autoscale::Signals;
 use gantry_core::placement::PlacedStage;
 use gantry_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
@@ -118,11 +119,32 @@ pub struct Deployment {
     pub sized: Result<SizedModel, String>,
     pub replicas: BTreeMap<u32, Replica>,
     pub events: VecDeque<pb::DeploymentEventRecord>,
+    pub autoscaler: Autoscaler,
+}
+
+/// What the autoscaler keeps per deployment (in memory: after a restart the windows start
+/// again, which only delays a scale-down).
+#[derive(Debug, Default)]
+pub struct Autoscaler {
+    /// Signals over the policy's longest window, oldest first.
+    pub samples: VecDeque<Signals>,
+    /// Requests waiting for a replica to come up (a cold start).
+    pub waiting: Arc<AtomicU32>,
+    pub last_decision: String,
+    pub last_decision_ms: u64,
+    /// A count asked of the owner of `replicas` (Kubernetes) and not yet seen back, and when.
+    pub asked: Option<(u32, Instant)>,
 }
 
 impl Deployment {
     pub fn new(record: DeploymentRecord, sized: Result<SizedModel, String>) -> Deployment {
-        Deployment { record, sized, replicas: BTreeMap::new(), events: VecDeque::new() }
+        Deployment {
+            record,
+            sized,
+            replicas: BTreeMap::new(),
+            events: VecDeque::new(),
+            autoscaler: Autoscaler::default(),
+        }
     }
 
     /// Replicas ready to serve.

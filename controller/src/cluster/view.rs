@@ -39,7 +39,9 @@ pub fn deployment(st: &State, name: &str, config: &ControllerConfig) -> Option<p
         .collect();
     let ready = d.ready();
     let loading = d.replicas.values().any(|r| r.state == ReplicaState::Loading);
-    let phase = if ready >= d.record.spec.replicas {
+    let phase = if d.record.spec.replicas == 0 && d.record.spec.autoscaling.is_some() && d.replicas.is_empty() {
+        "ScaledToZero"
+    } else if ready >= d.record.spec.replicas {
         "Ready"
     } else if loading {
         "Progressing"
@@ -60,6 +62,21 @@ pub fn deployment(st: &State, name: &str, config: &ControllerConfig) -> Option<p
             events: d.events.iter().cloned().collect(),
             replica_bytes,
             phase: phase.into(),
+            autoscaler: d.record.spec.autoscaling.as_ref().map(|_| {
+                let a = &d.autoscaler;
+                let last = a.samples.back().copied().unwrap_or_default();
+                let policy = d.record.spec.autoscaling.as_ref().map(|p| p.metric).unwrap_or_default();
+                pb::AutoscalerStatus {
+                    load: last.load(policy),
+                    in_flight: last.in_flight,
+                    queued: last.queued,
+                    waiting: last.waiting,
+                    kv_used_blocks: last.kv_used_blocks,
+                    kv_total_blocks: last.kv_total_blocks,
+                    last_decision: a.last_decision.clone(),
+                    last_decision_ms: a.last_decision_ms,
+                }
+            }),
         }),
         generation: d.record.generation,
         created_ms: d.record.created_ms,

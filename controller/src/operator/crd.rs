@@ -82,6 +82,52 @@ pub struct ModelDeploymentSpec {
     /// A Secret in this namespace holding a Hugging Face token, for gated or private models.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hf_token_secret: Option<SecretKeyRef>,
+    /// Replicas that follow the load: the controller's autoscaler then sets `replicas` (through
+    /// the scale subresource, as `kubectl scale` does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
+}
+
+/// How replicas follow the load.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingSpec {
+    /// Fewest replicas; 0 scales to zero after `scaleToZeroAfterSeconds` idle (a request then
+    /// waits while a replica loads).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 1024))]
+    pub min_replicas: u32,
+    #[schemars(range(min = 1, max = 1024))]
+    pub max_replicas: u32,
+    /// What a replica's share of the load is measured in; default `InFlight`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric: Option<AutoscalingMetric>,
+    /// The metric's value per replica: requests in flight or queued, or a fraction of the KV
+    /// cache blocks in (0, 1].
+    pub target: f64,
+    /// Scaling up follows the lowest recommendation over this window; default 0 (at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub scale_up_window_seconds: Option<u32>,
+    /// Scaling down follows the highest recommendation over this window; default 300.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub scale_down_delay_seconds: Option<u32>,
+    /// With `minReplicas: 0`, idle this long before the last replica goes; default 300.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub scale_to_zero_after_seconds: Option<u32>,
+}
+
+/// An autoscaling signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum AutoscalingMetric {
+    /// Requests sent to a replica and not finished (plus those waiting for a cold start).
+    InFlight,
+    /// Requests queued at the workers (plus those waiting for a cold start).
+    Queue,
+    /// The fraction of a replica's KV cache blocks in use.
+    KvUtilization,
 }
 
 fn one() -> u32 {

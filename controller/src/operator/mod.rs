@@ -36,7 +36,10 @@ use crate::cluster::Cluster;
 use crate::cluster::events::EventKind;
 use crate::error::ClusterError;
 use crate::spec::{DeploymentSpec, SamplingDefaults, check_name};
-use crd::{ModelDeployment, ModelDeploymentStatus, ModelSource, ReplicaStatus, StageStatus, Strategy, WireDtype};
+use crd::{
+    AutoscalingMetric, ModelDeployment, ModelDeploymentStatus, ModelSource, ReplicaStatus, StageStatus, Strategy,
+    WireDtype,
+};
 
 /// The finalizer that holds a resource until its replicas are unloaded.
 pub const FINALIZER: &str = "gantry.dev/unload";
@@ -44,11 +47,63 @@ pub const FINALIZER: &str = "gantry.dev/unload";
 /// Whom events and status patches come from.
 pub const MANAGER: &str = "gantry-controller";
 
+/// The owner of autoscaled resources' replica counts: the autoscaler's decisions are written to
+/// `spec.replicas` through the scale subresource (as `kubectl scale` does), and the change comes
+/// back to the cluster through [`reconcile`], so the resource and the cluster never disagree.
+pub struct KubeScaler {
+    client: Client,
+    /// The resources this operator applied: name → namespace.
+    managed: Mutex<HashMap<String, String>>,
+}
+
+impl std::fmt::Debug for KubeScaler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeScaler").field("managed", &self.managed).finish_non_exhaustive()
+    }
+}
+
+impl KubeScaler {
+    fn manage(&self, name: &str, namespace: Option<&str>) {
+        if let Ok(mut m) = self.managed.lock() {
+            match namespace {
+                Some(ns) => m.insert(name.to_string(), ns.to_string()),
+                None => m.remove(name),
+            };
+        }
+    }
+}
+
+impl crate::cluster::autoscale::Scaler for KubeScaler {
+    fn manages(&self, name: &str) -> bool {
+        self.managed.lock().is_ok_and(|m| m.contains_key(name))
+    }
+
+    fn scale<'a>(
+        &'a self,
+        name: &'a str,
+        replicas: u32,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>> {
+        Box::pin(async move {
+            let ns = self.managed.lock().ok().and_then(|m| m.get(name).cloned()).unwrap_or_else(|| "default".into());
+            let api: Api<ModelDeployment> = Api::namespaced(self.client.clone(), &ns);
+            let patch = Patch::Merge(json!({ "spec": { "replicas": replicas } }));
+            api.patch_scale(name, &PatchParams::default(), &patch)
+                .await
+                .map(
+                    |_| info!(resource = %name, replicas, "autoscaler set spec.replicas through the scale subresource"),
+                )
+                .map_err(|e| format!("patching {ns}/{name}'s scale subresource: {e}"))
+        })
+    }
+}
+
 /// What the reconciler needs.
 pub struct Context {
     pub client: Client,
     pub cluster: Arc<Cluster>,
     pub recorder: Recorder,
+    /// Writes the autoscaler's counts to the resources.
+    pub scaler: Arc<KubeScaler>,
     /// Consecutive failures per resource, for the backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -64,7 +119,9 @@ impl Context {
     pub fn new(client: Client, cluster: Arc<Cluster>, instance: &str) -> Arc<Context> {
         let reporter = Reporter { controller: MANAGER.into(), instance: Some(instance.to_string()) };
         let recorder = Recorder::new(client.clone(), reporter);
-        Arc::new(Context { client, cluster, recorder, failures: Mutex::default() })
+        let scaler = Arc::new(KubeScaler { client: client.clone(), managed: Mutex::default() });
+        cluster.set_scaler(scaler.clone());
+        Arc::new(Context { client, cluster, recorder, scaler, failures: Mutex::default() })
     }
 }
 
@@ -132,6 +189,19 @@ pub fn to_spec(md: &ModelDeployment) -> Result<DeploymentSpec, String> {
                 max_tokens: d.max_tokens,
             }
             .to_proto()
+        }),
+        autoscaling: s.autoscaling.as_ref().map(|a| pb::AutoscalingPolicy {
+            min_replicas: a.min_replicas,
+            max_replicas: a.max_replicas,
+            metric: match a.metric {
+                None | Some(AutoscalingMetric::InFlight) => pb::AutoscalingMetric::InFlight,
+                Some(AutoscalingMetric::Queue) => pb::AutoscalingMetric::Queue,
+                Some(AutoscalingMetric::KvUtilization) => pb::AutoscalingMetric::KvUtilization,
+            } as i32,
+            target: a.target,
+            scale_up_window_s: a.scale_up_window_seconds.unwrap_or(0),
+            scale_down_delay_s: a.scale_down_delay_seconds,
+            scale_to_zero_after_s: a.scale_to_zero_after_seconds,
         }),
     };
     DeploymentSpec::from_proto(Some(spec)).map_err(|e| e.to_string())
@@ -333,6 +403,8 @@ async fn apply(md: Arc<ModelDeployment>, ctx: &Context, api: &Api<ModelDeploymen
         }
     };
     ctx.cluster.set_hub_token(&name, token);
+    let autoscaled = spec.autoscaling.is_some();
+    ctx.scaler.manage(&name, autoscaled.then(|| md.namespace().unwrap_or_else(|| "default".into())).as_deref());
     if ctx.cluster.spec(&name).as_ref() != Some(&spec) {
         match ctx.cluster.apply(&name, spec).await {
             Ok(_) => info!(resource = %name, "applied"),
@@ -382,6 +454,7 @@ async fn cleanup(md: Arc<ModelDeployment>, ctx: &Context) -> Result<Action, Oper
         Err(e) => return Err(e.into()),
     }
     ctx.cluster.set_hub_token(&name, None);
+    ctx.scaler.manage(&name, None);
     Ok(Action::await_change())
 }
 

@@ -16,6 +16,7 @@ use tracing::{info, warn};
 use super::code_name;
 use super::pick::Target;
 use crate::cluster::Cluster;
+use crate::error::ClusterError;
 
 /// Whether a worker's error means the replica failed (the worker died, its connection broke,
 /// a pipeline stage went away) rather than that the request is wrong: then the request may go
@@ -84,8 +85,24 @@ impl Relay {
     /// tokens already delivered.
     pub(super) async fn attach(&mut self) -> Result<Attached, Status> {
         let mut unreachable = Vec::new();
+        let mut waits = 0;
         loop {
-            let target = self.cluster.pick(&self.model, &self.failed).map_err(|e| {
+            let picked = match self.cluster.pick(&self.model, &self.failed) {
+                // An autoscaled deployment with no ready replica: wait while one comes up.
+                Err(ClusterError::NoReadyReplica(_)) if waits < 3 && self.cluster.autoscaled(&self.model) => {
+                    waits += 1;
+                    let waited = Instant::now();
+                    match self.cluster.wait_for_replica(&self.model, &self.failed, self.deadline).await {
+                        Ok(()) => {
+                            info!(request_id = %self.request_id, model = %self.model, waited_ms = waited.elapsed().as_millis() as u64, "a replica came up");
+                            continue;
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                other => other,
+            };
+            let target = picked.map_err(|e| {
                 let e = Status::from(e);
                 if unreachable.is_empty() {
                     e
