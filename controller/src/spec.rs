@@ -336,3 +336,49 @@ fn size_with(model: ModelSpec, spec: &DeploymentSpec) -> Result<SizedModel, Stri
     let bytes = estimate_vram(&model, &options).map_err(|e| e.to_string())?.total_bytes;
     Ok(SizedModel { spec: Arc::new(model), options, bytes })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_policy(replicas: u32, policy: pb::AutoscalingPolicy) -> Result<DeploymentSpec, ClusterError> {
+        DeploymentSpec::from_proto(Some(pb::DeploymentSpec {
+            source: "meta-llama/Meta-Llama-3-8B-Instruct".into(),
+            replicas,
+            autoscaling: Some(policy),
+            ..Default::default()
+        }))
+    }
+
+    #[test]
+    fn an_autoscaling_policy_is_checked_and_bounds_the_count() {
+        let p = pb::AutoscalingPolicy {
+            min_replicas: 2,
+            max_replicas: 4,
+            metric: pb::AutoscalingMetric::KvUtilization as i32,
+            target: 0.7,
+            ..Default::default()
+        };
+        let spec = with_policy(9, p.clone()).unwrap();
+        assert_eq!(spec.replicas, 4, "the count is kept within the bounds");
+        let policy = spec.autoscaling.clone().unwrap();
+        assert_eq!(
+            (policy.metric, policy.scale_down_delay_ms, policy.scale_to_zero_after_ms),
+            (Metric::KvUtilization, 300_000, 300_000)
+        );
+        assert_eq!(with_policy(0, p.clone()).unwrap().replicas, 2);
+        // It round-trips, and changing it (or the count) is not a new generation.
+        let again = DeploymentSpec::from_proto(Some(spec.to_proto())).unwrap();
+        assert_eq!(again, spec);
+        let other = with_policy(3, pb::AutoscalingPolicy { max_replicas: 8, ..p.clone() }).unwrap();
+        assert!(!spec.differs_beyond_replicas(&other));
+
+        let e = with_policy(1, pb::AutoscalingPolicy { target: 70.0, ..p.clone() }).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "autoscaling: a kv_utilization target is a fraction of the KV blocks in (0, 1], not 70"
+        );
+        let e = with_policy(1, pb::AutoscalingPolicy { metric: 9, ..p }).unwrap_err();
+        assert_eq!(e.to_string(), "autoscaling metric 9: use in_flight, queue or kv_utilization");
+    }
+}

@@ -347,3 +347,67 @@ async fn a_stage_that_fails_to_load_unloads_the_others() {
     assert!(r.reason.contains("replica 0 failed to load on w2: out of memory"), "{}", r.reason);
     assert!(cluster.workers().iter().all(|w| w.gpus.iter().all(|g| g.reserved_bytes == 0)));
 }
+
+/// An autoscaled Llama 3 8B at zero replicas.
+fn llama_8b_from_zero() -> DeploymentSpec {
+    DeploymentSpec {
+        autoscaling: Some(gantry_core::autoscale::Policy {
+            min_replicas: 0,
+            max_replicas: 1,
+            target: 4.0,
+            ..Default::default()
+        }),
+        ..llama_8b(0)
+    }
+}
+
+#[tokio::test]
+async fn cold_requests_wait_for_the_load_within_their_bounds() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(EmbeddedStore::open(&dir.path().join("state.redb")).unwrap());
+    let config = ControllerConfig { max_waiting: 2, ..ControllerConfig::default() };
+    let cluster = Cluster::start(store, config).await.unwrap();
+    let (_session, mut link) = register(&cluster, "w1", 24 << 30);
+    cluster.apply("a", llama_8b_from_zero()).await.unwrap();
+    assert_eq!(cluster.get("a").unwrap().status.unwrap().phase, "ScaledToZero");
+    assert!(cluster.autoscaled("a"));
+
+    // The first request asks for a replica at once and waits while it loads.
+    let c = cluster.clone();
+    let first = tokio::spawn(async move { c.wait_for_replica("a", &[], None).await });
+    let load = next_load(&mut link).await;
+    assert_eq!(load.request.as_ref().unwrap().model_id, "a/0");
+    let d = cluster.get("a").unwrap();
+    assert_eq!(d.spec.unwrap().replicas, 1);
+    let events = d.status.unwrap().events;
+    let last = events.iter().find(|e| e.kind == "Autoscaled").unwrap();
+    assert!(last.message.ends_with("0 → 1 replica(s), a request arrived while scaled to zero"), "{}", last.message);
+
+    // A second waits too; a third is past --max-waiting and refused at once.
+    let c = cluster.clone();
+    let soon = tokio::time::Instant::now() + Duration::from_millis(300);
+    let second = tokio::spawn(async move { c.wait_for_replica("a", &[], Some(soon)).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let third = cluster.wait_for_replica("a", &[], None).await.unwrap_err();
+    assert_eq!(
+        third.to_string(),
+        "2 requests already wait for a replica of `a` to come up (the controller's --max-waiting); retry later"
+    );
+    assert_eq!(tonic::Status::from(third).code(), tonic::Code::ResourceExhausted);
+
+    // The second's deadline passes first: DEADLINE_EXCEEDED, with what the replica is doing.
+    let e = second.await.unwrap().unwrap_err();
+    assert_eq!(tonic::Status::from(e.clone()).code(), tonic::Code::DeadlineExceeded);
+    assert!(e.to_string().starts_with("the request's deadline passed after 0.3 s waiting for a replica of `a` to come up: no ready replica of `a`: replica 0 loading"), "{e}");
+
+    // The load finishes: the first goes on.
+    let info = pb::ModelInfo { model_id: "a/0".into(), ..Default::default() };
+    cluster.command_result(
+        "w1",
+        pb::CommandResult { command_id: load.command_id, model: Some(info), ..Default::default() },
+    );
+    tokio::time::timeout(Duration::from_secs(5), first).await.unwrap().unwrap().unwrap();
+    // A waiting request no longer counts once it stops waiting.
+    let (name, replicas, now) = cluster.signals().pop().unwrap();
+    assert_eq!((name.as_str(), replicas, now.ready, now.waiting), ("a", 1, 1, 0));
+}

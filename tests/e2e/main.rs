@@ -6,6 +6,7 @@
 mod common;
 
 mod auth_keys;
+mod autoscale;
 mod cli_errors;
 mod cli_generate;
 mod cli_real_models;

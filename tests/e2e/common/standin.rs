@@ -197,7 +197,15 @@ impl StandIn {
                 .serve_with_incoming(gantry_proto::serve::incoming(listener))
                 .await;
         });
-        let link = tokio::spawn(link(controller.to_string(), id.to_string(), addr.to_string(), engine.gpu_bytes));
+        // Like a real worker, it attaches again (reporting what it holds) when the link drops.
+        let (controller, sid, advertise) = (controller.to_string(), id.to_string(), addr.to_string());
+        let link = tokio::spawn(async move {
+            let held: Arc<Mutex<Vec<String>>> = Arc::default();
+            loop {
+                link(&controller, &sid, &advertise, engine.gpu_bytes, held.clone()).await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
         StandIn { id: id.into(), addr, served, tasks: vec![server, link] }
     }
 }
@@ -210,20 +218,22 @@ impl Drop for StandIn {
     }
 }
 
-/// Registers with the controller, heartbeats, and answers load and unload commands at once.
-async fn link(controller: String, id: String, advertise: String, gpu_bytes: u64) {
-    let mut client = WorkerLinkClient::connect(controller).await.expect("the controller's link");
+/// Registers with the controller (reporting the models it holds), heartbeats, and answers load
+/// and unload commands at once, until the link drops.
+async fn link(controller: &str, id: &str, advertise: &str, gpu_bytes: u64, model_ids: Arc<Mutex<Vec<String>>>) {
+    let Ok(mut client) = WorkerLinkClient::connect(controller.to_string()).await else { return };
+    let id = id.to_string();
     let (tx, rx) = mpsc::channel(64);
     let reg = pb::WorkerRegistration {
         worker_id: id.clone(),
-        address: advertise,
+        address: advertise.to_string(),
         version: "stand-in".into(),
-        status: Some(status_with(&id, gpu_bytes, &[])),
+        status: Some(status_with(&id, gpu_bytes, &model_ids.lock().expect("ids").clone())),
         ..Default::default()
     };
     tx.send(pb::WorkerMessage { message: Some(pb::worker_message::Message::Register(reg)) }).await.expect("register");
-    let mut inbound = client.attach(ReceiverStream::new(rx)).await.expect("attach").into_inner();
-    let model_ids: Arc<Mutex<Vec<String>>> = Arc::default();
+    let Ok(inbound) = client.attach(ReceiverStream::new(rx)).await else { return };
+    let mut inbound = inbound.into_inner();
     let (beat_tx, ids, beat_id) = (tx.clone(), model_ids.clone(), id.clone());
     let beats = tokio::spawn(async move {
         loop {
