@@ -490,6 +490,10 @@ async fn an_autoscaled_resource_gets_the_autoscalers_count_through_its_scale_sub
     assert!(note.ends_with("1 → 0 replica(s), idle for 1 s (scale to zero)"), "{note}");
     let d = cluster.get("auto").unwrap();
     assert_eq!(d.status.unwrap().phase, "ScaledToZero");
+    let status = written_status(&calls);
+    assert_eq!(status["phase"], json!("ScaledToZero"), "{status}");
+    let ready = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready").unwrap().clone();
+    assert_eq!((ready["status"].clone(), ready["reason"].clone()), (json!("False"), json!("ScaledToZero")));
 }
 
 #[tokio::test]

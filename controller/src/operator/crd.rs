@@ -50,7 +50,7 @@ use serde::{Deserialize, Serialize};
         name = "Status",
         type_ = "string",
         json_path = ".status.phase",
-        description = "Ready, Progressing, Degraded or Pending"
+        description = "Ready, Progressing, Degraded, Pending or ScaledToZero"
     ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
@@ -248,7 +248,7 @@ pub struct ModelDeploymentStatus {
     pub selector: String,
     /// The `metadata.generation` this status describes.
     pub observed_generation: i64,
-    /// `Ready`, `Progressing`, `Degraded` or `Pending`.
+    /// `Ready`, `Progressing`, `Degraded`, `Pending` or `ScaledToZero`.
     pub phase: String,
     /// The model source, as placed.
     pub model: String,

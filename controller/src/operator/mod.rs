@@ -270,12 +270,21 @@ pub fn status_of(md: &ModelDeployment, d: &pb::Deployment, last_event_ms: u64) -
     let phase = if st.phase.is_empty() { "Pending".to_string() } else { st.phase.clone() };
     let summary = if waiting.is_empty() { format!("{ready} of {want} replicas ready") } else { waiting.join("; ") };
     let conditions = vec![
-        condition(
-            "Ready",
-            want > 0 && ready >= want,
-            if ready >= want { "AllReplicasReady" } else { "ReplicasNotReady" },
-            format!("{ready} of {want} replicas ready"),
-        ),
+        if phase == "ScaledToZero" {
+            condition(
+                "Ready",
+                false,
+                "ScaledToZero",
+                "scaled to zero while idle; the next request starts a replica".into(),
+            )
+        } else {
+            condition(
+                "Ready",
+                want > 0 && ready >= want,
+                if ready >= want { "AllReplicasReady" } else { "ReplicasNotReady" },
+                format!("{ready} of {want} replicas ready"),
+            )
+        },
         condition(
             "Progressing",
             replicas.iter().any(|r| r.state == "Loading"),
