@@ -273,7 +273,8 @@ pub fn render(cluster: &Cluster) -> String {
 /// (`gantry_deployment_in_flight_requests{deployment="chat"}`).
 fn deployment_signals(out: &mut String, cluster: &Cluster) {
     let signals = cluster.signals();
-    let series: [(&str, &str, fn(&(String, u32, gantry_core::autoscale::Signals)) -> f64); 6] = [
+    type Series = (&'static str, &'static str, fn(&(String, u32, gantry_core::autoscale::Signals)) -> f64);
+    let series: [Series; 6] = [
         (
             "gantry_deployment_desired_replicas",
             "Replicas a deployment asks for (its spec, or the autoscaler's count).",

@@ -359,21 +359,21 @@ mod tests {
             target: 0.7,
             ..Default::default()
         };
-        let spec = with_policy(9, p.clone()).unwrap();
+        let spec = with_policy(9, p).unwrap();
         assert_eq!(spec.replicas, 4, "the count is kept within the bounds");
         let policy = spec.autoscaling.clone().unwrap();
         assert_eq!(
             (policy.metric, policy.scale_down_delay_ms, policy.scale_to_zero_after_ms),
             (Metric::KvUtilization, 300_000, 300_000)
         );
-        assert_eq!(with_policy(0, p.clone()).unwrap().replicas, 2);
+        assert_eq!(with_policy(0, p).unwrap().replicas, 2);
         // It round-trips, and changing it (or the count) is not a new generation.
         let again = DeploymentSpec::from_proto(Some(spec.to_proto())).unwrap();
         assert_eq!(again, spec);
-        let other = with_policy(3, pb::AutoscalingPolicy { max_replicas: 8, ..p.clone() }).unwrap();
+        let other = with_policy(3, pb::AutoscalingPolicy { max_replicas: 8, ..p }).unwrap();
         assert!(!spec.differs_beyond_replicas(&other));
 
-        let e = with_policy(1, pb::AutoscalingPolicy { target: 70.0, ..p.clone() }).unwrap_err();
+        let e = with_policy(1, pb::AutoscalingPolicy { target: 70.0, ..p }).unwrap_err();
         assert_eq!(
             e.to_string(),
             "autoscaling: a kv_utilization target is a fraction of the KV blocks in (0, 1], not 70"
