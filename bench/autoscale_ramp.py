@@ -28,7 +28,6 @@ import json
 import math
 import platform
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts" / "clients"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from gantry_worker import start_worker  # noqa: E402
+from gantry_worker import free_port, pct, start_worker  # noqa: E402
 
 GANTRY = ROOT / "target/release/gantry"
 QUESTIONS = [
@@ -49,19 +48,6 @@ QUESTIONS = [
     "Who wrote Hamlet?", "What is the boiling point of water?", "Give me a synonym for happy.",
     "What does a bee make?", "How many days are in a week?",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def pct(xs, p):
-    xs = sorted(xs)
-    if not xs:
-        return float("nan")
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
 class Bench:

@@ -30,7 +30,6 @@ import datetime
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts" / "clients"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from gantry_worker import start_worker  # noqa: E402
+from gantry_worker import free_port, pct, start_worker  # noqa: E402
 
 MODELS = ["SmolLM2-135M-Instruct.Q4_1.gguf", "gemma-3-270m-q4_k_m.gguf"]
 LLAMA_SERVER = ROOT / "bench/peer/.llama.cpp/bin/llama-server"
@@ -56,19 +55,6 @@ WORDS = ("the history of printing is a story of many small steps long before mov
 def text(i: int, words: int) -> str:
     body = " ".join(WORDS[k % len(WORDS)] for k in range(words))
     return f"Note {i}. {body}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def pct(xs, p):
-    xs = sorted(xs)
-    if not xs:
-        return float("nan")
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
 class Gantry:

@@ -1,5 +1,7 @@
 """Starting the release `gantry worker` for the benchmarks that call one (shared by
-bench/worker_vs_llamacpp_server.py, bench/pipeline_stages.py and bench/batching_vs_llama_server.py)."""
+bench/worker_vs_llamacpp_server.py, bench/pipeline_stages.py, bench/batching_vs_llama_server.py and
+bench/autoscale_ramp.py), and the small helpers they share (a free port, percentiles)."""
+import socket
 import subprocess
 from pathlib import Path
 
@@ -21,3 +23,18 @@ def start_worker(*args: str) -> tuple[subprocess.Popen, str]:
     if addr is None:
         raise SystemExit("a Gantry worker did not start")
     return proc, addr
+
+
+def free_port() -> int:
+    """A free loopback TCP port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(xs, p):
+    """The p-th percentile of xs (nearest rank); NaN when empty."""
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
