@@ -467,6 +467,39 @@ mod tests {
         assert_eq!(flaps(&decisions), 1, "{decisions:#?}");
     }
 
+    /// Requests in flight every 0.5 s as the controller saw them in `bench/autoscale_ramp.py
+    /// --down-s 30 --peak-rps 6` (`bench/results/autoscale-20261206T121857Z.json`): a Poisson
+    /// ramp of 0.3 s chats on real SmolLM2 workers, 0 → 6 req/s over 30 s, held 40 s, back to 0.
+    const RECORDED_IN_FLIGHT: [u32; 259] = [
+        0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 1, 0, 3, 3, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 2, 0, 0, 0,
+        0, 3, 2, 4, 1, 2, 0, 1, 4, 4, 1, 0, 3, 4, 3, 3, 6, 8, 9, 4, 1, 5, 7, 7, 10, 9, 7, 1, 1, 1, 5, 5, 4, 2, 2, 3, 2,
+        3, 0, 1, 4, 0, 2, 6, 2, 2, 0, 0, 7, 5, 2, 1, 1, 3, 0, 3, 4, 6, 4, 1, 3, 1, 2, 1, 0, 3, 2, 4, 7, 1, 2, 2, 4, 2,
+        0, 2, 8, 6, 1, 2, 2, 0, 2, 1, 3, 0, 0, 3, 3, 0, 3, 1, 4, 6, 3, 2, 2, 3, 0, 1, 3, 1, 1, 1, 3, 7, 6, 7, 3, 7, 4,
+        0, 1, 0, 1, 4, 2, 1, 5, 5, 3, 0, 0, 0, 1, 1, 2, 1, 0, 1, 0, 0, 0, 2, 5, 4, 2, 0, 1, 1, 1, 1, 0, 0, 0, 2, 0, 0,
+        0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+
+    #[test]
+    fn the_recorded_ramp_goes_up_once_and_down_once() {
+        let p = Policy { scale_down_delay_ms: 30_000, scale_to_zero_after_ms: 30_000, ..policy(0, 3, 1.0) };
+        let (mut current, mut samples, mut decisions) = (0u32, Vec::new(), Vec::new());
+        let mut trace = RECORDED_IN_FLIGHT.to_vec();
+        trace.extend([0; 40]); // then nothing for 20 s
+        for (i, &in_flight) in trace.iter().enumerate() {
+            let now = i as u64 * 500;
+            samples.push(Signals { at_ms: now, ready: current, in_flight, ..Signals::default() });
+            if let Some(d) = decide(&p, current, &samples, now) {
+                current = d.to;
+                decisions.push(d);
+            }
+        }
+        let path: Vec<u32> = decisions.iter().map(|d| d.to).collect();
+        // From zero on the first request, up to the maximum, then down step by step to zero.
+        assert_eq!(path, [1, 2, 3, 2, 1, 0], "{decisions:#?}");
+        assert_eq!(flaps(&decisions), 1, "one turn, at the peak");
+    }
+
     #[test]
     fn invalid_policies_say_what_to_change() {
         let bad = [

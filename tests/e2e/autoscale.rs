@@ -4,7 +4,7 @@
 //! with the reason; with stand-in workers (`common/standin.rs`, the real worker protocols with a
 //! deterministic engine), a deployment follows a generated load up to its maximum and back to
 //! its minimum without losing a request, and a controller killed and restarted after scaling up
-//! keeps the count and does not scale down before its delay.
+//! keeps the count and does not scale down before its delay (embedded store and etcd).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -202,9 +202,21 @@ async fn load(channel: Channel, streams: usize, stop: Arc<AtomicBool>, tag: &'st
 async fn a_generated_load_scales_up_and_back_down_losing_nothing_even_across_a_controller_restart() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("state.redb");
+    up_restart_and_down(&["--store", store.to_str().unwrap()]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_etcd_a_generated_load_scales_up_and_down_across_a_controller_restart() {
+    let etcd = common::etcd::EtcdServer::start();
+    up_restart_and_down(&["--etcd", &etcd.url()]).await;
+}
+
+/// Up to the maximum under load, a controller killed and restarted on the same store (`store`
+/// flags), then back to the minimum: every request answered with the right tokens.
+async fn up_restart_and_down(store: &[&str]) {
     let port = common::etcd::free_port();
     let addr = format!("127.0.0.1:{port}");
-    let args = ["--store", store.to_str().unwrap(), "--lease", "2", "--autoscale-interval", "0.2"];
+    let args = [store, &["--lease", "2", "--autoscale-interval", "0.2"]].concat();
     let mut control = RunningController::start_on(&addr, &args);
     let engine = Engine { interval: Duration::from_millis(10), ..Engine::default() };
     let _standins = [
