@@ -77,12 +77,14 @@ pub fn sample_and_decide(st: &mut State, now_ms: u64, now: Instant, only: Option
     };
     let mut out = Vec::new();
     for name in names {
-        let Some(sample) = signals(st, &name, now_ms) else { continue };
-        let Some(d) = st.deployments.get_mut(&name) else { continue };
-        let Some(policy) = d.record.spec.autoscaling.clone() else {
-            d.autoscaler.samples.clear();
+        let Some(policy) = st.deployments.get(&name).and_then(|d| d.record.spec.autoscaling.clone()) else {
+            if let Some(d) = st.deployments.get_mut(&name) {
+                d.autoscaler.samples.clear();
+            }
             continue;
         };
+        let Some(sample) = signals(st, &name, now_ms) else { continue };
+        let Some(d) = st.deployments.get_mut(&name) else { continue };
         let a = &mut d.autoscaler;
         a.samples.push_back(sample);
         let keep = policy.window_ms() + 1000;
