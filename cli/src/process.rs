@@ -104,3 +104,11 @@ pub fn parse_tokens_arg(s: &str) -> Result<u64, String> {
 pub fn parse_params_arg(s: &str) -> Result<u64, String> {
     gantry_core::units::parse_params(s).map_err(|e| e.to_string())
 }
+
+/// Parses a number of seconds for clap: finite, above 0, at most a day.
+pub fn parse_seconds(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 86_400.0 => Ok(v),
+        _ => Err(format!("`{s}`: give a number of seconds above 0 and at most 86400")),
+    }
+}

@@ -22,6 +22,8 @@ pub struct ControllerConfig {
     pub cold_start_timeout: Duration,
     /// Requests that may wait for a cold start per deployment; past this, RESOURCE_EXHAUSTED.
     pub max_waiting: usize,
+    /// How long a client may leave its stream unread before its request is cancelled.
+    pub stall_timeout: Duration,
 }
 
 impl Default for ControllerConfig {
@@ -35,6 +37,7 @@ impl Default for ControllerConfig {
             autoscale_interval: Duration::from_secs(1),
             cold_start_timeout: Duration::from_secs(300),
             max_waiting: 256,
+            stall_timeout: Duration::from_secs(60),
         }
     }
 }

@@ -9,6 +9,9 @@ use thiserror::Error;
 pub const DEFAULT_MAX_TOKENS: usize = 256;
 /// Most stop strings accepted (OpenAI's limit is 4; a few more cost nothing).
 pub const MAX_STOP_STRINGS: usize = 16;
+/// Longest stop string accepted, in bytes: the held-back text a stream checks against them is
+/// bounded by it (no stop string of a real chat is near this).
+pub const MAX_STOP_STRING_BYTES: usize = 256;
 /// Most alternatives reported per token (OpenAI's `top_logprobs` limit).
 pub const MAX_TOP_LOGPROBS: usize = 20;
 /// Most tokens a `logit_bias` may name (OpenAI's limit is 300).
@@ -123,6 +126,9 @@ impl SamplingParams {
         if self.stop.iter().any(String::is_empty) {
             return bad("stop", "strings must not be empty".into());
         }
+        if let Some(long) = self.stop.iter().find(|s| s.len() > MAX_STOP_STRING_BYTES) {
+            return bad("stop", format!("has a string of {} bytes; at most {MAX_STOP_STRING_BYTES}", long.len()));
+        }
         if self.top_logprobs > MAX_TOP_LOGPROBS {
             return bad("top_logprobs", format!("must be between 0 and {MAX_TOP_LOGPROBS}, got {}", self.top_logprobs));
         }
@@ -179,6 +185,7 @@ mod tests {
             (params(|p| p.max_tokens = 0), "max_tokens must be at least 1"),
             (params(|p| p.stop = vec![String::new()]), "stop strings must not be empty"),
             (params(|p| p.stop = vec!["x".into(); 17]), "stop has 17 strings; at most 16"),
+            (params(|p| p.stop = vec!["\n".into(), "y".repeat(257)]), "stop has a string of 257 bytes; at most 256"),
             (params(|p| p.top_logprobs = 21), "top_logprobs must be between 0 and 20, got 21"),
         ];
         for (p, want) in cases {

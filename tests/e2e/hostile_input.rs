@@ -614,3 +614,145 @@ async fn a_hostile_chat_template_costs_its_chat_an_error_and_the_worker_goes_on(
     let log = worker.stderr();
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// A client that stops reading its stream (its HTTP/2 window full) holds neither the
+/// controller's relay nor the worker's generation slot past `--stall-timeout`: with one slot
+/// and no queue, the next request would otherwise be refused for as long as the stalled client
+/// stayed connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_gives_its_slot_back_after_the_stall_timeout() {
+    let up = RunningController::up(&[
+        "--threads",
+        "1",
+        "--context",
+        "2048",
+        "--name",
+        "smollm2",
+        "--max-running",
+        "1",
+        "--queue",
+        "0",
+        "--stall-timeout",
+        "1",
+    ]);
+    let long = |max| pb::InferenceRequest {
+        model: "smollm2".into(),
+        prompt: "Count from one to one thousand.".into(),
+        sampling: Some(pb::SamplingParams { max_tokens: Some(max), ignore_eos: true, ..Default::default() }),
+        request_id: String::new(),
+    };
+    // A connection whose window holds about a kilobyte, never read after the first token.
+    let stalled = tonic::transport::Endpoint::from_shared(up.url())
+        .unwrap()
+        .initial_stream_window_size(1024)
+        .initial_connection_window_size(1024)
+        .connect()
+        .await
+        .unwrap();
+    let mut stalled = pb::inference_client::InferenceClient::new(stalled);
+    // 2,000 tokens: about 20 s of generating on one thread, were it read to the end.
+    let mut held = stalled.generate(long(2000)).await.expect("the first request starts").into_inner();
+    held.message().await.expect("a first event").expect("a token");
+
+    // While it holds the only slot, another request is refused (no queue) ...
+    let mut inference = up.inference().await;
+    let started = std::time::Instant::now();
+    let mut answered = None;
+    while started.elapsed() < std::time::Duration::from_secs(15) {
+        match inference.generate(long(8)).await {
+            Ok(r) => {
+                let mut stream = r.into_inner();
+                let mut tokens = 0;
+                let mut error = None;
+                loop {
+                    match stream.message().await {
+                        Ok(Some(ev)) => {
+                            tokens += usize::from(matches!(ev.event, Some(pb::generate_event::Event::Token(_))))
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            error = Some(e);
+                            break;
+                        }
+                    }
+                }
+                match error {
+                    None => {
+                        answered = Some((tokens, started.elapsed()));
+                        break;
+                    }
+                    Some(e) => assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}"),
+                }
+            }
+            Err(e) => assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // ... until the stalled one is cancelled: then the slot is free again.
+    let (tokens, after) = answered.expect("the slot came back within 15 s");
+    assert!(tokens >= 8, "{tokens} tokens");
+    println!("slot given back {after:?} after the stalled client stopped reading");
+    let log = up.stderr();
+    assert!(log.contains("the client stopped reading its stream"), "{log}");
+    drop(held);
+}
+
+/// The same against a worker called directly: its own bound cancels the generation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_of_a_worker_that_stops_reading_gives_its_slot_back() {
+    use common::worker::RunningWorker;
+    let model = format!("smollm2={}", common::smollm2().display());
+    let worker = RunningWorker::start(&[
+        "--model",
+        &model,
+        "--context",
+        "2048",
+        "--threads",
+        "1",
+        "--max-running",
+        "1",
+        "--queue",
+        "0",
+        "--stall-timeout",
+        "1",
+    ]);
+    let request = |max| pb::GenerateRequest {
+        model_id: "smollm2".into(),
+        input: Some(pb::generate_request::Input::Prompt("Count from one to one thousand.".into())),
+        sampling: Some(pb::SamplingParams { max_tokens: Some(max), ignore_eos: true, ..Default::default() }),
+        ..Default::default()
+    };
+    let stalled = tonic::transport::Endpoint::from_shared(worker.url())
+        .unwrap()
+        .initial_stream_window_size(1024)
+        .initial_connection_window_size(1024)
+        .connect()
+        .await
+        .unwrap();
+    let mut held = pb::worker_client::WorkerClient::new(stalled).generate(request(2000)).await.unwrap().into_inner();
+    held.message().await.expect("a first event").expect("a token");
+    let mut client = worker.client().await;
+    let started = std::time::Instant::now();
+    let tokens = loop {
+        assert!(started.elapsed() < std::time::Duration::from_secs(15), "the slot did not come back within 15 s");
+        match client.generate(request(8)).await {
+            Ok(r) => {
+                let mut stream = r.into_inner();
+                let mut tokens = 0;
+                while let Some(ev) = stream.message().await.expect("the second request runs to its end") {
+                    tokens += usize::from(matches!(ev.event, Some(pb::generate_event::Event::Token(_))));
+                }
+                break tokens;
+            }
+            Err(e) => assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert!(tokens >= 8, "{tokens} tokens");
+    let log = worker.stderr();
+    assert!(
+        log.contains("the client stopped reading its stream; generation cancelled and its slot given back"),
+        "{log}"
+    );
+    drop(held);
+}

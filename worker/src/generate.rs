@@ -122,7 +122,8 @@ impl WorkerState {
             if let Err(e) = &event {
                 warn!(request_id = %request_id, model = %model.info.model_id, error = %e.message(), "generation failed");
             }
-            let _ = tx.send(event).await;
+            // A client that stopped reading does not hold this task either.
+            let _ = tokio::time::timeout(state.options.stall_timeout, tx.send(event)).await;
         });
         Ok(rx)
     }
@@ -186,6 +187,34 @@ fn token_chunk(model: &Served, ev: &TokenEvent, params: &SamplingParams) -> pb::
     }
 }
 
+/// Whether an event reached the client's stream.
+enum Sent {
+    Yes,
+    /// The client went away.
+    Closed,
+    /// The client left its stream unread past the stall bound.
+    Stalled,
+}
+
+/// Sends `event` from a blocking thread, waiting at most `stall` for room in the stream.
+fn send_within(
+    tx: &mpsc::Sender<Result<pb::GenerateEvent, Status>>,
+    event: Result<pb::GenerateEvent, Status>,
+    stall: std::time::Duration,
+) -> Sent {
+    match tx.try_send(event) {
+        Ok(()) => Sent::Yes,
+        Err(mpsc::error::TrySendError::Closed(_)) => Sent::Closed,
+        Err(mpsc::error::TrySendError::Full(event)) => {
+            match tokio::runtime::Handle::current().block_on(tokio::time::timeout(stall, tx.send(event))) {
+                Ok(Ok(())) => Sent::Yes,
+                Ok(Err(_)) => Sent::Closed,
+                Err(_) => Sent::Stalled,
+            }
+        }
+    }
+}
+
 /// Runs one generation on the calling (blocking) thread, sending tokens to `tx`.
 fn run_generation(
     state: &WorkerState,
@@ -204,9 +233,19 @@ fn run_generation(
             state.meter.add(1);
         }
         let chunk = token_chunk(model, ev, params);
-        match tx.blocking_send(Ok(pb::GenerateEvent { event: Some(pb::generate_event::Event::Token(chunk)) })) {
-            Ok(()) => ControlFlow::Continue(()),
-            Err(_) => ControlFlow::Break(()),
+        let event = Ok(pb::GenerateEvent { event: Some(pb::generate_event::Event::Token(chunk)) });
+        match send_within(tx, event, state.options.stall_timeout) {
+            Sent::Yes => ControlFlow::Continue(()),
+            Sent::Closed => ControlFlow::Break(()),
+            Sent::Stalled => {
+                warn!(
+                    request_id,
+                    model = %model.info.model_id,
+                    stall_s = state.options.stall_timeout.as_secs_f64(),
+                    "the client stopped reading its stream; generation cancelled and its slot given back"
+                );
+                ControlFlow::Break(())
+            }
         }
     })?;
     let t = summary.timings;

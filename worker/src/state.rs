@@ -38,6 +38,9 @@ pub struct WorkerOptions {
     /// Where models' own chat templates render: the binaries use a child process
     /// ([`TemplateIsolation::Child`]), so that a hostile template cannot stop the worker.
     pub templates: TemplateIsolation,
+    /// How long a client may leave its stream unread (the buffers full) before its generation
+    /// is cancelled and its slot given back.
+    pub stall_timeout: std::time::Duration,
 }
 
 impl Default for WorkerOptions {
@@ -51,6 +54,7 @@ impl Default for WorkerOptions {
             labels: Default::default(),
             stage_tls: None,
             templates: TemplateIsolation::InProcess,
+            stall_timeout: std::time::Duration::from_secs(60),
         }
     }
 }

@@ -78,6 +78,10 @@ pub struct ControlArgs {
     /// Requests that may wait for a cold start per deployment; past this, RESOURCE_EXHAUSTED
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     max_waiting: u32,
+    /// Seconds a client may leave its stream unread before its request is cancelled (its relay
+    /// and the worker's slot given back)
+    #[arg(long, env = "GANTRY_STALL_TIMEOUT", default_value_t = 60.0, value_parser = crate::process::parse_seconds)]
+    stall_timeout: f64,
     /// A file of API keys, one per line: every API but health checks then needs
     /// `Authorization: Bearer <key>` [default: no keys]
     #[arg(long, env = "GANTRY_API_KEYS_FILE")]
@@ -245,6 +249,7 @@ impl ControlArgs {
             autoscale_interval: Duration::from_secs_f64(self.autoscale_interval),
             cold_start_timeout: Duration::from_secs_f64(self.cold_start_timeout),
             max_waiting: self.max_waiting as usize,
+            stall_timeout: Duration::from_secs_f64(self.stall_timeout),
         })
     }
 
@@ -483,6 +488,7 @@ pub fn run_up(args: UpArgs) -> Result<(), CliError> {
             labels: [("gantry.dev/local".to_string(), "true".to_string())].into(),
             stage_tls: None,
             templates: args.templates.isolation()?,
+            stall_timeout: Duration::from_secs_f64(args.control.stall_timeout),
         };
         let state = WorkerState::new(options, inventory, hub);
         let (listener, worker_addr) = bind("127.0.0.1:0", "the local worker").await.map_err(unavailable)?;

@@ -81,6 +81,10 @@ pub struct WorkerArgs {
     /// Requests that may wait for a slot; beyond this they are refused (RESOURCE_EXHAUSTED)
     #[arg(long, default_value_t = 64)]
     pub queue: usize,
+    /// Seconds a client may leave its stream unread before its generation is cancelled and
+    /// its slot given back
+    #[arg(long, env = "GANTRY_STALL_TIMEOUT", default_value_t = 60.0, value_parser = crate::process::parse_seconds)]
+    pub stall_timeout: f64,
     /// CPU threads [default: the CPUs this process may use (affinity mask, cgroup CPU quota)]
     #[arg(long, env = "GANTRY_THREADS")]
     pub threads: Option<usize>,
@@ -225,6 +229,7 @@ pub fn run_worker(args: WorkerArgs) -> Result<(), CliError> {
         labels: args.labels.iter().cloned().collect(),
         stage_tls: tls.as_ref().and(client_tls.clone()),
         templates: args.templates.isolation()?,
+        stall_timeout: std::time::Duration::from_secs_f64(args.stall_timeout),
     };
     let note = inventory.note().to_string();
     let state = WorkerState::new(options, inventory, hub);

@@ -77,6 +77,8 @@ impl Drop for Attached {
 enum Ending {
     Done,
     Cancelled,
+    /// The client left its stream unread past `stall_timeout`.
+    Stalled,
     Failed(Status),
 }
 
@@ -194,8 +196,20 @@ impl Relay {
                 Some(pb::generate_event::Event::Done(_)) => true,
                 None => false,
             };
-            if tx.send(Ok(ev)).await.is_err() {
-                return Ok(Ending::Cancelled);
+            // A client that stops reading gives its relay and the worker's slot back after a bound.
+            let stall = self.cluster.config().stall_timeout;
+            match tokio::time::timeout(stall, tx.send(Ok(ev))).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Ok(Ending::Cancelled),
+                Err(_) => {
+                    warn!(
+                        request_id = %self.request_id,
+                        worker = %at.target.worker,
+                        stall_s = stall.as_secs_f64(),
+                        "the client stopped reading its stream; request cancelled"
+                    );
+                    return Ok(Ending::Stalled);
+                }
             }
             if done {
                 return Ok(Ending::Done);
@@ -250,6 +264,7 @@ impl Relay {
         let outcome = match ending {
             Ending::Done => "ok".to_string(),
             Ending::Cancelled => "cancelled".to_string(),
+            Ending::Stalled => "client_stalled".to_string(),
             Ending::Failed(e) => {
                 let name = code_name(e.code());
                 let _ = tx.send(Err(e)).await;
