@@ -19,6 +19,11 @@ const MAX_DIMS: u32 = 4;
 const MAX_ARRAY_DEPTH: u32 = 3;
 /// Arrays longer than this are summarised (`tokenizer.ggml.tokens` holds 50K–260K strings).
 pub const KEEP_ARRAY_ELEMENTS: u64 = 1024;
+/// Elements of short arrays kept over the whole file (their own keys aside): a kept element
+/// costs a [`MetaValue`] (32 bytes) for as little as one byte of file, so a header of many
+/// short arrays would cost 32× its size; past this budget they are summarised like long ones.
+/// Real models keep a few dozen such elements.
+pub const KEEP_SHORT_ARRAY_ELEMENTS: u64 = 16_384;
 
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -146,7 +151,7 @@ pub fn parse_gguf_prefix(prefix: &[u8], file_len: u64) -> Result<GgufFile> {
 /// accepts (the tokenizer's vocabulary, scores and merges) instead of summarising them.
 pub fn parse_gguf_keeping(prefix: &[u8], file_len: u64, keep_whole: &dyn Fn(&str) -> bool) -> Result<GgufFile> {
     let bytes = prefix;
-    let mut r = Reader { bytes, pos: 0, file_len, keep_whole };
+    let mut r = Reader { bytes, pos: 0, file_len, keep_whole, short_array_elements_left: KEEP_SHORT_ARRAY_ELEMENTS };
     let magic = r.take(4, "the magic number").map_err(|_| Error::NotGguf {
         reason: format!("only {} bytes, a GGUF file starts with the 4 bytes `GGUF`", bytes.len()),
     })?;
@@ -204,6 +209,8 @@ struct Reader<'a> {
     pos: usize,
     file_len: u64,
     keep_whole: &'a dyn Fn(&str) -> bool,
+    /// What is left of [`KEEP_SHORT_ARRAY_ELEMENTS`].
+    short_array_elements_left: u64,
 }
 
 impl<'a> Reader<'a> {
@@ -331,7 +338,12 @@ impl<'a> Reader<'a> {
             }
         };
         self.ensure_count(len, min_size, &format!("the elements of `{key}`"))?;
-        if len > KEEP_ARRAY_ELEMENTS && !(self.keep_whole)(key) {
+        let whole = (self.keep_whole)(key);
+        let keep = whole || (len <= KEEP_ARRAY_ELEMENTS && len <= self.short_array_elements_left);
+        if !whole && keep {
+            self.short_array_elements_left -= len;
+        }
+        if !keep {
             // Skip without keeping: fixed-size elements in one step, strings one by one.
             match elem {
                 8 => {
