@@ -24,6 +24,8 @@ pub struct ControllerConfig {
     pub max_waiting: usize,
     /// How long a client may leave its stream unread before its request is cancelled.
     pub stall_timeout: Duration,
+    /// How long an HTTP client may take to send a request's headers.
+    pub http_header_timeout: Duration,
 }
 
 impl Default for ControllerConfig {
@@ -38,6 +40,7 @@ impl Default for ControllerConfig {
             cold_start_timeout: Duration::from_secs(300),
             max_waiting: 256,
             stall_timeout: Duration::from_secs(60),
+            http_header_timeout: Duration::from_secs(30),
         }
     }
 }

@@ -88,17 +88,14 @@ impl Controller {
             let stopped = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
+            let headers = self.cluster.config().http_header_timeout;
             match &self.tls {
                 Some(tls) => {
                     let listener = tls.http_listener(http);
-                    tokio::spawn(async move {
-                        let _ = axum::serve(listener, router).with_graceful_shutdown(stopped).await;
-                    });
+                    tokio::spawn(crate::http::serve::serve(listener, router, headers, STOP_GRACE, stopped));
                 }
                 None => {
-                    tokio::spawn(async move {
-                        let _ = axum::serve(http, router).with_graceful_shutdown(stopped).await;
-                    });
+                    tokio::spawn(crate::http::serve::serve(http, router, headers, STOP_GRACE, stopped));
                 }
             }
         }

@@ -756,3 +756,34 @@ async fn a_client_of_a_worker_that_stops_reading_gives_its_slot_back() {
     );
     drop(held);
 }
+
+/// A client that trickles a request's headers (slowloris) has its HTTP connection closed after
+/// `--http-header-timeout`; other clients are served meanwhile.
+#[test]
+fn an_http_client_trickling_its_headers_is_cut_off() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("state.redb");
+    let mut cmd = common::gantry();
+    cmd.args(["controller", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--http-header-timeout", "1"])
+        .args(["--store", store.to_str().unwrap()]);
+    let control = RunningController::spawn(cmd, None);
+    let http = control.http.clone().expect("an HTTP address");
+    let mut slow = std::net::TcpStream::connect(&http).unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: gantry\r\n").unwrap();
+    slow.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let started = std::time::Instant::now();
+    // Another client is served while the slow one holds its connection.
+    assert!(common::http_get(&http, "/healthz").contains("ok"));
+    let mut buf = [0u8; 256];
+    let n = match slow.read(&mut buf) {
+        Ok(n) => n,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => 0,
+        Err(e) => panic!("the slow connection was still open after 10 s ({e})"),
+    };
+    let took = started.elapsed();
+    // Closed without an answer (hyper may write a 408 first).
+    let reply = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(n == 0 || reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(took < std::time::Duration::from_secs(5), "closed after {took:?}");
+}

@@ -82,6 +82,10 @@ pub struct ControlArgs {
     /// and the worker's slot given back)
     #[arg(long, env = "GANTRY_STALL_TIMEOUT", default_value_t = 60.0, value_parser = crate::process::parse_seconds)]
     stall_timeout: f64,
+    /// Seconds an HTTP client may take to send a request's headers before its connection is
+    /// closed (a client trickling bytes cannot hold connections open)
+    #[arg(long, default_value_t = 30.0, value_parser = crate::process::parse_seconds)]
+    http_header_timeout: f64,
     /// A file of API keys, one per line: every API but health checks then needs
     /// `Authorization: Bearer <key>` [default: no keys]
     #[arg(long, env = "GANTRY_API_KEYS_FILE")]
@@ -250,6 +254,7 @@ impl ControlArgs {
             cold_start_timeout: Duration::from_secs_f64(self.cold_start_timeout),
             max_waiting: self.max_waiting as usize,
             stall_timeout: Duration::from_secs_f64(self.stall_timeout),
+            http_header_timeout: Duration::from_secs_f64(self.http_header_timeout),
         })
     }
 

@@ -4,6 +4,7 @@
 //! set.
 
 pub mod openai;
+pub mod serve;
 
 use std::sync::Arc;
 
