@@ -787,3 +787,33 @@ fn an_http_client_trickling_its_headers_is_cut_off() {
     assert!(n == 0 || reply.starts_with("HTTP/1.1 408"), "{reply}");
     assert!(took < std::time::Duration::from_secs(5), "closed after {took:?}");
 }
+
+/// The longest `grpc-timeout` a header can carry (99,999,999 hours) is a deadline like any
+/// other, through the controller to the worker; one it cannot parse is ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_longest_grpc_timeout_is_served_like_any_other() {
+    let up = RunningController::up(&["--threads", "1", "--context", "256", "--name", "smollm2"]);
+    let mut inference = up.inference().await;
+    for timeout in ["99999999H", "99999999n", "1X", "H"] {
+        let mut req = tonic::Request::new(chat_req(&[("user", "Hi")], sp(|p| p.max_tokens = Some(4))));
+        req.metadata_mut().insert("grpc-timeout", timeout.parse().unwrap());
+        let result = async {
+            let mut stream = inference.chat(req).await?.into_inner();
+            let mut tokens = 0;
+            while let Some(ev) = stream.message().await? {
+                tokens += usize::from(matches!(ev.event, Some(pb::generate_event::Event::Token(_))));
+            }
+            Ok::<_, tonic::Status>(tokens)
+        }
+        .await;
+        match timeout {
+            // 99,999,999 ns is 0.1 s: enough for 4 tokens here, or a clean DEADLINE_EXCEEDED.
+            "99999999n" => assert!(
+                result.as_ref().is_ok_and(|&t| t > 0) || result.as_ref().is_err_and(|e| e.code() == Code::DeadlineExceeded),
+                "{timeout}: {result:?}"
+            ),
+            _ => assert!(result.as_ref().is_ok_and(|&t| t > 0), "{timeout}: {result:?}"),
+        }
+    }
+    assert!(!up.stderr().contains("panicked"), "{}", up.stderr());
+}
