@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tonic::service::interceptor::InterceptedService;
 
-use crate::auth::ApiKeys;
+use crate::auth::{ApiKeys, Permission};
 use gantry_proto::v1 as pb;
 use tokio::net::TcpListener;
 use tonic_health::ServingStatus;
@@ -78,9 +78,14 @@ impl Controller {
             let _ = stopper.send(true);
         });
         let keys = self.api_keys.clone();
-        let auth = move |req: tonic::Request<()>| match &keys {
-            None => Ok(req),
-            Some(k) => k.interceptor()(req),
+        // Each service's interceptor checks the key and the permission its calls need
+        // (`Deployments`' methods check theirs, reads and writes differ).
+        let auth = move |needed: Option<Permission>, what: &'static str| {
+            let keys = keys.clone();
+            move |req: tonic::Request<()>| match &keys {
+                None => Ok(req),
+                Some(k) => k.interceptor(needed, what)(req),
+            }
         };
         if let Some(http) = http {
             let router = crate::http::router(api.router().clone(), self.api_keys.clone());
@@ -108,13 +113,34 @@ impl Controller {
         let server = builder
             .tcp_nodelay(true)
             .add_service(health_service)
-            .add_service(InterceptedService::new(gantry_proto::serve::reflection_v1()?, auth.clone()))
-            .add_service(InterceptedService::new(gantry_proto::serve::reflection_v1alpha()?, auth.clone()))
-            .add_service(pb::inference_server::InferenceServer::with_interceptor(api.clone(), auth.clone()))
-            .add_service(pb::deployments_server::DeploymentsServer::with_interceptor(api.clone(), auth.clone()))
-            .add_service(pb::cluster_server::ClusterServer::with_interceptor(api.clone(), auth.clone()))
-            .add_service(pb::models_server::ModelsServer::with_interceptor(api.clone(), auth.clone()))
-            .add_service(pb::worker_link_server::WorkerLinkServer::with_interceptor(api, auth))
+            .add_service(InterceptedService::new(
+                gantry_proto::serve::reflection_v1()?,
+                auth(Some(Permission::Discover), "server reflection"),
+            ))
+            .add_service(InterceptedService::new(
+                gantry_proto::serve::reflection_v1alpha()?,
+                auth(Some(Permission::Discover), "server reflection"),
+            ))
+            .add_service(pb::inference_server::InferenceServer::with_interceptor(
+                api.clone(),
+                auth(Some(Permission::Infer), "Inference"),
+            ))
+            .add_service(pb::deployments_server::DeploymentsServer::with_interceptor(
+                api.clone(),
+                auth(None, "Deployments"),
+            ))
+            .add_service(pb::cluster_server::ClusterServer::with_interceptor(
+                api.clone(),
+                auth(Some(Permission::Read), "Cluster"),
+            ))
+            .add_service(pb::models_server::ModelsServer::with_interceptor(
+                api.clone(),
+                auth(Some(Permission::ListModels), "Models"),
+            ))
+            .add_service(pb::worker_link_server::WorkerLinkServer::with_interceptor(
+                api,
+                auth(Some(Permission::WorkerLink), "WorkerLink"),
+            ))
             .serve_with_incoming_shutdown(gantry_proto::serve::incoming(grpc), async move {
                 let _ = stop.wait_for(|s| *s).await;
             });

@@ -120,3 +120,103 @@ async fn keys_guard_grpc_http_the_cli_and_the_worker_link() {
     let logs = format!("{}\n{}\n{}", up.stderr(), up.stdout().join("\n"), stranger.stderr());
     assert!(!logs.contains(KEY_A) && !logs.contains(KEY_B), "a key leaked into the logs");
 }
+
+/// Roles: a key file line `KEY ROLE NAME`. `admin` does everything (the first key, which
+/// `gantry up`'s own worker links with); `user` infers and lists models; `viewer` reads
+/// deployments, workers and metrics but neither infers nor changes anything; `worker` only
+/// links. Enforced on gRPC and HTTP, refused with PERMISSION_DENIED / 403 naming the key's
+/// name and role, never the key.
+#[tokio::test(flavor = "multi_thread")]
+async fn roles_limit_each_key_to_what_it_is_for() {
+    const ADMIN: &str = "k-admin-0123456789abcdef";
+    const USER: &str = "k-user-0123456789abcdef0";
+    const VIEWER: &str = "k-viewer-0123456789abcde";
+    const WORKER: &str = "k-worker-0123456789abcde";
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    std::fs::write(
+        &keys,
+        format!("{ADMIN} admin ops\n{USER} user app\n{VIEWER} viewer grafana\n{WORKER} worker gpu-nodes\n"),
+    )
+    .unwrap();
+    let up = RunningController::up(&[
+        "--api-keys",
+        keys.to_str().unwrap(),
+        "--threads",
+        "1",
+        "--context",
+        "1K",
+        "--name",
+        "chat",
+    ]);
+    let channel = up.channel().await;
+    let mut deployments = pb::deployments_client::DeploymentsClient::new(channel.clone());
+    let mut inference = pb::inference_client::InferenceClient::new(channel.clone());
+    let mut models = pb::models_client::ModelsClient::new(channel.clone());
+    let mut cluster = pb::cluster_client::ClusterClient::new(channel.clone());
+    let chat = || pb::ChatRequest {
+        model: "chat".into(),
+        messages: vec![pb::ChatMessage { role: "user".into(), content: "Hi".into() }],
+        sampling: Some(pb::SamplingParams { max_tokens: Some(2), ..Default::default() }),
+        request_id: String::new(),
+    };
+    let scale = || pb::ScaleRequest { name: "chat".into(), replicas: 1 };
+
+    // viewer: reads, nothing else.
+    assert!(deployments.list(with_key(pb::ListDeploymentsRequest {}, VIEWER)).await.is_ok());
+    assert!(cluster.list_workers(with_key(pb::ListWorkersRequest {}, VIEWER)).await.is_ok());
+    assert!(models.list(with_key(pb::ListModelsRequest {}, VIEWER)).await.is_ok());
+    let e = deployments.scale(with_key(scale(), VIEWER)).await.unwrap_err();
+    assert_eq!(
+        (e.code(), e.message()),
+        (
+            Code::PermissionDenied,
+            "the API key `grafana` has the role `viewer`, which does not allow changing deployments (Deployments/Scale)"
+        )
+    );
+    let e = inference.chat(with_key(chat(), VIEWER)).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("does not allow inference (Inference)"), "{}", e.message());
+
+    // user: inference and the model list.
+    let mut stream = inference.chat(with_key(chat(), USER)).await.unwrap().into_inner();
+    while stream.message().await.unwrap().is_some() {}
+    assert!(models.list(with_key(pb::ListModelsRequest {}, USER)).await.is_ok());
+    let e = deployments.list(with_key(pb::ListDeploymentsRequest {}, USER)).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert_eq!(
+        cluster.list_workers(with_key(pb::ListWorkersRequest {}, USER)).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+
+    // worker: its link only.
+    let e = models.list(with_key(pb::ListModelsRequest {}, WORKER)).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+
+    // admin: everything.
+    assert!(deployments.scale(with_key(scale(), ADMIN)).await.is_ok());
+
+    // HTTP: the same table.
+    let addr = up.http.clone().unwrap();
+    let post_chat = |key: &str| {
+        let auth = format!("Authorization: Bearer {key}\r\n");
+        let body = r#"{"model":"chat","messages":[{"role":"user","content":"Hi"}],"max_tokens":2}"#;
+        let out = common::http_request(&addr, "POST", "/v1/chat/completions", &auth, Some(body));
+        out.split_whitespace().nth(1).unwrap().parse::<u16>().unwrap()
+    };
+    assert_eq!(post_chat(USER), 200);
+    assert_eq!(post_chat(VIEWER), 403);
+    assert_eq!(http(&addr, "/metrics", Some(VIEWER)).0, 200);
+    assert_eq!(http(&addr, "/api/v1/cluster", Some(VIEWER)).0, 200);
+    let (status, body) = http(&addr, "/metrics", Some(USER));
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("the API key `app` has the role `user`"), "{body}");
+    assert_eq!(http(&addr, "/v1/models", Some(USER)).0, 200);
+    assert_eq!(http(&addr, "/v1/models", Some(WORKER)).0, 403);
+
+    // No key appears in the logs.
+    let logs = format!("{}{}", up.stderr(), up.stdout().join("\n"));
+    for k in [ADMIN, USER, VIEWER, WORKER] {
+        assert!(!logs.contains(k), "a key in the logs");
+    }
+}

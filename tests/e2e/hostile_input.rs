@@ -809,7 +809,8 @@ async fn the_longest_grpc_timeout_is_served_like_any_other() {
         match timeout {
             // 99,999,999 ns is 0.1 s: enough for 4 tokens here, or a clean DEADLINE_EXCEEDED.
             "99999999n" => assert!(
-                result.as_ref().is_ok_and(|&t| t > 0) || result.as_ref().is_err_and(|e| e.code() == Code::DeadlineExceeded),
+                result.as_ref().is_ok_and(|&t| t > 0)
+                    || result.as_ref().is_err_and(|e| e.code() == Code::DeadlineExceeded),
                 "{timeout}: {result:?}"
             ),
             _ => assert!(result.as_ref().is_ok_and(|&t| t > 0), "{timeout}: {result:?}"),

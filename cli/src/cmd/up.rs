@@ -325,10 +325,15 @@ impl ControlArgs {
         loopback(&self.listen) && (self.http.eq_ignore_ascii_case("off") || loopback(&self.http))
     }
 
-    /// The first key of the key file, for `gantry up`'s own worker.
+    /// The first key of the key file whose role may link a worker (`admin`, the default, or
+    /// `worker`), for `gantry up`'s own worker.
     fn first_key(&self) -> Option<String> {
         let text = std::fs::read_to_string(self.api_keys.as_ref()?).ok()?;
-        text.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string)
+        text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).find_map(|l| {
+            let mut fields = l.split_whitespace();
+            let key = fields.next()?;
+            matches!(fields.next(), None | Some("admin" | "worker")).then(|| key.to_string())
+        })
     }
 }
 

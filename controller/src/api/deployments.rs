@@ -5,6 +5,7 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use super::Services;
+use crate::auth::{Permission, require};
 use crate::router::EventStream;
 use crate::spec::DeploymentSpec;
 
@@ -13,6 +14,7 @@ impl pb::deployments_server::Deployments for Services {
     type WatchStream = EventStream<pb::DeploymentEvent>;
 
     async fn apply(&self, request: Request<pb::ApplyRequest>) -> Result<Response<pb::Deployment>, Status> {
+        require(&request, Permission::Write, "Deployments/Apply")?;
         let r = request.into_inner();
         let name = r.name.trim();
         let mut spec = DeploymentSpec::from_proto(r.spec)?;
@@ -27,17 +29,20 @@ impl pb::deployments_server::Deployments for Services {
     }
 
     async fn get(&self, request: Request<pb::GetDeploymentRequest>) -> Result<Response<pb::Deployment>, Status> {
+        require(&request, Permission::Read, "Deployments/Get")?;
         Ok(Response::new(self.cluster().get(&request.into_inner().name)?))
     }
 
     async fn list(
         &self,
-        _request: Request<pb::ListDeploymentsRequest>,
+        request: Request<pb::ListDeploymentsRequest>,
     ) -> Result<Response<pb::ListDeploymentsResponse>, Status> {
+        require(&request, Permission::Read, "Deployments/List")?;
         Ok(Response::new(pb::ListDeploymentsResponse { deployments: self.cluster().list() }))
     }
 
     async fn scale(&self, request: Request<pb::ScaleRequest>) -> Result<Response<pb::Deployment>, Status> {
+        require(&request, Permission::Write, "Deployments/Scale")?;
         let r = request.into_inner();
         Ok(Response::new(self.cluster().scale(&r.name, r.replicas).await?))
     }
@@ -46,14 +51,16 @@ impl pb::deployments_server::Deployments for Services {
         &self,
         request: Request<pb::DeleteDeploymentRequest>,
     ) -> Result<Response<pb::DeleteDeploymentResponse>, Status> {
+        require(&request, Permission::Write, "Deployments/Delete")?;
         self.cluster().delete(&request.into_inner().name).await?;
         Ok(Response::new(pb::DeleteDeploymentResponse {}))
     }
 
     async fn watch(
         &self,
-        _request: Request<pb::WatchDeploymentsRequest>,
+        request: Request<pb::WatchDeploymentsRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        require(&request, Permission::Read, "Deployments/Watch")?;
         let (current, mut rx) = self.cluster().watch();
         let mut closing = self.cluster().closing();
         let (tx, out) = mpsc::channel(64);

@@ -52,8 +52,9 @@ async fn require_key(
     use axum::response::IntoResponse;
     if let Some(keys) = &keys {
         let header = req.headers().get(axum::http::header::AUTHORIZATION);
-        if !keys.accepts(header.map(|v| v.as_bytes())) {
-            let status = crate::auth::unauthenticated(header.is_some());
+        let path = req.uri().path();
+        let needed = crate::auth::http_permission(path);
+        if let Err(status) = keys.authorize(header.map(|v| v.as_bytes()), needed, path) {
             return openai::ApiError::from(status).into_response();
         }
     }
