@@ -251,6 +251,10 @@ must_fail "an even etcd member count" "etcd.replicas must be odd" \
   --set controller.securityContext.readOnlyRootFilesystem=false >"$tmp/weak.yaml"
 must_fail "a chart rendered with a writable root filesystem is caught by the chart rules" \
   "readOnlyRootFilesystem is not true" check_manifests --policy --label "weakened chart" "$tmp/weak.yaml"
+"$helm" template gantry "$chart" --namespace gantry --kube-version "$KUBE_VERSION" \
+  --set networkPolicy.enabled=false >"$tmp/open.yaml"
+must_fail "a chart rendered without NetworkPolicies is caught by the chart rules" \
+  "no NetworkPolicy: workers and etcd are open to every pod" check_manifests --policy --label "open chart" "$tmp/open.yaml"
 if [[ -f "$crd" ]]; then
   "$py" - "$crd" "$tmp/crd-without-scale.yaml" <<'EOF'
 import sys, yaml

@@ -300,6 +300,17 @@ def check_policy(objs, where, failures):
             if str(arg).startswith("--lease-name=") and o.get("kind") != "Deployment":
                 failures.add(where, f"{name}: leader election outside a Deployment")
         o["_labels"] = labels
+    # Every workload's pods are selected by a NetworkPolicy (the chart's default; a chart
+    # rendered with networkPolicy.enabled=false is the operator's choice and says so).
+    policies = [o for o in objs if o.get("kind") == "NetworkPolicy"]
+    if policies:
+        for w in workloads:
+            if not any(all(w["_labels"].get(k) == v for k, v in
+                           (((p.get("spec") or {}).get("podSelector") or {}).get("matchLabels") or {}).items())
+                       for p in policies):
+                failures.add(where, f"{describe(w)}: no NetworkPolicy selects its pods")
+    elif workloads:
+        failures.add(where, "no NetworkPolicy: workers and etcd are open to every pod (networkPolicy.enabled)")
     # The leader controller labels its own pod at run time (gantry.dev/leader=true), so that
     # label is matched by the controller's pods though their template cannot carry it.
     runtime_labels = {"gantry.dev/leader": "true"}
