@@ -534,6 +534,29 @@ async fn a_token_secret_goes_with_the_loads_and_a_missing_one_is_reported() {
 }
 
 #[tokio::test]
+async fn a_token_secret_outside_the_allowed_names_is_never_read() {
+    let (_dir, cluster) = start_cluster().await;
+    let (client, world) = fake_api();
+    world
+        .lock()
+        .unwrap()
+        .secrets
+        .insert("db-password".into(), HashMap::from([("token".to_string(), "s3cret".to_string())]));
+    let ctx = Context::new(client, cluster.clone(), "gantry-controller-0").with_allowed_secrets(vec!["hf".into()]);
+    let mut md = model_deployment("nosy", 1);
+    md.spec.hf_token_secret = Some(SecretKeyRef { name: "db-password".into(), key: "token".into() });
+    assert_eq!(reconcile(Arc::new(md), ctx.clone()).await.unwrap(), Action::await_change());
+    let calls = take_calls(&world);
+    assert!(!calls.iter().any(|c| c.path.contains("/secrets/")), "the Secret was read: {calls:?}");
+    assert_eq!(events(&calls), [("Warning".to_string(), "SecretNotAllowed".to_string())]);
+    assert_eq!(
+        written_status(&calls)["conditions"][0]["message"],
+        "Secret `db-password` (hfTokenSecret) is not one this controller may read: add it to its --hf-token-secrets (the Helm chart's rbac.hfTokenSecrets)"
+    );
+    assert!(cluster.get("nosy").is_err());
+}
+
+#[tokio::test]
 async fn an_invalid_spec_is_reported_not_retried() {
     let (_dir, cluster) = start_cluster().await;
     let (client, world) = fake_api();

@@ -256,6 +256,8 @@ def check_policy(objs, where, failures):
                         failures.add(where, f"{describe(o)}: wildcard in {field}")
                 if "secrets" in (rule.get("resources") or []) and set(rule.get("verbs") or []) - {"get"}:
                     failures.add(where, f"{describe(o)}: secrets may only be read one by one (get)")
+                if "secrets" in (rule.get("resources") or []) and not rule.get("resourceNames"):
+                    failures.add(where, f"{describe(o)}: secrets may only be read by name (resourceNames)")
     for o in workloads:
         name = describe(o)
         pod = pod_spec_of(o)

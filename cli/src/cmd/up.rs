@@ -119,6 +119,10 @@ pub struct ControllerArgs {
     /// This controller's name in the Lease and on events [default: the host name]
     #[arg(long, env = "POD_NAME", requires = "kubernetes")]
     identity: Option<String>,
+    /// The only Secrets a ModelDeployment's hfTokenSecret may name (comma-separated; empty:
+    /// none) [default: any in the namespace]
+    #[arg(long, value_delimiter = ',', requires = "kubernetes")]
+    hf_token_secrets: Option<Vec<String>>,
 }
 
 /// The operator's part of a controller on Kubernetes: the Lease is held before anything else.
@@ -382,8 +386,13 @@ pub fn run_controller(args: ControllerArgs) -> Result<(), CliError> {
                 lost_tx.send_replace(true);
             });
             controller.leadership.lost = lost.clone();
-            let ctx =
+            let mut ctx =
                 gantry_controller::operator::Context::new(k.client.clone(), controller.cluster.clone(), &k.identity);
+            if let Some(names) = &args.hf_token_secrets {
+                ctx = ctx.with_allowed_secrets(
+                    names.iter().map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect(),
+                );
+            }
             let mut stop = lost;
             tokio::spawn(gantry_controller::operator::run(ctx, k.namespace.clone(), async move {
                 let _ = stop.wait_for(|l| *l).await;

@@ -104,6 +104,9 @@ pub struct Context {
     pub recorder: Recorder,
     /// Writes the autoscaler's counts to the resources.
     pub scaler: Arc<KubeScaler>,
+    /// The Secrets `hfTokenSecret` may name (`--hf-token-secrets`); `None`: any in the namespace
+    /// (the Role's RBAC is then the only bound).
+    pub allowed_secrets: Option<Vec<String>>,
     /// Consecutive failures per resource, for the backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -121,7 +124,14 @@ impl Context {
         let recorder = Recorder::new(client.clone(), reporter);
         let scaler = Arc::new(KubeScaler { client: client.clone(), managed: Mutex::default() });
         cluster.set_scaler(scaler.clone());
-        Arc::new(Context { client, cluster, recorder, scaler, failures: Mutex::default() })
+        Arc::new(Context { client, cluster, recorder, scaler, allowed_secrets: None, failures: Mutex::default() })
+    }
+
+    /// This context, letting `hfTokenSecret` name only `names`.
+    pub fn with_allowed_secrets(self: Arc<Context>, names: Vec<String>) -> Arc<Context> {
+        let mut ctx = Arc::into_inner(self).expect("set before the context is shared");
+        ctx.allowed_secrets = Some(names);
+        Arc::new(ctx)
     }
 }
 
@@ -365,6 +375,20 @@ async fn apply(md: Arc<ModelDeployment>, ctx: &Context, api: &Api<ModelDeploymen
     // The token first: a load sent without it would fail on a gated model.
     let token = match &md.spec.hf_token_secret {
         None => None,
+        Some(r) if ctx.allowed_secrets.as_ref().is_some_and(|names| !names.contains(&r.name)) => {
+            refuse(
+                ctx,
+                api,
+                &md,
+                "SecretNotAllowed",
+                format!(
+                    "Secret `{}` (hfTokenSecret) is not one this controller may read: add it to its --hf-token-secrets (the Helm chart's rbac.hfTokenSecrets)",
+                    r.name
+                ),
+            )
+            .await?;
+            return Ok(Action::await_change());
+        }
         Some(r) => {
             let ns = md.namespace().unwrap_or_default();
             let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
