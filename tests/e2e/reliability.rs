@@ -207,7 +207,9 @@ async fn twenty_streams_survive_a_killed_worker_with_the_unbroken_text() {
         assert_eq!(usage.completion_tokens as usize, tokens.len(), "stream {i}");
     }
 
-    let broken = twenty_streams(&channel, 80, || w1.kill()).await;
+    // Early (20 of ~640 tokens), so that w1 still has streams to lose even when this process lags
+    // behind the relays on a busy machine.
+    let broken = twenty_streams(&channel, 20, || w1.kill()).await;
     for (i, (got, want)) in broken.iter().zip(&unbroken).enumerate() {
         let usage = got.2.as_ref().unwrap_or_else(|e| panic!("stream {i} failed: {e:?}"));
         assert_eq!(got.1, want.1, "stream {i}: the tokens");

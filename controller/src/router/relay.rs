@@ -22,11 +22,14 @@ use crate::error::ClusterError;
 /// a pipeline stage went away) rather than that the request is wrong: then the request may go
 /// on elsewhere.
 fn replica_failed(e: &Status) -> bool {
+    // A status the worker sent has no source; one with a source is the connection failing (a
+    // killed process can also surface as hyper's `Cancelled: operation was canceled`).
     let transport = || {
         let m = e.message();
-        ["transport", "connect", "connection", "broken pipe", "h2 protocol", "reset", "went away"]
-            .iter()
-            .any(|w| m.contains(w))
+        std::error::Error::source(e).is_some()
+            || ["transport", "connect", "connection", "broken pipe", "h2 protocol", "reset", "went away"]
+                .iter()
+                .any(|w| m.contains(w))
     };
     match e.code() {
         tonic::Code::Unavailable => true,
@@ -272,5 +275,25 @@ impl Relay {
             }
         };
         crate::metrics::request_finished(&self.model, &outcome);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broken_connection_is_a_failed_replica_and_a_workers_own_status_is_not() {
+        assert!(replica_failed(&Status::unavailable("worker w1 is stopping")));
+        assert!(replica_failed(&Status::unknown("transport error")));
+        // What a killed worker's connection can surface as: hyper's cancellation, with its
+        // error as the status' source.
+        let mut killed = Status::cancelled("operation was canceled");
+        killed.set_source(std::sync::Arc::new(std::io::Error::other("connection closed")));
+        assert!(replica_failed(&killed));
+        // A status the worker itself sent: the request's fault, not the replica's.
+        assert!(!replica_failed(&Status::cancelled("operation was canceled")));
+        assert!(!replica_failed(&Status::invalid_argument("max_tokens must be at least 1")));
+        assert!(!replica_failed(&Status::internal("generation stopped: a bug")));
     }
 }
