@@ -615,6 +615,18 @@ async fn a_hostile_chat_template_costs_its_chat_an_error_and_the_worker_goes_on(
     assert!(!log.contains("panicked"), "{log}");
 }
 
+/// A connection to `url` whose HTTP/2 windows hold about a kilobyte: a stream not read fills
+/// them after a few dozen tokens.
+async fn small_window(url: &str) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(url.to_string())
+        .unwrap()
+        .initial_stream_window_size(1024)
+        .initial_connection_window_size(1024)
+        .connect()
+        .await
+        .unwrap()
+}
+
 /// A client that stops reading its stream (its HTTP/2 window full) holds neither the
 /// controller's relay nor the worker's generation slot past `--stall-timeout`: with one slot
 /// and no queue, the next request would otherwise be refused for as long as the stalled client
@@ -642,14 +654,7 @@ async fn a_client_that_stops_reading_gives_its_slot_back_after_the_stall_timeout
         request_id: String::new(),
     };
     // A connection whose window holds about a kilobyte, never read after the first token.
-    let stalled = tonic::transport::Endpoint::from_shared(up.url())
-        .unwrap()
-        .initial_stream_window_size(1024)
-        .initial_connection_window_size(1024)
-        .connect()
-        .await
-        .unwrap();
-    let mut stalled = pb::inference_client::InferenceClient::new(stalled);
+    let mut stalled = pb::inference_client::InferenceClient::new(small_window(&up.url()).await);
     // 2,000 tokens: about 20 s of generating on one thread, were it read to the end.
     let mut held = stalled.generate(long(2000)).await.expect("the first request starts").into_inner();
     held.message().await.expect("a first event").expect("a token");
@@ -722,14 +727,11 @@ async fn a_client_of_a_worker_that_stops_reading_gives_its_slot_back() {
         sampling: Some(pb::SamplingParams { max_tokens: Some(max), ignore_eos: true, ..Default::default() }),
         ..Default::default()
     };
-    let stalled = tonic::transport::Endpoint::from_shared(worker.url())
-        .unwrap()
-        .initial_stream_window_size(1024)
-        .initial_connection_window_size(1024)
-        .connect()
+    let mut held = pb::worker_client::WorkerClient::new(small_window(&worker.url()).await)
+        .generate(request(2000))
         .await
-        .unwrap();
-    let mut held = pb::worker_client::WorkerClient::new(stalled).generate(request(2000)).await.unwrap().into_inner();
+        .unwrap()
+        .into_inner();
     held.message().await.expect("a first event").expect("a token");
     let mut client = worker.client().await;
     let started = std::time::Instant::now();
