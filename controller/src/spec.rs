@@ -3,14 +3,14 @@
 use std::sync::Arc;
 
 use gantry_core::WireDtype;
-use gantry_core::autoscale::{Metric, Policy as AutoscalePolicy};
+use gantry_core::autoscale::Policy as AutoscalePolicy;
 use gantry_core::catalog::Catalog;
 use gantry_core::placement::{Policy, Strategy};
 use gantry_core::quant::WeightDtype;
 use gantry_core::spec::ModelSpec;
 use gantry_core::vram::{ServeOptions, estimate_vram};
 use gantry_model::read_spec;
-use gantry_proto::convert::sampling_from_proto;
+use gantry_proto::convert::{metric_from_proto, metric_to_proto, sampling_from_proto};
 use gantry_proto::v1 as pb;
 use gantry_store::Source;
 use serde::{Deserialize, Serialize};
@@ -227,17 +227,9 @@ impl DeploymentSpec {
 
 /// Reads and checks an autoscaling policy.
 pub fn autoscaling_from_proto(p: &pb::AutoscalingPolicy) -> Result<AutoscalePolicy, ClusterError> {
-    let metric = match pb::AutoscalingMetric::try_from(p.metric) {
-        Ok(pb::AutoscalingMetric::Unspecified | pb::AutoscalingMetric::InFlight) => Metric::InFlight,
-        Ok(pb::AutoscalingMetric::Queue) => Metric::Queue,
-        Ok(pb::AutoscalingMetric::KvUtilization) => Metric::KvUtilization,
-        Err(_) => {
-            return Err(ClusterError::Invalid(format!(
-                "autoscaling metric {}: use in_flight, queue or kv_utilization",
-                p.metric
-            )));
-        }
-    };
+    let metric = metric_from_proto(p.metric).ok_or_else(|| {
+        ClusterError::Invalid(format!("autoscaling metric {}: use in_flight, queue or kv_utilization", p.metric))
+    })?;
     let defaults = AutoscalePolicy::default();
     let policy = AutoscalePolicy {
         min_replicas: p.min_replicas,
@@ -258,11 +250,7 @@ pub fn autoscaling_to_proto(p: &AutoscalePolicy) -> pb::AutoscalingPolicy {
     pb::AutoscalingPolicy {
         min_replicas: p.min_replicas,
         max_replicas: p.max_replicas,
-        metric: match p.metric {
-            Metric::InFlight => pb::AutoscalingMetric::InFlight,
-            Metric::Queue => pb::AutoscalingMetric::Queue,
-            Metric::KvUtilization => pb::AutoscalingMetric::KvUtilization,
-        } as i32,
+        metric: metric_to_proto(p.metric) as i32,
         target: p.target,
         scale_up_window_s: (p.scale_up_window_ms / 1000) as u32,
         scale_down_delay_s: Some((p.scale_down_delay_ms / 1000) as u32),
@@ -340,6 +328,7 @@ fn size_with(model: ModelSpec, spec: &DeploymentSpec) -> Result<SizedModel, Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gantry_core::autoscale::Metric;
 
     fn with_policy(replicas: u32, policy: pb::AutoscalingPolicy) -> Result<DeploymentSpec, ClusterError> {
         DeploymentSpec::from_proto(Some(pb::DeploymentSpec {

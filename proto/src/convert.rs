@@ -2,6 +2,7 @@
 //! service reads a request the same way.
 
 use gantry_core::SamplingParams;
+use gantry_core::autoscale::Metric;
 
 use crate::v1 as pb;
 
@@ -75,5 +76,24 @@ mod tests {
             top_logprobs: 5,
         };
         assert_eq!(sampling_from_proto(Some(&sampling_to_proto(&p))), p);
+    }
+}
+
+/// An autoscaling metric from the wire (unspecified: in flight), or `None` for a value this
+/// version does not know.
+pub fn metric_from_proto(metric: i32) -> Option<Metric> {
+    match pb::AutoscalingMetric::try_from(metric).ok()? {
+        pb::AutoscalingMetric::Unspecified | pb::AutoscalingMetric::InFlight => Some(Metric::InFlight),
+        pb::AutoscalingMetric::Queue => Some(Metric::Queue),
+        pb::AutoscalingMetric::KvUtilization => Some(Metric::KvUtilization),
+    }
+}
+
+/// An autoscaling metric for the wire.
+pub fn metric_to_proto(metric: Metric) -> pb::AutoscalingMetric {
+    match metric {
+        Metric::InFlight => pb::AutoscalingMetric::InFlight,
+        Metric::Queue => pb::AutoscalingMetric::Queue,
+        Metric::KvUtilization => pb::AutoscalingMetric::KvUtilization,
     }
 }

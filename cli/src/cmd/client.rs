@@ -556,11 +556,7 @@ pub fn describe(d: &pb::Deployment) -> String {
 
 /// The autoscaling policy, what the autoscaler sees now and its last decision.
 fn autoscaling_line(p: &pb::AutoscalingPolicy, a: &pb::AutoscalerStatus) -> String {
-    let metric = match pb::AutoscalingMetric::try_from(p.metric) {
-        Ok(pb::AutoscalingMetric::Queue) => "queue",
-        Ok(pb::AutoscalingMetric::KvUtilization) => "kv_utilization",
-        _ => "in_flight",
-    };
+    let metric = gantry_proto::convert::metric_from_proto(p.metric).unwrap_or_default().name();
     let mut out = format!(
         "  autoscaling: {}..{} replicas, target {metric} {} per replica (down after {} s{}); now {metric} {:.2}, {} in flight, {} queued, {} waiting\n",
         p.min_replicas,

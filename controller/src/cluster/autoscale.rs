@@ -55,10 +55,7 @@ pub fn signals(st: &State, name: &str, at_ms: u64) -> Option<Signals> {
         s.ready += 1;
         let Some(first) = r.placement.as_ref().and_then(|p| p.stages.first()) else { continue };
         let id = replica_model_id(name, i);
-        let loaded = st
-            .workers
-            .get(&first.node)
-            .and_then(|w| w.status.models.iter().find(|m| m.info.as_ref().is_some_and(|info| info.model_id == id)));
+        let loaded = st.workers.get(&first.node).and_then(|w| w.model(&id));
         if let Some(m) = loaded {
             s.queued += m.queued;
             s.kv_used_blocks += m.kv_blocks_used;

@@ -171,7 +171,12 @@ pub struct Worker {
 impl Worker {
     /// Whether it reports `model_id` loaded.
     pub fn holds(&self, model_id: &str) -> bool {
-        self.status.models.iter().any(|m| m.info.as_ref().is_some_and(|i| i.model_id == model_id))
+        self.model(model_id).is_some()
+    }
+
+    /// What it reports of `model_id` (queue, KV blocks …), if it has it loaded.
+    pub fn model(&self, model_id: &str) -> Option<&pb::LoadedModel> {
+        self.status.models.iter().find(|m| m.info.as_ref().is_some_and(|i| i.model_id == model_id))
     }
 
     /// The models it reports loaded.

@@ -42,12 +42,7 @@ impl Cluster {
                 failed_here.push(i);
                 continue;
             }
-            let queued = w
-                .status
-                .models
-                .iter()
-                .find(|m| m.info.as_ref().is_some_and(|info| info.model_id == model_id))
-                .map_or(0, |m| u64::from(m.queued));
+            let queued = w.model(&model_id).map_or(0, |m| u64::from(m.queued));
             load.push(u64::from(r.inflight.load(Ordering::Relaxed)) + queued);
             ready.push(Target {
                 worker: w.id.clone(),
