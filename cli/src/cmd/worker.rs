@@ -288,6 +288,9 @@ pub fn run_worker(args: WorkerArgs) -> Result<(), CliError> {
             );
         }
         let _ = ready_tx.send(true);
+        // The server's health task drops its receiver once health says SERVING: `ready` is
+        // printed after that, so whoever waits for the line finds the worker healthy.
+        ready_tx.closed().await;
         println!("ready");
 
         if let Some(controller) = args.controller.clone() {
