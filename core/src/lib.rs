@@ -22,6 +22,7 @@ pub mod sampling;
 pub mod select;
 pub mod shard;
 pub mod spec;
+pub mod tp;
 pub mod units;
 pub mod vram;
 pub mod weights;

@@ -1,9 +1,12 @@
 //! The building blocks of a transformer block: linear maps, norms, MLPs, rotary embeddings.
 
+use std::sync::Arc;
+
 use candle_core::quantized::QMatMul;
 use candle_core::{D, DType, Device, Module, Result, Tensor};
 
 use crate::config::{Activation, NormKind, RopeConfig, RopeScaling};
+use crate::tp::Communicator;
 
 /// A weight matrix: Candle's quantized or dense matmul (`x · Wᵀ`).
 pub type Matrix = QMatMul;
@@ -13,11 +16,22 @@ pub type Matrix = QMatMul;
 pub struct Linear {
     pub weight: Matrix,
     pub bias: Option<Tensor>,
+    /// A row-parallel slice of a tensor-parallel model: `x · Wᵀ` is this rank's partial sum,
+    /// added up over the group before the bias.
+    pub reduce: Option<Arc<dyn Communicator>>,
 }
 
 impl Linear {
+    /// An unsplit linear map.
+    pub fn new(weight: Matrix, bias: Option<Tensor>) -> Linear {
+        Linear { weight, bias, reduce: None }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.weight.forward(x)?;
+        let mut y = self.weight.forward(x)?;
+        if let Some(comm) = &self.reduce {
+            y = comm.all_reduce_sum(&y)?;
+        }
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),

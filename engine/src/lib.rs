@@ -18,6 +18,7 @@ pub mod model;
 pub mod pipeline;
 pub mod sampling;
 pub mod tokenizer;
+pub mod tp;
 pub mod weights;
 pub mod wire;
 

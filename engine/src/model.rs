@@ -13,7 +13,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{D, DType, Device, Tensor};
 use gantry_core::Family;
 
 use crate::EngineError;
@@ -24,6 +24,7 @@ use crate::cpu::kv::{BLOCK_TOKENS, KvPool};
 use crate::cpu::model::CpuModel;
 use crate::cpu::pool;
 use crate::layers::{Linear, Mlp, Norm, Rope};
+use crate::tp::{self, Shard};
 use crate::weights::{Embedding, LoadStats, Part, Role, WeightSource};
 
 /// One transformer block.
@@ -84,6 +85,8 @@ pub struct PartCache {
 #[derive(Debug)]
 enum CacheKind {
     Candle(Vec<LayerCache>),
+    /// One Candle cache per tensor-parallel rank (each holds its own KV heads).
+    Tp(Vec<Vec<LayerCache>>),
     Cpu(CpuSeq),
 }
 
@@ -168,6 +171,7 @@ impl PartCache {
     pub fn allocated_bytes(&self) -> usize {
         match &self.kind {
             CacheKind::Candle(layers) => layers.iter().map(LayerCache::allocated_bytes).sum(),
+            CacheKind::Tp(ranks) => ranks.iter().flatten().map(LayerCache::allocated_bytes).sum(),
             CacheKind::Cpu(seq) => seq.blocks.len() * seq.kv.shape().bytes_per_block(),
         }
     }
@@ -176,6 +180,7 @@ impl PartCache {
     pub fn clear(&mut self) {
         match &mut self.kind {
             CacheKind::Candle(layers) => layers.iter_mut().for_each(LayerCache::clear),
+            CacheKind::Tp(ranks) => ranks.iter_mut().flatten().for_each(LayerCache::clear),
             CacheKind::Cpu(seq) => seq.release(),
         }
         self.position = 0;
@@ -203,7 +208,7 @@ impl PartCache {
     /// Blocks the pool must hand this sequence for `rows` more positions (0 on Candle).
     pub fn blocks_needed(&self, rows: usize) -> usize {
         match &self.kind {
-            CacheKind::Candle(_) => 0,
+            CacheKind::Candle(_) | CacheKind::Tp(_) => 0,
             CacheKind::Cpu(seq) => (self.position + rows).div_ceil(BLOCK_TOKENS).saturating_sub(seq.blocks.len()),
         }
     }
@@ -211,7 +216,7 @@ impl PartCache {
     /// Blocks the sequence holds (0 on Candle).
     pub fn blocks_held(&self) -> usize {
         match &self.kind {
-            CacheKind::Candle(_) => 0,
+            CacheKind::Candle(_) | CacheKind::Tp(_) => 0,
             CacheKind::Cpu(seq) => seq.blocks.len(),
         }
     }
@@ -252,6 +257,9 @@ pub enum Backend {
     /// Candle on a device: a GPU (`cuda:N`), or the CPU as the stand-in tests use for that
     /// path.
     Candle(Device),
+    /// Candle on several devices of one node, every layer split across them (tensor
+    /// parallelism, rank `i` on device `i`); CPU devices are the stand-in tests use.
+    TensorParallel(Vec<Device>),
 }
 
 impl Backend {
@@ -272,6 +280,8 @@ pub struct ModelPart {
 #[derive(Debug)]
 enum Runtime {
     Candle(CandlePart),
+    /// One Candle part per rank, each holding a slice of every layer.
+    Tp(Vec<CandlePart>),
     Cpu(Arc<CpuModel>),
 }
 
@@ -302,6 +312,9 @@ struct CandlePart {
     pos_embed: Option<Tensor>,
     blocks: Vec<Block>,
     head: Option<(Norm, Linear)>,
+    /// On a tensor-parallel rank: its group, and the vocabulary rows its embeddings and head
+    /// hold.
+    shard: Option<(Shard, Range<usize>)>,
 }
 
 /// Progress while loading: layers done of the part's total.
@@ -338,7 +351,10 @@ impl ModelPart {
                 Runtime::Cpu(Arc::new(CpuModel::load(source, config.clone(), range.clone(), stats, &mut layer_done)?))
             }
             Backend::Candle(device) => {
-                Runtime::Candle(CandlePart::load(source, config.clone(), range.clone(), device, stats, progress)?)
+                Runtime::Candle(CandlePart::load(source, config.clone(), range.clone(), device, stats, progress, None)?)
+            }
+            Backend::TensorParallel(devices) => {
+                Runtime::Tp(load_ranks(source, &config, &range, devices, stats, progress)?)
             }
         };
         Ok(ModelPart { config, range, runtime })
@@ -348,6 +364,7 @@ impl ModelPart {
     pub fn device(&self) -> &Device {
         match &self.runtime {
             Runtime::Candle(c) => &c.device,
+            Runtime::Tp(ranks) => ranks.first().map_or(&CPU, |r| &r.device),
             Runtime::Cpu(_) => &CPU,
         }
     }
@@ -356,7 +373,7 @@ impl ModelPart {
     pub fn kv_pool(&self) -> Option<&Arc<KvPool>> {
         match &self.runtime {
             Runtime::Cpu(m) => Some(&m.kv),
-            Runtime::Candle(_) => None,
+            Runtime::Candle(_) | Runtime::Tp(_) => None,
         }
     }
 
@@ -364,6 +381,9 @@ impl ModelPart {
     pub fn new_cache(&self) -> PartCache {
         let kind = match &self.runtime {
             Runtime::Candle(c) => CacheKind::Candle(vec![LayerCache::default(); c.blocks.len()]),
+            Runtime::Tp(ranks) => {
+                CacheKind::Tp(ranks.iter().map(|r| vec![LayerCache::default(); r.blocks.len()]).collect())
+            }
             Runtime::Cpu(m) => CacheKind::Cpu(CpuSeq {
                 kv: m.kv.clone(),
                 blocks: Vec::new(),
@@ -386,6 +406,11 @@ impl ModelPart {
         match (&self.runtime, &mut cache.kind) {
             (Runtime::Candle(c), CacheKind::Candle(layers)) => {
                 let (out, t) = c.forward(input, layers, cache.position, logits_for)?;
+                cache.position += t;
+                Ok(out)
+            }
+            (Runtime::Tp(ranks), CacheKind::Tp(caches)) => {
+                let (out, t) = forward_ranks(ranks, input, caches, cache.position, logits_for)?;
                 cache.position += t;
                 Ok(out)
             }
@@ -474,6 +499,7 @@ impl CandlePart {
         device: &Device,
         stats: &mut LoadStats,
         progress: &mut dyn FnMut(LoadProgress),
+        shard: Option<&Shard>,
     ) -> Result<CandlePart, EngineError> {
         let n = config.num_layers;
         // Candle's CPU kernels compute in f32; quantized matrices take f32 activations too.
@@ -481,8 +507,10 @@ impl CandlePart {
         let cfg = &*config;
         let first = range.start == 0;
         let last = range.end == n;
+        let vocab = shard.map_or(0..cfg.vocab_size, |s| s.share(cfg.vocab_size));
         let embed = if first || (last && cfg.tied_embeddings) {
-            Some(source.embedding(Role::TokenEmbd, device, dtype)?)
+            let e = source.embedding(Role::TokenEmbd, device, dtype)?;
+            Some(if shard.is_some() { e.rows(vocab.clone())? } else { e })
         } else {
             None
         };
@@ -496,7 +524,7 @@ impl CandlePart {
             None => None,
         };
         let ropes = cfg.rope.as_ref().map(|r| rope_pair(r, divisors.as_deref()));
-        let mut loader = Loader { source, cfg, device, dtype, stats };
+        let mut loader = Loader { source, cfg, device, dtype, stats, shard };
         let mut blocks = Vec::with_capacity(range.len());
         for (done, i) in range.clone().enumerate() {
             blocks.push(loader.block(i, ropes.as_ref())?);
@@ -505,12 +533,13 @@ impl CandlePart {
         let head = if last {
             let norm = loader.norm(Role::OutputNorm, None)?;
             let output = if source.has(Role::Output, None, Part::Weight) {
-                Linear {
-                    weight: source.matrix(Role::Output, None, device, dtype, false, loader.stats)?,
-                    bias: source.dense_opt(Role::Output, None, Part::Bias, device, dtype)?,
-                }
+                let head = Linear::new(
+                    source.matrix(Role::Output, None, device, dtype, false, loader.stats)?,
+                    source.dense_opt(Role::Output, None, Part::Bias, device, dtype)?,
+                );
+                loader.column(head, std::slice::from_ref(&vocab))?
             } else if let Some(e) = &embed {
-                Linear { weight: e.as_head()?, bias: None }
+                Linear::new(e.as_head()?, None)
             } else {
                 return Err(EngineError::MissingTensor("output.weight".into()));
             };
@@ -520,7 +549,8 @@ impl CandlePart {
         };
         // A last-only part keeps the embedding table solely as its tied head.
         let embed = if first { embed } else { None };
-        Ok(CandlePart { config, range, device: device.clone(), dtype, embed, pos_embed, blocks, head })
+        let shard = shard.map(|s| (s.clone(), vocab));
+        Ok(CandlePart { config, range, device: device.clone(), dtype, embed, pos_embed, blocks, head, shard })
     }
 
     /// Runs the part on the next tokens (or hidden states) of a sequence at `start`; returns
@@ -550,8 +580,20 @@ impl CandlePart {
                     )));
                 }
                 let t = ids.len();
-                let idx = Tensor::from_slice(ids, (1, t), &self.device)?;
-                let mut x = embed.forward(&idx, self.dtype)?;
+                let mut x = match &self.shard {
+                    None => embed.forward(&Tensor::from_slice(ids, (1, t), &self.device)?, self.dtype)?,
+                    Some((shard, vocab)) => {
+                        // This rank's rows for the ids it holds, zeros for the others; the sum
+                        // over the group is every id's row.
+                        let held = |id: &u32| vocab.contains(&(*id as usize));
+                        let local: Vec<u32> =
+                            ids.iter().map(|id| if held(id) { *id - vocab.start as u32 } else { 0 }).collect();
+                        let mask: Vec<f32> = ids.iter().map(|id| if held(id) { 1.0 } else { 0.0 }).collect();
+                        let rows = embed.forward(&Tensor::from_slice(&local, (1, t), &self.device)?, self.dtype)?;
+                        let mask = Tensor::from_slice(&mask, (1, t, 1), &self.device)?.to_dtype(self.dtype)?;
+                        shard.comm.all_reduce_sum(&rows.broadcast_mul(&mask)?)?
+                    }
+                };
                 if let Some(scale) = self.config.embed_scale {
                     // transformers rounds √hidden to the activation dtype before multiplying.
                     x = (x * f64::from(scale as f32))?;
@@ -582,11 +624,128 @@ impl CandlePart {
             LogitsFor::All => x,
         };
         let mut logits = output.forward(&norm.forward(&x)?)?;
+        if let Some((shard, vocab)) = &self.shard {
+            // Each rank's vocabulary slice in place, zeros elsewhere: the sum is the whole row.
+            let (before, after) = (vocab.start, self.config.vocab_size - vocab.end);
+            logits = shard.comm.all_reduce_sum(&logits.pad_with_zeros(D::Minus1, before, after)?)?;
+        }
         if let Some(cap) = self.config.final_softcap {
             logits = ((logits / cap)?.tanh()? * cap)?;
         }
         Ok((StageOutput::Logits(logits.squeeze(0)?.to_dtype(DType::F32)?), t))
     }
+}
+
+/// Loads one Candle part per device, each rank's slices of layers `range`, joined by a
+/// communicator: NCCL when every device is a GPU and the build has the `nccl` feature, else
+/// the in-process one (activations pass through host memory).
+fn load_ranks(
+    source: &WeightSource,
+    config: &Arc<EngineConfig>,
+    range: &Range<usize>,
+    devices: &[Device],
+    stats: &mut LoadStats,
+    progress: &mut dyn FnMut(LoadProgress),
+) -> Result<Vec<CandlePart>, EngineError> {
+    let n = devices.len();
+    let shape = gantry_core::tp::TpShape {
+        num_heads: config.num_heads,
+        num_kv_heads: config.num_kv_heads,
+        intermediate_size: config.intermediate_size,
+        vocab_size: config.vocab_size,
+    };
+    gantry_core::tp::check(&shape, n)
+        .map_err(|e| EngineError::Config(format!("cannot split the model {n} ways (tensor parallelism): {e}")))?;
+    let comms = tp::communicators(devices)?;
+    let per = range.len();
+    let mut ranks = Vec::with_capacity(n);
+    for (rank, (device, comm)) in devices.iter().zip(comms).enumerate() {
+        let mut rank_progress =
+            |p: LoadProgress| progress(LoadProgress { layers_done: rank * per + p.layers_done, layers_total: n * per });
+        let shard = Shard { comm };
+        ranks.push(CandlePart::load(
+            source,
+            config.clone(),
+            range.clone(),
+            device,
+            stats,
+            &mut rank_progress,
+            Some(&shard),
+        )?);
+    }
+    Ok(ranks)
+}
+
+/// Runs one step on every rank at once (a thread each: the collectives meet in the middle) and
+/// returns rank 0's output. A rank that fails or panics aborts the group's collectives, so the
+/// others return instead of waiting; the error given is the failing rank's own.
+fn forward_ranks(
+    ranks: &[CandlePart],
+    input: StageInput<'_>,
+    caches: &mut [Vec<LayerCache>],
+    start: usize,
+    logits_for: LogitsFor,
+) -> Result<(StageOutput, usize), EngineError> {
+    let results: Vec<Result<(StageOutput, usize), EngineError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = ranks
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(part, cache)| {
+                let input = match &input {
+                    StageInput::Tokens(ids) => StageInput::Tokens(ids),
+                    StageInput::Hidden(h) => StageInput::Hidden(h.clone()),
+                };
+                s.spawn(move || {
+                    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        part.forward(input, cache, start, logits_for)
+                    }));
+                    let out = run.unwrap_or_else(|_| {
+                        Err(EngineError::Config("a tensor-parallel rank panicked while computing a step".into()))
+                    });
+                    if out.is_err()
+                        && let Some((shard, _)) = &part.shard
+                    {
+                        shard.comm.abort();
+                    }
+                    out
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(EngineError::Config("a tensor-parallel rank thread died".into()))))
+            .collect()
+    });
+    let mut first_err = None;
+    let mut out = None;
+    for (i, r) in results.into_iter().enumerate() {
+        match r {
+            Ok(o) if i == 0 => out = Some(o),
+            Ok(_) => {}
+            Err(e) => {
+                let knock_on = e.to_string().contains(tp::ABORTED);
+                if first_err.as_ref().is_none_or(|(k, _)| *k && !knock_on) {
+                    first_err = Some((knock_on, e));
+                }
+            }
+        }
+    }
+    if let Some((_, e)) = first_err {
+        if let Some((shard, _)) = ranks.first().and_then(|r| r.shard.as_ref()) {
+            shard.comm.reset();
+        }
+        return Err(e);
+    }
+    out.ok_or_else(|| EngineError::Config("a tensor-parallel group with no ranks".into()))
+}
+
+/// A weight matrix's `(rows, columns)`.
+fn matrix_dims(m: &crate::layers::Matrix) -> Result<(usize, usize), EngineError> {
+    use candle_core::quantized::QMatMul;
+    Ok(match m {
+        QMatMul::QTensor(q) => q.shape().dims2()?,
+        QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims2()?,
+    })
 }
 
 /// The global rope and, for Gemma 3, the local one (its own base, no scaling).
@@ -604,9 +763,16 @@ struct Loader<'a> {
     device: &'a Device,
     dtype: DType,
     stats: &'a mut LoadStats,
+    /// This rank's place when the model is split tensor-parallel.
+    shard: Option<&'a Shard>,
 }
 
 impl Loader<'_> {
+    /// This rank's share of an MLP of `width` (all of it when the model is not split).
+    fn mlp_share(&self, width: usize) -> Range<usize> {
+        self.shard.map_or(0..width, |s| s.share(width))
+    }
+
     fn norm(&self, role: Role, layer: Option<usize>) -> Result<Norm, EngineError> {
         let w = self.source.dense(role, layer, Part::Weight, self.device, self.dtype)?;
         let b = self.source.dense_opt(role, layer, Part::Bias, self.device, self.dtype)?;
@@ -617,7 +783,60 @@ impl Loader<'_> {
     fn linear(&mut self, role: Role, layer: usize, transpose: bool) -> Result<Linear, EngineError> {
         let weight = self.source.matrix(role, Some(layer), self.device, self.dtype, transpose, self.stats)?;
         let bias = self.source.dense_opt(role, Some(layer), Part::Bias, self.device, self.dtype)?;
-        Ok(Linear { weight, bias })
+        Ok(Linear::new(weight, bias))
+    }
+
+    /// Keeps rows `rows` of a column-parallel map (weight and bias) on a tensor-parallel rank.
+    fn column(&self, l: Linear, rows: &[Range<usize>]) -> Result<Linear, EngineError> {
+        if self.shard.is_none() {
+            return Ok(l);
+        }
+        let bias = l.bias.as_ref().map(|b| tp::take_rows(b, rows)).transpose()?;
+        Ok(Linear::new(tp::matrix_rows(&l.weight, rows)?, bias))
+    }
+
+    /// Keeps columns `cols` of a row-parallel map on a tensor-parallel rank: its output is
+    /// all-reduced, then the whole bias added.
+    fn row(&self, l: Linear, cols: Range<usize>) -> Result<Linear, EngineError> {
+        let Some(shard) = self.shard else { return Ok(l) };
+        Ok(Linear { weight: tp::matrix_cols(&l.weight, cols)?, bias: l.bias, reduce: Some(shard.comm.clone()) })
+    }
+
+    /// The rows of the query/key/value projection(s) this rank keeps, and its head counts.
+    fn split_qkv(&self, qkv: QkvProj) -> Result<(QkvProj, usize, usize), EngineError> {
+        let cfg = self.cfg;
+        let (h, kvh, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let Some(shard) = self.shard else { return Ok((qkv, h, kvh)) };
+        let split = gantry_core::tp::heads(h, kvh, shard.size(), shard.rank()).map_err(EngineError::Config)?;
+        let rows = |heads: &Range<usize>, offset: usize| offset + heads.start * d..offset + heads.end * d;
+        let q_rows = rows(&split.q, 0);
+        let kv_rows = rows(&split.kv, 0);
+        let qkv = match qkv {
+            QkvProj::Separate { q, k, v } => QkvProj::Separate {
+                q: self.column(q, std::slice::from_ref(&q_rows))?,
+                k: self.column(k, std::slice::from_ref(&kv_rows))?,
+                v: self.column(v, std::slice::from_ref(&kv_rows))?,
+            },
+            QkvProj::Fused { qkv, layout: QkvLayout::FalconGrouped } => {
+                // Per KV group: its query heads, a key, a value. Keep this rank's query heads of
+                // each group it reads, then the group's key and value.
+                let per = h / kvh;
+                let mut keep = Vec::new();
+                for g in split.kv.clone() {
+                    let base = g * (per + 2);
+                    let first = split.q.start.max(g * per);
+                    let last = split.q.end.min((g + 1) * per);
+                    keep.push((base + first - g * per) * d..(base + last - g * per) * d);
+                    keep.push((base + per) * d..(base + per + 2) * d);
+                }
+                QkvProj::Fused { qkv: self.column(qkv, &keep)?, layout: QkvLayout::FalconGrouped }
+            }
+            QkvProj::Fused { qkv, layout } => {
+                let keep = [q_rows, rows(&split.kv, h * d), rows(&split.kv, (h + kvh) * d)];
+                QkvProj::Fused { qkv: self.column(qkv, &keep)?, layout }
+            }
+        };
+        Ok((qkv, split.q.len(), split.kv.len()))
     }
 
     fn block(&mut self, i: usize, ropes: Option<&(Rope, Option<Rope>)>) -> Result<Block, EngineError> {
@@ -648,13 +867,22 @@ impl Loader<'_> {
         } else {
             (None, None)
         };
+        let (qkv, num_heads, num_kv_heads) = self.split_qkv(qkv)?;
+        let out = self.linear(Role::AttnOut, i, transpose)?;
+        let out = match self.shard {
+            Some(s) => {
+                let q = gantry_core::tp::share(cfg.num_heads, s.size(), s.rank());
+                self.row(out, q.start * cfg.head_dim..q.end * cfg.head_dim)?
+            }
+            None => out,
+        };
         let attn = Attention {
             qkv,
-            out: self.linear(Role::AttnOut, i, transpose)?,
+            out,
             q_norm,
             k_norm,
-            num_heads: cfg.num_heads,
-            num_kv_heads: cfg.num_kv_heads,
+            num_heads,
+            num_kv_heads,
             head_dim: cfg.head_dim,
             scale: cfg.attn_scale,
             softcap: cfg.attn_softcap,
@@ -663,24 +891,28 @@ impl Loader<'_> {
         };
         let act = cfg.activation;
         let mlp = if cfg.family == Family::Phi3 && self.source.has(Role::FfnGateUp, Some(i), Part::Weight) {
-            Mlp::GatedFused {
-                gate_up: self.linear(Role::FfnGateUp, i, false)?,
-                down: self.linear(Role::FfnDown, i, false)?,
-                act,
-            }
+            let gate_up = self.linear(Role::FfnGateUp, i, false)?;
+            let down = self.linear(Role::FfnDown, i, false)?;
+            let width = matrix_dims(&gate_up.weight)?.0 / 2;
+            let mine = self.mlp_share(width);
+            let halves = [mine.clone(), width + mine.start..width + mine.end];
+            Mlp::GatedFused { gate_up: self.column(gate_up, &halves)?, down: self.row(down, mine)?, act }
         } else if cfg.gated_mlp {
+            let gate = self.linear(Role::FfnGate, i, false)?;
+            let up = self.linear(Role::FfnUp, i, false)?;
+            let down = self.linear(Role::FfnDown, i, false)?;
+            let mine = self.mlp_share(matrix_dims(&gate.weight)?.0);
             Mlp::Gated {
-                gate: self.linear(Role::FfnGate, i, false)?,
-                up: self.linear(Role::FfnUp, i, false)?,
-                down: self.linear(Role::FfnDown, i, false)?,
+                gate: self.column(gate, std::slice::from_ref(&mine))?,
+                up: self.column(up, std::slice::from_ref(&mine))?,
+                down: self.row(down, mine)?,
                 act,
             }
         } else {
-            Mlp::Plain {
-                up: self.linear(Role::FfnUp, i, transpose)?,
-                down: self.linear(Role::FfnDown, i, transpose)?,
-                act,
-            }
+            let up = self.linear(Role::FfnUp, i, transpose)?;
+            let down = self.linear(Role::FfnDown, i, transpose)?;
+            let mine = self.mlp_share(matrix_dims(&up.weight)?.0);
+            Mlp::Plain { up: self.column(up, std::slice::from_ref(&mine))?, down: self.row(down, mine)?, act }
         };
         let attn_norm = self.norm(Role::AttnNorm, Some(i))?;
         let (ffn_norm, post_attn_norm, post_ffn_norm) = match cfg.block {

@@ -505,6 +505,15 @@ impl Embedding {
         }
     }
 
+    /// Rows `rows` of the table (a tensor-parallel rank's share of the vocabulary).
+    pub fn rows(&self, rows: std::ops::Range<usize>) -> candle_core::Result<Embedding> {
+        let keep = std::slice::from_ref(&rows);
+        Ok(match self {
+            Embedding::Dense(w) => Embedding::Dense(crate::tp::take_rows(w, keep)?),
+            Embedding::Quantized(q) => Embedding::Quantized(std::sync::Arc::new(crate::tp::qtensor_rows(q, keep)?)),
+        })
+    }
+
     /// The table as an output head (`x · Eᵀ`) when the head is tied to it.
     pub fn as_head(&self) -> candle_core::Result<Matrix> {
         match self {
