@@ -107,7 +107,12 @@ fn cluster(n: usize, rng: &mut Lcg) -> Vec<NodeView> {
                 .map(|index| GpuView { index, name: name.into(), total_bytes: gib * GIB, free_bytes: gib * GIB })
                 .collect();
             let zone = ["a", "b", "c"][i % 3];
-            NodeView { id: format!("n{i:05}"), labels: BTreeMap::from([("zone".into(), zone.into())]), gpus }
+            NodeView {
+                id: format!("n{i:05}"),
+                labels: BTreeMap::from([("zone".into(), zone.into())]),
+                gpus,
+                gpus_linked: false,
+            }
         })
         .collect()
 }

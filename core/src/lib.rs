@@ -35,7 +35,7 @@ pub use family::Family;
 pub use hardware::{Gpu, parse_gpus};
 pub use sampling::{SamplingError, SamplingParams};
 pub use select::{Latency, Need, Selection, Task, select};
-pub use shard::{Fit, Stage, fit};
+pub use shard::{Fit, Stage, fit, fit_on};
 pub use spec::{HfFiles, ModelSpec, SizeClass};
 pub use vram::{ServeOptions, VramEstimate, estimate_vram};
 pub use wire::WireDtype;

@@ -25,7 +25,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::hardware::{Gpu, describe_gpus};
-use crate::shard::{Fit, Stage, fit};
+#[cfg(test)]
+use crate::shard::fit;
+use crate::shard::{Fit, Stage, fit_on};
 use crate::spec::ModelSpec;
 use crate::units::format_bytes;
 use crate::vram::{MemoryModel, ServeOptions, estimate_vram, memory_model};
@@ -87,6 +89,10 @@ pub struct NodeView {
     pub id: String,
     pub labels: BTreeMap<String, String>,
     pub gpus: Vec<GpuView>,
+    /// The GPUs are linked to each other (NVLink, reported by NVML or declared): a model too big
+    /// for one is split tensor-parallel over several rather than layer by layer.
+    #[serde(default)]
+    pub gpus_linked: bool,
 }
 
 /// One GPU of a node as the scheduler sees it.
@@ -120,6 +126,27 @@ pub struct PlacedStage {
     pub layers: Range<u64>,
     /// Memory reserved for this stage (estimate for its layers incl. margin).
     pub bytes: u64,
+    /// Ranks of the tensor-parallel group this stage is one rank of (0: not split so). A group
+    /// is that many consecutive stages on one node with the same layers, in rank order.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tp: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// The pipeline segments of a plan's stages: runs of consecutive stages of one tensor-parallel
+/// group, or single stages.
+pub fn segments(stages: &[PlacedStage]) -> Vec<&[PlacedStage]> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < stages.len() {
+        let n = (stages[i].tp as usize).clamp(1, stages.len() - i);
+        out.push(&stages[i..i + n]);
+        i += n;
+    }
+    out
 }
 
 /// Where a replica goes.
@@ -354,7 +381,7 @@ fn one_gpu(nodes: &[NodeView], req: &ReplicaRequest<'_>, filter: &Filter<'_>, ne
     }
     let b = best?;
     let layers = 0..req.spec.weights.layout.layer_bytes.len() as u64;
-    Some(Plan::OneGpu { stage: PlacedStage { node: b.node.id.clone(), gpu: b.gpu.index, layers, bytes: need } })
+    Some(Plan::OneGpu { stage: PlacedStage { node: b.node.id.clone(), gpu: b.gpu.index, layers, bytes: need, tp: 0 } })
 }
 
 /// The least memory `k` devices must have together to hold a `k`-way split: every layer's
@@ -444,13 +471,19 @@ fn one_node(
             .iter()
             .filter(|g| filter.gpu_matches(g))
             .fold((0, 0u64), |(n, sum), g| (n + 1, sum.saturating_add(g.free_bytes)));
-        if count < 2 || free < least_free {
+        // A tensor-parallel split (linked GPUs) can need less than the layer split's floor: its
+        // ranks share the vocabulary, so a tied head needs no copy. Such nodes are bounded low.
+        if count < 2 || (free < least_free && !node.gpus_linked) {
             continue;
         }
         rooms.clear();
         rooms.extend(node.gpus.iter().filter(|g| filter.gpu_matches(g)).map(|g| margin.room(g.free_bytes)));
         rooms.sort_unstable_by(|a, b| b.cmp(a));
-        let Some((k, sum)) = floor.fewest(&rooms) else { continue };
+        let (k, sum) = match floor.fewest(&rooms) {
+            Some(found) => found,
+            None if node.gpus_linked => (2, 0),
+            None => continue,
+        };
         let key = if spread {
             let replicas = req.replicas_on_node.get(node.id.as_str()).copied().unwrap_or(0);
             let total = rooms.iter().fold(0u64, |a, &r| a.saturating_add(r));
@@ -470,7 +503,7 @@ fn one_node(
         let node = &nodes[i];
         let gpus: Vec<&GpuView> = node.gpus.iter().filter(|g| filter.gpu_matches(g)).collect();
         let rooms: Vec<u64> = gpus.iter().map(|g| margin.room(g.free_bytes)).collect();
-        let Some(stages) = split(req, &rooms)? else { continue };
+        let Some((stages, tp)) = split(req, &rooms, node.gpus_linked)? else { continue };
         // The plan's real score: `fit` may need more GPUs than the bound.
         let key = if spread {
             bound
@@ -478,29 +511,35 @@ fn one_node(
             (stages.len() as u64, stages.iter().fold(0u64, |a, s| a.saturating_add(rooms[s.device])))
         };
         if best.as_ref().is_none_or(|(k, best_id, _)| (key, id) < (*k, *best_id)) {
-            let placed = stages.iter().map(|s| placed_stage(s, node, gpus[s.device], margin)).collect();
+            let placed = stages.iter().map(|s| placed_stage(s, node, gpus[s.device], margin, tp)).collect();
             best = Some((key, id, placed));
         }
     }
     Ok(best.and_then(|(_, _, stages)| Plan::from_stages(stages)))
 }
 
-/// The stages `shard::fit` finds for devices that can hold `rooms`, if it fits.
-fn split(req: &ReplicaRequest<'_>, rooms: &[u64]) -> Result<Option<Vec<Stage>>> {
-    Ok(match fit(req.spec, &req.options, rooms)? {
-        Fit::OneDevice { stage } => Some(vec![stage]),
-        Fit::Split { stages } => Some(stages),
+/// The stages `shard::fit` finds for devices that can hold `rooms`, if it fits, with the size
+/// of their tensor-parallel group (0 for pipeline stages).
+fn split(req: &ReplicaRequest<'_>, rooms: &[u64], linked: bool) -> Result<Option<(Vec<Stage>, u32)>> {
+    Ok(match fit_on(req.spec, &req.options, rooms, linked)? {
+        Fit::OneDevice { stage } => Some((vec![stage], 0)),
+        Fit::Split { stages } => Some((stages, 0)),
+        Fit::TensorParallel { ranks } => {
+            let n = ranks.len() as u32;
+            Some((ranks, n))
+        }
         Fit::NoFit { .. } => None,
     })
 }
 
 /// A shard stage as a placed one: the margin added back, never more than the GPU has.
-fn placed_stage(stage: &Stage, node: &NodeView, gpu: &GpuView, margin: Margin) -> PlacedStage {
+fn placed_stage(stage: &Stage, node: &NodeView, gpu: &GpuView, margin: Margin, tp: u32) -> PlacedStage {
     PlacedStage {
         node: node.id.clone(),
         gpu: gpu.index,
         layers: stage.layers.clone(),
         bytes: margin.add(stage.total_bytes).min(gpu.free_bytes),
+        tp,
     }
 }
 
@@ -562,9 +601,10 @@ fn multi_node(
             .collect(),
     );
     for rooms in attempts {
-        let Some(stages) = split(req, &rooms)? else { continue };
+        // Across nodes, layer by layer only (one device per stage).
+        let Some((stages, 0)) = split(req, &rooms, false)? else { continue };
         let placed: Vec<PlacedStage> =
-            stages.iter().map(|s| placed_stage(s, all[s.device].0, all[s.device].1, margin)).collect();
+            stages.iter().map(|s| placed_stage(s, all[s.device].0, all[s.device].1, margin, 0)).collect();
         if contiguous_by_node(&placed) {
             return Ok(Plan::from_stages(placed));
         }

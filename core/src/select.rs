@@ -323,6 +323,17 @@ fn place(
                     stored_need,
                 })));
             }
+            // Tensor parallelism has no pipeline hops: every latency class may use it.
+            Fit::TensorParallel { ranks } => {
+                let memory = ranks.iter().map(|s| s.total_bytes).sum();
+                return Ok(Ok(Some(ServingFit {
+                    dtype,
+                    dtype_name: name,
+                    memory_bytes: memory,
+                    gpus_used: ranks.len(),
+                    stored_need,
+                })));
+            }
             Fit::Split { stages } => {
                 needs.push(format!("{name} needs {} GPUs (realtime allows one, no pipeline hops)", stages.len()));
             }

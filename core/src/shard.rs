@@ -48,6 +48,9 @@ pub enum Fit {
     OneDevice { stage: Stage },
     /// Layers split over several devices.
     Split { stages: Vec<Stage> },
+    /// Every layer split over several devices of one node (tensor parallelism): one stage per
+    /// rank, each with all the layers and its share of their bytes.
+    TensorParallel { ranks: Vec<Stage> },
     /// It does not fit, and why.
     NoFit { reason: String },
 }
@@ -58,6 +61,7 @@ impl Fit {
         match self {
             Fit::OneDevice { stage } => std::slice::from_ref(stage),
             Fit::Split { stages } => stages,
+            Fit::TensorParallel { ranks } => ranks,
             Fit::NoFit { .. } => &[],
         }
     }
@@ -67,6 +71,105 @@ impl Fit {
 /// any can hold it (the smallest such, to keep big ones free), else the fewest devices,
 /// largest first, with layers in proportion to their room.
 pub fn fit(spec: &ModelSpec, options: &ServeOptions, free: &[u64]) -> Result<Fit> {
+    fit_on(spec, options, free, false)
+}
+
+/// Like [`fit`], for devices that are `linked` (NVLink, or declared so): a model too big for
+/// one device is then split tensor-parallel over the fewest that hold it (every layer's
+/// all-reduces want the fast link), and only when no such split exists (the heads do not
+/// divide, or the ranks do not fit) layer by layer. Unlinked devices get the pipeline split
+/// only: over PCIe or the network, activations cross once per stage rather than twice a layer.
+pub fn fit_on(spec: &ModelSpec, options: &ServeOptions, free: &[u64], linked: bool) -> Result<Fit> {
+    let fitted = fit_pipeline(spec, options, free)?;
+    if !linked || matches!(fitted, Fit::OneDevice { .. }) {
+        return Ok(fitted);
+    }
+    match tensor_parallel(spec, options, free)? {
+        Some(ranks) => Ok(Fit::TensorParallel { ranks }),
+        None => Ok(fitted),
+    }
+}
+
+/// The bytes one rank of a `n`-way tensor-parallel split holds, by term.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RankBytes {
+    pub weights: u64,
+    pub kv_cache: u64,
+    pub activations: u64,
+    pub overhead: u64,
+}
+
+impl RankBytes {
+    pub fn total(&self) -> u64 {
+        self.weights + self.kv_cache + self.activations + self.overhead
+    }
+}
+
+/// What each rank of an `n`-way tensor-parallel split needs (`None` when the model cannot be
+/// split `n` ways): its share of every layer, of the vocabulary (embeddings and head), of the
+/// KV heads (a whole KV head when there are fewer than ranks, whose key/value projections are
+/// then repeated too), and the full activations and per-device overhead.
+pub fn rank_bytes(spec: &ModelSpec, options: &ServeOptions, n: usize) -> Result<Option<RankBytes>> {
+    let a = &spec.architecture;
+    let shape = crate::tp::TpShape {
+        num_heads: a.num_heads as usize,
+        num_kv_heads: a.num_kv_heads as usize,
+        intermediate_size: a.intermediate_size as usize,
+        vocab_size: a.vocab_size as usize,
+    };
+    if n < 2 || crate::tp::check(&shape, n).is_err() {
+        return Ok(None);
+    }
+    let model = memory_model(spec, options)?;
+    let l = &model.layout;
+    let n64 = n as u64;
+    // The KV heads a rank holds, as a fraction of all of them: 1/n, or one whole head.
+    let kv_heads = a.num_kv_heads.max(1);
+    let kv_per_rank = (kv_heads / n64).max(1);
+    let layers: u64 = l.layer_bytes.iter().sum();
+    // The key/value projections' part of a layer (gated MLP assumed), repeated on the ranks
+    // sharing a KV head.
+    let (h, kv, d, ffn) = (a.num_heads as f64, a.num_kv_heads as f64, a.head_dim as f64, a.intermediate_size as f64);
+    let kv_share = 2.0 * kv * d / (2.0 * h * d + 2.0 * kv * d + 3.0 * ffn).max(1.0);
+    let repeated = (layers as f64 * kv_share * (kv_per_rank as f64 / kv_heads as f64 - 1.0 / n as f64)).max(0.0) as u64;
+    let weights = layers / n64 + repeated + (l.embedding_bytes + l.head_bytes) / n64 + l.other_bytes;
+    let kv_cache = model.layer_kv_bytes.iter().sum::<u64>() * kv_per_rank / kv_heads;
+    let overhead = model.fixed_overhead_bytes + MemoryModel::fragmentation(weights + kv_cache);
+    Ok(Some(RankBytes { weights, kv_cache, activations: model.activation_bytes, overhead }))
+}
+
+/// The fewest of the largest devices that hold an even tensor-parallel split, one stage per rank.
+fn tensor_parallel(spec: &ModelSpec, options: &ServeOptions, free: &[u64]) -> Result<Option<Vec<Stage>>> {
+    let mut order: Vec<usize> = (0..free.len()).collect();
+    order.sort_by(|&a, &b| free[b].cmp(&free[a]).then(a.cmp(&b)));
+    let layers = spec.weights.layout.layer_bytes.len() as u64;
+    for n in 2..=free.len() {
+        let Some(rank) = rank_bytes(spec, options, n)? else { continue };
+        let chosen = &order[..n];
+        if chosen.iter().all(|&d| free[d] >= rank.total()) {
+            let mut devices = chosen.to_vec();
+            devices.sort_unstable();
+            return Ok(Some(
+                devices
+                    .into_iter()
+                    .map(|device| Stage {
+                        device,
+                        layers: 0..layers,
+                        weights_bytes: rank.weights,
+                        kv_cache_bytes: rank.kv_cache,
+                        activation_bytes: rank.activations,
+                        overhead_bytes: rank.overhead,
+                        total_bytes: rank.total(),
+                        free_bytes: free[device],
+                    })
+                    .collect(),
+            ));
+        }
+    }
+    Ok(None)
+}
+
+fn fit_pipeline(spec: &ModelSpec, options: &ServeOptions, free: &[u64]) -> Result<Fit> {
     let estimate = estimate_vram(spec, options)?;
     let model = memory_model(spec, options)?;
     if free.is_empty() {

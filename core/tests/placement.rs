@@ -36,7 +36,13 @@ struct Node(NodeView);
 
 impl Node {
     fn new(id: &str) -> Node {
-        Node(NodeView { id: id.into(), labels: BTreeMap::new(), gpus: Vec::new() })
+        Node(NodeView { id: id.into(), labels: BTreeMap::new(), gpus: Vec::new(), gpus_linked: false })
+    }
+
+    /// Declares the node's GPUs linked (NVLink).
+    fn linked(mut self) -> Node {
+        self.0.gpus_linked = true;
+        self
     }
 
     fn label(mut self, key: &str, value: &str) -> Node {
@@ -283,6 +289,60 @@ fn llama_3_70b_on_two_80_gib_gpus_splits_its_layers_over_both() {
 }
 
 #[test]
+fn llama_3_70b_on_linked_gpus_is_split_tensor_parallel_and_reserves_each_ranks_share() {
+    let llama = spec(LLAMA_70B);
+    // 64 heads over 8 KV heads, MLP 28,672: 2, 4 and 8 ranks all divide it.
+    let nodes = [Node::new("w1").gpu("NVIDIA H100", 80).gpu("NVIDIA H100", 80).gpu("NVIDIA H100", 80).linked().build()];
+    let plan = run(&nodes, &llama, &binpack(), &BTreeMap::new()).unwrap();
+    let Plan::MultiGpu { node, stages } = &plan else { panic!("expected one node: {plan:?}") };
+    assert_eq!(node, "w1");
+    assert_eq!(layout(&plan), vec![("w1", 0, 0..80), ("w1", 1, 0..80)], "two ranks, every layer on each");
+    assert!(stages.iter().all(|s| s.tp == 2));
+    let room = 80 * GIB * 100 / 105;
+    let Fit::TensorParallel { ranks } = gantry_core::fit_on(&llama, &options(&llama), &[room; 3], true).unwrap() else {
+        panic!("linked GPUs take a tensor-parallel split")
+    };
+    let rank = gantry_core::shard::rank_bytes(&llama, &options(&llama), 2).unwrap().unwrap();
+    assert_eq!(ranks.len(), 2);
+    assert_eq!(ranks[0].total_bytes, rank.total());
+    for s in stages {
+        assert_eq!(s.bytes, (rank.total() as u128 * 105).div_ceil(100) as u64);
+    }
+    // Half the weights and KV cache per rank, plus the overhead and activations each device has.
+    let whole = estimate_vram(&llama, &options(&llama)).unwrap();
+    assert!(rank.weights.abs_diff(whole.weights_bytes / 2) < 1 << 20, "{} vs {}", rank.weights, whole.weights_bytes);
+    assert_eq!(rank.kv_cache, whole.kv_cache_bytes / 2);
+    // Unlinked, the same GPUs split it layer by layer.
+    let unlinked = [Node::new("w1").gpu("NVIDIA H100", 80).gpu("NVIDIA H100", 80).gpu("NVIDIA H100", 80).build()];
+    let plan = run(&unlinked, &llama, &binpack(), &BTreeMap::new()).unwrap();
+    assert_eq!(layout(&plan), vec![("w1", 0, 0..40), ("w1", 1, 40..80)]);
+    assert!(plan.stages().iter().all(|s| s.tp == 0));
+}
+
+#[test]
+fn a_model_whose_heads_do_not_divide_falls_back_to_layers_on_linked_gpus() {
+    // SmolLM2-135M: 9 heads over 3 KV heads; two ranks cannot split it, three can.
+    let smol = spec(SMOL_135M);
+    let need = need(&smol, 5);
+    let gib = need * 8 / 10;
+    let node = |n: usize| {
+        let mut b = Node::new("w1");
+        for _ in 0..n {
+            b = b.gpu("NVIDIA T4", 16).free_bytes(gib);
+        }
+        b.linked().build()
+    };
+    let two = run(&[node(2)], &smol, &binpack(), &BTreeMap::new()).unwrap();
+    assert!(two.stages().iter().all(|s| s.tp == 0), "{two:?}");
+    assert_eq!(two.stages().len(), 2);
+    let three = run(&[node(3)], &smol, &binpack(), &BTreeMap::new()).unwrap();
+    let tp: Vec<u32> = three.stages().iter().map(|s| s.tp).collect();
+    // Two pipeline stages fit first only when linked GPUs cannot take the split: here 3 ranks can.
+    assert_eq!(tp, vec![3, 3, 3], "{three:?}");
+    assert_eq!(gantry_core::placement::segments(three.stages()).len(), 1);
+}
+
+#[test]
 fn llama_3_70b_across_two_nodes_needs_allow_multi_node() {
     let llama = spec(LLAMA_70B);
     let nodes = [Node::new("w2").gpu("NVIDIA H100", 80).build(), Node::new("w1").gpu("NVIDIA H100", 80).build()];
@@ -447,7 +507,7 @@ fn strategy_parses_binpack_and_spread_only() {
 
 #[test]
 fn plans_serialize_with_their_kind() {
-    let stage = PlacedStage { node: "w1".into(), gpu: 0, layers: 0..32, bytes: 7 };
+    let stage = PlacedStage { node: "w1".into(), gpu: 0, layers: 0..32, bytes: 7, tp: 0 };
     let json = serde_json::to_value(Plan::OneGpu { stage }).unwrap();
     assert_eq!(json["kind"], "one_gpu");
     assert_eq!(json["stage"]["layers"]["end"], 32);

@@ -252,6 +252,114 @@ fn quantized(like: &QTensor, bytes: Vec<u8>, rows: usize, cols: usize) -> Result
     QTensor::new(storage, (rows, cols))
 }
 
+/// NCCL between the GPUs of one process: one communicator per device from `ncclCommInitAll`,
+/// each used only by its rank's thread.
+#[cfg(feature = "nccl")]
+mod nccl {
+    #![allow(unsafe_code)] // NCCL's communicators, and device buffers NCCL fills: see SAFETY.
+
+    use std::sync::{Arc, Mutex};
+
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::CudaStorage;
+    use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, ReduceOp};
+    use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
+
+    use super::Communicator;
+    use crate::EngineError;
+
+    /// A communicator behind a lock.
+    struct Locked(Comm);
+
+    // SAFETY: an NCCL communicator may be used from any thread as long as calls on it are not
+    // concurrent; the mutex around it serializes them (and only its rank's thread calls it).
+    unsafe impl Send for Locked {}
+
+    struct NcclRank {
+        comm: Mutex<Locked>,
+        rank: usize,
+        size: usize,
+    }
+
+    impl std::fmt::Debug for NcclRank {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "NcclRank({} of {})", self.rank, self.size)
+        }
+    }
+
+    /// One NCCL communicator per CUDA device, in rank order.
+    pub fn group(devices: &[Device]) -> std::result::Result<Vec<Arc<dyn Communicator>>, EngineError> {
+        let streams = devices
+            .iter()
+            .map(|d| match d {
+                Device::Cuda(c) => Ok(c.cuda_stream()),
+                other => Err(EngineError::Config(format!("NCCL needs CUDA devices, not {other:?}"))),
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let size = streams.len();
+        let comms =
+            Comm::from_devices(streams).map_err(|e| EngineError::Config(format!("NCCL set-up failed: {e:?}")))?;
+        Ok(comms
+            .into_iter()
+            .enumerate()
+            .map(|(rank, c)| Arc::new(NcclRank { comm: Mutex::new(Locked(c)), rank, size }) as Arc<dyn Communicator>)
+            .collect())
+    }
+
+    struct AllReduce<'a>(&'a Comm);
+
+    impl CustomOp1 for AllReduce<'_> {
+        fn name(&self) -> &'static str {
+            "nccl-all-reduce"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("an NCCL all-reduce needs a CUDA tensor")
+        }
+
+        fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+            let Some((start, end)) = l.contiguous_offsets() else {
+                candle_core::bail!("an NCCL all-reduce needs a contiguous tensor")
+            };
+            if s.dtype() != DType::F32 {
+                candle_core::bail!("an NCCL all-reduce of {:?} (the engine reduces f32)", s.dtype());
+            }
+            let dev = s.device().clone();
+            let src = s.as_cuda_slice::<f32>()?.slice(start..end);
+            // SAFETY: NCCL writes every element of `dst` before anything reads it (the reduce is
+            // queued on the device's stream ahead of any later kernel).
+            let mut dst = unsafe { dev.alloc::<f32>(end - start) }?;
+            self.0
+                .all_reduce(&src, &mut dst, &ReduceOp::Sum)
+                .map_err(|e| candle_core::Error::Msg(format!("NCCL all-reduce failed: {e:?}")))?;
+            Ok((CudaStorage::wrap_cuda_slice(dst, dev), l.shape().clone()))
+        }
+    }
+
+    impl Communicator for NcclRank {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+
+        fn size(&self) -> usize {
+            self.size
+        }
+
+        fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+            let comm = self.comm.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            t.contiguous()?.apply_op1_no_bwd(&AllReduce(&comm.0))
+        }
+
+        /// NCCL cannot wake a peer blocked in a collective short of destroying the communicator
+        /// (`ncclCommAbort`, which cudarc calls only on drop). Bad input is refused by every rank
+        /// before its first collective, so it never strands a peer; a rank failing mid-step
+        /// (a GPU out of memory) does, until the worker is restarted — a known gap.
+        fn abort(&self) {}
+
+        fn reset(&self) {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,7 +20,7 @@ fn address(w: &RunningWorker) -> String {
 }
 
 fn segment(start: u32, end: u32) -> pb::LayerSegment {
-    pb::LayerSegment { device: "cpu".into(), layer_start: start, layer_end: end }
+    pb::LayerSegment { device: "cpu".into(), layer_start: start, layer_end: end, ..Default::default() }
 }
 
 /// Loads `id` as the stage running `segments`, handing on to `next`.

@@ -52,6 +52,10 @@ pub trait GpuInventory: Send + Sync + std::fmt::Debug {
     }
     /// A remark for operators (why NVML is not used, …).
     fn note(&self) -> &str;
+    /// Whether the GPUs are linked to each other (NVLink).
+    fn linked(&self) -> bool {
+        false
+    }
 }
 
 /// Devices declared by the operator: `2x80GiB`, or a file with one `NAME SIZE` per line.
@@ -211,6 +215,7 @@ impl GpuInfo {
 pub struct NvmlInventory {
     nvml: nvml_wrapper::Nvml,
     note: String,
+    linked: bool,
 }
 
 impl std::fmt::Debug for NvmlInventory {
@@ -227,7 +232,12 @@ impl NvmlInventory {
         if count == 0 {
             return Err("NVML reports no GPUs".into());
         }
-        Ok(NvmlInventory { nvml, note: format!("NVML: {count} GPU(s)") })
+        // Linked when there are several GPUs and every one has an active NVLink.
+        let linked = count > 1
+            && (0..count)
+                .all(|i| nvml.device_by_index(i).is_ok_and(|d| d.link_wrapper_for(0).is_active().unwrap_or(false)));
+        let links = if linked { ", NVLink" } else { "" };
+        Ok(NvmlInventory { nvml, linked, note: format!("NVML: {count} GPU(s){links}") })
     }
 }
 
@@ -260,6 +270,10 @@ impl GpuInventory for NvmlInventory {
 
     fn note(&self) -> &str {
         &self.note
+    }
+
+    fn linked(&self) -> bool {
+        self.linked
     }
 }
 

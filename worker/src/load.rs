@@ -12,6 +12,7 @@ use gantry_core::WireDtype;
 use gantry_core::units::format_bytes;
 use gantry_core::vram::{DeviceKind, ServeOptions, VramEstimate, estimate_vram};
 use gantry_engine::files::ModelFiles;
+use gantry_engine::model::Backend;
 use gantry_engine::pipeline::Segment;
 use gantry_proto::v1 as pb;
 use gantry_store::Source;
@@ -105,7 +106,7 @@ impl WorkerState {
         .await?;
 
         let gpus = self.gpus().map_err(|e| WorkerError::Internal(format!("reading the GPUs: {e}")))?;
-        let bindings = segments(req).iter().map(|s| devices::bind(&s.device, &gpus)).collect::<Result<Vec<_>, _>>()?;
+        let bindings = segments(req).iter().map(|s| bind_ranks(s, &gpus)).collect::<Result<Vec<_>, _>>()?;
         let next = match req.next_stage.trim() {
             "" => None,
             address => Some(NextStage {
@@ -177,7 +178,7 @@ impl WorkerState {
         let options = ServeOptions {
             context: Some(context as u64),
             batch: self.options.parallel as u64,
-            device: if bindings.iter().all(|b| b.engine_device == "cpu")
+            device: if bindings.iter().flatten().all(|b| b.engine_device == "cpu")
                 && gpus.first().is_none_or(|g| g.source != InventorySource::Declared)
             {
                 DeviceKind::Cpu
@@ -201,16 +202,25 @@ impl WorkerState {
         let total_layers: usize = ranges.iter().map(|r| r.len()).sum();
         let mut done_before = 0;
         let mut segments = Vec::with_capacity(ranges.len());
-        for (binding, range) in bindings.iter().zip(&ranges) {
-            let device = gantry_engine::device(&binding.engine_device)?;
+        for (ranks, range) in bindings.iter().zip(&ranges) {
+            let binding = &ranks[0];
+            let backend = match ranks.as_slice() {
+                [one] => Backend::for_device(&gantry_engine::device(&one.engine_device)?),
+                // Every rank on Candle (declared GPUs: Candle on the CPU, each rank a thread).
+                ranks => Backend::TensorParallel(
+                    ranks.iter().map(|b| gantry_engine::device(&b.engine_device)).collect::<Result<_, _>>()?,
+                ),
+            };
             let mut last_layers = usize::MAX;
-            let part = files.load_part(range.clone(), &device, &mut |p| {
-                if p.layers_done != last_layers {
-                    last_layers = p.layers_done;
+            let part = files.load_part_on(range.clone(), &backend, &mut |p| {
+                // A tensor-parallel segment loads its layers once per rank.
+                let done = p.layers_done * range.len() / p.layers_total.max(1);
+                if done != last_layers {
+                    last_layers = done;
                     let _ = events.try_send(Ok(progress_event(
                         "load",
                         "layers",
-                        (done_before + p.layers_done) as u64,
+                        (done_before + done) as u64,
                         total_layers as u64,
                     )));
                 }
@@ -232,7 +242,7 @@ impl WorkerState {
             parameters: files.spec.parameters.total,
             context_length: context as u64,
             weights_bytes: ranges.iter().map(|r| admission.share(estimate.weights_bytes, r)).sum(),
-            device: bindings.first().map(|b| b.label.clone()).unwrap_or_default(),
+            device: bindings.first().map(|b| b[0].label.clone()).unwrap_or_default(),
             layer_start: first.start as u32,
             layer_end: last.end as u32,
             num_layers: layers as u32,
@@ -243,9 +253,10 @@ impl WorkerState {
                 .iter()
                 .zip(&ranges)
                 .map(|(b, r)| pb::LayerSegment {
-                    device: b.label.clone(),
+                    device: b[0].label.clone(),
                     layer_start: r.start as u32,
                     layer_end: r.end as u32,
+                    tensor_parallel: if b.len() > 1 { b.iter().map(|r| r.label.clone()).collect() } else { Vec::new() },
                 })
                 .collect(),
             next_stage: next.as_ref().map(|n| n.address.clone()).unwrap_or_default(),
@@ -253,7 +264,11 @@ impl WorkerState {
         Ok(Served {
             info,
             segments,
-            bindings: bindings.into_iter().zip(needs).collect(),
+            bindings: bindings
+                .into_iter()
+                .zip(needs)
+                .flat_map(|(ranks, need)| ranks.into_iter().map(move |b| (b, need)))
+                .collect(),
             next,
             tokenizer,
             template,
@@ -285,7 +300,8 @@ struct Load<'a> {
     model_id: &'a str,
     path: PathBuf,
     req: &'a pb::LoadModelRequest,
-    bindings: Vec<DeviceBinding>,
+    /// Per segment, its device, or the ranks of its tensor-parallel group.
+    bindings: Vec<Vec<DeviceBinding>>,
     next: Option<NextStage>,
     gpus: &'a [GpuInfo],
     started: Instant,
@@ -308,24 +324,37 @@ impl Admission<'_> {
         bytes * range.len() as u64 / self.layers.max(1) as u64
     }
 
-    /// What each segment needs; an error naming the device short of memory, with the parts.
+    /// What each device of each segment needs (a tensor-parallel rank: its share of the
+    /// segment's weights and KV cache); an error naming the device short of memory, with the
+    /// parts.
     fn check(
         &self,
-        bindings: &[DeviceBinding],
+        segments: &[Vec<DeviceBinding>],
         ranges: &[std::ops::Range<usize>],
         gpus: &[GpuInfo],
     ) -> Result<Vec<u64>, WorkerError> {
         let e = self.estimate;
-        let needs: Vec<u64> = ranges
+        let needs: Vec<u64> = segments
             .iter()
-            .map(|r| self.share(e.weights_bytes + e.kv_cache_bytes, r) + e.activation_bytes + e.overhead_bytes)
+            .zip(ranges)
+            .map(|(ranks, r)| {
+                self.share(e.weights_bytes + e.kv_cache_bytes, r) / ranks.len().max(1) as u64
+                    + e.activation_bytes
+                    + e.overhead_bytes
+            })
             .collect();
-        for (binding, range) in bindings.iter().zip(ranges) {
+        // One entry per device of every segment, with that device's need.
+        let bindings: Vec<&DeviceBinding> = segments.iter().flatten().collect();
+        let needs_flat: Vec<u64> =
+            segments.iter().zip(&needs).flat_map(|(ranks, n)| std::iter::repeat_n(*n, ranks.len())).collect();
+        let ranges_flat: Vec<&std::ops::Range<usize>> =
+            segments.iter().zip(ranges).flat_map(|(ranks, r)| std::iter::repeat_n(r, ranks.len())).collect();
+        for (binding, range) in bindings.iter().zip(ranges_flat) {
             let Some(g) = binding.inventory_index.and_then(|d| gpus.iter().find(|g| g.index == d)) else { continue };
             // Every segment counted against the same device takes from the same free memory.
             let needed: u64 = bindings
                 .iter()
-                .zip(&needs)
+                .zip(&needs_flat)
                 .filter(|(b, _)| b.inventory_index == binding.inventory_index)
                 .map(|(_, n)| n)
                 .sum();
@@ -359,11 +388,34 @@ pub(crate) fn span(layers: &std::ops::Range<usize>) -> String {
     gantry_core::shard::layer_span(&(layers.start as u64..layers.end as u64))
 }
 
+/// A segment's devices: its `device`, or the ranks of its tensor-parallel group (each a
+/// different inventory device).
+fn bind_ranks(segment: &pb::LayerSegment, gpus: &[GpuInfo]) -> Result<Vec<DeviceBinding>, WorkerError> {
+    if segment.tensor_parallel.len() < 2 {
+        return Ok(vec![devices::bind(&segment.device, gpus)?]);
+    }
+    let ranks = segment.tensor_parallel.iter().map(|d| devices::bind(d, gpus)).collect::<Result<Vec<_>, _>>()?;
+    for (i, r) in ranks.iter().enumerate() {
+        if r.inventory_index.is_none() || ranks[..i].iter().any(|o| o.inventory_index == r.inventory_index) {
+            return Err(WorkerError::Invalid(format!(
+                "tensor_parallel {:?}: each rank needs a device of its own (gpu:N or cuda:N), and `{}` is not one",
+                segment.tensor_parallel, r.label
+            )));
+        }
+    }
+    Ok(ranks)
+}
+
 /// The layer segments a load asks for: its `segments`, or the one its `device` and
 /// `layer_start`/`layer_end` describe.
 fn segments(req: &pb::LoadModelRequest) -> Vec<pb::LayerSegment> {
     if req.segments.is_empty() {
-        vec![pb::LayerSegment { device: req.device.clone(), layer_start: req.layer_start, layer_end: req.layer_end }]
+        vec![pb::LayerSegment {
+            device: req.device.clone(),
+            layer_start: req.layer_start,
+            layer_end: req.layer_end,
+            ..Default::default()
+        }]
     } else {
         req.segments.clone()
     }

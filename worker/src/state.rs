@@ -41,6 +41,8 @@ pub struct WorkerOptions {
     /// How long a client may leave its stream unread (the buffers full) before its generation
     /// is cancelled and its slot given back.
     pub stall_timeout: std::time::Duration,
+    /// `--nvlink`: the operator declares the GPUs linked (NVML reports it on its own).
+    pub gpus_linked: bool,
 }
 
 impl Default for WorkerOptions {
@@ -55,6 +57,7 @@ impl Default for WorkerOptions {
             stage_tls: None,
             templates: TemplateIsolation::InProcess,
             stall_timeout: std::time::Duration::from_secs(60),
+            gpus_linked: false,
         }
     }
 }
@@ -146,6 +149,7 @@ impl WorkerState {
             tokens_per_sec: self.meter.rate(),
             gpu_note: self.inventory.note().to_string(),
             driver_version: self.inventory.driver_version().unwrap_or_default(),
+            gpus_linked: self.options.gpus_linked || self.inventory.linked(),
         })
     }
 

@@ -5,7 +5,7 @@ use std::path::Path;
 use gantry_core::catalog::Catalog;
 use gantry_core::hardware::{Gpu, describe_gpus, parse_gpus};
 use gantry_core::quant::{GgmlType, WeightDtype};
-use gantry_core::shard::{Fit, Stage, fit};
+use gantry_core::shard::{Fit, Stage, fit, fit_on};
 use gantry_core::spec::ModelSpec;
 use gantry_core::units::{format_bytes, format_count, format_params};
 use gantry_core::vram::{
@@ -45,6 +45,9 @@ pub struct Args {
     /// GPUs to fit on: COUNTxSIZE groups such as 1x24GiB or 2x80GiB,4x16GiB
     #[arg(long, env = "GANTRY_GPUS")]
     gpus: Option<String>,
+    /// The --gpus are linked by NVLink: a model too big for one is split tensor-parallel
+    #[arg(long, requires = "gpus")]
+    nvlink: bool,
     /// Estimate for serving on CPU (no CUDA context; f32 activations)
     #[arg(long)]
     cpu: bool,
@@ -81,6 +84,7 @@ pub fn load_model(model: &str) -> Result<ModelSpec, CliError> {
 struct Request {
     options: ServeOptions,
     gpus: Vec<Gpu>,
+    linked: bool,
 }
 
 fn request(args: &Args) -> Result<Request, CliError> {
@@ -94,7 +98,7 @@ fn request(args: &Args) -> Result<Request, CliError> {
         ..ServeOptions::default()
     };
     let gpus = args.gpus.as_deref().map(parse_gpus).transpose()?.unwrap_or_default();
-    Ok(Request { options, gpus })
+    Ok(Request { options, gpus, linked: args.nvlink })
 }
 
 /// Runs `gantry inspect`.
@@ -107,7 +111,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
         None
     } else {
         let free: Vec<u64> = req.gpus.iter().map(|g| g.memory_bytes).collect();
-        Some(fit(&spec, &req.options, &free)?)
+        Some(fit_on(&spec, &req.options, &free, req.linked)?)
     };
     if args.json {
         let report = JsonReport::new(&spec, &req, &estimate, fit.as_ref());
@@ -249,6 +253,37 @@ fn render_fit(spec: &ModelSpec, req: &Request, fit: &Fit) -> Result<String, CliE
             let mut out =
                 format!("does not fit one GPU; split over {} of {described} as pipeline stages:\n", stages.len());
             out.push_str(&stage_table(gpus, stages).render(2));
+            if req.linked {
+                out.push_str(&format!("  not tensor-parallel: {}\n", why_not_tensor_parallel(spec, req, gpus.len())?));
+            }
+            out
+        }
+        Fit::TensorParallel { ranks } => {
+            let a = &spec.architecture;
+            let mut out = format!(
+                "does not fit one GPU; split tensor-parallel over {} of {described} (linked): every layer on each, \
+                 {} of the {} attention heads, {} of {} KV heads, 1/{} of the MLP and vocabulary per GPU\n",
+                ranks.len(),
+                a.num_heads / ranks.len() as u64,
+                a.num_heads,
+                (a.num_kv_heads / ranks.len() as u64).max(1),
+                a.num_kv_heads,
+                ranks.len()
+            );
+            let mut t = Table::new(&["RANK", "GPU", "LAYERS", "WEIGHTS", "KV CACHE", "ACT+OVERHEAD", "TOTAL", "FREE"]);
+            for (i, s) in ranks.iter().enumerate() {
+                t.row(vec![
+                    i.to_string(),
+                    format!("{} ({})", gpus[s.device].name, s.device),
+                    gantry_core::shard::layer_span(&s.layers),
+                    format_bytes(s.weights_bytes),
+                    format_bytes(s.kv_cache_bytes),
+                    format_bytes(s.activation_bytes + s.overhead_bytes),
+                    format_bytes(s.total_bytes),
+                    format_bytes(s.free_bytes),
+                ]);
+            }
+            out.push_str(&t.render(2));
             out
         }
         Fit::NoFit { reason } => {
@@ -259,6 +294,30 @@ fn render_fit(spec: &ModelSpec, req: &Request, fit: &Fit) -> Result<String, CliE
             out
         }
     })
+}
+
+/// Why linked GPUs got a pipeline split: no group size divides the heads, or no group fits.
+fn why_not_tensor_parallel(spec: &ModelSpec, req: &Request, gpus: usize) -> Result<String, CliError> {
+    let a = &spec.architecture;
+    let shape = gantry_core::tp::TpShape {
+        num_heads: a.num_heads as usize,
+        num_kv_heads: a.num_kv_heads as usize,
+        intermediate_size: a.intermediate_size as usize,
+        vocab_size: a.vocab_size as usize,
+    };
+    let sizes = gantry_core::tp::sizes(&shape, gpus);
+    if sizes.is_empty() {
+        let reasons: Vec<String> = (2..=gpus).filter_map(|n| gantry_core::tp::check(&shape, n).err()).collect();
+        return Ok(reasons.join("; "));
+    }
+    let largest = req.gpus.iter().map(|g| g.memory_bytes).max().unwrap_or(0);
+    let mut needs = Vec::new();
+    for n in sizes {
+        if let Some(r) = gantry_core::shard::rank_bytes(spec, &req.options, n)? {
+            needs.push(format!("{n} ranks need {} each", format_bytes(r.total())));
+        }
+    }
+    Ok(format!("{}; the GPUs have {}", needs.join(", "), format_bytes(largest)))
 }
 
 fn stage_table(gpus: &[Gpu], stages: &[Stage]) -> Table {

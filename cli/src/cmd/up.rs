@@ -198,6 +198,9 @@ pub struct UpArgs {
     /// GPUs the local worker offers instead of NVML's (`1x24GiB`)
     #[arg(long, env = "GANTRY_GPUS")]
     gpus: Option<String>,
+    /// Declare the local worker's GPUs linked by NVLink (NVML reports it for real GPUs)
+    #[arg(long, env = "GANTRY_NVLINK")]
+    nvlink: bool,
     /// Sequences at the full context each replica's KV cache is sized for (parallel × context
     /// tokens); more, shorter ones run at once while their blocks fit
     #[arg(long, env = "GANTRY_PARALLEL", default_value_t = 4)]
@@ -508,6 +511,7 @@ pub fn run_up(args: UpArgs) -> Result<(), CliError> {
             stage_tls: None,
             templates: args.templates.isolation()?,
             stall_timeout: Duration::from_secs_f64(args.control.stall_timeout),
+            gpus_linked: args.nvlink,
         };
         let state = WorkerState::new(options, inventory, hub);
         let (listener, worker_addr) = bind("127.0.0.1:0", "the local worker").await.map_err(unavailable)?;

@@ -38,6 +38,10 @@ pub struct WorkerArgs {
     /// The GPUs to offer instead of NVML's: `2x80GiB`, or a file of `NAME SIZE` lines
     #[arg(long, env = "GANTRY_GPUS")]
     pub gpus: Option<String>,
+    /// Declare the GPUs linked by NVLink (NVML reports it for real GPUs): a model too big for
+    /// one GPU is then split tensor-parallel over several of them
+    #[arg(long, env = "GANTRY_NVLINK")]
+    pub nvlink: bool,
     /// The controller to register with (`http://host:port`; several, comma-separated, when controllers share an etcd); without it the worker serves alone
     #[arg(long, env = "GANTRY_CONTROLLER")]
     pub controller: Option<String>,
@@ -230,6 +234,7 @@ pub fn run_worker(args: WorkerArgs) -> Result<(), CliError> {
         stage_tls: tls.as_ref().and(client_tls.clone()),
         templates: args.templates.isolation()?,
         stall_timeout: std::time::Duration::from_secs_f64(args.stall_timeout),
+        gpus_linked: args.nvlink,
     };
     let note = inventory.note().to_string();
     let state = WorkerState::new(options, inventory, hub);

@@ -275,7 +275,7 @@ fn adopt_loaded(
     if r.placement.is_some() {
         return None;
     }
-    let stage = PlacedStage { node: worker.to_string(), gpu, layers: 0..u64::from(info.num_layers), bytes };
+    let stage = PlacedStage { node: worker.to_string(), gpu, layers: 0..u64::from(info.num_layers), bytes, tp: 0 };
     let record = PlacementRecord { generation, stages: vec![stage] };
     let effects = vec![Effect::Persist(StoreOp::Put(format!("placements/{name}/{index}"), to_json(&record)))];
     r.placement = Some(record);

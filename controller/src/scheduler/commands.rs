@@ -60,9 +60,11 @@ pub fn load_replica(st: &mut State, name: &str, index: u32, only: Option<&str>) 
     let context = d.record.spec.context_length;
     let wire = d.record.spec.stage_wire_dtype.clone();
     let Some(placement) = d.replicas.get(&index).and_then(|r| r.placement.clone()) else { return Vec::new() };
-    // Consecutive stages on one worker run in one process: one command for them.
+    // Consecutive stages on one worker run in one process: one command for them. The ranks of
+    // a tensor-parallel group are one segment.
     let mut groups: Vec<(String, Vec<pb::LayerSegment>)> = Vec::new();
-    for s in &placement.stages {
+    for ranks in gantry_core::placement::segments(&placement.stages) {
+        let s = &ranks[0];
         let cpu = st
             .workers
             .get(&s.node)
@@ -72,13 +74,19 @@ pub fn load_replica(st: &mut State, name: &str, index: u32, only: Option<&str>) 
             device: if cpu { "cpu".into() } else { format!("gpu:{}", s.gpu) },
             layer_start: s.layers.start as u32,
             layer_end: s.layers.end as u32,
+            tensor_parallel: if ranks.len() > 1 {
+                ranks.iter().map(|r| format!("gpu:{}", r.gpu)).collect()
+            } else {
+                Vec::new()
+            },
         };
         match groups.last_mut() {
             Some((node, segments)) if *node == s.node => segments.push(segment),
             _ => groups.push((s.node.clone(), vec![segment])),
         }
     }
-    let split = groups.len() > 1 || groups.first().is_some_and(|(_, segs)| segs.len() > 1);
+    let split = groups.len() > 1
+        || groups.first().is_some_and(|(_, segs)| segs.len() > 1 || segs.iter().any(|s| !s.tensor_parallel.is_empty()));
     let hf_token = st.hub_tokens.get(name).cloned().unwrap_or_default();
     let mut effects = Vec::new();
     let mut sent = Vec::new();
@@ -125,12 +133,9 @@ pub fn load_replica(st: &mut State, name: &str, index: u32, only: Option<&str>) 
     r.reason = if !waiting.is_empty() {
         format!("waiting for {} to reconnect", waiting.join(", "))
     } else if split {
-        let where_: Vec<String> = placement
-            .stages
-            .iter()
-            .map(|s| format!("{} gpu:{} layers {}", s.node, s.gpu, layer_span(&s.layers)))
-            .collect();
-        format!("loading {} stages: {}", placement.stages.len(), where_.join(", "))
+        let stages = gantry_core::placement::segments(&placement.stages);
+        let where_: Vec<String> = stages.iter().map(|ranks| describe_segment(ranks)).collect();
+        format!("loading {} stages: {}", stages.len(), where_.join(", "))
     } else {
         let s = &placement.stages[0];
         format!("loading on {} gpu:{}", s.node, s.gpu)
@@ -160,4 +165,16 @@ pub fn worker_lost(st: &mut State, config: &ControllerConfig, id: &str, now: Ins
         st.event(&name, EventKind::WorkerLost, msg);
     }
     effects
+}
+
+/// A pipeline segment as people read it: `w1 gpu:0 layers 0-39`, or for a tensor-parallel
+/// group `w1 gpu:0,1 layers 0-79 (tensor-parallel)`.
+pub fn describe_segment(ranks: &[gantry_core::placement::PlacedStage]) -> String {
+    let s = &ranks[0];
+    if ranks.len() > 1 {
+        let gpus: Vec<String> = ranks.iter().map(|r| r.gpu.to_string()).collect();
+        format!("{} gpu:{} layers {} (tensor-parallel)", s.node, gpus.join(","), layer_span(&s.layers))
+    } else {
+        format!("{} gpu:{} layers {}", s.node, s.gpu, layer_span(&s.layers))
+    }
 }

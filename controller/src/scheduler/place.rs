@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 
 use gantry_core::placement::{Plan, ReplicaRequest, place};
-use gantry_core::shard::layer_span;
 use gantry_core::units::format_bytes;
 use tracing::info;
 
@@ -96,13 +95,15 @@ pub fn place_replica(st: &mut State, config: &ControllerConfig, name: &str, inde
             )
         }
         _ => {
-            let list: Vec<String> = stages
+            let segments = gantry_core::placement::segments(&stages);
+            let list: Vec<String> = segments
                 .iter()
-                .map(|s| {
-                    format!("{} gpu:{} layers {} ({})", s.node, s.gpu, layer_span(&s.layers), format_bytes(s.bytes))
+                .map(|ranks| {
+                    let each = if ranks.len() > 1 { " each" } else { "" };
+                    format!("{} ({}{each})", super::commands::describe_segment(ranks), format_bytes(ranks[0].bytes))
                 })
                 .collect();
-            format!("replica {index} split into {} stages: {}", stages.len(), list.join(", "))
+            format!("replica {index} split into {} stages: {}", segments.len(), list.join(", "))
         }
     };
     let record = PlacementRecord { generation, stages };

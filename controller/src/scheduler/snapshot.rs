@@ -46,6 +46,7 @@ pub fn nodes(st: &State) -> Vec<NodeView> {
                     }
                 })
                 .collect(),
+            gpus_linked: w.status.gpus_linked,
         })
         .collect()
 }
