@@ -291,6 +291,45 @@ async fn two_gpus_of_one_worker_get_one_load_with_two_segments() {
 }
 
 #[tokio::test]
+async fn linked_gpus_get_one_tensor_parallel_segment_and_each_reserves_a_ranks_share() {
+    let (_dir, cluster) = start().await;
+    let (tx, mut link) = mpsc::unbounded_channel();
+    let mut status = gpu_status(0, 0);
+    status.gpus = (0..3)
+        .map(|i| pb::GpuStatus {
+            index: i,
+            name: format!("gpu{i}"),
+            total_bytes: 80 << 30,
+            free_bytes: 80 << 30,
+            source: "nvml".into(),
+            ..Default::default()
+        })
+        .collect();
+    status.gpus_linked = true;
+    let reg = pb::WorkerRegistration {
+        worker_id: "w1".into(),
+        address: "10.0.0.1:7000".into(),
+        version: "test".into(),
+        status: Some(status),
+        ..Default::default()
+    };
+    cluster.register(reg, tx).unwrap();
+    cluster.apply("big", llama_70b(false)).await.unwrap();
+    let load = next_load(&mut link).await;
+    let req = load.request.unwrap();
+    assert_eq!(segments(&req), [("gpu:0".to_string(), 0, 80)], "one segment of every layer");
+    assert_eq!(req.segments[0].tensor_parallel, ["gpu:0", "gpu:1"], "two ranks: the fewest that hold it");
+    let r = replica(&cluster, "big");
+    assert!(r.reason.starts_with("loading 1 stage: w1 gpu:0,1 layers 0-79 (tensor-parallel)"), "{}", r.reason);
+    assert_eq!(r.stages.iter().map(|s| (s.gpu_index, s.tensor_parallel)).collect::<Vec<_>>(), [(0, 2), (1, 2)]);
+    let gpus = &cluster.workers()[0].gpus;
+    assert!(gpus[0].reserved_bytes == gpus[1].reserved_bytes && gpus[0].reserved_bytes > 70 << 30, "{gpus:?}");
+    assert_eq!(gpus[2].reserved_bytes, 0);
+    loaded(&cluster, "w1", load.command_id);
+    assert_eq!(replica(&cluster, "big").state, pb::ReplicaState::Ready as i32);
+}
+
+#[tokio::test]
 async fn a_replica_split_over_two_workers_is_ready_when_both_stages_are() {
     let (_dir, cluster) = start().await;
     let (_s1, mut l1) = register_gpus(&cluster, "w1", &[80 << 30], "10.0.0.1:7000");

@@ -527,21 +527,34 @@ pub fn describe(d: &pb::Deployment) -> String {
     for r in status.replica_status.iter().filter(|r| r.stages.len() > 1) {
         out.push_str(&format!("  stages of replica {}:\n", r.index));
         let mut t = Table::new(&["STAGE", "WORKER", "GPU", "LAYERS", "RESERVED"]);
+        // A tensor-parallel group is one pipeline stage of several ranks.
+        let mut stage = 0;
+        let mut rank = 0;
         for (i, s) in r.stages.iter().enumerate() {
             let mut layers = gantry_core::shard::layer_span(&(s.layer_start..s.layer_end));
-            if i == 0 {
-                layers.push_str(" +embed");
-            }
-            if i + 1 == r.stages.len() {
-                layers.push_str(" +head");
+            let tp = s.tensor_parallel as usize;
+            if tp > 1 {
+                layers.push_str(&format!(" (tensor-parallel rank {rank} of {tp})"));
+            } else {
+                if i == 0 {
+                    layers.push_str(" +embed");
+                }
+                if i + 1 == r.stages.len() {
+                    layers.push_str(" +head");
+                }
             }
             t.row(vec![
-                i.to_string(),
+                stage.to_string(),
                 s.worker_id.clone(),
                 format!("gpu:{}", s.gpu_index),
                 layers,
                 format_bytes(s.reserved_bytes),
             ]);
+            rank += 1;
+            if tp <= 1 || rank == tp {
+                stage += 1;
+                rank = 0;
+            }
         }
         out.push_str(&t.render(4));
     }

@@ -31,6 +31,7 @@ pub fn deployment(st: &State, name: &str, config: &ControllerConfig) -> Option<p
                     layer_start: s.layers.start,
                     layer_end: s.layers.end,
                     reserved_bytes: s.bytes,
+                    tensor_parallel: s.tp,
                 })
                 .collect(),
             reason: r.reason.clone(),

@@ -135,7 +135,8 @@ pub fn load_replica(st: &mut State, name: &str, index: u32, only: Option<&str>) 
     } else if split {
         let stages = gantry_core::placement::segments(&placement.stages);
         let where_: Vec<String> = stages.iter().map(|ranks| describe_segment(ranks)).collect();
-        format!("loading {} stages: {}", stages.len(), where_.join(", "))
+        let plural = if stages.len() == 1 { "" } else { "s" };
+        format!("loading {} stage{plural}: {}", stages.len(), where_.join(", "))
     } else {
         let s = &placement.stages[0];
         format!("loading on {} gpu:{}", s.node, s.gpu)

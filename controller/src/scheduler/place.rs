@@ -103,7 +103,8 @@ pub fn place_replica(st: &mut State, config: &ControllerConfig, name: &str, inde
                     format!("{} ({}{each})", super::commands::describe_segment(ranks), format_bytes(ranks[0].bytes))
                 })
                 .collect();
-            format!("replica {index} split into {} stages: {}", segments.len(), list.join(", "))
+            let plural = if segments.len() == 1 { "" } else { "s" };
+            format!("replica {index} split into {} stage{plural}: {}", segments.len(), list.join(", "))
         }
     };
     let record = PlacementRecord { generation, stages };
