@@ -256,8 +256,12 @@ pub fn place(nodes: &[NodeView], req: &ReplicaRequest<'_>) -> Result<Result<Plan
     if let Some(plan) = one_node(nodes, req, &filter, margin, &floor)? {
         return Ok(Ok(plan));
     }
-    // Also worked out when not allowed, so the answer can say that it would fit.
-    let across = multi_node(nodes, req, &filter, margin, floor.max_devices)?;
+    // Also worked out when not allowed, so the answer can say that it would fit. Nodes with
+    // linked GPUs first try one tensor-parallel group per node, the groups a pipeline.
+    let across = match across_linked_nodes(nodes, req, &filter, margin, &model)? {
+        Some(plan) => Some(plan),
+        None => multi_node(nodes, req, &filter, margin, floor.max_devices)?,
+    };
     match across {
         Some(plan) if req.policy.allow_multi_node => Ok(Ok(plan)),
         across => Ok(Err(Unschedulable {
@@ -610,6 +614,71 @@ fn multi_node(
         }
     }
     Ok(None)
+}
+
+/// (c′) Linked nodes, one tensor-parallel group each, the groups pipeline stages across the
+/// network (TP within a node, PP across nodes). A node's group is the most of its GPUs that
+/// split the model evenly (the KV heads divided, not shared), each counted at the room of the
+/// smallest of them. A group of `n` ranks holding a stage's layers needs `1/n` of their weights
+/// and KV cache on each rank plus each rank's own overhead and activations, so to the layer
+/// planner it is one device of `n·room − (n−1)·(overhead + activations)`; each rank then
+/// reserves its share. `None` unless at least two linked nodes take part.
+fn across_linked_nodes(
+    nodes: &[NodeView],
+    req: &ReplicaRequest<'_>,
+    filter: &Filter<'_>,
+    margin: Margin,
+    model: &MemoryModel,
+) -> Result<Option<Plan>> {
+    let a = &req.spec.architecture;
+    let shape = crate::tp::TpShape {
+        num_heads: a.num_heads as usize,
+        num_kv_heads: a.num_kv_heads as usize,
+        intermediate_size: a.intermediate_size as usize,
+        vocab_size: a.vocab_size as usize,
+    };
+    let fixed = model.fixed_overhead_bytes.saturating_add(model.activation_bytes);
+    // (node, its group's GPUs, ranks, the group's room as one device)
+    let mut groups: Vec<(&NodeView, Vec<&GpuView>, u64, u64)> = Vec::new();
+    for node in nodes.iter().filter(|n| n.gpus_linked && filter.node_matches(n)) {
+        let mut gpus: Vec<&GpuView> = node.gpus.iter().filter(|g| filter.gpu_matches(g)).collect();
+        gpus.sort_by(|x, y| y.free_bytes.cmp(&x.free_bytes).then(x.index.cmp(&y.index)));
+        let Some(n) = (2..=gpus.len())
+            .rev()
+            .find(|&n| crate::tp::check(&shape, n).is_ok() && shape.num_kv_heads.is_multiple_of(n))
+        else {
+            continue;
+        };
+        gpus.truncate(n);
+        let room = margin.room(gpus.iter().map(|g| g.free_bytes).min().unwrap_or(0));
+        let n64 = n as u64;
+        let Some(as_one) = room.saturating_mul(n64).checked_sub(fixed.saturating_mul(n64 - 1)) else { continue };
+        if as_one > 0 {
+            gpus.sort_by_key(|g| g.index);
+            groups.push((node, gpus, n64, as_one));
+        }
+    }
+    if groups.len() < 2 {
+        return Ok(None);
+    }
+    groups.sort_by(|x, y| y.3.cmp(&x.3).then(x.0.id.cmp(&y.0.id)));
+    let rooms: Vec<u64> = groups.iter().map(|g| g.3).collect();
+    let Fit::Split { stages } = crate::shard::fit(req.spec, &req.options, &rooms)? else { return Ok(None) };
+    let mut placed = Vec::new();
+    for stage in &stages {
+        let (node, gpus, n, _) = &groups[stage.device];
+        let per_rank = stage.total_bytes.saturating_sub(fixed) / n + fixed;
+        for g in gpus {
+            placed.push(PlacedStage {
+                node: node.id.clone(),
+                gpu: g.index,
+                layers: stage.layers.clone(),
+                bytes: margin.add(per_rank).min(g.free_bytes),
+                tp: *n as u32,
+            });
+        }
+    }
+    Ok(Plan::from_stages(placed))
 }
 
 /// Whether each node's stages follow one another.

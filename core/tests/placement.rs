@@ -343,6 +343,32 @@ fn a_model_whose_heads_do_not_divide_falls_back_to_layers_on_linked_gpus() {
 }
 
 #[test]
+fn linked_nodes_split_tensor_parallel_within_and_pipeline_across() {
+    let llama = spec(LLAMA_70B);
+    let node = |id: &str| Node::new(id).gpu("NVIDIA L40S", 48).gpu("NVIDIA L40S", 48).linked().build();
+    let nodes = [node("b"), node("a")];
+    let policy = Policy { allow_multi_node: true, ..binpack() };
+    let plan = run(&nodes, &llama, &policy, &BTreeMap::new()).unwrap();
+    assert!(matches!(plan, Plan::MultiNode { .. }), "{plan:?}");
+    let got: Vec<(&str, u32, std::ops::Range<u64>, u32)> =
+        plan.stages().iter().map(|s| (s.node.as_str(), s.gpu, s.layers.clone(), s.tp)).collect();
+    assert_eq!(got, vec![("a", 0, 0..40, 2), ("a", 1, 0..40, 2), ("b", 0, 40..80, 2), ("b", 1, 40..80, 2)]);
+    let segments = gantry_core::placement::segments(plan.stages());
+    assert_eq!(segments.len(), 2, "two pipeline stages of two ranks each");
+    for s in plan.stages() {
+        assert!(s.bytes <= 48 * GIB && s.bytes > 30 * GIB, "{s:?}");
+    }
+    // Unlinked, the same GPUs make a four-stage pipeline.
+    let plain = [
+        Node::new("a").gpu("NVIDIA L40S", 48).gpu("NVIDIA L40S", 48).build(),
+        Node::new("b").gpu("NVIDIA L40S", 48).gpu("NVIDIA L40S", 48).build(),
+    ];
+    let plan = run(&plain, &llama, &policy, &BTreeMap::new()).unwrap();
+    assert_eq!(plan.stages().len(), 4);
+    assert!(plan.stages().iter().all(|s| s.tp == 0));
+}
+
+#[test]
 fn llama_3_70b_across_two_nodes_needs_allow_multi_node() {
     let llama = spec(LLAMA_70B);
     let nodes = [Node::new("w2").gpu("NVIDIA H100", 80).build(), Node::new("w1").gpu("NVIDIA H100", 80).build()];

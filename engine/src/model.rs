@@ -279,7 +279,7 @@ pub struct ModelPart {
 
 #[derive(Debug)]
 enum Runtime {
-    Candle(CandlePart),
+    Candle(Box<CandlePart>),
     /// One Candle part per rank, each holding a slice of every layer.
     Tp(Vec<CandlePart>),
     Cpu(Arc<CpuModel>),
@@ -350,9 +350,15 @@ impl ModelPart {
                 let mut layer_done = |d: usize| progress(LoadProgress { layers_done: d, layers_total: total });
                 Runtime::Cpu(Arc::new(CpuModel::load(source, config.clone(), range.clone(), stats, &mut layer_done)?))
             }
-            Backend::Candle(device) => {
-                Runtime::Candle(CandlePart::load(source, config.clone(), range.clone(), device, stats, progress, None)?)
-            }
+            Backend::Candle(device) => Runtime::Candle(Box::new(CandlePart::load(
+                source,
+                config.clone(),
+                range.clone(),
+                device,
+                stats,
+                progress,
+                None,
+            )?)),
             Backend::TensorParallel(devices) => {
                 Runtime::Tp(load_ranks(source, &config, &range, devices, stats, progress)?)
             }

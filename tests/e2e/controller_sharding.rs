@@ -210,3 +210,56 @@ async fn a_model_too_big_for_one_of_three_linked_gpus_is_split_tensor_parallel_a
         assert!(g.used_bytes > 500 << 20 && g.used_bytes < 600 << 20, "{:?}", s.gpus);
     }
 }
+
+/// Two workers, each declaring three linked GPUs of 580 MiB: neither can hold SmolLM2 at 2K
+/// context alone (three ranks need 593 MiB each with the margin), so with `allow_multi_node` the
+/// controller makes each worker's GPUs one tensor-parallel group and the two groups a pipeline:
+/// layers 0-14 split three ways on one worker, 15-29 on the other, hidden states sent between
+/// them. The answer is the unsplit model's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linked_workers_are_tensor_parallel_groups_of_one_pipeline() {
+    const SKY: &str = "What colour is the sky?";
+    let reference = reference_tokens_for(SKY);
+    let control = RunningController::start(&["--lease", "2"]);
+    let mut deployments = control.deployments().await;
+    let mut inference = control.inference().await;
+    let linked = |id: &str| {
+        RunningWorker::start(&[
+            "--controller",
+            &control.url(),
+            "--worker-id",
+            id,
+            "--gpus",
+            "3x580MiB",
+            "--nvlink",
+            "--parallel",
+            "1",
+            "--threads",
+            "1",
+            "--label",
+            "pool=tpp",
+        ])
+    };
+    let (_a, _b) = (linked("a"), linked("b"));
+    wait_for_workers(&mut control.cluster().await, 2).await;
+    deployments
+        .apply(pb::ApplyRequest { name: "tpp".into(), spec: Some(split_spec("tpp", true)) })
+        .await
+        .expect("Apply");
+    let d = wait_for(&mut deployments, "tpp", LOAD, "the replica ready", ready).await;
+    let stages = &status(&d).replica_status[0].stages;
+    let got: Vec<(String, u32, u64, u64, u32)> = stages
+        .iter()
+        .map(|s| (s.worker_id.clone(), s.gpu_index, s.layer_start, s.layer_end, s.tensor_parallel))
+        .collect();
+    assert_eq!(got.len(), 6, "{got:?}");
+    let cut = got[0].3;
+    assert!(cut > 0 && cut < 30, "{got:?}");
+    for (i, s) in got.iter().enumerate() {
+        let (worker, layers) = if i < 3 { (got[0].0.as_str(), (0, cut)) } else { (got[3].0.as_str(), (cut, 30)) };
+        assert_eq!((s.0.as_str(), s.1, (s.2, s.3), s.4), (worker, (i % 3) as u32, layers, 3), "{got:?}");
+    }
+    assert_ne!(got[0].0, got[3].0, "one group per worker");
+    let (text, tokens) = chat(&mut inference, "tpp", SKY, 24).await.expect("chat");
+    assert_eq!(tokens, reference, "two tensor-parallel groups in a pipeline: {text:?}");
+}
