@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Lays out a CUDA 13.0 (Update 2) toolkit, enough to COMPILE `--features cuda` (candle-kernels'
-# nvcc build, cudarc's link against the CUDA libraries), from PyPI wheels only: no NVIDIA apt
-# repository, no runfile, no GPU needed.
+# Lays out a CUDA 13.0 (Update 2) toolkit with NCCL, enough to COMPILE `--features cuda,nccl`
+# (candle-kernels' nvcc build, cudarc's link against the CUDA and NCCL libraries), from PyPI
+# wheels only: no NVIDIA apt repository, no runfile, no GPU needed.
 #
 #   scripts/cuda-toolkit.sh [DIR]        # DIR defaults to $GANTRY_CUDA_DIR or .tools/cuda-13.0
 #   eval "$(scripts/cuda-toolkit.sh)"    # the last lines it prints on stdout are `export …`
@@ -24,7 +24,7 @@
 #
 # Idempotent: the wheels are checked against pinned SHA-256s (pip's hash-checking mode, then
 # sha256sum again); a folder whose stamp matches the pins is left as it is. About 650 MB of
-# wheels (kept in DIR/.wheels) and 1.2 GB unpacked.
+# wheels (kept in DIR/.wheels; NCCL's adds 200 MB) and 1.4 GB unpacked.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -44,6 +44,7 @@ pins=(
   "nvidia-cuda-nvrtc==13.0.88    ad9b6d2ead2435f11cbb6868809d2adeeee302e9bb94bcf0539c7a40d80e8575"
   "nvidia-cublas==13.1.0.3       ee8722c1f0145ab246bccb9e452153b5e0515fd094c3678df50b2a0888b8b171"
   "nvidia-curand==10.4.0.35      1aee33a5da6e1db083fe2b90082def8915f30f3248d5896bcec36a579d941bfc"
+  "nvidia-nccl-cu13==2.32.6      76e7aad00482092baf01e13e66f441d54c96b5cf1e3f143dee27db7f731d41ba"
 )
 stamp_text="$(printf '%s\n' "${pins[@]}" stub-v1)"
 
@@ -88,10 +89,12 @@ else
     "$python" - "$tmp" "$wheels/${name//-/_}-$ver-"*manylinux*x86_64*.whl <<'EOF'
 import os, sys, zipfile
 dest, whl = sys.argv[1], sys.argv[2]
-prefix = "nvidia/cu13/"
+# The toolkit wheels share nvidia/cu13/; NCCL's has its own nvidia/nccl/ (include/, lib/).
+prefixes = ("nvidia/cu13/", "nvidia/nccl/")
 with zipfile.ZipFile(whl) as z:
     for info in z.infolist():
-        if not info.filename.startswith(prefix) or info.is_dir():
+        prefix = next((p for p in prefixes if info.filename.startswith(p)), None)
+        if prefix is None or info.is_dir():
             continue
         rel = info.filename[len(prefix):]
         if not rel or rel.endswith("__init__.py") or "/__pycache__/" in rel:
@@ -111,7 +114,7 @@ EOF
   (
     cd "$tmp/lib"
     for so in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13 \
-      libnvvm.so.4; do
+      libnvvm.so.4 libnccl.so.2; do
       [[ -f "$so" ]] || die "the wheels lack lib/$so"
       ln -sfn "$so" "${so%%.so.*}.so"
     done

@@ -2,7 +2,7 @@
 # Runs every test of Gantry: installs what is missing (scripts/setup.sh), fetches the real
 # models, builds the workspace and runs all unit, integration and end-to-end tests, then
 # validates the Kubernetes manifests (CRD, Helm chart, examples) offline and builds the book
-# (docs/) and checks its links.
+# (docs/) and checks its links, and compiles the CUDA build (clippy with --features cuda,nccl).
 # Fails when any test fails.
 set -euo pipefail
 
@@ -30,3 +30,14 @@ echo "test: validating the Kubernetes manifests" >&2
 scripts/validate-manifests.sh
 echo "test: building the book and checking its links" >&2
 scripts/check-docs.sh
+# The GPU build compiles too, with no GPU: CUDA 13.0 and NCCL from pinned PyPI wheels
+# (scripts/cuda-toolkit.sh), then clippy over the engine, the worker and the CLI with
+# --features cuda,nccl (candle-kernels' nvcc build included), in a target dir of its own so the
+# CPU build above is never rebuilt. GANTRY_SKIP_CUDA_BUILD=1 skips it (it needs ~850 MB of
+# wheels and ~10 minutes on 2 cores).
+if [[ "${GANTRY_SKIP_CUDA_BUILD:-0}" != 1 ]]; then
+  echo "test: compiling the CUDA build (clippy --features cuda,nccl)" >&2
+  eval "$(scripts/cuda-toolkit.sh)"
+  CARGO_TARGET_DIR="$root/target/cuda" cargo clippy --locked -p gantry-engine -p gantry-worker -p gantry-cli \
+    --features gantry-cli/nccl --all-targets -- -D warnings
+fi

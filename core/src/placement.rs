@@ -631,12 +631,7 @@ fn across_linked_nodes(
     model: &MemoryModel,
 ) -> Result<Option<Plan>> {
     let a = &req.spec.architecture;
-    let shape = crate::tp::TpShape {
-        num_heads: a.num_heads as usize,
-        num_kv_heads: a.num_kv_heads as usize,
-        intermediate_size: a.intermediate_size as usize,
-        vocab_size: a.vocab_size as usize,
-    };
+    let shape = crate::tp::TpShape::of(a);
     let fixed = model.fixed_overhead_bytes.saturating_add(model.activation_bytes);
     // (node, its group's GPUs, ranks, the group's room as one device)
     let mut groups: Vec<(&NodeView, Vec<&GpuView>, u64, u64)> = Vec::new();

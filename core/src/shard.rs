@@ -111,12 +111,7 @@ impl RankBytes {
 /// then repeated too), and the full activations and per-device overhead.
 pub fn rank_bytes(spec: &ModelSpec, options: &ServeOptions, n: usize) -> Result<Option<RankBytes>> {
     let a = &spec.architecture;
-    let shape = crate::tp::TpShape {
-        num_heads: a.num_heads as usize,
-        num_kv_heads: a.num_kv_heads as usize,
-        intermediate_size: a.intermediate_size as usize,
-        vocab_size: a.vocab_size as usize,
-    };
+    let shape = crate::tp::TpShape::of(a);
     if n < 2 || crate::tp::check(&shape, n).is_err() {
         return Ok(None);
     }

@@ -72,6 +72,18 @@ pub struct TpShape {
     pub vocab_size: usize,
 }
 
+impl TpShape {
+    /// The figures of a model's architecture.
+    pub fn of(a: &crate::arch::Architecture) -> TpShape {
+        TpShape {
+            num_heads: a.num_heads as usize,
+            num_kv_heads: a.num_kv_heads as usize,
+            intermediate_size: a.intermediate_size as usize,
+            vocab_size: a.vocab_size as usize,
+        }
+    }
+}
+
 /// Whether a model of `shape` splits `size` ways: `size` divides the attention heads, divides or
 /// is a multiple of the KV heads, and divides the MLP width; the vocabulary may split unevenly.
 pub fn check(shape: &TpShape, size: usize) -> Result<(), String> {

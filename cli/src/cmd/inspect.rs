@@ -299,12 +299,7 @@ fn render_fit(spec: &ModelSpec, req: &Request, fit: &Fit) -> Result<String, CliE
 /// Why linked GPUs got a pipeline split: no group size divides the heads, or no group fits.
 fn why_not_tensor_parallel(spec: &ModelSpec, req: &Request, gpus: usize) -> Result<String, CliError> {
     let a = &spec.architecture;
-    let shape = gantry_core::tp::TpShape {
-        num_heads: a.num_heads as usize,
-        num_kv_heads: a.num_kv_heads as usize,
-        intermediate_size: a.intermediate_size as usize,
-        vocab_size: a.vocab_size as usize,
-    };
+    let shape = gantry_core::tp::TpShape::of(a);
     let sizes = gantry_core::tp::sizes(&shape, gpus);
     if sizes.is_empty() {
         let reasons: Vec<String> = (2..=gpus).filter_map(|n| gantry_core::tp::check(&shape, n).err()).collect();
