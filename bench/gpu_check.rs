@@ -1,6 +1,6 @@
 //! The GPU path against the CPU runtime, for a lent GPU machine (`scripts/gpu-check.sh` runs
 //! it; here it dry-runs with Candle on the CPU). For each model:
-//! - logits of a fixed 64-token prompt at every position on the device against the CPU
+//! - logits of a fixed text (about 50 tokens) at every position on the device against the CPU
 //!   runtime: the largest difference, and at how many positions the top token agrees;
 //! - 32 greedy tokens on both: how many are equal before the first difference;
 //! - prefill tokens/s of a 512-token prompt in one pass and decode tokens/s of 128 tokens
@@ -23,6 +23,11 @@ use gantry_engine::generate::{Session, generate};
 use gantry_engine::model::{Backend, LogitsFor, ModelPart, StageInput, StageOutput};
 use gantry_engine::sampling::SamplingParams;
 use serde_json::{Value, json};
+
+/// The text whose logits are compared, position by position.
+const TEXT: &str = "The history of the bicycle begins in the early nineteenth century, when inventors in \
+Germany and France built wooden machines that riders pushed along with their feet. Pedals came later, \
+and with them the familiar shape of the modern bicycle, which spread across the world.";
 
 /// The context the memory check sizes the KV cache for (the engine's Candle caches grow with use).
 const CONTEXT: u64 = 4096;
@@ -119,8 +124,9 @@ fn check(path: &str, device: &str, backend: &Backend) -> Result<Value, Box<dyn s
     let load_s = started.elapsed().as_secs_f64();
     let after = gpu_used_mib();
 
-    // Logits at every position of a fixed prompt.
-    let prompt: Vec<u32> = (0..64u32).map(|t| (t * 7919 + 13) % vocab).collect();
+    // Logits at every position of a fixed text (random ids would reach tokens no text uses,
+    // whose activations say little about the path).
+    let prompt = tok.encode(TEXT, true, false)?;
     let (want, got) = (logits(&reference, &prompt, LogitsFor::All)?, logits(&model, &prompt, LogitsFor::All)?);
     let mut max_diff = 0f32;
     let mut top1 = 0;
