@@ -693,3 +693,33 @@ async fn against_a_real_cluster_the_crd_installs_and_a_resource_gets_a_status() 
     let _ = stop_tx.send(());
     let _ = operator.await;
 }
+
+/// A tensor-parallel replica's ranks each show in the status with the group's size.
+#[test]
+fn a_tensor_parallel_replica_shows_its_ranks_in_the_status() {
+    let md = model_deployment("big", 1);
+    let stage = |gpu: u32| pb::ReplicaStage {
+        worker_id: "w1".into(),
+        gpu_index: gpu,
+        layer_start: 0,
+        layer_end: 80,
+        reserved_bytes: 70 << 30,
+        tensor_parallel: 2,
+    };
+    let d = pb::Deployment {
+        name: "big".into(),
+        status: Some(pb::DeploymentStatus {
+            replica_status: vec![pb::Replica { index: 0, stages: vec![stage(0), stage(1)], ..Default::default() }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let status = serde_json::to_value(gantry_controller::operator::status_of(&md, &d, 0)).unwrap();
+    assert_eq!(
+        status["replicaStatus"][0]["stages"],
+        json!([
+            {"node": "w1", "gpu": 0, "layers": "0-79", "vram": "70.0 GiB", "tensorParallel": 2},
+            {"node": "w1", "gpu": 1, "layers": "0-79", "vram": "70.0 GiB", "tensorParallel": 2},
+        ])
+    );
+}

@@ -183,3 +183,37 @@ fn select_long_context_excludes_short_context_models() {
     let phi = j["rejected"].as_array().unwrap().iter().find(|r| r["id"] == "microsoft/Phi-3-mini-4k-instruct").unwrap();
     assert_eq!(phi["reasons"][0], "context 4K < 128K needed");
 }
+
+/// `inspect --nvlink`: on three linked 600 MiB GPUs SmolLM2 at 2K context (657 MiB on one) is
+/// split tensor-parallel, 3 of its 9 heads and 1 of its 3 KV heads per GPU; on two, whose count
+/// does not divide the heads, it is split by layers and the output says why.
+#[test]
+fn inspect_shows_a_tensor_parallel_split_on_linked_gpus_or_why_not() {
+    let path = path_str(&smollm2());
+    let j = gantry_json(&["inspect", &path, "--context", "2048", "--gpus", "3x600MiB", "--nvlink", "--json"]);
+    assert_eq!(j["fit"]["kind"], "tensor_parallel", "{}", j["fit"]);
+    let ranks = j["fit"]["ranks"].as_array().unwrap();
+    assert_eq!(ranks.len(), 3);
+    for (i, r) in ranks.iter().enumerate() {
+        assert_eq!(
+            (r["device"].as_u64(), &r["layers"]["start"], &r["layers"]["end"]),
+            (Some(i as u64), &Value::from(0), &Value::from(30))
+        );
+        assert!(r["total_bytes"].as_u64().unwrap() <= 600 << 20);
+    }
+    let (code, out, err) =
+        run(gantry().args(["inspect", &path, "--context", "2048", "--gpus", "3x600MiB", "--nvlink"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("split tensor-parallel over 3 of 3×600.0 MiB (linked): every layer on each, 3 of the 9 attention heads, 1 of 3 KV heads"), "{out}");
+    let (code, out, err) =
+        run(gantry().args(["inspect", &path, "--context", "2048", "--gpus", "2x620MiB", "--nvlink"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("as pipeline stages")
+            && out.contains("not tensor-parallel: 2 ranks do not divide the 9 attention heads"),
+        "{out}"
+    );
+    // Without --nvlink the same GPUs are split by layers.
+    let j = gantry_json(&["inspect", &path, "--context", "2048", "--gpus", "3x600MiB", "--json"]);
+    assert_eq!(j["fit"]["kind"], "split");
+}

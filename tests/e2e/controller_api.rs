@@ -124,6 +124,22 @@ async fn the_controller_api_end_to_end() {
         .into_inner();
     assert!(inspect.stages.is_empty());
     assert!(inspect.no_fit_reason.contains("the largest has"), "{}", inspect.no_fit_reason);
+    // On GPUs given in the request and declared linked, a tensor-parallel plan.
+    let gpu80 = pb::Gpu { name: "H100".into(), memory_bytes: 80 << 30 };
+    let inspect = models
+        .inspect(pb::InspectRequest {
+            model: "meta-llama/Meta-Llama-3-70B-Instruct".into(),
+            context: 8192,
+            gpus: vec![gpu80.clone(), gpu80.clone(), gpu80],
+            gpus_linked: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ranks: Vec<(u32, u64, u64, u32)> =
+        inspect.stages.iter().map(|s| (s.gpu_index, s.layer_start, s.layer_end, s.tensor_parallel)).collect();
+    assert_eq!(ranks, [(0, 0, 80, 2), (1, 0, 80, 2)], "{inspect:?}");
     let select = models
         .select(pb::SelectRequest { task: "chat".into(), latency: "realtime".into(), ..Default::default() })
         .await

@@ -6,7 +6,7 @@ use std::path::Path;
 use gantry_core::catalog::Catalog;
 use gantry_core::quant::WeightDtype;
 use gantry_core::select::{Latency, Need, Task, select};
-use gantry_core::shard::fit;
+use gantry_core::shard::fit_on;
 use gantry_core::vram::{ServeOptions, estimate_vram};
 use gantry_proto::v1 as pb;
 use tonic::{Request, Response, Status};
@@ -53,7 +53,7 @@ impl pb::models_server::Models for Services {
             (Vec::new(), String::new())
         } else {
             let free: Vec<u64> = gpus.iter().map(|g| g.memory_bytes).collect();
-            match fit(&spec, &options, &free).map_err(invalid)? {
+            match fit_on(&spec, &options, &free, r.gpus_linked).map_err(invalid)? {
                 gantry_core::Fit::NoFit { reason } => (Vec::new(), reason),
                 f => (
                     f.stages()
@@ -64,6 +64,10 @@ impl pb::models_server::Models for Services {
                             layer_end: s.layers.end,
                             total_bytes: s.total_bytes,
                             free_bytes: s.free_bytes,
+                            tensor_parallel: match &f {
+                                gantry_core::Fit::TensorParallel { ranks } => ranks.len() as u32,
+                                _ => 0,
+                            },
                         })
                         .collect(),
                     String::new(),

@@ -288,6 +288,10 @@ pub struct StageStatus {
     /// Layers it runs, as `0-39`.
     pub layers: String,
     pub vram: String,
+    /// The ranks of the tensor-parallel group this stage is one rank of (every layer of
+    /// `layers` split over that many GPUs of the node); absent for a pipeline stage of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tensor_parallel: Option<u32>,
 }
 
 /// A condition, as Kubernetes conditions go.

@@ -250,6 +250,7 @@ pub fn status_of(md: &ModelDeployment, d: &pb::Deployment, last_event_ms: u64) -
                     gpu: s.gpu_index,
                     layers: gantry_core::shard::layer_span(&(s.layer_start..s.layer_end)),
                     vram: gib(s.reserved_bytes),
+                    tensor_parallel: (s.tensor_parallel > 1).then_some(s.tensor_parallel),
                 })
                 .collect(),
             reason: if r.reason.is_empty() { r.progress.clone() } else { r.reason.clone() },
