@@ -12,6 +12,7 @@ fn inspect_request_survives_the_wire() {
         batch: 1,
         dtype: "bf16".into(),
         gpus: vec![Gpu { name: "gpu0".into(), memory_bytes: 80 << 30 }],
+        gpus_linked: true,
     };
     let bytes = req.encode_to_vec();
     assert_eq!(InspectRequest::decode(bytes.as_slice()).expect("decodes"), req);
