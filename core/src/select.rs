@@ -228,6 +228,14 @@ struct ServingFit {
     stored_need: u64,
 }
 
+impl ServingFit {
+    /// A fit over several devices: their bytes summed.
+    fn over(dtype: Option<WeightDtype>, dtype_name: String, stages: &[crate::shard::Stage], stored_need: u64) -> Self {
+        let memory_bytes = stages.iter().map(|s| s.total_bytes).sum();
+        ServingFit { dtype, dtype_name, memory_bytes, gpus_used: stages.len(), stored_need }
+    }
+}
+
 /// Filters and scores one model: `Ok(candidate)` or `Err(reasons it was rejected)`.
 fn judge(
     need: &Need,
@@ -313,26 +321,12 @@ fn place(
                     stored_need,
                 })));
             }
-            Fit::Split { stages } if need.latency != Latency::Realtime => {
-                let memory = stages.iter().map(|s| s.total_bytes).sum();
-                return Ok(Ok(Some(ServingFit {
-                    dtype,
-                    dtype_name: name,
-                    memory_bytes: memory,
-                    gpus_used: stages.len(),
-                    stored_need,
-                })));
-            }
             // Tensor parallelism has no pipeline hops: every latency class may use it.
-            Fit::TensorParallel { ranks } => {
-                let memory = ranks.iter().map(|s| s.total_bytes).sum();
-                return Ok(Ok(Some(ServingFit {
-                    dtype,
-                    dtype_name: name,
-                    memory_bytes: memory,
-                    gpus_used: ranks.len(),
-                    stored_need,
-                })));
+            Fit::TensorParallel { ranks: stages } => {
+                return Ok(Ok(Some(ServingFit::over(dtype, name, &stages, stored_need))));
+            }
+            Fit::Split { stages } if need.latency != Latency::Realtime => {
+                return Ok(Ok(Some(ServingFit::over(dtype, name, &stages, stored_need))));
             }
             Fit::Split { stages } => {
                 needs.push(format!("{name} needs {} GPUs (realtime allows one, no pipeline hops)", stages.len()));

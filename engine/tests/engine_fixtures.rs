@@ -15,23 +15,10 @@ use gantry_engine::files::ModelFiles;
 use gantry_engine::model::{Backend, BatchInput, BatchStep, LogitsFor, ModelPart, StageInput, StageOutput};
 use gantry_engine::wire::{decode, encode};
 
-const CASES: [&str; 15] = [
-    "llama",
-    "llama-plain",
-    "llama-f16",
-    "llama-bf16",
-    "llama-sharded",
-    "mistral",
-    "phi",
-    "phi3",
-    "gemma",
-    "gemma2",
-    "gemma3",
-    "falcon",
-    "falcon-new",
-    "gpt2",
-    "qwen2",
-];
+mod support;
+
+use support::ENGINE_CASES as CASES;
+
 const TOLERANCE: f32 = 1e-4;
 
 /// Both runtimes, named for messages.
@@ -40,7 +27,7 @@ fn backends() -> [(&'static str, Backend); 2] {
 }
 
 fn fixture(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/engine").join(case)
+    support::engine_fixture(case)
 }
 
 struct Reference {

@@ -6,31 +6,15 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
-
 use candle_core::{Device, Tensor};
 use gantry_engine::files::ModelFiles;
 use gantry_engine::generate::{Session, generate};
 use gantry_engine::model::{Backend, LogitsFor, ModelPart, StageInput, StageOutput};
 use gantry_engine::sampling::SamplingParams;
 
-const CASES: [&str; 15] = [
-    "llama",
-    "llama-plain",
-    "llama-f16",
-    "llama-bf16",
-    "llama-sharded",
-    "mistral",
-    "phi",
-    "phi3",
-    "gemma",
-    "gemma2",
-    "gemma3",
-    "falcon",
-    "falcon-new",
-    "gpt2",
-    "qwen2",
-];
+mod support;
+
+use support::{ENGINE_CASES as CASES, model_path};
 
 /// Partial sums added in another order than one matrix product: f32 rounding only. Measured:
 /// at most 2.2e-5 on logits up to 13 (3e-6 of the largest logit; llama-f16 at 4 ranks), 16 of
@@ -38,12 +22,8 @@ const CASES: [&str; 15] = [
 /// products decides (the unsplit engine itself is 3.5e-6 to 1.7e-5 from transformers).
 const PARITY: f32 = 3e-5;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 fn fixture(case: &str) -> ModelFiles {
-    ModelFiles::open(&root().join("fixtures/engine").join(case)).unwrap_or_else(|e| panic!("{case}: {e}"))
+    ModelFiles::open(&support::engine_fixture(case)).unwrap_or_else(|e| panic!("{case}: {e}"))
 }
 
 fn whole() -> Backend {
@@ -168,13 +148,6 @@ fn a_token_outside_the_vocabulary_is_refused_by_every_rank_and_the_group_goes_on
     let ids = prompt(384);
     let want = run(&[&files.load_part_on(0..4, &whole(), &mut |_| {}).unwrap()], &ids);
     assert!(max_diff(&run(&[&tp], &ids), &want) < PARITY);
-}
-
-fn model_path(file: &str) -> PathBuf {
-    let dir = std::env::var_os("GANTRY_MODELS_DIR").map_or_else(|| root().join("models"), PathBuf::from);
-    let p = dir.join(file);
-    assert!(p.is_file(), "{} is missing: run scripts/fetch-models.sh", p.display());
-    p
 }
 
 /// How far below the unsplit model's best token `token` is after `context`, in its logits.

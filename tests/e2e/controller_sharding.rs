@@ -20,9 +20,20 @@ const QUESTION: &str = "What is the capital of France?";
 /// A worker in `pool` with declared `gpus`, serving one sequence per model (so its own
 /// admission counts the KV cache of one sequence, as the controller does).
 fn worker(controller: &RunningController, id: &str, gpus: &str, pool: &str) -> RunningWorker {
-    RunningWorker::start(&[
+    worker_with(controller, id, gpus, pool, &[])
+}
+
+/// [`worker`] whose GPUs are declared linked (`--nvlink`), as NVML reports NVLink.
+fn linked_worker(controller: &RunningController, id: &str, gpus: &str, pool: &str) -> RunningWorker {
+    worker_with(controller, id, gpus, pool, &["--nvlink"])
+}
+
+fn worker_with(controller: &RunningController, id: &str, gpus: &str, pool: &str, extra: &[&str]) -> RunningWorker {
+    let url = controller.url();
+    let label = format!("pool={pool}");
+    let mut args = vec![
         "--controller",
-        &controller.url(),
+        &url,
         "--worker-id",
         id,
         "--gpus",
@@ -32,8 +43,10 @@ fn worker(controller: &RunningController, id: &str, gpus: &str, pool: &str) -> R
         "--threads",
         "1",
         "--label",
-        &format!("pool={pool}"),
-    ])
+        &label,
+    ];
+    args.extend_from_slice(extra);
+    RunningWorker::start(&args)
 }
 
 /// SmolLM2 at 2K context (657 MiB on one GPU) on workers of `pool`.
@@ -173,21 +186,7 @@ async fn a_model_too_big_for_one_of_three_linked_gpus_is_split_tensor_parallel_a
     let control = RunningController::start(&["--lease", "2"]);
     let mut deployments = control.deployments().await;
     let mut inference = control.inference().await;
-    let w = RunningWorker::start(&[
-        "--controller",
-        &control.url(),
-        "--worker-id",
-        "nv",
-        "--gpus",
-        "3x600MiB",
-        "--nvlink",
-        "--parallel",
-        "1",
-        "--threads",
-        "1",
-        "--label",
-        "pool=nv",
-    ]);
+    let w = linked_worker(&control, "nv", "3x600MiB", "nv");
     wait_for_workers(&mut control.cluster().await, 1).await;
     deployments
         .apply(pb::ApplyRequest { name: "tp".into(), spec: Some(split_spec("nv", false)) })
@@ -223,24 +222,7 @@ async fn linked_workers_are_tensor_parallel_groups_of_one_pipeline() {
     let control = RunningController::start(&["--lease", "2"]);
     let mut deployments = control.deployments().await;
     let mut inference = control.inference().await;
-    let linked = |id: &str| {
-        RunningWorker::start(&[
-            "--controller",
-            &control.url(),
-            "--worker-id",
-            id,
-            "--gpus",
-            "3x580MiB",
-            "--nvlink",
-            "--parallel",
-            "1",
-            "--threads",
-            "1",
-            "--label",
-            "pool=tpp",
-        ])
-    };
-    let (_a, _b) = (linked("a"), linked("b"));
+    let (_a, _b) = (linked_worker(&control, "a", "3x580MiB", "tpp"), linked_worker(&control, "b", "3x580MiB", "tpp"));
     wait_for_workers(&mut control.cluster().await, 2).await;
     deployments
         .apply(pb::ApplyRequest { name: "tpp".into(), spec: Some(split_spec("tpp", true)) })

@@ -55,3 +55,28 @@ pub fn model_path(file: &str) -> PathBuf {
     assert!(p.is_file(), "{} is missing: run scripts/fetch-models.sh", p.display());
     p
 }
+
+/// The tiny random-weight fixtures of every family (`fixtures/engine/`, made by
+/// `scripts/fixtures/make_engine_fixtures.py` with transformers' reference logits).
+pub const ENGINE_CASES: [&str; 15] = [
+    "llama",
+    "llama-plain",
+    "llama-f16",
+    "llama-bf16",
+    "llama-sharded",
+    "mistral",
+    "phi",
+    "phi3",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "falcon",
+    "falcon-new",
+    "gpt2",
+    "qwen2",
+];
+
+/// The folder of fixture `case`.
+pub fn engine_fixture(case: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/engine").join(case)
+}
