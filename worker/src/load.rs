@@ -344,19 +344,19 @@ impl Admission<'_> {
             })
             .collect();
         // One entry per device of every segment, with that device's need.
-        let bindings: Vec<&DeviceBinding> = segments.iter().flatten().collect();
-        let needs_flat: Vec<u64> =
-            segments.iter().zip(&needs).flat_map(|(ranks, n)| std::iter::repeat_n(*n, ranks.len())).collect();
-        let ranges_flat: Vec<&std::ops::Range<usize>> =
-            segments.iter().zip(ranges).flat_map(|(ranks, r)| std::iter::repeat_n(r, ranks.len())).collect();
-        for (binding, range) in bindings.iter().zip(ranges_flat) {
+        let devices: Vec<(&DeviceBinding, u64, &std::ops::Range<usize>)> = segments
+            .iter()
+            .zip(&needs)
+            .zip(ranges)
+            .flat_map(|((ranks, &need), range)| ranks.iter().map(move |b| (b, need, range)))
+            .collect();
+        for &(binding, _, range) in &devices {
             let Some(g) = binding.inventory_index.and_then(|d| gpus.iter().find(|g| g.index == d)) else { continue };
             // Every segment counted against the same device takes from the same free memory.
-            let needed: u64 = bindings
+            let needed: u64 = devices
                 .iter()
-                .zip(&needs_flat)
-                .filter(|(b, _)| b.inventory_index == binding.inventory_index)
-                .map(|(_, n)| n)
+                .filter(|(b, _, _)| b.inventory_index == binding.inventory_index)
+                .map(|(_, n, _)| n)
                 .sum();
             if needed > g.free_bytes {
                 let what = if ranges.len() == 1 && range.len() == self.layers {
