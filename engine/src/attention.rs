@@ -88,6 +88,8 @@ pub struct Attention {
     /// Attend only to the last `window` positions.
     pub window: Option<usize>,
     pub rope: Option<Rope>,
+    /// One logit per query head that joins the softmax's denominator (gpt-oss), `[heads]`.
+    pub sinks: Option<Tensor>,
 }
 
 /// Query/key/value projections.
@@ -166,7 +168,19 @@ impl Attention {
         if let Some(mask) = mask(t, start, total, self.window, rep, x.device(), scores.dtype())? {
             scores = scores.broadcast_add(&mask)?;
         }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = match &self.sinks {
+            None => candle_nn::ops::softmax_last_dim(&scores)?,
+            Some(sinks) => {
+                // Rows are (kv head, query head of its group, position): one sink per row.
+                let col = sinks
+                    .reshape((1, kvh, rep, 1, 1))?
+                    .broadcast_as((b, kvh, rep, t, 1))?
+                    .reshape((b, kvh, rep * t, 1))?
+                    .to_dtype(scores.dtype())?;
+                let with = Tensor::cat(&[&scores, &col], D::Minus1)?;
+                candle_nn::ops::softmax_last_dim(&with)?.narrow(D::Minus1, 0, total)?
+            }
+        };
         let y = probs.matmul(&v_all.contiguous()?)?; // [b, kvh, rep * t, d]
         let y = y.reshape((b, kvh, rep, t, d))?.permute((0, 3, 1, 2, 4))?.reshape((b, t, h * d))?;
         self.out.forward(&y)

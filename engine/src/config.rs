@@ -20,13 +20,83 @@ pub enum WeightFormat {
 }
 
 /// The non-linearity of the MLP.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Activation {
     Silu,
     /// GELU with the tanh approximation (`gelu_new`, `gelu_pytorch_tanh`).
     GeluTanh,
     /// Exact GELU (erf).
     GeluErf,
+    /// gpt-oss's gated unit: `(clamp(up, ±limit) + 1) · g·σ(alpha·g)` with `g = min(gate, limit)`.
+    /// Only gated.
+    ClampedSwiglu {
+        alpha: f32,
+        limit: f32,
+    },
+}
+
+/// How a mixture-of-experts layer turns router logits into expert weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routing {
+    /// Softmax over every expert, keep the top k; `renormalize` divides the k by their sum
+    /// (Mixtral, Qwen3-MoE with `norm_topk_prob`).
+    SoftmaxTopK { renormalize: bool },
+    /// Keep the top k logits, softmax over those k (gpt-oss).
+    TopKSoftmax,
+}
+
+/// A model's mixture-of-experts layers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeConfig {
+    pub experts: usize,
+    /// Experts each token goes through.
+    pub top_k: usize,
+    /// Intermediate size of one expert.
+    pub expert_size: usize,
+    pub routing: Routing,
+    /// An always-on shared expert of this size, scaled by `σ(gate · x)` (Qwen2-MoE).
+    pub shared_size: Option<usize>,
+    /// Which layers have experts; the others have a dense MLP of `intermediate_size`.
+    pub sparse_layers: Vec<bool>,
+    /// The experts' non-linearity (gated).
+    pub act: Activation,
+    /// The router and the experts carry biases (gpt-oss).
+    pub biases: bool,
+}
+
+impl MoeConfig {
+    /// Picks the experts of one token from its router logits: `(expert, weight)`, best first
+    /// (ties to the lower index), computed the same way whatever else is in the batch.
+    pub fn route(&self, logits: &[f32]) -> Vec<(usize, f32)> {
+        let k = self.top_k.min(logits.len());
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        // NaN logits sort last, so a broken router never panics.
+        order.sort_by(|&a, &b| logits[b].partial_cmp(&logits[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));
+        order.truncate(k);
+        match self.routing {
+            Routing::SoftmaxTopK { renormalize } => {
+                let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let sum: f32 = logits.iter().map(|&v| (v - max).exp()).sum();
+                let mut picked: Vec<(usize, f32)> = order.iter().map(|&e| (e, (logits[e] - max).exp() / sum)).collect();
+                if renormalize {
+                    let s: f32 = picked.iter().map(|p| p.1).sum();
+                    picked.iter_mut().for_each(|p| p.1 /= s);
+                }
+                picked
+            }
+            Routing::TopKSoftmax => {
+                let max = order.first().map_or(0.0, |&e| logits[e]);
+                let exps: Vec<f32> = order.iter().map(|&e| (logits[e] - max).exp()).collect();
+                let sum: f32 = exps.iter().sum();
+                order.iter().zip(exps).map(|(&e, x)| (e, x / sum)).collect()
+            }
+        }
+    }
+
+    /// Whether layer `i` has experts.
+    pub fn is_sparse(&self, i: usize) -> bool {
+        self.sparse_layers.get(i).copied().unwrap_or(false)
+    }
 }
 
 /// The normalisation layer.
@@ -81,6 +151,17 @@ pub enum RopeScaling {
         short: Vec<f64>,
         long: Vec<f64>,
         original_context: usize,
+        attention_factor: f64,
+    },
+    /// YaRN (gpt-oss): frequencies blended between interpolated (`/ factor`) and original by a
+    /// ramp over the dimensions that turn `beta_fast`..`beta_slow` times within
+    /// `original_context`; cos and sin scaled by `attention_factor`.
+    Yarn {
+        factor: f64,
+        beta_fast: f64,
+        beta_slow: f64,
+        original_context: f64,
+        truncate: bool,
         attention_factor: f64,
     },
 }
@@ -139,6 +220,10 @@ pub struct EngineConfig {
     pub tied_embeddings: bool,
     /// Trained context length.
     pub context_length: usize,
+    /// Mixture-of-experts layers.
+    pub moe: Option<MoeConfig>,
+    /// A learned logit per query head that joins each attention softmax (gpt-oss's sinks).
+    pub attn_sinks: bool,
 }
 
 impl EngineConfig {
@@ -222,9 +307,35 @@ impl EngineConfig {
             _ => 1.0 / (head_dim as f64).sqrt(),
         };
         let shape = arch.shape;
+        let moe = arch
+            .moe
+            .map(|m| -> Result<MoeConfig, EngineError> {
+                let n = usize_of(arch.num_layers)?;
+                let only: Vec<u64> = get("mlp_only_layers")
+                    .and_then(Value::as_array)
+                    .map(|a| a.iter().filter_map(Value::as_u64).collect())
+                    .unwrap_or_default();
+                let step = get("decoder_sparse_step").and_then(Value::as_u64).unwrap_or(1).max(1);
+                let sparse_layers = (0..n as u64).map(|i| !only.contains(&i) && (i + 1) % step == 0).collect();
+                let routing = match family {
+                    Family::GptOss => Routing::TopKSoftmax,
+                    Family::Mixtral => Routing::SoftmaxTopK { renormalize: true },
+                    _ => Routing::SoftmaxTopK { renormalize: bool_of("norm_topk_prob", false) },
+                };
+                let act = match family {
+                    Family::GptOss => {
+                        Activation::ClampedSwiglu { alpha: 1.702, limit: f64_of("swiglu_limit").unwrap_or(7.0) as f32 }
+                    }
+                    _ => activation,
+                };
+                moe_config(m, routing, sparse_layers, act, family == Family::GptOss)
+            })
+            .transpose()?;
         assemble(
             arch,
             Conventions {
+                moe,
+                attn_sinks: family == Family::GptOss,
                 format: WeightFormat::Safetensors,
                 norm,
                 activation,
@@ -275,6 +386,18 @@ impl EngineConfig {
         let rotary_dim = f("rope.dimension_count").map_or(head_dim, |d| d as usize);
         let scaling = match file.get(&format!("{a}.rope.scaling.type")).and_then(MetaValue::as_str) {
             Some("linear") => RopeScaling::Linear { factor: f("rope.scaling.factor").unwrap_or(1.0) },
+            Some("yarn") => {
+                let factor = f("rope.scaling.factor").unwrap_or(1.0);
+                RopeScaling::Yarn {
+                    factor,
+                    beta_fast: f("rope.scaling.yarn_beta_fast").unwrap_or(32.0),
+                    beta_slow: f("rope.scaling.yarn_beta_slow").unwrap_or(1.0),
+                    original_context: f("rope.scaling.original_context_length").unwrap_or(context as f64),
+                    // gpt-oss's own config turns truncation off.
+                    truncate: family != Family::GptOss,
+                    attention_factor: if factor <= 1.0 { 1.0 } else { 0.1 * factor.ln() + 1.0 },
+                }
+            }
             _ => RopeScaling::None,
         };
         let rope = (family != Family::Gpt2).then(|| RopeConfig {
@@ -293,9 +416,32 @@ impl EngineConfig {
             }
             _ => 1.0 / (head_dim as f64).sqrt(),
         };
+        let moe = arch
+            .moe
+            .map(|m| {
+                let n = usize_of(arch.num_layers)?;
+                // llama.cpp's rules: Mixtral and Qwen3-MoE renormalize the top k, Qwen2-MoE
+                // does not; gpt-oss takes the softmax of the top k.
+                let routing = match family {
+                    Family::GptOss => Routing::TopKSoftmax,
+                    Family::Qwen2Moe => Routing::SoftmaxTopK { renormalize: false },
+                    _ => Routing::SoftmaxTopK { renormalize: true },
+                };
+                let sparse = (0..n).map(|i| has(&format!("blk.{i}.ffn_gate_inp.weight"))).collect();
+                let act = match family {
+                    Family::GptOss => {
+                        Activation::ClampedSwiglu { alpha: 1.702, limit: f("swiglu_limit").unwrap_or(7.0) as f32 }
+                    }
+                    _ => activation,
+                };
+                moe_config(m, routing, sparse, act, has("blk.0.ffn_gate_inp.bias"))
+            })
+            .transpose()?;
         assemble(
             arch,
             Conventions {
+                moe,
+                attn_sinks: has("blk.0.attn_sinks.weight"),
                 format: WeightFormat::Gguf,
                 norm,
                 activation,
@@ -321,6 +467,8 @@ impl EngineConfig {
 /// What differs between the formats a model can be stored in; the rest comes from the
 /// architecture.
 struct Conventions {
+    moe: Option<MoeConfig>,
+    attn_sinks: bool,
     format: WeightFormat,
     norm: NormKind,
     activation: Activation,
@@ -370,6 +518,27 @@ fn assemble(arch: &Architecture, c: Conventions) -> Result<EngineConfig, EngineE
         sliding_layers: sliding_flags(arch),
         tied_embeddings: arch.tied_embeddings,
         context_length: c.context_length,
+        moe: c.moe,
+        attn_sinks: c.attn_sinks,
+    })
+}
+
+fn moe_config(
+    m: gantry_core::arch::Moe,
+    routing: Routing,
+    sparse_layers: Vec<bool>,
+    act: Activation,
+    biases: bool,
+) -> Result<MoeConfig, EngineError> {
+    Ok(MoeConfig {
+        experts: usize_of(m.experts)?,
+        top_k: usize_of(m.experts_per_token)?,
+        expert_size: usize_of(m.expert_intermediate_size)?,
+        routing,
+        shared_size: m.shared_expert_intermediate_size.map(usize_of).transpose()?,
+        sparse_layers,
+        act,
+        biases,
     })
 }
 
@@ -412,6 +581,23 @@ fn hf_rope_scaling(value: Option<&Value>, context: u64, head_dim: usize) -> Resu
             let scale = context as f64 / original as f64;
             let attention_factor = if scale <= 1.0 { 1.0 } else { (1.0 + scale.ln() / (original as f64).ln()).sqrt() };
             RopeScaling::Factors { short, long, original_context: original, attention_factor }
+        }
+        "yarn" => {
+            let factor = num("factor").unwrap_or(1.0);
+            let mscale = |scale: f64, m: f64| if scale <= 1.0 { 1.0 } else { 0.1 * m * scale.ln() + 1.0 };
+            let attention_factor = match (num("attention_factor"), num("mscale"), num("mscale_all_dim")) {
+                (Some(a), _, _) => a,
+                (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => mscale(factor, m) / mscale(factor, all),
+                _ => mscale(factor, 1.0),
+            };
+            RopeScaling::Yarn {
+                factor,
+                beta_fast: num("beta_fast").filter(|&b| b != 0.0).unwrap_or(32.0),
+                beta_slow: num("beta_slow").filter(|&b| b != 0.0).unwrap_or(1.0),
+                original_context: num("original_max_position_embeddings").unwrap_or(context as f64),
+                truncate: obj.get("truncate").and_then(Value::as_bool).unwrap_or(true),
+                attention_factor,
+            }
         }
         other => return Err(EngineError::Config(format!("unsupported rope scaling `{other}`"))),
     })

@@ -40,6 +40,10 @@ pub fn supported(family: Family) -> bool {
             | Family::Gpt2
             | Family::Qwen2
             | Family::Qwen3
+            | Family::Mixtral
+            | Family::Qwen2Moe
+            | Family::Qwen3Moe
+            | Family::GptOss
     )
 }
 
@@ -154,7 +158,7 @@ fn check_supported(spec: &ModelSpec) -> Result<(), EngineError> {
         Ok(())
     } else {
         Err(EngineError::Unsupported(format!(
-            "the engine does not run {} models yet (it runs llama, mistral, phi, phi3, gemma, gemma2, gemma3, falcon, gpt2, qwen2 and qwen3)",
+            "the engine does not run {} models yet (it runs llama, mistral, phi, phi3, gemma, gemma2, gemma3, falcon, gpt2, qwen2, qwen3, and the mixtures of experts mixtral, qwen2_moe, qwen3_moe and gpt_oss)",
             spec.family
         )))
     }

@@ -84,6 +84,19 @@ pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
         Activation::Silu => candle_nn::ops::silu(x),
         Activation::GeluTanh => x.gelu(),
         Activation::GeluErf => x.gelu_erf(),
+        Activation::ClampedSwiglu { alpha, limit } => {
+            let g = x.clamp(f32::NEG_INFINITY, limit)?;
+            g.mul(&candle_nn::ops::sigmoid(&(&g * f64::from(alpha))?)?)
+        }
+    }
+}
+
+/// A gated unit: `act(gate) · up` (gpt-oss's clamps `up` and adds one).
+pub fn gated(gate: &Tensor, up: &Tensor, act: Activation) -> Result<Tensor> {
+    let g = activate(gate, act)?;
+    match act {
+        Activation::ClampedSwiglu { limit, .. } => g.mul(&(up.clamp(-limit, limit)? + 1.0)?),
+        _ => g.mul(up),
     }
 }
 
@@ -112,16 +125,13 @@ pub enum Mlp {
 impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Mlp::Gated { gate, up, down, act } => {
-                let g = activate(&gate.forward(x)?, *act)?;
-                down.forward(&(g * up.forward(x)?)?)
-            }
+            Mlp::Gated { gate, up, down, act } => down.forward(&gated(&gate.forward(x)?, &up.forward(x)?, *act)?),
             Mlp::GatedFused { gate_up, down, act } => {
                 let gu = gate_up.forward(x)?;
                 let half = gu.dim(D::Minus1)? / 2;
-                let g = activate(&gu.narrow(D::Minus1, 0, half)?, *act)?;
+                let g = gu.narrow(D::Minus1, 0, half)?;
                 let u = gu.narrow(D::Minus1, half, half)?;
-                down.forward(&(g * u)?)
+                down.forward(&gated(&g, &u, *act)?)
             }
             Mlp::Plain { up, down, act } => down.forward(&activate(&up.forward(x)?, *act)?),
         }
@@ -171,6 +181,27 @@ impl Rope {
             RopeScaling::Factors { short, long, original_context, attention_factor: af } => {
                 inv_freq = base.iter().zip(short).map(|(f, s)| f / s).collect();
                 inv_freq_long = Some((base.iter().zip(long).map(|(f, s)| f / s).collect(), *original_context));
+                attention_factor = *af;
+            }
+            RopeScaling::Yarn { factor, beta_fast, beta_slow, original_context, truncate, attention_factor: af } => {
+                // The dimension that turns `rotations` times over the original context.
+                let dim_f = dim as f64;
+                let corr = |rotations: f64| {
+                    dim_f * (original_context / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln())
+                };
+                let (mut low, mut high) = (corr(*beta_fast), corr(*beta_slow));
+                if *truncate {
+                    (low, high) = (low.floor(), high.ceil());
+                }
+                let (low, mut high) = (low.max(0.0), high.min(dim_f - 1.0));
+                if low == high {
+                    high += 0.001;
+                }
+                for (i, f) in inv_freq.iter_mut().enumerate() {
+                    let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                    let extrapolation = 1.0 - ramp;
+                    *f = *f / factor * (1.0 - extrapolation) + *f * extrapolation;
+                }
                 attention_factor = *af;
             }
         }

@@ -24,6 +24,7 @@ use crate::cpu::kv::{BLOCK_TOKENS, KvPool};
 use crate::cpu::model::CpuModel;
 use crate::cpu::pool;
 use crate::layers::{Linear, Mlp, Norm, Rope};
+use crate::moe::MoeLayer;
 use crate::tp::{self, Shard};
 use crate::weights::{Embedding, LoadStats, Part, Role, WeightSource};
 
@@ -35,7 +36,7 @@ pub struct Block {
     attn: Attention,
     /// The MLP's input norm (absent when it shares `attn_norm`).
     ffn_norm: Option<Norm>,
-    mlp: Mlp,
+    mlp: Ffn,
     post_attn_norm: Option<Norm>,
     post_ffn_norm: Option<Norm>,
 }
@@ -70,6 +71,22 @@ impl Block {
                 }
                 h + m
             }
+        }
+    }
+}
+
+/// A block's feed-forward part: one MLP, or a mixture of experts.
+#[derive(Debug, Clone)]
+enum Ffn {
+    Dense(Mlp),
+    Moe(Box<MoeLayer>),
+}
+
+impl Ffn {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Ffn::Dense(m) => m.forward(x),
+            Ffn::Moe(m) => m.forward(x),
         }
     }
 }
@@ -260,6 +277,10 @@ pub enum Backend {
     /// Candle on several devices of one node, every layer split across them (tensor
     /// parallelism, rank `i` on device `i`); CPU devices are the stand-in tests use.
     TensorParallel(Vec<Device>),
+    /// Candle on a device, a mixture-of-experts model's experts in host memory (run there by
+    /// Candle's CPU kernels) when the device is short of memory; a CPU device is the stand-in
+    /// tests use for the GPU.
+    ExpertsOnHost(Device),
 }
 
 impl Backend {
@@ -354,11 +375,27 @@ impl ModelPart {
                 source,
                 config.clone(),
                 range.clone(),
-                device,
+                (device, device),
                 stats,
                 progress,
                 None,
             )?)),
+            Backend::ExpertsOnHost(device) => {
+                if config.moe.is_none() {
+                    return Err(EngineError::Config(
+                        "only a mixture-of-experts model has experts to keep on the host".into(),
+                    ));
+                }
+                Runtime::Candle(Box::new(CandlePart::load(
+                    source,
+                    config.clone(),
+                    range.clone(),
+                    (device, &CPU),
+                    stats,
+                    progress,
+                    None,
+                )?))
+            }
             Backend::TensorParallel(devices) => {
                 Runtime::Tp(load_ranks(source, &config, &range, devices, stats, progress)?)
             }
@@ -502,7 +539,7 @@ impl CandlePart {
         source: &WeightSource,
         config: Arc<EngineConfig>,
         range: Range<usize>,
-        device: &Device,
+        (device, expert_device): (&Device, &Device),
         stats: &mut LoadStats,
         progress: &mut dyn FnMut(LoadProgress),
         shard: Option<&Shard>,
@@ -530,7 +567,7 @@ impl CandlePart {
             None => None,
         };
         let ropes = cfg.rope.as_ref().map(|r| rope_pair(r, divisors.as_deref()));
-        let mut loader = Loader { source, cfg, device, dtype, stats, shard };
+        let mut loader = Loader { source, cfg, device, expert_device, dtype, stats, shard };
         let mut blocks = Vec::with_capacity(range.len());
         for (done, i) in range.clone().enumerate() {
             blocks.push(loader.block(i, ropes.as_ref())?);
@@ -659,6 +696,7 @@ fn load_ranks(
         num_kv_heads: config.num_kv_heads,
         intermediate_size: config.intermediate_size,
         vocab_size: config.vocab_size,
+        experts: config.moe.is_some(),
     };
     gantry_core::tp::check(&shape, n)
         .map_err(|e| EngineError::Config(format!("cannot split the model {n} ways (tensor parallelism): {e}")))?;
@@ -673,7 +711,7 @@ fn load_ranks(
             source,
             config.clone(),
             range.clone(),
-            device,
+            (device, device),
             stats,
             &mut rank_progress,
             Some(&shard),
@@ -767,6 +805,8 @@ struct Loader<'a> {
     source: &'a WeightSource,
     cfg: &'a EngineConfig,
     device: &'a Device,
+    /// Where a mixture-of-experts layer's experts go.
+    expert_device: &'a Device,
     dtype: DType,
     stats: &'a mut LoadStats,
     /// This rank's place when the model is split tensor-parallel.
@@ -894,7 +934,44 @@ impl Loader<'_> {
             softcap: cfg.attn_softcap,
             window: if sliding { cfg.sliding_window } else { None },
             rope,
+            sinks: None,
         };
+        let mlp = if let Some(moe) = cfg.moe.as_ref().filter(|m| m.is_sparse(i)) {
+            Ffn::Moe(Box::new(MoeLayer::load(
+                self.source,
+                moe,
+                i,
+                self.device,
+                self.expert_device,
+                self.dtype,
+                self.stats,
+            )?))
+        } else {
+            Ffn::Dense(self.dense_mlp(i, transpose)?)
+        };
+        let sinks = if cfg.attn_sinks {
+            Some(self.source.dense(Role::AttnSinks, Some(i), Part::Weight, self.device, self.dtype)?)
+        } else {
+            None
+        };
+        let attn = Attention { sinks, ..attn };
+        let attn_norm = self.norm(Role::AttnNorm, Some(i))?;
+        let (ffn_norm, post_attn_norm, post_ffn_norm) = match cfg.block {
+            BlockKind::Parallel { shared_norm: true } => (None, None, None),
+            BlockKind::Parallel { shared_norm: false } => (Some(self.norm(Role::AttnNorm2, Some(i))?), None, None),
+            BlockKind::Sequential => (Some(self.norm(Role::FfnNorm, Some(i))?), None, None),
+            BlockKind::Sandwich => (
+                Some(self.norm(Role::FfnNorm, Some(i))?),
+                Some(self.norm(Role::AttnPostNorm, Some(i))?),
+                Some(self.norm(Role::FfnPostNorm, Some(i))?),
+            ),
+        };
+        Ok(Block { kind: cfg.block, attn_norm, attn, ffn_norm, mlp, post_attn_norm, post_ffn_norm })
+    }
+
+    /// Layer `i`'s dense MLP (this rank's share of it).
+    fn dense_mlp(&mut self, i: usize, transpose: bool) -> Result<Mlp, EngineError> {
+        let cfg = self.cfg;
         let act = cfg.activation;
         let mlp = if cfg.family == Family::Phi3 && self.source.has(Role::FfnGateUp, Some(i), Part::Weight) {
             let gate_up = self.linear(Role::FfnGateUp, i, false)?;
@@ -920,17 +997,6 @@ impl Loader<'_> {
             let mine = self.mlp_share(matrix_dims(&up.weight)?.0);
             Mlp::Plain { up: self.column(up, std::slice::from_ref(&mine))?, down: self.row(down, mine)?, act }
         };
-        let attn_norm = self.norm(Role::AttnNorm, Some(i))?;
-        let (ffn_norm, post_attn_norm, post_ffn_norm) = match cfg.block {
-            BlockKind::Parallel { shared_norm: true } => (None, None, None),
-            BlockKind::Parallel { shared_norm: false } => (Some(self.norm(Role::AttnNorm2, Some(i))?), None, None),
-            BlockKind::Sequential => (Some(self.norm(Role::FfnNorm, Some(i))?), None, None),
-            BlockKind::Sandwich => (
-                Some(self.norm(Role::FfnNorm, Some(i))?),
-                Some(self.norm(Role::AttnPostNorm, Some(i))?),
-                Some(self.norm(Role::FfnPostNorm, Some(i))?),
-            ),
-        };
-        Ok(Block { kind: cfg.block, attn_norm, attn, ffn_norm, mlp, post_attn_norm, post_ffn_norm })
+        Ok(mlp)
     }
 }

@@ -49,6 +49,15 @@ pub enum Role {
     FfnPostNorm,
     /// llama.cpp's precomputed rope frequency divisors (Llama 3 scaling).
     RopeFreqs,
+    /// A mixture-of-experts layer's router `[experts, hidden]`.
+    MoeRouter,
+    /// The shared expert's projections and its scalar gate `[1, hidden]` (Qwen2-MoE).
+    SharedGate,
+    SharedUp,
+    SharedDown,
+    SharedExpertGate,
+    /// A learned logit per query head joining the attention softmax (gpt-oss).
+    AttnSinks,
 }
 
 /// `.weight` or `.bias`.
@@ -90,6 +99,12 @@ fn gguf_name(role: Role, layer: Option<usize>, part: Part) -> String {
         Role::FfnUp | Role::FfnGateUp => "ffn_up",
         Role::FfnDown => "ffn_down",
         Role::FfnPostNorm => "post_ffw_norm",
+        Role::MoeRouter => "ffn_gate_inp",
+        Role::SharedGate => "ffn_gate_shexp",
+        Role::SharedUp => "ffn_up_shexp",
+        Role::SharedDown => "ffn_down_shexp",
+        Role::SharedExpertGate => "ffn_gate_inp_shexp",
+        Role::AttnSinks => "attn_sinks",
     };
     match layer {
         Some(i) => format!("blk.{i}.{base}.{}", part.suffix()),
@@ -108,6 +123,18 @@ fn hf_names(family: Family, role: Role, layer: Option<usize>, part: Part) -> Vec
     let _ = top;
     let leaf = match (family, role) {
         (_, Role::RopeFreqs) => return Vec::new(),
+        (Family::Mixtral, Role::MoeRouter) => "block_sparse_moe.gate",
+        (Family::GptOss, Role::MoeRouter) => "mlp.router",
+        (_, Role::MoeRouter) => "mlp.gate",
+        (_, Role::SharedGate) => "mlp.shared_expert.gate_proj",
+        (_, Role::SharedUp) => "mlp.shared_expert.up_proj",
+        (_, Role::SharedDown) => "mlp.shared_expert.down_proj",
+        (_, Role::SharedExpertGate) => "mlp.shared_expert_gate",
+        // A bare parameter: no `.weight` suffix.
+        (_, Role::AttnSinks) if part == Part::Weight => {
+            return prefixes.iter().map(|p| format!("{p}{layer_dir}.{}.self_attn.sinks", layer.unwrap_or(0))).collect();
+        }
+        (_, Role::AttnSinks) => return Vec::new(),
         (Family::Gpt2, Role::TokenEmbd) => "wte",
         (Family::Gpt2, Role::PosEmbd) => "wpe",
         (Family::Gpt2, Role::OutputNorm) => "ln_f",
@@ -253,7 +280,7 @@ impl WeightSource {
     }
 
     /// Reads a GGUF tensor's bytes.
-    fn gguf_bytes(&self, name: &str) -> Result<(Vec<u8>, &gantry_core::gguf::GgufTensor), EngineError> {
+    pub(crate) fn gguf_bytes(&self, name: &str) -> Result<(Vec<u8>, &gantry_core::gguf::GgufTensor), EngineError> {
         use std::os::unix::fs::FileExt;
         let WeightSource::Gguf { file, handle, path } = self else {
             return Err(EngineError::Config("not a GGUF source".into()));
@@ -542,7 +569,7 @@ fn read_blocks<T: candle_core::quantized::GgmlType + Clone>(
     Ok(v)
 }
 
-fn ggml_dtype(id: u32) -> Option<GgmlDType> {
+pub(crate) fn ggml_dtype(id: u32) -> Option<GgmlDType> {
     Some(match id {
         0 => GgmlDType::F32,
         1 => GgmlDType::F16,

@@ -17,7 +17,21 @@ use gantry_engine::wire::{decode, encode};
 
 mod support;
 
-use support::ENGINE_CASES as CASES;
+/// Every fixture: dense families, then mixtures of experts.
+const CASES: [&str; 20] = {
+    let mut all = [""; 20];
+    let mut i = 0;
+    while i < support::ENGINE_CASES.len() {
+        all[i] = support::ENGINE_CASES[i];
+        i += 1;
+    }
+    let mut j = 0;
+    while j < support::MOE_CASES.len() {
+        all[i + j] = support::MOE_CASES[j];
+        j += 1;
+    }
+    all
+};
 
 const TOLERANCE: f32 = 1e-4;
 

@@ -20,7 +20,7 @@ use crate::EngineError;
 use crate::config::BlockKind;
 use crate::cpu::kernels::{ActsRef, Flavor, QMatrix, matmul};
 use crate::cpu::kv::BLOCK_TOKENS;
-use crate::cpu::model::{CpuModel, Layer, Linear};
+use crate::cpu::model::{CpuModel, Layer, Linear, Mlp, Moe};
 use crate::cpu::ops::{AttnParams, activate_into, attend, rope, softcap};
 use crate::cpu::pool::{Pool, Scratch, Task};
 use crate::cpu::quant::{ActBlock, ActBlockK, ActFormat, QK, QK_K, quantize_row_q8, quantize_row_q8k};
@@ -147,6 +147,23 @@ impl ActBufs {
         }
     }
 
+    /// The rows as the kernels read them, each `cols` wide (at most the buffers' width).
+    ///
+    /// # Safety
+    /// As [`ActBufs::view`].
+    unsafe fn view_width(&self, cols: usize) -> ActsRef<'_> {
+        // SAFETY: the caller's contract.
+        let mut v = unsafe { self.view() };
+        if cols < self.cols {
+            v.cols = cols;
+            v.f32 = &v.f32[..v.f32.len().min(self.rows * cols)];
+            v.q8 = &v.q8[..v.q8.len().min(self.rows * (cols / QK))];
+            v.q8_s = &v.q8_s[..v.q8_s.len().min(self.rows * (cols / QK))];
+            v.q8k = &v.q8k[..v.q8k.len().min(self.rows * (cols / QK_K))];
+        }
+        v
+    }
+
     /// The rows as the kernels read them.
     ///
     /// # Safety
@@ -183,9 +200,26 @@ enum Op {
     Norm2(usize),
     GateUp(usize),
     Down(usize),
+    /// A mixture-of-experts layer: the rows' (row, slot) pairs listed by expert.
+    Group(usize),
+    /// Chunk `expert × part`: an expert's gate and up rows for its tokens, activated.
+    ExpertUp(usize),
+    /// Chunk `expert × part`: an expert's down projection for its tokens.
+    ExpertDown(usize),
+    /// Each row plus its experts' outputs, weighted, in the router's order.
+    Combine(usize),
     /// The last pending residual; the final norm of the rows whose logits are wanted.
     Final,
     Head,
+}
+
+/// The alignment of a projection's output rows when they feed `next` (whole activation blocks).
+fn align_for(next: &QMatrix) -> usize {
+    match next.kind().act_format() {
+        ActFormat::Q8K => QK_K,
+        ActFormat::Q8 => QK,
+        ActFormat::F32 => 8,
+    }
 }
 
 /// Rows per chunk of the row operations.
@@ -222,6 +256,18 @@ struct Forward {
     acts_h: ActBufs,
     acts_head: ActBufs,
     logits: Buf<f32>,
+    /// Mixture of experts: per (row, slot) its expert and weight; per row the shared
+    /// expert's scale; the pairs grouped by expert (`group_at[e]..group_at[e + 1]` of
+    /// `group_pairs`); per pair the activated expert rows (`eh`) and outputs (`eo`).
+    top_k: usize,
+    expert_size: usize,
+    route_e: Buf<u32>,
+    route_w: Buf<f32>,
+    shared_scale: Buf<f32>,
+    group_at: Buf<u32>,
+    group_pairs: Buf<u32>,
+    eh: Buf<f32>,
+    eo: Buf<f32>,
 }
 
 // SAFETY: the buffers are written only under the pool's protocol (one committing chunk per
@@ -266,13 +312,15 @@ impl Forward {
         c * per..((c + 1) * per).min(n)
     }
 
-    /// `out[t][..] = W[rows] · x[t]` (+ bias) for every row of the batch, into `s.f`.
+    /// `out[t][..] = W[rows] · x[t]` (+ bias) for every row of the batch, into `s.f`. The
+    /// activations are read as rows of `W`'s width (a layer's MLP can be narrower than the
+    /// widest, whose width the buffers have).
     fn project(&self, lin: &Linear, x: &ActBufs, rows: Range<usize>, s: &mut Scratch) {
         let w = rows.len();
         s.f.clear();
         s.f.resize(self.rows * w, 0.0);
         // SAFETY: the activations were committed by an earlier operation.
-        let view = unsafe { x.view() };
+        let view = unsafe { x.view_width(lin.w.cols()) };
         matmul(self.flavor, &lin.w, &view, rows.clone(), &mut s.f, w);
         if let Some(b) = &lin.b {
             for out in s.f.chunks_exact_mut(w) {
@@ -284,10 +332,39 @@ impl Forward {
     }
 
     fn gate_align(&self, l: usize) -> usize {
-        match self.layer(l).mlp.down.w.kind().act_format() {
-            ActFormat::Q8K => QK_K,
-            ActFormat::Q8 => QK,
-            ActFormat::F32 => 8,
+        align_for(&self.mlp(l).down.w)
+    }
+
+    /// Layer `l`'s dense MLP (or shared expert); ops are only made for layers that have one.
+    fn mlp(&self, l: usize) -> &Mlp {
+        self.layer(l).mlp.as_ref().expect("the MLP operations are made only for layers with an MLP")
+    }
+
+    fn moe(&self, l: usize) -> &Moe {
+        self.layer(l).moe.as_ref().expect("the expert operations are made only for expert layers")
+    }
+
+    /// Parts an expert's intermediate rows are cut into.
+    fn up_parts(&self, l: usize) -> usize {
+        let e = &self.moe(l).experts[0];
+        let n = e.up.w.rows();
+        n.div_ceil(self.proj_chunk(n, align_for(&e.down.w)))
+    }
+
+    fn down_parts(&self) -> usize {
+        let h = self.cfg().hidden_size;
+        h.div_ceil(self.proj_chunk(h, 8))
+    }
+
+    /// The (row, slot) pairs routed to expert `e`, in row order.
+    ///
+    /// # Safety
+    /// The grouping operation has committed.
+    unsafe fn pairs_of(&self, e: usize) -> &[u32] {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let at = self.group_at.get(e..e + 2);
+            self.group_pairs.get(at[0] as usize..at[1] as usize)
         }
     }
 
@@ -324,10 +401,14 @@ impl Task for Forward {
             Op::Attend(_) => self.rows * cfg.num_kv_heads,
             Op::Out(l) => cfg.hidden_size.div_ceil(self.proj_chunk(self.layer(l).out.w.rows(), 8)),
             Op::GateUp(l) => {
-                let n = self.layer(l).mlp.up.w.rows();
+                let n = self.mlp(l).up.w.rows();
                 n.div_ceil(self.proj_chunk(n, self.gate_align(l)))
             }
-            Op::Down(l) => cfg.hidden_size.div_ceil(self.proj_chunk(self.layer(l).mlp.down.w.rows(), 8)),
+            Op::Down(l) => cfg.hidden_size.div_ceil(self.proj_chunk(self.mlp(l).down.w.rows(), 8)),
+            Op::Group(_) => 1,
+            Op::ExpertUp(l) => self.moe(l).experts.len() * self.up_parts(l),
+            Op::ExpertDown(l) => self.moe(l).experts.len() * self.down_parts(),
+            Op::Combine(_) => self.row_chunks(),
             Op::Head => self.model.head.as_ref().map_or(0, |(_, h)| {
                 let n = h.w.rows();
                 n.div_ceil(self.proj_chunk(n, 64).max(256))
@@ -412,6 +493,7 @@ impl Task for Forward {
                     scale: cfg.attn_scale as f32,
                     softcap: cfg.attn_softcap.map(|c| c as f32),
                     window: layer.window,
+                    sinks: layer.sinks.as_ref().map(|s| &s[g * rep..(g + 1) * rep]),
                 };
                 s.f.clear();
                 s.f.resize(rep * d, 0.0);
@@ -462,10 +544,17 @@ impl Task for Forward {
                         .apply(&xr, &mut xn);
                     s.f.extend_from_slice(&xr);
                     s.f.extend_from_slice(&xn);
+                    if let Some(moe) = &layer.moe {
+                        // Slot by slot: the expert (exact in f32) and its weight.
+                        for (e, w) in moe.route(&xn) {
+                            s.f.extend_from_slice(&[e as f32, w]);
+                        }
+                        s.f.push(moe.shared_scale(&xn));
+                    }
                 }
             }
             Op::GateUp(l) => {
-                let mlp = &self.layer(l).mlp;
+                let mlp = self.mlp(l);
                 let rows = self.proj_rows(mlp.up.w.rows(), self.gate_align(l), c);
                 let w = rows.len();
                 self.project(&mlp.up, &self.acts_m, rows.clone(), s);
@@ -500,9 +589,50 @@ impl Task for Forward {
                 s.f = std::mem::take(&mut hv);
             }
             Op::Down(l) => {
-                let lin = &self.layer(l).mlp.down;
+                let lin = &self.mlp(l).down;
                 let rows = self.proj_rows(lin.w.rows(), 8, c);
                 self.project(lin, &self.acts_h, rows, s);
+            }
+            Op::Group(l) => {
+                let experts = self.moe(l).experts.len();
+                let k = self.top_k;
+                // SAFETY: the routes were committed by the MLP norm operation.
+                let route = unsafe { self.route_e.get(0..self.rows * k) };
+                let mut count = vec![0u32; experts + 1];
+                for &e in route {
+                    count[e as usize + 1] += 1;
+                }
+                for e in 0..experts {
+                    count[e + 1] += count[e];
+                }
+                let mut fill = count.clone();
+                let mut pairs = vec![0u32; route.len()];
+                for (p, &e) in route.iter().enumerate() {
+                    pairs[fill[e as usize] as usize] = p as u32;
+                    fill[e as usize] += 1;
+                }
+                s.f.clear();
+                s.f.extend(count.iter().map(|&c| f32::from_bits(c)));
+                s.f.extend(pairs.iter().map(|&p| f32::from_bits(p)));
+            }
+            Op::ExpertUp(l) => self.run_expert_up(l, c, s),
+            Op::ExpertDown(l) => self.run_expert_down(l, c, s),
+            Op::Combine(_) => {
+                let k = self.top_k;
+                s.f.clear();
+                for r in self.chunk_rows(c) {
+                    // SAFETY: `x`, the routes and the experts' outputs were committed earlier.
+                    let mut x = unsafe { self.x.get(r * h..(r + 1) * h).to_vec() };
+                    for j in 0..k {
+                        let p = r * k + j;
+                        // SAFETY: as above.
+                        let (w, y) = unsafe { (self.route_w.get(p..p + 1)[0], self.eo.get(p * h..(p + 1) * h)) };
+                        for (xv, yv) in x.iter_mut().zip(y) {
+                            *xv += w * yv;
+                        }
+                    }
+                    s.f.extend_from_slice(&x);
+                }
             }
             Op::Final => {
                 let last_layer = self.model.layers.len();
@@ -614,17 +744,27 @@ impl Task for Forward {
                         }
                     }
                 }
-                Op::Norm2(_) => {
+                Op::Norm2(l) => {
                     let mut sc = Scratch::default();
+                    let k = if self.layer(l).moe.is_some() { self.top_k } else { 0 };
+                    let stride = 2 * h + if k > 0 { 2 * k + 1 } else { 0 };
                     for (i, r) in self.chunk_rows(c).enumerate() {
-                        let row = &s.f[i * 2 * h..(i + 1) * 2 * h];
+                        let row = &s.f[i * stride..(i + 1) * stride];
                         self.x.get_mut(r * h..(r + 1) * h).copy_from_slice(&row[..h]);
-                        self.acts_m.quantize(&row[h..], &mut sc);
-                        self.acts_m.commit_row(r, &row[h..], &sc);
+                        self.acts_m.quantize(&row[h..2 * h], &mut sc);
+                        self.acts_m.commit_row(r, &row[h..2 * h], &sc);
+                        if k > 0 {
+                            let routes = &row[2 * h..];
+                            for j in 0..k {
+                                self.route_e.get_mut(r * k + j..r * k + j + 1)[0] = routes[2 * j] as u32;
+                                self.route_w.get_mut(r * k + j..r * k + j + 1)[0] = routes[2 * j + 1];
+                            }
+                            self.shared_scale.get_mut(r..r + 1)[0] = routes[2 * k];
+                        }
                     }
                 }
                 Op::GateUp(l) => {
-                    let mlp = &self.layer(l).mlp;
+                    let mlp = self.mlp(l);
                     let ffn = mlp.up.w.rows();
                     let rows = self.proj_rows(ffn, self.gate_align(l), c);
                     let w = rows.len();
@@ -649,10 +789,19 @@ impl Task for Forward {
                     }
                 }
                 Op::Down(l) => {
-                    let rows = self.proj_rows(self.layer(l).mlp.down.w.rows(), 8, c);
+                    let rows = self.proj_rows(self.mlp(l).down.w.rows(), 8, c);
                     let w = rows.len();
+                    let shared = self.layer(l).moe.is_some();
+                    let mut scaled = Vec::new();
                     for t in 0..self.rows {
-                        let src = &s.f[t * w..(t + 1) * w];
+                        let mut src = &s.f[t * w..(t + 1) * w];
+                        if shared {
+                            // A shared expert's output, weighted by its gate.
+                            let g = self.shared_scale.get(t..t + 1)[0];
+                            scaled.clear();
+                            scaled.extend(src.iter().map(|v| v * g));
+                            src = &scaled;
+                        }
                         let at = t * h + rows.start..t * h + rows.end;
                         match cfg.block {
                             BlockKind::Sequential => {
@@ -668,6 +817,39 @@ impl Task for Forward {
                             }
                             BlockKind::Sandwich => self.d.get_mut(at).copy_from_slice(src),
                         }
+                    }
+                }
+                Op::Group(l) => {
+                    let n = self.moe(l).experts.len() + 1;
+                    for (i, v) in s.f[..n].iter().enumerate() {
+                        self.group_at.get_mut(i..i + 1)[0] = v.to_bits();
+                    }
+                    for (i, v) in s.f[n..].iter().enumerate() {
+                        self.group_pairs.get_mut(i..i + 1)[0] = v.to_bits();
+                    }
+                }
+                Op::ExpertUp(l) => {
+                    let (e, part) = (c / self.up_parts(l), c % self.up_parts(l));
+                    let ex = &self.moe(l).experts[e];
+                    let rows = self.proj_rows(ex.up.w.rows(), align_for(&ex.down.w), part);
+                    let (w, n) = (rows.len(), self.expert_size);
+                    for (i, &p) in self.pairs_of(e).iter().enumerate() {
+                        let p = p as usize;
+                        self.eh.get_mut(p * n + rows.start..p * n + rows.end).copy_from_slice(&s.f[i * w..(i + 1) * w]);
+                    }
+                }
+                Op::ExpertDown(_) => {
+                    let (e, part) = (c / self.down_parts(), c % self.down_parts());
+                    let rows = self.proj_rows(h, 8, part);
+                    let w = rows.len();
+                    for (i, &p) in self.pairs_of(e).iter().enumerate() {
+                        let p = p as usize;
+                        self.eo.get_mut(p * h + rows.start..p * h + rows.end).copy_from_slice(&s.f[i * w..(i + 1) * w]);
+                    }
+                }
+                Op::Combine(_) => {
+                    for (i, r) in self.chunk_rows(c).enumerate() {
+                        self.x.get_mut(r * h..(r + 1) * h).copy_from_slice(&s.f[i * h..(i + 1) * h]);
                     }
                 }
                 Op::Final => {
@@ -740,6 +922,76 @@ impl Forward {
                 }
             };
             rope(&mut row[..2 * hr], cos, sin, interleaved);
+        }
+    }
+
+    /// Chunk `c` of an expert-up operation: expert `c / parts`'s gate and up rows of part
+    /// `c % parts`, for the rows routed to it, activated, into `s.f` (`pairs × width`).
+    fn run_expert_up(&self, l: usize, c: usize, s: &mut Scratch) {
+        let h = self.cfg().hidden_size;
+        let (e, part) = (c / self.up_parts(l), c % self.up_parts(l));
+        let ex = &self.moe(l).experts[e];
+        s.f.clear();
+        // SAFETY: grouped by the grouping operation.
+        let pairs = unsafe { self.pairs_of(e) };
+        if pairs.is_empty() {
+            return;
+        }
+        let rows = self.proj_rows(ex.up.w.rows(), align_for(&ex.down.w), part);
+        let w = rows.len();
+        let acts = self.acts_m.f32.as_ref().expect("expert layers keep their MLP input in f32");
+        let mut x = Vec::with_capacity(pairs.len() * h);
+        for &p in pairs {
+            let r = p as usize / self.top_k;
+            // SAFETY: committed by the MLP norm operation.
+            x.extend_from_slice(unsafe { acts.get(r * h..(r + 1) * h) });
+        }
+        let mut up = vec![0f32; pairs.len() * w];
+        let gate = ex.gate.as_ref().expect("experts are gated");
+        let mut gv = vec![0f32; pairs.len() * w];
+        for (lin, out) in [(&ex.up, &mut up), (gate, &mut gv)] {
+            let mut a = crate::cpu::kernels::Acts::default();
+            a.quantize(lin.w.kind(), &x, h);
+            matmul(self.flavor, &lin.w, &a.view(), rows.clone(), out, w);
+            if let Some(b) = &lin.b {
+                for o in out.chunks_exact_mut(w) {
+                    o.iter_mut().zip(&b[rows.clone()]).for_each(|(o, b)| *o += b);
+                }
+            }
+        }
+        s.f.resize(pairs.len() * w, 0.0);
+        activate_into(ex.act, &gv, Some(&up), &mut s.f);
+    }
+
+    /// Chunk `c` of an expert-down operation: expert `c / parts`'s output columns of part
+    /// `c % parts`, for the rows routed to it, into `s.f` (`pairs × width`).
+    fn run_expert_down(&self, l: usize, c: usize, s: &mut Scratch) {
+        let h = self.cfg().hidden_size;
+        let (e, part) = (c / self.down_parts(), c % self.down_parts());
+        let ex = &self.moe(l).experts[e];
+        s.f.clear();
+        // SAFETY: grouped by the grouping operation.
+        let pairs = unsafe { self.pairs_of(e) };
+        if pairs.is_empty() {
+            return;
+        }
+        let rows = self.proj_rows(h, 8, part);
+        let w = rows.len();
+        let n = self.expert_size;
+        let mut x = Vec::with_capacity(pairs.len() * n);
+        for &p in pairs {
+            let p = p as usize;
+            // SAFETY: committed by the expert-up operation.
+            x.extend_from_slice(unsafe { self.eh.get(p * n..(p + 1) * n) });
+        }
+        let mut a = crate::cpu::kernels::Acts::default();
+        a.quantize(ex.down.w.kind(), &x, n);
+        s.f.resize(pairs.len() * w, 0.0);
+        matmul(self.flavor, &ex.down.w, &a.view(), rows.clone(), &mut s.f, w);
+        if let Some(b) = &ex.down.b {
+            for o in s.f.chunks_exact_mut(w) {
+                o.iter_mut().zip(&b[rows.clone()]).for_each(|(o, b)| *o += b);
+            }
         }
     }
 
@@ -848,13 +1100,18 @@ pub fn forward(model: &Arc<CpuModel>, pool: &Pool, steps: Vec<SeqStep>) -> Resul
         if !matches!(cfg.block, BlockKind::Parallel { .. }) {
             ops.push(Op::Norm2(l));
         }
-        ops.extend([Op::GateUp(l), Op::Down(l)]);
+        let layer = &model.layers[l];
+        if layer.mlp.is_some() {
+            ops.extend([Op::GateUp(l), Op::Down(l)]);
+        }
+        if layer.moe.is_some() {
+            ops.extend([Op::Group(l), Op::ExpertUp(l), Op::ExpertDown(l), Op::Combine(l)]);
+        }
     }
     ops.push(Op::Final);
     if model.head.is_some() {
         ops.push(Op::Head);
     }
-    let l0 = model.layers.first();
     let all = |f: &dyn Fn(&Layer) -> Vec<&QMatrix>| -> Vec<ActFormat> {
         let ms: Vec<&QMatrix> = model.layers.iter().flat_map(f).collect();
         let mut fs = formats(&ms);
@@ -863,10 +1120,20 @@ pub fn forward(model: &Arc<CpuModel>, pool: &Pool, steps: Vec<SeqStep>) -> Resul
         fs
     };
     let qkv_formats = all(&|l| vec![&l.q.w, &l.k.w, &l.v.w]);
-    let mlp_formats = all(&|l| [Some(&l.mlp.up.w), l.mlp.gate.as_ref().map(|g| &g.w)].into_iter().flatten().collect());
+    let mut mlp_formats =
+        all(&|l| l.mlp.iter().flat_map(|m| [Some(&m.up.w), m.gate.as_ref().map(|g| &g.w)]).flatten().collect());
+    let moe = model.layers.iter().find_map(|l| l.moe.as_ref());
+    if moe.is_some() {
+        // The experts' rows are gathered from the f32 inputs and quantized per expert.
+        mlp_formats.push(ActFormat::F32);
+        mlp_formats.dedup();
+    }
     let out_formats = all(&|l| vec![&l.out.w]);
-    let down_formats = all(&|l| vec![&l.mlp.down.w]);
-    let ffn = l0.map_or(0, |l| l.mlp.up.w.rows());
+    let down_formats = all(&|l| l.mlp.iter().map(|m| &m.down.w).collect());
+    let ffn = model.layers.iter().filter_map(|l| l.mlp.as_ref()).map(|m| m.up.w.rows()).max().unwrap_or(0);
+    let top_k = moe.map_or(0, |m| m.cfg.top_k.min(m.experts.len()));
+    let experts = moe.map_or(0, |m| m.experts.len());
+    let expert_size = moe.and_then(|m| m.experts.first()).map_or(0, |e| e.up.w.rows());
     let qw = cfg.num_heads * cfg.head_dim;
     let head_formats = model.head.as_ref().map_or(Vec::new(), |(_, l)| formats(&[&l.w]));
     let sandwich = cfg.block == BlockKind::Sandwich;
@@ -890,6 +1157,15 @@ pub fn forward(model: &Arc<CpuModel>, pool: &Pool, steps: Vec<SeqStep>) -> Resul
         acts_h: ActBufs::new(&down_formats, rows, ffn),
         acts_head: ActBufs::new(&head_formats, logit_rows.len(), h),
         logits: Buf::new(if model.head.is_some() { logit_rows.len() * vocab } else { 0 }),
+        top_k,
+        expert_size,
+        route_e: Buf::new(rows * top_k),
+        route_w: Buf::new(rows * top_k),
+        shared_scale: Buf::new(if moe.is_some() { rows } else { 0 }),
+        group_at: Buf::new(if moe.is_some() { experts + 1 } else { 0 }),
+        group_pairs: Buf::new(rows * top_k),
+        eh: Buf::new(rows * top_k * expert_size),
+        eo: Buf::new(rows * top_k * h),
         model: model.clone(),
         row_seq,
         row_pos,

@@ -8,10 +8,11 @@ use std::sync::Arc;
 use gantry_core::Family;
 
 use crate::EngineError;
-use crate::config::{Activation, BlockKind, EngineConfig, RopeConfig, RopeScaling, WeightFormat};
+use crate::config::{Activation, BlockKind, EngineConfig, MoeConfig, RopeConfig, RopeScaling, WeightFormat};
 use crate::cpu::kernels::QMatrix;
 use crate::cpu::kv::{KvDtype, KvPool, KvShape};
 use crate::cpu::ops::Norm;
+use crate::experts::ExpertMat;
 use crate::layers::Rope;
 use crate::weights::{LoadStats, Part, Role, WeightSource};
 
@@ -38,6 +39,44 @@ pub struct Mlp {
     pub act: Activation,
 }
 
+/// A mixture-of-experts layer's router and experts.
+#[derive(Debug, Clone)]
+pub struct Moe {
+    pub cfg: MoeConfig,
+    /// `[experts, hidden]`, f32.
+    pub router: Vec<f32>,
+    pub router_bias: Option<Vec<f32>>,
+    /// Gated MLPs.
+    pub experts: Vec<Mlp>,
+    /// The shared expert's scalar gate `[hidden]` (the shared expert is the layer's `mlp`).
+    pub shared_gate: Option<Vec<f32>>,
+}
+
+impl Moe {
+    /// The router's picks for one normalized row.
+    pub fn route(&self, x: &[f32]) -> Vec<(usize, f32)> {
+        let h = x.len();
+        let logits: Vec<f32> = self
+            .router
+            .chunks_exact(h)
+            .enumerate()
+            .map(|(e, w)| {
+                let dot: f32 = w.iter().zip(x).map(|(a, b)| a * b).sum();
+                dot + self.router_bias.as_ref().map_or(0.0, |b| b[e])
+            })
+            .collect();
+        self.cfg.route(&logits)
+    }
+
+    /// `σ(gate · x)`, the shared expert's weight for a row (1 without a gate).
+    pub fn shared_scale(&self, x: &[f32]) -> f32 {
+        self.shared_gate.as_ref().map_or(1.0, |g| {
+            let dot: f32 = g.iter().zip(x).map(|(a, b)| a * b).sum();
+            1.0 / (1.0 + (-dot).exp())
+        })
+    }
+}
+
 /// One transformer block.
 #[derive(Debug, Clone)]
 pub struct Layer {
@@ -52,10 +91,14 @@ pub struct Layer {
     pub q_norm: Option<Norm>,
     pub k_norm: Option<Norm>,
     pub out: Linear,
-    pub mlp: Mlp,
+    /// The dense MLP; in a mixture-of-experts layer, its shared expert if it has one.
+    pub mlp: Option<Mlp>,
+    pub moe: Option<Moe>,
     pub window: Option<usize>,
     /// Uses the local rotary table (Gemma 3's sliding layers).
     pub local_rope: bool,
+    /// One logit per query head joining the attention softmax (gpt-oss).
+    pub sinks: Option<Vec<f32>>,
 }
 
 /// Layers `range` of a model, for the CPU runtime.
@@ -146,13 +189,13 @@ impl CpuModel {
             .layers
             .iter()
             .map(|l| {
+                let mlp = |m: &Mlp| m.gate.as_ref().map_or(0, lin) + lin(&m.up) + lin(&m.down);
                 lin(&l.q)
                     + lin(&l.k)
                     + lin(&l.v)
                     + lin(&l.out)
-                    + l.mlp.gate.as_ref().map_or(0, lin)
-                    + lin(&l.mlp.up)
-                    + lin(&l.mlp.down)
+                    + l.mlp.as_ref().map_or(0, mlp)
+                    + l.moe.as_ref().map_or(0, |m| m.experts.iter().map(mlp).sum::<usize>() + m.router.len() * 4)
             })
             .sum();
         layers + self.embed.as_ref().map_or(0, QMatrix::size_in_bytes) + self.head.as_ref().map_or(0, |(_, h)| lin(h))
@@ -226,28 +269,40 @@ fn load_layer(
         (None, None)
     };
     let ffn = cfg.intermediate_size;
-    let mlp = if cfg.family == Family::Phi3 && source.has(Role::FfnGateUp, Some(i), Part::Weight) {
+    let moe_cfg = cfg.moe.as_ref().filter(|m| m.is_sparse(i));
+    let moe = moe_cfg.map(|m| load_moe(source, cfg, m, i, stats)).transpose()?;
+    let mlp = if let Some(m) = moe_cfg {
+        match m.shared_size {
+            Some(_) => Some(Mlp {
+                gate: Some(linear(source, Role::SharedGate, i, false, stats)?),
+                up: linear(source, Role::SharedUp, i, false, stats)?,
+                down: linear(source, Role::SharedDown, i, false, stats)?,
+                act: m.act,
+            }),
+            None => None,
+        }
+    } else if cfg.family == Family::Phi3 && source.has(Role::FfnGateUp, Some(i), Part::Weight) {
         let gu = linear(source, Role::FfnGateUp, i, false, stats)?;
-        Mlp {
+        Some(Mlp {
             gate: Some(gu.split(0..ffn)),
             up: gu.split(ffn..2 * ffn),
             down: linear(source, Role::FfnDown, i, false, stats)?,
             act: cfg.activation,
-        }
+        })
     } else if cfg.gated_mlp {
-        Mlp {
+        Some(Mlp {
             gate: Some(linear(source, Role::FfnGate, i, false, stats)?),
             up: linear(source, Role::FfnUp, i, false, stats)?,
             down: linear(source, Role::FfnDown, i, false, stats)?,
             act: cfg.activation,
-        }
+        })
     } else {
-        Mlp {
+        Some(Mlp {
             gate: None,
             up: linear(source, Role::FfnUp, i, transpose, stats)?,
             down: linear(source, Role::FfnDown, i, transpose, stats)?,
             act: cfg.activation,
-        }
+        })
     };
     let attn_norm = norm(source, cfg, Role::AttnNorm, Some(i))?;
     let (ffn_norm, post_attn_norm, post_ffn_norm) = match cfg.block {
@@ -273,7 +328,75 @@ fn load_layer(
         k_norm,
         out: linear(source, Role::AttnOut, i, transpose, stats)?,
         mlp,
+        moe,
+        sinks: if cfg.attn_sinks {
+            Some(
+                source
+                    .cpu_vec(Role::AttnSinks, Some(i), Part::Weight)?
+                    .ok_or_else(|| EngineError::MissingTensor(format!("layer {i}'s attention sinks")))?,
+            )
+        } else {
+            None
+        },
         window: if sliding { cfg.sliding_window } else { None },
         local_rope: sliding && cfg.rope.as_ref().is_some_and(|r| r.local_theta.is_some()),
     })
+}
+
+/// Layer `i`'s router and experts.
+fn load_moe(
+    source: &WeightSource,
+    cfg: &EngineConfig,
+    m: &MoeConfig,
+    i: usize,
+    stats: &mut LoadStats,
+) -> Result<Moe, EngineError> {
+    if cfg.block != BlockKind::Sequential {
+        return Err(EngineError::Unsupported("experts in a block that is not sequential".into()));
+    }
+    let h = cfg.hidden_size;
+    let router = source
+        .cpu_vec(Role::MoeRouter, Some(i), Part::Weight)?
+        .ok_or_else(|| EngineError::MissingTensor(format!("layer {i}'s expert router")))?;
+    if router.len() != m.experts * h {
+        return Err(EngineError::Config(format!(
+            "layer {i}'s router has {} values, not {} experts × {h}",
+            router.len(),
+            m.experts
+        )));
+    }
+    let router_bias = source.cpu_vec(Role::MoeRouter, Some(i), Part::Bias)?;
+    let mut mats = Vec::with_capacity(3);
+    for which in [ExpertMat::Gate, ExpertMat::Up, ExpertMat::Down] {
+        let raws = source.experts(i, which, m.experts)?;
+        let biases = source.expert_biases(i, which, m.experts)?;
+        let mut ls = Vec::with_capacity(m.experts);
+        for (e, raw) in raws.into_iter().enumerate() {
+            ls.push(Linear { w: raw.into_cpu(stats)?, b: biases.as_ref().map(|b| b[e].clone()) });
+        }
+        mats.push(ls);
+    }
+    let down = mats.pop().unwrap_or_default();
+    let up = mats.pop().unwrap_or_default();
+    let gate = mats.pop().unwrap_or_default();
+    let experts: Vec<Mlp> = gate
+        .into_iter()
+        .zip(up)
+        .zip(down)
+        .map(|((gate, up), down)| Mlp { gate: Some(gate), up, down, act: m.act })
+        .collect();
+    if let Some(bad) =
+        experts.iter().find(|e| e.up.w.cols() != h || e.down.w.rows() != h || e.down.w.cols() != e.up.w.rows())
+    {
+        return Err(EngineError::Config(format!(
+            "layer {i}'s experts are [{}, {}] and [{}, {}], not hidden {h} in and out",
+            bad.up.w.rows(),
+            bad.up.w.cols(),
+            bad.down.w.rows(),
+            bad.down.w.cols()
+        )));
+    }
+    let shared_gate =
+        if m.shared_size.is_some() { source.cpu_vec(Role::SharedExpertGate, Some(i), Part::Weight)? } else { None };
+    Ok(Moe { cfg: m.clone(), router, router_bias, experts, shared_gate })
 }

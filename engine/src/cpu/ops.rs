@@ -108,6 +108,19 @@ pub fn activate_into(act: Activation, x: &[f32], up: Option<&[f32]>, out: &mut [
             out,
         ),
         Activation::GeluErf => run(|x| 0.5 * x * (1.0 + erf(x / std::f32::consts::SQRT_2)), x, up, out),
+        Activation::ClampedSwiglu { alpha, limit } => {
+            let g = |x: f32| {
+                let g = x.min(limit);
+                g / (1.0 + exp(-alpha * g))
+            };
+            match up {
+                Some(up) => out
+                    .iter_mut()
+                    .zip(x.iter().zip(up))
+                    .for_each(|(o, (&x, &u))| *o = g(x) * (u.clamp(-limit, limit) + 1.0)),
+                None => out.iter_mut().zip(x).for_each(|(o, &x)| *o = g(x)),
+            }
+        }
     }
 }
 
@@ -138,11 +151,13 @@ pub fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], interleaved: bool) {
 
 /// What one head of attention needs to know.
 #[derive(Debug, Clone, Copy)]
-pub struct AttnParams {
+pub struct AttnParams<'a> {
     pub head_dim: usize,
     pub scale: f32,
     pub softcap: Option<f32>,
     pub window: Option<usize>,
+    /// The heads' sink logits (gpt-oss): each joins its head's softmax as one more score.
+    pub sinks: Option<&'a [f32]>,
 }
 
 /// The query heads `qs` (`rep` heads of `head_dim` values, those sharing kv head `kvh`) at
@@ -158,7 +173,7 @@ pub fn attend(
     kvh: usize,
     pos: usize,
     qs: &[f32],
-    p: &AttnParams,
+    p: &AttnParams<'_>,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
@@ -182,12 +197,16 @@ pub fn attend(
             }
         }
     }
-    for head in scores.chunks_exact_mut(n) {
-        let max = head.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    for (i, head) in scores.chunks_exact_mut(n).enumerate() {
+        let sink = p.sinks.map(|s| s[i]);
+        let max = head.iter().fold(sink.unwrap_or(f32::NEG_INFINITY), |m, &s| m.max(s));
         let mut sum = 0f32;
         for s in head.iter_mut() {
             *s = exp(*s - max);
             sum += *s;
+        }
+        if let Some(sink) = sink {
+            sum += exp(sink - max);
         }
         head.iter_mut().for_each(|s| *s /= sum);
     }

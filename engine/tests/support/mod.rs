@@ -76,6 +76,10 @@ pub const ENGINE_CASES: [&str; 15] = [
     "qwen2",
 ];
 
+/// The mixture-of-experts fixtures (same script): Mixtral, Qwen2-MoE (a shared expert, a
+/// dense layer), Qwen3-MoE, gpt-oss (sinks, YaRN, clamped SwiGLU) with f32 and MXFP4 experts.
+pub const MOE_CASES: [&str; 5] = ["mixtral", "qwen2-moe", "qwen3-moe", "gpt-oss", "gpt-oss-mxfp4"];
+
 /// The folder of fixture `case`.
 pub fn engine_fixture(case: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/engine").join(case)
