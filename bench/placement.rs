@@ -112,6 +112,7 @@ fn cluster(n: usize, rng: &mut Lcg) -> Vec<NodeView> {
                 labels: BTreeMap::from([("zone".into(), zone.into())]),
                 gpus,
                 gpus_linked: false,
+                host_free_bytes: 0,
             }
         })
         .collect()

@@ -705,6 +705,7 @@ fn a_tensor_parallel_replica_shows_its_ranks_in_the_status() {
         layer_end: 80,
         reserved_bytes: 70 << 30,
         tensor_parallel: 2,
+        experts_on_host_bytes: 0,
     };
     let d = pb::Deployment {
         name: "big".into(),

@@ -93,6 +93,10 @@ pub struct NodeView {
     /// for one is split tensor-parallel over several rather than layer by layer.
     #[serde(default)]
     pub gpus_linked: bool,
+    /// Host memory the node can still give (0: not reported): where a mixture-of-experts
+    /// model's experts may go when no GPU plan fits.
+    #[serde(default)]
+    pub host_free_bytes: u64,
 }
 
 /// One GPU of a node as the scheduler sees it.
@@ -130,9 +134,17 @@ pub struct PlacedStage {
     /// is that many consecutive stages on one node with the same layers, in rank order.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub tp: u32,
+    /// Bytes of the model's routed experts this stage keeps in the node's host memory (0: all
+    /// on the GPU).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub experts_on_host: u64,
 }
 
 fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+fn is_zero_u64(n: &u64) -> bool {
     *n == 0
 }
 
@@ -262,14 +274,35 @@ pub fn place(nodes: &[NodeView], req: &ReplicaRequest<'_>) -> Result<Result<Plan
         Some(plan) => Some(plan),
         None => multi_node(nodes, req, &filter, margin, floor.max_devices)?,
     };
-    match across {
-        Some(plan) if req.policy.allow_multi_node => Ok(Ok(plan)),
-        across => Ok(Err(Unschedulable {
-            needs_bytes,
-            reasons: reasons(nodes, &filter, needs_bytes),
-            fits_across_nodes: across.is_some(),
-        })),
+    if let Some(plan) = across.as_ref().filter(|_| req.policy.allow_multi_node) {
+        return Ok(Ok(plan.clone()));
     }
+    if let Some(plan) = experts_on_host(nodes, req, &filter, margin)? {
+        return Ok(Ok(plan));
+    }
+    Ok(Err(Unschedulable {
+        needs_bytes,
+        reasons: reasons(nodes, &filter, needs_bytes),
+        fits_across_nodes: across.is_some(),
+    }))
+}
+
+/// (d) A mixture of experts on one GPU with its routed experts in the host memory of the GPU's
+/// node: when no plan on GPUs alone fits. The GPU is picked as for one GPU, among the nodes
+/// whose reported host memory holds the experts (with the margin).
+fn experts_on_host(
+    nodes: &[NodeView],
+    req: &ReplicaRequest<'_>,
+    filter: &Filter<'_>,
+    margin: Margin,
+) -> Result<Option<Plan>> {
+    let Some(host) = crate::shard::experts_on_host(req.spec, &req.options)? else { return Ok(None) };
+    let host_need = margin.add(host.host_bytes);
+    let roomy: Vec<NodeView> = nodes.iter().filter(|n| n.host_free_bytes >= host_need).cloned().collect();
+    Ok(one_gpu(&roomy, req, filter, margin.add(host.stage.total_bytes)).map(|plan| match plan {
+        Plan::OneGpu { stage } => Plan::OneGpu { stage: PlacedStage { experts_on_host: host.host_bytes, ..stage } },
+        other => other,
+    }))
 }
 
 /// `bytes` plus `percent`, rounded up: the memory placement reserves for an estimate.
@@ -385,7 +418,16 @@ fn one_gpu(nodes: &[NodeView], req: &ReplicaRequest<'_>, filter: &Filter<'_>, ne
     }
     let b = best?;
     let layers = 0..req.spec.weights.layout.layer_bytes.len() as u64;
-    Some(Plan::OneGpu { stage: PlacedStage { node: b.node.id.clone(), gpu: b.gpu.index, layers, bytes: need, tp: 0 } })
+    Some(Plan::OneGpu {
+        stage: PlacedStage {
+            node: b.node.id.clone(),
+            gpu: b.gpu.index,
+            layers,
+            bytes: need,
+            tp: 0,
+            experts_on_host: 0,
+        },
+    })
 }
 
 /// The least memory `k` devices must have together to hold a `k`-way split: every layer's
@@ -532,7 +574,8 @@ fn split(req: &ReplicaRequest<'_>, rooms: &[u64], linked: bool) -> Result<Option
             let n = ranks.len() as u32;
             Some((ranks, n))
         }
-        Fit::NoFit { .. } => None,
+        // Host memory is weighed by `place` itself, after every plan on the GPUs.
+        Fit::ExpertsOnHost { .. } | Fit::NoFit { .. } => None,
     })
 }
 
@@ -544,6 +587,7 @@ fn placed_stage(stage: &Stage, node: &NodeView, gpu: &GpuView, margin: Margin, t
         layers: stage.layers.clone(),
         bytes: margin.add(stage.total_bytes).min(gpu.free_bytes),
         tp,
+        experts_on_host: 0,
     }
 }
 
@@ -670,6 +714,7 @@ fn across_linked_nodes(
                 layers: stage.layers.clone(),
                 bytes: margin.add(per_rank).min(g.free_bytes),
                 tp: *n as u32,
+                experts_on_host: 0,
             });
         }
     }

@@ -226,13 +226,15 @@ struct ServingFit {
     memory_bytes: u64,
     gpus_used: usize,
     stored_need: u64,
+    /// Bytes of experts kept in host memory (0: all on the GPUs).
+    host_bytes: u64,
 }
 
 impl ServingFit {
     /// A fit over several devices: their bytes summed.
     fn over(dtype: Option<WeightDtype>, dtype_name: String, stages: &[crate::shard::Stage], stored_need: u64) -> Self {
         let memory_bytes = stages.iter().map(|s| s.total_bytes).sum();
-        ServingFit { dtype, dtype_name, memory_bytes, gpus_used: stages.len(), stored_need }
+        ServingFit { dtype, dtype_name, memory_bytes, gpus_used: stages.len(), stored_need, host_bytes: 0 }
     }
 }
 
@@ -295,12 +297,15 @@ fn place(
             memory_bytes: stored_need,
             gpus_used: 0,
             stored_need,
+            host_bytes: 0,
         })));
     }
     let free: Vec<u64> = gpus.iter().map(|g| g.memory_bytes).collect();
     let q8 = WeightDtype::Ggml(GgmlType::from_name("Q8_0").expect("Q8_0 is a GGML type"));
     let q4 = WeightDtype::Ggml(GgmlType::from_name("Q4_K").expect("Q4_K is a GGML type"));
     let mut needs = Vec::new();
+    // Experts in host memory are slower than any fit on the GPUs: the last resort.
+    let mut on_host = None;
     for dtype in [None, Some(q8), Some(q4)] {
         // Never "quantize" weights that are already narrower than the target.
         if let Some(d) = dtype
@@ -319,8 +324,23 @@ fn place(
                     memory_bytes: est.total_bytes,
                     gpus_used: 1,
                     stored_need,
+                    host_bytes: 0,
                 })));
             }
+            Fit::ExpertsOnHost { stage, host_bytes } if need.latency != Latency::Realtime => {
+                on_host = on_host.or(Some(ServingFit {
+                    dtype,
+                    dtype_name: name,
+                    memory_bytes: stage.total_bytes,
+                    gpus_used: 1,
+                    stored_need,
+                    host_bytes,
+                }));
+            }
+            Fit::ExpertsOnHost { host_bytes, .. } => needs.push(format!(
+                "{name} needs its experts ({}) in host memory (realtime keeps them on the GPU)",
+                format_bytes(host_bytes)
+            )),
             // Tensor parallelism has no pipeline hops: every latency class may use it.
             Fit::TensorParallel { ranks: stages } => {
                 return Ok(Ok(Some(ServingFit::over(dtype, name, &stages, stored_need))));
@@ -333,6 +353,9 @@ fn place(
             }
             Fit::NoFit { .. } => needs.push(format!("{name} needs {}", format_bytes(est.total_bytes))),
         }
+    }
+    if let Some(fit) = on_host {
+        return Ok(Ok(Some(fit)));
     }
     let largest = free.iter().max().copied().unwrap_or(0);
     let mut why = format!(
@@ -361,13 +384,15 @@ fn score(need: &Need, gpus: &[Gpu], entry: &CatalogEntry, spec: &ModelSpec, p: S
     let (easy, zero) = need.latency.comfortable_params();
     let size_speed = if active <= easy { 1.0 } else { (zero.ln() - active.ln()) / (zero.ln() - easy.ln()) };
     let hops = p.gpus_used.saturating_sub(1) as f64;
+    // Experts in host memory run at the host's memory bandwidth.
+    let host = if p.host_bytes > 0 { 0.3 } else { 0.0 };
     // A reasoning trace before each answer delays the answer a user is waiting for.
     let thinking = match (entry.thinks, need.latency) {
         (true, Latency::Realtime) => 0.5,
         (true, Latency::Interactive) => 0.8,
         _ => 1.0,
     };
-    let speed = clamp100(size_speed * thinking - 0.1 * hops);
+    let speed = clamp100(size_speed * thinking - 0.1 * hops - host);
 
     let tag = match need.task {
         Task::CodeCompletion => Some("code"),
@@ -410,6 +435,13 @@ fn score(need: &Need, gpus: &[Gpu], entry: &CatalogEntry, spec: &ModelSpec, p: S
             "needs {} at {} with {ctx} context (no GPUs given)",
             format_bytes(p.memory_bytes),
             p.dtype_name
+        ));
+    } else if p.host_bytes > 0 {
+        reasons.push(format!(
+            "fits 1 GPU at {} with {ctx} context ({}) with its experts in host memory ({}): slower than on the GPU",
+            p.dtype_name,
+            format_bytes(p.memory_bytes),
+            format_bytes(p.host_bytes)
         ));
     } else if p.gpus_used == 1 {
         let gpu = gpus.iter().map(|g| g.memory_bytes).filter(|&m| m >= p.memory_bytes).min().unwrap_or(0);

@@ -51,6 +51,9 @@ pub enum Fit {
     /// Every layer split over several devices of one node (tensor parallelism): one stage per
     /// rank, each with all the layers and its share of their bytes.
     TensorParallel { ranks: Vec<Stage> },
+    /// A mixture-of-experts model on one device with its routed experts in host memory (the
+    /// experts' `host_bytes` there): when no device, and no split, holds the whole model.
+    ExpertsOnHost { stage: Stage, host_bytes: u64 },
     /// It does not fit, and why.
     NoFit { reason: String },
 }
@@ -62,6 +65,7 @@ impl Fit {
             Fit::OneDevice { stage } => std::slice::from_ref(stage),
             Fit::Split { stages } => stages,
             Fit::TensorParallel { ranks } => ranks,
+            Fit::ExpertsOnHost { stage, .. } => std::slice::from_ref(stage),
             Fit::NoFit { .. } => &[],
         }
     }
@@ -79,15 +83,71 @@ pub fn fit(spec: &ModelSpec, options: &ServeOptions, free: &[u64]) -> Result<Fit
 /// all-reduces want the fast link), and only when no such split exists (the heads do not
 /// divide, or the ranks do not fit) layer by layer. Unlinked devices get the pipeline split
 /// only: over PCIe or the network, activations cross once per stage rather than twice a layer.
+///
+/// A mixture-of-experts model that fits none of those ways is placed on one device with its
+/// routed experts in host memory ([`Fit::ExpertsOnHost`]) when the device holds the rest.
 pub fn fit_on(spec: &ModelSpec, options: &ServeOptions, free: &[u64], linked: bool) -> Result<Fit> {
     let fitted = fit_pipeline(spec, options, free)?;
-    if !linked || matches!(fitted, Fit::OneDevice { .. }) {
+    if matches!(fitted, Fit::OneDevice { .. }) {
         return Ok(fitted);
     }
-    match tensor_parallel(spec, options, free)? {
-        Some(ranks) => Ok(Fit::TensorParallel { ranks }),
-        None => Ok(fitted),
+    if linked && let Some(ranks) = tensor_parallel(spec, options, free)? {
+        return Ok(Fit::TensorParallel { ranks });
     }
+    if let Fit::NoFit { reason } = &fitted
+        && let Some(host) = experts_on_host(spec, options)?
+    {
+        // The device with the least room that holds the rest.
+        let pick = (0..free.len()).filter(|&d| free[d] >= host.stage.total_bytes).min_by_key(|&d| (free[d], d));
+        return Ok(match pick {
+            Some(device) => Fit::ExpertsOnHost {
+                stage: Stage { device, free_bytes: free[device], ..host.stage },
+                host_bytes: host.host_bytes,
+            },
+            None => Fit::NoFit {
+                reason: format!(
+                    "{reason}; with its experts in host memory ({}) it needs {} on one device",
+                    format_bytes(host.host_bytes),
+                    format_bytes(host.stage.total_bytes)
+                ),
+            },
+        });
+    }
+    Ok(fitted)
+}
+
+/// A mixture-of-experts model with its routed experts in host memory: what the device holds
+/// (everything else: attention, shared experts, routers, embeddings, head, the KV cache) and
+/// what the host holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostExperts {
+    /// The device's stage (`device` and `free_bytes` unset).
+    pub stage: Stage,
+    pub host_bytes: u64,
+}
+
+/// What a mixture-of-experts model needs with its experts in host memory (`None` for a dense
+/// model, or one whose experts cannot be told apart in its files).
+pub fn experts_on_host(spec: &ModelSpec, options: &ServeOptions) -> Result<Option<HostExperts>> {
+    let model = memory_model(spec, options)?;
+    let experts = model.layout.total_expert_bytes();
+    if experts == 0 || spec.architecture.moe.is_none() {
+        return Ok(None);
+    }
+    let est = estimate_vram(spec, options)?;
+    let weights = est.weights_bytes.saturating_sub(experts);
+    let overhead = est.overhead_bytes.saturating_sub(MemoryModel::fragmentation(experts));
+    let stage = Stage {
+        device: 0,
+        layers: 0..model.layout.layer_bytes.len() as u64,
+        weights_bytes: weights,
+        kv_cache_bytes: est.kv_cache_bytes,
+        activation_bytes: est.activation_bytes,
+        overhead_bytes: overhead,
+        total_bytes: weights + est.kv_cache_bytes + est.activation_bytes + overhead,
+        free_bytes: 0,
+    };
+    Ok(Some(HostExperts { stage, host_bytes: experts }))
 }
 
 /// The bytes one rank of a `n`-way tensor-parallel split holds, by term.

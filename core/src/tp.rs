@@ -70,6 +70,8 @@ pub struct TpShape {
     pub num_kv_heads: usize,
     pub intermediate_size: usize,
     pub vocab_size: usize,
+    /// A mixture of experts (whose expert layers are not split).
+    pub experts: bool,
 }
 
 impl TpShape {
@@ -80,6 +82,7 @@ impl TpShape {
             num_kv_heads: a.num_kv_heads as usize,
             intermediate_size: a.intermediate_size as usize,
             vocab_size: a.vocab_size as usize,
+            experts: a.moe.is_some(),
         }
     }
 }
@@ -87,6 +90,9 @@ impl TpShape {
 /// Whether a model of `shape` splits `size` ways: `size` divides the attention heads, divides or
 /// is a multiple of the KV heads, and divides the MLP width; the vocabulary may split unevenly.
 pub fn check(shape: &TpShape, size: usize) -> Result<(), String> {
+    if shape.experts {
+        return Err("mixture-of-experts layers are not split tensor-parallel".into());
+    }
     check_heads(shape.num_heads, shape.num_kv_heads, size)?;
     if !shape.intermediate_size.is_multiple_of(size) {
         return Err(format!("{size} ranks do not divide the MLP width {}", shape.intermediate_size));
@@ -144,9 +150,10 @@ mod tests {
         assert_eq!(heads(9, 3, 2, 0).unwrap_err(), "2 ranks do not divide the 9 attention heads");
         assert_eq!(heads(12, 8, 6, 0).unwrap_err(), "12 attention heads do not form groups over 8 KV heads");
         assert_eq!(heads(24, 6, 4, 0).unwrap_err(), "4 ranks neither divide the 6 KV heads nor are a multiple of them");
-        let smol = TpShape { num_heads: 9, num_kv_heads: 3, intermediate_size: 1536, vocab_size: 49_152 };
+        let smol =
+            TpShape { num_heads: 9, num_kv_heads: 3, intermediate_size: 1536, vocab_size: 49_152, experts: false };
         assert_eq!(sizes(&smol, 8), vec![3]);
-        let shape = TpShape { num_heads: 8, num_kv_heads: 8, intermediate_size: 100, vocab_size: 1000 };
+        let shape = TpShape { num_heads: 8, num_kv_heads: 8, intermediate_size: 100, vocab_size: 1000, experts: false };
         assert_eq!(check(&shape, 8).unwrap_err(), "8 ranks do not divide the MLP width 100");
         assert_eq!(sizes(&shape, 8), vec![2, 4]);
     }

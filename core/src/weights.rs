@@ -26,6 +26,10 @@ pub struct WeightLayout {
     pub tied_head_bytes: u64,
     /// Anything else: vision tower, projector (first stage).
     pub other_bytes: u64,
+    /// Of each layer's bytes, those of its routed experts (mixture-of-experts models; empty
+    /// otherwise): what can live in host memory when a GPU is short.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expert_bytes: Vec<u64>,
 }
 
 impl WeightLayout {
@@ -33,6 +37,26 @@ impl WeightLayout {
     pub fn total(&self) -> u64 {
         self.embedding_bytes + self.layer_bytes.iter().sum::<u64>() + self.head_bytes + self.other_bytes
     }
+
+    /// Bytes of all routed experts.
+    pub fn total_expert_bytes(&self) -> u64 {
+        self.expert_bytes.iter().sum()
+    }
+}
+
+/// Whether a tensor is a routed expert's matrix (or bias): `transformers`' `.experts.` (not a
+/// shared expert), llama.cpp's `_exps` and early Mixtral GGUFs' `ffn_gate.3`.
+pub fn is_expert_tensor(name: &str) -> bool {
+    if name.contains(".experts.") || name.contains("_exps.") {
+        return true;
+    }
+    // blk.N.ffn_{gate,up,down}.E.weight
+    let parts: Vec<&str> = name.split('.').collect();
+    parts.windows(2).any(|w| {
+        matches!(w[0], "ffn_gate" | "ffn_up" | "ffn_down")
+            && w[1].bytes().all(|b| b.is_ascii_digit())
+            && !w[1].is_empty()
+    })
 }
 
 /// The weights as stored: format, precision and exact (or estimated) bytes.
@@ -99,10 +123,23 @@ pub(crate) fn layout_from_tensors<'a>(
     tied: bool,
 ) -> Result<WeightLayout> {
     let n = usize::try_from(num_layers).map_err(|_| Error::Overflow { what: "layer count".into() })?;
-    let mut layout =
-        WeightLayout { embedding_bytes: 0, layer_bytes: vec![0; n], head_bytes: 0, tied_head_bytes: 0, other_bytes: 0 };
+    let mut layout = WeightLayout {
+        embedding_bytes: 0,
+        layer_bytes: vec![0; n],
+        head_bytes: 0,
+        tied_head_bytes: 0,
+        other_bytes: 0,
+        expert_bytes: Vec::new(),
+    };
     let mut token_embedding = 0;
     for (name, bytes) in tensors {
+        if is_expert_tensor(name)
+            && let Slot::Layer(i) = slot_of(name)
+            && (i as usize) < n
+        {
+            layout.expert_bytes.resize(n, 0);
+            layout.expert_bytes[i as usize] += bytes;
+        }
         match slot_of(name) {
             Slot::Embedding => {
                 layout.embedding_bytes += bytes;
@@ -143,6 +180,10 @@ pub(crate) fn layout_from_params(
         head_bytes: bytes(counted.head)?,
         tied_head_bytes: if arch.tied_embeddings { bytes(token_embedding)? } else { 0 },
         other_bytes: bytes(counted.vision)?,
+        expert_bytes: match arch.moe {
+            Some(_) => vec![bytes(arch.expert_matrix_params()? / arch.num_layers.max(1))?; n],
+            None => Vec::new(),
+        },
     })
 }
 
@@ -168,6 +209,7 @@ pub(crate) fn weights_from_config(
             for b in &mut layout.layer_bytes {
                 *b = b.saturating_sub(full) + packed;
             }
+            layout.expert_bytes.iter_mut().for_each(|b| *b = packed);
             dtype = format!("mxfp4 experts + {base}");
         }
         Some((method, bits)) => {
@@ -175,7 +217,7 @@ pub(crate) fn weights_from_config(
             let bits = bits.unwrap_or(4);
             dtype = format!("{method} {bits}-bit (estimated)");
             let scale = |b: u64| b.saturating_mul(bits) / (8 * base.bytes_for(1).unwrap_or(2));
-            layout.layer_bytes.iter_mut().for_each(|b| *b = scale(*b));
+            layout.layer_bytes.iter_mut().chain(&mut layout.expert_bytes).for_each(|b| *b = scale(*b));
         }
         None => {}
     }

@@ -15,6 +15,7 @@ const LLAMA_70B: &str = "meta-llama/Meta-Llama-3-70B-Instruct";
 const LLAMA_8B: &str = "meta-llama/Meta-Llama-3-8B-Instruct";
 const SMOL_135M: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
 const LLAMA_3B: &str = "meta-llama/Llama-3.2-3B-Instruct";
+const MIXTRAL: &str = "mistralai/Mixtral-8x7B-Instruct-v0.1";
 
 fn spec(id: &str) -> ModelSpec {
     Catalog::builtin().unwrap().get(id).unwrap().spec().unwrap()
@@ -36,7 +37,19 @@ struct Node(NodeView);
 
 impl Node {
     fn new(id: &str) -> Node {
-        Node(NodeView { id: id.into(), labels: BTreeMap::new(), gpus: Vec::new(), gpus_linked: false })
+        Node(NodeView {
+            id: id.into(),
+            labels: BTreeMap::new(),
+            gpus: Vec::new(),
+            gpus_linked: false,
+            host_free_bytes: 0,
+        })
+    }
+
+    /// Sets the host memory the node reports free.
+    fn host_gib(mut self, gib: u64) -> Node {
+        self.0.host_free_bytes = gib * GIB;
+        self
     }
 
     /// Declares the node's GPUs linked (NVLink).
@@ -267,6 +280,56 @@ fn llama_3_70b_on_one_80_gib_gpu_is_unschedulable_with_the_numbers() {
     assert_eq!(format_bytes(u.needs_bytes), "144.0 GiB");
     assert!(!u.fits_across_nodes);
     assert_eq!(u.to_string(), "needs 144.0 GiB; w1: 1×80.0 GiB, 78.0 GiB free on the best GPU, needs 144.0 GiB");
+}
+
+#[test]
+fn mixtral_too_big_for_a_24_gib_gpu_keeps_its_experts_in_the_nodes_host_memory() {
+    let mixtral = spec(MIXTRAL);
+    let experts = mixtral.weights.layout.total_expert_bytes();
+    // 32 layers × 8 experts × 3 matrices of 4096 × 14336, in bf16.
+    assert_eq!(experts, 32 * 8 * 3 * 4096 * 14336 * 2);
+    let nodes = [Node::new("w1").gpu("NVIDIA L4", 24).host_gib(128).build()];
+    let stage = one_gpu(run(&nodes, &mixtral, &binpack(), &BTreeMap::new()));
+    assert_eq!((stage.node.as_str(), stage.gpu, stage.layers.clone()), ("w1", 0, 0..32));
+    assert_eq!(stage.experts_on_host, experts);
+    // The GPU keeps the rest: the whole estimate less the experts (and their fragmentation
+    // allowance), plus the margin.
+    let host = gantry_core::shard::experts_on_host(&mixtral, &options(&mixtral)).unwrap().unwrap();
+    assert_eq!(host.host_bytes, experts);
+    assert_eq!(stage.bytes, (host.stage.total_bytes as u128 * 105).div_ceil(100) as u64);
+    assert!(stage.bytes <= 24 * GIB, "{}", format_bytes(stage.bytes));
+    assert_eq!(
+        host.stage.total_bytes + experts + experts / 100 * 2,
+        estimate_vram(&mixtral, &options(&mixtral)).unwrap().total_bytes
+    );
+}
+
+#[test]
+fn experts_go_to_host_memory_only_when_it_is_reported_and_large_enough() {
+    let mixtral = spec(MIXTRAL);
+    let experts = mixtral.weights.layout.total_expert_bytes();
+    for (host_gib, why) in [(0, "not reported"), (experts / GIB, "no room for the margin")] {
+        let nodes = [Node::new("w1").gpu("NVIDIA L4", 24).host_gib(host_gib).build()];
+        let u = unschedulable(run(&nodes, &mixtral, &binpack(), &BTreeMap::new()));
+        assert_eq!(u.needs_bytes, need(&mixtral, 5), "{why}");
+    }
+    // A dense model has no experts to move, however much host memory there is.
+    let llama = spec(LLAMA_70B);
+    let nodes = [Node::new("w1").gpu("NVIDIA H100", 80).host_gib(1024).build()];
+    unschedulable(run(&nodes, &llama, &binpack(), &BTreeMap::new()));
+}
+
+#[test]
+fn mixtral_on_two_80_gib_gpus_is_split_over_them_rather_than_sent_to_the_host() {
+    let mixtral = spec(MIXTRAL);
+    let nodes = [Node::new("w1").gpu("NVIDIA H100", 80).gpu("NVIDIA H100", 80).host_gib(512).build()];
+    let plan = run(&nodes, &mixtral, &binpack(), &BTreeMap::new()).unwrap();
+    assert_eq!(layout(&plan), vec![("w1", 0, 0..16), ("w1", 1, 16..32)]);
+    assert!(plan.stages().iter().all(|s| s.experts_on_host == 0));
+    // Linked GPUs do not split experts tensor-parallel either: the pipeline split stands.
+    let linked = [Node::new("w1").linked().gpu("NVIDIA H100", 80).gpu("NVIDIA H100", 80).build()];
+    let plan = run(&linked, &mixtral, &binpack(), &BTreeMap::new()).unwrap();
+    assert!(plan.stages().iter().all(|s| s.tp == 0), "{plan:?}");
 }
 
 #[test]
@@ -533,7 +596,7 @@ fn strategy_parses_binpack_and_spread_only() {
 
 #[test]
 fn plans_serialize_with_their_kind() {
-    let stage = PlacedStage { node: "w1".into(), gpu: 0, layers: 0..32, bytes: 7, tp: 0 };
+    let stage = PlacedStage { node: "w1".into(), gpu: 0, layers: 0..32, bytes: 7, tp: 0, experts_on_host: 0 };
     let json = serde_json::to_value(Plan::OneGpu { stage }).unwrap();
     assert_eq!(json["kind"], "one_gpu");
     assert_eq!(json["stage"]["layers"]["end"], 32);

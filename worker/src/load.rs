@@ -187,7 +187,9 @@ impl WorkerState {
             },
             ..ServeOptions::default()
         };
-        let estimate = estimate_vram(&files.spec, &options).map_err(|e| WorkerError::Invalid(e.to_string()))?;
+        let mut estimate = estimate_vram(&files.spec, &options).map_err(|e| WorkerError::Invalid(e.to_string()))?;
+        let experts_on_host =
+            if req.experts_on_host { self.experts_on_host(&files, &options, &bindings, &mut estimate)? } else { 0 };
         let admission = Admission {
             name: &files.spec.name,
             estimate: &estimate,
@@ -205,6 +207,7 @@ impl WorkerState {
         for (ranks, range) in bindings.iter().zip(&ranges) {
             let binding = &ranks[0];
             let backend = match ranks.as_slice() {
+                [one] if experts_on_host > 0 => Backend::ExpertsOnHost(gantry_engine::device(&one.engine_device)?),
                 [one] => Backend::for_device(&gantry_engine::device(&one.engine_device)?),
                 // Every rank on Candle (declared GPUs: Candle on the CPU, each rank a thread).
                 ranks => Backend::TensorParallel(
@@ -260,6 +263,7 @@ impl WorkerState {
                 })
                 .collect(),
             next_stage: next.as_ref().map(|n| n.address.clone()).unwrap_or_default(),
+            experts_on_host_bytes: experts_on_host,
         };
         Ok(Served {
             info,
@@ -279,6 +283,43 @@ impl WorkerState {
             tokens: AtomicU64::new(0),
             meter: RateMeter::new(),
         })
+    }
+
+    /// A load with its experts in host memory: checks that the model has experts and one device,
+    /// that the host has room for them, and takes their bytes off the device's estimate.
+    /// Returns the experts' bytes.
+    fn experts_on_host(
+        &self,
+        files: &ModelFiles,
+        options: &ServeOptions,
+        bindings: &[Vec<DeviceBinding>],
+        estimate: &mut VramEstimate,
+    ) -> Result<u64, WorkerError> {
+        let name = &files.spec.name;
+        if bindings.len() != 1 || bindings[0].len() != 1 {
+            return Err(WorkerError::Invalid(format!(
+                "experts_on_host: {name} must be on one device (not split) to keep its experts in host memory"
+            )));
+        }
+        let host = gantry_core::shard::experts_on_host(&files.spec, options)
+            .map_err(|e| WorkerError::Invalid(e.to_string()))?
+            .ok_or_else(|| {
+                WorkerError::Invalid(format!(
+                    "experts_on_host: {name} is not a mixture of experts; it has no experts to keep on the host"
+                ))
+            })?;
+        let available = crate::state::host_available_bytes();
+        if host.host_bytes > available {
+            return Err(WorkerError::Exhausted(format!(
+                "{name}'s experts need {} of host memory; {} is available",
+                format_bytes(host.host_bytes),
+                format_bytes(available)
+            )));
+        }
+        estimate.weights_bytes = host.stage.weights_bytes;
+        estimate.overhead_bytes = host.stage.overhead_bytes;
+        estimate.total_bytes = host.stage.total_bytes;
+        Ok(host.host_bytes)
     }
 
     /// The endpoint of another stage: TLS with this worker's certificate when workers serve TLS.

@@ -150,6 +150,7 @@ impl WorkerState {
             gpu_note: self.inventory.note().to_string(),
             driver_version: self.inventory.driver_version().unwrap_or_default(),
             gpus_linked: self.options.gpus_linked || self.inventory.linked(),
+            host_available_bytes: host_available_bytes(),
         })
     }
 
@@ -185,4 +186,12 @@ fn gpu_status(g: &GpuInfo) -> pb::GpuStatus {
         utilization_percent: g.utilization_percent,
         source: g.source.as_str().into(),
     }
+}
+
+/// The host memory the kernel says can still be given (`MemAvailable`; 0 when unreadable).
+pub fn host_available_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| crate::gpu::parse_meminfo(&t))
+        .map_or(0, |(_, available)| available)
 }

@@ -252,7 +252,7 @@ fn render_fit(spec: &ModelSpec, req: &Request, fit: &Fit) -> Result<String, CliE
         Fit::Split { stages } => {
             let mut out =
                 format!("does not fit one GPU; split over {} of {described} as pipeline stages:\n", stages.len());
-            out.push_str(&stage_table(gpus, stages).render(2));
+            out.push_str(&stage_table(spec, gpus, stages).render(2));
             if req.linked {
                 out.push_str(&format!("  not tensor-parallel: {}\n", why_not_tensor_parallel(spec, req, gpus.len())?));
             }
@@ -286,6 +286,20 @@ fn render_fit(spec: &ModelSpec, req: &Request, fit: &Fit) -> Result<String, CliE
             out.push_str(&t.render(2));
             out
         }
+        Fit::ExpertsOnHost { stage, host_bytes } => {
+            let experts = spec.architecture.moe.map_or(0, |m| m.experts);
+            format!(
+                "does not fit {described} whole; fits one GPU with its routed experts in host memory:\n  \
+                 {} ({} of {}): attention, routers, shared weights, embeddings, head and the KV cache\n  \
+                 host memory: {} experts × {} layers ({}), run by the CPU; slower than on the GPU\n",
+                gpus[stage.device].name,
+                format_bytes(stage.total_bytes),
+                format_bytes(stage.free_bytes),
+                experts,
+                spec.architecture.num_layers,
+                format_bytes(*host_bytes)
+            )
+        }
         Fit::NoFit { reason } => {
             let mut out = format!("does not fit {described}: {reason}\n");
             if let Some(hint) = quantization_hint(spec, req)? {
@@ -315,8 +329,13 @@ fn why_not_tensor_parallel(spec: &ModelSpec, req: &Request, gpus: usize) -> Resu
     Ok(format!("{}; the GPUs have {}", needs.join(", "), format_bytes(largest)))
 }
 
-fn stage_table(gpus: &[Gpu], stages: &[Stage]) -> Table {
-    let mut t = Table::new(&["STAGE", "GPU", "LAYERS", "WEIGHTS", "KV CACHE", "ACT+OVERHEAD", "TOTAL", "FREE"]);
+fn stage_table(spec: &ModelSpec, gpus: &[Gpu], stages: &[Stage]) -> Table {
+    let moe = spec.architecture.moe;
+    let mut headers = vec!["STAGE", "GPU", "LAYERS", "WEIGHTS", "KV CACHE", "ACT+OVERHEAD", "TOTAL", "FREE"];
+    if moe.is_some() {
+        headers.insert(3, "EXPERTS");
+    }
+    let mut t = Table::new(&headers);
     for (i, s) in stages.iter().enumerate() {
         let mut role = String::new();
         if i == 0 {
@@ -325,7 +344,7 @@ fn stage_table(gpus: &[Gpu], stages: &[Stage]) -> Table {
         if i + 1 == stages.len() {
             role.push_str(" +head");
         }
-        t.row(vec![
+        let mut row = vec![
             i.to_string(),
             gpus[s.device].name.clone(),
             format!("{}{role}", gantry_core::shard::layer_span(&s.layers)),
@@ -334,7 +353,18 @@ fn stage_table(gpus: &[Gpu], stages: &[Stage]) -> Table {
             format_bytes(s.activation_bytes + s.overhead_bytes),
             format_bytes(s.total_bytes),
             format_bytes(s.free_bytes),
-        ]);
+        ];
+        if let Some(m) = moe {
+            // Every expert of its layers: experts per layer × layers (and their bytes).
+            let bytes: u64 = spec
+                .weights
+                .layout
+                .expert_bytes
+                .get(s.layers.start as usize..s.layers.end as usize)
+                .map_or(0, |b| b.iter().sum());
+            row.insert(3, format!("{}×{} ({})", m.experts, s.layers.end - s.layers.start, format_bytes(bytes)));
+        }
+        t.row(row);
     }
     t
 }

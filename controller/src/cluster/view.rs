@@ -32,6 +32,7 @@ pub fn deployment(st: &State, name: &str, config: &ControllerConfig) -> Option<p
                     layer_end: s.layers.end,
                     reserved_bytes: s.bytes,
                     tensor_parallel: s.tp,
+                    experts_on_host_bytes: s.experts_on_host,
                 })
                 .collect(),
             reason: r.reason.clone(),

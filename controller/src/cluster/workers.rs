@@ -275,7 +275,14 @@ fn adopt_loaded(
     if r.placement.is_some() {
         return None;
     }
-    let stage = PlacedStage { node: worker.to_string(), gpu, layers: 0..u64::from(info.num_layers), bytes, tp: 0 };
+    let stage = PlacedStage {
+        node: worker.to_string(),
+        gpu,
+        layers: 0..u64::from(info.num_layers),
+        bytes,
+        tp: 0,
+        experts_on_host: info.experts_on_host_bytes,
+    };
     let record = PlacementRecord { generation, stages: vec![stage] };
     let effects = vec![Effect::Persist(StoreOp::Put(format!("placements/{name}/{index}"), to_json(&record)))];
     r.placement = Some(record);

@@ -12,6 +12,8 @@ use crate::cluster::state::{State, replica_model_id};
 pub fn nodes(st: &State) -> Vec<NodeView> {
     // Reservations per (worker, gpu): all, and those the worker's last report does not show yet.
     let mut reserved: HashMap<(&str, u32), (u64, u64)> = HashMap::new();
+    // Host memory promised to experts the worker's last report does not show loaded yet.
+    let mut host: HashMap<&str, u64> = HashMap::new();
     for (name, d) in &st.deployments {
         for (&i, r) in &d.replicas {
             let Some(p) = &r.placement else { continue };
@@ -22,6 +24,7 @@ pub fn nodes(st: &State) -> Vec<NodeView> {
                 e.0 += s.bytes;
                 if !shown {
                     e.1 += s.bytes;
+                    *host.entry(s.node.as_str()).or_default() += s.experts_on_host;
                 }
             }
         }
@@ -47,6 +50,10 @@ pub fn nodes(st: &State) -> Vec<NodeView> {
                 })
                 .collect(),
             gpus_linked: w.status.gpus_linked,
+            host_free_bytes: w
+                .status
+                .host_available_bytes
+                .saturating_sub(host.get(w.id.as_str()).copied().unwrap_or(0)),
         })
         .collect()
 }
