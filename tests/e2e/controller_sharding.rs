@@ -245,3 +245,61 @@ async fn linked_workers_are_tensor_parallel_groups_of_one_pipeline() {
     let (text, tokens) = chat(&mut inference, "tpp", SKY, 24).await.expect("chat");
     assert_eq!(tokens, reference, "two tensor-parallel groups in a pipeline: {text:?}");
 }
+
+/// A mixture of experts too big for a worker's only (declared) GPU, whose host memory holds its
+/// experts: the controller places it on the GPU with the experts in host memory (no other plan
+/// fits), the worker loads them there (the Candle path that moves each expert's tokens to the
+/// host and back, the CPU standing in for the GPU), and the answer is the one the model gives
+/// with everything on one device. The tiny random-weight Mixtral fixture stands in for a real
+/// MoE (none small enough can be had here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mixture_of_experts_short_of_gpu_memory_keeps_its_experts_on_the_host_and_answers_the_same() {
+    let model = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/engine/mixtral");
+    let files = gantry_engine::files::ModelFiles::open(&model).unwrap();
+    let options = gantry_core::ServeOptions { context: Some(128), ..Default::default() };
+    let whole = gantry_core::estimate_vram(&files.spec, &options).unwrap().total_bytes;
+    let host = gantry_core::shard::experts_on_host(&files.spec, &options).unwrap().unwrap();
+    // Room for everything but the experts (with the controller's 5% margin), not for all of it.
+    let gpu = host.stage.total_bytes * 105 / 100 + 1024;
+    assert!(gpu < whole * 105 / 100, "{gpu} {whole}");
+    let reference = common::gantry_json(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--chat",
+        "--prompt",
+        "The harbour town",
+        "--max-tokens",
+        "8",
+        "--json",
+    ]);
+    let want: Vec<u32> = reference["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+
+    let control = RunningController::start(&["--lease", "2"]);
+    let mut deployments = control.deployments().await;
+    let mut inference = control.inference().await;
+    let w = worker(&control, "moe", &format!("1x{gpu}B"), "moe");
+    wait_for_workers(&mut control.cluster().await, 1).await;
+    let spec = pb::DeploymentSpec {
+        source: model.display().to_string(),
+        replicas: 1,
+        context_length: 128,
+        placement: Some(pb::PlacementPolicy {
+            node_selector: [("pool".to_string(), "moe".to_string())].into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    deployments.apply(pb::ApplyRequest { name: "moe".into(), spec: Some(spec) }).await.expect("Apply");
+    let d = wait_for(&mut deployments, "moe", LOAD, "the replica ready", ready).await;
+    let stages = &status(&d).replica_status[0].stages;
+    assert_eq!(stages.len(), 1, "{stages:?}");
+    assert_eq!(stages[0].experts_on_host_bytes, host.host_bytes, "{stages:?}");
+    let s = worker_status(&mut w.client().await).await;
+    let info = s.models[0].info.clone().unwrap();
+    assert_eq!(info.experts_on_host_bytes, host.host_bytes, "{info:?}");
+    assert!(s.host_available_bytes > host.host_bytes, "{}", s.host_available_bytes);
+
+    let (text, got) = chat(&mut inference, "moe", "The harbour town", 8).await.expect("chat");
+    assert_eq!(got, want, "experts on the host answer as the whole model on one device: {text:?}");
+}

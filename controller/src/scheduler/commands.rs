@@ -119,7 +119,8 @@ pub fn load_replica(st: &mut State, name: &str, index: u32, only: Option<&str>) 
         let request = if split {
             pb::LoadModelRequest { segments: segments.clone(), next_stage, wire_dtype: wire.clone(), ..base }
         } else {
-            pb::LoadModelRequest { device: segments[0].device.clone(), ..base }
+            let experts_on_host = placement.stages[0].experts_on_host > 0;
+            pb::LoadModelRequest { device: segments[0].device.clone(), experts_on_host, ..base }
         };
         let command_id = st.command_id();
         st.commands.insert(command_id, Command { worker: node.clone(), deployment: name.to_string(), replica: index });
@@ -139,7 +140,16 @@ pub fn load_replica(st: &mut State, name: &str, index: u32, only: Option<&str>) 
         format!("loading {} stage{plural}: {}", stages.len(), where_.join(", "))
     } else {
         let s = &placement.stages[0];
-        format!("loading on {} gpu:{}", s.node, s.gpu)
+        if s.experts_on_host > 0 {
+            format!(
+                "loading on {} gpu:{}, experts ({}) in its host memory",
+                s.node,
+                s.gpu,
+                gantry_core::units::format_bytes(s.experts_on_host)
+            )
+        } else {
+            format!("loading on {} gpu:{}", s.node, s.gpu)
+        }
     };
     effects
 }
