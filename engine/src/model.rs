@@ -375,7 +375,7 @@ impl ModelPart {
                 source,
                 config.clone(),
                 range.clone(),
-                (device, device),
+                (device, device, false),
                 stats,
                 progress,
                 None,
@@ -390,7 +390,7 @@ impl ModelPart {
                     source,
                     config.clone(),
                     range.clone(),
-                    (device, &CPU),
+                    (device, &CPU, true),
                     stats,
                     progress,
                     None,
@@ -401,6 +401,18 @@ impl ModelPart {
             }
         };
         Ok(ModelPart { config, range, runtime })
+    }
+
+    /// Bytes of expert weights the part keeps in host memory ([`Backend::ExpertsOnHost`]).
+    pub fn experts_on_host_bytes(&self) -> usize {
+        let Runtime::Candle(c) = &self.runtime else { return 0 };
+        c.blocks
+            .iter()
+            .map(|b| match &b.mlp {
+                Ffn::Moe(m) if m.on_host() => m.expert_bytes(),
+                _ => 0,
+            })
+            .sum()
     }
 
     /// The device the part runs on.
@@ -539,7 +551,7 @@ impl CandlePart {
         source: &WeightSource,
         config: Arc<EngineConfig>,
         range: Range<usize>,
-        (device, expert_device): (&Device, &Device),
+        (device, expert_device, experts_on_host): (&Device, &Device, bool),
         stats: &mut LoadStats,
         progress: &mut dyn FnMut(LoadProgress),
         shard: Option<&Shard>,
@@ -567,7 +579,7 @@ impl CandlePart {
             None => None,
         };
         let ropes = cfg.rope.as_ref().map(|r| rope_pair(r, divisors.as_deref()));
-        let mut loader = Loader { source, cfg, device, expert_device, dtype, stats, shard };
+        let mut loader = Loader { source, cfg, device, expert_device, experts_on_host, dtype, stats, shard };
         let mut blocks = Vec::with_capacity(range.len());
         for (done, i) in range.clone().enumerate() {
             blocks.push(loader.block(i, ropes.as_ref())?);
@@ -711,7 +723,7 @@ fn load_ranks(
             source,
             config.clone(),
             range.clone(),
-            (device, device),
+            (device, device, false),
             stats,
             &mut rank_progress,
             Some(&shard),
@@ -805,8 +817,9 @@ struct Loader<'a> {
     source: &'a WeightSource,
     cfg: &'a EngineConfig,
     device: &'a Device,
-    /// Where a mixture-of-experts layer's experts go.
+    /// Where a mixture-of-experts layer's experts go, and whether that is the host's memory.
     expert_device: &'a Device,
+    experts_on_host: bool,
     dtype: DType,
     stats: &'a mut LoadStats,
     /// This rank's place when the model is split tensor-parallel.
@@ -943,6 +956,7 @@ impl Loader<'_> {
                 i,
                 self.device,
                 self.expert_device,
+                self.experts_on_host,
                 self.dtype,
                 self.stats,
             )?))

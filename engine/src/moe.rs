@@ -30,16 +30,22 @@ pub struct MoeLayer {
     shared: Option<(Mlp, Linear)>,
     /// Where the experts are (the layer's device, or the host).
     expert_device: Device,
+    /// The experts were put in host memory: each step's tokens go there and back (also when a
+    /// CPU device stands in for the GPU, so that this path is what tests run).
+    on_host: bool,
 }
 
 impl MoeLayer {
-    /// Loads layer `i`'s experts onto `expert_device` and the rest onto `device`.
+    /// Loads layer `i`'s experts onto `expert_device` and the rest onto `device`; `on_host`:
+    /// the experts were asked to go to host memory.
+    #[allow(clippy::too_many_arguments)]
     pub fn load(
         source: &WeightSource,
         cfg: &MoeConfig,
         i: usize,
         device: &Device,
         expert_device: &Device,
+        on_host: bool,
         dtype: DType,
         stats: &mut LoadStats,
     ) -> Result<MoeLayer, EngineError> {
@@ -82,7 +88,10 @@ impl MoeLayer {
         } else {
             None
         };
-        Ok(MoeLayer { cfg: cfg.clone(), router, experts, shared, expert_device: expert_device.clone() })
+        let layer =
+            MoeLayer { cfg: cfg.clone(), router, experts, shared, expert_device: expert_device.clone(), on_host };
+        stats.bytes += layer.expert_bytes() as u64;
+        Ok(layer)
     }
 
     /// `x` `[b, t, hidden]` through the layer.
@@ -98,7 +107,7 @@ impl MoeLayer {
                 groups[e].1.push(w);
             }
         }
-        let on_host = !same_device(x.device(), &self.expert_device);
+        let on_host = self.on_host || !x.device().same_device(&self.expert_device);
         let xe = if on_host { xs.to_device(&self.expert_device)? } else { xs.clone() };
         let mut out = xs.zeros_like()?;
         for (expert, (tokens, weights)) in self.experts.iter().zip(&groups) {
@@ -140,12 +149,8 @@ impl MoeLayer {
             .sum()
     }
 
-    /// The device the experts are on.
-    pub fn expert_device(&self) -> &Device {
-        &self.expert_device
+    /// Whether the experts were put in host memory.
+    pub fn on_host(&self) -> bool {
+        self.on_host
     }
-}
-
-fn same_device(a: &Device, b: &Device) -> bool {
-    a.same_device(b)
 }
