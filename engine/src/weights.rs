@@ -256,6 +256,11 @@ impl WeightSource {
 
     fn family_name(&self, role: Role, layer: Option<usize>, part: Part) -> Vec<String> {
         match self {
+            // gpt-oss's converter names the MLP's input norm `post_attention_norm` (Gemma's
+            // GGUFs use that name for the norm after attention, and have an `ffn_norm`).
+            WeightSource::Gguf { .. } if role == Role::FfnNorm => {
+                vec![gguf_name(role, layer, part), gguf_name(Role::AttnPostNorm, layer, part)]
+            }
             WeightSource::Gguf { .. } => vec![gguf_name(role, layer, part)],
             WeightSource::Safetensors { family, .. } => hf_names(*family, role, layer, part),
         }

@@ -270,3 +270,45 @@ fn a_batch_with_one_bad_step_fails_whole_and_moves_no_sequence() {
     assert_eq!(err.to_string(), format!("token id {bad} is outside the vocabulary of {bad}"));
     assert_eq!((a.position, b.position), (0, 0));
 }
+
+/// Experts in host memory (a GPU short of memory): the code path that moves each expert's
+/// tokens to the host and back, with a CPU device standing in for the GPU, gives the same
+/// logits; a dense model is refused with the reason.
+#[test]
+fn experts_kept_on_the_host_match_stand_in_for_a_gpu() {
+    for case in support::MOE_CASES {
+        let files = ModelFiles::open(&fixture(case)).unwrap();
+        let n = files.config.num_layers;
+        let model = files.load_part_on(0..n, &Backend::ExpertsOnHost(Device::Cpu), &mut |_| {}).unwrap();
+        let r = reference(case);
+        for (ids, want) in r.inputs.iter().zip(&r.logits) {
+            let d = max_diff(&run_parts(std::slice::from_ref(&model), ids), want);
+            assert!(d < TOLERANCE, "{case} with its experts on the host: max |Δlogit| = {d}");
+        }
+    }
+    let dense = ModelFiles::open(&fixture("llama")).unwrap();
+    let err = dense.load_part_on(0..4, &Backend::ExpertsOnHost(Device::Cpu), &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("only a mixture-of-experts model has experts to keep on the host"), "{err}");
+}
+
+/// The MoE fixtures as llama.cpp's converter writes them (`model-f32.gguf`, made by
+/// `scripts/fixtures/make_gguf_fixtures.py`): Mixtral as arch `llama` with experts (Q/K rows
+/// permuted), Qwen3-MoE, and gpt-oss with f32 and with MXFP4 experts (GGML type 39, gate and up
+/// de-interleaved, the MLP norm named `post_attention_norm`). Both runtimes give transformers'
+/// logits. gpt-oss keeps its config's YaRN without truncation, as transformers does (llama.cpp
+/// truncates; `fixtures/engine/GGUF.md`).
+#[test]
+fn moe_ggufs_match_transformers() {
+    for (name, backend) in backends() {
+        for case in ["mixtral", "qwen3-moe", "gpt-oss", "gpt-oss-mxfp4"] {
+            let files = ModelFiles::open(&fixture(case).join("model-f32.gguf")).unwrap_or_else(|e| panic!("{case}: {e}"));
+            let model = files.load_part_on(0..files.config.num_layers, &backend, &mut |_| {}).unwrap();
+            let r = reference(case);
+            for (ids, want) in r.inputs.iter().zip(&r.logits) {
+                let d = max_diff(&run_parts(std::slice::from_ref(&model), ids), want);
+                eprintln!("{name}: {case:>13} GGUF, {:2} tokens: max |Δlogit| = {d:.1e}", ids.len());
+                assert!(d < TOLERANCE, "{name}: {case} GGUF, {} tokens: max |Δlogit| = {d}", ids.len());
+            }
+        }
+    }
+}
