@@ -338,7 +338,7 @@ fn place(
                 }));
             }
             Fit::ExpertsOnHost { host_bytes, .. } => needs.push(format!(
-                "{name} needs its experts ({}) in host memory (realtime keeps them on the GPU)",
+                "{name} fits only with its experts ({}) in host memory, too slow for realtime",
                 format_bytes(host_bytes)
             )),
             // Tensor parallelism has no pipeline hops: every latency class may use it.

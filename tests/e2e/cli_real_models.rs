@@ -217,3 +217,30 @@ fn inspect_shows_a_tensor_parallel_split_on_linked_gpus_or_why_not() {
     let j = gantry_json(&["inspect", &path, "--context", "2048", "--gpus", "3x600MiB", "--json"]);
     assert_eq!(j["fit"]["kind"], "split");
 }
+
+/// A mixture of experts in `inspect`: split over two 80 GiB GPUs, each stage shows its experts;
+/// on one 24 GiB GPU it is planned with its routed experts (every one of 32 layers × 8 experts
+/// × 3 matrices of 4096 × 14336, bf16) in host memory; on 4 GiB not even that fits, and the
+/// reason gives both numbers.
+#[test]
+fn inspect_places_a_mixtures_experts_per_stage_or_in_host_memory() {
+    let config = "fixtures/model-configs/mistralai__Mixtral-8x7B-v0.1/config.json";
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let path = path_str(&root.join(config));
+    let (code, out, err) = run(gantry().args(["inspect", &path, "--context", "8K", "--gpus", "2x80GiB"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("EXPERTS") && out.matches("8×16 (42.0 GiB)").count() == 2, "{out}");
+    let experts = 32u64 * 8 * 3 * 4096 * 14336 * 2;
+    let j = gantry_json(&["inspect", &path, "--context", "8K", "--gpus", "1x24GiB", "--json"]);
+    assert_eq!(j["fit"]["kind"], "experts_on_host", "{}", j["fit"]);
+    assert_eq!(j["fit"]["host_bytes"].as_u64(), Some(experts));
+    let gpu = j["fit"]["stage"]["total_bytes"].as_u64().unwrap();
+    assert!(gpu < 24 << 30, "{gpu}");
+    assert_eq!(j["fit"]["stage"]["layers"], serde_json::json!({"start": 0, "end": 32}));
+    let (code, out, err) = run(gantry().args(["inspect", &path, "--context", "8K", "--gpus", "1x24GiB"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("host memory: 8 experts × 32 layers (84.0 GiB), run by the CPU"), "{out}");
+    let (_, out, _) = run(gantry().args(["inspect", &path, "--context", "8K", "--gpus", "1x4GiB"]));
+    assert!(out.contains("with its experts in host memory (84.0 GiB) it needs 4.6 GiB on one device"), "{out}");
+    assert!(!out.contains("would fit"), "no quantization fits 4 GiB: {out}");
+}

@@ -381,7 +381,8 @@ fn quantization_hint(spec: &ModelSpec, req: &Request) -> Result<Option<String>, 
             continue;
         }
         let options = ServeOptions { dtype: Some(dtype), ..req.options.clone() };
-        if !matches!(fit(spec, &options, &free)?, Fit::NoFit { .. }) {
+        // A fit on the GPUs alone (experts in host memory would not be the point of quantizing).
+        if !matches!(fit(spec, &options, &free)?, Fit::NoFit { .. } | Fit::ExpertsOnHost { .. }) {
             let need = estimate_vram(spec, &options)?.total_bytes;
             return Ok(Some(format!("at --dtype {} it would fit (needs {} on one device)", dtype, format_bytes(need))));
         }
