@@ -5,7 +5,8 @@
 //! `*_scales` in safetensors, GGML type 39 in GGUF).
 //!
 //! Every expert comes out as a [`Raw`] matrix `[out, in]`, which each runtime turns into its
-//! own kind of matrix.
+//! own kind of matrix. MXFP4 stays MXFP4 on the CPU runtime (its kernels run it: 17 bytes per
+//! 32 weights) and becomes Q8_0 with the same values on Candle (34 bytes), never f32.
 
 use candle_core::quantized::{QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
@@ -81,6 +82,36 @@ pub fn mxfp4_hf(blocks: &[u8], scales: &[u8], out: &mut Vec<f32>) {
     }
 }
 
+/// One MXFP4 block's 16 code bytes from transformers' order (byte `j`: values `2j`, `2j+1`) to
+/// GGML's (byte `j`: values `j`, `j+16`).
+fn hf_to_ggml_mxfp4(hf: &[u8]) -> [u8; 16] {
+    let code = |i: usize| if i % 2 == 0 { hf[i / 2] & 0x0f } else { hf[i / 2] >> 4 };
+    std::array::from_fn(|j| code(j) | (code(j + 16) << 4))
+}
+
+/// MXFP4 blocks as Q8_0 blocks holding the very same values (the doubled FP4 values as the
+/// codes, the scale as the f16 block scale), for Candle, which has no MXFP4 kernels: exact
+/// whenever the scale is a normal or subnormal f16 (2^-24 to 2^15), else rounded.
+fn mxfp4_to_q8_0(bytes: &[u8]) -> Vec<u8> {
+    use crate::cpu::quant::{MXFP4_VALUES, e8m0_half};
+    let mut out = Vec::with_capacity(bytes.len() / 17 * 34);
+    for block in bytes.chunks_exact(17) {
+        let d = e8m0_half(block[0]);
+        let h = half::f16::from_f32(d);
+        if h.to_f32() == d {
+            out.extend(h.to_le_bytes());
+            let qs = &block[1..];
+            out.extend(qs.iter().map(|&q| MXFP4_VALUES[usize::from(q & 0x0f)] as u8));
+            out.extend(qs.iter().map(|&q| MXFP4_VALUES[usize::from(q >> 4)] as u8));
+        } else {
+            let mut v = Vec::with_capacity(32);
+            mxfp4_gguf(block, &mut v);
+            out.extend(crate::cpu::quant::quantize_q8_0(&v));
+        }
+    }
+    out
+}
+
 impl Raw {
     fn dims(&self) -> (usize, usize) {
         match self {
@@ -104,9 +135,17 @@ impl Raw {
         }
     }
 
-    /// As a Candle matrix on `device`: GGML blocks Candle runs stay quantized, the rest dense.
-    pub fn into_candle(self, device: &Device, dtype: DType) -> Result<QMatMul, EngineError> {
+    /// As a Candle matrix on `device`: GGML blocks Candle runs stay quantized, MXFP4 becomes
+    /// Q8_0 (the same values), the rest dense.
+    pub fn into_candle(self, device: &Device, dtype: DType, stats: &mut LoadStats) -> Result<QMatMul, EngineError> {
         let (rows, cols) = self.dims();
+        if let Raw::Blocks { ggml, bytes, .. } = &self
+            && ggml.name == "MXFP4"
+        {
+            let q8 = GgmlType::from_name("Q8_0").ok_or_else(|| EngineError::Config("no Q8_0 GGML type".into()))?;
+            stats_note_q8(stats);
+            return Ok(QMatMul::from_qtensor(qtensor(q8, rows, cols, mxfp4_to_q8_0(bytes), device)?)?);
+        }
         if let Raw::Blocks { ggml, bytes, .. } = &self
             && ggml.name != "MXFP4"
             && crate::weights::ggml_dtype(ggml.id).is_some()
@@ -118,8 +157,8 @@ impl Raw {
         Ok(QMatMul::Tensor(t))
     }
 
-    /// As a CPU-runtime matrix: blocks its kernels run stay as stored, MXFP4 and dense values
-    /// in f32, other formats requantized to Q8_0.
+    /// As a CPU-runtime matrix: blocks its kernels run (MXFP4 included) stay as stored, dense
+    /// values in f32, other formats requantized to Q8_0.
     pub fn into_cpu(self, stats: &mut LoadStats) -> Result<crate::cpu::kernels::QMatrix, EngineError> {
         use crate::cpu::kernels::QMatrix;
         use crate::cpu::quant::{Kind, quantize_q8_0};
@@ -128,11 +167,14 @@ impl Raw {
         let m = match self {
             Raw::Blocks { ggml, bytes, .. } if Kind::from_ggml(ggml.name).is_some() => {
                 let kind = Kind::from_ggml(ggml.name).expect("checked");
+                crate::weights::note_kernel_name(stats, kind.name());
                 QMatrix::from_blocks(kind, rows, cols, bytes).map_err(bad)?
             }
-            Raw::Blocks { ggml, .. } if ggml.name != "MXFP4" && !matches!(ggml.name, "F16" | "BF16") => {
+            Raw::Blocks { ggml, .. } if !matches!(ggml.name, "F16" | "BF16") => {
+                let from = ggml.name;
                 let v = self.values()?;
                 if cols.is_multiple_of(32) {
+                    crate::weights::note_repack_names(stats, from, "Q8_0");
                     QMatrix::from_blocks(Kind::Q8_0, rows, cols, quantize_q8_0(&v)).map_err(bad)?
                 } else {
                     QMatrix::from_f32(rows, cols, v).map_err(bad)?
@@ -144,6 +186,11 @@ impl Raw {
         stats.bytes += m.size_in_bytes() as u64;
         Ok(m)
     }
+}
+
+/// Counts an MXFP4 matrix given to Candle as Q8_0.
+fn stats_note_q8(stats: &mut LoadStats) {
+    crate::weights::note_repack_names(stats, "MXFP4", "Q8_0");
 }
 
 fn qtensor(ggml: GgmlType, rows: usize, cols: usize, bytes: Vec<u8>, device: &Device) -> Result<QTensor, EngineError> {
@@ -257,48 +304,63 @@ impl WeightSource {
     }
 
     /// gpt-oss's experts: `gate_up_proj` `[E, in, 2·out]` (gate and up columns interleaved) and
-    /// `down_proj` `[E, in, out]`, or their MXFP4 `_blocks` `[E, out, in/32, 16]` and `_scales`.
+    /// `down_proj` `[E, in, out]`, or their MXFP4 `_blocks` `[E, out, in/32, 16]` and `_scales`
+    /// (kept as MXFP4: repacked into GGML's blocks, the same values).
     fn gpt_oss_experts(&self, layer: usize, which: ExpertMat, experts: usize) -> Result<Vec<Raw>, EngineError> {
         let stem = if which == ExpertMat::Down { "mlp.experts.down_proj" } else { "mlp.experts.gate_up_proj" };
         let bad = |name: &str, e: String| EngineError::Config(format!("tensor `{name}`: {e}"));
-        // `[E, out, in]` values of the whole stem.
-        let (out, inp, values) = if let Some(name) = self.tensor_names(&self.hf_layer_names(layer, stem)) {
+        // Gate rows are the even output features, up rows the odd ones.
+        let keep = |out: usize| -> Vec<usize> {
+            match which {
+                ExpertMat::Down => (0..out).collect(),
+                _ => (usize::from(which == ExpertMat::Up)..out).step_by(2).collect(),
+            }
+        };
+        if let Some(name) = self.tensor_names(&self.hf_layer_names(layer, stem)) {
             let t = self.load_f32(&name)?;
             let (e, inp, out) = t.dims3().map_err(|e| bad(&name, e.to_string()))?;
             if e != experts {
                 return Err(bad(&name, format!("holds {e} experts, the model has {experts}")));
             }
-            (out, inp, t.transpose(1, 2)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?)
-        } else {
-            let blocks_names = self.hf_layer_names(layer, &format!("{stem}_blocks"));
-            let name = self
-                .tensor_names(&blocks_names)
-                .ok_or_else(|| EngineError::MissingTensor(self.hf_layer_names(layer, stem)[0].clone()))?;
-            let (dims, blocks) = self.load_u8(&name)?;
-            let scales_name = format!("{}_scales", name.trim_end_matches("_blocks"));
-            let (sdims, scales) = self.load_u8(&scales_name)?;
-            let [e, out, groups, 16] = dims.as_slice() else {
-                return Err(bad(&name, format!("has shape {dims:?}, not [experts, out, in/32, 16]")));
-            };
-            if sdims.as_slice() != [*e, *out, *groups] || *e != experts {
-                return Err(bad(&scales_name, format!("has shape {sdims:?}, the blocks {dims:?}")));
-            }
-            let mut v = Vec::with_capacity(e * out * groups * 32);
-            mxfp4_hf(&blocks, &scales, &mut v);
-            (*out, groups * 32, v)
+            // `[E, out, in]`.
+            let values = t.transpose(1, 2)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+            let rows = keep(out);
+            return Ok(values
+                .chunks_exact(out * inp)
+                .map(|m| Raw::Dense {
+                    rows: rows.len(),
+                    cols: inp,
+                    values: rows.iter().flat_map(|&r| m[r * inp..(r + 1) * inp].iter().copied()).collect(),
+                })
+                .collect());
+        }
+        let blocks_names = self.hf_layer_names(layer, &format!("{stem}_blocks"));
+        let name = self
+            .tensor_names(&blocks_names)
+            .ok_or_else(|| EngineError::MissingTensor(self.hf_layer_names(layer, stem)[0].clone()))?;
+        let (dims, blocks) = self.load_u8(&name)?;
+        let scales_name = format!("{}_scales", name.trim_end_matches("_blocks"));
+        let (sdims, scales) = self.load_u8(&scales_name)?;
+        let [e, out, groups, 16] = dims.as_slice() else {
+            return Err(bad(&name, format!("has shape {dims:?}, not [experts, out, in/32, 16]")));
         };
-        let per = out * inp;
-        Ok(values
-            .chunks_exact(per)
-            .map(|m| match which {
-                ExpertMat::Down => Raw::Dense { rows: out, cols: inp, values: m.to_vec() },
-                // Gate rows are the even output features, up rows the odd ones.
-                _ => {
-                    let first = usize::from(which == ExpertMat::Up);
-                    let values =
-                        (first..out).step_by(2).flat_map(|r| m[r * inp..(r + 1) * inp].iter().copied()).collect();
-                    Raw::Dense { rows: out / 2, cols: inp, values }
+        if sdims.as_slice() != [*e, *out, *groups] || *e != experts {
+            return Err(bad(&scales_name, format!("has shape {sdims:?}, the blocks {dims:?}")));
+        }
+        let (out, groups) = (*out, *groups);
+        let ggml = GgmlType::from_name("MXFP4").ok_or_else(|| EngineError::Config("no MXFP4 GGML type".into()))?;
+        let rows = keep(out);
+        Ok((0..experts)
+            .map(|x| {
+                let mut bytes = Vec::with_capacity(rows.len() * groups * 17);
+                for &r in &rows {
+                    for g in 0..groups {
+                        let at = (x * out + r) * groups + g;
+                        bytes.push(scales[at]);
+                        bytes.extend(hf_to_ggml_mxfp4(&blocks[at * 16..at * 16 + 16]));
+                    }
                 }
+                Raw::Blocks { ggml, rows: rows.len(), cols: groups * 32, bytes }
             })
             .collect())
     }
@@ -358,6 +420,29 @@ mod tests {
         let mut b = Vec::new();
         mxfp4_hf(&blocks, &[128], &mut b);
         assert_eq!(b, want);
+    }
+
+    #[test]
+    fn transformers_mxfp4_repacks_to_ggml_blocks_of_the_same_values() {
+        let hf: Vec<u8> = (0..16u8).map(|j| j.wrapping_mul(37) ^ 0x5a).collect();
+        let mut want = Vec::new();
+        mxfp4_hf(&hf, &[121], &mut want);
+        let mut block = vec![121u8];
+        block.extend(hf_to_ggml_mxfp4(&hf));
+        let mut got = Vec::new();
+        mxfp4_gguf(&block, &mut got);
+        assert_eq!(got, want);
+        // The CPU runtime's kernels decode the block to the same values.
+        let m =
+            crate::cpu::kernels::QMatrix::from_blocks(crate::cpu::quant::Kind::Mxfp4, 1, 32, block.clone()).unwrap();
+        let mut row = vec![0f32; 32];
+        m.row_f32(0, &mut row);
+        assert_eq!(row, want);
+        // So does Candle's Q8_0 made from it: exactly.
+        let q8 = mxfp4_to_q8_0(&block);
+        let t = qtensor(GgmlType::from_name("Q8_0").unwrap(), 1, 32, q8, &Device::Cpu).unwrap();
+        let v: Vec<f32> = t.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(v, want);
     }
 
     #[test]

@@ -64,7 +64,7 @@ impl MoeLayer {
             let mut ls = Vec::with_capacity(n);
             for (e, raw) in raws.into_iter().enumerate() {
                 stats.tensors += 1;
-                let weight = raw.into_candle(expert_device, dtype)?;
+                let weight = raw.into_candle(expert_device, dtype, stats)?;
                 let bias = match &biases {
                     Some(b) => Some(Tensor::new(b[e].as_slice(), expert_device)?.to_dtype(dtype)?),
                     None => None,

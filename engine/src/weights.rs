@@ -497,7 +497,7 @@ impl WeightSource {
     }
 }
 
-fn note_kernel_name(stats: &mut LoadStats, from: &str) {
+pub(crate) fn note_kernel_name(stats: &mut LoadStats, from: &str) {
     let from = from.to_string();
     match stats.kernels.iter_mut().find(|(k, _)| *k == from) {
         Some(entry) => entry.1 += 1,
@@ -509,7 +509,7 @@ fn note_repack(stats: &mut LoadStats, from: GgmlDType, to: GgmlDType) {
     note_repack_names(stats, &format!("{from:?}"), &format!("{to:?}"));
 }
 
-fn note_repack_names(stats: &mut LoadStats, from: &str, to: &str) {
+pub(crate) fn note_repack_names(stats: &mut LoadStats, from: &str, to: &str) {
     let (from, to) = (from.to_string(), to.to_string());
     match stats.repacked.iter_mut().find(|(f, t, _)| *f == from && *t == to) {
         Some(entry) => entry.2 += 1,

@@ -40,6 +40,17 @@ pub enum Kind {
     Q5K,
     /// Super-blocks of 256: 16 sub-blocks of 16 with 8-bit scales, 6-bit `q − 32`; 210 bytes.
     Q6K,
+    /// `x = 2^(e−128)·v[q]`: a shared power-of-two scale byte (E8M0), then 4-bit codes of
+    /// doubled FP4 values `v` (gpt-oss's experts); 17 bytes per 32 values.
+    Mxfp4,
+}
+
+/// MXFP4's FP4 (E2M1) values, doubled to integers (ggml's `kvalues_mxfp4`).
+pub const MXFP4_VALUES: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+
+/// An E8M0 scale byte halved (the doubled values' scale): `2^(e−128)`.
+pub fn e8m0_half(e: u8) -> f32 {
+    if e >= 2 { f32::from_bits((u32::from(e) - 1) << 23) } else { 2f32.powi(i32::from(e) - 128) }
 }
 
 /// How activations are quantized for a weight format.
@@ -63,6 +74,7 @@ impl Kind {
             "Q5_0" => Kind::Q5_0,
             "Q5_1" => Kind::Q5_1,
             "Q8_0" => Kind::Q8_0,
+            "MXFP4" => Kind::Mxfp4,
             "Q4_K" => Kind::Q4K,
             "Q5_K" => Kind::Q5K,
             "Q6_K" => Kind::Q6K,
@@ -74,7 +86,7 @@ impl Kind {
     pub const fn block_values(self) -> usize {
         match self {
             Kind::F32 => 1,
-            Kind::Q4_0 | Kind::Q4_1 | Kind::Q5_0 | Kind::Q5_1 | Kind::Q8_0 => QK,
+            Kind::Q4_0 | Kind::Q4_1 | Kind::Q5_0 | Kind::Q5_1 | Kind::Q8_0 | Kind::Mxfp4 => QK,
             Kind::Q4K | Kind::Q5K | Kind::Q6K => QK_K,
         }
     }
@@ -88,6 +100,7 @@ impl Kind {
             Kind::Q5_0 => 22,
             Kind::Q5_1 => 24,
             Kind::Q8_0 => 34,
+            Kind::Mxfp4 => 17,
             Kind::Q4K => 144,
             Kind::Q5K => 176,
             Kind::Q6K => 210,
@@ -109,15 +122,25 @@ impl Kind {
         match self {
             Kind::Q4_0 => 8,
             Kind::Q5_0 => 16,
-            Kind::Q8_0 => 128,
+            Kind::Q8_0 | Kind::Mxfp4 => 128,
             _ => 0,
         }
     }
 
     /// The kind whose `as u8` is `id` (kernels take the kind as a const generic `u8`).
     pub const fn from_id(id: u8) -> Kind {
-        const KINDS: [Kind; 9] =
-            [Kind::F32, Kind::Q4_0, Kind::Q4_1, Kind::Q5_0, Kind::Q5_1, Kind::Q8_0, Kind::Q4K, Kind::Q5K, Kind::Q6K];
+        const KINDS: [Kind; 10] = [
+            Kind::F32,
+            Kind::Q4_0,
+            Kind::Q4_1,
+            Kind::Q5_0,
+            Kind::Q5_1,
+            Kind::Q8_0,
+            Kind::Q4K,
+            Kind::Q5K,
+            Kind::Q6K,
+            Kind::Mxfp4,
+        ];
         KINDS[id as usize]
     }
 
@@ -137,6 +160,7 @@ impl Kind {
             Kind::Q4K => "Q4_K",
             Kind::Q5K => "Q5_K",
             Kind::Q6K => "Q6_K",
+            Kind::Mxfp4 => "MXFP4",
         }
     }
 }
@@ -193,6 +217,15 @@ pub fn unpack32(kind: Kind, blk: &[u8]) -> Unpacked32 {
             for (v, &q) in u.iter_mut().zip(&blk[2..34]) {
                 *v = (q as i8 as i32 + 128) as u8;
             }
+        }
+        Kind::Mxfp4 => {
+            // Signed values offset by 128, as Q8_0's codes; low nibbles are values 0–15.
+            let code = |n: u8| (i32::from(MXFP4_VALUES[usize::from(n)]) + 128) as u8;
+            for j in 0..16 {
+                u[j] = code(blk[1 + j] & 0x0F);
+                u[j + 16] = code(blk[1 + j] >> 4);
+            }
+            return Unpacked32 { u, d: e8m0_half(blk[0]), m };
         }
         _ => unreachable!("not a 32-value format"),
     }

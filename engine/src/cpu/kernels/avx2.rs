@@ -8,7 +8,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::super::quant::{ActBlock, ActBlockK, Kind, QK, f16_at, scale_min_k4};
+use super::super::quant::{ActBlock, ActBlockK, Kind, MXFP4_VALUES, QK, e8m0_half, f16_at, scale_min_k4};
 
 /// Whether the CPU runs this flavor.
 pub fn available() -> bool {
@@ -65,6 +65,12 @@ pub(super) unsafe fn unpack32(kind: Kind, p: *const u8) -> (__m256i, f32, f32) {
                 (_mm256_or_si256(nibbles(p.add(8)), fifth_bits(qh)), d, f16_at(blk, 2))
             }
             Kind::Q8_0 => (_mm256_xor_si256(_mm256_loadu_si256(p.add(2).cast()), _mm256_set1_epi8(-128)), d, 0.0),
+            Kind::Mxfp4 => {
+                // The doubled FP4 value of each nibble, then offset by 128 as Q8_0's codes.
+                let lut = _mm256_broadcastsi128_si256(_mm_loadu_si128(MXFP4_VALUES.as_ptr().cast()));
+                let v = _mm256_shuffle_epi8(lut, nibbles(p.add(1)));
+                (_mm256_xor_si256(v, _mm256_set1_epi8(-128)), e8m0_half(*p), 0.0)
+            }
             _ => unreachable!("not a 32-value format"),
         }
     }
@@ -107,6 +113,7 @@ macro_rules! by_kind32 {
             Kind::Q5_0 => $f::<{ Kind::Q5_0 as u8 } $($(, $g)*)?>($($a),*),
             Kind::Q5_1 => $f::<{ Kind::Q5_1 as u8 } $($(, $g)*)?>($($a),*),
             Kind::Q8_0 => $f::<{ Kind::Q8_0 as u8 } $($(, $g)*)?>($($a),*),
+            Kind::Mxfp4 => $f::<{ Kind::Mxfp4 as u8 } $($(, $g)*)?>($($a),*),
             _ => unreachable!("not a 32-value format"),
         }
     };
@@ -258,7 +265,7 @@ unsafe fn tile32<const K: u8, const R: usize, const C: usize>(
 ) {
     let kind = Kind::from_id(K);
     let o = kind.offset();
-    let signed8 = kind == Kind::Q8_0;
+    let signed8 = matches!(kind, Kind::Q8_0 | Kind::Mxfp4);
     let bb = kind.block_bytes();
     let mut acc = [[_mm256_setzero_ps(); C]; R];
     let mut off = [[0f32; C]; R];
