@@ -85,7 +85,7 @@ pub fn mxfp4_hf(blocks: &[u8], scales: &[u8], out: &mut Vec<f32>) {
 /// One MXFP4 block's 16 code bytes from transformers' order (byte `j`: values `2j`, `2j+1`) to
 /// GGML's (byte `j`: values `j`, `j+16`).
 fn hf_to_ggml_mxfp4(hf: &[u8]) -> [u8; 16] {
-    let code = |i: usize| if i % 2 == 0 { hf[i / 2] & 0x0f } else { hf[i / 2] >> 4 };
+    let code = |i: usize| if i.is_multiple_of(2) { hf[i / 2] & 0x0f } else { hf[i / 2] >> 4 };
     std::array::from_fn(|j| code(j) | (code(j + 16) << 4))
 }
 
