@@ -28,6 +28,10 @@ fn random_blocks(kind: Kind, rows: usize, cols: usize) -> Vec<u8> {
     let bb = kind.block_bytes();
     let mut bytes: Vec<u8> = (0..rows * cols / kind.block_values() * bb).map(|_| next() as u8).collect();
     for blk in bytes.chunks_exact_mut(bb) {
+        if kind == Kind::Mxfp4 {
+            blk[0] = 120; // 2^-8: an E8M0 scale byte, not an f16
+            continue;
+        }
         let v = f16::from_f32(0.01).to_le_bytes();
         let at = if kind == Kind::Q6K { 208 } else { 0 };
         blk[at..at + 2].copy_from_slice(&v);
@@ -40,7 +44,7 @@ fn random_blocks(kind: Kind, rows: usize, cols: usize) -> Vec<u8> {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let kinds: Vec<Kind> = arg(&args, "--kinds", "Q4_0,Q4_1,Q5_0,Q5_1,Q8_0,Q4_K,Q5_K,Q6_K")
+    let kinds: Vec<Kind> = arg(&args, "--kinds", "Q4_0,Q4_1,Q5_0,Q5_1,Q8_0,Q4_K,Q5_K,Q6_K,MXFP4")
         .split(',')
         .map(|k| Kind::from_ggml(k).unwrap_or_else(|| panic!("unknown kind {k}")))
         .collect();

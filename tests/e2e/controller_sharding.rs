@@ -302,4 +302,8 @@ async fn a_mixture_of_experts_short_of_gpu_memory_keeps_its_experts_on_the_host_
 
     let (text, got) = chat(&mut inference, "moe", "The harbour town", 8).await.expect("chat");
     assert_eq!(got, want, "experts on the host answer as the whole model on one device: {text:?}");
+    let (code, out, err) = common::run(common::gantry().args(["get", "deployments", "--controller", &control.url()]));
+    assert_eq!(code, 0, "{err}");
+    let shown = format!("moe/gpu:0+host ({} of experts)", gantry_core::units::format_bytes(host.host_bytes));
+    assert!(out.contains(&shown), "{out}");
 }

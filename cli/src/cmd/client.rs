@@ -474,7 +474,14 @@ fn placement_of(r: &pb::Replica) -> String {
     if r.stages.is_empty() {
         return "-".into();
     }
-    r.stages.iter().map(|s| format!("{}/gpu:{}", s.worker_id, s.gpu_index)).collect::<Vec<_>>().join(",")
+    r.stages
+        .iter()
+        .map(|s| match s.experts_on_host_bytes {
+            0 => format!("{}/gpu:{}", s.worker_id, s.gpu_index),
+            host => format!("{}/gpu:{}+host ({} of experts)", s.worker_id, s.gpu_index, format_bytes(host)),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn deployments_table(list: &[pb::Deployment]) -> String {
