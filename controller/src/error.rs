@@ -35,6 +35,14 @@ pub enum ClusterError {
     #[error("{0}")]
     Precondition(String),
 
+    /// It exists already and may not be replaced (a second link for a live worker).
+    #[error("{0}")]
+    AlreadyExists(String),
+
+    /// The caller's credential does not allow it (a worker id bound to another credential).
+    #[error("{0}")]
+    PermissionDenied(String),
+
     /// No replica can take the request; the reason says what each replica is doing.
     #[error("{0}")]
     NoReadyReplica(String),
@@ -71,6 +79,8 @@ impl From<ClusterError> for Status {
             ClusterError::StoreUnavailable(_) | ClusterError::NoReadyReplica(_) => Status::unavailable(msg),
             ClusterError::StoreBusy(_) | ClusterError::Precondition(_) => Status::failed_precondition(msg),
             ClusterError::Exhausted(_) => Status::resource_exhausted(msg),
+            ClusterError::AlreadyExists(_) => Status::already_exists(msg),
+            ClusterError::PermissionDenied(_) => Status::permission_denied(msg),
             ClusterError::DeadlineExceeded(_) => Status::deadline_exceeded(msg),
             ClusterError::StoreFailed(_) | ClusterError::Internal(_) => Status::internal(msg),
         }

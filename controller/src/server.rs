@@ -55,8 +55,10 @@ impl Controller {
         http: Option<TcpListener>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let worker_certificates = self.tls.as_ref().is_some_and(|t| t.workers_need_certificates);
         let api = Services::new(self.cluster.clone())
-            .require_worker_certificates(self.tls.as_ref().is_some_and(|t| t.workers_need_certificates));
+            .require_worker_certificates(worker_certificates)
+            .authenticating(self.api_keys.is_some() || worker_certificates);
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<pb::inference_server::InferenceServer<Services>>().await;
         health.set_serving::<pb::deployments_server::DeploymentsServer<Services>>().await;

@@ -162,3 +162,100 @@ impl axum::serve::Listener for TlsListener {
         }
     }
 }
+
+/// The identity a client certificate gives a worker's link: its subject's common name
+/// (`CN=node-1`), else a digest of the whole subject. Certificates re-issued to the same subject
+/// keep the identity; the CA that signed them (the controller's `--tls-client-ca`) vouches for it.
+pub fn certificate_identity(der: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    match subject(der) {
+        Some(subject) => match common_name(subject) {
+            Some(cn) => format!("certificate CN={cn}"),
+            None => format!("certificate subject sha256:{}", hex12(&Sha256::digest(subject))),
+        },
+        None => format!("certificate sha256:{}", hex12(&Sha256::digest(der))),
+    }
+}
+
+fn hex12(d: &[u8]) -> String {
+    d.iter().take(12).map(|b| format!("{b:02x}")).collect()
+}
+
+/// One DER element at the start of `b`: (tag, contents, the rest after it).
+fn der_element(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = b.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        (rest[..n].iter().fold(0usize, |acc, &x| (acc << 8) | usize::from(x)), &rest[n..])
+    };
+    if rest.len() < len {
+        return None;
+    }
+    Some((tag, &rest[..len], &rest[len..]))
+}
+
+/// The subject `Name` (its encoded contents) of a DER certificate.
+fn subject(cert: &[u8]) -> Option<&[u8]> {
+    let (_, certificate, _) = der_element(cert)?;
+    let (_, tbs, _) = der_element(certificate)?;
+    let mut rest = tbs;
+    // [0] version (optional), serial, signature algorithm, issuer, validity, subject.
+    let (tag, _, after) = der_element(rest)?;
+    if tag == 0xa0 {
+        rest = after;
+    }
+    for _ in 0..4 {
+        rest = der_element(rest)?.2;
+    }
+    let (tag, subject, _) = der_element(rest)?;
+    (tag == 0x30).then_some(subject)
+}
+
+/// The first common name (OID 2.5.4.3) of a subject, if it is a string.
+fn common_name(mut name: &[u8]) -> Option<String> {
+    while let Some((_, set, rest)) = der_element(name) {
+        name = rest;
+        let mut atvs = set;
+        while let Some((_, atv, more)) = der_element(atvs) {
+            atvs = more;
+            let (tag, oid, value) = der_element(atv)?;
+            if tag == 0x06 && oid == [0x55, 0x04, 0x03] {
+                let (_, text, _) = der_element(value)?;
+                return String::from_utf8(text.to_vec()).ok();
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod identity_tests {
+    use super::*;
+
+    #[test]
+    fn a_certificates_identity_is_its_common_name() {
+        // A self-signed certificate with subject CN=node-1, O=gantry (made with openssl).
+        let pem = "-----BEGIN CERTIFICATE-----
+MIIBmDCCAT+gAwIBAgIUP4BMufo/AiTgd84mnvFGz0de+dAwCgYIKoZIzj0EAwIw
+IjEPMA0GA1UEAwwGbm9kZS0xMQ8wDQYDVQQKDAZnYW50cnkwHhcNMjYxMjA2MTgx
+MDEyWhcNMzYxMjAzMTgxMDEyWjAiMQ8wDQYDVQQDDAZub2RlLTExDzANBgNVBAoM
+BmdhbnRyeTBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABG1hdVMppobM6saMKn81
+P2XsIr+FACPUv4+pj3n1ClnS5eAiRMwvBkzaP/qK73CX+LfgWQVx0eooV/YvLP+r
+DLujUzBRMB0GA1UdDgQWBBRcK2fSBWa+pa1t+WYBFnlkYgJmRjAfBgNVHSMEGDAW
+gBRcK2fSBWa+pa1t+WYBFnlkYgJmRjAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49
+BAMCA0cAMEQCIDmhNSp76Pws1eeQihNSMGSjPQqLG3h86bdpnbg9iBrbAiA7v8o8
+McdAQyubgeGpPvkEizic4JkcG7/SItIWDPk1gw==
+-----END CERTIFICATE-----";
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        assert_eq!(certificate_identity(&der), "certificate CN=node-1");
+        // Not a certificate: a digest of the bytes, never a panic.
+        assert!(certificate_identity(b"\x30\x03\x02\x01").starts_with("certificate sha256:"));
+        assert!(certificate_identity(&[]).starts_with("certificate sha256:"));
+    }
+}

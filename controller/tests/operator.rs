@@ -533,6 +533,38 @@ async fn a_token_secret_goes_with_the_loads_and_a_missing_one_is_reported() {
     assert!(!shown.contains("hf_secret_value"));
 }
 
+/// A worker whose link nothing authenticated (no key, no certificate, not from this host) is
+/// sent its loads without the Hugging Face token: a secret goes only to a worker that proved who
+/// it is.
+#[tokio::test]
+async fn the_token_is_withheld_from_a_worker_whose_link_is_not_authenticated() {
+    let (_dir, cluster) = start_cluster().await;
+    let (client, world) = fake_api();
+    world
+        .lock()
+        .unwrap()
+        .secrets
+        .insert("hf".into(), HashMap::from([("token".to_string(), "hf_secret_value".to_string())]));
+    let ctx = Context::new(client, cluster.clone(), "gantry-controller-0");
+    let (tx, mut w1) = mpsc::unbounded_channel();
+    let reg = pb::WorkerRegistration {
+        worker_id: "w1".into(),
+        address: "127.0.0.1:9".into(),
+        version: "test".into(),
+        status: Some(gpu_status(24 << 30)),
+        ..Default::default()
+    };
+    cluster
+        .register_as(reg, tx, gantry_controller::cluster::workers::LinkAuth { credential: None, trusted: false })
+        .unwrap();
+    let mut md = model_deployment("gated", 1);
+    md.spec.hf_token_secret = Some(SecretKeyRef { name: "hf".into(), key: "token".into() });
+    reconcile(Arc::new(md), ctx.clone()).await.unwrap();
+    let ToWorker::Load(load) = next_command(&mut w1).await else { panic!("a load") };
+    let request = load.request.unwrap();
+    assert_eq!((request.model_id.as_str(), request.hf_token.as_str()), ("gated/0", ""));
+}
+
 #[tokio::test]
 async fn a_token_secret_outside_the_allowed_names_is_never_read() {
     let (_dir, cluster) = start_cluster().await;

@@ -450,3 +450,49 @@ async fn cold_requests_wait_for_the_load_within_their_bounds() {
     let (name, replicas, now) = cluster.signals().pop().unwrap();
     assert_eq!((name.as_str(), replicas, now.ready, now.waiting), ("a", 1, 1, 0));
 }
+
+/// A worker id stays bound to the credential that first registered it, across a restart of
+/// the controller (the binding is in the store with the worker's record); an id registered by
+/// an unauthenticated link is bound to nothing.
+#[tokio::test]
+async fn a_worker_ids_credential_survives_a_controller_restart() {
+    use gantry_controller::cluster::workers::LinkAuth;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.redb");
+    let reg = |id: &str| pb::WorkerRegistration {
+        worker_id: id.into(),
+        address: "127.0.0.1:9".into(),
+        version: "test".into(),
+        status: Some(gpu_status(24 << 30, 24 << 30)),
+        ..Default::default()
+    };
+    let key = |name: &str| LinkAuth { credential: Some(format!("key {name}")), trusted: true };
+    let store = Arc::new(EmbeddedStore::open(&path).unwrap());
+    {
+        let cluster = Cluster::start(store.clone(), ControllerConfig::default()).await.unwrap();
+        let (tx, _rx) = mpsc::unbounded_channel();
+        cluster.register_as(reg("w1"), tx, key("node-1")).unwrap();
+        let (tx, _rx2) = mpsc::unbounded_channel();
+        cluster.register_as(reg("w2"), tx, LinkAuth { credential: None, trusted: false }).unwrap();
+        // The records are written behind: wait for both.
+        for _ in 0..100 {
+            if cluster.store().list("workers/").await.unwrap().len() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        cluster.shutdown();
+    }
+    // A new controller on the same store.
+    let cluster = Cluster::start(store, ControllerConfig::default()).await.unwrap();
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let e = cluster.register_as(reg("w1"), tx, key("node-2")).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "worker id `w1` belongs to another credential: a worker registers with the key or certificate it first registered with"
+    );
+    let (tx, _rx) = mpsc::unbounded_channel();
+    cluster.register_as(reg("w1"), tx, key("node-1")).unwrap();
+    let (tx, _rx) = mpsc::unbounded_channel();
+    cluster.register_as(reg("w2"), tx, key("node-2")).unwrap();
+}

@@ -220,3 +220,95 @@ async fn roles_limit_each_key_to_what_it_is_for() {
         assert!(!logs.contains(k), "a key in the logs");
     }
 }
+
+/// An attacker's registration on the worker link, as raw gRPC: the registration, then nothing.
+/// `Ok(())` when the controller accepted it (its first answer is `Registered`).
+async fn register_as_worker(url: &str, id: &str, key: &str) -> Result<(), tonic::Status> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string()).unwrap().connect().await.unwrap();
+    let mut link = pb::worker_link_client::WorkerLinkClient::new(channel);
+    let reg = pb::WorkerMessage {
+        message: Some(pb::worker_message::Message::Register(pb::WorkerRegistration {
+            worker_id: id.into(),
+            address: "127.0.0.1:1".into(),
+            version: "attacker".into(),
+            ..Default::default()
+        })),
+    };
+    // The stream stays open (as a worker's does) until the first answer is read.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(reg).await.unwrap();
+    let mut answers = link.attach(with_key(tokio_stream::wrappers::ReceiverStream::new(rx), key)).await?.into_inner();
+    let first = answers.message().await?;
+    assert!(
+        matches!(first.and_then(|m| m.message), Some(pb::controller_message::Message::Registered(_))),
+        "an accepted link answers Registered first"
+    );
+    drop(tx);
+    Ok(())
+}
+
+/// A worker's id is its own. With a key per worker (`KEY worker NAME`), a holder of another key
+/// — a user's, or another worker's — cannot take over a worker's id: not while it is connected,
+/// and not after it left; the worker itself comes back with its own key. (Over mutual TLS the
+/// certificate is the credential the id is bound to; `tls_mutual.rs`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_id_cannot_be_taken_over_with_another_credential() {
+    const ADMIN: &str = "k-admin-0123456789abcdef";
+    const USER: &str = "k-user-0123456789abcdef0";
+    const NODE1: &str = "k-node1-0123456789abcdef";
+    const NODE2: &str = "k-node2-0123456789abcdef";
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    std::fs::write(
+        &keys,
+        format!("{ADMIN} admin ops\n{USER} user app\n{NODE1} worker node-1\n{NODE2} worker node-2\n"),
+    )
+    .unwrap();
+    let control = RunningController::start(&["--api-keys", keys.to_str().unwrap(), "--lease", "2"]);
+    let url = control.url();
+    let mut legit = RunningWorker::join(&url, "w1", &["--api-key", NODE1]);
+    let channel = control.channel().await;
+    let mut cluster = pb::cluster_client::ClusterClient::new(channel);
+    let ready = |workers: &[pb::WorkerInfo]| workers.iter().any(|w| w.worker_id == "w1" && w.state == "ready");
+    loop {
+        let list = cluster.list_workers(with_key(pb::ListWorkersRequest {}, ADMIN)).await.unwrap().into_inner();
+        if ready(&list.workers) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    // A user's key may not open a worker link at all.
+    let e = register_as_worker(&url, "w1", USER).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let taken = "worker id `w1` belongs to another credential: a worker registers with the key or certificate it first registered with";
+    // Another worker's key: not while w1 is connected …
+    let e = register_as_worker(&url, "w1", NODE2).await.unwrap_err();
+    assert_eq!((e.code(), e.message()), (Code::PermissionDenied, taken));
+    // … (nor a second link with w1's own key while w1 is live) …
+    let e = register_as_worker(&url, "w1", NODE1).await.unwrap_err();
+    assert_eq!(
+        (e.code(), e.message()),
+        (
+            Code::AlreadyExists,
+            "worker `w1` is connected already: a second link for a live worker is refused (register again once its link ends or its lease runs out)"
+        )
+    );
+    // … nor once it has gone.
+    legit.kill();
+    let e = register_as_worker(&url, "w1", NODE2).await.unwrap_err();
+    assert_eq!((e.code(), e.message()), (Code::PermissionDenied, taken));
+    // The worker's own key gets its id back once the controller has seen the link end.
+    let started = std::time::Instant::now();
+    while let Err(e) = register_as_worker(&url, "w1", NODE1).await {
+        assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(20), "w1's link never ended");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // Another worker's key may register an id of its own.
+    register_as_worker(&url, "w9", NODE2).await.unwrap();
+    let log = control.stderr();
+    for key in [ADMIN, USER, NODE1, NODE2] {
+        assert!(!log.contains(key), "a key in the controller's log");
+    }
+}

@@ -19,11 +19,21 @@ pub struct Services {
     router: Router,
     /// Whether a worker must present a client certificate (mutual TLS) to attach.
     worker_certificates: bool,
+    /// Whether the controller authenticates no one (no API keys, no client CA): a worker
+    /// link from this host may then receive secrets.
+    open_to_all: bool,
 }
 
 impl Services {
     pub fn new(cluster: Arc<Cluster>) -> Services {
-        Services { router: Router::new(cluster), worker_certificates: false }
+        Services { router: Router::new(cluster), worker_certificates: false, open_to_all: true }
+    }
+
+    /// Whether callers are authenticated (API keys or a client CA); without, links from this
+    /// host are trusted with secrets, others not.
+    pub fn authenticating(mut self, yes: bool) -> Services {
+        self.open_to_all = !yes;
+        self
     }
 
     /// Requires workers to present a certificate the TLS layer verified against the client CA.

@@ -11,7 +11,24 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::warn;
 
 use super::Services;
+use crate::auth::Caller;
+use crate::cluster::workers::LinkAuth;
 use crate::router::EventStream;
+
+/// How a link was authenticated: by its TLS client certificate (its subject's common name: one
+/// per worker), else by its API key's name; secrets go only over an authenticated link, or over one from this host
+/// when the controller authenticates no one (`open_to_all`: no keys and no client CA).
+fn link_auth<T>(request: &Request<T>, open_to_all: bool) -> LinkAuth {
+    let certificate =
+        request.peer_certs().and_then(|c| c.first().map(|c| crate::tls::certificate_identity(c.as_ref())));
+    let credential = match (certificate, request.extensions().get::<Caller>()) {
+        (Some(identity), _) => Some(identity),
+        (None, Some(c)) => Some(format!("key {}", c.name)),
+        (None, None) => None,
+    };
+    let local = request.remote_addr().is_none_or(|a| a.ip().is_loopback());
+    LinkAuth { trusted: credential.is_some() || (open_to_all && local), credential }
+}
 
 #[tonic::async_trait]
 impl pb::worker_link_server::WorkerLink for Services {
@@ -28,6 +45,7 @@ impl pb::worker_link_server::WorkerLink for Services {
                 "this controller requires workers to present a TLS client certificate signed by its --tls-client-ca (gantry worker --tls-cert/--tls-key)",
             ));
         }
+        let auth = link_auth(&request, self.open_to_all);
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
             .await
@@ -37,7 +55,7 @@ impl pb::worker_link_server::WorkerLink for Services {
         };
         let worker = reg.worker_id.trim().to_string();
         let (tx, rx) = mpsc::unbounded_channel();
-        let session = self.cluster().register(reg, tx)?;
+        let session = self.cluster().register_as(reg, tx, auth)?;
         let cluster = self.cluster().clone();
         let mut closing = self.cluster().closing();
         tokio::spawn(async move {

@@ -120,6 +120,16 @@ pub async fn restore(store: &dyn StateStore) -> Result<State, StateStoreError> {
         r.placement = Some(placement);
         d.replicas.insert(index, r);
     }
+    // The credential each worker id is bound to.
+    for (key, value) in store.list("workers/").await? {
+        let Some(id) = key.strip_prefix("workers/") else { continue };
+        let credential = serde_json::from_slice::<serde_json::Value>(&value)
+            .ok()
+            .and_then(|v| v.get("credential").and_then(|c| c.as_str()).map(str::to_string));
+        if let Some(c) = credential {
+            state.worker_credentials.insert(id.to_string(), c);
+        }
+    }
     let restored: usize = state.deployments.values().map(|d| d.replicas.len()).sum();
     if !state.deployments.is_empty() {
         info!(deployments = state.deployments.len(), placements = restored, store = %store.describe(), "restored state");

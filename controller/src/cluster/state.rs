@@ -166,6 +166,11 @@ pub struct Worker {
     pub session: u64,
     pub last_seen: Instant,
     pub lost: bool,
+    /// How its link was authenticated: the credential its id is bound to (`None`: it was not).
+    pub credential: Option<String>,
+    /// Whether secrets (a deployment's Hugging Face token) may be sent over its link: it was
+    /// authenticated, or it came from this host to a controller that authenticates no one.
+    pub trusted: bool,
 }
 
 impl Worker {
@@ -205,6 +210,9 @@ pub struct State {
     /// Hugging Face tokens for deployments' downloads (from Kubernetes Secrets): kept in
     /// memory only, never in the store.
     pub hub_tokens: HashMap<String, String>,
+    /// The credential each worker id is bound to (its first authenticated registration; kept
+    /// in the store with the worker's record).
+    pub worker_credentials: HashMap<String, String>,
 }
 
 impl State {

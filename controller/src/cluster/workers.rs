@@ -27,12 +27,55 @@ pub fn retry_after(failures: u32) -> Duration {
     FIRST_RETRY.saturating_mul(1 << failures.min(5).saturating_sub(1)).min(MAX_RETRY)
 }
 
+/// How a worker's link was authenticated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkAuth {
+    /// The credential the worker id is bound to: `certificate sha256:…` (its TLS client
+    /// certificate) or `key NAME` (an API key); `None` when nothing authenticated the link.
+    pub credential: Option<String>,
+    /// Whether secrets may go over the link.
+    pub trusted: bool,
+}
+
 impl Cluster {
     /// A worker registered on a new link; returns its session number.
     pub fn register(&self, reg: pb::WorkerRegistration, tx: LinkSender) -> Result<u64, ClusterError> {
+        self.register_as(reg, tx, LinkAuth { credential: None, trusted: true })
+    }
+
+    /// Registers a worker whose link was authenticated as `auth` says. A worker id is bound to
+    /// the first credential that registers it: another credential cannot take it over, and no
+    /// one can register an id whose worker is connected (its link must end, or its lease run
+    /// out, first).
+    pub fn register_as(
+        &self,
+        reg: pb::WorkerRegistration,
+        tx: LinkSender,
+        auth: LinkAuth,
+    ) -> Result<u64, ClusterError> {
         let id = reg.worker_id.trim().to_string();
         if id.is_empty() {
             return Err(ClusterError::Invalid("the worker registered without a worker_id".into()));
+        }
+        {
+            let inner = self.lock();
+            if let Some(bound) = inner.state.worker_credentials.get(&id)
+                && auth.credential.as_ref() != Some(bound)
+            {
+                warn!(worker = %id, "refused a registration of a worker id bound to another credential");
+                return Err(ClusterError::PermissionDenied(format!(
+                    "worker id `{id}` belongs to another credential: a worker registers with the key or certificate it first registered with"
+                )));
+            }
+            if let Some(w) = inner.state.workers.get(&id)
+                && w.connected
+                && !w.lost
+            {
+                warn!(worker = %id, "refused a second link for a connected worker");
+                return Err(ClusterError::AlreadyExists(format!(
+                    "worker `{id}` is connected already: a second link for a live worker is refused (register again once its link ends or its lease runs out)"
+                )));
+            }
         }
         let status = reg.status.unwrap_or_default();
         let scheme = if reg.tls { "https" } else { "http" };
@@ -71,7 +114,11 @@ impl Cluster {
         );
         let record = serde_json::json!({
             "address": reg.address, "version": reg.version, "labels": reg.labels, "registered_ms": unix_ms(),
+            "credential": auth.credential,
         });
+        if let Some(c) = &auth.credential {
+            inner.state.worker_credentials.insert(id.clone(), c.clone());
+        }
         let mut effects = vec![Effect::Persist(StoreOp::Put(format!("workers/{id}"), to_json(&record)))];
         inner.links.insert(id.clone(), Link { tx: Some(tx), channel });
         inner.state.workers.insert(
@@ -86,6 +133,8 @@ impl Cluster {
                 session,
                 last_seen: Instant::now(),
                 lost: false,
+                credential: auth.credential,
+                trusted: auth.trusted,
             },
         );
         effects.extend(adopt(&mut inner.state, &self.config, &id));

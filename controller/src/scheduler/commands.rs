@@ -109,11 +109,17 @@ pub fn load_replica(st: &mut State, name: &str, index: u32, only: Option<&str>) 
             waiting.push(node.clone());
             continue;
         }
+        // A secret goes only over a link that was authenticated (or one from this host to a
+        // controller that authenticates no one).
+        let trusted = st.workers.get(node).is_some_and(|w| w.trusted);
+        if !trusted && !hf_token.is_empty() {
+            warn!(deployment = name, worker = %node, "not sending the Hugging Face token over an unauthenticated worker link");
+        }
         let base = pb::LoadModelRequest {
             model_id: replica_model_id(name, index),
             source: source.clone(),
             context_length: context,
-            hf_token: hf_token.clone(),
+            hf_token: if trusted { hf_token.clone() } else { String::new() },
             ..Default::default()
         };
         let request = if split {

@@ -40,6 +40,8 @@ fn worker(st: &mut State, id: &str, total: u64, now: Instant) {
             session: 1,
             last_seen: now,
             lost: false,
+            credential: None,
+            trusted: true,
         },
     );
 }
