@@ -255,6 +255,10 @@ must_fail "a chart rendered with a writable root filesystem is caught by the cha
   --set networkPolicy.enabled=false >"$tmp/open.yaml"
 must_fail "a chart rendered without NetworkPolicies is caught by the chart rules" \
   "no NetworkPolicy: workers and etcd are open to every pod" check_manifests --policy --label "open chart" "$tmp/open.yaml"
+"$helm" template gantry "$chart" --namespace gantry --kube-version "$KUBE_VERSION" \
+  --set apiKeys.generate=false >"$tmp/keyless.yaml"
+must_fail "a chart rendered without API keys is caught by the chart rules" \
+  "the controller runs without --api-keys" check_manifests --policy --label "keyless chart" "$tmp/keyless.yaml"
 if [[ -f "$crd" ]]; then
   "$py" - "$crd" "$tmp/crd-without-scale.yaml" <<'EOF'
 import sys, yaml

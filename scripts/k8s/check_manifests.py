@@ -313,6 +313,18 @@ def check_policy(objs, where, failures):
                 failures.add(where, f"{describe(w)}: no NetworkPolicy selects its pods")
     elif workloads:
         failures.add(where, "no NetworkPolicy: workers and etcd are open to every pod (networkPolicy.enabled)")
+    # The controller authenticates its callers (--api-keys) and every worker sends a key: a
+    # worker listening beyond loopback without one (or TLS) refuses to start, and a controller
+    # without keys serves anyone who reaches its Service.
+    for w in workloads:
+        for c in pod_spec_of(w).get("containers") or []:
+            args = [str(a) for a in c.get("args") or []]
+            env = {e.get("name") for e in c.get("env") or []}
+            if args[:1] == ["controller"] and not any(a.startswith("--api-keys") for a in args):
+                failures.add(where, f"{describe(w)}: the controller runs without --api-keys (apiKeys.generate)")
+            tls = any(a.startswith("--tls-cert") for a in args)
+            if args[:1] == ["worker"] and "GANTRY_API_KEY" not in env and not tls:
+                failures.add(where, f"{describe(w)}: the workers send no API key and serve no TLS (apiKeys.generate)")
     # The leader controller labels its own pod at run time (gantry.dev/leader=true), so that
     # label is matched by the controller's pods though their template cannot carry it.
     runtime_labels = {"gantry.dev/leader": "true"}

@@ -312,3 +312,183 @@ async fn a_worker_id_cannot_be_taken_over_with_another_credential() {
         assert!(!log.contains(key), "a key in the controller's log");
     }
 }
+
+/// `msg` with `Authorization: Bearer key`, or without one.
+fn maybe_key<T>(msg: T, key: Option<&str>) -> tonic::Request<T> {
+    match key {
+        Some(k) => with_key(msg, k),
+        None => tonic::Request::new(msg),
+    }
+}
+
+/// A worker on `0.0.0.0:port` (reached here on loopback only: `--advertise 127.0.0.1:port`)
+/// linked to `controller` with `key`.
+fn guarded_worker(controller: &str, id: &str, gpus: &str, key: &str) -> (RunningWorker, String) {
+    let port = common::etcd::free_port();
+    let mut cmd = gantry();
+    cmd.args([
+        "worker",
+        "--listen",
+        &format!("0.0.0.0:{port}"),
+        "--advertise",
+        &format!("127.0.0.1:{port}"),
+        "--controller",
+        controller,
+        "--api-key",
+        key,
+        "--worker-id",
+        id,
+        "--gpus",
+        gpus,
+        "--threads",
+        "1",
+        "--parallel",
+        "1",
+    ]);
+    (RunningWorker::spawn(cmd), format!("http://127.0.0.1:{port}"))
+}
+
+/// A worker that listens beyond loopback without TLS: it refuses to start without a controller
+/// link that can bring it the cluster's worker token; with one, every method of its port
+/// (`Worker/Status|LoadModel|UnloadModel|Generate`, `StageLink/Forward`, reflection) refuses a
+/// caller without the token or with a wrong one, while the controller's calls and the stages'
+/// links of a model split over two such workers carry it and work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_beyond_loopback_takes_calls_only_with_the_clusters_token() {
+    const ADMIN: &str = "k-admin-0123456789abcdef";
+    const NODE: &str = "k-node-0123456789abcdef0";
+    let (code, _, err) = run(gantry().args(["worker", "--listen", "0.0.0.0:0", "--gpus", "1x24GiB"]));
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("gantry worker listens beyond loopback (--listen 0.0.0.0:0) only with TLS"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, format!("{ADMIN} admin ops\n{NODE} worker nodes\n")).unwrap();
+    let control = RunningController::start(&["--api-keys", keys.to_str().unwrap(), "--lease", "2"]);
+    let url = control.url();
+    // SmolLM2 at 2K context (657 MiB) fits neither 640 MiB GPU alone: split over both workers.
+    let (_a, a_url) = guarded_worker(&url, "a", "1x640MiB", NODE);
+    let (_b, _) = guarded_worker(&url, "b", "1x640MiB", NODE);
+    let channel = control.channel().await;
+    let mut cluster = pb::cluster_client::ClusterClient::new(channel.clone());
+    loop {
+        let list = cluster.list_workers(with_key(pb::ListWorkersRequest {}, ADMIN)).await.unwrap().into_inner();
+        if list.workers.iter().filter(|w| w.state == "ready").count() == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let mut deployments = pb::deployments_client::DeploymentsClient::new(channel.clone());
+    let spec = pb::DeploymentSpec {
+        source: common::smollm2().display().to_string(),
+        replicas: 1,
+        context_length: 2048,
+        placement: Some(pb::PlacementPolicy { allow_multi_node: true, ..Default::default() }),
+        ..Default::default()
+    };
+    deployments.apply(with_key(pb::ApplyRequest { name: "smol".into(), spec: Some(spec) }, ADMIN)).await.unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        let d = deployments.get(with_key(pb::GetDeploymentRequest { name: "smol".into() }, ADMIN)).await.unwrap();
+        let status = d.into_inner().status.unwrap_or_default();
+        if status.ready_replicas == 1 {
+            assert_eq!(status.replica_status[0].stages.len(), 2, "split over both workers");
+            break;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(120), "{status:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // Through the controller: its call to the first stage and that stage's link to the second
+    // carry the token.
+    let mut inference = pb::inference_client::InferenceClient::new(channel);
+    let chat = pb::ChatRequest {
+        model: "smol".into(),
+        messages: vec![pb::ChatMessage { role: "user".into(), content: "Hi".into() }],
+        sampling: Some(pb::SamplingParams { max_tokens: Some(4), ..Default::default() }),
+        request_id: String::new(),
+    };
+    let mut stream = inference.chat(with_key(chat, ADMIN)).await.unwrap().into_inner();
+    let mut tokens = 0;
+    while let Some(ev) = stream.message().await.unwrap() {
+        if let Some(pb::generate_event::Event::Token(_)) = ev.event {
+            tokens += 1;
+        }
+    }
+    assert_eq!(tokens, 4);
+
+    // Directly, as a caller on the network would: every method refused, with or without a
+    // (wrong) credential.
+    let worker = tonic::transport::Endpoint::from_shared(a_url).unwrap().connect().await.unwrap();
+    for key in [None, Some(ADMIN)] {
+        let expected = match key {
+            Some(_) => "the worker token is not valid",
+            None => {
+                "this worker takes calls only from its cluster: send `Authorization: Bearer <the cluster's worker token>` (the controller and the other workers do)"
+            }
+        };
+        let mut w = pb::worker_client::WorkerClient::new(worker.clone());
+        let mut errors = vec![
+            ("Status", w.status(maybe_key(pb::StatusRequest {}, key)).await.map(|_| ()).unwrap_err()),
+            (
+                "LoadModel",
+                w.load_model(maybe_key(
+                    pb::LoadModelRequest { model_id: "x".into(), source: "/etc/passwd".into(), ..Default::default() },
+                    key,
+                ))
+                .await
+                .map(|_| ())
+                .unwrap_err(),
+            ),
+            (
+                "UnloadModel",
+                w.unload_model(maybe_key(pb::UnloadModelRequest { model_id: "smol/0".into() }, key))
+                    .await
+                    .map(|_| ())
+                    .unwrap_err(),
+            ),
+            (
+                "Generate",
+                w.generate(maybe_key(pb::GenerateRequest { model_id: "smol/0".into(), ..Default::default() }, key))
+                    .await
+                    .map(|_| ())
+                    .unwrap_err(),
+            ),
+        ];
+        let mut stage = pb::stage_link_client::StageLinkClient::new(worker.clone());
+        let open = pb::StageRequest {
+            message: Some(pb::stage_request::Message::Open(pb::StageOpen {
+                model_id: "smol/0".into(),
+                ..Default::default()
+            })),
+        };
+        errors.push((
+            "StageLink/Forward",
+            stage.forward(maybe_key(tokio_stream::iter(vec![open]), key)).await.map(|_| ()).unwrap_err(),
+        ));
+        let mut reflection =
+            tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(worker.clone());
+        let list = tonic_reflection::pb::v1::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(
+                String::new(),
+            )),
+        };
+        errors.push((
+            "reflection",
+            reflection
+                .server_reflection_info(maybe_key(tokio_stream::iter(vec![list]), key))
+                .await
+                .map(|_| ())
+                .unwrap_err(),
+        ));
+        for (method, e) in errors {
+            assert_eq!((method, e.code(), e.message()), (method, Code::Unauthenticated, expected));
+        }
+    }
+    // Health checks stay open (load balancers and probes use them).
+    let mut health = tonic_health::pb::health_client::HealthClient::new(worker);
+    assert!(health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.is_ok());
+    // The worker still serves the model: nothing a refused call did changed it.
+    let s = cluster.list_workers(with_key(pb::ListWorkersRequest {}, ADMIN)).await.unwrap().into_inner();
+    assert!(s.workers.iter().all(|w| w.state == "ready"), "{s:?}");
+}

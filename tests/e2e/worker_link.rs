@@ -44,7 +44,11 @@ impl WorkerLink for StandIn {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
         tx.send(Ok(pb::ControllerMessage {
-            message: Some(ToWorker::Registered(pb::Registered { heartbeat_ms: 200, lease_ms: 1000 })),
+            message: Some(ToWorker::Registered(pb::Registered {
+                heartbeat_ms: 200,
+                lease_ms: 1000,
+                ..Default::default()
+            })),
         }))
         .await
         .unwrap();

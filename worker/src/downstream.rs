@@ -76,7 +76,7 @@ pub async fn open_next(
         request_id: request_id.to_string(),
         resumed_tokens: resumed as u32,
     };
-    Downstream::open(next.channel.clone(), &next.address, open, next.wire).await
+    Downstream::open(next.channel.clone(), &next.address, open, next.wire, next.token.as_deref()).await
 }
 
 impl Downstream {
@@ -86,6 +86,7 @@ impl Downstream {
         address: &str,
         open: pb::StageOpen,
         wire: WireDtype,
+        token: Option<&str>,
     ) -> Result<Downstream, EngineError> {
         let describe = format!("the next stage ({address}, from layer {})", open.first_layer);
         let (tx, rx) = mpsc::channel(2);
@@ -94,7 +95,11 @@ impl Downstream {
         let mut client = pb::stage_link_client::StageLinkClient::new(channel)
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX);
-        let call = tokio::time::timeout(STEP_TIMEOUT, client.forward(ReceiverStream::new(rx)));
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        if let Some(v) = token.and_then(|t| format!("Bearer {t}").parse().ok()) {
+            request.metadata_mut().insert("authorization", v);
+        }
+        let call = tokio::time::timeout(STEP_TIMEOUT, client.forward(request));
         let rx = match call.await {
             Ok(Ok(r)) => r.into_inner(),
             Ok(Err(s)) => return Err(stage_error(&describe, "refused the request", &s)),

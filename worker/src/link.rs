@@ -137,6 +137,11 @@ async fn session(controller: &str, options: &LinkOptions, state: &Arc<WorkerStat
         match msg.message {
             Some(FromController::Registered(r)) => {
                 let every = if r.heartbeat_ms == 0 { DEFAULT_HEARTBEAT } else { Duration::from_millis(r.heartbeat_ms) };
+                if !r.cluster_token.is_empty() {
+                    state.set_cluster_token(&r.cluster_token);
+                } else if state.options().require_token {
+                    warn!(%controller, "the controller handed no worker token (it did not authenticate this link): this worker's port refuses every call until one does");
+                }
                 info!(%controller, heartbeat_ms = every.as_millis() as u64, "registered with the controller");
                 heartbeat = Some(AbortOnDrop(tokio::spawn(heartbeats(state.clone(), tx.clone(), every))));
             }

@@ -117,6 +117,7 @@ impl WorkerState {
                     .tcp_nodelay(true)
                     .connect_lazy(),
                 wire: WireDtype::parse(&req.wire_dtype).map_err(|e| WorkerError::Invalid(e.to_string()))?,
+                token: self.cluster_token(),
             }),
         };
         let state = self.clone();

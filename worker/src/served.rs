@@ -24,6 +24,8 @@ pub struct NextStage {
     pub address: String,
     pub channel: tonic::transport::Channel,
     pub wire: WireDtype,
+    /// The cluster's worker token, sent to the next stage (which may require it).
+    pub token: Option<String>,
 }
 
 /// A model (or this worker's stage of a split one) being served.

@@ -43,16 +43,27 @@ pub async fn serve(
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
+    // Every service but health checking takes calls only as `WorkerState::admits` says.
+    let guard = {
+        let state = state.clone();
+        move |req: tonic::Request<()>| -> Result<tonic::Request<()>, tonic::Status> {
+            let authorization = req.metadata().get("authorization").map(|v| v.as_bytes());
+            state.admits(authorization).map_err(tonic::Status::unauthenticated)?;
+            Ok(req)
+        }
+    };
+    use tonic::service::interceptor::InterceptedService;
     builder
         .add_service(health_service)
-        .add_service(gantry_proto::serve::reflection_v1()?)
-        .add_service(gantry_proto::serve::reflection_v1alpha()?)
-        .add_service(WorkerServer::new(WorkerService::new(state.clone())))
-        .add_service(
+        .add_service(InterceptedService::new(gantry_proto::serve::reflection_v1()?, guard.clone()))
+        .add_service(InterceptedService::new(gantry_proto::serve::reflection_v1alpha()?, guard.clone()))
+        .add_service(WorkerServer::with_interceptor(WorkerService::new(state.clone()), guard.clone()))
+        .add_service(InterceptedService::new(
             StageLinkServer::new(WorkerService::new(state))
                 .max_decoding_message_size(usize::MAX)
                 .max_encoding_message_size(usize::MAX),
-        )
+            guard,
+        ))
         .serve_with_incoming_shutdown(gantry_proto::serve::incoming(listener), shutdown)
         .await?;
     Ok(())

@@ -43,6 +43,9 @@ pub struct WorkerOptions {
     pub stall_timeout: std::time::Duration,
     /// `--nvlink`: the operator declares the GPUs linked (NVML reports it on its own).
     pub gpus_linked: bool,
+    /// Its port takes calls only with the cluster's worker token (it listens beyond loopback
+    /// without TLS): the controller hands the token over the authenticated link.
+    pub require_token: bool,
 }
 
 impl Default for WorkerOptions {
@@ -58,6 +61,7 @@ impl Default for WorkerOptions {
             templates: TemplateIsolation::InProcess,
             stall_timeout: std::time::Duration::from_secs(60),
             gpus_linked: false,
+            require_token: false,
         }
     }
 }
@@ -78,6 +82,8 @@ pub struct WorkerState {
     /// Requests waiting for a slot, across the worker.
     pub(crate) waiting: AtomicUsize,
     pub(crate) meter: RateMeter,
+    /// The cluster's worker token, once a controller has handed it over.
+    cluster_token: std::sync::RwLock<Option<String>>,
 }
 
 impl WorkerState {
@@ -92,11 +98,45 @@ impl WorkerState {
             turns: Mutex::new(HashMap::new()),
             waiting: AtomicUsize::new(0),
             meter: RateMeter::new(),
+            cluster_token: std::sync::RwLock::new(None),
         })
     }
 
     pub fn options(&self) -> &WorkerOptions {
         &self.options
+    }
+
+    /// Keeps the cluster's worker token a controller handed over.
+    pub fn set_cluster_token(&self, token: &str) {
+        if let Ok(mut t) = self.cluster_token.write() {
+            *t = Some(token.to_string());
+        }
+    }
+
+    /// The cluster's worker token, if a controller has handed it over.
+    pub fn cluster_token(&self) -> Option<String> {
+        self.cluster_token.read().ok().and_then(|t| t.clone())
+    }
+
+    /// Whether a call's `authorization` value may use this worker's port: always when the port
+    /// is not guarded; else only with the cluster's worker token (compared in constant time).
+    pub fn admits(&self, authorization: Option<&[u8]>) -> Result<(), String> {
+        if !self.options.require_token {
+            return Ok(());
+        }
+        let Some(token) = self.cluster_token() else {
+            return Err("this worker listens beyond loopback without TLS, so it takes calls only with its cluster's worker token, and no controller has handed it one yet (its link must be authenticated: --api-key)".into());
+        };
+        let given = authorization.and_then(|v| v.strip_prefix(b"Bearer ")).unwrap_or_default();
+        let want = token.as_bytes();
+        let same = given.len() == want.len() && given.iter().zip(want).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+        if same {
+            Ok(())
+        } else if authorization.is_some() {
+            Err("the worker token is not valid".into())
+        } else {
+            Err("this worker takes calls only from its cluster: send `Authorization: Bearer <the cluster's worker token>` (the controller and the other workers do)".into())
+        }
     }
 
     /// The model served as `id`.

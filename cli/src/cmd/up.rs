@@ -512,6 +512,8 @@ pub fn run_up(args: UpArgs) -> Result<(), CliError> {
             templates: args.templates.isolation()?,
             stall_timeout: Duration::from_secs_f64(args.control.stall_timeout),
             gpus_linked: args.nvlink,
+            // On loopback: this host's callers only.
+            require_token: false,
         };
         let state = WorkerState::new(options, inventory, hub);
         let (listener, worker_addr) = bind("127.0.0.1:0", "the local worker").await.map_err(unavailable)?;

@@ -22,7 +22,7 @@ use crate::process::{host_name, runtime, wait_for_signal};
 pub const WORKER_EXAMPLES: &str = "\
 Examples:
   gantry worker --model models/SmolLM2-135M-Instruct.Q4_1.gguf
-  gantry worker --listen 0.0.0.0:50052 --controller http://controller:50051
+  gantry worker --listen 0.0.0.0:50052 --controller http://controller:50051 --api-key $WORKER_KEY
   gantry worker --gpus 2x80GiB --model chat=HuggingFaceTB/SmolLM2-135M-Instruct --context 4096
   gantry worker --print-gpus";
 
@@ -224,6 +224,21 @@ pub fn run_worker(args: WorkerArgs) -> Result<(), CliError> {
                 .map_err(|e| CliError::with_code(e, CliError::NO_INPUT))?,
         ),
     };
+    // Beyond loopback, a worker's port is guarded: by TLS (callers need a certificate), else by
+    // the cluster's worker token, which only an authenticated link to a controller brings.
+    let loopback = args.listen.parse::<std::net::SocketAddr>().map(|a| a.ip().is_loopback()).unwrap_or_else(|_| {
+        args.listen.rsplit_once(':').is_some_and(|(host, _)| host.eq_ignore_ascii_case("localhost"))
+    });
+    let require_token = !loopback && tls.is_none();
+    if require_token && (args.controller.is_none() || args.api_key.is_none()) {
+        return Err(CliError::with_code(
+            format!(
+                "gantry worker listens beyond loopback (--listen {}) only with TLS (--tls-cert, --tls-key and --tls-ca: callers then need a certificate), or with --controller and --api-key (its port then takes only the cluster's worker token, which the controller hands over that authenticated link); or listen on 127.0.0.1",
+                args.listen
+            ),
+            CliError::USAGE,
+        ));
+    }
     let options = WorkerOptions {
         worker_id: worker_id.clone(),
         parallel: args.parallel,
@@ -235,6 +250,7 @@ pub fn run_worker(args: WorkerArgs) -> Result<(), CliError> {
         templates: args.templates.isolation()?,
         stall_timeout: std::time::Duration::from_secs_f64(args.stall_timeout),
         gpus_linked: args.nvlink,
+        require_token,
     };
     let note = inventory.note().to_string();
     let state = WorkerState::new(options, inventory, hub);

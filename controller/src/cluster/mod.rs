@@ -73,6 +73,8 @@ pub struct Cluster {
     started: Instant,
     /// Another owner of replica counts (the operator), if any.
     scaler: Mutex<Option<Arc<dyn autoscale::Scaler>>>,
+    /// The token workers require on their own ports (one per cluster, kept in the store).
+    worker_token: String,
 }
 
 impl Cluster {
@@ -80,6 +82,7 @@ impl Cluster {
     /// (leases, retries). Call after this controller has won leadership.
     pub async fn start(store: Arc<dyn StateStore>, config: ControllerConfig) -> Result<Arc<Cluster>, ClusterError> {
         let state = persist::restore(store.as_ref()).await?;
+        let worker_token = worker_token(store.as_ref()).await?;
         let (writes, write_rx) = mpsc::unbounded_channel::<StoreOp>();
         tokio::spawn(persist::write_behind(store.clone(), write_rx));
         let cluster = Arc::new(Cluster {
@@ -91,6 +94,7 @@ impl Cluster {
             closing: watch::channel(false).0,
             started: Instant::now(),
             scaler: Mutex::new(None),
+            worker_token,
         });
         cluster.start_autoscaler();
         // Leases, retries and anything waiting on time.
@@ -119,6 +123,11 @@ impl Cluster {
         for w in inner.state.workers.values_mut() {
             w.connected = false;
         }
+    }
+
+    /// The token workers require on their own ports, and that the controller sends them.
+    pub fn worker_token(&self) -> &str {
+        &self.worker_token
     }
 
     /// Turns true when the controller stops.
@@ -192,4 +201,23 @@ impl Cluster {
                 .send(pb::DeploymentEvent { kind: pb::deployment_event::Kind::Changed as i32, deployment: Some(view) });
         }
     }
+}
+
+/// Where the cluster's worker token is kept.
+const WORKER_TOKEN_KEY: &str = "cluster/worker-token";
+
+/// The cluster's worker token: the one in the store, else a new random one put there (the
+/// leader does this at start; a controller taking over later finds it).
+async fn worker_token(store: &dyn StateStore) -> Result<String, ClusterError> {
+    if let Some(v) = store.get(WORKER_TOKEN_KEY).await?
+        && let Ok(t) = String::from_utf8(v)
+        && t.len() >= 32
+    {
+        return Ok(t);
+    }
+    use rand::Rng;
+    let bytes: [u8; 24] = rand::rng().random();
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    store.put(WORKER_TOKEN_KEY, token.clone().into_bytes()).await?;
+    Ok(token)
 }

@@ -97,6 +97,8 @@ impl Cluster {
         let registered = pb::Registered {
             heartbeat_ms: self.config.heartbeat.as_millis() as u64,
             lease_ms: self.config.lease.as_millis() as u64,
+            // A secret: only over a link that proved who it is.
+            cluster_token: if auth.trusted { self.worker_token.clone() } else { String::new() },
         };
         let _ = tx.send(Ok(pb::ControllerMessage { message: Some(ToWorker::Registered(registered)) }));
         let returning = inner.state.workers.get(&id).map(|w| w.lost);

@@ -137,6 +137,9 @@ impl Relay {
                 resume_after = self.sent.len(),
                 "routing"
             );
+            if let Ok(v) = format!("Bearer {}", self.cluster.worker_token()).parse() {
+                req.metadata_mut().insert("authorization", v);
+            }
             match WorkerClient::new(target.channel.clone()).generate(req).await {
                 Ok(r) => return Ok(Attached::new(target, r.into_inner())),
                 Err(e) if replica_failed(&e) => {

@@ -108,7 +108,12 @@ app.kubernetes.io/component: {{ index . 1 }}
 
 {{/* API keys: whether they are on, and the Secret that holds them. */}}
 {{- define "gantry.apiKeysEnabled" -}}
-{{- if or .Values.apiKeys.create .Values.apiKeys.existingSecret -}}true{{- end -}}
+{{- if or .Values.apiKeys.create .Values.apiKeys.existingSecret .Values.apiKeys.generate -}}true{{- end -}}
+{{- end }}
+
+{{/* Whether the chart generates the keys (neither given nor named). */}}
+{{- define "gantry.apiKeysGenerated" -}}
+{{- if and .Values.apiKeys.generate (not .Values.apiKeys.create) (not .Values.apiKeys.existingSecret) -}}true{{- end -}}
 {{- end }}
 
 {{- define "gantry.apiKeysSecret" -}}
