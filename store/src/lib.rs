@@ -3,6 +3,7 @@
 //! once they are here is `gantry-model`'s.
 
 pub mod hub;
+pub mod policy;
 #[cfg(any(test, feature = "test-support"))]
 pub mod hub_stub;
 pub mod url;

@@ -49,13 +49,55 @@ pub fn file_name(url: &str) -> Result<String, HubError> {
 }
 
 fn client() -> Result<reqwest::Client, HubError> {
+    // Every redirect, and every address a name resolves to, passes the source policy too: a
+    // public URL cannot lead inside the network.
+    let redirects = reqwest::redirect::Policy::custom(|attempt| {
+        if attempt.previous().len() >= 10 {
+            return attempt.error("more than 10 redirects");
+        }
+        match crate::policy::current().check_url(attempt.url().as_str()) {
+            Ok(()) => attempt.follow(),
+            Err(e) => attempt.error(format!("redirected to a URL that is not allowed: {e}")),
+        }
+    });
     reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::limited(10))
+        .redirect(redirects)
+        .dns_resolver(std::sync::Arc::new(CheckedResolver))
         .connect_timeout(Duration::from_secs(20))
         .read_timeout(Duration::from_secs(60))
         .user_agent(concat!("gantry/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|e| failed("an HTTP client", e.to_string()))
+}
+
+/// Resolves names as the system does, then keeps only the addresses the source policy allows
+/// for that host (a name that resolves inside the network is refused unless named).
+struct CheckedResolver;
+
+impl reqwest::dns::Resolve for CheckedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        Box::pin(async move {
+            let host = name.as_str().to_ascii_lowercase();
+            let found: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let policy = crate::policy::current();
+            let mut refused = None;
+            let allowed: Vec<std::net::SocketAddr> = found
+                .into_iter()
+                .filter(|a| match policy.check_address(&host, a.ip(), &format!("http://{host}/")) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        refused = Some(e);
+                        false
+                    }
+                })
+                .collect();
+            if allowed.is_empty() {
+                let why = refused.unwrap_or_else(|| format!("{host} resolves to no address"));
+                return Err(why.into());
+            }
+            Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
 }
 
 fn http_error(url: &str, status: StatusCode) -> HubError {
@@ -76,6 +118,7 @@ pub async fn download(
     cache_dir: &Path,
     progress: &mut (dyn FnMut(DownloadProgress) + Send),
 ) -> Result<PathBuf, HubError> {
+    crate::policy::current().check_url(url).map_err(|e| failed(url, e))?;
     let path = cached_path(cache_dir, url)?;
     if path.is_file() {
         return Ok(path);
@@ -146,6 +189,7 @@ async fn read_prefix(http: &reqwest::Client, url: &str, want: u64) -> Result<(Ve
 
 /// What the GGUF file at `url` is, from its header alone.
 pub async fn read_remote_spec(url: &str) -> Result<ModelSpec, HubError> {
+    crate::policy::current().check_url(url).map_err(|e| failed(url, e))?;
     let name = file_name(url)?;
     let http = client()?;
     let mut want = FIRST_READ_BYTES;

@@ -195,11 +195,13 @@ async fn the_controller_api_end_to_end() {
     let empty = pb::ChatRequest { model: "chat".into(), ..Default::default() };
     let err = inference.chat(empty).await.map(|_| ()).unwrap_err();
     assert_eq!((err.code(), err.message()), (Code::InvalidArgument, "the chat has no messages"));
+    // A missing path inside the model roots (the tests' include the temporary folder).
+    let missing = std::env::temp_dir().join("gantry-missing-model.gguf").display().to_string();
     let cases: Vec<(&str, pb::DeploymentSpec, &str)> = vec![
         ("Bad_Name", spec(&smollm2(), 1, Binpack), "deployment name `Bad_Name`"),
         ("many", spec(&smollm2(), 5000, Binpack), "5000 replicas: at most 1024"),
         ("nosrc", spec("", 1, Binpack), "names no model source"),
-        ("missing", spec("/nonexistent/model.gguf", 1, Binpack), "/nonexistent/model.gguf"),
+        ("missing", spec(&missing, 1, Binpack), "gantry-missing-model.gguf"),
         ("unknown", spec("someone/not-a-catalog-model", 1, Binpack), "not a path this controller can read"),
         ("long", pb::DeploymentSpec { context_length: 100_000, ..spec(&smollm2(), 1, Binpack) }, "past"),
         ("dtype", pb::DeploymentSpec { dtype: "q3_z".into(), ..spec(&smollm2(), 1, Binpack) }, "q3_z"),

@@ -81,9 +81,14 @@ async fn a_model_from_a_url_is_sized_from_its_header_downloaded_once_and_served(
     let real = std::fs::read(common::smollm2()).unwrap();
     let size = real.len() as u64;
     let (url, sent, whole) = serve(real, "SmolLM2-135M-Instruct.Q4_1.gguf");
-    let control = RunningController::start(&[]);
+    // The server is on loopback, inside the network: both must name it to fetch from it.
+    let control = RunningController::start(&["--allow-url-hosts", "127.0.0.1"]);
     let cache = tempfile::tempdir().unwrap();
-    let _worker = RunningWorker::join(&control.url(), "w1", &["--cache-dir", cache.path().to_str().unwrap()]);
+    let _worker = RunningWorker::join(
+        &control.url(),
+        "w1",
+        &["--cache-dir", cache.path().to_str().unwrap(), "--allow-url-hosts", "127.0.0.1"],
+    );
     let mut deployments = control.deployments().await;
 
     // Sized from the header alone: the controller read a few MiB, not the 94 MiB of weights.
@@ -120,4 +125,61 @@ async fn a_model_from_a_url_is_sized_from_its_header_downloaded_once_and_served(
         .await
         .unwrap_err();
     assert!(e.message().contains("a URL source must name one .gguf file"), "{e:?}");
+}
+
+/// The operator's allow-list of sources, as an API caller meets it: paths outside the model
+/// roots (`/etc/passwd`, a `../` escape, a link out of a root) and URLs inside the network
+/// (loopback, the link-local metadata address) are refused by the controller with the setting
+/// to change, and by a worker's own `LoadModel`; no byte of them is read (the loopback server
+/// counts none), and nothing is deployed. With no `--model-roots` the roots are `./models` and
+/// the Hugging Face cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sources_outside_the_operators_allow_list_are_refused() {
+    let (url, sent, _) = serve(b"GGUF".to_vec(), "model.gguf");
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("models");
+    std::fs::create_dir(&root).unwrap();
+    std::fs::write(dir.path().join("secret.gguf"), b"GGUF").unwrap();
+    std::os::unix::fs::symlink(dir.path().join("secret.gguf"), root.join("link.gguf")).unwrap();
+    let roots = root.display().to_string();
+    let control = RunningController::start(&["--model-roots", &roots]);
+    let mut deployments = control.deployments().await;
+    let escape = root.join("../secret.gguf").display().to_string();
+    let link = root.join("link.gguf").display().to_string();
+    for (source, expected) in [
+        ("/etc/passwd".to_string(), "model path /etc/passwd is outside the model roots".to_string()),
+        (escape, "once links and `..` are resolved) is outside the model roots".into()),
+        (link, "once links and `..` are resolved) is outside the model roots".into()),
+        (url.clone(), "127.0.0.1 is a loopback address: model URLs may point inside the network only to hosts named on --allow-url-hosts".into()),
+        ("http://169.254.169.254/latest/meta-data/model.gguf".into(), "169.254.169.254 is a link-local address".into()),
+    ] {
+        let e = deployments
+            .apply(pb::ApplyRequest { name: "x".into(), spec: Some(spec(&source, 1, pb::PlacementStrategy::Binpack)) })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{source}: {e:?}");
+        assert!(e.message().contains(&expected), "{source}: {}", e.message());
+    }
+    assert!(deployments.list(pb::ListDeploymentsRequest {}).await.unwrap().into_inner().deployments.is_empty());
+    assert_eq!(sent.load(Ordering::Relaxed), 0, "nothing was fetched from the refused URL");
+
+    // A worker checks its own loads the same way (a caller that reaches it directly).
+    let mut cmd = common::gantry();
+    cmd.env_remove("GANTRY_MODEL_ROOTS").args(["worker", "--listen", "127.0.0.1:0", "--gpus", "1x24GiB"]);
+    let worker = RunningWorker::spawn(cmd);
+    let mut client = worker.client().await;
+    // The load's first event, or its error.
+    let mut load = async |source: &str| -> Result<(), tonic::Status> {
+        let req = pb::LoadModelRequest { model_id: "x".into(), source: source.into(), ..Default::default() };
+        client.load_model(req).await?.into_inner().message().await.map(|_| ())
+    };
+    for source in ["/etc/passwd", url.as_str()] {
+        let e = load(source).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{source}: {e:?}");
+    }
+    // Its default roots: ./models (the repository's, as it runs there) and the Hub cache.
+    let models = std::fs::canonicalize(common::repo_root().join("models")).unwrap();
+    let e = load("/etc/passwd").await.unwrap_err();
+    assert!(e.message().contains(&models.display().to_string()), "{}", e.message());
+    assert_eq!(sent.load(Ordering::Relaxed), 0);
 }

@@ -283,10 +283,12 @@ async fn models_load_with_progress_and_unload() {
     let err = load(&mut client, "gemma", &common::smollm2().display().to_string(), 0).await.unwrap_err();
     assert_eq!(err.code(), Code::AlreadyExists);
 
-    // A missing path and a file that is not a model are clear errors.
-    let err = load(&mut client, "x", "/nonexistent/model.gguf", 0).await.unwrap_err();
+    // A missing path and a file that is not a model are clear errors (the missing path inside
+    // the model roots: outside them it is refused before anything is looked at).
+    let missing = std::env::temp_dir().join("gantry-nonexistent-model.gguf").display().to_string();
+    let err = load(&mut client, "x", &missing, 0).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
-    assert!(err.message().contains("/nonexistent/model.gguf: no such file or directory"), "{}", err.message());
+    assert!(err.message().contains("gantry-nonexistent-model.gguf: no such file or directory"), "{}", err.message());
     let junk = tempfile::NamedTempFile::with_suffix(".gguf").unwrap();
     std::fs::write(junk.path(), b"GGUF\x03\x00\x00\x00truncated").unwrap();
     let err = load(&mut client, "x", junk.path().to_str().unwrap(), 0).await.unwrap_err();

@@ -30,6 +30,10 @@ pub enum WorkerError {
     #[error("{0}")]
     Exhausted(String),
 
+    /// The operator does not allow it (a model source outside `--model-roots`).
+    #[error("{0}")]
+    PermissionDenied(String),
+
     /// The caller went away, or the model was unloaded while loading.
     #[error("{0}")]
     Aborted(String),
@@ -65,6 +69,7 @@ impl From<WorkerError> for Status {
             WorkerError::Invalid(_) => Status::invalid_argument(msg),
             WorkerError::Precondition(_) => Status::failed_precondition(msg),
             WorkerError::Exhausted(_) => Status::resource_exhausted(msg),
+            WorkerError::PermissionDenied(_) => Status::permission_denied(msg),
             WorkerError::Aborted(_) => Status::aborted(msg),
             WorkerError::Internal(_) => Status::internal(msg),
             WorkerError::Transport(s) => s,

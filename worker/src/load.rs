@@ -38,6 +38,8 @@ impl WorkerState {
         if req.source.trim().is_empty() {
             return Err(WorkerError::Invalid("source is empty: give a model folder, a .gguf file or a Hub id".into()));
         }
+        // A source from a caller is read by this worker: only those the operator allowed.
+        gantry_store::policy::current().check(req.source.trim()).map_err(WorkerError::PermissionDenied)?;
         let source = Source::parse(req.source.trim());
         let model_id =
             if req.model_id.trim().is_empty() { default_model_id(&source) } else { req.model_id.trim().into() };

@@ -5,6 +5,7 @@ pub mod generate;
 pub mod inspect;
 pub mod pull;
 pub mod select;
+pub mod sources;
 pub mod table;
 pub mod up;
 pub mod worker;

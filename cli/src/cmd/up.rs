@@ -90,6 +90,8 @@ pub struct ControlArgs {
     /// `Authorization: Bearer <key>` [default: no keys]
     #[arg(long, env = "GANTRY_API_KEYS_FILE")]
     api_keys: Option<PathBuf>,
+    #[command(flatten)]
+    sources: super::sources::SourceArgs,
 }
 
 /// Arguments of `gantry controller`.
@@ -373,6 +375,7 @@ pub fn run_controller(args: ControllerArgs) -> Result<(), CliError> {
         ),
         _ => None,
     };
+    args.control.sources.install(&super::sources::hub_cache(None), &[]);
     runtime()?.block_on(async {
         let kubernetes = args.kubernetes().await?;
         let (mut controller, grpc, http) = args.control.start(tls.as_ref().and_then(|t| t.worker_client())).await?;
@@ -493,6 +496,8 @@ pub fn run_up(args: UpArgs) -> Result<(), CliError> {
     let inventory =
         gantry_worker::gpu::detect(args.gpus.as_deref()).map_err(|e| CliError::usage(format!("--gpus: {e}")))?;
     let hub = hub(None)?;
+    // `up`'s own model is the operator's: its folder joins the roots.
+    args.control.sources.install(hub.cache_dir(), &[source.as_str()]);
     runtime()?.block_on(async move {
         let (controller, grpc, http) = args.control.start(None).await?;
         let grpc_addr = grpc.local_addr().map_err(|e| unavailable(e.to_string()))?;

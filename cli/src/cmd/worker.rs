@@ -103,6 +103,8 @@ pub struct WorkerArgs {
     pub print_gpus: bool,
     #[command(flatten)]
     pub templates: TemplateArgs,
+    #[command(flatten)]
+    pub sources: super::sources::SourceArgs,
 }
 
 /// How models' own chat templates are rendered: in a child process with these bounds, so that a
@@ -210,6 +212,9 @@ pub fn run_worker(args: WorkerArgs) -> Result<(), CliError> {
         }
     }
     let hub = hub(args.cache_dir.clone())?;
+    // The operator's own --model sources join the roots; API callers' loads are checked.
+    let own: Vec<&str> = args.models.iter().map(|m| m.split_once('=').filter(|(id, _)| !id.contains('/')).map_or(m.as_str(), |(_, s)| s)).collect();
+    args.sources.install(hub.cache_dir(), &own);
     let worker_id = args.worker_id.clone().unwrap_or_else(host_name);
     // With a certificate the worker serves TLS too, and wants callers (the controller, other
     // stages) to present certificates from the same CA; it dials other stages the same way.
@@ -226,8 +231,9 @@ pub fn run_worker(args: WorkerArgs) -> Result<(), CliError> {
     };
     // Beyond loopback, a worker's port is guarded: by TLS (callers need a certificate), else by
     // the cluster's worker token, which only an authenticated link to a controller brings.
-    let loopback = args.listen.parse::<std::net::SocketAddr>().map(|a| a.ip().is_loopback()).unwrap_or_else(|_| {
-        args.listen.rsplit_once(':').is_some_and(|(host, _)| host.eq_ignore_ascii_case("localhost"))
+    let loopback = args.listen.rsplit_once(':').is_some_and(|(host, _)| {
+        let host = host.trim_matches(['[', ']']);
+        host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
     });
     let require_token = !loopback && tls.is_none();
     if require_token && (args.controller.is_none() || args.api_key.is_none()) {

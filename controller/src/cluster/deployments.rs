@@ -20,6 +20,9 @@ impl Cluster {
     /// Creates or updates a deployment; returns its view.
     pub async fn apply(&self, name: &str, spec: DeploymentSpec) -> Result<pb::Deployment, ClusterError> {
         check_name(name)?;
+        // Whatever the caller names is read by this controller and the workers: only sources
+        // the operator allowed (`--model-roots`, `--allow-url-hosts`; Hub ids always).
+        gantry_store::policy::current().check(spec.source.trim()).map_err(ClusterError::PermissionDenied)?;
         let sized = size_model_async(&spec).await.map_err(ClusterError::Invalid)?;
         let (record, existed) = {
             let inner = self.lock();

@@ -54,6 +54,12 @@ pub fn gantry() -> Command {
     // download): a test that downloads says where from and to.
     cmd.env("HF_HOME", std::env::temp_dir().join("gantry-tests-no-hf-home"));
     cmd.env("HF_ENDPOINT", "http://127.0.0.1:9");
+    // Model paths the tests deploy: the real models, the fixtures, and files tests write into
+    // temporary folders (`source_policy` checks the default roots on its own).
+    let mut roots = vec![repo_root().join("models"), repo_root().join("fixtures"), std::env::temp_dir()];
+    roots.extend(std::env::var_os("GANTRY_MODELS_DIR").map(std::path::PathBuf::from));
+    let roots: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
+    cmd.env("GANTRY_MODEL_ROOTS", roots.join(","));
     cmd
 }
 
