@@ -3,9 +3,9 @@
 //! once they are here is `gantry-model`'s.
 
 pub mod hub;
-pub mod policy;
 #[cfg(any(test, feature = "test-support"))]
 pub mod hub_stub;
+pub mod policy;
 pub mod url;
 
 use std::path::{Path, PathBuf};

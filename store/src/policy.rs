@@ -28,12 +28,17 @@ pub struct SourcePolicy {
     roots: Option<Vec<PathBuf>>,
     /// Hosts URL sources may name (lowercase); empty: any host outside the network.
     url_hosts: Vec<String>,
+    /// The most bytes one URL download may bring.
+    pub max_download_bytes: u64,
 }
+
+/// The default cap on one URL download: larger than any single GGUF file of an open model.
+pub const DEFAULT_MAX_DOWNLOAD_BYTES: u64 = 256 << 30;
 
 impl Default for SourcePolicy {
     /// Any path, any public URL host: what a process that installed no policy checks.
     fn default() -> Self {
-        SourcePolicy { roots: None, url_hosts: Vec::new() }
+        SourcePolicy { roots: None, url_hosts: Vec::new(), max_download_bytes: DEFAULT_MAX_DOWNLOAD_BYTES }
     }
 }
 
@@ -54,9 +59,12 @@ impl SourcePolicy {
                 })
                 .collect()
         });
-        let url_hosts =
-            url_hosts.iter().map(|h| h.trim().trim_matches(['[', ']']).to_ascii_lowercase()).filter(|h| !h.is_empty()).collect();
-        SourcePolicy { roots, url_hosts }
+        let url_hosts = url_hosts
+            .iter()
+            .map(|h| h.trim().trim_matches(['[', ']']).to_ascii_lowercase())
+            .filter(|h| !h.is_empty())
+            .collect();
+        SourcePolicy { roots, url_hosts, max_download_bytes: DEFAULT_MAX_DOWNLOAD_BYTES }
     }
 
     /// The roots, for messages (`any` when unchecked).
@@ -97,7 +105,11 @@ impl SourcePolicy {
         if roots.iter().any(|r| real.starts_with(r)) {
             return Ok(());
         }
-        let shown = if real == path { String::new() } else { format!(" ({} once links and `..` are resolved)", real.display()) };
+        let shown = if real == path {
+            String::new()
+        } else {
+            format!(" ({} once links and `..` are resolved)", real.display())
+        };
         Err(format!(
             "model path {}{shown} is outside the model roots ({}): add its folder to --model-roots, or name a Hub id",
             path.display(),
@@ -297,7 +309,9 @@ mod tests {
             "URL https://example.com/m.gguf: host example.com is not one of --allow-url-hosts (127.0.0.1, models.example.com): add it there"
         );
         // A name that resolves inside the network is refused at download time.
-        let e = open.check_address("metadata.internal", "169.254.169.254".parse().unwrap(), "http://metadata.internal/").unwrap_err();
+        let e = open
+            .check_address("metadata.internal", "169.254.169.254".parse().unwrap(), "http://metadata.internal/")
+            .unwrap_err();
         assert!(e.contains("metadata.internal is a link-local address (169.254.169.254)"), "{e}");
     }
 }

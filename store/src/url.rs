@@ -118,7 +118,9 @@ pub async fn download(
     cache_dir: &Path,
     progress: &mut (dyn FnMut(DownloadProgress) + Send),
 ) -> Result<PathBuf, HubError> {
-    crate::policy::current().check_url(url).map_err(|e| failed(url, e))?;
+    let policy = crate::policy::current();
+    policy.check_url(url).map_err(|e| failed(url, e))?;
+    let cap = policy.max_download_bytes;
     let path = cached_path(cache_dir, url)?;
     if path.is_file() {
         return Ok(path);
@@ -130,24 +132,49 @@ pub async fn download(
         return Err(http_error(url, response.status()));
     }
     let total = response.content_length().unwrap_or(0);
+    if total > cap {
+        return Err(failed(
+            url,
+            format!("the file is {total} bytes, more than the {cap} a download may bring (--max-download)"),
+        ));
+    }
     let file = file_name(url)?;
-    let part = path.with_extension("gguf.part");
-    let mut out = tokio::fs::File::create(&part).await.map_err(|source| HubError::Io { path: part.clone(), source })?;
-    let mut done = 0u64;
-    while let Some(chunk) =
-        response.chunk().await.map_err(|e| failed(url, format!("the download broke off after {done} bytes: {e}")))?
-    {
-        out.write_all(&chunk).await.map_err(|source| HubError::Io { path: part.clone(), source })?;
-        done += chunk.len() as u64;
-        progress(DownloadProgress { file: file.clone(), done, total: total.max(done) });
+    // A part file of this download's own: two loads of one URL at once each write theirs, and
+    // the first to finish renames it into place (a rename replaces atomically).
+    let part = path.with_extension(format!("gguf.part.{}.{}", std::process::id(), unique()));
+    let result = async {
+        let mut out =
+            tokio::fs::File::create(&part).await.map_err(|source| HubError::Io { path: part.clone(), source })?;
+        let mut done = 0u64;
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| failed(url, format!("the download broke off after {done} bytes: {e}")))?
+        {
+            done += chunk.len() as u64;
+            if done > cap {
+                return Err(failed(url, format!("the download passed the {cap} bytes it may bring (--max-download)")));
+            }
+            out.write_all(&chunk).await.map_err(|source| HubError::Io { path: part.clone(), source })?;
+            progress(DownloadProgress { file: file.clone(), done, total: total.max(done) });
+        }
+        out.flush().await.map_err(|source| HubError::Io { path: part.clone(), source })?;
+        if total > 0 && done != total {
+            return Err(failed(url, format!("the server sent {done} of {total} bytes")));
+        }
+        tokio::fs::rename(&part, &path).await.map_err(|source| HubError::Io { path: path.clone(), source })
     }
-    out.flush().await.map_err(|source| HubError::Io { path: part.clone(), source })?;
-    if total > 0 && done != total {
+    .await;
+    if result.is_err() {
         let _ = tokio::fs::remove_file(&part).await;
-        return Err(failed(url, format!("the server sent {done} of {total} bytes")));
     }
-    tokio::fs::rename(&part, &path).await.map_err(|source| HubError::Io { path: path.clone(), source })?;
-    Ok(path)
+    result.map(|()| path)
+}
+
+/// A number no other download of this process has used.
+fn unique() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// The first `want` bytes of `url` and the file's whole length, by a range request (or from
@@ -187,8 +214,23 @@ async fn read_prefix(http: &reqwest::Client, url: &str, want: u64) -> Result<(Ve
     Ok((prefix, total))
 }
 
-/// What the GGUF file at `url` is, from its header alone.
+/// How long sizing a URL source may take in all (its header's reads).
+pub const SIZING_DEADLINE: Duration = Duration::from_secs(60);
+
+/// What the GGUF file at `url` is, from its header alone, within [`SIZING_DEADLINE`].
 pub async fn read_remote_spec(url: &str) -> Result<ModelSpec, HubError> {
+    read_remote_spec_within(url, SIZING_DEADLINE).await
+}
+
+/// [`read_remote_spec`] with a deadline of `deadline` for all of it.
+pub async fn read_remote_spec_within(url: &str, deadline: Duration) -> Result<ModelSpec, HubError> {
+    match tokio::time::timeout(deadline, read_remote_spec_now(url)).await {
+        Ok(r) => r,
+        Err(_) => Err(failed(url, format!("sizing it from its header took longer than {} s", deadline.as_secs_f64()))),
+    }
+}
+
+async fn read_remote_spec_now(url: &str) -> Result<ModelSpec, HubError> {
     crate::policy::current().check_url(url).map_err(|e| failed(url, e))?;
     let name = file_name(url)?;
     let http = client()?;
@@ -202,5 +244,77 @@ pub async fn read_remote_spec(url: &str) -> Result<ModelSpec, HubError> {
             }
             Err(e) => return Err(failed(url, e.to_string())),
         }
+    }
+}
+
+#[cfg(test)]
+mod bounded_tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+
+    /// Serves `body` (in chunks of 64 KiB, `pause` apart) to every connection, or, with
+    /// `silent`, accepts connections and never answers.
+    fn serve(body: Vec<u8>, pause: Duration, silent: bool) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let body = body.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    let _ = stream.read(&mut buf);
+                    if silent {
+                        std::thread::sleep(Duration::from_secs(30));
+                        return;
+                    }
+                    let head =
+                        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                    let _ = stream.write_all(head.as_bytes());
+                    for chunk in body.chunks(64 << 10) {
+                        if stream.write_all(chunk).is_err() {
+                            return;
+                        }
+                        std::thread::sleep(pause);
+                    }
+                });
+            }
+        });
+        format!("http://{addr}/models/model.gguf")
+    }
+
+    /// The bounds on URL sources, in one test (they share the process's policy): two downloads
+    /// of one URL at once both end with the whole file and no part file left; a file larger
+    /// than the cap is refused from its length; sizing gives up at its deadline.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn downloads_are_capped_safe_together_and_sizing_has_a_deadline() {
+        let mut policy = crate::policy::SourcePolicy::new(&[], &["127.0.0.1".into()]);
+        crate::policy::install(policy.clone());
+        let body: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
+        let url = serve(body.clone(), Duration::from_millis(5), false);
+        let cache = tempfile::tempdir().unwrap();
+        let (mut pa, mut pb) = (|_| {}, |_| {});
+        let (a, b) = tokio::join!(download(&url, cache.path(), &mut pa), download(&url, cache.path(), &mut pb));
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_eq!(a, b);
+        assert_eq!(std::fs::read(&a).unwrap(), body, "the cached file is whole");
+        let dir = a.parent().unwrap();
+        let left: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left.len(), 1, "no part file left: {left:?}");
+
+        policy.max_download_bytes = 1000;
+        crate::policy::install(policy.clone());
+        let other = tempfile::tempdir().unwrap();
+        let e = download(&url, other.path(), &mut |_| {}).await.unwrap_err().to_string();
+        assert!(
+            e.contains("the file is 1048576 bytes, more than the 1000 a download may bring (--max-download)"),
+            "{e}"
+        );
+
+        let silent = serve(Vec::new(), Duration::ZERO, true);
+        let e = read_remote_spec_within(&silent, Duration::from_millis(300)).await.unwrap_err().to_string();
+        assert!(e.contains("sizing it from its header took longer than 0.3 s"), "{e}");
+        crate::policy::install(crate::policy::SourcePolicy::default());
     }
 }

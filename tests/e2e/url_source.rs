@@ -9,7 +9,7 @@ use crate::common;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::common::controller::{RunningController, chat, placements, ready, spec, status, wait_for};
@@ -18,6 +18,15 @@ use gantry_proto::v1 as pb;
 
 /// Serves `file` at `/models/NAME` until the test ends; counts the bytes it sent.
 fn serve(file: Vec<u8>, name: &'static str) -> (String, Arc<AtomicU64>, Arc<AtomicU64>) {
+    serve_until_silent(file, name, Arc::new(AtomicBool::new(false)))
+}
+
+/// [`serve`], answering nothing (holding each connection) once `silent` is set.
+fn serve_until_silent(
+    file: Vec<u8>,
+    name: &'static str,
+    silent: Arc<AtomicBool>,
+) -> (String, Arc<AtomicU64>, Arc<AtomicU64>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let (sent, whole) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
@@ -26,8 +35,12 @@ fn serve(file: Vec<u8>, name: &'static str) -> (String, Arc<AtomicU64>, Arc<Atom
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { continue };
-            let (file, s, w) = (file.clone(), s.clone(), w.clone());
+            let (file, s, w, silent) = (file.clone(), s.clone(), w.clone(), silent.clone());
             std::thread::spawn(move || {
+                if silent.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_secs(120));
+                    return;
+                }
                 let mut reader = BufReader::new(conn.try_clone().unwrap());
                 let mut line = String::new();
                 reader.read_line(&mut line).unwrap();
@@ -182,4 +195,31 @@ async fn sources_outside_the_operators_allow_list_are_refused() {
     let e = load("/etc/passwd").await.unwrap_err();
     assert!(e.message().contains(&models.display().to_string()), "{}", e.message());
     assert_eq!(sent.load(Ordering::Relaxed), 0);
+}
+
+/// A restored deployment whose URL's server has stopped answering does not hold up the
+/// controller's start: it is sized after the start (within its deadline), its replicas waiting
+/// with the reason meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_url_that_stopped_answering_does_not_hold_up_a_restart() {
+    let silent = Arc::new(AtomicBool::new(false));
+    let (url, _, _) = serve_until_silent(std::fs::read(common::smollm2()).unwrap(), "SmolLM2.gguf", silent.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("state.redb").display().to_string();
+    let args = ["--store", store.as_str(), "--allow-url-hosts", "127.0.0.1"];
+    let mut control = RunningController::start(&args);
+    let mut deployments = control.deployments().await;
+    deployments
+        .apply(pb::ApplyRequest { name: "u".into(), spec: Some(spec(&url, 1, pb::PlacementStrategy::Binpack)) })
+        .await
+        .unwrap();
+    control.terminate();
+    silent.store(true, Ordering::Relaxed);
+    let started = std::time::Instant::now();
+    let control = RunningController::start(&args);
+    assert!(started.elapsed() < Duration::from_secs(20), "the start waited on the URL: {:?}", started.elapsed());
+    let mut deployments = control.deployments().await;
+    let d = deployments.get(pb::GetDeploymentRequest { name: "u".into() }).await.unwrap().into_inner();
+    let reason = status(&d).replica_status.first().map(|r| r.reason.clone()).unwrap_or_default();
+    assert!(reason.contains("(after the controller's start)"), "{reason}");
 }

@@ -17,6 +17,10 @@ pub struct SourceArgs {
     /// the network]; loopback, private and link-local addresses only when named here
     #[arg(long = "allow-url-hosts", env = "GANTRY_ALLOW_URL_HOSTS", value_delimiter = ',', value_name = "HOST")]
     pub allow_url_hosts: Vec<String>,
+    /// The most one model URL download may bring (a larger file is refused, a longer stream cut)
+    #[arg(long = "max-download", env = "GANTRY_MAX_DOWNLOAD", default_value = "256GiB", value_name = "SIZE",
+          value_parser = |s: &str| gantry_core::units::parse_bytes(s).map_err(|e| e.to_string()))]
+    pub max_download: u64,
 }
 
 impl SourceArgs {
@@ -29,6 +33,7 @@ impl SourceArgs {
             self.model_roots.clone()
         };
         let mut p = SourcePolicy::new(&roots, &self.allow_url_hosts);
+        p.max_download_bytes = self.max_download;
         for source in own {
             let path = Path::new(source);
             if path.is_dir() {

@@ -213,7 +213,11 @@ pub fn run_worker(args: WorkerArgs) -> Result<(), CliError> {
     }
     let hub = hub(args.cache_dir.clone())?;
     // The operator's own --model sources join the roots; API callers' loads are checked.
-    let own: Vec<&str> = args.models.iter().map(|m| m.split_once('=').filter(|(id, _)| !id.contains('/')).map_or(m.as_str(), |(_, s)| s)).collect();
+    let own: Vec<&str> = args
+        .models
+        .iter()
+        .map(|m| m.split_once('=').filter(|(id, _)| !id.contains('/')).map_or(m.as_str(), |(_, s)| s))
+        .collect();
     args.sources.install(hub.cache_dir(), &own);
     let worker_id = args.worker_id.clone().unwrap_or_else(host_name);
     // With a certificate the worker serves TLS too, and wants callers (the controller, other

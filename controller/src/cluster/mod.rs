@@ -97,6 +97,7 @@ impl Cluster {
             worker_token,
         });
         cluster.start_autoscaler();
+        cluster.size_restored();
         // Leases, retries and anything waiting on time.
         let weak = Arc::downgrade(&cluster);
         let tick = (cluster.config.lease / 4).clamp(Duration::from_millis(50), Duration::from_millis(500));
@@ -122,6 +123,36 @@ impl Cluster {
         }
         for w in inner.state.workers.values_mut() {
             w.connected = false;
+        }
+    }
+
+    /// Sizes the restored deployments whose source is a URL, each on a task of its own (their
+    /// replicas wait, with the reason, until it answers or fails).
+    fn size_restored(self: &Arc<Self>) {
+        let pending: Vec<(String, crate::spec::DeploymentSpec)> = self
+            .lock()
+            .state
+            .deployments
+            .iter()
+            .filter(|(_, d)| d.sized.is_err() && gantry_store::url::is_url(&d.record.spec.source))
+            .map(|(n, d)| (n.clone(), d.record.spec.clone()))
+            .collect();
+        for (name, spec) in pending {
+            let weak = Arc::downgrade(self);
+            tokio::spawn(async move {
+                let sized = crate::spec::size_model_async(&spec).await;
+                let Some(c) = weak.upgrade() else { return };
+                let mut inner = c.lock();
+                if let Some(d) = inner.state.deployments.get_mut(&name)
+                    && d.record.spec.source == spec.source
+                {
+                    if let Err(e) = &sized {
+                        tracing::warn!(deployment = %name, error = %e, "sizing a restored deployment failed");
+                    }
+                    d.sized = sized;
+                }
+                c.settle(&mut inner, Vec::new());
+            });
         }
     }
 

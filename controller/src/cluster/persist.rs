@@ -103,7 +103,13 @@ pub async fn restore(store: &dyn StateStore) -> Result<State, StateStoreError> {
                 continue;
             }
         };
-        let sized = size_model_async(&record.spec).await;
+        // A URL source is sized over the network after start (`Cluster::size_restored`): a slow
+        // or hostile server must not hold up the leader's start.
+        let sized = if gantry_store::url::is_url(&record.spec.source) {
+            Err(format!("sizing {} from its header (after the controller's start)", record.spec.source))
+        } else {
+            size_model_async(&record.spec).await
+        };
         state.deployments.insert(record.name.clone(), Deployment::new(record, sized));
     }
     for (key, value) in store.list("placements/").await? {
