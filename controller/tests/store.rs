@@ -358,3 +358,36 @@ async fn a_watcher_that_stops_reading_never_blocks_embedded_writers() {
     }
     assert!((1..1100).contains(&received), "{received} events before the end");
 }
+
+/// Split brain, fenced: a leader whose lease ran out while it did nothing (a paused process, a
+/// partition) and another controller took over can no longer write — every write is conditioned
+/// on its election key — while the new leader's writes stand.
+#[tokio::test]
+async fn a_leader_whose_lease_ran_out_can_no_longer_write() {
+    let server = EtcdServer::start();
+    let a = etcd_store(&server, "/gantry/", 2).await;
+    let b = etcd_store(&server, "/gantry/", 2).await;
+    let _a_leads = timeout(PATIENCE, a.campaign("host-a:7100")).await.unwrap().unwrap();
+    a.put("deployments/x", b"from a".to_vec()).await.expect("the leader writes");
+    // A's lease ends as if A had been paused past its TTL (etcd expires it; here, at once).
+    let mut admin = etcd_client::Client::connect([server.url()], None).await.unwrap();
+    let leases = admin.leases().await.unwrap();
+    for l in leases.leases() {
+        admin.lease_revoke(l.id()).await.unwrap();
+    }
+    let _b_leads = timeout(PATIENCE, b.campaign("host-b:7100")).await.unwrap().unwrap();
+    b.put("deployments/x", b"from b".to_vec()).await.expect("the new leader writes");
+    // A wakes up and writes what it had pending: refused, and nothing of it lands.
+    for (what, result) in [
+        ("put", a.put("deployments/x", b"stale".to_vec()).await.map(|_| ())),
+        ("delete", a.delete("deployments/x").await.map(|_| ())),
+        ("delete_prefix", a.delete_prefix("deployments/").await.map(|_| ())),
+    ] {
+        match result {
+            Err(StateStoreError::Busy(m)) => assert!(m.contains("this controller no longer leads"), "{what}: {m}"),
+            other => panic!("{what}: expected a refusal, got {other:?}"),
+        }
+    }
+    assert_eq!(b.get("deployments/x").await.unwrap().as_deref(), Some(&b"from b"[..]));
+    assert!(b.delete("deployments/x").await.unwrap(), "the leader's delete counts what it removed");
+}

@@ -254,3 +254,59 @@ async fn with_etcd_a_standby_controller_takes_over_when_the_leader_dies() {
     let loads = worker.stderr().lines().filter(|l| l.contains("serving") && l.contains("model=chat/0")).count();
     assert_eq!(loads, 1, "chat/0 was loaded {loads} times");
 }
+
+/// Split brain: the leader is paused (SIGSTOP) past its etcd lease, the standby takes over, and
+/// the old leader is resumed still believing it leads. A change sent to it then is refused —
+/// its writes are conditioned on its election key, which is gone — and never reaches the
+/// state the new leader serves; the old leader notices and stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_paused_past_its_lease_cannot_write_when_it_resumes() {
+    let etcd = common::etcd::EtcdServer::start();
+    let url = etcd.url();
+    let args = ["--etcd", url.as_str(), "--etcd-prefix", "/gantry-fence/", "--lease", "2"];
+    let (pa, pb) = (common::etcd::free_port(), common::etcd::free_port());
+    let old = RunningController::start_on(&format!("127.0.0.1:{pa}"), &args);
+    let mut cmd = common::gantry();
+    cmd.args(["controller", "--listen", &format!("127.0.0.1:{pb}"), "--http", "off"]).args(args);
+    let mut new = RunningController::spawn(cmd, Some("gantry controller standby"));
+    let model = common::smollm2();
+    let apply =
+        |name: &str| pb::ApplyRequest { name: name.into(), spec: Some(spec(model.to_str().unwrap(), 1, Binpack)) };
+    let mut to_old = old.deployments().await;
+    to_old.apply(apply("before")).await.expect("the leader takes changes");
+
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill").args([sig, &old.pid().to_string()]).status().unwrap();
+        assert!(ok.success(), "kill {sig}");
+    };
+    signal("-STOP");
+    new.wait_listening(Duration::from_secs(30));
+    let mut to_new = new.deployments().await;
+    to_new.apply(apply("after")).await.expect("the new leader takes changes");
+    signal("-CONT");
+    // At once, before its lease keeper can tell it: the old leader still answers, and refuses.
+    let stale = to_old.apply(apply("stale")).await;
+    let e = stale.expect_err("a change to the paused leader");
+    eprintln!("the paused leader answered: {:?}: {}", e.code(), e.message());
+    assert!(
+        e.message().contains("no longer leads") || e.code() == tonic::Code::Unavailable,
+        "{:?}: {}",
+        e.code(),
+        e.message()
+    );
+    let names: Vec<String> = to_new
+        .list(pb::ListDeploymentsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .deployments
+        .into_iter()
+        .map(|d| d.name)
+        .collect();
+    assert_eq!(names, ["after", "before"]);
+    let started = std::time::Instant::now();
+    while !old.stderr().contains("lost leadership") {
+        assert!(started.elapsed() < Duration::from_secs(20), "the old leader did not step down:\n{}", old.stderr());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

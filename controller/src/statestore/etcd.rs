@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, ConnectOptions, DeleteOptions, EventType, GetOptions, LeaseClient, WatchOptions, WatchStream,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, LeaseClient, Txn, TxnOp,
+    TxnOpResponse, WatchOptions, WatchStream,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -52,6 +53,10 @@ struct Session {
     lease_id: i64,
     lost: watch::Sender<bool>,
     keeper: JoinHandle<()>,
+    /// Once leading: this candidate's election key and the revision that created it. Every
+    /// write is conditioned on that key still existing at that revision, so a leader whose
+    /// lease ran out (paused, partitioned) can no longer write once another leads.
+    leader_key: Option<(Vec<u8>, i64)>,
 }
 
 impl Session {
@@ -199,6 +204,33 @@ impl EtcdStore {
         }
     }
 
+    /// Runs a write, conditioned (once this store leads) on its election key still being the
+    /// one its campaign created; returns the keys deleted (for a delete).
+    async fn fenced(&self, what: &str, op: TxnOp) -> Result<i64, StateStoreError> {
+        let fence = lock(&self.session).as_ref().and_then(|s| s.leader_key.clone());
+        let mut txn = Txn::new();
+        if let Some((key, rev)) = &fence {
+            txn = txn.when(vec![Compare::create_revision(key.clone(), CompareOp::Equal, *rev)]);
+        }
+        let mut kv = self.client.kv_client();
+        let resp = self.timed(what, kv.txn(txn.and_then(vec![op]))).await?;
+        if !resp.succeeded() {
+            warn!(etcd = %self.urls, "refused a write: this controller no longer leads");
+            return Err(StateStoreError::Busy(format!(
+                "etcd at {}: {what}: refused, this controller no longer leads (its leadership lease ran out and its election key is gone)",
+                self.urls
+            )));
+        }
+        Ok(resp
+            .op_responses()
+            .into_iter()
+            .map(|r| match r {
+                TxnOpResponse::Delete(d) => d.deleted(),
+                _ => 0,
+            })
+            .sum())
+    }
+
     fn failed(&self, what: &str, e: &etcd_client::Error) -> StateStoreError {
         let line = format!("etcd at {}: {what} failed: {}", self.urls, error_line(e));
         if is_unreachable(e) { StateStoreError::Unavailable(line) } else { StateStoreError::Backend(line) }
@@ -238,22 +270,19 @@ impl StateStore for EtcdStore {
     }
 
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), StateStoreError> {
-        let mut kv = self.client.kv_client();
-        self.timed(&format!("put {key}"), kv.put(self.full(key), value, None)).await.map(|_| ())
+        let op = TxnOp::put(self.full(key), value, None);
+        self.fenced(&format!("put {key}"), op).await.map(|_| ())
     }
 
     async fn delete(&self, key: &str) -> Result<bool, StateStoreError> {
-        let mut kv = self.client.kv_client();
-        let resp = self.timed(&format!("delete {key}"), kv.delete(self.full(key), None)).await?;
-        Ok(resp.deleted() > 0)
+        let op = TxnOp::delete(self.full(key), None);
+        Ok(self.fenced(&format!("delete {key}"), op).await? > 0)
     }
 
     async fn delete_prefix(&self, prefix: &str) -> Result<u64, StateStoreError> {
-        let mut kv = self.client.kv_client();
-        let options = DeleteOptions::new().with_prefix();
-        let what = format!("delete everything under {prefix}");
-        let resp = self.timed(&what, kv.delete(self.full(prefix), Some(options))).await?;
-        Ok(u64::try_from(resp.deleted()).unwrap_or(0))
+        let op = TxnOp::delete(self.full(prefix), Some(DeleteOptions::new().with_prefix()));
+        let deleted = self.fenced(&format!("delete everything under {prefix}"), op).await?;
+        Ok(u64::try_from(deleted).unwrap_or(0))
     }
 
     /// The receiver also ends when etcd ends the watch (etcd gone, history compacted); the
@@ -293,7 +322,7 @@ impl StateStore for EtcdStore {
             lost_tx.clone(),
             self.urls.clone(),
         ));
-        let previous = lock(&self.session).replace(Session { lease_id, lost: lost_tx, keeper });
+        let previous = lock(&self.session).replace(Session { lease_id, lost: lost_tx, keeper, leader_key: None });
         if let Some(previous) = previous {
             let old = previous.end();
             let _ = self.timed("revoke the previous leadership lease", lease.revoke(old)).await;
@@ -303,7 +332,12 @@ impl StateStore for EtcdStore {
         let mut lease_lost = lost.clone();
         tokio::select! {
             won = election.campaign(self.election_name(), candidate, lease_id) => {
-                won.map_err(|e| self.failed("campaign for leadership", &e))?;
+                let won = won.map_err(|e| self.failed("campaign for leadership", &e))?;
+                if let (Some(key), Some(session)) = (won.leader(), lock(&self.session).as_mut())
+                    && session.lease_id == lease_id
+                {
+                    session.leader_key = Some((key.key().to_vec(), key.rev()));
+                }
             }
             _ = lease_lost.wait_for(|lost| *lost) => {
                 return Err(StateStoreError::Unavailable(format!(
