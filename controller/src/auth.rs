@@ -89,11 +89,78 @@ impl Permission {
     }
 }
 
-/// Who called, as its key says: its role and the name the key file gives it (never the key).
+/// Who called, as its key says: its role, the name the key file gives it (never the key), and
+/// the limits its line sets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
     pub role: Role,
     pub name: String,
+    pub limits: Limits,
+}
+
+/// A tenant's limits, from `KEY ROLE NAME streams=N tpm=N priority=P` (each optional).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Limits {
+    /// Streams the key may have open at once.
+    pub streams: Option<u32>,
+    /// Generated tokens per minute (a bucket that refills continuously).
+    pub tokens_per_minute: Option<u64>,
+    pub priority: Priority,
+}
+
+/// Who yields when the controller's relay slots run short: `low` is refused first (once fewer
+/// than a fifth of the slots are free), then `normal` (a twentieth), `high` last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Priority {
+    Low,
+    #[default]
+    Normal,
+    High,
+}
+
+impl Priority {
+    pub fn name(self) -> &'static str {
+        match self {
+            Priority::Low => "low",
+            Priority::Normal => "normal",
+            Priority::High => "high",
+        }
+    }
+
+    /// The share of the relay slots (percent) this class leaves free for higher ones.
+    pub fn reserve_percent(self) -> usize {
+        match self {
+            Priority::Low => 20,
+            Priority::Normal => 5,
+            Priority::High => 0,
+        }
+    }
+}
+
+impl Limits {
+    /// Reads `streams=N`, `tpm=N` and `priority=low|normal|high`.
+    fn parse_field(&mut self, field: &str) -> Result<(), String> {
+        let (k, v) = field
+            .split_once('=')
+            .ok_or_else(|| format!("`{field}`: limits are key=value (streams=4, tpm=60000, priority=low)"))?;
+        let number = |v: &str| {
+            v.parse::<u64>().ok().filter(|&n| n > 0).ok_or_else(|| format!("`{field}`: give a whole number above 0"))
+        };
+        match k {
+            "streams" => self.streams = Some(u32::try_from(number(v)?).map_err(|_| format!("`{field}`: too many"))?),
+            "tpm" => self.tokens_per_minute = Some(number(v)?),
+            "priority" => {
+                self.priority = match v {
+                    "low" => Priority::Low,
+                    "normal" => Priority::Normal,
+                    "high" => Priority::High,
+                    _ => return Err(format!("`{field}`: priority is low, normal or high")),
+                }
+            }
+            _ => return Err(format!("`{field}`: the limits are streams, tpm and priority")),
+        }
+        Ok(())
+    }
 }
 
 /// The permission a gRPC method needs, by its path (`/gantry.v1.Deployments/Apply`).
@@ -182,10 +249,11 @@ impl ApiKeys {
                 Some(r) => Role::parse(r).map_err(|e| format!("line {}: {e}", i + 1))?,
             };
             let name = fields.next().map_or_else(|| format!("key-{}", digests.len() + 1), str::to_string);
-            if let Some(extra) = fields.next() {
-                return Err(format!("line {}: `{extra}` after the key, role and name", i + 1));
+            let mut limits = Limits::default();
+            for field in fields {
+                limits.parse_field(field).map_err(|e| format!("line {}: {e}", i + 1))?;
             }
-            digests.push(Key { digest: digest(key), caller: Caller { role, name } });
+            digests.push(Key { digest: digest(key), caller: Caller { role, name, limits } });
         }
         if digests.is_empty() {
             return Err("no keys in it".into());
@@ -290,10 +358,36 @@ mod tests {
         assert_eq!(ApiKeys::parse("# none\n").unwrap_err(), "no keys in it");
         assert_eq!(
             keys.caller(Some(b"Bearer 0123456789abcdef0123")),
-            Some(Caller { role: Role::Admin, name: "key-1".into() })
+            Some(Caller { role: Role::Admin, name: "key-1".into(), limits: Limits::default() })
         );
         assert!(ApiKeys::parse("short\n").unwrap_err().starts_with("line 1: a key is at least 16 characters"));
         assert_eq!(format!("{keys:?}"), "ApiKeys(2 keys)", "never the keys themselves");
+    }
+
+    #[test]
+    fn a_key_line_sets_its_tenants_limits() {
+        let keys = ApiKeys::parse(
+            "0123456789abcdef0123 user alice streams=2 tpm=6000 priority=low\nfedcba9876543210fedc user bob\n",
+        )
+        .unwrap();
+        let alice = keys.caller(Some(b"Bearer 0123456789abcdef0123")).unwrap();
+        assert_eq!(alice.limits, Limits { streams: Some(2), tokens_per_minute: Some(6000), priority: Priority::Low });
+        let bob = keys.caller(Some(b"Bearer fedcba9876543210fedc")).unwrap();
+        assert_eq!(bob.limits, Limits::default());
+        for (line, err) in [
+            ("0123456789abcdef0123 user a streams=0", "line 1: `streams=0`: give a whole number above 0"),
+            ("0123456789abcdef0123 user a speed=9", "line 1: `speed=9`: the limits are streams, tpm and priority"),
+            (
+                "0123456789abcdef0123 user a priority=urgent",
+                "line 1: `priority=urgent`: priority is low, normal or high",
+            ),
+            (
+                "0123456789abcdef0123 user a extra",
+                "line 1: `extra`: limits are key=value (streams=4, tpm=60000, priority=low)",
+            ),
+        ] {
+            assert_eq!(ApiKeys::parse(line).unwrap_err(), err);
+        }
     }
 
     #[test]
@@ -359,14 +453,14 @@ mod tests {
             "the API key `grafana` has the role `viewer`, which does not allow changing deployments (Deployments/Apply)"
         );
         let user = keys.authorize(Some(b"Bearer fedcba9876543210fedc"), Infer, "Inference/Chat").unwrap();
-        assert_eq!(user, Caller { role: Role::User, name: "key-2".into() });
+        assert_eq!(user, Caller { role: Role::User, name: "key-2".into(), limits: Limits::default() });
         assert_eq!(
             ApiKeys::parse("0123456789abcdef0123 root\n").unwrap_err(),
             "line 1: role `root`: use admin, user, viewer or worker"
         );
         assert_eq!(
             ApiKeys::parse("0123456789abcdef0123 user a b\n").unwrap_err(),
-            "line 1: `b` after the key, role and name"
+            "line 1: `b`: limits are key=value (streams=4, tpm=60000, priority=low)"
         );
     }
 }

@@ -48,6 +48,10 @@ struct Recorded {
     migrations: BTreeMap<(String, String), u64>,
     /// (deployment, direction) → the autoscaler's decisions.
     autoscaled: BTreeMap<(String, String), u64>,
+    /// Per API key name (never the key): streams admitted, refused by reason, tokens.
+    key_admitted: BTreeMap<String, u64>,
+    key_refused: BTreeMap<(String, String), u64>,
+    key_tokens: BTreeMap<String, u64>,
 }
 
 static RECORDED: LazyLock<Mutex<Recorded>> = LazyLock::new(Mutex::default);
@@ -73,6 +77,24 @@ pub fn token(model: &str, first: Option<Duration>, gap: Option<Duration>) {
             r.itl.entry(model.to_string()).or_default().observe(&ITL_BUCKETS, d.as_secs_f64());
         }
     });
+}
+
+/// A stream admitted for API key `name` (its name from the key file).
+pub fn key_admitted(name: &str) {
+    with(|r| *r.key_admitted.entry(name.to_string()).or_default() += 1);
+}
+
+/// A stream refused for API key `name` by one of its limits (`streams`, `tokens_per_minute`,
+/// `priority`).
+pub fn key_refused(name: &str, limit: &str) {
+    with(|r| *r.key_refused.entry((name.to_string(), limit.to_string())).or_default() += 1);
+}
+
+/// Tokens generated for API key `name`.
+pub fn key_tokens(name: &str, n: u64) {
+    if n > 0 {
+        with(|r| *r.key_tokens.entry(name.to_string()).or_default() += n);
+    }
 }
 
 /// A request moved off a failed replica mid-stream: `resumed` on another, or `failed` when
@@ -121,6 +143,28 @@ pub fn render(cluster: &Cluster) -> String {
         for ((model, outcome), n) in &r.requests {
             let _ =
                 writeln!(out, "gantry_requests_total{{model=\"{}\",outcome=\"{}\"}} {n}", label(model), label(outcome));
+        }
+        header(
+            &mut out,
+            "gantry_key_streams_total",
+            "counter",
+            "Streams admitted per API key (its name, never the key).",
+        );
+        for (name, n) in &r.key_admitted {
+            let _ = writeln!(out, "gantry_key_streams_total{{key=\"{}\"}} {n}", label(name));
+        }
+        header(
+            &mut out,
+            "gantry_key_refused_total",
+            "counter",
+            "Streams refused per API key name by the limit that refused them.",
+        );
+        for ((name, limit), n) in &r.key_refused {
+            let _ = writeln!(out, "gantry_key_refused_total{{key=\"{}\",limit=\"{}\"}} {n}", label(name), label(limit));
+        }
+        header(&mut out, "gantry_key_tokens_total", "counter", "Tokens generated per API key name.");
+        for (name, n) in &r.key_tokens {
+            let _ = writeln!(out, "gantry_key_tokens_total{{key=\"{}\"}} {n}", label(name));
         }
         header(&mut out, "gantry_generated_tokens_total", "counter", "Tokens streamed to clients by deployment.");
         for (model, n) in &r.tokens {

@@ -492,3 +492,94 @@ async fn a_worker_beyond_loopback_takes_calls_only_with_the_clusters_token() {
     let s = cluster.list_workers(with_key(pb::ListWorkersRequest {}, ADMIN)).await.unwrap().into_inner();
     assert!(s.workers.iter().all(|w| w.state == "ready"), "{s:?}");
 }
+
+/// Tenants kept apart by their keys' limits (`KEY ROLE NAME streams=N tpm=N`), before a request
+/// reaches a worker: a key at its stream limit is refused (`RESOURCE_EXHAUSTED` with
+/// `retry-after`; 429 in OpenAI's shape with `Retry-After` over HTTP) until a stream ends; a key
+/// that used its tokens per minute is refused with the wait; the metrics count both per key
+/// name, never the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_keys_limits_apply_before_a_worker_is_reached() {
+    const ADMIN: &str = "k-admin-0123456789abcdef";
+    const ALICE: &str = "k-alice-0123456789abcdef";
+    const BOB: &str = "k-bob-0123456789abcdef01";
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, format!("{ADMIN} admin ops\n{ALICE} user alice streams=1\n{BOB} user bob tpm=20\n")).unwrap();
+    let up = RunningController::up(&[
+        "--api-keys",
+        keys.to_str().unwrap(),
+        "--threads",
+        "1",
+        "--context",
+        "1K",
+        "--name",
+        "chat",
+    ]);
+    let channel = up.channel().await;
+    let mut inference = pb::inference_client::InferenceClient::new(channel);
+    let chat = |max: u32| pb::ChatRequest {
+        model: "chat".into(),
+        messages: vec![pb::ChatMessage { role: "user".into(), content: "Tell me a long story.".into() }],
+        sampling: Some(pb::SamplingParams { max_tokens: Some(max), ..Default::default() }),
+        request_id: String::new(),
+    };
+
+    // alice: one stream at a time.
+    let mut open = inference.chat(with_key(chat(400), ALICE)).await.unwrap().into_inner();
+    assert!(open.message().await.unwrap().is_some(), "the first stream runs");
+    let e = inference.chat(with_key(chat(4), ALICE)).await.map(|_| ()).unwrap_err();
+    assert_eq!(
+        (e.code(), e.message()),
+        (Code::ResourceExhausted, "the API key `alice` has 1 streams open, its limit (streams=1); retry when one ends")
+    );
+    assert_eq!(e.metadata().get("retry-after").unwrap(), "1");
+    let addr = up.http.clone().unwrap();
+    let auth = format!("Authorization: Bearer {ALICE}\r\n");
+    let body = r#"{"model":"chat","messages":[{"role":"user","content":"Hi"}],"max_tokens":2}"#;
+    let out = common::http_request(&addr, "POST", "/v1/chat/completions", &auth, Some(body));
+    assert!(out.starts_with("HTTP/1.1 429"), "{out}");
+    assert!(out.to_ascii_lowercase().contains("retry-after: 1\r\n"), "{out}");
+    assert!(out.contains(r#""type":"rate_limit_error""#), "{out}");
+    // Another tenant is not held up by alice's limit.
+    let mut other = inference.chat(with_key(chat(2), ADMIN)).await.unwrap().into_inner();
+    while other.message().await.unwrap().is_some() {}
+    drop(open);
+    let started = std::time::Instant::now();
+    loop {
+        match inference.chat(with_key(chat(2), ALICE)).await {
+            Ok(s) => {
+                let mut s = s.into_inner();
+                while s.message().await.unwrap().is_some() {}
+                break;
+            }
+            Err(e) => assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}"),
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(20), "alice's ended stream was never released");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    // bob: 20 tokens a minute. 16, then 16 more (4 were left), then none.
+    for _ in 0..2 {
+        let mut s = inference.chat(with_key(chat(16), BOB)).await.unwrap().into_inner();
+        while s.message().await.unwrap().is_some() {}
+    }
+    let e = inference.chat(with_key(chat(16), BOB)).await.map(|_| ()).unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().starts_with("the API key `bob` used its 20 tokens per minute (tpm=20); retry in "),
+        "{}",
+        e.message()
+    );
+    let wait: u64 = e.metadata().get("retry-after").unwrap().to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&wait), "{wait}");
+
+    let (status, metrics) = http(&addr, "/metrics", Some(ADMIN));
+    assert_eq!(status, 200);
+    assert!(metrics.contains(r#"gantry_key_refused_total{key="alice",limit="streams"}"#), "{metrics}");
+    assert!(metrics.contains(r#"gantry_key_refused_total{key="bob",limit="tokens_per_minute"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"gantry_key_streams_total{key="bob"} 2"#), "{metrics}");
+    for k in [ADMIN, ALICE, BOB] {
+        assert!(!metrics.contains(k), "a key in the metrics");
+    }
+}

@@ -4,6 +4,7 @@ use gantry_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use super::Services;
+use crate::auth::Caller;
 use crate::router::{EventStream, deadline_of, request_id};
 
 #[tonic::async_trait]
@@ -13,19 +14,24 @@ impl pb::inference_server::Inference for Services {
 
     async fn generate(&self, request: Request<pb::InferenceRequest>) -> Result<Response<Self::GenerateStream>, Status> {
         let deadline = deadline_of(&request);
+        let caller = request.extensions().get::<Caller>().cloned();
         let r = request.into_inner();
         let id = request_id(&r.request_id);
-        self.router.route(&r.model, pb::generate_request::Input::Prompt(r.prompt), r.sampling, id, deadline).await
+        let input = pb::generate_request::Input::Prompt(r.prompt);
+        self.router.route(&r.model, input, r.sampling, id, deadline, caller.as_ref()).await
     }
 
     async fn chat(&self, request: Request<pb::ChatRequest>) -> Result<Response<Self::ChatStream>, Status> {
         let deadline = deadline_of(&request);
+        let caller = request.extensions().get::<Caller>().cloned();
         let r = request.into_inner();
         if r.messages.is_empty() {
             return Err(Status::invalid_argument("the chat has no messages"));
         }
         let id = request_id(&r.request_id);
         let chat = pb::Conversation { messages: r.messages };
-        self.router.route(&r.model, pb::generate_request::Input::Chat(chat), r.sampling, id, deadline).await
+        self.router
+            .route(&r.model, pb::generate_request::Input::Chat(chat), r.sampling, id, deadline, caller.as_ref())
+            .await
     }
 }

@@ -46,7 +46,7 @@ pub fn standby_health(listener: TcpListener) -> tokio::task::JoinHandle<()> {
 /// Refuses HTTP requests without a valid key (when keys are configured), in OpenAI's error shape.
 async fn require_key(
     State(keys): State<Option<ApiKeys>>,
-    req: axum::extract::Request,
+    mut req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
@@ -54,8 +54,12 @@ async fn require_key(
         let header = req.headers().get(axum::http::header::AUTHORIZATION);
         let path = req.uri().path();
         let needed = crate::auth::http_permission(path);
-        if let Err(status) = keys.authorize(header.map(|v| v.as_bytes()), needed, path) {
-            return openai::ApiError::from(status).into_response();
+        match keys.authorize(header.map(|v| v.as_bytes()), needed, path) {
+            // The caller goes with the request: its limits apply to inference.
+            Ok(caller) => {
+                req.extensions_mut().insert(caller);
+            }
+            Err(status) => return openai::ApiError::from(status).into_response(),
         }
     }
     next.run(req).await

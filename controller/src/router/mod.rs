@@ -4,6 +4,7 @@
 
 pub mod pick;
 mod relay;
+pub mod tenants;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
+use crate::auth::Caller;
 use crate::cluster::Cluster;
 use relay::Relay;
 
@@ -32,12 +34,14 @@ pub struct Router {
     cluster: Arc<Cluster>,
     /// One permit per request relayed (`ControllerConfig::max_requests`).
     relays: Arc<tokio::sync::Semaphore>,
+    /// Each API key's streams and tokens, against its limits.
+    tenants: Arc<tenants::Tenants>,
 }
 
 impl Router {
     pub fn new(cluster: Arc<Cluster>) -> Router {
         let relays = Arc::new(tokio::sync::Semaphore::new(cluster.config().max_requests));
-        Router { cluster, relays }
+        Router { cluster, relays, tenants: Arc::default() }
     }
 
     pub fn cluster(&self) -> &Arc<Cluster> {
@@ -99,8 +103,9 @@ impl Router {
         sampling: Option<pb::SamplingParams>,
         request_id: String,
         deadline: Option<Duration>,
+        caller: Option<&Caller>,
     ) -> Result<EventStream<pb::GenerateEvent>, Status> {
-        self.route(model, input, sampling, request_id, deadline).await.map(Response::into_inner)
+        self.route(model, input, sampling, request_id, deadline, caller).await.map(Response::into_inner)
     }
 
     /// Starts a request on a replica and relays its events; a replica that fails mid-stream
@@ -112,10 +117,17 @@ impl Router {
         sampling: Option<pb::SamplingParams>,
         request_id: String,
         deadline: Option<Duration>,
+        caller: Option<&Caller>,
     ) -> Result<Response<EventStream<pb::GenerateEvent>>, Status> {
         if model.trim().is_empty() {
             return Err(Status::invalid_argument("the request names no model; `Models/List` shows what is deployed"));
         }
+        // The caller's own limits first: a tenant over them waits without taking a slot.
+        let max = self.cluster.config().max_requests;
+        let tenant = self.tenants.admit(caller, self.relays.available_permits(), max).inspect_err(|_| {
+            let label = if self.cluster.get(model).is_ok() { model } else { "(unknown)" };
+            crate::metrics::request_finished(label, "resource_exhausted");
+        })?;
         let Ok(permit) = self.relays.clone().try_acquire_owned() else {
             let label = if self.cluster.get(model).is_ok() { model } else { "(unknown)" };
             crate::metrics::request_finished(label, "resource_exhausted");
@@ -149,7 +161,11 @@ impl Router {
         })?;
         let (tx, rx) = mpsc::channel(RELAY_BUFFER);
         tokio::spawn(async move {
-            relay.run(attached, tx).await;
+            let sent = relay.run(attached, tx).await;
+            if let Some(t) = &tenant {
+                t.charge(sent);
+            }
+            drop(tenant);
             drop(permit);
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))

@@ -224,7 +224,8 @@ impl Relay {
     }
 
     /// Runs the request to its end, moving it to another replica whenever its replica fails.
-    pub(super) async fn run(mut self, mut at: Attached, tx: mpsc::Sender<Result<pb::GenerateEvent, Status>>) {
+    /// Relays the request to its end; returns the tokens delivered.
+    pub(super) async fn run(mut self, mut at: Attached, tx: mpsc::Sender<Result<pb::GenerateEvent, Status>>) -> usize {
         let ending = loop {
             let lost = match self.forward(&mut at, &tx).await {
                 Ok(ending) => break ending,
@@ -278,6 +279,7 @@ impl Relay {
             }
         };
         crate::metrics::request_finished(&self.model, &outcome);
+        self.sent.len()
     }
 }
 

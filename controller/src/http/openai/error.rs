@@ -15,6 +15,8 @@ pub struct ApiError {
     pub(super) code: Option<&'static str>,
     pub(super) param: Option<String>,
     pub(super) message: String,
+    /// Seconds to wait before retrying (a tenant's limit), sent as `Retry-After`.
+    pub(super) retry_after: Option<String>,
 }
 
 impl ApiError {
@@ -26,6 +28,7 @@ impl ApiError {
             code: None,
             param: param.map(str::to_string),
             message: message.into(),
+            retry_after: None,
         }
     }
 
@@ -41,7 +44,11 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body())).into_response()
+        let mut response = (self.status, Json(self.body())).into_response();
+        if let Some(v) = self.retry_after.as_deref().and_then(|v| v.parse().ok()) {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
+        }
+        response
     }
 }
 
@@ -58,7 +65,8 @@ impl From<Status> for ApiError {
             Code::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", None),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
         };
-        ApiError { status, kind, code, param: None, message: s.message().to_string() }
+        let retry_after = s.metadata().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_string);
+        ApiError { status, kind, code, param: None, message: s.message().to_string(), retry_after }
     }
 }
 

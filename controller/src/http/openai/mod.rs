@@ -8,6 +8,7 @@ mod error;
 mod request;
 mod response;
 
+use crate::auth::Caller;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -46,7 +47,7 @@ fn body_bytes(body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> 
         } else {
             format!("the request body could not be read: {e}")
         };
-        ApiError { status, kind: "invalid_request_error", code: None, param: None, message }
+        ApiError { status, kind: "invalid_request_error", code: None, param: None, message, retry_after: None }
     })
 }
 
@@ -60,7 +61,7 @@ struct Request {
 }
 
 /// Runs a request: a stream of server-sent events or one JSON answer.
-async fn run(api: Router, r: Request, headers: &HeaderMap) -> Result<Response, ApiError> {
+async fn run(api: Router, r: Request, headers: &HeaderMap, caller: Option<&Caller>) -> Result<Response, ApiError> {
     let Request { endpoint, common, input, sampling, logprobs } = r;
     // The caller's `X-Request-Id` (printable, bounded) names the request in every log line.
     let request_id = headers
@@ -71,7 +72,7 @@ async fn run(api: Router, r: Request, headers: &HeaderMap) -> Result<Response, A
         .map_or_else(Router::new_request_id, str::to_string);
     let model = common.model.trim().to_string();
     // Opened before answering, so an unknown model or a missing replica is a plain HTTP error.
-    let events = api.open_stream(&model, input, Some(sampling), request_id.clone(), None).await?;
+    let events = api.open_stream(&model, input, Some(sampling), request_id.clone(), None, caller).await?;
     let id = response::id(endpoint, &request_id);
     let created = crate::clock::unix_ms() / 1000;
     if common.stream {
@@ -120,6 +121,7 @@ async fn run(api: Router, r: Request, headers: &HeaderMap) -> Result<Response, A
 
 async fn chat_completions(
     State(api): State<Router>,
+    caller: Option<axum::Extension<Caller>>,
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -158,11 +160,13 @@ async fn chat_completions(
         messages.push(pb::ChatMessage { role, content });
     }
     let input = pb::generate_request::Input::Chat(pb::Conversation { messages });
-    run(api, Request { endpoint: Endpoint::Chat, common: body.common, input, sampling, logprobs }, &headers).await
+    let r = Request { endpoint: Endpoint::Chat, common: body.common, input, sampling, logprobs };
+    run(api, r, &headers, caller.as_ref().map(|c| &c.0)).await
 }
 
 async fn completions(
     State(api): State<Router>,
+    caller: Option<axum::Extension<Caller>>,
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -180,5 +184,6 @@ async fn completions(
         return Err(ApiError::invalid(Some("prompt"), "prompt is empty"));
     }
     let input = pb::generate_request::Input::Prompt(prompt);
-    run(api, Request { endpoint: Endpoint::Completion, common: body.common, input, sampling, logprobs }, &headers).await
+    let r = Request { endpoint: Endpoint::Completion, common: body.common, input, sampling, logprobs };
+    run(api, r, &headers, caller.as_ref().map(|c| &c.0)).await
 }
