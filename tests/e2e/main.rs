@@ -16,6 +16,7 @@ mod controller_e2e;
 mod controller_python;
 mod controller_sharding;
 mod dashboard_chromium;
+mod faults_netns;
 mod helm_args;
 mod hostile_input;
 mod load;
