@@ -24,6 +24,7 @@ pub mod operator;
 pub mod router;
 pub mod scheduler;
 pub mod server;
+pub mod sim;
 pub mod spec;
 pub mod statestore;
 pub mod tls;

@@ -183,7 +183,7 @@ impl Cluster {
     /// The end of a command.
     pub fn command_result(&self, worker: &str, result: pb::CommandResult) {
         let mut inner = self.lock();
-        let effects = command_result(&mut inner.state, worker, result);
+        let effects = command_result(&mut inner.state, worker, result, Instant::now());
         self.settle(&mut inner, effects);
     }
 
@@ -205,7 +205,7 @@ impl Cluster {
 /// A load finished on `worker`: a stage loaded (the replica is ready once all are), or it
 /// failed (the replica's other stages are unloaded, its reservation released, and it is tried
 /// again after a wait that doubles per failure).
-pub fn command_result(st: &mut State, worker: &str, result: pb::CommandResult) -> Vec<Effect> {
+pub fn command_result(st: &mut State, worker: &str, result: pb::CommandResult, now: Instant) -> Vec<Effect> {
     let Some(c) = st.commands.remove(&result.command_id) else { return Vec::new() };
     if c.worker != worker {
         return Vec::new();
@@ -245,7 +245,7 @@ pub fn command_result(st: &mut State, worker: &str, result: pb::CommandResult) -
     effects.extend(scheduler::release(st, &c.deployment, c.replica, ReplicaState::Failed, &msg));
     if let Some(r) = st.replica_mut(&c.deployment, c.replica) {
         r.failures += 1;
-        r.retry_at = Some(Instant::now() + retry_after(r.failures));
+        r.retry_at = Some(now + retry_after(r.failures));
     }
     effects.push(Effect::PlacementFailed("load_failed"));
     st.event(&c.deployment, EventKind::LoadFailed, msg);
