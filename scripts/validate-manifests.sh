@@ -259,6 +259,12 @@ must_fail "a chart rendered without NetworkPolicies is caught by the chart rules
   --set apiKeys.generate=false >"$tmp/keyless.yaml"
 must_fail "a chart rendered without API keys is caught by the chart rules" \
   "the controller runs without --api-keys" check_manifests --policy --label "keyless chart" "$tmp/keyless.yaml"
+"$helm" template gantry "$chart" --namespace gantry --kube-version "$KUBE_VERSION" \
+  --set etcd.tls.enabled=false >"$tmp/plain-etcd.yaml"
+must_fail "a chart rendered with etcd in plaintext is caught by the chart rules" \
+  "etcd runs without --client-cert-auth" check_manifests --policy --label "plaintext etcd" "$tmp/plain-etcd.yaml"
+must_fail "etcd certificates of the operator's given by halves" "give both serverSecret and clientSecret" \
+  "$helm" template gantry "$chart" --kube-version "$KUBE_VERSION" --set etcd.tls.serverSecret=mine
 if [[ -f "$crd" ]]; then
   "$py" - "$crd" "$tmp/crd-without-scale.yaml" <<'EOF'
 import sys, yaml

@@ -5,15 +5,17 @@
 // The shared helpers below are test code too (clippy.toml allows unwrap only inside #[test]).
 #![allow(clippy::unwrap_used)]
 
+#[path = "../../tests/e2e/common/certs.rs"]
+mod certs;
 #[path = "../../tests/e2e/common/etcd.rs"]
 mod etcd;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd::EtcdServer;
+use etcd::{EtcdServer, EtcdTls};
 use gantry_controller::statestore::embedded::EmbeddedStore;
-use gantry_controller::statestore::etcd::EtcdStore;
+use gantry_controller::statestore::etcd::{EtcdSecurity, EtcdStore};
 use gantry_controller::statestore::{Leadership, StateStore, StateStoreError, WatchEvent};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
@@ -112,7 +114,7 @@ async fn behaves_as_a_store(store: Arc<dyn StateStore>) {
 }
 
 async fn etcd_store(server: &EtcdServer, prefix: &str, lease_ttl_secs: i64) -> EtcdStore {
-    EtcdStore::connect(&[server.url()], prefix, lease_ttl_secs)
+    EtcdStore::connect(&[server.url()], prefix, lease_ttl_secs, &EtcdSecurity::default())
         .await
         .unwrap_or_else(|e| panic!("cannot connect to the test etcd: {e}\netcd's output:\n{}", server.log()))
 }
@@ -200,9 +202,10 @@ async fn a_file_that_is_not_a_state_file_is_reported_by_name() {
 #[tokio::test]
 async fn etcd_where_nothing_listens_is_unavailable_quickly_and_names_the_url() {
     let url = format!("http://127.0.0.1:{}", etcd::free_port());
-    let result = timeout(PATIENCE, EtcdStore::connect(std::slice::from_ref(&url), "/gantry/", 5))
-        .await
-        .expect("connecting to a dead etcd gives up by itself, well within 10 s");
+    let result =
+        timeout(PATIENCE, EtcdStore::connect(std::slice::from_ref(&url), "/gantry/", 5, &EtcdSecurity::default()))
+            .await
+            .expect("connecting to a dead etcd gives up by itself, well within 10 s");
     match result {
         Err(StateStoreError::Unavailable(message)) => {
             assert!(message.contains(&url), "{message}");
@@ -390,4 +393,98 @@ async fn a_leader_whose_lease_ran_out_can_no_longer_write() {
     }
     assert_eq!(b.get("deployments/x").await.unwrap().as_deref(), Some(&b"from b"[..]));
     assert!(b.delete("deployments/x").await.unwrap(), "the leader's delete counts what it removed");
+}
+
+/// etcd with TLS and `--client-cert-auth`, as the Helm chart runs it: the controller connects
+/// only with the CA that signed etcd's certificate and a client certificate from etcd's CA.
+/// Without a certificate, with one from another CA, or without the CA, it is refused and
+/// says why; with the right ones it reads and writes.
+#[tokio::test]
+async fn etcd_with_client_certificates_admits_only_a_controller_holding_one_from_its_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    certs::make_ca(d, "etcd-ca");
+    certs::make_ca(d, "rogue-ca");
+    certs::leaf(d, "etcd-ca", "etcd");
+    certs::leaf(d, "etcd-ca", "controller");
+    certs::leaf(d, "rogue-ca", "intruder");
+    let server = EtcdServer::start_tls(EtcdTls {
+        cert: d.join("etcd.pem"),
+        key: d.join("etcd.key"),
+        client_ca: d.join("etcd-ca.pem"),
+    });
+    let url = server.url();
+    assert!(url.starts_with("https://"), "{url}");
+    let read = |name: &str| std::fs::read(d.join(name)).unwrap();
+    let with = |cert: Option<&str>| EtcdSecurity {
+        ca_pem: Some(read("etcd-ca.pem")),
+        identity_pem: cert.map(|name| (read(&format!("{name}.pem")), read(&format!("{name}.key")))),
+        user: None,
+    };
+    let connect = |security: EtcdSecurity| {
+        let url = url.clone();
+        async move {
+            timeout(PATIENCE, EtcdStore::connect(&[url], "/gantry/", 5, &security))
+                .await
+                .expect("connecting gives up by itself")
+        }
+    };
+
+    // No CA for https: refused before any connection, naming the flag.
+    match connect(EtcdSecurity::default()).await {
+        Err(StateStoreError::Backend(message)) => assert!(message.contains("--etcd-ca"), "{message}"),
+        other => panic!("expected Backend naming --etcd-ca, got {:?}", other.map(|s| s.describe())),
+    }
+    // A CA but no client certificate, or one from another CA: etcd refuses the handshake.
+    for (cert, case) in [(None, "no client certificate"), (Some("intruder"), "a certificate from another CA")] {
+        match connect(with(cert)).await {
+            Err(StateStoreError::Unavailable(message)) => {
+                assert!(message.contains(&url), "{case}: {message}");
+                assert!(!message.contains('\n'), "{case}: one line: {message}");
+            }
+            other => panic!("{case}: expected Unavailable, got {:?}", other.map(|s| s.describe())),
+        }
+    }
+    // Plaintext to the TLS port is refused too.
+    let plain = url.replacen("https://", "http://", 1);
+    let result = timeout(PATIENCE, EtcdStore::connect(&[plain], "/gantry/", 5, &EtcdSecurity::default()))
+        .await
+        .expect("connecting gives up by itself");
+    assert!(matches!(result, Err(StateStoreError::Unavailable(_))), "plaintext: {:?}", result.map(|s| s.describe()));
+
+    // The controller's certificate: a working store.
+    let store = connect(with(Some("controller")))
+        .await
+        .unwrap_or_else(|e| panic!("the controller's certificate is refused: {e}\netcd's output:\n{}", server.log()));
+    store.put("deployments/tls", b"yes".to_vec()).await.unwrap();
+    assert_eq!(store.get("deployments/tls").await.unwrap(), Some(b"yes".to_vec()));
+}
+
+/// The options are checked against the endpoints before connecting, with the flag to change.
+#[tokio::test]
+async fn etcd_tls_options_that_do_not_match_the_endpoints_are_refused_with_the_flag_to_change() {
+    let pem = b"-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n".to_vec();
+    let cases: [(Vec<String>, EtcdSecurity, &str); 3] = [
+        (
+            vec!["http://127.0.0.1:1".into()],
+            EtcdSecurity { ca_pem: Some(pem.clone()), ..EtcdSecurity::default() },
+            "--etcd-ca is set but the etcd endpoints are http://",
+        ),
+        (
+            vec!["https://127.0.0.1:1".into(), "http://127.0.0.1:2".into()],
+            EtcdSecurity { ca_pem: Some(pem.clone()), ..EtcdSecurity::default() },
+            "mix http:// and https://",
+        ),
+        (
+            vec!["http://127.0.0.1:1".into()],
+            EtcdSecurity { identity_pem: Some((pem.clone(), pem)), ..EtcdSecurity::default() },
+            "--etcd-cert needs TLS",
+        ),
+    ];
+    for (endpoints, security, want) in cases {
+        match EtcdStore::connect(&endpoints, "/gantry/", 5, &security).await {
+            Err(StateStoreError::Backend(message)) => assert!(message.contains(want), "{message}"),
+            other => panic!("{want}: expected Backend, got {:?}", other.map(|s| s.describe())),
+        }
+    }
 }

@@ -322,6 +322,17 @@ def check_policy(objs, where, failures):
             env = {e.get("name") for e in c.get("env") or []}
             if args[:1] == ["controller"] and not any(a.startswith("--api-keys") for a in args):
                 failures.add(where, f"{describe(w)}: the controller runs without --api-keys (apiKeys.generate)")
+            etcd = [a.split("=", 1)[1] for a in args if a.startswith("--etcd=")]
+            if args[:1] == ["controller"] and etcd:
+                if any(url.startswith("http://") for url in etcd[0].split(",")):
+                    failures.add(where, f"{describe(w)}: the controller talks to etcd in plaintext (etcd.tls.enabled)")
+                elif not any(a.startswith("--etcd-cert") for a in args):
+                    failures.add(where, f"{describe(w)}: the controller shows etcd no client certificate")
+            command = [str(a) for a in c.get("command") or []]
+            if command[:1] == ["etcd"]:
+                for flag in ("--client-cert-auth", "--peer-client-cert-auth"):
+                    if flag not in command:
+                        failures.add(where, f"{describe(w)}: etcd runs without {flag} (etcd.tls.enabled)")
             tls = any(a.startswith("--tls-cert") for a in args)
             if args[:1] == ["worker"] and "GANTRY_API_KEY" not in env and not tls:
                 failures.add(where, f"{describe(w)}: the workers send no API key and serve no TLS (apiKeys.generate)")

@@ -2,7 +2,8 @@
 //! rendered chart that runs Gantry's image must have arguments the real command line accepts
 //! (`gantry_cli::args::Cli`, the definition the binary parses with), for each of the value sets
 //! `scripts/validate-manifests.sh` renders. A misspelt or retired flag fails here, not in a
-//! cluster's crash loop.
+//! cluster's crash loop. And the etcd certificates the chart makes admit its controller to a
+//! real etcd started with the chart's TLS flags.
 
 use std::path::Path;
 
@@ -11,7 +12,9 @@ use gantry_cli::args::Cli;
 use serde::Deserialize as _;
 use serde_yaml::Value;
 
-use crate::common::{repo_root, run};
+use crate::common::controller::RunningController;
+use crate::common::etcd::{EtcdServer, EtcdTls};
+use crate::common::{gantry, repo_root, run};
 
 /// The value sets, as `scripts/validate-manifests.sh` names them.
 const VALUE_SETS: [(&str, Option<&str>); 4] = [
@@ -92,4 +95,78 @@ fn a_misspelt_flag_in_the_chart_would_be_caught() {
     argv[flag] = argv[flag].replacen("--", "--x", 1);
     let e = Cli::try_parse_from(&argv).unwrap_err().to_string();
     assert!(e.contains("unexpected argument"), "{e}");
+}
+
+/// The Secret `name` of the rendered chart, its keys written as files into `dir`.
+fn write_secret(docs: &[Value], name: &str, dir: &Path) {
+    let secret = docs
+        .iter()
+        .find(|d| d["kind"] == "Secret" && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("the chart renders no Secret {name}"));
+    std::fs::create_dir_all(dir).unwrap();
+    for (key, value) in secret["data"].as_mapping().expect("the Secret has data") {
+        let (key, value) = (key.as_str().unwrap(), value.as_str().unwrap());
+        let encoded = dir.join(format!("{key}.b64"));
+        std::fs::write(&encoded, value).unwrap();
+        let out = dir.join(key);
+        let (code, _, err) = run(std::process::Command::new("openssl")
+            .args(["base64", "-d", "-A", "-in"])
+            .arg(&encoded)
+            .arg("-out")
+            .arg(&out));
+        assert_eq!(code, 0, "{name}/{key} is not base64: {err}");
+    }
+}
+
+/// The certificates the chart makes for etcd work as the chart wires them: a real etcd
+/// started with the members' Secret and the chart's TLS flags admits the real controller
+/// given the client Secret at the paths the chart passes (`--etcd-ca`, `--etcd-cert`,
+/// `--etcd-key` under the mounted Secret), and refuses the same controller without its
+/// client certificate. (etcd runs on loopback: the members' certificate names 127.0.0.1 too.)
+#[test]
+fn the_charts_etcd_certificates_admit_its_controller_and_refuse_a_client_without_one() {
+    let docs = render(None);
+    let (_, argv) = gantry_containers(&docs).into_iter().find(|(n, _)| n.starts_with("Deployment/")).unwrap();
+    let mount = "/etc/gantry/etcd-tls/";
+    for flag in ["--etcd-ca=", "--etcd-cert=", "--etcd-key="] {
+        assert!(argv.iter().any(|a| a.starts_with(flag) && a.contains(mount)), "the controller's {flag}: {argv:?}");
+    }
+    let etcd_flags = docs
+        .iter()
+        .find(|d| d["kind"] == "StatefulSet")
+        .map(|d| format!("{:?}", d["spec"]["template"]["spec"]["containers"][0]["command"]))
+        .expect("the chart runs etcd");
+    for flag in ["--client-cert-auth", "--peer-client-cert-auth", "--listen-client-urls=https://"] {
+        assert!(etcd_flags.contains(flag), "etcd's {flag}: {etcd_flags}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let (server, client) = (dir.path().join("server"), dir.path().join("client"));
+    write_secret(&docs, "gantry-etcd-server-tls", &server);
+    write_secret(&docs, "gantry-etcd-client-tls", &client);
+    let etcd = EtcdServer::start_tls(EtcdTls {
+        cert: server.join("tls.crt"),
+        key: server.join("tls.key"),
+        client_ca: server.join("ca.crt"),
+    });
+    let url = etcd.url();
+    // The chart's flags, with the Secret's mount point here.
+    let chart_flags: Vec<String> = argv
+        .iter()
+        .filter(|a| a.starts_with("--etcd-ca=") || a.starts_with("--etcd-cert=") || a.starts_with("--etcd-key="))
+        .map(|a| a.replace(mount, &format!("{}/", client.display())))
+        .collect();
+    let mut args = vec!["--etcd".to_string(), url.clone(), "--etcd-prefix".into(), "/chart-tls/".into()];
+    args.extend(chart_flags);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut controller = RunningController::start(&args);
+    let (code, out, err) = run(gantry().args(["get", "workers", "--controller", &controller.url()]));
+    assert_eq!(code, 0, "the controller on the chart's etcd answers: {out}{err}\n{}", controller.stderr());
+    controller.terminate();
+
+    let (code, _, err) = run(gantry()
+        .args(["controller", "--listen", "127.0.0.1:0", "--http", "off", "--etcd", &url])
+        .args(["--etcd-ca", client.join("ca.crt").to_str().unwrap()]));
+    assert_ne!(code, 0, "a controller without a client certificate must not start");
+    assert!(err.contains(&format!("cannot reach etcd at {url}")), "{err}");
 }

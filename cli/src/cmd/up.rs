@@ -13,7 +13,7 @@ use gantry_controller::server::{Controller, bind};
 use gantry_controller::spec::DeploymentSpec;
 use gantry_controller::statestore::StateStore;
 use gantry_controller::statestore::embedded::EmbeddedStore;
-use gantry_controller::statestore::etcd::EtcdStore;
+use gantry_controller::statestore::etcd::{EtcdSecurity, EtcdStore};
 use gantry_core::units::format_bytes;
 use gantry_proto::v1 as pb;
 use gantry_worker::link::{LinkOptions, run as run_link};
@@ -59,6 +59,21 @@ pub struct ControlArgs {
     /// Key prefix in etcd
     #[arg(long, default_value = "/gantry/")]
     etcd_prefix: String,
+    /// The CA (PEM) that signed etcd's certificate; makes the connection TLS (https:// endpoints)
+    #[arg(long, env = "GANTRY_ETCD_CA", requires = "etcd")]
+    etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) shown to etcd, for etcd's --client-cert-auth; with --etcd-key
+    #[arg(long, env = "GANTRY_ETCD_CERT", requires_all = ["etcd_key", "etcd_ca"])]
+    etcd_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM)
+    #[arg(long, env = "GANTRY_ETCD_KEY", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+    /// etcd user for etcd's role-based auth; the password is read from --etcd-password-file
+    #[arg(long, env = "GANTRY_ETCD_USER", requires_all = ["etcd", "etcd_password_file"])]
+    etcd_user: Option<String>,
+    /// File holding the etcd user's password (its first line)
+    #[arg(long, env = "GANTRY_ETCD_PASSWORD_FILE", requires = "etcd_user")]
+    etcd_password_file: Option<PathBuf>,
     /// Seconds a worker may stay silent before its replicas are placed elsewhere
     #[arg(long, default_value_t = 6.0)]
     lease: f64,
@@ -267,10 +282,36 @@ impl ControlArgs {
         })
     }
 
+    /// The etcd TLS and auth options, their files read now so a missing one is named.
+    fn etcd_security(&self) -> Result<EtcdSecurity, CliError> {
+        let read = |flag: &str, path: &PathBuf| {
+            std::fs::read(path).map_err(|e| CliError::usage(format!("cannot read {flag} {}: {e}", path.display())))
+        };
+        let ca_pem = self.etcd_ca.as_ref().map(|p| read("--etcd-ca", p)).transpose()?;
+        let identity_pem = match (&self.etcd_cert, &self.etcd_key) {
+            (Some(cert), Some(key)) => Some((read("--etcd-cert", cert)?, read("--etcd-key", key)?)),
+            _ => None,
+        };
+        let user = match (&self.etcd_user, &self.etcd_password_file) {
+            (Some(name), Some(file)) => {
+                let text = String::from_utf8(read("--etcd-password-file", file)?)
+                    .map_err(|_| CliError::usage(format!("--etcd-password-file {} is not UTF-8", file.display())))?;
+                let password = text.lines().next().unwrap_or_default().to_string();
+                if password.is_empty() {
+                    return Err(CliError::usage(format!("--etcd-password-file {} is empty", file.display())));
+                }
+                Some((name.clone(), password))
+            }
+            _ => None,
+        };
+        Ok(EtcdSecurity { ca_pem, identity_pem, user })
+    }
+
     async fn open_store(&self) -> Result<Arc<dyn StateStore>, CliError> {
         if !self.etcd.is_empty() {
             let ttl = (self.lease.ceil() as i64).max(2);
-            let store = EtcdStore::connect(&self.etcd, &self.etcd_prefix, ttl).await.map_err(unavailable)?;
+            let security = self.etcd_security()?;
+            let store = EtcdStore::connect(&self.etcd, &self.etcd_prefix, ttl, &security).await.map_err(unavailable)?;
             return Ok(Arc::new(store));
         }
         let path = self.store.clone().unwrap_or_else(default_store);

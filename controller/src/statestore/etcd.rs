@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, LeaseClient, Txn, TxnOp,
-    TxnOpResponse, WatchOptions, WatchStream,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, Identity,
+    LeaseClient, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions, WatchStream,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -46,6 +46,73 @@ pub struct EtcdStore {
     prefix: String,
     lease_ttl_secs: i64,
     session: Mutex<Option<Session>>,
+}
+
+/// How the controller proves itself to etcd, and knows etcd: plaintext by default; TLS with
+/// the CA that signed etcd's certificate (`--etcd-ca`, with `https://` endpoints), a client
+/// certificate for etcd's `--client-cert-auth` (`--etcd-cert`/`--etcd-key`), and a user for
+/// etcd's role-based auth (`--etcd-user`, its password from a file).
+#[derive(Clone, Default)]
+pub struct EtcdSecurity {
+    /// PEM of the CA that signed etcd's server certificate.
+    pub ca_pem: Option<Vec<u8>>,
+    /// PEM certificate and key the controller presents to etcd.
+    pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+    /// User name and password for etcd's auth.
+    pub user: Option<(String, String)>,
+}
+
+impl fmt::Debug for EtcdSecurity {
+    /// Never prints the key or the password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdSecurity")
+            .field("tls", &self.ca_pem.is_some())
+            .field("client_certificate", &self.identity_pem.is_some())
+            .field("user", &self.user.as_ref().map(|(name, _)| name))
+            .finish()
+    }
+}
+
+impl EtcdSecurity {
+    /// Checks the options against the endpoints: TLS needs `https://` endpoints and a CA, a
+    /// client certificate needs TLS, and `https://` endpoints need a CA (no system roots: a
+    /// cluster's etcd is signed by its own CA).
+    fn check(&self, endpoints: &[String]) -> Result<(), StateStoreError> {
+        let https = endpoints.iter().filter(|e| e.starts_with("https://")).count();
+        let bad = |why: String| Err(StateStoreError::Backend(why));
+        if https > 0 && https < endpoints.len() {
+            return bad("the etcd endpoints mix http:// and https://; use one scheme".into());
+        }
+        match (self.ca_pem.is_some(), https > 0) {
+            (true, false) => {
+                return bad("--etcd-ca is set but the etcd endpoints are http://; give https:// ones".into());
+            }
+            (false, true) => {
+                return bad(
+                    "the etcd endpoints are https://: pass --etcd-ca, the CA that signed etcd's certificate".into()
+                );
+            }
+            _ => {}
+        }
+        if self.identity_pem.is_some() && self.ca_pem.is_none() {
+            return bad("--etcd-cert needs TLS: pass --etcd-ca and https:// endpoints".into());
+        }
+        Ok(())
+    }
+
+    fn apply(&self, mut options: ConnectOptions) -> ConnectOptions {
+        if let Some(ca) = &self.ca_pem {
+            let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(ca));
+            if let Some((cert, key)) = &self.identity_pem {
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
+            options = options.with_tls(tls);
+        }
+        if let Some((name, password)) = &self.user {
+            options = options.with_user(name.clone(), password.clone());
+        }
+        options
+    }
 }
 
 /// The lease behind the current campaign and the task keeping it alive.
@@ -132,6 +199,7 @@ impl EtcdStore {
         endpoints: &[String],
         prefix: &str,
         lease_ttl_secs: i64,
+        security: &EtcdSecurity,
     ) -> Result<EtcdStore, StateStoreError> {
         if endpoints.is_empty() {
             return Err(StateStoreError::Unavailable("no etcd endpoint given: pass --etcd URL".into()));
@@ -141,12 +209,14 @@ impl EtcdStore {
                 "the etcd lease must last at least 1 second, not {lease_ttl_secs}"
             )));
         }
+        security.check(endpoints)?;
         let urls = endpoints.join(",");
         let unreachable = |why: String| {
             StateStoreError::Unavailable(format!("cannot reach etcd at {urls}: {why}; is etcd running there (--etcd)?"))
         };
-        let options =
-            ConnectOptions::new().with_connect_timeout(CONNECT_TIMEOUT).with_keep_alive(PING_INTERVAL, PING_TIMEOUT);
+        let options = security.apply(
+            ConnectOptions::new().with_connect_timeout(CONNECT_TIMEOUT).with_keep_alive(PING_INTERVAL, PING_TIMEOUT),
+        );
         let no_answer = || unreachable(format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()));
         let client = match timeout(CONNECT_TIMEOUT, Client::connect(endpoints, Some(options))).await {
             Ok(Ok(client)) => client,

@@ -23,20 +23,42 @@ pub struct EtcdServer {
     child: Child,
     client_port: u16,
     peer_port: u16,
+    /// Plain HTTP `/health` and `/metrics`, whatever the client port speaks.
+    metrics_port: u16,
+    tls: Option<EtcdTls>,
     /// Holds the data directory and etcd's output; removed on drop.
     dir: tempfile::TempDir,
+}
+
+/// etcd serving its clients over TLS: its certificate and key, and the CA whose certificates
+/// it requires of clients (`--client-cert-auth`).
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
 }
 
 impl EtcdServer {
     /// Starts etcd and waits until it reports itself healthy. Panics, with etcd's output,
     /// when it does not within 20 s.
     pub fn start() -> EtcdServer {
+        EtcdServer::start_with(None)
+    }
+
+    /// Starts etcd serving clients over TLS and admitting only those with a certificate from
+    /// `tls.client_ca`; its URL is `https://…`.
+    pub fn start_tls(tls: EtcdTls) -> EtcdServer {
+        EtcdServer::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<EtcdTls>) -> EtcdServer {
         let binary = etcd_binary();
         // A port found free may be taken before etcd binds it: etcd then exits, and a second
         // try with other ports settles it.
         let mut failures = Vec::new();
         for _ in 0..3 {
-            match EtcdServer::try_start(&binary) {
+            match EtcdServer::try_start(&binary, tls.clone()) {
                 Ok(server) => return server,
                 Err(why) => failures.push(why),
             }
@@ -45,17 +67,24 @@ impl EtcdServer {
     }
 
     /// `Err` when etcd exits before answering (retried); panics when it hangs.
-    fn try_start(binary: &Path) -> Result<EtcdServer, String> {
+    fn try_start(binary: &Path, tls: Option<EtcdTls>) -> Result<EtcdServer, String> {
         let dir = tempfile::tempdir().expect("a temporary directory for etcd");
-        let client_port = free_port();
-        let peer_port = loop {
+        let mut ports = Vec::new();
+        while ports.len() < 3 {
             let port = free_port();
-            if port != client_port {
-                break port;
+            if !ports.contains(&port) {
+                ports.push(port);
             }
+        }
+        let (client_port, peer_port, metrics_port) = (ports[0], ports[1], ports[2]);
+        let mut server = EtcdServer {
+            child: spawn(binary, dir.path(), [client_port, peer_port, metrics_port], tls.as_ref()),
+            client_port,
+            peer_port,
+            metrics_port,
+            tls,
+            dir,
         };
-        let child = spawn(binary, dir.path(), client_port, peer_port);
-        let mut server = EtcdServer { child, client_port, peer_port, dir };
         server.wait_healthy()?;
         Ok(server)
     }
@@ -64,7 +93,8 @@ impl EtcdServer {
     /// before is there again.
     pub fn restart(&mut self) {
         self.stop();
-        self.child = spawn(&etcd_binary(), self.dir.path(), self.client_port, self.peer_port);
+        let ports = [self.client_port, self.peer_port, self.metrics_port];
+        self.child = spawn(&etcd_binary(), self.dir.path(), ports, self.tls.as_ref());
         if let Err(why) = self.wait_healthy() {
             panic!("etcd did not come back: {why}");
         }
@@ -94,9 +124,10 @@ impl EtcdServer {
         }
     }
 
-    /// The client URL, `http://127.0.0.1:PORT`.
+    /// The client URL, `http://127.0.0.1:PORT` (`https://` when started with TLS).
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// etcd's output so far, for failure messages.
@@ -113,7 +144,7 @@ impl EtcdServer {
     /// Whether etcd's `/health` says it has a leader and no alarms. A plain HTTP request,
     /// so the helper needs no etcd client.
     fn is_healthy(&self) -> bool {
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.client_port));
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.metrics_port));
         let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
             return false;
         };
@@ -134,10 +165,23 @@ impl Drop for EtcdServer {
     }
 }
 
-/// Runs etcd on `dir`'s data folder (logging to `dir/etcd.log`, appended).
-fn spawn(binary: &Path, dir: &Path, client_port: u16, peer_port: u16) -> Child {
-    let client_url = format!("http://127.0.0.1:{client_port}");
+/// Runs etcd on `dir`'s data folder (logging to `dir/etcd.log`, appended), on the client,
+/// peer and metrics ports.
+fn spawn(binary: &Path, dir: &Path, [client_port, peer_port, metrics_port]: [u16; 3], tls: Option<&EtcdTls>) -> Child {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let client_url = format!("{scheme}://127.0.0.1:{client_port}");
     let peer_url = format!("http://127.0.0.1:{peer_port}");
+    let metrics_url = format!("http://127.0.0.1:{metrics_port}");
+    let mut tls_args: Vec<std::ffi::OsString> = Vec::new();
+    if let Some(tls) = tls {
+        for (flag, path) in
+            [("--cert-file", &tls.cert), ("--key-file", &tls.key), ("--trusted-ca-file", &tls.client_ca)]
+        {
+            tls_args.push(flag.into());
+            tls_args.push(path.into());
+        }
+        tls_args.push("--client-cert-auth".into());
+    }
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -150,6 +194,8 @@ fn spawn(binary: &Path, dir: &Path, client_port: u16, peer_port: u16) -> Child {
         .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
         .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
         .args(["--initial-cluster", &format!("default={peer_url}"), "--initial-cluster-state", "new"])
+        .args(["--listen-metrics-urls", &metrics_url])
+        .args(tls_args)
         // A lone member elects itself after one election timeout: keep it short.
         .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
         .stdin(Stdio::null())

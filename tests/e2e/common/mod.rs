@@ -134,6 +134,7 @@ pub fn capture(child: &mut std::process::Child) -> Captured {
     Captured { stderr, stdout, lines }
 }
 
+pub mod certs;
 pub mod controller;
 pub mod etcd;
 pub mod standin;

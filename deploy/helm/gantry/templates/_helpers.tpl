@@ -93,9 +93,10 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- define "gantry.etcdEndpoints" -}}
 {{- if .Values.etcd.enabled -}}
 {{- $name := include "gantry.etcdName" . -}}
+{{- $scheme := ternary "https" "http" (not (empty (include "gantry.etcdTls" .))) -}}
 {{- $urls := list -}}
 {{- range $i := until (int .Values.etcd.replicas) -}}
-{{- $urls = append $urls (printf "http://%s-%d.%s.%s.svc.%s:2379" $name $i $name $.Release.Namespace $.Values.clusterDomain) -}}
+{{- $urls = append $urls (printf "%s://%s-%d.%s.%s.svc.%s:2379" $scheme $name $i $name $.Release.Namespace $.Values.clusterDomain) -}}
 {{- end -}}
 {{- join "," $urls -}}
 {{- else -}}
@@ -103,6 +104,34 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- fail "etcd.enabled is false: give etcd.external.endpoints (a list of etcd client URLs)" -}}
 {{- end -}}
 {{- join "," .Values.etcd.external.endpoints -}}
+{{- end -}}
+{{- end }}
+
+{{/* etcd over TLS: "true" when the controller talks TLS to etcd (the chart's etcd with
+etcd.tls.enabled, or an external etcd with a clientSecret); empty otherwise. */}}
+{{- define "gantry.etcdTls" -}}
+{{- if .Values.etcd.enabled -}}
+{{- if .Values.etcd.tls.enabled -}}
+{{- if ne (empty .Values.etcd.tls.serverSecret) (empty .Values.etcd.tls.clientSecret) -}}
+{{- fail "etcd.tls: give both serverSecret and clientSecret (from one CA), or neither for certificates made by the chart" -}}
+{{- end -}}
+true
+{{- end -}}
+{{- else if .Values.etcd.external.clientSecret -}}
+true
+{{- end -}}
+{{- end }}
+
+{{/* The Secrets holding etcd's certificates: the members' and the controller's. */}}
+{{- define "gantry.etcdServerSecret" -}}
+{{- .Values.etcd.tls.serverSecret | default (printf "%s-server-tls" (include "gantry.etcdName" .)) -}}
+{{- end }}
+
+{{- define "gantry.etcdClientSecret" -}}
+{{- if .Values.etcd.enabled -}}
+{{- .Values.etcd.tls.clientSecret | default (printf "%s-client-tls" (include "gantry.etcdName" .)) -}}
+{{- else -}}
+{{- .Values.etcd.external.clientSecret -}}
 {{- end -}}
 {{- end }}
 
