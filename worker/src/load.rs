@@ -117,6 +117,12 @@ impl WorkerState {
                     .stage_endpoint(address)?
                     .connect_timeout(std::time::Duration::from_secs(3))
                     .tcp_nodelay(true)
+                    // A next stage cut off silently (no reset, no FIN) would hold a request
+                    // until its deadline, or forever without one: HTTP/2 pings end the
+                    // connection, and every request on it, within STAGE_PING + STAGE_PING_TIMEOUT.
+                    .http2_keep_alive_interval(STAGE_PING)
+                    .keep_alive_timeout(STAGE_PING_TIMEOUT)
+                    .keep_alive_while_idle(true)
                     .connect_lazy(),
                 wire: WireDtype::parse(&req.wire_dtype).map_err(|e| WorkerError::Invalid(e.to_string()))?,
                 token: self.cluster_token(),
@@ -338,6 +344,11 @@ impl WorkerState {
         }
     }
 }
+
+/// How often a stage pings the next one, and how long it waits for the answer before it
+/// takes the link for dead (tests/e2e/faults_netns.rs cuts it).
+pub const STAGE_PING: std::time::Duration = std::time::Duration::from_secs(5);
+pub const STAGE_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What a load reads on its blocking thread.
 struct Load<'a> {

@@ -39,7 +39,11 @@ pub async fn serve(
         reporter.set_not_serving::<WorkerServer<WorkerService>>().await;
         reporter.set_service_status("", ServingStatus::NotServing).await;
     };
-    let mut builder = tonic::transport::Server::builder();
+    // Pings find a caller gone silently (the controller's relay, a previous stage, cut off by
+    // the network) so its requests end and free their slots.
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(crate::load::STAGE_PING_TIMEOUT))
+        .http2_keepalive_timeout(Some(crate::load::STAGE_PING_TIMEOUT));
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
