@@ -89,6 +89,9 @@ impl Controller {
                 Some(k) => k.interceptor(needed, what)(req),
             }
         };
+        // The HTTP server's task: waited for at the end, so its streams in flight get the same
+        // grace as gRPC's rather than being cut when this function returns.
+        let mut http_task = None;
         if let Some(http) = http {
             let router = crate::http::router(api.router().clone(), self.api_keys.clone());
             let mut stop = stop_rx.clone();
@@ -99,10 +102,12 @@ impl Controller {
             match &self.tls {
                 Some(tls) => {
                     let listener = tls.http_listener(http);
-                    tokio::spawn(crate::http::serve::serve(listener, router, headers, STOP_GRACE, stopped));
+                    http_task =
+                        Some(tokio::spawn(crate::http::serve::serve(listener, router, headers, STOP_GRACE, stopped)));
                 }
                 None => {
-                    tokio::spawn(crate::http::serve::serve(http, router, headers, STOP_GRACE, stopped));
+                    http_task =
+                        Some(tokio::spawn(crate::http::serve::serve(http, router, headers, STOP_GRACE, stopped)));
                 }
             }
         }
@@ -153,6 +158,11 @@ impl Controller {
                 let _ = stopped.wait_for(|s| *s).await;
                 tokio::time::sleep(STOP_GRACE).await;
             } => tracing::warn!(grace_s = STOP_GRACE.as_secs(), "streams still open after the grace period; stopping anyway"),
+        }
+        // HTTP streams (OpenAI's server-sent events) finish too; `serve` bounds its own wait by
+        // the grace period, this bound only guards against a task that never ends.
+        if let Some(task) = http_task {
+            let _ = tokio::time::timeout(STOP_GRACE + std::time::Duration::from_secs(1), task).await;
         }
         if *self.leadership.lost.borrow() {
             return Err("lost leadership in the state store".into());

@@ -99,8 +99,48 @@ fn gantry_up_serves_smollm2_and_the_cli_drives_it() {
     let models = http_get(&http, "/v1/models");
     assert!(models.contains(r#""id":"smollm2-135m-instruct""#), "{models}");
 
-    // Ctrl-C / SIGTERM stops it promptly, worker link and all.
+    // SIGTERM with an OpenAI stream in flight: the stream is finished (its last event and
+    // `[DONE]`) before the process exits, within the 20 s grace, not cut off.
+    let (first, first_rx) = std::sync::mpsc::channel();
+    let addr = http.clone();
+    let reader = std::thread::spawn(move || {
+        let body = r#"{"model":"smollm2-135m-instruct","prompt":"Tell a long story:","max_tokens":64,"stream":true}"#;
+        let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+        let head = format!(
+            "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        conn.write_all(head.as_bytes()).unwrap();
+        conn.write_all(body.as_bytes()).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let mut told = false;
+        loop {
+            match std::io::Read::read(&mut conn, &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+            if !told && String::from_utf8_lossy(&got).contains("data: {") {
+                told = first.send(()).is_ok();
+            }
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    });
+    first_rx.recv_timeout(std::time::Duration::from_secs(30)).expect("the stream's first event");
     let mut up = up;
+    let started = std::time::Instant::now();
+    assert!(up.terminate().success());
+    assert!(started.elapsed() < std::time::Duration::from_secs(21), "took {:?}", started.elapsed());
+    let streamed = reader.join().unwrap();
+    assert!(streamed.contains(r#""finish_reason":"length""#), "the stream was cut: {streamed}");
+    // The last event, then the chunked body's end: nothing cut mid-way.
+    assert!(streamed.contains("data: [DONE]") && streamed.ends_with("\r\n0\r\n\r\n"), "the stream was cut: {streamed}");
+}
+
+#[test]
+fn gantry_up_stops_promptly_when_nothing_is_streaming() {
+    // Ctrl-C / SIGTERM stops it promptly, worker link and all.
+    let mut up = RunningController::up(&[]);
     let started = std::time::Instant::now();
     assert!(up.terminate().success());
     assert!(started.elapsed() < std::time::Duration::from_secs(5), "took {:?}", started.elapsed());

@@ -543,7 +543,7 @@ pub fn run_up(args: UpArgs) -> Result<(), CliError> {
         let (controller, grpc, http) = args.control.start(None).await?;
         let grpc_addr = grpc.local_addr().map_err(|e| unavailable(e.to_string()))?;
         let cluster = controller.cluster.clone();
-        let (stop, stop_rx) = watch::channel(false);
+        let (stop, _) = watch::channel(false);
 
         // The local worker, on a loopback port of its own, linked like any other.
         let worker_id = format!("{}-local", host_name());
@@ -564,10 +564,14 @@ pub fn run_up(args: UpArgs) -> Result<(), CliError> {
         let state = WorkerState::new(options, inventory, hub);
         let (listener, worker_addr) = bind("127.0.0.1:0", "the local worker").await.map_err(unavailable)?;
         let (ready_tx, ready_rx) = watch::channel(true);
-        let mut worker_stop = stop_rx.clone();
-        tokio::spawn(gantry_worker::server::serve(listener, state.clone(), ready_rx, None, async move {
-            let _ = worker_stop.wait_for(|s| *s).await;
-        }));
+        // The local worker stops after the controller: streams the controller is still
+        // finishing in its grace period are generated here.
+        let (worker_stop_tx, worker_stop_rx) = watch::channel(false);
+        let mut worker_stop = worker_stop_rx.clone();
+        let worker_server =
+            tokio::spawn(gantry_worker::server::serve(listener, state.clone(), ready_rx, None, async move {
+                let _ = worker_stop.wait_for(|s| *s).await;
+            }));
         drop(ready_tx);
         let controller_url = format!("http://{}", loopback(grpc_addr));
         tokio::spawn(run_link(
@@ -579,7 +583,7 @@ pub fn run_up(args: UpArgs) -> Result<(), CliError> {
                 serves_tls: false,
             },
             state,
-            stop_rx.clone(),
+            worker_stop_rx,
         ));
         println!("gantry worker {worker_id} listening on {worker_addr}");
 
@@ -597,7 +601,10 @@ pub fn run_up(args: UpArgs) -> Result<(), CliError> {
             format_bytes(applied.status.as_ref().map_or(0, |s| s.replica_bytes))
         );
         tokio::spawn(announce_ready(cluster, name, grpc_addr));
-        serve(controller, grpc, http, stop).await
+        let served = serve(controller, grpc, http, stop).await;
+        worker_stop_tx.send_replace(true);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), worker_server).await;
+        served
     })
 }
 
