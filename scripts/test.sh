@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of Gantry: installs what is missing (scripts/setup.sh), fetches the real
 # models, builds the workspace and runs all unit, integration and end-to-end tests, then
-# validates the Kubernetes manifests (CRD, Helm chart, examples) offline and builds the book
+# checks the dependencies with cargo-deny (scripts/check-deps.sh), validates the Kubernetes manifests (CRD, Helm chart, examples) offline and builds the book
 # (docs/) and checks its links, and compiles the CUDA build (clippy with --features cuda,nccl).
 # Fails when any test fails.
 set -euo pipefail
@@ -26,6 +26,8 @@ controller_deps="$(cargo tree -p gantry-controller -e normal --locked)"
 if grep -Eq '\b(candle-core|tokenizers|minijinja)\b' <<<"$controller_deps"; then echo "test: gantry-controller depends on the engine's crates (candle, tokenizers, minijinja): it must not" >&2; exit 1; fi
 echo "test: running the tests" >&2
 cargo test --workspace --locked --no-fail-fast
+echo "test: checking the dependencies (cargo-deny: advisories, licences, duplicates, sources)" >&2
+scripts/check-deps.sh
 echo "test: validating the Kubernetes manifests" >&2
 scripts/validate-manifests.sh
 echo "test: building the book and checking its links" >&2
