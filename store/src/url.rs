@@ -127,7 +127,7 @@ pub async fn download(
     }
     let dir = path.parent().unwrap_or(cache_dir);
     tokio::fs::create_dir_all(dir).await.map_err(|source| HubError::Io { path: dir.to_path_buf(), source })?;
-    let mut response = client()?.get(url).send().await.map_err(|e| failed(url, e.to_string()))?;
+    let mut response = client()?.get(url).send().await.map_err(|e| failed(url, crate::hub::error_chain(&e)))?;
     if !response.status().is_success() {
         return Err(http_error(url, response.status()));
     }
@@ -185,7 +185,7 @@ async fn read_prefix(http: &reqwest::Client, url: &str, want: u64) -> Result<(Ve
         .header(RANGE, format!("bytes=0-{}", want.saturating_sub(1)))
         .send()
         .await
-        .map_err(|e| failed(url, e.to_string()))?;
+        .map_err(|e| failed(url, crate::hub::error_chain(&e)))?;
     let status = response.status();
     let total = match status {
         StatusCode::PARTIAL_CONTENT => response
@@ -284,9 +284,29 @@ mod bounded_tests {
         format!("http://{addr}/models/model.gguf")
     }
 
+    /// Answers every request with a redirect to `location`.
+    fn redirect(location: String) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf);
+                let head = format!(
+                    "HTTP/1.1 302 Found\r\nLocation: {location}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+                let _ = stream.write_all(head.as_bytes());
+            }
+        });
+        format!("http://{addr}/models/model.gguf")
+    }
+
     /// The bounds on URL sources, in one test (they share the process's policy): two downloads
     /// of one URL at once both end with the whole file and no part file left; a file larger
-    /// than the cap is refused from its length; sizing gives up at its deadline.
+    /// than the cap is refused from its length; sizing gives up at its deadline; an allowed
+    /// host redirecting to one the operator did not allow is refused, and the other host is
+    /// never contacted.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn downloads_are_capped_safe_together_and_sizing_has_a_deadline() {
         let mut policy = crate::policy::SourcePolicy::new(&[], &["127.0.0.1".into()]);
@@ -311,6 +331,16 @@ mod bounded_tests {
             e.contains("the file is 1048576 bytes, more than the 1000 a download may bring (--max-download)"),
             "{e}"
         );
+
+        // 127.0.0.2 is loopback too, but not named in --allow-url-hosts: an inside address.
+        let elsewhere = TcpListener::bind("127.0.0.2:0").unwrap();
+        let target = format!("http://{}/models/model.gguf", elsewhere.local_addr().unwrap());
+        elsewhere.set_nonblocking(true).unwrap();
+        let bouncer = redirect(target.clone());
+        let e = download(&bouncer, other.path(), &mut |_| {}).await.unwrap_err().to_string();
+        assert!(e.contains("redirected to a URL that is not allowed"), "{e}");
+        assert!(e.contains("127.0.0.2"), "{e}");
+        assert!(elsewhere.accept().is_err(), "the host redirected to was contacted");
 
         let silent = serve(Vec::new(), Duration::ZERO, true);
         let e = read_remote_spec_within(&silent, Duration::from_millis(300)).await.unwrap_err().to_string();
