@@ -178,32 +178,27 @@ if ((${#to_install[@]})); then
   say "all requirements present"
 fi
 
-# mdBook, pinned, for the book in docs/ (scripts/check-docs.sh builds it and checks its links):
-# built from crates.io with cargo into .tools/mdbook (git-ignored), once; a few minutes.
+# cargo_tool CRATE VERSION WANT [cargo install flags...]: the crate's binary, pinned, built from
+# crates.io with cargo into .tools/CRATE (git-ignored) once (a few minutes), unless `CRATE
+# --version` there already prints WANT.
+cargo_tool() {
+  local crate="$1" version="$2" want="$3"
+  shift 3
+  local bin="$root/.tools/$crate/bin/$crate"
+  if [[ -x "$bin" && "$("$bin" --version 2>/dev/null)" == "$want" ]]; then
+    say "ok: $crate $version (.tools/$crate)"
+    return
+  fi
+  say "installing $crate $version into .tools/$crate (cargo install, a few minutes)"
+  cargo install "$crate" --version "$version" --locked --root "$root/.tools/$crate" --force --quiet "$@"
+  [[ "$("$bin" --version 2>/dev/null)" == "$want" ]] || die "$crate $version is not in .tools/$crate after installing it"
+}
+# mdBook, for the book in docs/ (scripts/check-docs.sh builds it and checks its links).
 MDBOOK_VERSION=0.5.4
-mdbook="$root/.tools/mdbook/bin/mdbook"
-if [[ -x "$mdbook" && "$("$mdbook" --version 2>/dev/null)" == "mdbook v$MDBOOK_VERSION" ]]; then
-  say "ok: mdbook $MDBOOK_VERSION (.tools/mdbook)"
-else
-  say "installing mdbook $MDBOOK_VERSION into .tools/mdbook (cargo install, a few minutes)"
-  cargo install mdbook --version "$MDBOOK_VERSION" --locked --root "$root/.tools/mdbook" \
-    --no-default-features --features search --force --quiet
-  [[ "$("$mdbook" --version 2>/dev/null)" == "mdbook v$MDBOOK_VERSION" ]] ||
-    die "mdbook $MDBOOK_VERSION is not in .tools/mdbook after installing it"
-fi
-
-# cargo-deny, pinned, for scripts/check-deps.sh (advisories, licences, duplicate versions):
-# built from crates.io with cargo into .tools/cargo-deny (git-ignored), once; a few minutes.
+cargo_tool mdbook "$MDBOOK_VERSION" "mdbook v$MDBOOK_VERSION" --no-default-features --features search
+# cargo-deny, for scripts/check-deps.sh (advisories, licences, duplicate versions, sources).
 CARGO_DENY_VERSION=0.20.2
-cargo_deny="$root/.tools/cargo-deny/bin/cargo-deny"
-if [[ -x "$cargo_deny" && "$("$cargo_deny" --version 2>/dev/null)" == "cargo-deny $CARGO_DENY_VERSION" ]]; then
-  say "ok: cargo-deny $CARGO_DENY_VERSION (.tools/cargo-deny)"
-else
-  say "installing cargo-deny $CARGO_DENY_VERSION into .tools/cargo-deny (cargo install, a few minutes)"
-  cargo install cargo-deny --version "$CARGO_DENY_VERSION" --locked --root "$root/.tools/cargo-deny" --force --quiet
-  [[ "$("$cargo_deny" --version 2>/dev/null)" == "cargo-deny $CARGO_DENY_VERSION" ]] ||
-    die "cargo-deny $CARGO_DENY_VERSION is not in .tools/cargo-deny after installing it"
-fi
+cargo_tool cargo-deny "$CARGO_DENY_VERSION" "cargo-deny $CARGO_DENY_VERSION"
 
 "$root/scripts/fetch-models.sh"
 
