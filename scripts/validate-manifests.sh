@@ -263,6 +263,10 @@ must_fail "a chart rendered without API keys is caught by the chart rules" \
   --set etcd.tls.enabled=false >"$tmp/plain-etcd.yaml"
 must_fail "a chart rendered with etcd in plaintext is caught by the chart rules" \
   "etcd runs without --client-cert-auth" check_manifests --policy --label "plaintext etcd" "$tmp/plain-etcd.yaml"
+"$helm" template gantry "$chart" --namespace gantry --kube-version "$KUBE_VERSION" \
+  --set controller.tls.enabled=false >"$tmp/plain-controller.yaml"
+must_fail "a chart rendered with the controller in plain text is caught by the chart rules" \
+  "the controller serves gRPC and HTTP in plain text" check_manifests --policy --label "plaintext controller" "$tmp/plain-controller.yaml"
 must_fail "etcd certificates of the operator's given by halves" "give both serverSecret and clientSecret" \
   "$helm" template gantry "$chart" --kube-version "$KUBE_VERSION" --set etcd.tls.serverSecret=mine
 if [[ -f "$crd" ]]; then

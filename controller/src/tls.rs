@@ -115,7 +115,13 @@ impl TlsListener {
         let (tx, ready) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
             loop {
-                let (stream, addr) = match tcp.accept().await {
+                // Ends when the listener is dropped, so the port is free again at once (a
+                // standby's health server hands the port to the leader's).
+                let accepted = tokio::select! {
+                    conn = tcp.accept() => conn,
+                    () = tx.closed() => return,
+                };
+                let (stream, addr) = match accepted {
                     Ok(conn) => conn,
                     Err(e) => {
                         tracing::warn!(error = %e, "accepting an HTTPS connection failed");

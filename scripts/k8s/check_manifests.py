@@ -320,6 +320,8 @@ def check_policy(objs, where, failures):
         for c in pod_spec_of(w).get("containers") or []:
             args = [str(a) for a in c.get("args") or []]
             env = {e.get("name") for e in c.get("env") or []}
+            if args[:1] == ["controller"] and not any(a.startswith("--tls-cert") for a in args):
+                failures.add(where, f"{describe(w)}: the controller serves gRPC and HTTP in plain text (controller.tls.enabled)")
             if args[:1] == ["controller"] and not any(a.startswith("--api-keys") for a in args):
                 failures.add(where, f"{describe(w)}: the controller runs without --api-keys (apiKeys.generate)")
             etcd = [a.split("=", 1)[1] for a in args if a.startswith("--etcd=")]

@@ -2,8 +2,8 @@
 //! rendered chart that runs Gantry's image must have arguments the real command line accepts
 //! (`gantry_cli::args::Cli`, the definition the binary parses with), for each of the value sets
 //! `scripts/validate-manifests.sh` renders. A misspelt or retired flag fails here, not in a
-//! cluster's crash loop. And the etcd certificates the chart makes admit its controller to a
-//! real etcd started with the chart's TLS flags.
+//! cluster's crash loop. And the certificates the chart makes work as it wires them: etcd's
+//! admit its controller to a real etcd, the controller's serve the CLI over TLS.
 
 use std::path::Path;
 
@@ -118,19 +118,30 @@ fn write_secret(docs: &[Value], name: &str, dir: &Path) {
     }
 }
 
-/// The certificates the chart makes for etcd work as the chart wires them: a real etcd
-/// started with the members' Secret and the chart's TLS flags admits the real controller
-/// given the client Secret at the paths the chart passes (`--etcd-ca`, `--etcd-cert`,
-/// `--etcd-key` under the mounted Secret), and refuses the same controller without its
-/// client certificate. (etcd runs on loopback: the members' certificate names 127.0.0.1 too.)
+/// The certificates the chart makes work as the chart wires them. etcd: a real etcd started
+/// with the members' Secret and the chart's TLS flags admits the real controller given the
+/// client Secret at the paths the chart passes (`--etcd-ca`, `--etcd-cert`, `--etcd-key` under
+/// the mounted Secret), and refuses the same controller without its client certificate. The
+/// controller: serving with the chart's `--tls-cert`/`--tls-key` from its Secret, the CLI
+/// reaches it at `https://127.0.0.1` (as through `kubectl port-forward`) checking it against the
+/// Secret's `ca.crt` (what the workers get), and refuses it without that CA.
 #[test]
-fn the_charts_etcd_certificates_admit_its_controller_and_refuse_a_client_without_one() {
+fn the_certificates_the_chart_makes_work_as_it_wires_them() {
     let docs = render(None);
     let (_, argv) = gantry_containers(&docs).into_iter().find(|(n, _)| n.starts_with("Deployment/")).unwrap();
-    let mount = "/etc/gantry/etcd-tls/";
+    let (etcd_mount, tls_mount) = ("/etc/gantry/etcd-tls/", "/etc/gantry/tls/");
     for flag in ["--etcd-ca=", "--etcd-cert=", "--etcd-key="] {
-        assert!(argv.iter().any(|a| a.starts_with(flag) && a.contains(mount)), "the controller's {flag}: {argv:?}");
+        assert!(
+            argv.iter().any(|a| a.starts_with(flag) && a.contains(etcd_mount)),
+            "the controller's {flag}: {argv:?}"
+        );
     }
+    for flag in ["--tls-cert=", "--tls-key="] {
+        assert!(argv.iter().any(|a| a.starts_with(flag) && a.contains(tls_mount)), "the controller's {flag}: {argv:?}");
+    }
+    let (_, worker) = gantry_containers(&docs).into_iter().find(|(n, _)| n.starts_with("DaemonSet/")).unwrap();
+    assert!(worker.iter().any(|a| a.starts_with("--controller=https://")), "{worker:?}");
+    assert!(worker.iter().any(|a| a == "--tls-ca=/etc/gantry/controller-ca/ca.crt"), "{worker:?}");
     let etcd_flags = docs
         .iter()
         .find(|d| d["kind"] == "StatefulSet")
@@ -141,27 +152,37 @@ fn the_charts_etcd_certificates_admit_its_controller_and_refuse_a_client_without
     }
 
     let dir = tempfile::tempdir().unwrap();
-    let (server, client) = (dir.path().join("server"), dir.path().join("client"));
+    let (server, client, tls) = (dir.path().join("server"), dir.path().join("client"), dir.path().join("tls"));
     write_secret(&docs, "gantry-etcd-server-tls", &server);
     write_secret(&docs, "gantry-etcd-client-tls", &client);
+    write_secret(&docs, "gantry-controller-tls", &tls);
     let etcd = EtcdServer::start_tls(EtcdTls {
         cert: server.join("tls.crt"),
         key: server.join("tls.key"),
         client_ca: server.join("ca.crt"),
     });
     let url = etcd.url();
-    // The chart's flags, with the Secret's mount point here.
+    // The chart's flags, with the Secrets' mount points here.
     let chart_flags: Vec<String> = argv
         .iter()
-        .filter(|a| a.starts_with("--etcd-ca=") || a.starts_with("--etcd-cert=") || a.starts_with("--etcd-key="))
-        .map(|a| a.replace(mount, &format!("{}/", client.display())))
+        .filter(|a| {
+            ["--etcd-ca=", "--etcd-cert=", "--etcd-key=", "--tls-cert=", "--tls-key="].iter().any(|f| a.starts_with(f))
+        })
+        .map(|a| {
+            a.replace(etcd_mount, &format!("{}/", client.display())).replace(tls_mount, &format!("{}/", tls.display()))
+        })
         .collect();
     let mut args = vec!["--etcd".to_string(), url.clone(), "--etcd-prefix".into(), "/chart-tls/".into()];
     args.extend(chart_flags);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut controller = RunningController::start(&args);
-    let (code, out, err) = run(gantry().args(["get", "workers", "--controller", &controller.url()]));
-    assert_eq!(code, 0, "the controller on the chart's etcd answers: {out}{err}\n{}", controller.stderr());
+    let https = format!("https://{}", controller.addr);
+    let ca = tls.join("ca.crt");
+    let (code, out, err) =
+        run(gantry().args(["get", "workers", "--controller", &https, "--tls-ca", ca.to_str().unwrap()]));
+    assert_eq!(code, 0, "the controller on the chart's etcd answers over TLS: {out}{err}\n{}", controller.stderr());
+    let (code, _, err) = run(gantry().args(["get", "workers", "--controller", &https]));
+    assert_ne!(code, 0, "a client that does not trust the chart's CA must not get through: {err}");
     controller.terminate();
 
     let (code, _, err) = run(gantry()

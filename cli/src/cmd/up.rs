@@ -152,7 +152,10 @@ struct Kubernetes {
 
 impl ControllerArgs {
     /// Connects to the API server and waits to hold the Lease.
-    async fn kubernetes(&self) -> Result<Option<Kubernetes>, CliError> {
+    async fn kubernetes(
+        &self,
+        tls: Option<&gantry_controller::tls::ServerTls>,
+    ) -> Result<Option<Kubernetes>, CliError> {
         if !self.kubernetes {
             return Ok(None);
         }
@@ -180,7 +183,11 @@ impl ControllerArgs {
             h if h.eq_ignore_ascii_case("off") => None,
             h => {
                 let (listener, _) = bind(h, "--http").await.map_err(unavailable)?;
-                Some(gantry_controller::http::standby_health(listener))
+                // Over TLS when the leader's HTTP is: one probe for both.
+                Some(match tls {
+                    Some(tls) => gantry_controller::http::standby_health(tls.http_listener(listener)),
+                    None => gantry_controller::http::standby_health(listener),
+                })
             }
         };
         let (ns, name) = (self.namespace.clone(), self.lease_name.clone());
@@ -418,7 +425,7 @@ pub fn run_controller(args: ControllerArgs) -> Result<(), CliError> {
     };
     args.control.sources.install(&super::sources::hub_cache(None), &[]);
     runtime()?.block_on(async {
-        let kubernetes = args.kubernetes().await?;
+        let kubernetes = args.kubernetes(tls.as_ref()).await?;
         let (mut controller, grpc, http) = args.control.start(tls.as_ref().and_then(|t| t.worker_client())).await?;
         if let Some(k) = kubernetes {
             // Leadership ends with the Lease as with the store's election.

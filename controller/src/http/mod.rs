@@ -11,7 +11,6 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::State;
 use axum::routing::get;
-use tokio::net::TcpListener;
 
 use crate::auth::ApiKeys;
 use crate::cluster::Cluster;
@@ -36,7 +35,11 @@ pub fn router(router: Router, keys: Option<ApiKeys>) -> axum::Router {
 
 /// Serves only `GET /healthz` (`standby`) on `listener` while this controller waits to lead, so
 /// an orchestrator sees a healthy standby; abort the task before the leader's server binds.
-pub fn standby_health(listener: TcpListener) -> tokio::task::JoinHandle<()> {
+pub fn standby_health<L>(listener: L) -> tokio::task::JoinHandle<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     let router = axum::Router::new().route("/healthz", get(|| async { "standby\n" }));
     tokio::spawn(async move {
         let _ = axum::serve(listener, router).await;

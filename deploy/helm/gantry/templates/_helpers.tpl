@@ -80,9 +80,25 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- end -}}
 {{- end }}
 
-{{/* The controller's Service: the address workers and clients dial. */}}
+{{/* The controller's Service: the address workers and clients dial (https with
+controller.tls.enabled). */}}
 {{- define "gantry.controllerUrl" -}}
-{{- printf "http://%s-controller:%d" (include "gantry.fullname" .) (int .Values.controller.service.grpcPort) -}}
+{{- $scheme := ternary "https" "http" (.Values.controller.tls.enabled | default false) -}}
+{{- printf "%s://%s-controller:%d" $scheme (include "gantry.fullname" .) (int .Values.controller.service.grpcPort) -}}
+{{- end }}
+
+{{/* The Secret with the controller's certificate (tls.crt, tls.key) and its CA (ca.crt). */}}
+{{- define "gantry.controllerTlsSecret" -}}
+{{- .Values.controller.tls.secret | default (printf "%s-controller-tls" (include "gantry.fullname" .)) -}}
+{{- end }}
+
+{{/* A controller probe: with TLS an httpGet probe asks over HTTPS. */}}
+{{- define "gantry.controllerProbe" -}}
+{{- $probe := deepCopy (index . 0) -}}
+{{- if and (index . 1) $probe.httpGet -}}
+{{- $_ := set $probe.httpGet "scheme" "HTTPS" -}}
+{{- end -}}
+{{- toYaml $probe -}}
 {{- end }}
 
 {{/* etcd: the headless Service's name and the client URLs the controller is given. */}}
