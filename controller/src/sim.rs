@@ -8,14 +8,15 @@
 //! - no GPU is promised past its memory (the placements on it add up to at most its size);
 //! - every deployment has exactly its desired replicas, each placed or waiting with a reason,
 //!   and a ready replica has every stage loaded;
-//! - events stay bounded;
+//! - events agree with the state: a replica that became ready has an event saying so
+//!   (`Loaded` or `Adopted`, naming it), and events stay bounded;
 //!
 //! and at the end, after every deployment is deleted and the cluster is left alone: nothing is
 //! reserved, no worker holds a model, the store has no placement left.
 //!
 //! `cargo test` runs a million steps over several seeds; `cargo run --release -p
 //! gantry-controller --example sim -- --seed S --steps N` runs any schedule, and a failing seed
-//! printed by either reproduces its run.
+//! printed by either reproduces its run; seeds that once failed stay in `REGRESSIONS`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -155,6 +156,9 @@ impl Sim {
     /// time-driven decisions and a reconcile; then the invariants.
     pub fn step(&mut self) -> Result<(), String> {
         self.report.steps += 1;
+        // A controller restart starts every deployment's events afresh: then all are new.
+        let restarts = self.report.events.get("controller_restart").copied();
+        let before = self.ready_and_last_event();
         match self.rng.below(100) {
             0..=3 => self.join(),
             4..=5 => self.kill(),
@@ -169,7 +173,48 @@ impl Sim {
         }
         let by = Duration::from_millis(50 + self.rng.below(700));
         self.advance(by);
-        self.check()
+        self.check()?;
+        let fresh = self.report.events.get("controller_restart").copied() != restarts;
+        self.check_events(if fresh { BTreeMap::new() } else { before })
+    }
+
+    /// Per deployment: the time of its newest event and its ready replicas.
+    fn ready_and_last_event(&self) -> BTreeMap<String, (u64, BTreeSet<u32>)> {
+        self.st
+            .deployments
+            .iter()
+            .map(|(name, d)| {
+                let last = d.events.back().map_or(0, |e| e.at_ms);
+                let ready =
+                    d.replicas.iter().filter(|(_, r)| r.state == ReplicaState::Ready).map(|(i, _)| *i).collect();
+                (name.clone(), (last, ready))
+            })
+            .collect()
+    }
+
+    /// Events consistent with state: a replica that became ready during the step has an event
+    /// saying so (`Loaded` or `Adopted`, naming the replica) among the step's new events.
+    fn check_events(&self, before: BTreeMap<String, (u64, BTreeSet<u32>)>) -> Result<(), String> {
+        for (name, d) in &self.st.deployments {
+            // A deployment made during the step: all its events are new.
+            let (last, was_ready) = before.get(name).map_or((None, None), |(t, r)| (Some(*t), Some(r)));
+            let new: Vec<&pb::DeploymentEventRecord> =
+                d.events.iter().filter(|e| last.is_none_or(|t| e.at_ms > t)).collect();
+            for (i, r) in &d.replicas {
+                let became_ready = r.state == ReplicaState::Ready && !was_ready.is_some_and(|ready| ready.contains(i));
+                let said = new.iter().any(|e| {
+                    (e.kind == "Loaded" || e.kind == "Adopted") && e.message.starts_with(&format!("replica {i} "))
+                });
+                if became_ready && !said {
+                    let tail: Vec<_> =
+                        d.events.iter().rev().take(4).map(|e| (e.at_ms, e.kind.clone(), e.message.clone())).collect();
+                    return Err(format!(
+                        "{name}/{i} became ready without an event saying so: new {new:?}, before {last:?}, last events {tail:?}"
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn advance(&mut self, by: Duration) {
@@ -710,6 +755,21 @@ mod tests {
         }
         assert!(total.events.get("join").copied().unwrap_or(0) >= 30, "{:?}", total.events);
         eprintln!("{} steps, {} invariant checks: {:?}", total.steps, total.invariant_checks, total.events);
+    }
+
+    /// Seeds (and steps) that once broke an invariant, kept as regression tests. All three were
+    /// the event invariant: a replica made ready again when its worker re-registered holding it
+    /// got no event (seeds 1 and 42, fixed: `Adopted`, "ready again on W"); one whose worker came
+    /// back without it went back to loading silently, so its next "ready" repeated the last
+    /// event and was dropped as a duplicate (seed 1 at 6,211, fixed: `WorkerLost`, "loading
+    /// again"); and a controller restart's fresh events (seed 3, the simulator's own check).
+    const REGRESSIONS: [(u64, u64); 4] = [(1, 300), (42, 1_200), (1, 6_300), (3, 58_600)];
+
+    #[test]
+    fn seeds_that_once_failed_keep_every_invariant() {
+        for (seed, steps) in REGRESSIONS {
+            Sim::run(seed, steps).unwrap_or_else(|e| panic!("{e}"));
+        }
     }
 
     #[test]

@@ -262,6 +262,7 @@ pub fn adopt(st: &mut State, config: &ControllerConfig, worker: &str) -> Vec<Eff
     // Commands sent on an earlier link are void.
     st.commands.retain(|_, c| c.worker != worker);
     let mut want = Vec::new();
+    let (mut ready_again, mut lost) = (Vec::new(), Vec::new());
     for (name, d) in &mut st.deployments {
         for (&i, r) in &mut d.replicas {
             if !r.on_worker(worker) {
@@ -272,15 +273,29 @@ pub fn adopt(st: &mut State, config: &ControllerConfig, worker: &str) -> Vec<Eff
                 r.loaded.insert(worker.to_string());
                 if r.all_loaded() && r.state != ReplicaState::Ready {
                     r.set_ready();
+                    ready_again.push((name.clone(), i));
                 }
             } else {
                 r.loaded.remove(worker);
                 if r.state == ReplicaState::Ready {
                     r.state = ReplicaState::Loading;
+                    lost.push((name.clone(), i));
                 }
                 want.push((name.clone(), i));
             }
         }
+    }
+    // Served again without a load (the worker kept it through a restart or a lost link): the
+    // deployment's events say so, as they say every other way a replica becomes ready.
+    for (name, i) in lost {
+        let msg = format!("replica {i} loading again: {worker} came back without it");
+        info!(deployment = %name, "{msg}");
+        st.event(&name, EventKind::WorkerLost, msg);
+    }
+    for (name, i) in ready_again {
+        let msg = format!("replica {i} ready again on {worker}, which still holds it");
+        info!(deployment = %name, "{msg}");
+        st.event(&name, EventKind::Adopted, msg);
     }
     let mut effects = Vec::new();
     for (name, i) in want {
