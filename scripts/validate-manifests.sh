@@ -236,6 +236,9 @@ for name in default cpu external-etcd options; do
   fi
 done
 
+check "the controller's pod policy: CEL allows the leader label on its own pods and refuses other patches" \
+  "$py" scripts/k8s/check_pod_policy.py "$tmp/default.yaml"
+
 # Negative cases: the checks above must catch these.
 check "negative: bad objects in scripts/k8s/invalid/ are rejected" \
   check_manifests --expect-invalid --label scripts/k8s/invalid scripts/k8s/invalid/*.yaml
