@@ -18,12 +18,13 @@ use std::sync::Arc;
 
 use crate::EngineError;
 use crate::config::BlockKind;
+use crate::cpu::kernels::quantize_row_q8;
 use crate::cpu::kernels::{ActsRef, Flavor, QMatrix, matmul};
 use crate::cpu::kv::BLOCK_TOKENS;
 use crate::cpu::model::{CpuModel, Layer, Linear, Mlp, Moe};
 use crate::cpu::ops::{AttnParams, activate_into, attend, rope, softcap};
 use crate::cpu::pool::{Pool, Scratch, Task};
-use crate::cpu::quant::{ActBlock, ActBlockK, ActFormat, QK, QK_K, quantize_row_q8, quantize_row_q8k};
+use crate::cpu::quant::{ActBlock, ActBlockK, ActFormat, QK, QK_K, quantize_row_q8k};
 
 /// One sequence's part of a batch.
 #[derive(Debug, Clone)]
@@ -218,9 +219,13 @@ fn align_for(next: &QMatrix) -> usize {
     match next.kind().act_format() {
         ActFormat::Q8K => QK_K,
         ActFormat::Q8 => QK,
-        ActFormat::F32 => 8,
+        ActFormat::F32 => ROW_TILE,
     }
 }
+
+/// The rows a kernel computes side by side (a packed matrix's group): projections are split
+/// between threads on multiples of it, so that no group is computed twice.
+const ROW_TILE: usize = 16;
 
 /// Rows per chunk of the row operations.
 const ROWS_PER_CHUNK: usize = 4;
@@ -353,7 +358,7 @@ impl Forward {
 
     fn down_parts(&self) -> usize {
         let h = self.cfg().hidden_size;
-        h.div_ceil(self.proj_chunk(h, 8))
+        h.div_ceil(self.proj_chunk(h, ROW_TILE))
     }
 
     /// The (row, slot) pairs routed to expert `e`, in row order.
@@ -399,12 +404,12 @@ impl Task for Forward {
             Op::Final => self.row_chunks(),
             Op::Qkv(_) => cfg.num_heads + 2 * cfg.num_kv_heads,
             Op::Attend(_) => self.rows * cfg.num_kv_heads,
-            Op::Out(l) => cfg.hidden_size.div_ceil(self.proj_chunk(self.layer(l).out.w.rows(), 8)),
+            Op::Out(l) => cfg.hidden_size.div_ceil(self.proj_chunk(self.layer(l).out.w.rows(), ROW_TILE)),
             Op::GateUp(l) => {
                 let n = self.mlp(l).up.w.rows();
                 n.div_ceil(self.proj_chunk(n, self.gate_align(l)))
             }
-            Op::Down(l) => cfg.hidden_size.div_ceil(self.proj_chunk(self.mlp(l).down.w.rows(), 8)),
+            Op::Down(l) => cfg.hidden_size.div_ceil(self.proj_chunk(self.mlp(l).down.w.rows(), ROW_TILE)),
             Op::Group(_) => 1,
             Op::ExpertUp(l) => self.moe(l).experts.len() * self.up_parts(l),
             Op::ExpertDown(l) => self.moe(l).experts.len() * self.down_parts(),
@@ -514,7 +519,7 @@ impl Task for Forward {
             }
             Op::Out(l) => {
                 let lin = &self.layer(l).out;
-                let rows = self.proj_rows(lin.w.rows(), 8, c);
+                let rows = self.proj_rows(lin.w.rows(), ROW_TILE, c);
                 self.project(lin, &self.acts_o, rows, s);
             }
             Op::Norm2(l) => {
@@ -590,7 +595,7 @@ impl Task for Forward {
             }
             Op::Down(l) => {
                 let lin = &self.mlp(l).down;
-                let rows = self.proj_rows(lin.w.rows(), 8, c);
+                let rows = self.proj_rows(lin.w.rows(), ROW_TILE, c);
                 self.project(lin, &self.acts_h, rows, s);
             }
             Op::Group(l) => {
@@ -729,7 +734,7 @@ impl Task for Forward {
                     }
                 }
                 Op::Out(l) => {
-                    let rows = self.proj_rows(self.layer(l).out.w.rows(), 8, c);
+                    let rows = self.proj_rows(self.layer(l).out.w.rows(), ROW_TILE, c);
                     let w = rows.len();
                     let sequential = cfg.block == BlockKind::Sequential;
                     for t in 0..self.rows {
@@ -789,7 +794,7 @@ impl Task for Forward {
                     }
                 }
                 Op::Down(l) => {
-                    let rows = self.proj_rows(self.mlp(l).down.w.rows(), 8, c);
+                    let rows = self.proj_rows(self.mlp(l).down.w.rows(), ROW_TILE, c);
                     let w = rows.len();
                     let shared = self.layer(l).moe.is_some();
                     let mut scaled = Vec::new();
@@ -840,7 +845,7 @@ impl Task for Forward {
                 }
                 Op::ExpertDown(_) => {
                     let (e, part) = (c / self.down_parts(), c % self.down_parts());
-                    let rows = self.proj_rows(h, 8, part);
+                    let rows = self.proj_rows(h, ROW_TILE, part);
                     let w = rows.len();
                     for (i, &p) in self.pairs_of(e).iter().enumerate() {
                         let p = p as usize;
@@ -975,7 +980,7 @@ impl Forward {
         if pairs.is_empty() {
             return;
         }
-        let rows = self.proj_rows(h, 8, part);
+        let rows = self.proj_rows(h, ROW_TILE, part);
         let w = rows.len();
         let n = self.expert_size;
         let mut x = Vec::with_capacity(pairs.len() * n);

@@ -2,14 +2,22 @@
 //! products — the arithmetic every kernel flavor (scalar, AVX2, AVX-512) computes *exactly the
 //! same way*, so that an output never depends on which flavor, tile shape or batch computed it.
 //!
-//! The one rule: an output (one weight row · one activation row) is accumulated in 8 float
-//! lanes. Lane `i` of a 32-value group holds the exact integer sum of its values `4i..4i+3`
-//! (products of unsigned weight codes and signed activation codes, minus the weight offset
-//! times the activation sum, which is still an integer); each group adds `scale × lane` to the
-//! lane's accumulator with one fused multiply-add, in block order; the 8 lanes are summed in a
-//! fixed tree at the end ([`hsum8`]), then the min terms of Q4_1/Q5_1/Q4_K/Q5_K (accumulated
-//! in their own sequence) are added. Integer sums are exact in any order, and every float
-//! operation is the same in every flavor, so results are bit-identical.
+//! Two rules, by format. Integer sums are exact in any order, and every float operation is the
+//! same in every flavor, so results are bit-identical either way.
+//!
+//! - **The 32-value formats the runtime repacks** ([`Kind::packed`]: Q4_0, Q4_1, Q5_0, Q5_1,
+//!   Q8_0): an output (one weight row · one activation row) has one float accumulator. Each
+//!   block adds `(d_w·d_a) × isum` with one fused multiply-add, in block order, where `isum` is
+//!   the block's exact integer dot product (unsigned weight codes times signed activation
+//!   codes, minus the weight offset times the activation sum); the min terms of Q4_1/Q5_1
+//!   (`m·s` per block, fused) have their own accumulator, added at the end. The kernels hold
+//!   one output per SIMD lane (16 weight rows side by side, see `kernels::packed`), so a block
+//!   costs a few integer dot instructions and one multiply-add per 16 outputs.
+//! - **The others** (MXFP4, the K formats): an output is accumulated in 8 float lanes. Lane `i`
+//!   of a 32-value group holds the exact integer sum of its values `4i..4i+3`; each group adds
+//!   `scale × lane` to the lane's accumulator with one fused multiply-add, in block order; the
+//!   8 lanes are summed in a fixed tree at the end ([`hsum8`]), then the min terms of
+//!   Q4_K/Q5_K (accumulated in their own sequence) are added.
 
 use half::f16;
 
@@ -142,6 +150,12 @@ impl Kind {
             Kind::Mxfp4,
         ];
         KINDS[id as usize]
+    }
+
+    /// Whether the runtime stores this format repacked, 16 rows side by side, and computes it
+    /// with one accumulator per output (the first rule above).
+    pub const fn packed(self) -> bool {
+        matches!(self, Kind::Q4_0 | Kind::Q4_1 | Kind::Q5_0 | Kind::Q5_1 | Kind::Q8_0)
     }
 
     /// Whether blocks carry a min (`x = d·q + m`).
@@ -344,6 +358,8 @@ pub struct ActBlock {
     pub q: [i8; QK],
     /// Lane sums: `asum4[i] = Σ q[4i..4i+4]`.
     pub asum4: [i32; 8],
+    /// `Σq`.
+    pub asum: i32,
     pub d: f32,
     /// `d·Σq` (ggml's Q8_1 `s`), rounded through f16 as ggml stores it.
     pub s: f32,
@@ -356,7 +372,7 @@ impl Default for ActBlock {
 }
 
 impl ActBlock {
-    pub const ZERO: ActBlock = ActBlock { q: [0; QK], asum4: [0; 8], d: 0.0, s: 0.0 };
+    pub const ZERO: ActBlock = ActBlock { q: [0; QK], asum4: [0; 8], asum: 0, d: 0.0, s: 0.0 };
 }
 
 /// Quantizes one row of activations into 32-value blocks (ggml's `quantize_row_q8_1`).
@@ -374,6 +390,7 @@ pub fn quantize_row_q8(x: &[f32], out: &mut [ActBlock]) {
         for (i, a) in blk.asum4.iter_mut().enumerate() {
             *a = blk.q[4 * i..4 * i + 4].iter().map(|&q| i32::from(q)).sum();
         }
+        blk.asum = sum;
         blk.d = f16_round(d);
         blk.s = f16_round(d * sum as f32);
     }
@@ -438,12 +455,26 @@ pub fn hsum8(l: &[f32; 8]) -> f32 {
     s2[0] + s2[1]
 }
 
-/// The reference dot product of a 32-value-format row with a quantized activation row.
+/// The reference dot product of a 32-value-format row (its GGUF bytes) with a quantized
+/// activation row, by its format's rule.
 pub fn dot32_ref(kind: Kind, row: &[u8], acts: &[ActBlock]) -> f32 {
-    let mut acc = [0f32; 8];
-    let mut off = 0f32;
     let o = kind.offset();
-    for (blk, a) in row.chunks_exact(kind.block_bytes()).zip(acts) {
+    let blocks = row.chunks_exact(kind.block_bytes()).zip(acts);
+    if kind.packed() {
+        let (mut acc, mut off) = (0f32, 0f32);
+        for (blk, a) in blocks {
+            let w = unpack32(kind, blk);
+            let mut isum = -o * a.asum;
+            for (&u, &q) in w.u.iter().zip(&a.q) {
+                isum += i32::from(u) * i32::from(q);
+            }
+            acc = (w.d * a.d).mul_add(isum as f32, acc);
+            off = w.m.mul_add(a.s, off);
+        }
+        return if kind.has_min() { acc + off } else { acc };
+    }
+    let mut acc = [0f32; 8];
+    for (blk, a) in blocks {
         let w = unpack32(kind, blk);
         let scale = w.d * a.d;
         for (i, lane) in acc.iter_mut().enumerate() {
@@ -453,11 +484,9 @@ pub fn dot32_ref(kind: Kind, row: &[u8], acts: &[ActBlock]) -> f32 {
             }
             *lane = scale.mul_add(isum as f32, *lane);
         }
-        if matches!(kind, Kind::Q4_1 | Kind::Q5_1) {
-            off = w.m.mul_add(a.s, off);
-        }
     }
-    hsum8(&acc) + off
+    // `+ 0.0` as the kernels add their (zero) min terms: −0.0 comes out as 0.0.
+    hsum8(&acc) + 0.0
 }
 
 /// The reference dot product of a K-format row with a Q8_K activation row.

@@ -104,17 +104,13 @@ pub(super) unsafe fn correction(asum4: &[i32; 8], o: i32) -> __m256i {
     _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_sll_epi32(s, _mm_cvtsi32_si128(o.trailing_zeros() as i32)))
 }
 
-/// Calls `$f::<K, ...>` with the 32-value kind `$kind` as a const generic.
+/// Calls `$f::<K, ...>` with the 32-value kind `$kind` as a const generic: the ones not
+/// repacked (`kernels::packed` computes the others).
 macro_rules! by_kind32 {
     ($kind:expr, $f:ident $(::<$($g:tt),*>)? ($($a:expr),* $(,)?)) => {
         match $kind {
-            Kind::Q4_0 => $f::<{ Kind::Q4_0 as u8 } $($(, $g)*)?>($($a),*),
-            Kind::Q4_1 => $f::<{ Kind::Q4_1 as u8 } $($(, $g)*)?>($($a),*),
-            Kind::Q5_0 => $f::<{ Kind::Q5_0 as u8 } $($(, $g)*)?>($($a),*),
-            Kind::Q5_1 => $f::<{ Kind::Q5_1 as u8 } $($(, $g)*)?>($($a),*),
-            Kind::Q8_0 => $f::<{ Kind::Q8_0 as u8 } $($(, $g)*)?>($($a),*),
             Kind::Mxfp4 => $f::<{ Kind::Mxfp4 as u8 } $($(, $g)*)?>($($a),*),
-            _ => unreachable!("not a 32-value format"),
+            _ => unreachable!("not an unpacked 32-value format"),
         }
     };
 }

@@ -429,3 +429,45 @@ unsafe fn singlek<const K: u8, const R: usize>(g: &Geom<'_>, acts: &[ActBlockK],
         unsafe { *g.out.add(t * g.ld + r0 + r - g.row0) = hsum8(acc[r]) + off[r] };
     }
 }
+
+/// `quant::quantize_row_q8`, 32 values per step, to the same bits: the same float operations
+/// on each value (|x| maximum, `x·(127/amax)` rounded to even), and exact integer sums.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
+pub(super) fn quantize_row_q8(x: &[f32], out: &mut [ActBlock]) {
+    use super::super::quant::{QK, f16_round};
+    let ones = _mm256_set1_epi8(1);
+    let ones16 = _mm256_set1_epi16(1);
+    for (blk, xs) in out.iter_mut().zip(x.chunks_exact(QK)) {
+        // SAFETY: `xs` holds 32 floats, `blk.q` 32 bytes and `blk.asum4` 8 i32.
+        unsafe {
+            let lo = _mm512_loadu_ps(xs.as_ptr());
+            let hi = _mm512_loadu_ps(xs.as_ptr().add(16));
+            // `max` of the absolute values, ignoring NaN as `f32::max` does.
+            let abs = |v: __m512| _mm512_abs_ps(v);
+            let (alo, ahi) = (abs(lo), abs(hi));
+            let m = _mm512_max_ps(
+                _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(alo, alo), _mm512_setzero_ps(), alo),
+                _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(ahi, ahi), _mm512_setzero_ps(), ahi),
+            );
+            let amax = _mm512_reduce_max_ps(m);
+            let d = amax / 127.0;
+            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+            let q = |v: __m512| {
+                let s = _mm512_mul_ps(v, _mm512_set1_ps(id));
+                // NaN (an infinite amax, or a NaN value) becomes 0, as `as i32` makes it.
+                let s = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(s, s), s);
+                // Clamped before rounding (the same for whole bounds; an infinite product too).
+                let s = _mm512_max_ps(_mm512_min_ps(s, _mm512_set1_ps(127.0)), _mm512_set1_ps(-127.0));
+                _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(s)
+            };
+            let codes = _mm256_set_m128i(_mm512_cvtepi32_epi8(q(hi)), _mm512_cvtepi32_epi8(q(lo)));
+            _mm256_storeu_si256(blk.q.as_mut_ptr().cast(), codes);
+            let sums4 = _mm256_madd_epi16(_mm256_maddubs_epi16(ones, codes), ones16);
+            _mm256_storeu_si256(blk.asum4.as_mut_ptr().cast(), sums4);
+            let sum: i32 = blk.asum4.iter().sum();
+            blk.asum = sum;
+            blk.d = f16_round(d);
+            blk.s = f16_round(d * sum as f32);
+        }
+    }
+}

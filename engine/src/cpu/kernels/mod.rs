@@ -3,21 +3,21 @@
 //! (see [`super::quant`]): a portable one, AVX2, and AVX-512 with VNNI; the fastest the CPU has
 //! is chosen once. Inside a flavor the micro-kernels are tiles of rows × tokens, and a tile of
 //! one token is the same arithmetic as a tile of eight — so a sequence's results never depend
-//! on what else is in the batch.
+//! on what else is in the batch. The common 32-value formats are stored repacked, 16 rows side
+//! by side ([`packed`]), one output per SIMD lane.
 
 #![allow(unsafe_code)] // SIMD intrinsics behind runtime feature checks: see the SAFETY notes.
 
 use std::ops::Range;
 use std::sync::OnceLock;
 
-use super::quant::{
-    ActBlock, ActBlockK, Kind, QK, QK_K, dot32_ref, dotf_ref, dotk_ref, quantize_row_q8, quantize_row_q8k,
-};
+use super::quant::{ActBlock, ActBlockK, Kind, QK, QK_K, dot32_ref, dotf_ref, dotk_ref, quantize_row_q8k};
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod packed;
 
 /// Which instructions the kernels use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,6 +99,7 @@ impl QMatrix {
         if bytes.len() != need {
             return Err(format!("{} [{rows}, {cols}] needs {need} bytes, got {}", kind.name(), bytes.len()));
         }
+        let bytes = if kind.packed() { packed::pack(kind, rows, cols, &bytes) } else { bytes };
         Ok(QMatrix { kind, rows, cols, bytes: std::sync::Arc::new(bytes), dense: std::sync::Arc::default() })
     }
 
@@ -131,6 +132,18 @@ impl QMatrix {
         self.cols / self.kind.block_values() * self.kind.block_bytes()
     }
 
+    /// Row `r`'s bytes as GGUF stores them (rebuilt for the packed formats).
+    fn gguf_row(&self, r: usize) -> std::borrow::Cow<'_, [u8]> {
+        let rb = self.row_bytes();
+        if self.kind.packed() {
+            let mut row = vec![0u8; rb];
+            packed::row_bytes(self.kind, &self.bytes, self.cols, r, &mut row);
+            std::borrow::Cow::Owned(row)
+        } else {
+            std::borrow::Cow::Borrowed(&self.bytes[r * rb..(r + 1) * rb])
+        }
+    }
+
     /// The matrix made of rows `ids` of this one, in that order (splitting fused projections,
     /// reordering Falcon's grouped heads).
     pub fn select_rows(&self, ids: &[usize]) -> QMatrix {
@@ -145,8 +158,8 @@ impl QMatrix {
                 dense: std::sync::Arc::new(dense),
             };
         }
-        let rb = self.row_bytes();
-        let bytes: Vec<u8> = ids.iter().flat_map(|&r| self.bytes[r * rb..(r + 1) * rb].iter().copied()).collect();
+        let bytes: Vec<u8> = ids.iter().flat_map(|&r| self.gguf_row(r).into_owned()).collect();
+        let bytes = if self.kind.packed() { packed::pack(self.kind, ids.len(), self.cols, &bytes) } else { bytes };
         QMatrix {
             kind: self.kind,
             rows: ids.len(),
@@ -161,8 +174,7 @@ impl QMatrix {
         if self.kind == Kind::F32 {
             out.copy_from_slice(&self.dense[r * self.cols..(r + 1) * self.cols]);
         } else {
-            let rb = self.row_bytes();
-            super::quant::dequantize_row(self.kind, &self.bytes[r * rb..(r + 1) * rb], out);
+            super::quant::dequantize_row(self.kind, &self.gguf_row(r), out);
         }
     }
 }
@@ -244,6 +256,19 @@ pub fn matmul(flavor: Flavor, w: &QMatrix, x: &ActsRef<'_>, rows: Range<usize>, 
     debug_assert!(x.tokens == 0 || out.len() >= (x.tokens - 1) * ld + rows.len());
     match (flavor, w.kind) {
         (_, Kind::F32) => matmul_f32(flavor, w, x, rows, out, ld),
+        (Flavor::Portable, kind) if kind.packed() => {
+            packed::matmul_portable(kind, &w.bytes, w.cols, x.q8, x.tokens, rows, out, ld)
+        }
+        #[cfg(target_arch = "x86_64")]
+        (Flavor::Avx2, kind) if kind.packed() => {
+            // SAFETY: the flavor is only chosen when the CPU has AVX2, FMA and F16C.
+            unsafe { packed::avx2::matmul(kind, &w.bytes, w.cols, x.q8, x.tokens, rows, out, ld) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        (Flavor::Avx512, kind) if kind.packed() => {
+            // SAFETY: the flavor is only chosen when the CPU has AVX-512 F/BW/VL/VNNI.
+            unsafe { packed::avx512::matmul(kind, &w.bytes, w.cols, x.q8, x.tokens, rows, out, ld) }
+        }
         (Flavor::Portable, Kind::Q4K | Kind::Q5K | Kind::Q6K) => {
             let (rb, kb) = (w.row_bytes(), w.cols / QK_K);
             for t in 0..x.tokens {
@@ -305,6 +330,18 @@ fn matmul_f32(flavor: Flavor, w: &QMatrix, x: &ActsRef<'_>, rows: Range<usize>, 
             out[t * ld + r - rows.start] = dotf_ref(&w.dense[r * k..(r + 1) * k], &x.f32[t * k..(t + 1) * k]);
         }
     }
+}
+
+/// `quant::quantize_row_q8` (the reference), with the fastest instructions the CPU has: the
+/// same bits.
+pub fn quantize_row_q8(x: &[f32], out: &mut [ActBlock]) {
+    #[cfg(target_arch = "x86_64")]
+    if Flavor::detect() == Flavor::Avx512 {
+        // SAFETY: the flavor is only chosen when the CPU has AVX-512 F/BW/VL/VNNI.
+        unsafe { avx512::quantize_row_q8(x, out) };
+        return;
+    }
+    super::quant::quantize_row_q8(x, out);
 }
 
 #[cfg(test)]

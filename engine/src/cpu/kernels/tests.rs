@@ -109,32 +109,83 @@ fn reference(m: &QMatrix, x: &[f32], tokens: usize) -> Vec<f32> {
     out
 }
 
+/// `reference` computed from the GGUF bytes themselves, row by row, by the formats' rules.
+fn reference_from_gguf(kind: Kind, gguf: &[u8], rows: usize, cols: usize, x: &[f32], tokens: usize) -> Vec<f32> {
+    let mut acts = Acts::default();
+    acts.quantize(kind, x, cols);
+    let a = acts.view();
+    let rb = gguf.len() / rows;
+    let mut out = vec![0f32; tokens * rows];
+    for t in 0..tokens {
+        for r in 0..rows {
+            let row = &gguf[r * rb..(r + 1) * rb];
+            out[t * rows + r] = match kind.act_format() {
+                super::super::quant::ActFormat::Q8K => {
+                    dotk_ref(kind, row, &a.q8k[t * cols / QK_K..(t + 1) * cols / QK_K])
+                }
+                _ => dot32_ref(kind, row, &a.q8[t * cols / QK..(t + 1) * cols / QK]),
+            };
+        }
+    }
+    out
+}
+
+#[test]
+fn packed_matrices_give_back_their_rows_bytes_exactly() {
+    let mut rng = Rng(3);
+    for kind in QUANTIZED.into_iter().filter(|k| k.packed()) {
+        // Any bytes, scales included (NaN and infinite f16 bits too): the rows come back as given.
+        let (rows, cols) = (21, 96);
+        let bytes: Vec<u8> = (0..rows * cols / QK * kind.block_bytes()).map(|_| rng.next() as u8).collect();
+        let m = QMatrix::from_blocks(kind, rows, cols, bytes.clone()).unwrap();
+        let rb = bytes.len() / rows;
+        for r in 0..rows {
+            assert_eq!(&m.gguf_row(r)[..], &bytes[r * rb..(r + 1) * rb], "{} row {r}", kind.name());
+        }
+        let picked = m.select_rows(&[20, 0, 17, 16]);
+        for (i, r) in [20, 0, 17, 16].into_iter().enumerate() {
+            assert_eq!(&picked.gguf_row(i)[..], &bytes[r * rb..(r + 1) * rb], "{} picked row {r}", kind.name());
+        }
+    }
+}
+
 #[test]
 fn every_flavor_computes_the_reference_to_the_bit_for_any_batch_and_tile() {
     let mut rng = Rng(11);
     for kind in QUANTIZED.into_iter().chain([Kind::F32]) {
-        let (rows, cols) = (13, 512);
-        let m = random_matrix(kind, rows, cols, &mut rng);
+        // 37 rows: two whole groups of 16 and a part, for the packed formats.
+        let (rows, cols) = (37, 512);
+        let gguf = (kind != Kind::F32).then(|| random_blocks(kind, rows, cols, &mut rng));
+        let m = match &gguf {
+            Some(b) => QMatrix::from_blocks(kind, rows, cols, b.clone()).unwrap(),
+            None => random_matrix(kind, rows, cols, &mut rng),
+        };
         for tokens in [1, 2, 3, 4, 5, 7, 9] {
             let x: Vec<f32> = (0..tokens * cols).map(|_| rng.f()).collect();
             let want = reference(&m, &x, tokens);
+            if let Some(b) = &gguf {
+                assert_eq!(want, reference_from_gguf(kind, b, rows, cols, &x, tokens), "{} from GGUF", kind.name());
+            }
             for flavor in Flavor::all_available() {
                 let mut acts = Acts::default();
                 acts.quantize(kind, &x, cols);
-                // All rows, and an odd sub-range written into a narrower output.
+                // All rows, and sub-ranges (inside a group, across groups) into narrower outputs.
                 let mut out = vec![f32::NAN; tokens * rows];
                 matmul(flavor, &m, &acts.view(), 0..rows, &mut out, rows);
                 assert_eq!(out, want, "{} {} tokens {}", kind.name(), flavor.name(), tokens);
-                let mut part = vec![f32::NAN; tokens * 5];
-                matmul(flavor, &m, &acts.view(), 3..8, &mut part, 5);
-                for t in 0..tokens {
-                    assert_eq!(
-                        &part[t * 5..t * 5 + 5],
-                        &want[t * rows + 3..t * rows + 8],
-                        "{} {}",
-                        kind.name(),
-                        flavor.name()
-                    );
+                for range in [3..8, 14..35, 32..37] {
+                    let n = range.len();
+                    let mut part = vec![f32::NAN; tokens * n];
+                    matmul(flavor, &m, &acts.view(), range.clone(), &mut part, n);
+                    for t in 0..tokens {
+                        assert_eq!(
+                            &part[t * n..t * n + n],
+                            &want[t * rows + range.start..t * rows + range.end],
+                            "{} {} rows {range:?}",
+                            kind.name(),
+                            flavor.name()
+                        );
+                    }
                 }
             }
             // A token's outputs do not depend on the batch it is in.
@@ -163,5 +214,28 @@ fn the_reference_computes_what_the_blocks_hold() {
             assert!((f64::from(got) - exact).abs() <= 0.01 * scale + 1e-6, "{} row {r}: {got} vs {exact}", kind.name());
         }
         let _ = dequantize_row;
+    }
+}
+
+#[test]
+fn activations_quantize_to_the_reference_bits_whatever_the_values() {
+    let mut rng = Rng(13);
+    let mut rows: Vec<Vec<f32>> =
+        (0..20).map(|i| (0..256).map(|_| rng.f() * 10f32.powi(i % 7 - 3)).collect()).collect();
+    // Zeros, a tiny maximum (127/amax overflows), infinities, NaN, ties at .5.
+    rows.push(vec![0.0; 64]);
+    rows.push((0..64).map(|i| if i == 3 { 1e-45 } else { 0.0 }).collect());
+    rows.push((0..64).map(|i| if i == 5 { f32::INFINITY } else { i as f32 - 30.0 }).collect());
+    rows.push((0..64).map(|i| if i % 7 == 0 { f32::NAN } else { i as f32 }).collect());
+    rows.push((0..64).map(|i| (i as f32 - 32.0) * 0.5).collect());
+    for x in rows {
+        let mut want = vec![ActBlock::ZERO; x.len() / QK];
+        super::super::quant::quantize_row_q8(&x, &mut want);
+        let mut got = vec![ActBlock::ZERO; x.len() / QK];
+        quantize_row_q8(&x, &mut got);
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!((g.q, g.asum4, g.asum), (w.q, w.asum4, w.asum), "{x:?}");
+            assert_eq!((g.d.to_bits(), g.s.to_bits()), (w.d.to_bits(), w.s.to_bits()), "{x:?}");
+        }
     }
 }
