@@ -22,7 +22,7 @@ use crate::cpu::kernels::quantize_row_q8;
 use crate::cpu::kernels::{ActsRef, Flavor, QMatrix, matmul};
 use crate::cpu::kv::BLOCK_TOKENS;
 use crate::cpu::model::{CpuModel, Layer, Linear, Mlp, Moe};
-use crate::cpu::ops::{AttnParams, activate_into, attend, rope, softcap};
+use crate::cpu::ops::{AttnParams, activate_into, attend_rows, rope, softcap};
 use crate::cpu::pool::{Pool, Scratch, Task};
 use crate::cpu::quant::{ActBlock, ActBlockK, ActFormat, QK, QK_K, quantize_row_q8k};
 
@@ -230,6 +230,9 @@ const ROW_TILE: usize = 16;
 /// Rows per chunk of the row operations.
 const ROWS_PER_CHUNK: usize = 4;
 
+/// Rows of one sequence that attend together (sharing each key and value read).
+const ATTN_ROWS: usize = crate::cpu::ops::ATTN_TILE;
+
 /// The job.
 struct Forward {
     model: Arc<CpuModel>,
@@ -240,6 +243,9 @@ struct Forward {
     row_pos: Vec<usize>,
     /// Per sequence: its first row, rows, end position, block table.
     seqs: Vec<(usize, usize, usize, Vec<u32>)>,
+    /// Runs of at most [`ATTN_ROWS`] consecutive rows of one sequence (first row, rows): the
+    /// attention operation's chunks, each kv head of which reads every key and value once.
+    attn_tiles: Vec<(usize, usize)>,
     inputs: Vec<SeqInput>,
     /// Rows whose logits are computed, in output order.
     logit_rows: Vec<usize>,
@@ -403,7 +409,7 @@ impl Task for Forward {
             Op::Embed | Op::Norm1(_) | Op::QuantAttn(_) | Op::Norm2(_) => self.row_chunks(),
             Op::Final => self.row_chunks(),
             Op::Qkv(_) => cfg.num_heads + 2 * cfg.num_kv_heads,
-            Op::Attend(_) => self.rows * cfg.num_kv_heads,
+            Op::Attend(_) => self.attn_tiles.len() * cfg.num_kv_heads,
             Op::Out(l) => cfg.hidden_size.div_ceil(self.proj_chunk(self.layer(l).out.w.rows(), ROW_TILE)),
             Op::GateUp(l) => {
                 let n = self.mlp(l).up.w.rows();
@@ -489,7 +495,7 @@ impl Task for Forward {
             Op::Qkv(l) => self.run_qkv(l, c, s),
             Op::Attend(l) => {
                 let layer = self.layer(l);
-                let (r, g) = (c / cfg.num_kv_heads, c % cfg.num_kv_heads);
+                let ((r, m), g) = (self.attn_tiles[c / cfg.num_kv_heads], c % cfg.num_kv_heads);
                 let (seq, pos) = (self.row_seq[r], self.row_pos[r]);
                 let d = cfg.head_dim;
                 let rep = cfg.num_heads / cfg.num_kv_heads;
@@ -501,12 +507,15 @@ impl Task for Forward {
                     sinks: layer.sinks.as_ref().map(|s| &s[g * rep..(g + 1) * rep]),
                 };
                 s.f.clear();
-                s.f.resize(rep * d, 0.0);
+                s.f.resize(m * rep * d, 0.0);
                 let table = &self.seqs[seq].3;
-                let at = r * cfg.num_heads * d + g * rep * d;
-                // SAFETY: `q` was committed by the Q/K/V operation.
-                let qs = unsafe { self.q.get(at..at + rep * d) };
-                attend(&self.model.kv, l, table, g, pos, qs, &p, &mut s.g, &mut s.f);
+                let mut qs = Vec::with_capacity(m * rep * d);
+                for i in 0..m {
+                    let at = (r + i) * cfg.num_heads * d + g * rep * d;
+                    // SAFETY: `q` was committed by the Q/K/V operation.
+                    qs.extend_from_slice(unsafe { self.q.get(at..at + rep * d) });
+                }
+                attend_rows(&self.model.kv, l, table, g, pos, m, &qs, &p, &mut s.g, &mut s.f);
             }
             Op::QuantAttn(l) => {
                 let width = cfg.num_heads * cfg.head_dim;
@@ -718,11 +727,13 @@ impl Task for Forward {
                 }
                 Op::Qkv(l) => self.commit_qkv(l, c, s),
                 Op::Attend(_) => {
-                    let (r, g) = (c / cfg.num_kv_heads, c % cfg.num_kv_heads);
+                    let ((r, m), g) = (self.attn_tiles[c / cfg.num_kv_heads], c % cfg.num_kv_heads);
                     let d = cfg.head_dim;
                     let rep = cfg.num_heads / cfg.num_kv_heads;
-                    let at = r * cfg.num_heads * d + g * rep * d;
-                    self.attn.get_mut(at..at + rep * d).copy_from_slice(&s.f[..rep * d]);
+                    for i in 0..m {
+                        let at = (r + i) * cfg.num_heads * d + g * rep * d;
+                        self.attn.get_mut(at..at + rep * d).copy_from_slice(&s.f[i * rep * d..(i + 1) * rep * d]);
+                    }
                 }
                 Op::QuantAttn(_) => {
                     let width = cfg.num_heads * cfg.head_dim;
@@ -1172,6 +1183,12 @@ pub fn forward(model: &Arc<CpuModel>, pool: &Pool, steps: Vec<SeqStep>) -> Resul
         eh: Buf::new(rows * top_k * expert_size),
         eo: Buf::new(rows * top_k * h),
         model: model.clone(),
+        attn_tiles: seqs
+            .iter()
+            .flat_map(|&(first, n, _, _)| {
+                (first..first + n).step_by(ATTN_ROWS).map(move |r| (r, ATTN_ROWS.min(first + n - r)))
+            })
+            .collect(),
         row_seq,
         row_pos,
         seqs,

@@ -179,6 +179,87 @@ pub fn attend(
 ) {
     let d = p.head_dim;
     let rep = qs.len() / d;
+    #[cfg(target_arch = "x86_64")]
+    if rep <= MAX_REP
+        && d.is_multiple_of(16)
+        && matches!(kv.shape().dtype, crate::cpu::kv::KvDtype::F16)
+        && crate::cpu::kernels::Flavor::detect() == crate::cpu::kernels::Flavor::Avx512
+    {
+        // SAFETY: the AVX-512 flavor is chosen only when the CPU has AVX-512 F/BW/VL/DQ.
+        unsafe {
+            match rep {
+                4 => simd::attend_f16::<4>(kv, layer, table, kvh, pos, qs, p, scores, out),
+                3 => simd::attend_f16::<3>(kv, layer, table, kvh, pos, qs, p, scores, out),
+                2 => simd::attend_f16::<2>(kv, layer, table, kvh, pos, qs, p, scores, out),
+                _ => simd::attend_f16::<1>(kv, layer, table, kvh, pos, qs, p, scores, out),
+            }
+        }
+        return;
+    }
+    attend_any(kv, layer, table, kvh, pos, qs, p, scores, out);
+}
+
+/// Rows of one sequence that [`attend_rows`] computes together, at most.
+pub const ATTN_TILE: usize = 4;
+
+/// [`attend`] for `m` (at most [`ATTN_TILE`]) consecutive rows of one sequence, at positions
+/// `pos..pos + m` (a prompt's rows): `qs` holds each row's query heads after the other's, `out`
+/// gets their results likewise. Each row's arithmetic is that of [`attend`] alone; each key
+/// and value is read once for all the rows that see it.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_rows(
+    kv: &KvPool,
+    layer: usize,
+    table: &[u32],
+    kvh: usize,
+    pos: usize,
+    m: usize,
+    qs: &[f32],
+    p: &AttnParams<'_>,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let per = qs.len() / m.max(1);
+    let (d, rep) = (p.head_dim, per / p.head_dim.max(1));
+    #[cfg(target_arch = "x86_64")]
+    if (2..=ATTN_TILE).contains(&m)
+        && rep <= MAX_REP
+        && d.is_multiple_of(16)
+        && matches!(kv.shape().dtype, crate::cpu::kv::KvDtype::F16)
+        && crate::cpu::kernels::Flavor::detect() == crate::cpu::kernels::Flavor::Avx512
+    {
+        // SAFETY: the AVX-512 flavor is chosen only when the CPU has AVX-512 F/BW/VL/DQ.
+        unsafe {
+            match rep {
+                4 => simd::attend_rows_f16::<4>(kv, layer, table, kvh, pos, m, qs, p, scores, out),
+                3 => simd::attend_rows_f16::<3>(kv, layer, table, kvh, pos, m, qs, p, scores, out),
+                2 => simd::attend_rows_f16::<2>(kv, layer, table, kvh, pos, m, qs, p, scores, out),
+                _ => simd::attend_rows_f16::<1>(kv, layer, table, kvh, pos, m, qs, p, scores, out),
+            }
+        }
+        return;
+    }
+    for i in 0..m {
+        let rows = i * per..(i + 1) * per;
+        attend(kv, layer, table, kvh, pos + i, &qs[rows.clone()], p, scores, &mut out[rows]);
+    }
+}
+
+/// [`attend`] for any pool and flavor.
+#[allow(clippy::too_many_arguments)]
+fn attend_any(
+    kv: &KvPool,
+    layer: usize,
+    table: &[u32],
+    kvh: usize,
+    pos: usize,
+    qs: &[f32],
+    p: &AttnParams<'_>,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let d = p.head_dim;
+    let rep = qs.len() / d;
     let lo = p.window.map_or(0, |w| (pos + 1).saturating_sub(w));
     let n = pos + 1 - lo;
     scores.clear();
@@ -284,7 +365,251 @@ fn axpy(a: f32, v: KvRow<'_>, out: &mut [f32]) {
 mod simd {
     use std::arch::x86_64::*;
 
-    use super::KvRow;
+    use super::{AttnParams, KvRow, exp, softcap};
+    use crate::cpu::kv::{BLOCK_TOKENS, KvPool};
+
+    /// An f16 row's values `j..j+8` (the caller knows the row is f16).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn f16_row(k: KvRow<'_>) -> *const u16 {
+        match k {
+            KvRow::F16(k) => k.as_ptr().cast(),
+            KvRow::F32(_) => unreachable!("an f16 pool"),
+        }
+    }
+
+    /// `super::attend` for an f16 pool and `R` query heads, to the same bits: the scores are
+    /// the same 8-lane dot products; the softmax's exponentials run 16 at a time (the same
+    /// operations on each value as [`exp`]) and are summed in order; each output value
+    /// accumulates `score·value` over the positions in order, as `axpy` does, held in
+    /// registers for up to 64 values of the `R` heads at once.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn attend_f16<const R: usize>(
+        kv: &KvPool,
+        layer: usize,
+        table: &[u32],
+        kvh: usize,
+        pos: usize,
+        qs: &[f32],
+        p: &AttnParams<'_>,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        let d = p.head_dim;
+        let lo = p.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        let n = pos + 1 - lo;
+        scores.clear();
+        scores.resize(R * n, 0.0);
+        let row = |v: bool, j: usize| {
+            // SAFETY: an f16 pool (the caller checked).
+            unsafe { f16_row(kv.read(layer, v, table[j / BLOCK_TOKENS], kvh, j % BLOCK_TOKENS)) }
+        };
+        // Four positions at a time: each dot is its own chain of multiply-adds, and four
+        // positions' chains keep the multiply-add units busy.
+        let mut k = 0;
+        while k < n {
+            let m = (n - k).min(4);
+            let keys: [*const u16; 4] = std::array::from_fn(|i| row(false, lo + k + i.min(m - 1)));
+            let mut acc = [[_mm256_setzero_ps(); R]; 4];
+            for c in (0..d).step_by(8) {
+                for (key, acc) in keys.iter().zip(acc.iter_mut()).take(m) {
+                    // SAFETY: `d` values in the key and in each of the `R` heads of `qs`.
+                    unsafe {
+                        let kk = _mm256_cvtph_ps(_mm_loadu_si128(key.add(c).cast()));
+                        for (i, a) in acc.iter_mut().enumerate() {
+                            *a = _mm256_fmadd_ps(_mm256_loadu_ps(qs.as_ptr().add(i * d + c)), kk, *a);
+                        }
+                    }
+                }
+            }
+            for (at, acc) in acc.iter().enumerate().take(m) {
+                for (i, a) in acc.iter().enumerate() {
+                    // SAFETY: this function's features include AVX2 and FMA.
+                    let mut s = unsafe { crate::cpu::kernels::hsum8_avx2(*a) } * p.scale;
+                    if let Some(cap) = p.softcap {
+                        s = softcap(s, cap);
+                    }
+                    scores[i * n + k + at] = s;
+                }
+            }
+            k += m;
+        }
+        for (i, head) in scores.chunks_exact_mut(n).enumerate() {
+            softmax(head, p.sinks.map(|s| s[i]));
+        }
+        // Up to 64 output values of each head in registers while the positions go by.
+        let mut c0 = 0;
+        while c0 < d {
+            let units = ((d - c0) / 16).min(4);
+            let mut acc = [[_mm512_setzero_ps(); 4]; R];
+            for (k, j) in (lo..=pos).enumerate() {
+                let value = row(true, j);
+                let mut v = [_mm512_setzero_ps(); 4];
+                for (u, v) in v.iter_mut().enumerate().take(units) {
+                    // SAFETY: values `c0 + 16u .. +16` are within the row's `d`.
+                    *v = unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(value.add(c0 + 16 * u).cast())) };
+                }
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let a = _mm512_set1_ps(scores[i * n + k]);
+                    for u in 0..units {
+                        acc[u] = _mm512_fmadd_ps(a, v[u], acc[u]);
+                    }
+                }
+            }
+            for (i, acc) in acc.iter().enumerate() {
+                for (u, a) in acc.iter().enumerate().take(units) {
+                    // SAFETY: `out` holds `R·d` values.
+                    unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(i * d + c0 + 16 * u), *a) };
+                }
+            }
+            c0 += 16 * units;
+        }
+    }
+
+    /// One head's scores (and its sink) turned into weights as `super::attend_any` does:
+    /// exponentials 16 at a time, summed in order.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    fn softmax(head: &mut [f32], sink: Option<f32>) {
+        let n = head.len();
+        let max = head.iter().fold(sink.unwrap_or(f32::NEG_INFINITY), |m, &s| m.max(s));
+        let mut at = 0;
+        while at + 16 <= n {
+            // SAFETY: 16 scores from `at`.
+            unsafe {
+                let x = _mm512_sub_ps(_mm512_loadu_ps(head.as_ptr().add(at)), _mm512_set1_ps(max));
+                _mm512_storeu_ps(head.as_mut_ptr().add(at), exp16(x));
+            }
+            at += 16;
+        }
+        for s in &mut head[at..] {
+            *s = exp(*s - max);
+        }
+        let mut sum = 0f32;
+        for s in head.iter() {
+            sum += *s;
+        }
+        if let Some(sink) = sink {
+            sum += exp(sink - max);
+        }
+        head.iter_mut().for_each(|s| *s /= sum);
+    }
+
+    /// `super::attend_rows` for `m` (2–4) rows, an f16 pool and `R` query heads: each key and
+    /// value is read once for every row that sees it; each row's arithmetic is `attend_f16`'s.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn attend_rows_f16<const R: usize>(
+        kv: &KvPool,
+        layer: usize,
+        table: &[u32],
+        kvh: usize,
+        pos0: usize,
+        m: usize,
+        qs: &[f32],
+        p: &AttnParams<'_>,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        const M: usize = super::ATTN_TILE;
+        debug_assert!((2..=M).contains(&m));
+        let d = p.head_dim;
+        let per = R * d;
+        let last = pos0 + m - 1;
+        let lo: [usize; M] = std::array::from_fn(|i| p.window.map_or(0, |w| (pos0 + i + 1).saturating_sub(w)));
+        let n: [usize; M] = std::array::from_fn(|i| if i < m { pos0 + i + 1 - lo[i] } else { 0 });
+        let mut base = [0usize; M];
+        for i in 1..M {
+            base[i] = base[i - 1] + R * n[i - 1];
+        }
+        scores.clear();
+        scores.resize(base[M - 1] + R * n[M - 1], 0.0);
+        // The rows that see position `j`: `i ≥ j − pos0` (causal) and `lo[i] ≤ j` (window).
+        let seen = |j: usize| {
+            let first = j.saturating_sub(pos0);
+            let end = (first..m).find(|&i| lo[i] > j).unwrap_or(m);
+            first..end
+        };
+        let row = |v: bool, j: usize| {
+            // SAFETY: an f16 pool (the caller checked).
+            unsafe { f16_row(kv.read(layer, v, table[j / BLOCK_TOKENS], kvh, j % BLOCK_TOKENS)) }
+        };
+        for j in lo[0]..=last {
+            let rows = seen(j);
+            let key = row(false, j);
+            let mut acc = [[_mm256_setzero_ps(); R]; M];
+            for c in (0..d).step_by(8) {
+                // SAFETY: `d` values in the key and in each head of each row of `qs`.
+                unsafe {
+                    let kk = _mm256_cvtph_ps(_mm_loadu_si128(key.add(c).cast()));
+                    for i in rows.clone() {
+                        for (h, a) in acc[i].iter_mut().enumerate() {
+                            *a = _mm256_fmadd_ps(_mm256_loadu_ps(qs.as_ptr().add(i * per + h * d + c)), kk, *a);
+                        }
+                    }
+                }
+            }
+            for i in rows {
+                for (h, a) in acc[i].iter().enumerate() {
+                    // SAFETY: this function's features include AVX2 and FMA.
+                    let mut s = unsafe { crate::cpu::kernels::hsum8_avx2(*a) } * p.scale;
+                    if let Some(cap) = p.softcap {
+                        s = softcap(s, cap);
+                    }
+                    scores[base[i] + h * n[i] + j - lo[i]] = s;
+                }
+            }
+        }
+        for i in 0..m {
+            for h in 0..R {
+                let at = base[i] + h * n[i];
+                softmax(&mut scores[at..at + n[i]], p.sinks.map(|s| s[h]));
+            }
+        }
+        // 16 output values of each head of each row in registers while the positions go by.
+        for c0 in (0..d).step_by(16) {
+            let mut acc = [[_mm512_setzero_ps(); R]; M];
+            for j in lo[0]..=last {
+                // SAFETY: values `c0..c0 + 16` are within the row's `d`.
+                let v = unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(row(true, j).add(c0).cast())) };
+                for i in seen(j) {
+                    for (h, a) in acc[i].iter_mut().enumerate() {
+                        *a = _mm512_fmadd_ps(_mm512_set1_ps(scores[base[i] + h * n[i] + j - lo[i]]), v, *a);
+                    }
+                }
+            }
+            for (i, acc) in acc.iter().enumerate().take(m) {
+                for (h, a) in acc.iter().enumerate() {
+                    // SAFETY: `out` holds `m·R·d` values.
+                    unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(i * per + h * d + c0), *a) };
+                }
+            }
+        }
+    }
+
+    /// [`exp`] of 16 values, each by the same operations.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    pub(super) fn exp16(x: __m512) -> __m512 {
+        const LOG2E: f32 = std::f32::consts::LOG2_E;
+        const LN2_HI: f32 = 0.693_359_4;
+        const LN2_LO: f32 = -2.121_944_4e-4;
+        // `clamp`: NaN stays NaN (`max_ps`/`min_ps` return their second operand then).
+        let x = _mm512_min_ps(_mm512_set1_ps(88.0), _mm512_max_ps(_mm512_set1_ps(-87.0), x));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+            x,
+            _mm512_set1_ps(LOG2E),
+        ));
+        let neg = _mm512_sub_ps(_mm512_set1_ps(-0.0), n); // −n exactly, as `-n`
+        let r = _mm512_fmadd_ps(neg, _mm512_set1_ps(LN2_LO), _mm512_fmadd_ps(neg, _mm512_set1_ps(LN2_HI), x));
+        let mut p = _mm512_set1_ps(1.987_569_1e-4);
+        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        let e = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0));
+        let bits = _mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)));
+        _mm512_mul_ps(e, _mm512_castsi512_ps(bits))
+    }
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -345,6 +670,84 @@ mod simd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn attention_gives_the_same_bits_on_every_path() {
+        use crate::cpu::kv::{KvDtype, KvShape};
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut f = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % 20001) as f32 / 10000.0 - 1.0
+        };
+        for (d, kvh) in [(64, 3), (256, 1), (48, 2)] {
+            let kv = KvPool::new(KvShape { layers: 1, kv_heads: kvh, head_dim: d, dtype: KvDtype::F16 }, 64);
+            let positions: usize = 70;
+            let table: Vec<u32> = (0..positions.div_ceil(BLOCK_TOKENS)).map(|_| kv.alloc(u64::MAX).unwrap()).collect();
+            for j in 0..positions {
+                for h in 0..kvh {
+                    for v in [false, true] {
+                        let x: Vec<f32> = (0..d).map(|_| 3.0 * f()).collect();
+                        // SAFETY: the blocks are this test's, one thread.
+                        unsafe { kv.write(0, v, table[j / BLOCK_TOKENS], h, j % BLOCK_TOKENS, &x) };
+                    }
+                }
+            }
+            let sinks: Vec<f32> = (0..MAX_REP).map(|_| f()).collect();
+            for rep in 1..=MAX_REP {
+                let qs: Vec<f32> = (0..rep * d).map(|_| f()).collect();
+                for (softcap, window, sinks) in
+                    [(None, None, None), (Some(30.0), None, None), (None, Some(20), Some(&sinks[..rep]))]
+                {
+                    let p = AttnParams { head_dim: d, scale: 0.125, softcap, window, sinks };
+                    for pos in [0, 15, 16, 33, 69] {
+                        let (mut s1, mut s2) = (Vec::new(), Vec::new());
+                        let (mut o1, mut o2) = (vec![f32::NAN; rep * d], vec![f32::NAN; rep * d]);
+                        attend(&kv, 0, &table, kvh - 1, pos, &qs, &p, &mut s1, &mut o1);
+                        attend_any(&kv, 0, &table, kvh - 1, pos, &qs, &p, &mut s2, &mut o2);
+                        let bits = |o: &[f32]| o.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(&o1), bits(&o2), "d {d} rep {rep} pos {pos} {softcap:?} {window:?}");
+                    }
+                    // Several rows of a prompt at once: each row as alone.
+                    for (pos, m) in [(0, 4), (14, 3), (30, 2), (66, 4)] {
+                        let qm: Vec<f32> = (0..m * rep * d).map(|_| f()).collect();
+                        let (mut s1, mut s2) = (Vec::new(), Vec::new());
+                        let mut together = vec![f32::NAN; m * rep * d];
+                        attend_rows(&kv, 0, &table, kvh - 1, pos, m, &qm, &p, &mut s1, &mut together);
+                        for i in 0..m {
+                            let at = i * rep * d..(i + 1) * rep * d;
+                            let mut alone = vec![f32::NAN; rep * d];
+                            attend_any(&kv, 0, &table, kvh - 1, pos + i, &qm[at.clone()], &p, &mut s2, &mut alone);
+                            let bits = |o: &[f32]| o.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                            assert_eq!(bits(&together[at]), bits(&alone), "d {d} rep {rep} rows {pos}+{i} of {m}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn exp_of_sixteen_at_once_is_exp_of_each() {
+        #[cfg(target_arch = "x86_64")]
+        if crate::cpu::kernels::Flavor::detect() == crate::cpu::kernels::Flavor::Avx512 {
+            let mut xs: Vec<f32> = (-1400..1400).map(|i| i as f32 * 0.0673).collect();
+            xs.extend([0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, 1e-30, -1e-30, 88.5, -87.5]);
+            xs.resize(xs.len().next_multiple_of(16), 0.5);
+            for x in xs.chunks_exact(16) {
+                let mut got = [0f32; 16];
+                // SAFETY: the AVX-512 flavor was detected.
+                unsafe {
+                    use std::arch::x86_64::*;
+                    _mm512_storeu_ps(got.as_mut_ptr(), simd::exp16(_mm512_loadu_ps(x.as_ptr())));
+                }
+                for (g, &x) in got.iter().zip(x) {
+                    assert_eq!(g.to_bits(), exp(x).to_bits(), "exp({x})");
+                }
+            }
+        }
+    }
 
     #[test]
     fn erf_is_accurate_enough_for_gelu() {
