@@ -99,7 +99,7 @@ impl QMatrix {
         if bytes.len() != need {
             return Err(format!("{} [{rows}, {cols}] needs {need} bytes, got {}", kind.name(), bytes.len()));
         }
-        let bytes = if kind.packed() { packed::pack(kind, rows, cols, &bytes) } else { bytes };
+        let bytes = if kind.packed() { packed::pack(kind, rows, cols, bytes) } else { bytes };
         Ok(QMatrix { kind, rows, cols, bytes: std::sync::Arc::new(bytes), dense: std::sync::Arc::default() })
     }
 
@@ -159,7 +159,7 @@ impl QMatrix {
             };
         }
         let bytes: Vec<u8> = ids.iter().flat_map(|&r| self.gguf_row(r).into_owned()).collect();
-        let bytes = if self.kind.packed() { packed::pack(self.kind, ids.len(), self.cols, &bytes) } else { bytes };
+        let bytes = if self.kind.packed() { packed::pack(self.kind, ids.len(), self.cols, bytes) } else { bytes };
         QMatrix {
             kind: self.kind,
             rows: ids.len(),

@@ -48,42 +48,47 @@ impl Record {
     }
 }
 
-/// The packed bytes of a matrix of `rows` rows given as GGUF blocks.
-pub fn pack(kind: Kind, rows: usize, cols: usize, gguf: &[u8]) -> Vec<u8> {
+/// The packed bytes of a matrix of `rows` rows given as GGUF blocks, rearranged in place one
+/// group at a time (a group takes the bytes its 16 rows took), so that packing a large matrix
+/// never holds it twice; the last group's missing rows are added as zeros.
+pub fn pack(kind: Kind, rows: usize, cols: usize, mut bytes: Vec<u8>) -> Vec<u8> {
     debug_assert!(kind.packed());
     let kb = cols / QK;
     let bb = kind.block_bytes();
     let rec = Record::of(kind);
-    let groups = rows.div_ceil(LANES);
-    let mut out = vec![0u8; groups * kb * rec.bytes];
-    for r in 0..rows {
-        let (g, lane) = (r / LANES, r % LANES);
-        for b in 0..kb {
-            let blk = &gguf[(r * kb + b) * bb..(r * kb + b + 1) * bb];
-            let w = unpack32(kind, blk);
-            let at = (g * kb + b) * rec.bytes;
-            let recb = &mut out[at..at + rec.bytes];
-            // The scale and min keep their f16 bits.
-            recb[2 * lane..2 * lane + 2].copy_from_slice(&blk[0..2]);
-            if kind.has_min() {
-                recb[rec.m + 2 * lane..rec.m + 2 * lane + 2].copy_from_slice(&blk[2..4]);
-            }
-            for (k, &u) in w.u.iter().enumerate() {
-                let (c, i) = (k / 4, k % 4);
-                let byte = 4 * lane + i;
-                if kind == Kind::Q8_0 {
-                    recb[rec.codes + 64 * c + byte] = u;
-                } else {
-                    let (plane, shift) = (c % 4, 4 * (c / 4));
-                    recb[rec.codes + 64 * plane + byte] |= (u & 0x0F) << shift;
-                    if u & 0x10 != 0 {
-                        recb[rec.hb + 8 * c + byte / 8] |= 1 << (byte % 8);
+    let group_bytes = LANES * kb * bb;
+    bytes.resize(rows.div_ceil(LANES) * group_bytes, 0);
+    let mut rows16 = vec![0u8; group_bytes];
+    for group in bytes.chunks_exact_mut(group_bytes) {
+        rows16.copy_from_slice(group);
+        group.fill(0);
+        for lane in 0..LANES {
+            for b in 0..kb {
+                let blk = &rows16[(lane * kb + b) * bb..(lane * kb + b + 1) * bb];
+                let w = unpack32(kind, blk);
+                let recb = &mut group[b * rec.bytes..(b + 1) * rec.bytes];
+                // The scale and min keep their f16 bits.
+                recb[2 * lane..2 * lane + 2].copy_from_slice(&blk[0..2]);
+                if kind.has_min() {
+                    recb[rec.m + 2 * lane..rec.m + 2 * lane + 2].copy_from_slice(&blk[2..4]);
+                }
+                for (k, &u) in w.u.iter().enumerate() {
+                    let (c, i) = (k / 4, k % 4);
+                    let byte = 4 * lane + i;
+                    if kind == Kind::Q8_0 {
+                        recb[rec.codes + 64 * c + byte] = u;
+                    } else {
+                        let (plane, shift) = (c % 4, 4 * (c / 4));
+                        recb[rec.codes + 64 * plane + byte] |= (u & 0x0F) << shift;
+                        if u & 0x10 != 0 {
+                            recb[rec.hb + 8 * c + byte / 8] |= 1 << (byte % 8);
+                        }
                     }
                 }
             }
         }
     }
-    out
+    bytes
 }
 
 /// Code `k` (0–31) of lane `lane` in a record.
