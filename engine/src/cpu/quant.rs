@@ -5,15 +5,17 @@
 //! Two rules, by format. Integer sums are exact in any order, and every float operation is the
 //! same in every flavor, so results are bit-identical either way.
 //!
-//! - **The 32-value formats the runtime repacks** ([`Kind::packed`]: Q4_0, Q4_1, Q5_0, Q5_1,
-//!   Q8_0): an output (one weight row · one activation row) has one float accumulator. Each
-//!   block adds `(d_w·d_a) × isum` with one fused multiply-add, in block order, where `isum` is
-//!   the block's exact integer dot product (unsigned weight codes times signed activation
-//!   codes, minus the weight offset times the activation sum); the min terms of Q4_1/Q5_1
-//!   (`m·s` per block, fused) have their own accumulator, added at the end. The kernels hold
-//!   one output per SIMD lane (16 weight rows side by side, see `kernels::packed`), so a block
-//!   costs a few integer dot instructions and one multiply-add per 16 outputs.
-//! - **The others** (MXFP4, the K formats): an output is accumulated in 8 float lanes. Lane `i`
+//! - **The formats the runtime repacks** ([`Kind::packed`]: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
+//!   Q4_K, Q6_K): an output (one weight row · one activation row) has one float accumulator.
+//!   Each block adds `(d_w·d_a) × isum` with one fused multiply-add, in block order, where
+//!   `isum` is the block's exact integer dot product (unsigned weight codes times signed
+//!   activation codes, minus the weight offset times the activation sum; for Q4_K/Q6_K each
+//!   sub-block's times its integer scale, summed over the super-block); the min terms of
+//!   Q4_1/Q5_1 (`m·s` per block) and Q4_K (`(dmin·d_a)·(−Σ min·sum)`) have their own
+//!   accumulator, added at the end. The kernels hold one output per SIMD lane (16 weight rows
+//!   side by side, see `kernels::packed`), so a block costs a few integer dot instructions and
+//!   one multiply-add per 16 outputs.
+//! - **The others** (MXFP4, Q5_K): an output is accumulated in 8 float lanes. Lane `i`
 //!   of a 32-value group holds the exact integer sum of its values `4i..4i+3`; each group adds
 //!   `scale × lane` to the lane's accumulator with one fused multiply-add, in block order; the
 //!   8 lanes are summed in a fixed tree at the end ([`hsum8`]), then the min terms of
@@ -155,7 +157,7 @@ impl Kind {
     /// Whether the runtime stores this format repacked, 16 rows side by side, and computes it
     /// with one accumulator per output (the first rule above).
     pub const fn packed(self) -> bool {
-        matches!(self, Kind::Q4_0 | Kind::Q4_1 | Kind::Q5_0 | Kind::Q5_1 | Kind::Q8_0)
+        matches!(self, Kind::Q4_0 | Kind::Q4_1 | Kind::Q5_0 | Kind::Q5_1 | Kind::Q8_0 | Kind::Q4K | Kind::Q6K)
     }
 
     /// Whether blocks carry a min (`x = d·q + m`).
@@ -405,6 +407,8 @@ pub struct ActBlockK {
     pub asum4: [[i32; 8]; 8],
     /// Sums of each 32-value group.
     pub gsum: [i32; 8],
+    /// Sums of each 16-value sub-block (Q6_K's).
+    pub ssum: [i32; 16],
     pub d: f32,
 }
 
@@ -415,7 +419,7 @@ impl Default for ActBlockK {
 }
 
 impl ActBlockK {
-    pub const ZERO: ActBlockK = ActBlockK { q: [0; QK_K], asum4: [[0; 8]; 8], gsum: [0; 8], d: 0.0 };
+    pub const ZERO: ActBlockK = ActBlockK { q: [0; QK_K], asum4: [[0; 8]; 8], gsum: [0; 8], ssum: [0; 16], d: 0.0 };
 }
 
 pub fn quantize_row_q8k(x: &[f32], out: &mut [ActBlockK]) {
@@ -441,6 +445,8 @@ pub fn quantize_row_q8k(x: &[f32], out: &mut [ActBlockK]) {
                 blk.asum4[g][i] = qs[4 * i..4 * i + 4].iter().map(|&q| i32::from(q)).sum();
             }
             blk.gsum[g] = blk.asum4[g].iter().sum();
+            blk.ssum[2 * g] = blk.asum4[g][..4].iter().sum();
+            blk.ssum[2 * g + 1] = blk.asum4[g][4..].iter().sum();
         }
         blk.d = 1.0 / iscale;
     }
@@ -493,6 +499,26 @@ pub fn dot32_ref(kind: Kind, row: &[u8], acts: &[ActBlock]) -> f32 {
 pub fn dotk_ref(kind: Kind, row: &[u8], acts: &[ActBlockK]) -> f32 {
     let mut acc = [0f32; 8];
     let mut off = 0f32;
+    if kind.packed() {
+        let mut acc = 0f32;
+        for (blk, a) in row.chunks_exact(kind.block_bytes()).zip(acts) {
+            let w = unpack_k(kind, blk);
+            let (mut isum, mut mins) = (0i32, 0i32);
+            for s in 0..16 {
+                let mut dot = -w.o * a.ssum[s];
+                for k in 16 * s..16 * s + 16 {
+                    dot += i32::from(w.u[k]) * i32::from(a.q[k]);
+                }
+                isum += w.sc[s / 2][s % 2] * dot;
+            }
+            for g in 0..8 {
+                mins += w.mn[g] * a.gsum[g];
+            }
+            acc = (w.d * a.d).mul_add(isum as f32, acc);
+            off = (w.dmin * a.d).mul_add(-(mins as f32), off);
+        }
+        return if kind.has_min() { acc + off } else { acc };
+    }
     for (blk, a) in row.chunks_exact(kind.block_bytes()).zip(acts) {
         let w = unpack_k(kind, blk);
         let mut lanes = [0i32; 8];

@@ -116,14 +116,13 @@ macro_rules! by_kind32 {
 }
 pub(super) use by_kind32;
 
-/// Calls `$f::<K, ...>` with the K-format kind `$kind` as a const generic.
+/// Calls `$f::<K, ...>` with the K-format kind `$kind` as a const generic: the one not
+/// repacked (`kernels::packed` computes Q4_K and Q6_K).
 macro_rules! by_kind_k {
     ($kind:expr, $f:ident $(::<$($g:tt),*>)? ($($a:expr),* $(,)?)) => {
         match $kind {
-            Kind::Q4K => $f::<{ Kind::Q4K as u8 } $($(, $g)*)?>($($a),*),
             Kind::Q5K => $f::<{ Kind::Q5K as u8 } $($(, $g)*)?>($($a),*),
-            Kind::Q6K => $f::<{ Kind::Q6K as u8 } $($(, $g)*)?>($($a),*),
-            _ => unreachable!("not a K format"),
+            _ => unreachable!("not an unpacked K format"),
         }
     };
 }

@@ -256,8 +256,16 @@ pub fn matmul(flavor: Flavor, w: &QMatrix, x: &ActsRef<'_>, rows: Range<usize>, 
     debug_assert!(x.tokens == 0 || out.len() >= (x.tokens - 1) * ld + rows.len());
     match (flavor, w.kind) {
         (_, Kind::F32) => matmul_f32(flavor, w, x, rows, out, ld),
-        (Flavor::Portable, kind) if kind.packed() => {
-            packed::matmul_portable(kind, &w.bytes, w.cols, x.q8, x.tokens, rows, out, ld)
+        (Flavor::Portable, kind) if kind.packed() => packed::matmul_portable(kind, &w.bytes, w.cols, x, rows, out, ld),
+        #[cfg(target_arch = "x86_64")]
+        (Flavor::Avx2, Kind::Q4K | Kind::Q6K) => {
+            // SAFETY: the flavor is only chosen when the CPU has AVX2, FMA and F16C.
+            unsafe { packed::avx2_k::matmul(w.kind, &w.bytes, w.cols, x.q8k, x.tokens, rows, out, ld) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        (Flavor::Avx512, Kind::Q4K | Kind::Q6K) => {
+            // SAFETY: the flavor is only chosen when the CPU has AVX-512 F/BW/VL/VNNI.
+            unsafe { packed::avx512_k::matmul(w.kind, &w.bytes, w.cols, x.q8k, x.tokens, rows, out, ld) }
         }
         #[cfg(target_arch = "x86_64")]
         (Flavor::Avx2, kind) if kind.packed() => {
@@ -269,7 +277,7 @@ pub fn matmul(flavor: Flavor, w: &QMatrix, x: &ActsRef<'_>, rows: Range<usize>, 
             // SAFETY: the flavor is only chosen when the CPU has AVX-512 F/BW/VL/VNNI.
             unsafe { packed::avx512::matmul(kind, &w.bytes, w.cols, x.q8, x.tokens, rows, out, ld) }
         }
-        (Flavor::Portable, Kind::Q4K | Kind::Q5K | Kind::Q6K) => {
+        (Flavor::Portable, Kind::Q5K) => {
             let (rb, kb) = (w.row_bytes(), w.cols / QK_K);
             for t in 0..x.tokens {
                 for r in rows.clone() {
@@ -288,7 +296,7 @@ pub fn matmul(flavor: Flavor, w: &QMatrix, x: &ActsRef<'_>, rows: Range<usize>, 
             }
         }
         #[cfg(target_arch = "x86_64")]
-        (Flavor::Avx2, Kind::Q4K | Kind::Q5K | Kind::Q6K) => {
+        (Flavor::Avx2, Kind::Q5K) => {
             // SAFETY: the flavor is only chosen when the CPU has AVX2 and FMA (`avx2::available`).
             unsafe { avx2::matmul_k(w.kind, &w.bytes, w.row_bytes(), x.q8k, w.cols / QK_K, x.tokens, rows, out, ld) }
         }
@@ -300,7 +308,7 @@ pub fn matmul(flavor: Flavor, w: &QMatrix, x: &ActsRef<'_>, rows: Range<usize>, 
             }
         }
         #[cfg(target_arch = "x86_64")]
-        (Flavor::Avx512, Kind::Q4K | Kind::Q5K | Kind::Q6K) => {
+        (Flavor::Avx512, Kind::Q5K) => {
             // SAFETY: the flavor is only chosen when the CPU has AVX-512 F/BW/VL/VNNI.
             unsafe { avx512::matmul_k(w.kind, &w.bytes, w.row_bytes(), x.q8k, w.cols / QK_K, x.tokens, rows, out, ld) }
         }

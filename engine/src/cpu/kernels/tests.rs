@@ -135,8 +135,9 @@ fn packed_matrices_give_back_their_rows_bytes_exactly() {
     let mut rng = Rng(3);
     for kind in QUANTIZED.into_iter().filter(|k| k.packed()) {
         // Any bytes, scales included (NaN and infinite f16 bits too): the rows come back as given.
-        let (rows, cols) = (21, 96);
-        let bytes: Vec<u8> = (0..rows * cols / QK * kind.block_bytes()).map(|_| rng.next() as u8).collect();
+        let (rows, cols) = (21, 512);
+        let bytes: Vec<u8> =
+            (0..rows * cols / kind.block_values() * kind.block_bytes()).map(|_| rng.next() as u8).collect();
         let m = QMatrix::from_blocks(kind, rows, cols, bytes.clone()).unwrap();
         let rb = bytes.len() / rows;
         for r in 0..rows {
