@@ -132,7 +132,11 @@ fn gantry_up_serves_smollm2_and_the_cli_drives_it() {
     assert!(up.terminate().success());
     assert!(started.elapsed() < std::time::Duration::from_secs(21), "took {:?}", started.elapsed());
     let streamed = reader.join().unwrap();
-    assert!(streamed.contains(r#""finish_reason":"length""#), "the stream was cut: {streamed}");
+    // It ends as the model ends it (its length, or end-of-sequence), not cut off.
+    assert!(
+        streamed.contains(r#""finish_reason":"length""#) || streamed.contains(r#""finish_reason":"stop""#),
+        "the stream was cut: {streamed}"
+    );
     // The last event, then the chunked body's end: nothing cut mid-way.
     assert!(streamed.contains("data: [DONE]") && streamed.ends_with("\r\n0\r\n\r\n"), "the stream was cut: {streamed}");
 }
