@@ -160,6 +160,29 @@ pub struct AttnParams<'a> {
     pub sinks: Option<&'a [f32]>,
 }
 
+/// Whether the AVX-512 attention runs: an f16 cache, heads of a multiple of 16 values, at most
+/// [`MAX_REP`] query heads per kv head, and the AVX-512 flavor.
+#[cfg(target_arch = "x86_64")]
+fn simd_attention(kv: &KvPool, d: usize, rep: usize) -> bool {
+    rep <= MAX_REP
+        && d.is_multiple_of(16)
+        && matches!(kv.shape().dtype, crate::cpu::kv::KvDtype::F16)
+        && crate::cpu::kernels::Flavor::detect() == crate::cpu::kernels::Flavor::Avx512
+}
+
+/// Calls `$f::<R>` with the number of query heads per kv head `$rep` (1–4) as a const generic.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_rep {
+    ($rep:expr, $($f:ident)::+ ($($a:expr),* $(,)?)) => {
+        match $rep {
+            4 => $($f)::+::<4>($($a),*),
+            3 => $($f)::+::<3>($($a),*),
+            2 => $($f)::+::<2>($($a),*),
+            _ => $($f)::+::<1>($($a),*),
+        }
+    };
+}
+
 /// The query heads `qs` (`rep` heads of `head_dim` values, those sharing kv head `kvh`) at
 /// position `pos` attending over positions `0..=pos` of their sequence (the last `window` of
 /// them when there is a window): keys and values of layer `layer` in the blocks `table`.
@@ -180,20 +203,9 @@ pub fn attend(
     let d = p.head_dim;
     let rep = qs.len() / d;
     #[cfg(target_arch = "x86_64")]
-    if rep <= MAX_REP
-        && d.is_multiple_of(16)
-        && matches!(kv.shape().dtype, crate::cpu::kv::KvDtype::F16)
-        && crate::cpu::kernels::Flavor::detect() == crate::cpu::kernels::Flavor::Avx512
-    {
-        // SAFETY: the AVX-512 flavor is chosen only when the CPU has AVX-512 F/BW/VL/DQ.
-        unsafe {
-            match rep {
-                4 => simd::attend_f16::<4>(kv, layer, table, kvh, pos, qs, p, scores, out),
-                3 => simd::attend_f16::<3>(kv, layer, table, kvh, pos, qs, p, scores, out),
-                2 => simd::attend_f16::<2>(kv, layer, table, kvh, pos, qs, p, scores, out),
-                _ => simd::attend_f16::<1>(kv, layer, table, kvh, pos, qs, p, scores, out),
-            }
-        }
+    if simd_attention(kv, d, rep) {
+        // SAFETY: `simd_attention` holds only when the CPU has AVX-512 F/BW/VL/DQ.
+        unsafe { by_rep!(rep, simd::attend_f16(kv, layer, table, kvh, pos, qs, p, scores, out)) };
         return;
     }
     attend_any(kv, layer, table, kvh, pos, qs, p, scores, out);
@@ -222,21 +234,9 @@ pub fn attend_rows(
     let per = qs.len() / m.max(1);
     let (d, rep) = (p.head_dim, per / p.head_dim.max(1));
     #[cfg(target_arch = "x86_64")]
-    if (2..=ATTN_TILE).contains(&m)
-        && rep <= MAX_REP
-        && d.is_multiple_of(16)
-        && matches!(kv.shape().dtype, crate::cpu::kv::KvDtype::F16)
-        && crate::cpu::kernels::Flavor::detect() == crate::cpu::kernels::Flavor::Avx512
-    {
-        // SAFETY: the AVX-512 flavor is chosen only when the CPU has AVX-512 F/BW/VL/DQ.
-        unsafe {
-            match rep {
-                4 => simd::attend_rows_f16::<4>(kv, layer, table, kvh, pos, m, qs, p, scores, out),
-                3 => simd::attend_rows_f16::<3>(kv, layer, table, kvh, pos, m, qs, p, scores, out),
-                2 => simd::attend_rows_f16::<2>(kv, layer, table, kvh, pos, m, qs, p, scores, out),
-                _ => simd::attend_rows_f16::<1>(kv, layer, table, kvh, pos, m, qs, p, scores, out),
-            }
-        }
+    if (2..=ATTN_TILE).contains(&m) && simd_attention(kv, d, rep) {
+        // SAFETY: `simd_attention` holds only when the CPU has AVX-512 F/BW/VL/DQ.
+        unsafe { by_rep!(rep, simd::attend_rows_f16(kv, layer, table, kvh, pos, m, qs, p, scores, out)) };
         return;
     }
     for i in 0..m {
