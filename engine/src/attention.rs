@@ -1,9 +1,10 @@
 //! Self-attention with grouped key/value heads, rotary embeddings, sliding windows, soft-capping
-//! and a growing per-sequence KV cache.
+//! and either a growing per-sequence KV cache or a paged store shared by a batch's sequences.
 
 use candle_core::{D, DType, Device, Result, Tensor};
 
 use crate::config::QkvLayout;
+use crate::cpu::kv::BLOCK_TOKENS;
 use crate::layers::{Linear, Norm, Rope};
 
 /// The keys and values one layer has seen for one sequence, `[1, kv_heads, capacity, head_dim]`,
@@ -132,11 +133,42 @@ impl Attention {
         }
     }
 
-    /// Attends `x` `[1, t, hidden]` at positions `start..start+t`, appending to `cache`.
-    pub fn forward(&self, x: &Tensor, start: usize, cache: &mut LayerCache) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+    /// Attends `x` `[1, rows, hidden]`: the rows of one sequence in its own cache, or of
+    /// several sequences in a paged store ([`KvAccess`]).
+    pub fn forward(&self, x: &Tensor, kv: KvAccess<'_>) -> Result<Tensor> {
         let (q, k, v) = self.project(x)?;
+        let y = match kv {
+            KvAccess::Own { cache, start } => {
+                if cache.len() != start {
+                    candle_core::bail!("cache holds {} tokens but the step starts at position {start}", cache.len());
+                }
+                self.attend(&q, &k, &v, start, |k, v| cache.append(k, v))?
+            }
+            KvAccess::Paged { store, seqs } => {
+                let mut ys = Vec::with_capacity(seqs.len());
+                for s in seqs {
+                    let rows = |t: &Tensor| t.narrow(1, s.row, s.rows);
+                    ys.push(self.attend(&rows(&q)?, &rows(&k)?, &rows(&v)?, s.start, |k, v| store.put_get(k, v, s))?);
+                }
+                Tensor::cat(&ys, 1)?
+            }
+        };
+        self.out.forward(&y)
+    }
+
+    /// One sequence's attention: `q`, `k`, `v` `[1, t, heads * head_dim]` at positions
+    /// `start..start+t`; `keep` stores the step's keys and values `[1, kv_heads, t, head_dim]`
+    /// and returns all the sequence's so far. Returns `[1, t, heads * head_dim]`.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        start: usize,
+        keep: impl FnOnce(&Tensor, &Tensor) -> Result<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = q.dims3()?;
+        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let mut q = q.reshape((b, t, h, d))?.transpose(1, 2)?;
         let mut k = k.reshape((b, t, kvh, d))?.transpose(1, 2)?;
         let v = v.reshape((b, t, kvh, d))?.transpose(1, 2)?;
@@ -147,14 +179,11 @@ impl Attention {
             k = n.forward(&k)?;
         }
         if let Some(rope) = &self.rope {
-            let (cos, sin) = rope.tables(start, t, start + t, x.device(), x.dtype())?;
+            let (cos, sin) = rope.tables(start, t, start + t, q.device(), q.dtype())?;
             q = rope.apply(&q, &cos, &sin)?;
             k = rope.apply(&k, &cos, &sin)?;
         }
-        if cache.len() != start {
-            candle_core::bail!("cache holds {} tokens but the step starts at position {start}", cache.len());
-        }
-        let (k_all, v_all) = cache.append(&k, &v)?;
+        let (k_all, v_all) = keep(&k, &v)?;
         let total = k_all.dim(2)?;
 
         // Group queries by their KV head so K and V are never copied per query head:
@@ -165,7 +194,7 @@ impl Attention {
         if let Some(cap) = self.softcap {
             scores = ((scores / cap)?.tanh()? * cap)?;
         }
-        if let Some(mask) = mask(t, start, total, self.window, rep, x.device(), scores.dtype())? {
+        if let Some(mask) = mask(t, start, total, self.window, rep, q.device(), scores.dtype())? {
             scores = scores.broadcast_add(&mask)?;
         }
         let probs = match &self.sinks {
@@ -182,8 +211,92 @@ impl Attention {
             }
         };
         let y = probs.matmul(&v_all.contiguous()?)?; // [b, kvh, rep * t, d]
-        let y = y.reshape((b, kvh, rep, t, d))?.permute((0, 3, 1, 2, 4))?.reshape((b, t, h * d))?;
-        self.out.forward(&y)
+        y.reshape((b, kvh, rep, t, d))?.permute((0, 3, 1, 2, 4))?.reshape((b, t, h * d))
+    }
+}
+
+/// Where a step's keys and values go, and where the sequences' earlier ones are.
+#[derive(Debug)]
+pub enum KvAccess<'a> {
+    /// One sequence's own growing cache, the step at position `start`.
+    Own { cache: &'a mut LayerCache, start: usize },
+    /// Several sequences' blocks in one layer of a paged store; `seqs` says which rows of the
+    /// step are whose.
+    Paged { store: &'a LayerStore, seqs: &'a [SeqRows] },
+}
+
+/// A sequence's rows in a batched step.
+#[derive(Debug, Clone)]
+pub struct SeqRows {
+    /// Its first row in the step, and how many.
+    pub row: usize,
+    pub rows: usize,
+    /// The position of its first row.
+    pub start: usize,
+    /// Its block table: position `p` is slot `table[p / BLOCK_TOKENS] * BLOCK_TOKENS + p % BLOCK_TOKENS`.
+    pub table: Vec<u32>,
+}
+
+impl SeqRows {
+    fn slot(&self, p: usize) -> usize {
+        self.table[p / BLOCK_TOKENS] as usize * BLOCK_TOKENS + p % BLOCK_TOKENS
+    }
+}
+
+/// One layer of a paged KV store on a device: keys and values `[slots, kv_heads, head_dim]`,
+/// slot `b * BLOCK_TOKENS + p` holding position `p` of block `b` (the blocks are handed out
+/// by a [`crate::cpu::kv::KvPool`] that keeps only their ids).
+#[derive(Debug, Clone)]
+pub struct LayerStore {
+    k: Tensor,
+    v: Tensor,
+}
+
+impl LayerStore {
+    /// A store of `slots` positions.
+    pub fn new(slots: usize, kv_heads: usize, head_dim: usize, dtype: DType, device: &Device) -> Result<LayerStore> {
+        let zeros = || Tensor::zeros((slots, kv_heads, head_dim), dtype, device);
+        Ok(LayerStore { k: zeros()?, v: zeros()? })
+    }
+
+    /// Positions it has room for.
+    pub fn slots(&self) -> usize {
+        self.k.dim(0).unwrap_or(0)
+    }
+
+    /// A store of `slots` positions holding this one's.
+    pub fn grown(&self, slots: usize) -> Result<LayerStore> {
+        let (_, kvh, d) = self.k.dims3()?;
+        let bigger = LayerStore::new(slots, kvh, d, self.k.dtype(), self.k.device())?;
+        bigger.k.slice_set(&self.k, 0, 0)?;
+        bigger.v.slice_set(&self.v, 0, 0)?;
+        Ok(bigger)
+    }
+
+    /// Writes the step's keys and values `[1, kv_heads, t, head_dim]` of sequence `s` into its
+    /// blocks, then gathers all of its positions so far, `[1, kv_heads, start + t, head_dim]`.
+    fn put_get(&self, k: &Tensor, v: &Tensor, s: &SeqRows) -> Result<(Tensor, Tensor)> {
+        let t = k.dim(2)?;
+        let rows = |x: &Tensor| x.squeeze(0)?.transpose(0, 1)?.contiguous(); // [t, kvh, d]
+        let (k, v) = (rows(k)?, rows(v)?);
+        // Runs of positions within one block are contiguous slots.
+        let mut i = 0;
+        while i < t {
+            let p = s.start + i;
+            let n = (BLOCK_TOKENS - p % BLOCK_TOKENS).min(t - i);
+            let at = s.slot(p);
+            if at + n > self.slots() {
+                candle_core::bail!("block {} is beyond the KV store's {} slots", at / BLOCK_TOKENS, self.slots());
+            }
+            self.k.slice_set(&k.narrow(0, i, n)?, 0, at)?;
+            self.v.slice_set(&v.narrow(0, i, n)?, 0, at)?;
+            i += n;
+        }
+        let total = s.start + t;
+        let ids: Vec<u32> = (0..total).map(|p| s.slot(p) as u32).collect();
+        let ids = Tensor::from_vec(ids, total, self.k.device())?;
+        let all = |x: &Tensor| x.index_select(&ids, 0)?.transpose(0, 1)?.contiguous()?.unsqueeze(0);
+        Ok((all(&self.k)?, all(&self.v)?))
     }
 }
 

@@ -7,21 +7,22 @@
 //!
 //! On the CPU a part runs on Gantry's own runtime ([`crate::cpu`]): its kernels, the process's
 //! thread pool and a paged KV cache, where several sequences' steps can run as one batch
-//! ([`ModelPart::forward_batch`]). On a GPU it runs on Candle ([`Backend::Candle`]), one
-//! sequence at a time; tests also run Candle on the CPU, as the stand-in for that path.
+//! ([`ModelPart::forward_batch`]). On a GPU it runs on Candle ([`Backend::Candle`]), batched
+//! the same way over a paged KV store on the device ([`LayerStore`], block ids from the same
+//! kind of pool); tests also run Candle on the CPU, as the stand-in for that path.
 
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{D, DType, Device, Tensor};
 use gantry_core::Family;
 
 use crate::EngineError;
-use crate::attention::{Attention, LayerCache, QkvProj};
+use crate::attention::{Attention, KvAccess, LayerCache, LayerStore, QkvProj, SeqRows};
 use crate::config::{BlockKind, EngineConfig, QkvLayout, RopeConfig, RopeScaling, WeightFormat};
 use crate::cpu::forward::{SeqInput, SeqStep, forward as cpu_forward};
-use crate::cpu::kv::{BLOCK_TOKENS, KvPool};
-use crate::cpu::model::CpuModel;
+use crate::cpu::kv::{BLOCK_TOKENS, KvDtype, KvPool, KvShape};
+use crate::cpu::model::{CpuModel, DEFAULT_KV_BLOCKS};
 use crate::cpu::pool;
 use crate::layers::{Linear, Mlp, Norm, Rope};
 use crate::moe::MoeLayer;
@@ -42,10 +43,10 @@ pub struct Block {
 }
 
 impl Block {
-    fn forward(&self, x: &Tensor, start: usize, cache: &mut LayerCache) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, kv: KvAccess<'_>) -> candle_core::Result<Tensor> {
         match self.kind {
             BlockKind::Sequential => {
-                let h = (x + self.attn.forward(&self.attn_norm.forward(x)?, start, cache)?)?;
+                let h = (x + self.attn.forward(&self.attn_norm.forward(x)?, kv)?)?;
                 let n = self.ffn_norm.as_ref().map_or_else(|| Ok(h.clone()), |n| n.forward(&h))?;
                 h + self.mlp.forward(&n)?
             }
@@ -55,11 +56,11 @@ impl Block {
                     Some(n) => n.forward(x)?,
                     None => a.clone(),
                 };
-                let attn = self.attn.forward(&a, start, cache)?;
+                let attn = self.attn.forward(&a, kv)?;
                 (x + attn)? + self.mlp.forward(&m)?
             }
             BlockKind::Sandwich => {
-                let mut a = self.attn.forward(&self.attn_norm.forward(x)?, start, cache)?;
+                let mut a = self.attn.forward(&self.attn_norm.forward(x)?, kv)?;
                 if let Some(n) = &self.post_attn_norm {
                     a = n.forward(&a)?;
                 }
@@ -101,15 +102,15 @@ pub struct PartCache {
 
 #[derive(Debug)]
 enum CacheKind {
-    Candle(Vec<LayerCache>),
     /// One Candle cache per tensor-parallel rank (each holds its own KV heads).
     Tp(Vec<Vec<LayerCache>>),
-    Cpu(CpuSeq),
+    /// Blocks of the part's paged KV cache (the CPU runtime's, or a Candle part's store).
+    Paged(PagedSeq),
 }
 
-/// A sequence's blocks in a CPU part's paged KV cache, given back when it is dropped.
+/// A sequence's blocks in a part's paged KV cache, given back when it is dropped.
 #[derive(Debug)]
-pub struct CpuSeq {
+pub struct PagedSeq {
     kv: Arc<KvPool>,
     blocks: Vec<u32>,
     /// The newest pool job that read the blocks (they are reused only after it).
@@ -122,7 +123,11 @@ pub struct CpuSeq {
     keys: Vec<u64>,
 }
 
-impl CpuSeq {
+impl PagedSeq {
+    fn new(kv: Arc<KvPool>) -> PagedSeq {
+        PagedSeq { kv, blocks: Vec::new(), last_job: 0, tokens: Vec::new(), keyed: true, keys: Vec::new() }
+    }
+
     /// Makes the blocks cover `positions` positions, taking free blocks from the pool (waiting
     /// a moment for blocks a straggler thread of an earlier pass may still be reading).
     fn reserve(&mut self, positions: usize) -> Result<(), EngineError> {
@@ -177,7 +182,7 @@ impl CpuSeq {
     }
 }
 
-impl Drop for CpuSeq {
+impl Drop for PagedSeq {
     fn drop(&mut self) {
         self.release();
     }
@@ -187,28 +192,26 @@ impl PartCache {
     /// Bytes the caches hold allocated.
     pub fn allocated_bytes(&self) -> usize {
         match &self.kind {
-            CacheKind::Candle(layers) => layers.iter().map(LayerCache::allocated_bytes).sum(),
             CacheKind::Tp(ranks) => ranks.iter().flatten().map(LayerCache::allocated_bytes).sum(),
-            CacheKind::Cpu(seq) => seq.blocks.len() * seq.kv.shape().bytes_per_block(),
+            CacheKind::Paged(seq) => seq.blocks.len() * seq.kv.shape().bytes_per_block(),
         }
     }
 
     /// Forgets the sequence (a CPU part's blocks go back to the pool).
     pub fn clear(&mut self) {
         match &mut self.kind {
-            CacheKind::Candle(layers) => layers.iter_mut().for_each(LayerCache::clear),
             CacheKind::Tp(ranks) => ranks.iter_mut().flatten().for_each(LayerCache::clear),
-            CacheKind::Cpu(seq) => seq.release(),
+            CacheKind::Paged(seq) => seq.release(),
         }
         self.position = 0;
     }
 
     /// Starts a new sequence whose first tokens are `tokens` from the prefix cache: takes the
     /// cached blocks of its longest cached run of leading full blocks, leaving at least one token
-    /// to compute, and returns how many tokens they hold (0 on Candle, or when the cache holds
-    /// none, or when the sequence has begun).
+    /// to compute, and returns how many tokens they hold (0 with tensor parallelism, or when the
+    /// cache holds none, or when the sequence has begun).
     pub fn reuse_prefix(&mut self, tokens: &[u32]) -> usize {
-        let CacheKind::Cpu(seq) = &mut self.kind else { return 0 };
+        let CacheKind::Paged(seq) = &mut self.kind else { return 0 };
         if self.position != 0 || !seq.blocks.is_empty() || tokens.len() <= BLOCK_TOKENS {
             return 0;
         }
@@ -222,19 +225,20 @@ impl PartCache {
         n
     }
 
-    /// Blocks the pool must hand this sequence for `rows` more positions (0 on Candle).
+    /// Blocks the pool must hand this sequence for `rows` more positions (0 with tensor
+    /// parallelism).
     pub fn blocks_needed(&self, rows: usize) -> usize {
         match &self.kind {
-            CacheKind::Candle(_) | CacheKind::Tp(_) => 0,
-            CacheKind::Cpu(seq) => (self.position + rows).div_ceil(BLOCK_TOKENS).saturating_sub(seq.blocks.len()),
+            CacheKind::Tp(_) => 0,
+            CacheKind::Paged(seq) => (self.position + rows).div_ceil(BLOCK_TOKENS).saturating_sub(seq.blocks.len()),
         }
     }
 
-    /// Blocks the sequence holds (0 on Candle).
+    /// Blocks the sequence holds (0 with tensor parallelism).
     pub fn blocks_held(&self) -> usize {
         match &self.kind {
-            CacheKind::Candle(_) | CacheKind::Tp(_) => 0,
-            CacheKind::Cpu(seq) => seq.blocks.len(),
+            CacheKind::Tp(_) => 0,
+            CacheKind::Paged(seq) => seq.blocks.len(),
         }
     }
 }
@@ -300,10 +304,26 @@ pub struct ModelPart {
 
 #[derive(Debug)]
 enum Runtime {
-    Candle(Box<CandlePart>),
+    /// A Candle part and its paged KV cache: block ids from the pool, keys and values in
+    /// device tensors (one store per layer, grown as the pool makes blocks).
+    Candle(Box<CandlePart>, Arc<KvPool>, Mutex<Vec<LayerStore>>),
     /// One Candle part per rank, each holding a slice of every layer.
     Tp(Vec<CandlePart>),
     Cpu(Arc<CpuModel>),
+}
+
+impl Runtime {
+    /// A Candle part with an empty paged KV cache.
+    fn paged(part: CandlePart) -> Runtime {
+        let cfg = &part.config;
+        let shape = KvShape {
+            layers: part.blocks.len(),
+            kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+            dtype: if part.dtype == DType::F32 { KvDtype::F32 } else { KvDtype::F16 },
+        };
+        Runtime::Candle(Box::new(part), KvPool::ids_only(shape, DEFAULT_KV_BLOCKS), Mutex::new(Vec::new()))
+    }
 }
 
 /// One step of a sequence in [`ModelPart::forward_batch`].
@@ -320,6 +340,16 @@ pub struct BatchStep<'a> {
 pub enum BatchInput<'a> {
     Tokens(&'a [u32]),
     Hidden(&'a [f32]),
+}
+
+impl BatchInput<'_> {
+    /// Rows (positions) it brings, for a part of `hidden` wide hidden states.
+    pub fn rows(&self, hidden: usize) -> usize {
+        match self {
+            BatchInput::Tokens(ids) => ids.len(),
+            BatchInput::Hidden(h) => h.len() / hidden.max(1),
+        }
+    }
 }
 
 /// Layers of a model on a device, run with Candle.
@@ -371,7 +401,7 @@ impl ModelPart {
                 let mut layer_done = |d: usize| progress(LoadProgress { layers_done: d, layers_total: total });
                 Runtime::Cpu(Arc::new(CpuModel::load(source, config.clone(), range.clone(), stats, &mut layer_done)?))
             }
-            Backend::Candle(device) => Runtime::Candle(Box::new(CandlePart::load(
+            Backend::Candle(device) => Runtime::paged(CandlePart::load(
                 source,
                 config.clone(),
                 range.clone(),
@@ -379,14 +409,14 @@ impl ModelPart {
                 stats,
                 progress,
                 None,
-            )?)),
+            )?),
             Backend::ExpertsOnHost(device) => {
                 if config.moe.is_none() {
                     return Err(EngineError::Config(
                         "only a mixture-of-experts model has experts to keep on the host".into(),
                     ));
                 }
-                Runtime::Candle(Box::new(CandlePart::load(
+                Runtime::paged(CandlePart::load(
                     source,
                     config.clone(),
                     range.clone(),
@@ -394,7 +424,7 @@ impl ModelPart {
                     stats,
                     progress,
                     None,
-                )?))
+                )?)
             }
             Backend::TensorParallel(devices) => {
                 Runtime::Tp(load_ranks(source, &config, &range, devices, stats, progress)?)
@@ -405,7 +435,7 @@ impl ModelPart {
 
     /// Bytes of expert weights the part keeps in host memory ([`Backend::ExpertsOnHost`]).
     pub fn experts_on_host_bytes(&self) -> usize {
-        let Runtime::Candle(c) = &self.runtime else { return 0 };
+        let Runtime::Candle(c, ..) = &self.runtime else { return 0 };
         c.blocks
             .iter()
             .map(|b| match &b.mlp {
@@ -418,35 +448,30 @@ impl ModelPart {
     /// The device the part runs on.
     pub fn device(&self) -> &Device {
         match &self.runtime {
-            Runtime::Candle(c) => &c.device,
+            Runtime::Candle(c, ..) => &c.device,
             Runtime::Tp(ranks) => ranks.first().map_or(&CPU, |r| &r.device),
             Runtime::Cpu(_) => &CPU,
         }
     }
 
-    /// The CPU runtime's paged KV cache (`None` on Candle, which keeps a cache per sequence).
+    /// The part's paged KV cache (`None` with tensor parallelism, which keeps a cache per
+    /// sequence and rank).
     pub fn kv_pool(&self) -> Option<&Arc<KvPool>> {
         match &self.runtime {
             Runtime::Cpu(m) => Some(&m.kv),
-            Runtime::Candle(_) | Runtime::Tp(_) => None,
+            Runtime::Candle(_, kv, _) => Some(kv),
+            Runtime::Tp(_) => None,
         }
     }
 
     /// A fresh cache for a new sequence.
     pub fn new_cache(&self) -> PartCache {
         let kind = match &self.runtime {
-            Runtime::Candle(c) => CacheKind::Candle(vec![LayerCache::default(); c.blocks.len()]),
             Runtime::Tp(ranks) => {
                 CacheKind::Tp(ranks.iter().map(|r| vec![LayerCache::default(); r.blocks.len()]).collect())
             }
-            Runtime::Cpu(m) => CacheKind::Cpu(CpuSeq {
-                kv: m.kv.clone(),
-                blocks: Vec::new(),
-                last_job: 0,
-                tokens: Vec::new(),
-                keyed: true,
-                keys: Vec::new(),
-            }),
+            Runtime::Cpu(m) => CacheKind::Paged(PagedSeq::new(m.kv.clone())),
+            Runtime::Candle(_, kv, _) => CacheKind::Paged(PagedSeq::new(kv.clone())),
         };
         PartCache { kind, position: 0 }
     }
@@ -459,17 +484,12 @@ impl ModelPart {
         logits_for: LogitsFor,
     ) -> Result<StageOutput, EngineError> {
         match (&self.runtime, &mut cache.kind) {
-            (Runtime::Candle(c), CacheKind::Candle(layers)) => {
-                let (out, t) = c.forward(input, layers, cache.position, logits_for)?;
-                cache.position += t;
-                Ok(out)
-            }
             (Runtime::Tp(ranks), CacheKind::Tp(caches)) => {
                 let (out, t) = forward_ranks(ranks, input, caches, cache.position, logits_for)?;
                 cache.position += t;
                 Ok(out)
             }
-            (Runtime::Cpu(_), CacheKind::Cpu(_)) => {
+            (Runtime::Cpu(_) | Runtime::Candle(..), CacheKind::Paged(_)) => {
                 let hidden;
                 let input = match input {
                     StageInput::Tokens(ids) => BatchInput::Tokens(ids),
@@ -485,56 +505,54 @@ impl ModelPart {
         }
     }
 
-    /// Runs one step of several sequences together: on the CPU runtime as one pass, every
-    /// projection reading its weights once for all of them (each sequence's results are the
-    /// same as it would get alone); on Candle one after the other. On an error no sequence
-    /// advances.
+    /// Runs one step of several sequences together, as one pass: every projection reads its
+    /// weights once for all of them, and attention reads each sequence's own blocks. On the
+    /// CPU runtime each sequence's results are the same as it would get alone (its kernels
+    /// compute every row in the same order whatever the batch); on Candle they are as
+    /// Candle's kernels make them (see `docs/src/engine.md`). With tensor parallelism the
+    /// sequences run one after the other. On an error no sequence advances.
     pub fn forward_batch(&self, steps: &mut [BatchStep<'_>]) -> Result<Vec<StageOutput>, EngineError> {
-        let Runtime::Cpu(model) = &self.runtime else {
-            let mut outs = Vec::with_capacity(steps.len());
-            for step in steps.iter_mut() {
-                let hidden;
-                let input = match step.input {
-                    BatchInput::Tokens(ids) => StageInput::Tokens(ids),
-                    BatchInput::Hidden(h) => {
-                        let rows = h.len() / self.config.hidden_size.max(1);
-                        hidden = Tensor::from_slice(h, (1, rows, self.config.hidden_size), self.device())?;
-                        StageInput::Hidden(hidden)
-                    }
-                };
-                outs.push(self.forward(input, step.cache, step.logits_for)?);
+        let model = match &self.runtime {
+            Runtime::Cpu(model) => model,
+            Runtime::Candle(part, kv, store) => return self.forward_candle(part, kv, store, steps),
+            Runtime::Tp(_) => {
+                let mut outs = Vec::with_capacity(steps.len());
+                for step in steps.iter_mut() {
+                    let hidden;
+                    let input = match step.input {
+                        BatchInput::Tokens(ids) => StageInput::Tokens(ids),
+                        BatchInput::Hidden(h) => {
+                            let rows = h.len() / self.config.hidden_size.max(1);
+                            hidden = Tensor::from_slice(h, (1, rows, self.config.hidden_size), self.device())?;
+                            StageInput::Hidden(hidden)
+                        }
+                    };
+                    outs.push(self.forward(input, step.cache, step.logits_for)?);
+                }
+                return Ok(outs);
             }
-            return Ok(outs);
         };
         let hidden = self.config.hidden_size;
-        let mut seq_steps = Vec::with_capacity(steps.len());
-        for step in steps.iter_mut() {
-            let CacheKind::Cpu(seq) = &mut step.cache.kind else {
-                return Err(EngineError::Config("this cache belongs to a part on another runtime".into()));
-            };
-            let (input, rows) = match step.input {
-                BatchInput::Tokens(ids) => (SeqInput::Tokens(ids.to_vec()), ids.len()),
-                BatchInput::Hidden(h) => (SeqInput::Hidden(h.to_vec()), h.len() / hidden.max(1)),
-            };
-            let start = step.cache.position;
-            seq.reserve(start + rows)?;
-            seq_steps.push(SeqStep {
-                input,
+        let spans = Self::reserve(&model.kv, hidden, steps)?;
+        let seq_steps: Vec<SeqStep> = steps
+            .iter()
+            .zip(spans)
+            .map(|(step, (start, _, blocks))| SeqStep {
+                input: match step.input {
+                    BatchInput::Tokens(ids) => SeqInput::Tokens(ids.to_vec()),
+                    BatchInput::Hidden(h) => SeqInput::Hidden(h.to_vec()),
+                },
                 start,
-                blocks: seq.blocks.clone(),
+                blocks,
                 all_logits: step.logits_for == LogitsFor::All,
-            });
-        }
+            })
+            .collect();
         let rows: Vec<usize> = seq_steps.iter().map(|s| s.input.rows(hidden)).collect();
         let out = cpu_forward(model, pool::global(), seq_steps)?;
+        Self::advance(steps, hidden, out.job);
         let vocab = self.config.vocab_size;
         let mut outs = Vec::with_capacity(steps.len());
-        for ((step, values), n) in steps.iter_mut().zip(out.per_seq).zip(rows) {
-            if let CacheKind::Cpu(seq) = &mut step.cache.kind {
-                seq.last_job = out.job;
-                seq.advanced(&step.input);
-            }
-            step.cache.position += n;
+        for (values, n) in out.per_seq.into_iter().zip(rows) {
             outs.push(if model.head.is_some() {
                 let k = values.len() / vocab;
                 StageOutput::Logits(Tensor::from_vec(values, (k, vocab), &CPU)?)
@@ -542,6 +560,89 @@ impl ModelPart {
                 StageOutput::Hidden(Tensor::from_vec(values, (1, n, hidden), &CPU)?)
             });
         }
+        Ok(outs)
+    }
+
+    /// Each step's first position, rows and block table, with blocks of pool `kv` reserved for
+    /// its rows.
+    fn reserve(
+        kv: &Arc<KvPool>,
+        hidden: usize,
+        steps: &mut [BatchStep<'_>],
+    ) -> Result<Vec<(usize, usize, Vec<u32>)>, EngineError> {
+        let mut spans = Vec::with_capacity(steps.len());
+        for step in steps.iter_mut() {
+            let CacheKind::Paged(seq) = &mut step.cache.kind else {
+                return Err(EngineError::Config("this cache belongs to a part on another runtime".into()));
+            };
+            if !Arc::ptr_eq(&seq.kv, kv) {
+                return Err(EngineError::Config("this cache belongs to another model part".into()));
+            }
+            let rows = step.input.rows(hidden);
+            let start = step.cache.position;
+            seq.reserve(start + rows)?;
+            spans.push((start, rows, seq.blocks.clone()));
+        }
+        Ok(spans)
+    }
+
+    /// Moves each step's sequence past its rows, which job `job` read.
+    fn advance(steps: &mut [BatchStep<'_>], hidden: usize, job: u64) {
+        for step in steps.iter_mut() {
+            let rows = step.input.rows(hidden);
+            if let CacheKind::Paged(seq) = &mut step.cache.kind {
+                seq.last_job = job;
+                seq.advanced(&step.input);
+            }
+            step.cache.position += rows;
+        }
+    }
+}
+
+impl ModelPart {
+    /// [`ModelPart::forward_batch`] on a Candle part.
+    fn forward_candle(
+        &self,
+        part: &CandlePart,
+        kv: &Arc<KvPool>,
+        stores: &Mutex<Vec<LayerStore>>,
+        steps: &mut [BatchStep<'_>],
+    ) -> Result<Vec<StageOutput>, EngineError> {
+        let hidden = self.config.hidden_size;
+        let Some(first) = steps.first().map(|s| s.input) else { return Ok(Vec::new()) };
+        let spans = Self::reserve(kv, hidden, steps)?;
+        let mut seqs = Vec::with_capacity(spans.len());
+        let mut row = 0;
+        for (start, rows, table) in spans {
+            seqs.push(SeqRows { row, rows, start, table });
+            row += rows;
+        }
+        let mixed = || EngineError::Config("a batch mixes token ids and hidden states".into());
+        let x = match first {
+            BatchInput::Tokens(_) => {
+                let (mut ids, mut positions) = (Vec::with_capacity(row), Vec::with_capacity(row));
+                for (step, s) in steps.iter().zip(&seqs) {
+                    let BatchInput::Tokens(t) = step.input else { return Err(mixed()) };
+                    if t.is_empty() {
+                        return Err(EngineError::Config("no tokens to process".into()));
+                    }
+                    ids.extend_from_slice(t);
+                    positions.extend(s.start..s.start + s.rows);
+                }
+                part.embed_ids(&ids, &positions)?
+            }
+            BatchInput::Hidden(_) => {
+                let mut h = Vec::with_capacity(row * hidden);
+                for step in steps.iter() {
+                    let BatchInput::Hidden(x) = step.input else { return Err(mixed()) };
+                    h.extend_from_slice(x);
+                }
+                part.hidden_in(&Tensor::from_vec(h, (1, row, hidden), &CPU)?)?
+            }
+        };
+        let logits_for: Vec<LogitsFor> = steps.iter().map(|s| s.logits_for).collect();
+        let outs = part.forward_paged(kv, stores, x, &seqs, &logits_for)?;
+        Self::advance(steps, hidden, 0);
         Ok(outs)
     }
 }
@@ -608,77 +709,70 @@ impl CandlePart {
         Ok(CandlePart { config, range, device: device.clone(), dtype, embed, pos_embed, blocks, head, shard })
     }
 
-    /// Runs the part on the next tokens (or hidden states) of a sequence at `start`; returns
-    /// the output and how many positions it added.
-    fn forward(
-        &self,
-        input: StageInput<'_>,
-        layers: &mut [LayerCache],
-        start: usize,
-        logits_for: LogitsFor,
-    ) -> Result<(StageOutput, usize), EngineError> {
-        let mut x = match input {
-            StageInput::Tokens(ids) => {
-                let embed = self.embed.as_ref().ok_or_else(|| {
-                    EngineError::Config(format!(
-                        "layers {}..{} start mid-model: give hidden states",
-                        self.range.start, self.range.end
-                    ))
-                })?;
-                if ids.is_empty() {
-                    return Err(EngineError::Config("no tokens to process".into()));
-                }
-                if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
-                    return Err(EngineError::Config(format!(
-                        "token id {bad} is outside the vocabulary of {}",
-                        self.config.vocab_size
-                    )));
-                }
-                let t = ids.len();
-                let mut x = match &self.shard {
-                    None => embed.forward(&Tensor::from_slice(ids, (1, t), &self.device)?, self.dtype)?,
-                    Some((shard, vocab)) => {
-                        // This rank's rows for the ids it holds, zeros for the others; the sum
-                        // over the group is every id's row.
-                        let held = |id: &u32| vocab.contains(&(*id as usize));
-                        let local: Vec<u32> =
-                            ids.iter().map(|id| if held(id) { *id - vocab.start as u32 } else { 0 }).collect();
-                        let mask: Vec<f32> = ids.iter().map(|id| if held(id) { 1.0 } else { 0.0 }).collect();
-                        let rows = embed.forward(&Tensor::from_slice(&local, (1, t), &self.device)?, self.dtype)?;
-                        let mask = Tensor::from_slice(&mask, (1, t, 1), &self.device)?.to_dtype(self.dtype)?;
-                        shard.comm.all_reduce_sum(&rows.broadcast_mul(&mask)?)?
-                    }
-                };
-                if let Some(scale) = self.config.embed_scale {
-                    // transformers rounds √hidden to the activation dtype before multiplying.
-                    x = (x * f64::from(scale as f32))?;
-                }
-                if let Some(p) = &self.pos_embed {
-                    let max = p.dim(0)?;
-                    if start + t > max {
-                        return Err(EngineError::ContextExceeded { needed: start + t, limit: max });
-                    }
-                    x = x.broadcast_add(&p.narrow(0, start, t)?)?;
-                }
-                x
-            }
-            StageInput::Hidden(h) => {
-                if self.embed.is_some() {
-                    return Err(EngineError::Config("the first part takes token ids, not hidden states".into()));
-                }
-                h.to_device(&self.device)?.to_dtype(self.dtype)?
-            }
-        };
-        let t = x.dim(1)?;
-        for (block, layer_cache) in self.blocks.iter().zip(layers.iter_mut()) {
-            x = block.forward(&x, start, layer_cache)?;
+    /// The hidden states `[1, t, hidden]` of token `ids` at `positions` (the first part).
+    fn embed_ids(&self, ids: &[u32], positions: &[usize]) -> Result<Tensor, EngineError> {
+        let embed = self.embed.as_ref().ok_or_else(|| {
+            EngineError::Config(format!(
+                "layers {}..{} start mid-model: give hidden states",
+                self.range.start, self.range.end
+            ))
+        })?;
+        if ids.is_empty() {
+            return Err(EngineError::Config("no tokens to process".into()));
         }
-        let Some((norm, output)) = &self.head else { return Ok((StageOutput::Hidden(x), t)) };
-        let x = match logits_for {
-            LogitsFor::Last => x.narrow(1, t - 1, 1)?,
-            LogitsFor::All => x,
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
+            return Err(EngineError::Config(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.config.vocab_size
+            )));
+        }
+        let t = ids.len();
+        let mut x = match &self.shard {
+            None => embed.forward(&Tensor::from_slice(ids, (1, t), &self.device)?, self.dtype)?,
+            Some((shard, vocab)) => {
+                // This rank's rows for the ids it holds, zeros for the others; the sum
+                // over the group is every id's row.
+                let held = |id: &u32| vocab.contains(&(*id as usize));
+                let local: Vec<u32> =
+                    ids.iter().map(|id| if held(id) { *id - vocab.start as u32 } else { 0 }).collect();
+                let mask: Vec<f32> = ids.iter().map(|id| if held(id) { 1.0 } else { 0.0 }).collect();
+                let rows = embed.forward(&Tensor::from_slice(&local, (1, t), &self.device)?, self.dtype)?;
+                let mask = Tensor::from_slice(&mask, (1, t, 1), &self.device)?.to_dtype(self.dtype)?;
+                shard.comm.all_reduce_sum(&rows.broadcast_mul(&mask)?)?
+            }
         };
-        let mut logits = output.forward(&norm.forward(&x)?)?;
+        if let Some(scale) = self.config.embed_scale {
+            // transformers rounds √hidden to the activation dtype before multiplying.
+            x = (x * f64::from(scale as f32))?;
+        }
+        if let Some(p) = &self.pos_embed {
+            let max = p.dim(0)?;
+            if let Some(&last) = positions.iter().max()
+                && last >= max
+            {
+                return Err(EngineError::ContextExceeded { needed: last + 1, limit: max });
+            }
+            let at: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+            let rows = p.index_select(&Tensor::from_vec(at, t, &self.device)?, 0)?;
+            x = x.broadcast_add(&rows.unsqueeze(0)?)?;
+        }
+        Ok(x)
+    }
+
+    /// Hidden states from the previous part, on this part's device and dtype.
+    fn hidden_in(&self, h: &Tensor) -> Result<Tensor, EngineError> {
+        if self.embed.is_some() {
+            return Err(EngineError::Config("the first part takes token ids, not hidden states".into()));
+        }
+        Ok(h.to_device(&self.device)?.to_dtype(self.dtype)?)
+    }
+
+    /// The logits `[k, vocab]` (f32) of hidden states `[1, k, hidden]` (the last part).
+    fn logits(&self, x: &Tensor) -> Result<Tensor, EngineError> {
+        let Some((norm, output)) = &self.head else {
+            return Err(EngineError::Config("only the last part computes logits".into()));
+        };
+        let mut logits = output.forward(&norm.forward(x)?)?;
         if let Some((shard, vocab)) = &self.shard {
             // Each rank's vocabulary slice in place, zeros elsewhere: the sum is the whole row.
             let (before, after) = (vocab.start, self.config.vocab_size - vocab.end);
@@ -687,7 +781,90 @@ impl CandlePart {
         if let Some(cap) = self.config.final_softcap {
             logits = ((logits / cap)?.tanh()? * cap)?;
         }
-        Ok((StageOutput::Logits(logits.squeeze(0)?.to_dtype(DType::F32)?), t))
+        Ok(logits.squeeze(0)?.to_dtype(DType::F32)?)
+    }
+
+    /// Runs the part on the next tokens (or hidden states) of a sequence at `start`, in its own
+    /// caches (a tensor-parallel rank); returns the output and how many positions it added.
+    fn forward(
+        &self,
+        input: StageInput<'_>,
+        layers: &mut [LayerCache],
+        start: usize,
+        logits_for: LogitsFor,
+    ) -> Result<(StageOutput, usize), EngineError> {
+        let mut x = match input {
+            StageInput::Tokens(ids) => self.embed_ids(ids, &(start..start + ids.len()).collect::<Vec<_>>())?,
+            StageInput::Hidden(h) => self.hidden_in(&h)?,
+        };
+        let t = x.dim(1)?;
+        for (block, cache) in self.blocks.iter().zip(layers.iter_mut()) {
+            x = block.forward(&x, KvAccess::Own { cache, start })?;
+        }
+        if self.head.is_none() {
+            return Ok((StageOutput::Hidden(x), t));
+        }
+        let x = match logits_for {
+            LogitsFor::Last => x.narrow(1, t - 1, 1)?,
+            LogitsFor::All => x,
+        };
+        Ok((StageOutput::Logits(self.logits(&x)?), t))
+    }
+
+    /// Runs one step of several sequences as one pass: their rows side by side through every
+    /// projection, each sequence's attention over its own blocks of the paged `stores` (grown
+    /// first to hold every block `kv` has made).
+    fn forward_paged(
+        &self,
+        kv: &KvPool,
+        stores: &Mutex<Vec<LayerStore>>,
+        x: Tensor,
+        seqs: &[SeqRows],
+        logits_for: &[LogitsFor],
+    ) -> Result<Vec<StageOutput>, EngineError> {
+        let mut stores = stores.lock().unwrap_or_else(|p| p.into_inner());
+        let need = kv.blocks_made() * BLOCK_TOKENS;
+        let have = stores.first().map_or(0, LayerStore::slots);
+        if stores.len() != self.blocks.len() || have < need {
+            // Doubling, so that a pool filling up copies each position a few times at most.
+            let slots = need.max(2 * have);
+            let (kvh, d) = (self.config.num_kv_heads, self.config.head_dim);
+            let grown: Result<Vec<LayerStore>, candle_core::Error> = (0..self.blocks.len())
+                .map(|l| match stores.get(l) {
+                    Some(old) => old.grown(slots),
+                    None => LayerStore::new(slots, kvh, d, self.dtype, &self.device),
+                })
+                .collect();
+            *stores = grown?;
+        }
+        let mut x = x;
+        for (block, store) in self.blocks.iter().zip(stores.iter()) {
+            x = block.forward(&x, KvAccess::Paged { store, seqs })?;
+        }
+        drop(stores);
+        if self.head.is_none() {
+            return seqs.iter().map(|s| Ok(StageOutput::Hidden(x.narrow(1, s.row, s.rows)?.contiguous()?))).collect();
+        }
+        // The rows whose logits are wanted, all in one pass through the head.
+        let mut wanted = Vec::new();
+        let mut counts = Vec::with_capacity(seqs.len());
+        for (s, which) in seqs.iter().zip(logits_for) {
+            let rows = match which {
+                LogitsFor::Last => s.row + s.rows - 1..s.row + s.rows,
+                LogitsFor::All => s.row..s.row + s.rows,
+            };
+            counts.push(rows.len());
+            wanted.extend(rows.map(|r| r as u32));
+        }
+        let n = wanted.len();
+        let logits = self.logits(&x.index_select(&Tensor::from_vec(wanted, n, &self.device)?, 1)?)?;
+        let mut at = 0;
+        let mut outs = Vec::with_capacity(seqs.len());
+        for k in counts {
+            outs.push(StageOutput::Logits(logits.narrow(0, at, k)?));
+            at += k;
+        }
+        Ok(outs)
     }
 }
 

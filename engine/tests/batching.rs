@@ -28,8 +28,12 @@ struct Loaded {
 }
 
 fn load(file: &str, step_tokens: usize) -> Loaded {
+    load_on(file, step_tokens, &Backend::Cpu)
+}
+
+fn load_on(file: &str, step_tokens: usize, backend: &Backend) -> Loaded {
     let files = ModelFiles::open(&support::model_path(file)).unwrap();
-    let part = files.load_part_on(0..files.config.num_layers, &Backend::Cpu, &mut |_| {}).unwrap();
+    let part = files.load_part_on(0..files.config.num_layers, backend, &mut |_| {}).unwrap();
     Loaded { segment: Segment::new(part, Arc::new(TurnLock::default()), step_tokens), tok: files.tokenizer().unwrap() }
 }
 
@@ -218,4 +222,43 @@ fn a_full_pool_reclaims_cached_prefixes_and_recomputes_them_exactly() {
     assert_eq!(run(&l, &prompts[0]).unwrap(), first);
     assert!(counts(&l).cached <= longest);
     let _ = hits;
+}
+
+/// The GPU path (Candle, here on the CPU standing in for a GPU) batches through the same
+/// scheduler with its own paged store: sequences stepped together and a prompt from the prefix
+/// cache give the tokens each gives alone; under a tiny pool the youngest are preempted, all
+/// finish and every block comes back. (Candle's attention products are shaped by the chunk, so
+/// a sequence recomputed in other chunks after a preemption is exact only up to rounding there:
+/// `docs/src/engine.md`.)
+#[test]
+fn candle_stand_in_for_a_gpu_batches_pages_and_caches_prefixes() {
+    let file = MODELS[0];
+    let candle = Backend::Candle(candle_core::Device::Cpu);
+    let l = load_on(file, 4096, &candle);
+    let prompts: Vec<Vec<u32>> = prompts(&l.tok).into_iter().take(8).collect();
+    let alone: Vec<Vec<u32>> = prompts.iter().map(|p| run(&load_on(file, 4096, &candle), p).unwrap()).collect();
+    let together = run_all(&l, &prompts);
+    for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(t, a, "prompt {i} beside 7 others on Candle");
+    }
+    let stats = l.segment.batcher.stats();
+    assert!(stats.rows > stats.steps, "steps held several rows: {stats:?}");
+    assert_eq!(counts(&l).used, 0);
+    assert!(counts(&l).cached > 0);
+    // The first prompt again: its full blocks come from the prefix cache.
+    let kv = l.segment.part.kv_pool().unwrap().clone();
+    let hits = kv.prefix_stats().1;
+    assert_eq!(run(&l, &prompts[0]).unwrap(), alone[0]);
+    assert_eq!(kv.prefix_stats().1 - hits, ((prompts[0].len() - 1) / BLOCK_TOKENS) as u64);
+    // A pool too small for all of them at once: the youngest are preempted and recomputed.
+    // (Eight prompts with no common opening, 40 tokens each to generate: admitted by their
+    // prompts' blocks, they outgrow the pool as they decode.)
+    let tiny = load_on(file, 16, &candle);
+    let prompts: Vec<Vec<u32>> = self::prompts(&tiny.tok).into_iter().skip(4).take(8).collect();
+    let longest = prompts.iter().map(|p| (p.len() + 40).div_ceil(BLOCK_TOKENS)).max().unwrap();
+    tiny.segment.part.kv_pool().unwrap().set_max_blocks(longest + 2);
+    let squeezed = run_all_n(&tiny, &prompts, 40);
+    assert!(squeezed.iter().all(|t| t.len() == 40));
+    assert!(tiny.segment.batcher.stats().preempted > 0);
+    assert_eq!(counts(&tiny).used, 0);
 }

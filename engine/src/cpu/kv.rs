@@ -147,6 +147,9 @@ pub struct KvCounts {
 /// The pool.
 pub struct KvPool {
     shape: KvShape,
+    /// Whether the pool keeps the blocks' memory (the CPU runtime's), or only hands out their
+    /// ids (Candle's parts keep keys and values in device tensors indexed by them).
+    host: bool,
     /// `[layer][slab]` for keys, then values.
     k: Vec<Box<[AtomicPtr<u8>]>>,
     v: Vec<Box<[AtomicPtr<u8>]>>,
@@ -170,9 +173,21 @@ impl std::fmt::Debug for KvPool {
 impl KvPool {
     /// A pool of at most `max_blocks` blocks (taken as first needed).
     pub fn new(shape: KvShape, max_blocks: usize) -> Arc<KvPool> {
+        Self::make(shape, max_blocks, true)
+    }
+
+    /// A pool that hands out block ids, counts them and keeps the prefix cache, for keys and
+    /// values stored elsewhere (a device's tensors, position `b * BLOCK_TOKENS + p` for
+    /// position `p` of block `b`); [`KvPool::read`] and [`KvPool::write`] are not for it.
+    pub fn ids_only(shape: KvShape, max_blocks: usize) -> Arc<KvPool> {
+        Self::make(shape, max_blocks, false)
+    }
+
+    fn make(shape: KvShape, max_blocks: usize, host: bool) -> Arc<KvPool> {
         let table = || (0..MAX_SLABS).map(|_| AtomicPtr::new(std::ptr::null_mut())).collect::<Box<[_]>>();
         Arc::new(KvPool {
             shape,
+            host,
             k: (0..shape.layers).map(|_| table()).collect(),
             v: (0..shape.layers).map(|_| table()).collect(),
             slabs: AtomicUsize::new(0),
@@ -242,9 +257,15 @@ impl KvPool {
         (self.looked_up.load(Ordering::Relaxed), self.hits.load(Ordering::Relaxed))
     }
 
-    /// Bytes of memory the pool holds (its slabs).
+    /// Bytes of memory the pool holds (its slabs; for an [`KvPool::ids_only`] pool, what the
+    /// blocks it has made take where they are stored).
     pub fn allocated_bytes(&self) -> usize {
         self.slabs.load(Ordering::Acquire) * SLAB_BLOCKS * self.shape.bytes_per_block()
+    }
+
+    /// Block ids made so far: every id handed out is below it.
+    pub fn blocks_made(&self) -> usize {
+        self.slabs.load(Ordering::Acquire) * SLAB_BLOCKS
     }
 
     /// A block, if the pool has room (reclaiming the least recently used cached block when it
@@ -347,7 +368,7 @@ impl KvPool {
             return None;
         }
         let bytes = SLAB_BLOCKS * self.shape.block_bytes();
-        for l in 0..self.shape.layers {
+        for l in (0..self.shape.layers).filter(|_| self.host) {
             for table in [&self.k, &self.v] {
                 let slab: Box<[u8]> = vec![0u8; bytes].into_boxed_slice();
                 table[l][s].store(Box::into_raw(slab).cast::<u8>(), Ordering::Release);
@@ -364,6 +385,7 @@ impl KvPool {
     /// (`v == false`) or value.
     #[inline]
     fn at(&self, l: usize, v: bool, b: u32, h: usize, p: usize) -> *mut u8 {
+        debug_assert!(self.host, "an ids-only pool holds no keys or values");
         let (slab, idx) = (b as usize / SLAB_BLOCKS, b as usize % SLAB_BLOCKS);
         let table = if v { &self.v } else { &self.k };
         let base = table[l][slab].load(Ordering::Acquire);

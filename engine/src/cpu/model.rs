@@ -118,7 +118,7 @@ pub struct CpuModel {
 }
 
 /// KV blocks a pool may take before the worker sizes it (taken as first needed).
-const DEFAULT_KV_BLOCKS: usize = 1 << 20;
+pub(crate) const DEFAULT_KV_BLOCKS: usize = 1 << 20;
 
 impl CpuModel {
     /// Loads layers `range` from `source`, reporting each layer done.
