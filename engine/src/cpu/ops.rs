@@ -411,6 +411,11 @@ mod simd {
         while k < n {
             let m = (n - k).min(4);
             let keys: [*const u16; 4] = std::array::from_fn(|i| row(false, lo + k + i.min(m - 1)));
+            // The cache is read from memory once per step (it does not stay in the caches
+            // between steps): ask for the keys two groups ahead.
+            if k + 8 < n {
+                prefetch_rows(std::array::from_fn::<_, 4, _>(|i| row(false, lo + (k + 8 + i).min(n - 1))), d);
+            }
             let mut acc = [[_mm256_setzero_ps(); R]; 4];
             for c in (0..d).step_by(8) {
                 for (key, acc) in keys.iter().zip(acc.iter_mut()).take(m) {
@@ -445,6 +450,9 @@ mod simd {
             let mut acc = [[_mm512_setzero_ps(); 4]; R];
             for (k, j) in (lo..=pos).enumerate() {
                 let value = row(true, j);
+                if k % 4 == 0 && j + 8 <= pos {
+                    prefetch_rows(std::array::from_fn::<_, 4, _>(|i| row(true, (j + 8 + i).min(pos))), d);
+                }
                 let mut v = [_mm512_setzero_ps(); 4];
                 for (u, v) in v.iter_mut().enumerate().take(units) {
                     // SAFETY: values `c0 + 16u .. +16` are within the row's `d`.
@@ -464,6 +472,17 @@ mod simd {
                 }
             }
             c0 += 16 * units;
+        }
+    }
+
+    /// Asks for `rows` (f16, `d` values each) to be brought into the cache.
+    #[inline(always)]
+    fn prefetch_rows(rows: [*const u16; 4], d: usize) {
+        for r in rows {
+            for off in (0..d).step_by(32) {
+                // SAFETY: a prefetch is a hint and never faults; the address is within the row.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(r.wrapping_add(off).cast()) };
+            }
         }
     }
 
