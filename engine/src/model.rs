@@ -826,8 +826,10 @@ impl CandlePart {
         let need = kv.blocks_made() * BLOCK_TOKENS;
         let have = stores.first().map_or(0, LayerStore::slots);
         if stores.len() != self.blocks.len() || have < need {
-            // Doubling, so that a pool filling up copies each position a few times at most.
-            let slots = need.max(2 * have);
+            // Doubling, so that a pool filling up copies each position a few times at most, but
+            // never past the blocks the pool may hand out (the memory the worker sized it for).
+            let most = kv.max_blocks().saturating_mul(BLOCK_TOKENS);
+            let slots = need.max((2 * have).min(most));
             let (kvh, d) = (self.config.num_kv_heads, self.config.head_dim);
             let grown: Result<Vec<LayerStore>, candle_core::Error> = (0..self.blocks.len())
                 .map(|l| match stores.get(l) {
