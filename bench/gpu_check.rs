@@ -4,7 +4,8 @@
 //!   runtime: the largest difference, and at how many positions the top token agrees;
 //! - 32 greedy tokens on both: how many are equal before the first difference;
 //! - prefill tokens/s of a 512-token prompt in one pass and decode tokens/s of 128 tokens
-//!   (best of 3, after one warm-up);
+//!   (best of 3, after one warm-up), and decode tokens/s of 16 sequences stepped together
+//!   (`forward_batch`: one pass a step, the paged KV store on the device), against one;
 //! - memory: the GPU's used memory (`nvidia-smi`) before and after loading, against the
 //!   estimate's terms (weights, KV cache, activations, overhead) for the same context.
 //!
@@ -20,7 +21,7 @@ use candle_core::Device;
 use gantry_core::vram::{ServeOptions, estimate_vram};
 use gantry_engine::files::ModelFiles;
 use gantry_engine::generate::{Session, generate};
-use gantry_engine::model::{Backend, LogitsFor, ModelPart, StageInput, StageOutput};
+use gantry_engine::model::{Backend, BatchInput, BatchStep, LogitsFor, ModelPart, StageInput, StageOutput};
 use gantry_engine::sampling::SamplingParams;
 use serde_json::{Value, json};
 
@@ -93,6 +94,21 @@ fn logits(model: &ModelPart, ids: &[u32], which: LogitsFor) -> Result<Vec<Vec<f3
     Ok(l.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?)
 }
 
+/// One step of every sequence together (`ModelPart::forward_batch`).
+fn step_all(
+    model: &ModelPart,
+    caches: &mut [gantry_engine::model::PartCache],
+    inputs: &[Vec<u32>],
+) -> Result<(), Box<dyn std::error::Error>> {
+    let mut steps: Vec<BatchStep<'_>> = caches
+        .iter_mut()
+        .zip(inputs)
+        .map(|(cache, ids)| BatchStep { cache, input: BatchInput::Tokens(ids), logits_for: LogitsFor::Last })
+        .collect();
+    model.forward_batch(&mut steps)?;
+    Ok(())
+}
+
 fn argmax(v: &[f32]) -> usize {
     v.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0
 }
@@ -157,6 +173,19 @@ fn check(path: &str, device: &str, backend: &Backend) -> Result<Value, Box<dyn s
         Ok(())
     })?;
 
+    // Batching on the device: 16 sequences (16-token prompts) decoding together, one pass a step.
+    let batched = best_rate(16 * 64, || {
+        let mut caches: Vec<_> = (0..16).map(|_| model.new_cache()).collect();
+        let prompts: Vec<Vec<u32>> =
+            (0..16u32).map(|s| (0..16u32).map(|t| (t * 7_919 + s * 104_729 + 3) % vocab).collect()).collect();
+        step_all(&model, &mut caches, &prompts)?;
+        for t in 0..64u32 {
+            let next: Vec<Vec<u32>> = (0..16u32).map(|s| vec![(t * 31 + s * 17 + 5) % vocab]).collect();
+            step_all(&model, &mut caches, &next)?;
+        }
+        Ok(())
+    })?;
+
     let options = ServeOptions { context: Some(CONTEXT.min(files.spec.context.length)), ..ServeOptions::default() };
     let est = estimate_vram(&files.spec, &options)?;
     let measured = match (before, after) {
@@ -171,6 +200,8 @@ fn check(path: &str, device: &str, backend: &Backend) -> Result<Value, Box<dyn s
         "greedy": { "tokens": g_want.len(), "equal_before_first_difference": same, "cpu": g_want, "device": g_got },
         "prefill_tokens_per_s": prefill,
         "decode_tokens_per_s": decode,
+        "decode_16_sequences_tokens_per_s": batched,
+        "decode_16_over_1": batched / decode,
         "memory": {
             "gpu_used_mib_before": before,
             "gpu_used_mib_after_load": after,
