@@ -412,9 +412,9 @@ mod simd {
             let m = (n - k).min(4);
             let keys: [*const u16; 4] = std::array::from_fn(|i| row(false, lo + k + i.min(m - 1)));
             // The cache is read from memory once per step (it does not stay in the caches
-            // between steps): ask for the keys two groups ahead.
-            if k + 8 < n {
-                prefetch_rows(std::array::from_fn::<_, 4, _>(|i| row(false, lo + (k + 8 + i).min(n - 1))), d);
+            // between steps): ask for the keys four groups ahead.
+            if k + 16 < n {
+                prefetch_rows(std::array::from_fn::<_, 4, _>(|i| row(false, lo + (k + 16 + i).min(n - 1))), d);
             }
             let mut acc = [[_mm256_setzero_ps(); R]; 4];
             for c in (0..d).step_by(8) {
@@ -450,8 +450,8 @@ mod simd {
             let mut acc = [[_mm512_setzero_ps(); 4]; R];
             for (k, j) in (lo..=pos).enumerate() {
                 let value = row(true, j);
-                if k % 4 == 0 && j + 8 <= pos {
-                    prefetch_rows(std::array::from_fn::<_, 4, _>(|i| row(true, (j + 8 + i).min(pos))), d);
+                if k % 4 == 0 && j + 16 <= pos {
+                    prefetch_rows(std::array::from_fn::<_, 4, _>(|i| row(true, (j + 16 + i).min(pos))), d);
                 }
                 let mut v = [_mm512_setzero_ps(); 4];
                 for (u, v) in v.iter_mut().enumerate().take(units) {
