@@ -553,30 +553,33 @@ mod simd {
             // SAFETY: an f16 pool (the caller checked).
             unsafe { f16_row(kv.read(layer, v, table[j / BLOCK_TOKENS], kvh, j % BLOCK_TOKENS)) }
         };
-        for j in lo[0]..=last {
-            let rows = seen(j);
-            let key = row(false, j);
-            let mut acc = [[_mm256_setzero_ps(); R]; M];
-            for c in (0..d).step_by(8) {
-                // SAFETY: `d` values in the key and in each head of each row of `qs`.
-                unsafe {
-                    let kk = _mm256_cvtph_ps(_mm_loadu_si128(key.add(c).cast()));
-                    for i in rows.clone() {
-                        for (h, a) in acc[i].iter_mut().enumerate() {
-                            *a = _mm256_fmadd_ps(_mm256_loadu_ps(qs.as_ptr().add(i * per + h * d + c)), kk, *a);
-                        }
-                    }
-                }
-            }
-            for i in rows {
+        // Two keys at a time where the accumulators fit in registers (each query vector loaded
+        // once for both); every dot is still its own 8-lane chain over the key's values in order.
+        let mut store = |jj: usize, acc: &[[__m256; R]; M]| {
+            for i in seen(jj) {
                 for (h, a) in acc[i].iter().enumerate() {
-                    // SAFETY: this function's features include AVX2 and FMA.
+                    // SAFETY: this function's callers have AVX2 and FMA.
                     let mut s = unsafe { crate::cpu::kernels::hsum8_avx2(*a) } * p.scale;
                     if let Some(cap) = p.softcap {
                         s = softcap(s, cap);
                     }
-                    scores[base[i] + h * n[i] + j - lo[i]] = s;
+                    scores[base[i] + h * n[i] + jj - lo[i]] = s;
                 }
+            }
+        };
+        let mut j = lo[0];
+        while j <= last {
+            if R <= 3 && j < last {
+                // SAFETY: `d` values in each key and in each head of each of the `m` rows of `qs`.
+                let acc = unsafe { dots::<R, 2>([row(false, j), row(false, j + 1)], qs, m, per, d) };
+                store(j, &acc[0]);
+                store(j + 1, &acc[1]);
+                j += 2;
+            } else {
+                // SAFETY: as above.
+                let acc = unsafe { dots::<R, 1>([row(false, j)], qs, m, per, d) };
+                store(j, &acc[0]);
+                j += 1;
             }
         }
         for i in 0..m {
@@ -585,25 +588,82 @@ mod simd {
                 softmax(&mut scores[at..at + n[i]], p.sinks.map(|s| s[h]));
             }
         }
-        // 16 output values of each head of each row in registers while the positions go by.
-        for c0 in (0..d).step_by(16) {
-            let mut acc = [[_mm512_setzero_ps(); R]; M];
-            for j in lo[0]..=last {
-                // SAFETY: values `c0..c0 + 16` are within the row's `d`.
-                let v = unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(row(true, j).add(c0).cast())) };
-                for i in seen(j) {
-                    for (h, a) in acc[i].iter_mut().enumerate() {
-                        *a = _mm512_fmadd_ps(_mm512_set1_ps(scores[base[i] + h * n[i] + j - lo[i]]), v, *a);
+        // Up to 64 output values of each head of two rows (one with four heads) in registers
+        // while the positions go by; each value converted once for them.
+        let pair = if R <= 3 { 2 } else { 1 };
+        let mut c0 = 0;
+        while c0 < d {
+            let units = ((d - c0) / 16).min(4);
+            let mut i0 = 0;
+            while i0 < m {
+                let rows = pair.min(m - i0);
+                let mut acc = [[[_mm512_setzero_ps(); 4]; R]; 2];
+                // Rows see positions `lo[i]..=pos0 + i`; `lo` grows with the row.
+                for j in lo[i0]..=pos0 + i0 + rows - 1 {
+                    let value = row(true, j);
+                    let mut v = [_mm512_setzero_ps(); 4];
+                    for (u, v) in v.iter_mut().enumerate().take(units) {
+                        // SAFETY: values `c0 + 16u .. +16` are within the row's `d`.
+                        *v = unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(value.add(c0 + 16 * u).cast())) };
+                    }
+                    for (r, acc) in acc.iter_mut().enumerate().take(rows) {
+                        let i = i0 + r;
+                        if j < lo[i] || j > pos0 + i {
+                            continue;
+                        }
+                        for (h, acc) in acc.iter_mut().enumerate() {
+                            let a = _mm512_set1_ps(scores[base[i] + h * n[i] + j - lo[i]]);
+                            for u in 0..units {
+                                acc[u] = _mm512_fmadd_ps(a, v[u], acc[u]);
+                            }
+                        }
+                    }
+                }
+                for (r, acc) in acc.iter().enumerate().take(rows) {
+                    for (h, acc) in acc.iter().enumerate() {
+                        for (u, a) in acc.iter().enumerate().take(units) {
+                            // SAFETY: `out` holds `m·R·d` values.
+                            unsafe { _mm512_storeu_ps(out.as_mut_ptr().add((i0 + r) * per + h * d + c0 + 16 * u), *a) };
+                        }
+                    }
+                }
+                i0 += rows;
+            }
+            c0 += 16 * units;
+        }
+    }
+
+    /// The 8-lane partial dots of `KB` keys with each head of each of the `m` rows of `qs`
+    /// (rows beyond `m` stay zero), the key's values taken in order.
+    ///
+    /// # Safety
+    /// Each key holds `d` f16 values; `qs` holds `m` rows of `per` values, `R` heads of `d`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    #[allow(clippy::needless_range_loop)] // one query load feeds the accumulators of every key
+    unsafe fn dots<const R: usize, const KB: usize>(
+        keys: [*const u16; KB],
+        qs: &[f32],
+        m: usize,
+        per: usize,
+        d: usize,
+    ) -> [[[__m256; R]; super::ATTN_TILE]; KB] {
+        let mut acc = [[[_mm256_setzero_ps(); R]; super::ATTN_TILE]; KB];
+        for c in (0..d).step_by(8) {
+            // SAFETY (caller): `d` values in each key and each head.
+            unsafe {
+                let kk: [__m256; KB] = std::array::from_fn(|b| _mm256_cvtph_ps(_mm_loadu_si128(keys[b].add(c).cast())));
+                for i in 0..m {
+                    for h in 0..R {
+                        let q = _mm256_loadu_ps(qs.as_ptr().add(i * per + h * d + c));
+                        for b in 0..KB {
+                            acc[b][i][h] = _mm256_fmadd_ps(q, kk[b], acc[b][i][h]);
+                        }
                     }
                 }
             }
-            for (i, acc) in acc.iter().enumerate().take(m) {
-                for (h, a) in acc.iter().enumerate() {
-                    // SAFETY: `out` holds `m·R·d` values.
-                    unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(i * per + h * d + c0), *a) };
-                }
-            }
         }
+        acc
     }
 
     /// [`exp`] of 16 values, each by the same operations.
