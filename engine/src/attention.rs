@@ -234,13 +234,29 @@ pub struct SeqRows {
     /// The position of its first row.
     pub start: usize,
     /// Its block table: position `p` is slot `table[p / BLOCK_TOKENS] * BLOCK_TOKENS + p % BLOCK_TOKENS`.
-    pub table: Vec<u32>,
+    table: Vec<u32>,
+    /// The slots of its positions `0..start + rows`, on the store's device: the same for every
+    /// layer of the step, so made once.
+    slots: Tensor,
 }
 
 impl SeqRows {
-    fn slot(&self, p: usize) -> usize {
-        self.table[p / BLOCK_TOKENS] as usize * BLOCK_TOKENS + p % BLOCK_TOKENS
+    /// The rows `row..row + rows` of a step at positions `start..`, with blocks `table`.
+    pub fn new(row: usize, rows: usize, start: usize, table: Vec<u32>, device: &Device) -> Result<SeqRows> {
+        let total = start + rows;
+        let slots: Vec<u32> = (0..total).map(|p| slot(&table, p) as u32).collect();
+        let slots = Tensor::from_vec(slots, total, device)?;
+        Ok(SeqRows { row, rows, start, table, slots })
     }
+
+    fn slot(&self, p: usize) -> usize {
+        slot(&self.table, p)
+    }
+}
+
+/// The slot of position `p` in block table `table`.
+fn slot(table: &[u32], p: usize) -> usize {
+    table[p / BLOCK_TOKENS] as usize * BLOCK_TOKENS + p % BLOCK_TOKENS
 }
 
 /// One layer of a paged KV store on a device: keys and values `[slots, kv_heads, head_dim]`,
@@ -292,10 +308,7 @@ impl LayerStore {
             self.v.slice_set(&v.narrow(0, i, n)?, 0, at)?;
             i += n;
         }
-        let total = s.start + t;
-        let ids: Vec<u32> = (0..total).map(|p| s.slot(p) as u32).collect();
-        let ids = Tensor::from_vec(ids, total, self.k.device())?;
-        let all = |x: &Tensor| x.index_select(&ids, 0)?.transpose(0, 1)?.contiguous()?.unsqueeze(0);
+        let all = |x: &Tensor| x.index_select(&s.slots, 0)?.transpose(0, 1)?.contiguous()?.unsqueeze(0);
         Ok((all(&self.k)?, all(&self.v)?))
     }
 }

@@ -522,7 +522,7 @@ impl ModelPart {
                     let input = match step.input {
                         BatchInput::Tokens(ids) => StageInput::Tokens(ids),
                         BatchInput::Hidden(h) => {
-                            let rows = h.len() / self.config.hidden_size.max(1);
+                            let rows = step.input.rows(self.config.hidden_size);
                             hidden = Tensor::from_slice(h, (1, rows, self.config.hidden_size), self.device())?;
                             StageInput::Hidden(hidden)
                         }
@@ -534,6 +534,7 @@ impl ModelPart {
         };
         let hidden = self.config.hidden_size;
         let spans = Self::reserve(&model.kv, hidden, steps)?;
+        let rows: Vec<usize> = spans.iter().map(|&(_, rows, _)| rows).collect();
         let seq_steps: Vec<SeqStep> = steps
             .iter()
             .zip(spans)
@@ -547,7 +548,6 @@ impl ModelPart {
                 all_logits: step.logits_for == LogitsFor::All,
             })
             .collect();
-        let rows: Vec<usize> = seq_steps.iter().map(|s| s.input.rows(hidden)).collect();
         let out = cpu_forward(model, pool::global(), seq_steps)?;
         Self::advance(steps, hidden, out.job);
         let vocab = self.config.vocab_size;
@@ -597,9 +597,7 @@ impl ModelPart {
             step.cache.position += rows;
         }
     }
-}
 
-impl ModelPart {
     /// [`ModelPart::forward_batch`] on a Candle part.
     fn forward_candle(
         &self,
@@ -614,7 +612,7 @@ impl ModelPart {
         let mut seqs = Vec::with_capacity(spans.len());
         let mut row = 0;
         for (start, rows, table) in spans {
-            seqs.push(SeqRows { row, rows, start, table });
+            seqs.push(SeqRows::new(row, rows, start, table, &part.device)?);
             row += rows;
         }
         let mixed = || EngineError::Config("a batch mixes token ids and hidden states".into());
