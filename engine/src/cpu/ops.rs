@@ -453,11 +453,8 @@ mod simd {
                 if k % 4 == 0 && j + 16 <= pos {
                     prefetch_rows(std::array::from_fn::<_, 4, _>(|i| row(true, (j + 16 + i).min(pos))), d);
                 }
-                let mut v = [_mm512_setzero_ps(); 4];
-                for (u, v) in v.iter_mut().enumerate().take(units) {
-                    // SAFETY: values `c0 + 16u .. +16` are within the row's `d`.
-                    *v = unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(value.add(c0 + 16 * u).cast())) };
-                }
+                // SAFETY: values `c0 .. c0 + 16·units` are within the row's `d`.
+                let v = unsafe { values16(value, c0, units) };
                 for (i, acc) in acc.iter_mut().enumerate() {
                     let a = _mm512_set1_ps(scores[i * n + k]);
                     for u in 0..units {
@@ -473,6 +470,21 @@ mod simd {
             }
             c0 += 16 * units;
         }
+    }
+
+    /// Values `c0 .. c0 + 16·units` (`units` ≤ 4) of an f16 row, as f32, 16 to a register.
+    ///
+    /// # Safety
+    /// The row holds those values.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    unsafe fn values16(row: *const u16, c0: usize, units: usize) -> [__m512; 4] {
+        let mut v = [_mm512_setzero_ps(); 4];
+        for (u, v) in v.iter_mut().enumerate().take(units) {
+            // SAFETY (caller): values `c0 + 16u .. +16` are within the row.
+            *v = unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(row.add(c0 + 16 * u).cast())) };
+        }
+        v
     }
 
     /// Asks for `rows` (f16, `d` values each) to be brought into the cache.
@@ -601,11 +613,8 @@ mod simd {
                 // Rows see positions `lo[i]..=pos0 + i`; `lo` grows with the row.
                 for j in lo[i0]..=pos0 + i0 + rows - 1 {
                     let value = row(true, j);
-                    let mut v = [_mm512_setzero_ps(); 4];
-                    for (u, v) in v.iter_mut().enumerate().take(units) {
-                        // SAFETY: values `c0 + 16u .. +16` are within the row's `d`.
-                        *v = unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(value.add(c0 + 16 * u).cast())) };
-                    }
+                    // SAFETY: values `c0 .. c0 + 16·units` are within the row's `d`.
+                    let v = unsafe { values16(value, c0, units) };
                     for (r, acc) in acc.iter_mut().enumerate().take(rows) {
                         let i = i0 + r;
                         if j < lo[i] || j > pos0 + i {
