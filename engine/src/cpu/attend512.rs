@@ -160,12 +160,11 @@ unsafe fn decode<const R: usize>(
         let acc = unsafe { qk::<R, 1, KP_DECODE>(&keys, qs.as_ptr(), R * d, d) };
         dots_into(acc.as_flattened().as_flattened(), p.scale, &mut dots);
         for h in 0..R {
-            for t in 0..m {
-                scores[h * n + k + t] = capped(dots[h * 2 * KP_DECODE + t], p.softcap);
-            }
+            scores[h * n + k..][..m].copy_from_slice(&dots[h * 2 * KP_DECODE..][..m]);
         }
         k += m;
     }
+    cap_scores(scores, p.softcap);
     let heads: [(usize, usize, Option<f32>); R] = std::array::from_fn(|h| (h * n, n, p.sinks.map(|s| s[h])));
     softmax_heads(scores, &heads);
     let w: [[*const f32; R]; 1] = [std::array::from_fn(|h| scores[h * n..].as_ptr())];
@@ -213,16 +212,26 @@ unsafe fn prompt<const R: usize, const KP: usize, const H: usize>(
         let acc = unsafe { qk::<R, M, KP>(&keys[..2 * KP], qs.as_ptr(), per, d) };
         dots_into(acc.as_flattened().as_flattened(), p.scale, &mut dots);
         for i in 0..M {
-            let (from, to) = (j.max(lo[i]), (j + m - 1).min(pos0 + i));
+            // The positions of this pass that row `i` sees.
+            let (from, to) = (j.max(lo[i]), (j + m).min(pos0 + i + 1));
+            if from >= to {
+                continue;
+            }
             for h in 0..R {
-                let at = base[i] + h * n[i];
-                for jj in from..=to {
-                    scores[at + jj - lo[i]] = capped(dots[(i * R + h) * 2 * KP + jj - j], p.softcap);
+                let (dst, src) = (base[i] + h * n[i] + from - lo[i], (i * R + h) * 2 * KP + from - j);
+                if to - from == 2 * KP {
+                    let (dst, src) = (&mut scores[dst..dst + 2 * KP], &dots[src..src + 2 * KP]);
+                    for t in 0..2 * KP {
+                        dst[t] = src[t];
+                    }
+                } else {
+                    scores[dst..dst + to - from].copy_from_slice(&dots[src..src + to - from]);
                 }
             }
         }
         j += m;
     }
+    cap_scores(scores, p.softcap);
     debug_assert_eq!(H, M * R);
     let heads: [(usize, usize, Option<f32>); H] =
         std::array::from_fn(|t| (base[t / R] + (t % R) * n[t / R], n[t / R], p.sinks.map(|s| s[t % R])));
@@ -328,12 +337,11 @@ fn dots_into(acc: &[__m512], scale: f32, out: &mut [f32; 48]) {
     }
 }
 
-/// A scaled dot as a score (`attend_any`'s order: scale, then the cap).
-#[inline]
-fn capped(s: f32, cap: Option<f32>) -> f32 {
-    match cap {
-        Some(cap) => softcap(s, cap),
-        None => s,
+/// Scaled dots as scores: capped, where the model caps them (`attend_any`'s order: scale,
+/// then the cap).
+fn cap_scores(scores: &mut [f32], cap: Option<f32>) {
+    if let Some(cap) = cap {
+        scores.iter_mut().for_each(|s| *s = softcap(*s, cap));
     }
 }
 
