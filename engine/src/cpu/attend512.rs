@@ -220,10 +220,8 @@ unsafe fn prompt<const R: usize, const KP: usize, const H: usize>(
             for h in 0..R {
                 let (dst, src) = (base[i] + h * n[i] + from - lo[i], (i * R + h) * 2 * KP + from - j);
                 if to - from == 2 * KP {
-                    let (dst, src) = (&mut scores[dst..dst + 2 * KP], &dots[src..src + 2 * KP]);
-                    for t in 0..2 * KP {
-                        dst[t] = src[t];
-                    }
+                    // A copy of a length known here: a few moves, not a call.
+                    scores[dst..dst + 2 * KP].copy_from_slice(&dots[src..src + 2 * KP]);
                 } else {
                     scores[dst..dst + to - from].copy_from_slice(&dots[src..src + to - from]);
                 }
