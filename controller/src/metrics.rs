@@ -219,6 +219,28 @@ pub fn render(cluster: &Cluster) -> String {
     });
     deployment_signals(&mut out, cluster);
 
+    let (entries, replicas, forgotten) = {
+        let inner = cluster.lock();
+        let ix = &inner.state.prefix;
+        (ix.entries(), ix.replicas(), ix.forgotten())
+    };
+    header(
+        &mut out,
+        "gantry_prefix_index_keys",
+        "gauge",
+        "Prefix-cache keys the router's index holds (per replica holding each).",
+    );
+    let _ = writeln!(out, "gantry_prefix_index_keys {entries}");
+    header(&mut out, "gantry_prefix_index_replicas", "gauge", "Replicas with keys in the router's prefix index.");
+    let _ = writeln!(out, "gantry_prefix_index_replicas {replicas}");
+    header(
+        &mut out,
+        "gantry_prefix_index_forgotten_total",
+        "counter",
+        "Prefix-cache keys the index forgot to stay within its bounds (oldest first).",
+    );
+    let _ = writeln!(out, "gantry_prefix_index_forgotten_total {forgotten}");
+
     let workers = cluster.workers();
     header(&mut out, "gantry_worker_up", "gauge", "1 while a worker is connected and within its lease.");
     for w in &workers {

@@ -1,6 +1,7 @@
 //! `GET /metrics` on `gantry up` serving SmolLM2, after a chat, a request for a deployment
 //! that does not exist, and a bad request: Prometheus' own `promtool check metrics` accepts
-//! the output, and the series say what happened.
+//! the output, and the series say what happened (the requests, the worker's KV cache, the
+//! router's prefix index holding the key of every block the worker's prefix cache keeps).
 
 #![allow(clippy::unwrap_used)]
 
@@ -41,15 +42,25 @@ async fn metrics_pass_promtool_and_count_what_happened() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
 
     // The worker's KV cache as its heartbeats report it: 4 sequences (`up`'s --parallel) of
-    // 1,024 tokens, in blocks of 16.
+    // 1,024 tokens, in blocks of 16. The chat's full blocks stay in its prefix cache, and the
+    // heartbeats' key changes put each of their keys in the controller's prefix index.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let series = |text: &str, state: &str| {
+        text.lines()
+            .find(|l| l.starts_with("gantry_kv_cache_blocks{") && l.contains(&format!("state=\"{state}\"")))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    let index_keys = |text: &str| {
+        text.lines().find_map(|l| l.strip_prefix("gantry_prefix_index_keys ")).and_then(|v| v.parse::<f64>().ok())
+    };
     let response = loop {
         let response = common::http_get(&http, "/metrics");
-        let kv_total = response
-            .lines()
-            .any(|l| l.starts_with("gantry_kv_cache_blocks{") && l.contains("state=\"total\"") && l.ends_with(" 256"));
-        if kv_total || std::time::Instant::now() > deadline {
+        let kv_total = series(&response, "total") == Some(256.0);
+        let cached = series(&response, "cached").unwrap_or(0.0);
+        let indexed = cached > 0.0 && index_keys(&response) == Some(cached);
+        if (kv_total && indexed) || std::time::Instant::now() > deadline {
             assert!(kv_total, "no KV cache of 256 blocks in\n{response}");
+            assert!(indexed, "the index does not hold the {cached} cached blocks' keys:\n{response}");
             break response;
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
@@ -78,6 +89,8 @@ async fn metrics_pass_promtool_and_count_what_happened() {
     assert_eq!(value(body, &format!("gantry_requests_total{{{m},outcome=\"ok\"}}")), 1.0);
     assert_eq!(value(body, &format!("gantry_requests_total{{{m},outcome=\"invalid_argument\"}}")), 1.0);
     assert_eq!(value(body, "gantry_requests_total{model=\"(unknown)\",outcome=\"not_found\"}"), 1.0);
+    assert_eq!(value(body, "gantry_prefix_index_replicas"), 1.0);
+    assert_eq!(value(body, "gantry_prefix_index_forgotten_total"), 0.0);
     assert_eq!(value(body, &format!("gantry_generated_tokens_total{{{m}}}")), tokens.len() as f64);
     assert_eq!(value(body, &format!("gantry_time_to_first_token_seconds_count{{{m}}}")), 1.0);
     assert_eq!(value(body, &format!("gantry_inter_token_latency_seconds_count{{{m}}}")), (tokens.len() - 1) as f64);

@@ -173,9 +173,13 @@ impl Drop for AbortOnDrop {
 
 async fn heartbeats(state: Arc<WorkerState>, tx: mpsc::Sender<pb::WorkerMessage>, every: Duration) {
     let mut tick = tokio::time::interval(every);
+    // The first heartbeat of a link carries every prefix-cache key (the controller's index of
+    // this worker starts afresh), the others what changed.
+    let mut resync = true;
     loop {
         tick.tick().await;
-        let Ok(status) = state.status() else { continue };
+        let Ok(status) = state.heartbeat(resync) else { continue };
+        resync = false;
         if tx.send(message(ToController::Heartbeat(status))).await.is_err() {
             return;
         }

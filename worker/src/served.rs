@@ -80,6 +80,15 @@ impl Served {
         m
     }
 
+    /// How the prefix-cache keys of its KV cache changed since the last call, at most `max`
+    /// of them (`resync`: a snapshot of all of them); `None` without a paged cache. The first
+    /// segment's cache: it holds the prompt's leading blocks, which a router looks up.
+    pub fn prefix_key_changes(&self, max: usize, resync: bool) -> Option<pb::PrefixKeyChanges> {
+        let kv = self.segments.first()?.part.kv_pool()?;
+        let c = kv.take_key_changes(max, resync);
+        Some(pb::PrefixKeyChanges { reset: c.reset, added: c.added, dropped: c.dropped })
+    }
+
     /// Its vocabulary size (resumed tokens and logit biases are checked against it).
     pub fn vocab_size(&self) -> usize {
         self.segments.first().map_or(0, |s| s.part.config.vocab_size)

@@ -16,6 +16,10 @@ use crate::error::WorkerError;
 use crate::gpu::{GpuInfo, GpuInventory, InventorySource};
 use crate::served::{RateMeter, Served};
 
+/// Prefix-cache key changes one heartbeat carries per model, at most (8 bytes each); more wait
+/// for the next.
+const PREFIX_KEYS_PER_HEARTBEAT: usize = 16_384;
+
 /// How a worker serves.
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
@@ -192,6 +196,18 @@ impl WorkerState {
             gpus_linked: self.options.gpus_linked || self.inventory.linked(),
             host_available_bytes: host_available_bytes(),
         })
+    }
+
+    /// A heartbeat on the controller link: `Status`, with each model's prefix-cache key changes
+    /// since the last heartbeat (`resync`: all its keys, for a new link).
+    pub fn heartbeat(&self, resync: bool) -> Result<pb::StatusResponse, WorkerError> {
+        let mut status = self.status()?;
+        let models = self.models.read().map_err(|_| WorkerError::poisoned("model table"))?;
+        for m in &mut status.models {
+            let served = m.info.as_ref().and_then(|i| models.get(&i.model_id));
+            m.prefix_keys = served.and_then(|s| s.prefix_key_changes(PREFIX_KEYS_PER_HEARTBEAT, resync));
+        }
+        Ok(status)
     }
 
     /// Stops serving a model; generations running on it finish first.

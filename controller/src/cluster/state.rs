@@ -213,6 +213,8 @@ pub struct State {
     /// The credential each worker id is bound to (its first authenticated registration; kept
     /// in the store with the worker's record).
     pub worker_credentials: HashMap<String, String>,
+    /// Which replicas hold which prefix-cache keys (from the workers' heartbeats; memory only).
+    pub prefix: crate::router::prefix::PrefixIndex,
 }
 
 impl State {

@@ -152,6 +152,18 @@ impl Cluster {
         if w.session != session {
             return;
         }
+        let mut status = status;
+        // The prefix-cache key changes go to the index, not into the worker's status.
+        let mut loaded = std::collections::HashSet::new();
+        for m in &mut status.models {
+            let Some(id) = m.info.as_ref().map(|i| i.model_id.clone()) else { continue };
+            if let Some(changes) = m.prefix_keys.take() {
+                inner.state.prefix.apply(worker, &id, &changes);
+            }
+            loaded.insert(id);
+        }
+        inner.state.prefix.retain_loaded(worker, &loaded.iter().map(String::as_str).collect());
+        let Some(w) = inner.state.workers.get_mut(worker) else { return };
         w.status = status;
         w.last_seen = Instant::now();
         let was_lost = w.lost;

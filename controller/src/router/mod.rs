@@ -3,6 +3,7 @@
 //! when its replica fails mid-stream. It knows nothing of models: the workers run them.
 
 pub mod pick;
+pub mod prefix;
 mod relay;
 pub mod tenants;
 

@@ -165,6 +165,7 @@ pub fn load_replica(st: &mut State, name: &str, index: u32, only: Option<&str>) 
 pub fn worker_lost(st: &mut State, config: &ControllerConfig, id: &str, now: Instant) -> Vec<Effect> {
     let Some(w) = st.workers.get_mut(id) else { return Vec::new() };
     w.lost = true;
+    st.prefix.remove_worker(id);
     w.connected = false;
     let silent = now.saturating_duration_since(w.last_seen);
     warn!(worker = id, silent_ms = silent.as_millis() as u64, "worker lost: its lease ran out");

@@ -93,6 +93,9 @@ struct Free {
     /// Blocks only the cache holds, least recently used first (tick → block).
     lru: BTreeMap<u64, u32>,
     tick: u64,
+    /// Keys the cache gained (`true`) and lost since [`KvPool::take_key_changes`] last took
+    /// them, in order; `None` once more than [`JOURNAL_MAX`] piled up (the reader resyncs).
+    journal: Option<Vec<(u64, bool)>>,
 }
 
 impl Free {
@@ -127,9 +130,36 @@ impl Free {
         let m = &mut self.meta[b as usize];
         if let Some((_, key, _)) = m.entry.take() {
             self.by_key.remove(&key);
+            self.note(key, false);
         }
         Some(b)
     }
+
+    /// Journals a key gained or lost.
+    fn note(&mut self, key: u64, added: bool) {
+        let most = JOURNAL_MAX.max(2 * self.by_key.len());
+        if let Some(j) = &mut self.journal {
+            if j.len() >= most {
+                self.journal = None;
+            } else {
+                j.push((key, added));
+            }
+        }
+    }
+}
+
+/// Key changes journaled between two [`KvPool::take_key_changes`], at most (or twice the keys
+/// held, when more: a snapshot goes through the journal too).
+const JOURNAL_MAX: usize = 1 << 16;
+
+/// Changes to the prefix-cache keys a pool holds, for a router's index: apply `dropped`, then
+/// `added`. With `reset`, what the reader knew of the pool's keys is void: `added` starts a
+/// snapshot of them (continued by the next takes' `added` when it is longer than one take).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyChanges {
+    pub reset: bool,
+    pub added: Vec<u64>,
+    pub dropped: Vec<u64>,
 }
 
 /// The pool's blocks by use.
@@ -332,8 +362,41 @@ impl KvPool {
         {
             m.entry = Some((parent, key, toks));
             free.by_key.insert(key, b);
+            free.note(key, true);
         }
         key
+    }
+
+    /// The prefix-cache keys gained and lost since the last call, at most `max` of them (the
+    /// rest wait for the next call). `resync` (a new reader), or a journal that overflowed,
+    /// makes it a snapshot: `reset` and every key held, `max` at a time.
+    pub fn take_key_changes(&self, max: usize, resync: bool) -> KeyChanges {
+        let mut free = self.lock();
+        let free = &mut *free;
+        let mut out = KeyChanges::default();
+        if resync || free.journal.is_none() {
+            out.reset = true;
+            // The snapshot, then what happens after it, through the journal.
+            free.journal = Some(free.by_key.keys().map(|&k| (k, true)).collect());
+        }
+        let Some(j) = &mut free.journal else { return out };
+        let n = j.len().min(max);
+        // The net change of each key over the events taken (the last event wins), in order.
+        let mut last: HashMap<u64, bool> = HashMap::with_capacity(n);
+        let mut order = Vec::with_capacity(n);
+        for (key, added) in j.drain(..n) {
+            if last.insert(key, added).is_none() {
+                order.push(key);
+            }
+        }
+        for key in order {
+            if last[&key] {
+                out.added.push(key);
+            } else {
+                out.dropped.push(key);
+            }
+        }
+        out
     }
 
     /// The cached blocks holding the longest run of leading full blocks of `tokens`, taken for a
@@ -562,6 +625,56 @@ mod tests {
         assert_eq!(pool.alloc(9), Some(blocks[2]));
         assert_eq!(pool.alloc(9), None);
         assert_eq!(pool.alloc(10), Some(blocks[0]));
+    }
+
+    #[test]
+    fn key_changes_are_a_snapshot_then_the_net_changes_in_bounded_takes() {
+        let pool = KvPool::new(shape(), 4);
+        let seqs: Vec<Vec<u32>> = (0..4).map(|s| (0..16).map(|t| s * 100 + t).collect()).collect();
+        let mut key_of = Vec::new();
+        let mut blocks = Vec::new();
+        for toks in &seqs[..3] {
+            let b = pool.alloc(u64::MAX).unwrap();
+            key_of.push(pool.register(b, pool.seed(), toks));
+            blocks.push(b);
+        }
+        // A new reader gets every key held, `max` at a time, the first take marked `reset`.
+        let first = pool.take_key_changes(2, true);
+        assert!(first.reset);
+        assert_eq!(first.added.len(), 2);
+        let rest = pool.take_key_changes(2, false);
+        assert!(!rest.reset);
+        let mut all: Vec<u64> = first.added.iter().chain(&rest.added).copied().collect();
+        all.sort_unstable();
+        let mut want = key_of.clone();
+        want.sort_unstable();
+        assert_eq!(all, want);
+        assert_eq!(pool.take_key_changes(2, false), KeyChanges::default());
+        // Block 0 freed and reclaimed for a new sequence (its key lost), a fourth registered:
+        // the net changes, in order.
+        for &b in &blocks {
+            pool.free(b, 0);
+        }
+        let b = pool.alloc(u64::MAX).unwrap();
+        let b2 = pool.alloc(u64::MAX).unwrap();
+        assert_eq!((b, b2), (3, blocks[0]), "the never-used block first, then the least recently freed");
+        let k4 = pool.register(b2, pool.seed(), &seqs[3]);
+        let got = pool.take_key_changes(100, false);
+        assert_eq!(got, KeyChanges { reset: false, added: vec![k4], dropped: vec![key_of[0]] });
+        // Every cached block reclaimed (three keys lost), then one of them filled again with
+        // the same tokens: a key lost and gained again within one take is a net gain.
+        pool.free(b2, 0);
+        pool.free(b, 0);
+        let all = (0..4).map(|_| pool.alloc(u64::MAX).unwrap()).collect::<Vec<_>>();
+        assert_eq!(pool.register(all[0], pool.seed(), &seqs[1]), key_of[1]);
+        let mut changes = pool.take_key_changes(100, false);
+        changes.dropped.sort_unstable();
+        let mut lost = vec![key_of[2], k4];
+        lost.sort_unstable();
+        assert_eq!(changes, KeyChanges { reset: false, added: vec![key_of[1]], dropped: lost });
+        // An overflowing journal turns into a snapshot.
+        pool.lock().journal = None;
+        assert!(pool.take_key_changes(100, false).reset);
     }
 
     #[test]
