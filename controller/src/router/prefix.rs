@@ -30,7 +30,7 @@ struct Slot {
 /// The index.
 #[derive(Debug)]
 pub struct PrefixIndex {
-    /// Key → the slots holding it.
+    /// Key → the slots holding it, in increasing order.
     holders: HashMap<u64, Vec<u32>>,
     /// (worker, model id) → slot.
     by_replica: HashMap<(String, String), u32>,
@@ -127,7 +127,10 @@ impl PrefixIndex {
             slot.order.push_back(key);
             let over = slot.keys.len() > self.max_per_replica;
             self.order.push_back((s, key));
-            self.holders.entry(key).or_default().push(s);
+            let h = self.holders.entry(key).or_default();
+            if let Err(at) = h.binary_search(&s) {
+                h.insert(at, s);
+            }
             self.entries += 1;
             if over {
                 self.forget_oldest_of(s);
@@ -168,8 +171,15 @@ impl PrefixIndex {
             return;
         }
         self.entries -= 1;
+        self.unhold(key, s);
+    }
+
+    /// Takes slot `s` off `key`'s holders.
+    fn unhold(&mut self, key: u64, s: u32) {
         if let Some(h) = self.holders.get_mut(&key) {
-            h.retain(|&x| x != s);
+            if let Ok(at) = h.binary_search(&s) {
+                h.remove(at);
+            }
             if h.is_empty() {
                 self.holders.remove(&key);
             }
@@ -197,12 +207,7 @@ impl PrefixIndex {
         let Some(slot) = self.slots[s as usize].take() else { return };
         for key in slot.keys {
             self.entries -= 1;
-            if let Some(h) = self.holders.get_mut(&key) {
-                h.retain(|&x| x != s);
-                if h.is_empty() {
-                    self.holders.remove(&key);
-                }
-            }
+            self.unhold(key, s);
         }
         self.free.push(s);
     }
@@ -237,7 +242,7 @@ impl PrefixIndex {
             let Some(h) = self.holders.get(key) else { break };
             let mut any = false;
             for (s, n) in &mut run {
-                if *n == i && h.contains(s) {
+                if *n == i && h.binary_search(s).is_ok() {
                     *n += 1;
                     any = true;
                 }
