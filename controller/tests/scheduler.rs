@@ -348,10 +348,10 @@ async fn a_replica_split_over_two_workers_is_ready_when_both_stages_are() {
     loaded(&cluster, "w2", second.command_id);
     let r = replica(&cluster, "big");
     assert_eq!((r.state, r.reason.as_str()), (pb::ReplicaState::Loading as i32, "1 of 2 stages loaded"));
-    assert!(cluster.pick("big", &[]).is_err(), "no requests before every stage is loaded");
+    assert!(cluster.pick("big", &[], None).is_err(), "no requests before every stage is loaded");
     loaded(&cluster, "w1", first.command_id);
     assert_eq!(replica(&cluster, "big").state, pb::ReplicaState::Ready as i32);
-    assert_eq!(cluster.pick("big", &[]).unwrap().worker, "w1", "requests go to the first stage");
+    assert_eq!(cluster.pick("big", &[], None).unwrap().worker, "w1", "requests go to the first stage");
 
     // w1 goes silent past its lease: the replica is released and w2 unloads its stage.
     for _ in 0..10 {
@@ -495,4 +495,46 @@ async fn a_worker_ids_credential_survives_a_controller_restart() {
     cluster.register_as(reg("w1"), tx, key("node-1")).unwrap();
     let (tx, _rx) = mpsc::unbounded_channel();
     cluster.register_as(reg("w2"), tx, key("node-2")).unwrap();
+}
+
+#[tokio::test]
+async fn a_session_sticks_to_its_replica_and_yields_when_it_is_overloaded() {
+    let (_dir, cluster) = start().await;
+    let (_s1, mut l1) = register(&cluster, "w1", 24 << 30);
+    let (_s2, mut l2) = register(&cluster, "w2", 24 << 30);
+    cluster.apply("a", llama_8b(2)).await.unwrap();
+    for (worker, link) in [("w1", &mut l1), ("w2", &mut l2)] {
+        let load = next_load(link).await;
+        let info = pb::ModelInfo { model_id: load.request.unwrap().model_id, ..Default::default() };
+        cluster.command_result(
+            worker,
+            pb::CommandResult { command_id: load.command_id, model: Some(info), ..Default::default() },
+        );
+    }
+    assert_eq!(cluster.get("a").unwrap().status.unwrap().ready_replicas, 2);
+
+    // Every request of a session goes where its first went.
+    let first = cluster.pick("a", &[], Some("chat-1")).unwrap();
+    for _ in 0..20 {
+        assert_eq!(cluster.pick("a", &[], Some("chat-1")).unwrap().worker, first.worker);
+    }
+    // Two requests in flight there, none on the other: still its replica (not past twice the
+    // least loaded plus two).
+    first.inflight.fetch_add(2, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(cluster.pick("a", &[], Some("chat-1")).unwrap().worker, first.worker);
+    // A third: overloaded, so the session moves to the other replica, and stays there.
+    first.inflight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let moved = cluster.pick("a", &[], Some("chat-1")).unwrap();
+    assert_ne!(moved.worker, first.worker);
+    first.inflight.fetch_sub(3, std::sync::atomic::Ordering::Relaxed);
+    for _ in 0..20 {
+        assert_eq!(cluster.pick("a", &[], Some("chat-1")).unwrap().worker, moved.worker);
+    }
+    // A replica that failed the request is left out even for its session.
+    let avoid = [(moved.worker.clone(), moved.model_id.clone())];
+    assert_eq!(cluster.pick("a", &avoid, Some("chat-1")).unwrap().worker, first.worker);
+    // Without a session, requests spread over both (power of two choices on equal loads).
+    let workers: std::collections::BTreeSet<String> =
+        (0..64).map(|_| cluster.pick("a", &[], None).unwrap().worker).collect();
+    assert_eq!(workers.len(), 2, "{workers:?}");
 }

@@ -75,6 +75,8 @@ pub struct Cluster {
     scaler: Mutex<Option<Arc<dyn autoscale::Scaler>>>,
     /// The token workers require on their own ports (one per cluster, kept in the store).
     worker_token: String,
+    /// The replica each session was last routed to (memory only).
+    pub(crate) sessions: Mutex<crate::router::pick::Sessions>,
 }
 
 impl Cluster {
@@ -95,6 +97,7 @@ impl Cluster {
             started: Instant::now(),
             scaler: Mutex::new(None),
             worker_token,
+            sessions: Mutex::default(),
         });
         cluster.start_autoscaler();
         cluster.size_restored();

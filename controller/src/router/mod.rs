@@ -61,6 +61,13 @@ pub fn request_id(given: &str) -> String {
     }
 }
 
+/// A client's session id (`X-Session-Id`, or OpenAI's `user`): printable, at most 128 bytes;
+/// anything else is no session.
+pub fn session_id(given: &str) -> Option<String> {
+    let s = given.trim();
+    (!s.is_empty() && s.len() <= 128 && s.chars().all(|c| c.is_ascii_graphic())).then(|| s.to_string())
+}
+
 /// The `grpc-timeout` a client set, as a duration.
 pub fn deadline_of<T>(req: &Request<T>) -> Option<Duration> {
     let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
@@ -103,20 +110,23 @@ impl Router {
         input: pb::generate_request::Input,
         sampling: Option<pb::SamplingParams>,
         request_id: String,
-        deadline: Option<Duration>,
+        session: Option<String>,
         caller: Option<&Caller>,
     ) -> Result<EventStream<pb::GenerateEvent>, Status> {
-        self.route(model, input, sampling, request_id, deadline, caller).await.map(Response::into_inner)
+        self.route(model, input, sampling, request_id, session, None, caller).await.map(Response::into_inner)
     }
 
     /// Starts a request on a replica and relays its events; a replica that fails mid-stream
-    /// hands the request to another, which goes on after the tokens already sent.
+    /// hands the request to another, which goes on after the tokens already sent. A request of
+    /// a `session` goes where the session's last one went, unless that replica is overloaded.
+    #[allow(clippy::too_many_arguments)]
     pub async fn route(
         &self,
         model: &str,
         input: pb::generate_request::Input,
         sampling: Option<pb::SamplingParams>,
         request_id: String,
+        session: Option<String>,
         deadline: Option<Duration>,
         caller: Option<&Caller>,
     ) -> Result<Response<EventStream<pb::GenerateEvent>>, Status> {
@@ -148,6 +158,7 @@ impl Router {
             input,
             sampling,
             request_id,
+            session,
             deadline: deadline.map(|d| Instant::now() + d),
             sent: Vec::new(),
             flushed: false,

@@ -46,6 +46,8 @@ pub(super) struct Relay {
     pub(super) input: pb::generate_request::Input,
     pub(super) sampling: Option<pb::SamplingParams>,
     pub(super) request_id: String,
+    /// The session the request belongs to, if the client named one.
+    pub(super) session: Option<String>,
     pub(super) deadline: Option<Instant>,
     /// Token ids delivered to the client.
     pub(super) sent: Vec<u32>,
@@ -92,7 +94,7 @@ impl Relay {
         let mut unreachable = Vec::new();
         let mut waits = 0;
         loop {
-            let picked = match self.cluster.pick(&self.model, &self.failed) {
+            let picked = match self.cluster.pick(&self.model, &self.failed, self.session.as_deref()) {
                 // An autoscaled deployment with no ready replica: wait while one comes up.
                 Err(ClusterError::NoReadyReplica(_)) if waits < 3 && self.cluster.autoscaled(&self.model) => {
                     waits += 1;
@@ -135,6 +137,7 @@ impl Relay {
                 worker = %target.worker,
                 replica = %target.model_id,
                 resume_after = self.sent.len(),
+                session = self.session.as_deref().unwrap_or(""),
                 "routing"
             );
             if let Ok(v) = format!("Bearer {}", self.cluster.worker_token()).parse() {

@@ -71,8 +71,14 @@ async fn run(api: Router, r: Request, headers: &HeaderMap, caller: Option<&Calle
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.chars().all(|c| c.is_ascii_graphic()))
         .map_or_else(Router::new_request_id, str::to_string);
     let model = common.model.trim().to_string();
+    // A multi-turn chat's session (`X-Session-Id`, else `user`) goes back to its replica.
+    let session = headers
+        .get("x-session-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::router::session_id)
+        .or_else(|| common.user.as_deref().and_then(crate::router::session_id));
     // Opened before answering, so an unknown model or a missing replica is a plain HTTP error.
-    let events = api.open_stream(&model, input, Some(sampling), request_id.clone(), None, caller).await?;
+    let events = api.open_stream(&model, input, Some(sampling), request_id.clone(), session, caller).await?;
     let id = response::id(endpoint, &request_id);
     let created = crate::clock::unix_ms() / 1000;
     if common.stream {

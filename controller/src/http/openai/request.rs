@@ -183,6 +183,8 @@ pub struct Common {
     presence_penalty: Option<f64>,
     frequency_penalty: Option<f64>,
     logit_bias: Option<HashMap<String, f64>>,
+    /// The end user: the session a request belongs to, unless `X-Session-Id` names one.
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
