@@ -5,11 +5,11 @@ use tonic::{Request, Response, Status};
 
 use super::Services;
 use crate::auth::Caller;
-use crate::router::{EventStream, deadline_of, request_id, session_id};
+use crate::router::{EventStream, client_id, deadline_of, request_id};
 
 /// The session a gRPC request names in its `x-session-id` metadata.
 fn session_of<T>(request: &Request<T>) -> Option<String> {
-    request.metadata().get("x-session-id").and_then(|v| v.to_str().ok()).and_then(session_id)
+    request.metadata().get("x-session-id").and_then(|v| v.to_str().ok()).and_then(client_id)
 }
 
 #[tonic::async_trait]

@@ -162,7 +162,7 @@ impl Cluster {
             }
             loaded.insert(id);
         }
-        inner.state.prefix.retain_loaded(worker, &loaded.iter().map(String::as_str).collect());
+        inner.state.prefix.retain_loaded(worker, &loaded);
         let Some(w) = inner.state.workers.get_mut(worker) else { return };
         w.status = status;
         w.last_seen = Instant::now();

@@ -61,9 +61,9 @@ pub fn request_id(given: &str) -> String {
     }
 }
 
-/// A client's session id (`X-Session-Id`, or OpenAI's `user`): printable, at most 128 bytes;
-/// anything else is no session.
-pub fn session_id(given: &str) -> Option<String> {
+/// An id a client gives over HTTP or in metadata (`X-Request-Id`, `X-Session-Id`, OpenAI's
+/// `user`), trimmed: printable, at most 128 bytes; anything else is none.
+pub fn client_id(given: &str) -> Option<String> {
     let s = given.trim();
     (!s.is_empty() && s.len() <= 128 && s.chars().all(|c| c.is_ascii_graphic())).then(|| s.to_string())
 }

@@ -163,14 +163,14 @@ mod tests {
     }
 
     #[test]
-    fn a_session_id_is_printable_and_bounded() {
-        use crate::router::session_id;
-        assert_eq!(session_id(" chat-7 ").as_deref(), Some("chat-7"));
-        assert_eq!(session_id(""), None);
-        assert_eq!(session_id("two words"), None);
-        assert_eq!(session_id("é"), None);
-        assert_eq!(session_id(&"x".repeat(129)), None);
-        assert_eq!(session_id(&"x".repeat(128)).map(|s| s.len()), Some(128));
+    fn a_client_id_is_printable_and_bounded() {
+        use crate::router::client_id;
+        assert_eq!(client_id(" chat-7 ").as_deref(), Some("chat-7"));
+        assert_eq!(client_id(""), None);
+        assert_eq!(client_id("two words"), None);
+        assert_eq!(client_id("é"), None);
+        assert_eq!(client_id(&"x".repeat(129)), None);
+        assert_eq!(client_id(&"x".repeat(128)).map(|s| s.len()), Some(128));
     }
 
     #[tokio::test]

@@ -221,11 +221,11 @@ impl PrefixIndex {
     }
 
     /// Forgets the models of `worker` not in `loaded` (it unloaded them).
-    pub fn retain_loaded(&mut self, worker: &str, loaded: &HashSet<&str>) {
+    pub fn retain_loaded(&mut self, worker: &str, loaded: &HashSet<String>) {
         let gone: Vec<String> = self
             .by_replica
             .keys()
-            .filter(|(w, m)| w == worker && !loaded.contains(m.as_str()))
+            .filter(|(w, m)| w == worker && !loaded.contains(m))
             .map(|(_, m)| m.clone())
             .collect();
         for m in gone {
@@ -303,7 +303,7 @@ mod tests {
         assert_eq!(ix.keys_of("a", "m-0"), 2);
         assert_eq!(ix.cached_prefixes(&p)[1], ("a".into(), "m-0".into(), 2));
         // a unloaded m-1 (its heartbeat no longer lists it).
-        ix.retain_loaded("a", &HashSet::from(["m-0"]));
+        ix.retain_loaded("a", &HashSet::from(["m-0".to_string()]));
         assert_eq!(ix.keys_of("a", "m-1"), 0);
         // b lost.
         ix.remove_worker("b");

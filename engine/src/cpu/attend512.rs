@@ -80,7 +80,7 @@ pub(super) unsafe fn attend(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    let lo = p.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+    let lo = p.first_seen(pos);
     let rows = Rows::new(kv, layer, table, kvh, lo, pos + 1);
     // SAFETY (caller): as this function's contract.
     unsafe {
@@ -110,7 +110,7 @@ pub(super) unsafe fn attend_rows(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    let lo = p.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+    let lo = p.first_seen(pos);
     let rows = Rows::new(kv, layer, table, kvh, lo, pos + ATTN_TILE);
     // Keys per pass: as many as keep the accumulators (rows × heads × pairs) within 24
     // registers.
@@ -136,7 +136,7 @@ unsafe fn decode<const R: usize>(
     out: &mut [f32],
 ) {
     let d = p.head_dim;
-    let lo = p.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+    let lo = p.first_seen(pos);
     let n = pos + 1 - lo;
     scores.clear();
     scores.resize(R * n, 0.0);
@@ -192,7 +192,7 @@ unsafe fn prompt<const R: usize, const KP: usize, const H: usize>(
     let last = pos0 + M - 1;
     // Row `i` sees positions `lo[i] ..= pos0 + i`; its head `h`'s scores are at
     // `base[i] + h·n[i]`.
-    let lo: [usize; M] = std::array::from_fn(|i| p.window.map_or(0, |w| (pos0 + i + 1).saturating_sub(w)));
+    let lo: [usize; M] = std::array::from_fn(|i| p.first_seen(pos0 + i));
     let n: [usize; M] = std::array::from_fn(|i| pos0 + i + 1 - lo[i]);
     let mut base = [0usize; M];
     for i in 1..M {

@@ -160,6 +160,13 @@ pub struct AttnParams<'a> {
     pub sinks: Option<&'a [f32]>,
 }
 
+impl AttnParams<'_> {
+    /// The first position a row at `pos` sees: 0, or the start of its window.
+    pub fn first_seen(&self, pos: usize) -> usize {
+        self.window.map_or(0, |w| (pos + 1).saturating_sub(w))
+    }
+}
+
 /// Whether the AVX-512 attention runs: an f16 cache, heads of a multiple of 16 values, at most
 /// [`MAX_REP`] query heads per kv head, and the AVX-512 flavor.
 #[cfg(target_arch = "x86_64")]
@@ -248,7 +255,7 @@ fn attend_any(
 ) {
     let d = p.head_dim;
     let rep = qs.len() / d;
-    let lo = p.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+    let lo = p.first_seen(pos);
     let n = pos + 1 - lo;
     scores.clear();
     scores.resize(rep * n, 0.0);

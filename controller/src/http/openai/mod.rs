@@ -64,19 +64,11 @@ struct Request {
 async fn run(api: Router, r: Request, headers: &HeaderMap, caller: Option<&Caller>) -> Result<Response, ApiError> {
     let Request { endpoint, common, input, sampling, logprobs } = r;
     // The caller's `X-Request-Id` (printable, bounded) names the request in every log line.
-    let request_id = headers
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.chars().all(|c| c.is_ascii_graphic()))
-        .map_or_else(Router::new_request_id, str::to_string);
+    let id_in = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).and_then(crate::router::client_id);
+    let request_id = id_in("x-request-id").unwrap_or_else(Router::new_request_id);
     let model = common.model.trim().to_string();
     // A multi-turn chat's session (`X-Session-Id`, else `user`) goes back to its replica.
-    let session = headers
-        .get("x-session-id")
-        .and_then(|v| v.to_str().ok())
-        .and_then(crate::router::session_id)
-        .or_else(|| common.user.as_deref().and_then(crate::router::session_id));
+    let session = id_in("x-session-id").or_else(|| common.user.as_deref().and_then(crate::router::client_id));
     // Opened before answering, so an unknown model or a missing replica is a plain HTTP error.
     let events = api.open_stream(&model, input, Some(sampling), request_id.clone(), session, caller).await?;
     let id = response::id(endpoint, &request_id);
