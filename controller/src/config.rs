@@ -26,6 +26,31 @@ pub struct ControllerConfig {
     pub stall_timeout: Duration,
     /// How long an HTTP client may take to send a request's headers.
     pub http_header_timeout: Duration,
+    /// How the router chooses among a deployment's ready replicas.
+    pub routing: Routing,
+}
+
+/// How the router chooses among a deployment's ready replicas (a session's request goes back
+/// to its replica first either way, unless that one is overloaded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Routing {
+    /// Where the prompt's prefix is cached, weighed against queue and KV-cache pressure
+    /// (`router::pick::score`); power of two choices for a prompt no replica holds, or a tie.
+    #[default]
+    Prefix,
+    /// Power of two choices on load alone.
+    P2c,
+}
+
+impl std::str::FromStr for Routing {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Routing, String> {
+        match s {
+            "prefix" => Ok(Routing::Prefix),
+            "p2c" => Ok(Routing::P2c),
+            _ => Err(format!("`{s}`: give `prefix` (where the prompt's prefix is cached) or `p2c` (load alone)")),
+        }
+    }
 }
 
 impl Default for ControllerConfig {
@@ -41,6 +66,7 @@ impl Default for ControllerConfig {
             max_waiting: 256,
             stall_timeout: Duration::from_secs(60),
             http_header_timeout: Duration::from_secs(30),
+            routing: Routing::Prefix,
         }
     }
 }

@@ -11,6 +11,8 @@ use crate::cluster::Cluster;
 
 /// Upper bounds (seconds) of the time-to-first-token buckets.
 const TTFT_BUCKETS: [f64; 12] = [0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0];
+/// Upper bounds (seconds) of the buckets of the router's wait for a prompt's token ids.
+const TOKENIZE_BUCKETS: [f64; 12] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0];
 /// Upper bounds (seconds) of the inter-token latency buckets.
 const ITL_BUCKETS: [f64; 12] = [0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5];
 
@@ -52,6 +54,12 @@ struct Recorded {
     key_admitted: BTreeMap<String, u64>,
     key_refused: BTreeMap<(String, String), u64>,
     key_tokens: BTreeMap<String, u64>,
+    /// (model, chosen by) → routing decisions.
+    routed: BTreeMap<(String, &'static str), u64>,
+    /// (model, part) → the sum over routing decisions with a prompt hint of the chosen
+    /// replica's score parts (`cached`, `queue`, `kv`) and of the prompts' tokens (`prompt`).
+    route_tokens: BTreeMap<(String, &'static str), u64>,
+    tokenize: BTreeMap<String, Histogram>,
 }
 
 static RECORDED: LazyLock<Mutex<Recorded>> = LazyLock::new(Mutex::default);
@@ -106,6 +114,27 @@ pub fn migration(model: &str, outcome: &str) {
 /// An autoscaler decision for `deployment`: `up` or `down`.
 pub fn autoscaled(deployment: &str, direction: &str) {
     with(|r| *r.autoscaled.entry((deployment.to_string(), direction.to_string())).or_default() += 1);
+}
+
+/// A routing decision for `model`: why the replica was chosen (`only`, `session`, `prefix`,
+/// `p2c`) and, for a request whose prompt the router hashed, its length and the replica's score.
+pub fn routed(model: &str, by: &'static str, prompt_tokens: Option<usize>, score: Option<crate::router::pick::Score>) {
+    with(|r| {
+        *r.routed.entry((model.to_string(), by)).or_default() += 1;
+        if let Some(p) = prompt_tokens {
+            *r.route_tokens.entry((model.to_string(), "prompt")).or_default() += p as u64;
+        }
+        if let Some(s) = score {
+            for (part, n) in [("cached", s.cached), ("queue", s.queue), ("kv", s.kv)] {
+                *r.route_tokens.entry((model.to_string(), part)).or_default() += n;
+            }
+        }
+    });
+}
+
+/// The router's wait for a prompt's token ids from a replica of `model`.
+pub fn tokenized(model: &str, took: Duration) {
+    with(|r| r.tokenize.entry(model.to_string()).or_default().observe(&TOKENIZE_BUCKETS, took.as_secs_f64()));
 }
 
 /// A replica that could not be placed or loaded, by kind of reason.
@@ -216,6 +245,31 @@ pub fn render(cluster: &Cluster) -> String {
                 label(direction)
             );
         }
+        header(
+            &mut out,
+            "gantry_routing_decisions_total",
+            "counter",
+            "Routing decisions by deployment and why the replica was chosen: only (the one ready), session, prefix (best score holding part of the prompt), p2c (power of two choices).",
+        );
+        for ((model, by), n) in &r.routed {
+            let _ = writeln!(out, "gantry_routing_decisions_total{{model=\"{}\",by=\"{by}\"}} {n}", label(model));
+        }
+        header(
+            &mut out,
+            "gantry_routing_tokens_total",
+            "counter",
+            "Over requests routed with their prompt's prefix-cache keys, in prompt tokens: the prompts (part=prompt) and the chosen replicas' score parts: cached prefix (cached), queue (queue) and KV pressure (kv); score = cached - queue - kv.",
+        );
+        for ((model, part), n) in &r.route_tokens {
+            let _ = writeln!(out, "gantry_routing_tokens_total{{model=\"{}\",part=\"{part}\"}} {n}", label(model));
+        }
+        header(
+            &mut out,
+            "gantry_routing_tokenize_seconds",
+            "histogram",
+            "The router's wait for a prompt's token ids from a replica (Worker/Tokenize), by deployment.",
+        );
+        histogram(&mut out, "gantry_routing_tokenize_seconds", &TOKENIZE_BUCKETS, &r.tokenize);
     });
     deployment_signals(&mut out, cluster);
 

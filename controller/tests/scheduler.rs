@@ -538,3 +538,115 @@ async fn a_session_sticks_to_its_replica_and_yields_when_it_is_overloaded() {
         (0..64).map(|_| cluster.pick("a", &[], None).unwrap().worker).collect();
     assert_eq!(workers.len(), 2, "{workers:?}");
 }
+
+/// A ready replica of `a` on a worker: (worker, link session, replica id, link).
+type ReadyReplica = (&'static str, u64, String, Link);
+
+/// Three ready replicas of `a`, on w1, w2 and w3.
+async fn three_ready(cluster: &Cluster) -> Vec<ReadyReplica> {
+    let mut out = Vec::new();
+    for w in ["w1", "w2", "w3"] {
+        let (s, l) = register(cluster, w, 24 << 30);
+        out.push((w, s, String::new(), l));
+    }
+    cluster.apply("a", llama_8b(3)).await.unwrap();
+    for (worker, _, id, link) in &mut out {
+        let load = next_load(link).await;
+        let request = load.request.unwrap();
+        assert_eq!(request.prefix_namespace, "a", "the replicas share their prefix-cache keys");
+        *id = request.model_id;
+        let info = pb::ModelInfo { model_id: id.clone(), ..Default::default() };
+        cluster.command_result(
+            worker,
+            pb::CommandResult { command_id: load.command_id, model: Some(info), ..Default::default() },
+        );
+    }
+    assert_eq!(cluster.get("a").unwrap().status.unwrap().ready_replicas, 3);
+    out
+}
+
+/// A heartbeat from `r`'s worker whose replica reports holding `keys` (a snapshot), with
+/// `kv_used` of its 100 KV blocks held by sequences and `queued` requests waiting.
+fn report(cluster: &Cluster, r: &ReadyReplica, keys: &[u64], kv_used: u64, queued: u32) {
+    let mut st = gpu_status(24 << 30, 24 << 30);
+    st.models.push(pb::LoadedModel {
+        info: Some(pb::ModelInfo { model_id: r.2.clone(), ..Default::default() }),
+        queued,
+        kv_block_tokens: 16,
+        kv_blocks_total: 100,
+        kv_blocks_used: kv_used,
+        prefix_keys: Some(pb::PrefixKeyChanges { reset: true, added: keys.to_vec(), dropped: vec![] }),
+        ..Default::default()
+    });
+    cluster.heartbeat(r.0, r.1, st);
+}
+
+#[tokio::test]
+async fn a_prompt_goes_to_the_replica_holding_its_longest_prefix_unless_that_one_is_overloaded() {
+    use gantry_controller::router::pick::{ChosenBy, PrefixHint};
+    use gantry_core::prefix::{block_keys, model_seed};
+    // A lease long enough that no worker is lost while the test holds some silent.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(EmbeddedStore::open(&dir.path().join("state.redb")).unwrap());
+    let cluster = Cluster::start(store, ControllerConfig::default()).await.unwrap();
+    let r = three_ready(&cluster).await;
+    // A 1,000-token prompt: 62 full blocks of 16.
+    let tokens: Vec<u32> = (0..1000).collect();
+    let keys = block_keys(model_seed("a"), &tokens, 16);
+    let hint = PrefixHint { keys: keys.clone(), block_tokens: 16, prompt_tokens: tokens.len() };
+    report(&cluster, &r[0], &keys[..10], 0, 0);
+    report(&cluster, &r[1], &keys[..40], 0, 0);
+    // w3 holds later blocks but not the first: none of the prompt's prefix.
+    report(&cluster, &r[2], &keys[1..], 0, 0);
+    assert_eq!(cluster.tokenizer_for("a", &[], None).map(|t| t.worker), Some("w1".into()), "the least loaded asked");
+    let routed = cluster.choose("a", &[], None, Some(&hint)).unwrap();
+    assert_eq!((routed.target.worker.as_str(), routed.by), ("w2", ChosenBy::Prefix));
+    let score = routed.score.unwrap();
+    assert_eq!((score.cached, score.queue, score.kv, score.total()), (640, 0, 0, 640));
+
+    // Its queue and KV pressure weigh against what it holds: w2 with 5 waiting and a full KV
+    // cache (640 - 5×64 - 512 < 0) loses to w1 (160 cached), which is not overloaded.
+    report(&cluster, &r[1], &keys[..40], 100, 5);
+    report(&cluster, &r[0], &keys[..10], 0, 2);
+    let routed = cluster.choose("a", &[], None, Some(&hint)).unwrap();
+    assert_eq!((routed.target.worker.as_str(), routed.by), ("w1", ChosenBy::Prefix));
+    // Routed there, w1 is expected to hold every block of the prompt now, before its worker says.
+    let routed = cluster.choose("a", &[], None, Some(&hint)).unwrap();
+    assert_eq!((routed.target.worker.as_str(), routed.score.unwrap().cached), ("w1", 992));
+
+    // Overloaded (more than twice the least loaded and two more), w1 is passed over whatever
+    // it holds; so is w2 (5 queued); w3 holds none of the prompt: power of two choices among
+    // all three, which then expects the one it chose to hold the prompt.
+    report(&cluster, &r[0], &keys, 0, 5);
+    let first = cluster.choose("a", &[], None, Some(&hint)).unwrap();
+    assert_eq!(first.by, ChosenBy::P2c);
+    let then = cluster.choose("a", &[], None, Some(&hint)).unwrap();
+    if first.target.worker == "w3" {
+        assert_eq!((then.target.worker.as_str(), then.by), ("w3", ChosenBy::Prefix));
+    } else {
+        assert_eq!(then.by, ChosenBy::P2c, "w1 and w2 are still overloaded; w3 holds nothing");
+    }
+
+    // A prompt no replica holds: power of two choices, spreading over the replicas.
+    report(&cluster, &r[0], &keys, 0, 0);
+    report(&cluster, &r[1], &keys, 0, 0);
+    report(&cluster, &r[2], &keys[1..], 0, 0);
+    let cold: Vec<u32> = (5000..5100).collect();
+    let cold = PrefixHint { keys: block_keys(model_seed("a"), &cold, 16), block_tokens: 16, prompt_tokens: 100 };
+    let routed = cluster.choose("a", &[], None, Some(&cold)).unwrap();
+    assert_eq!((routed.by, routed.score.unwrap().cached), (ChosenBy::P2c, 0));
+    // Two replicas holding all of it at equal load tie: power of two choices between them.
+    let tied: std::collections::BTreeSet<String> = (0..32)
+        .map(|_| cluster.choose("a", &[], None, Some(&hint)).unwrap())
+        .map(|r| {
+            assert_eq!(r.by, ChosenBy::P2c);
+            r.target.worker
+        })
+        .collect();
+    assert_eq!(tied, ["w1".to_string(), "w2".to_string()].into(), "w3 (cold) is never chosen");
+
+    // A replica its worker no longer reports (unloaded) leaves the index.
+    cluster.heartbeat(r[0].0, r[0].1, gpu_status(24 << 30, 24 << 30));
+    let routed = cluster.choose("a", &[], None, Some(&hint)).unwrap();
+    assert_eq!((routed.target.worker.as_str(), routed.by), ("w2", ChosenBy::Prefix));
+}

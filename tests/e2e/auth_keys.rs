@@ -350,7 +350,7 @@ fn guarded_worker(controller: &str, id: &str, gpus: &str, key: &str) -> (Running
 
 /// A worker that listens beyond loopback without TLS: it refuses to start without a controller
 /// link that can bring it the cluster's worker token; with one, every method of its port
-/// (`Worker/Status|LoadModel|UnloadModel|Generate`, `StageLink/Forward`, reflection) refuses a
+/// (`Worker/Status|LoadModel|UnloadModel|Generate|Tokenize`, `StageLink/Forward`, reflection) refuses a
 /// caller without the token or with a wrong one, while the controller's calls and the stages'
 /// links of a model split over two such workers carry it and work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -449,6 +449,13 @@ async fn a_worker_beyond_loopback_takes_calls_only_with_the_clusters_token() {
             (
                 "Generate",
                 w.generate(maybe_key(pb::GenerateRequest { model_id: "smol/0".into(), ..Default::default() }, key))
+                    .await
+                    .map(|_| ())
+                    .unwrap_err(),
+            ),
+            (
+                "Tokenize",
+                w.tokenize(maybe_key(pb::GenerateRequest { model_id: "smol/0".into(), ..Default::default() }, key))
                     .await
                     .map(|_| ())
                     .unwrap_err(),

@@ -25,6 +25,7 @@ mod metrics_promtool;
 mod openai_python;
 mod reflection_python;
 mod reliability;
+mod routing;
 mod tls_mutual;
 mod url_source;
 mod worker_binary;

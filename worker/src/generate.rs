@@ -30,9 +30,19 @@ pub(crate) const STREAM_BUFFER: usize = 8;
 pub type GenerateEvents = mpsc::Receiver<Result<pb::GenerateEvent, Status>>;
 
 impl WorkerState {
-    /// Checks a request and starts it (or queues it); the stream yields its tokens.
-    pub fn generate(self: &Arc<Self>, req: pb::GenerateRequest) -> Result<GenerateEvents, WorkerError> {
-        let model = self.model(&req.model_id)?;
+    /// The token ids `req`'s input becomes, as [`WorkerState::generate`] would process them,
+    /// with the model's prefix-cache keying: for a router looking for the replica that holds
+    /// the prompt's prefix.
+    pub fn tokenize(&self, req: &pb::GenerateRequest) -> Result<pb::TokenizeResponse, WorkerError> {
+        let model = self.first_stage(&req.model_id)?;
+        let token_ids = build_prompt(&model, req.input.as_ref())?;
+        let (kv_block_tokens, prefix_seed) = model.prefix_keying();
+        Ok(pb::TokenizeResponse { token_ids, kv_block_tokens, prefix_seed })
+    }
+
+    /// Model `id`, which must hold the first layers (requests go to the first stage).
+    fn first_stage(&self, id: &str) -> Result<Arc<Served>, WorkerError> {
+        let model = self.model(id)?;
         if model.info.layer_start != 0 {
             return Err(WorkerError::Precondition(format!(
                 "this worker runs layers {} of `{}`, a later pipeline stage; send requests to the stage holding layer 0",
@@ -40,6 +50,12 @@ impl WorkerState {
                 model.info.model_id
             )));
         }
+        Ok(model)
+    }
+
+    /// Checks a request and starts it (or queues it); the stream yields its tokens.
+    pub fn generate(self: &Arc<Self>, req: pb::GenerateRequest) -> Result<GenerateEvents, WorkerError> {
+        let model = self.first_stage(&req.model_id)?;
         let params = checked_sampling(req.sampling.as_ref(), &model)?;
         let prompt = build_prompt(&model, req.input.as_ref())?;
         let context = model.info.context_length as usize;

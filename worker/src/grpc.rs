@@ -68,6 +68,15 @@ impl pb::worker_server::Worker for WorkerService {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
+    async fn tokenize(&self, request: Request<pb::GenerateRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
+        // Off the async threads, as `generate`: a chat's template renders in a child process.
+        let state = self.state.clone();
+        let out = tokio::task::spawn_blocking(move || state.tokenize(&request.into_inner()))
+            .await
+            .map_err(|e| Status::internal(format!("the request's task failed: {e}")))??;
+        Ok(Response::new(out))
+    }
+
     async fn status(&self, _request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
         Ok(Response::new(self.state.status()?))
     }

@@ -241,7 +241,9 @@ impl WorkerState {
             if let Some(kv) = part.kv_pool() {
                 // The memory reserved for `parallel` sequences at the full context.
                 kv.set_max_blocks(self.options.parallel * context.div_ceil(gantry_engine::cpu::kv::BLOCK_TOKENS));
-                kv.set_model(model_id);
+                // Replicas of a deployment share a namespace, so a prompt has the same keys on each.
+                let namespace = req.prefix_namespace.trim();
+                kv.set_model(if namespace.is_empty() { model_id } else { namespace });
             }
             segments.push(Segment::new(part, self.turn(&binding.engine_device)?, self.options.step_tokens));
         }

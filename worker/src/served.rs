@@ -89,6 +89,15 @@ impl Served {
         Some(pb::PrefixKeyChanges { reset: c.reset, added: c.added, dropped: c.dropped })
     }
 
+    /// The first segment's prefix-cache block size and key seed (a block size of 0 without a
+    /// paged cache).
+    pub fn prefix_keying(&self) -> (u32, u64) {
+        match self.segments.first().and_then(|s| s.part.kv_pool()) {
+            Some(kv) => (gantry_engine::cpu::kv::BLOCK_TOKENS as u32, kv.seed()),
+            None => (0, 0),
+        }
+    }
+
     /// Its vocabulary size (resumed tokens and logit biases are checked against it).
     pub fn vocab_size(&self) -> usize {
         self.segments.first().map_or(0, |s| s.part.config.vocab_size)

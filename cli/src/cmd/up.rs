@@ -101,6 +101,11 @@ pub struct ControlArgs {
     /// closed (a client trickling bytes cannot hold connections open)
     #[arg(long, default_value_t = 30.0, value_parser = crate::process::parse_seconds)]
     http_header_timeout: f64,
+    /// How requests choose among a deployment's ready replicas: `prefix` (where the prompt's
+    /// prefix is cached, weighed against queue and KV pressure; load alone for a prompt no
+    /// replica holds) or `p2c` (power of two choices on load alone)
+    #[arg(long, env = "GANTRY_ROUTING", default_value = "prefix")]
+    routing: gantry_controller::config::Routing,
     /// A file of API keys, one per line: every API but health checks then needs
     /// `Authorization: Bearer <key>` [default: no keys]
     #[arg(long, env = "GANTRY_API_KEYS_FILE")]
@@ -286,6 +291,7 @@ impl ControlArgs {
             max_waiting: self.max_waiting as usize,
             stall_timeout: Duration::from_secs_f64(self.stall_timeout),
             http_header_timeout: Duration::from_secs_f64(self.http_header_timeout),
+            routing: self.routing,
         })
     }
 

@@ -165,6 +165,7 @@ impl Router {
             failed: Vec::new(),
             started: Instant::now(),
             last_token: None,
+            hint: None,
         };
         let attached = relay.attach().await.inspect_err(|e| {
             // Names that are not deployments are not labels (anyone could make up millions).

@@ -1,8 +1,14 @@
-//! Choosing a replica for a request: two ready replicas at random, the less loaded of them
-//! (power of two choices), leaving out those that already failed the request. A request of a
-//! session (a multi-turn chat: `X-Session-Id`, or OpenAI's `user`) goes back to the replica that
-//! served the session last, where its earlier turns are in the prefix cache, unless that
-//! replica is overloaded ([`overloaded`]).
+//! Choosing a replica for a request, leaving out those that already failed it:
+//!
+//! 1. A request of a session (a multi-turn chat: `X-Session-Id`, or OpenAI's `user`) goes back
+//!    to the replica that served the session last, where its earlier turns are in the prefix
+//!    cache, unless that replica is [`overloaded`].
+//! 2. With the prompt's prefix-cache keys ([`PrefixHint`]), each ready replica gets a
+//!    [`score`]: the prompt tokens it holds cached (by the router's prefix index) less its queue
+//!    and its KV-cache pressure. The best replica holding some of the prompt wins, unless it is
+//!    overloaded.
+//! 3. Otherwise (a prompt no replica holds, a tie, `--routing p2c`): two ready replicas at
+//!    random, the less loaded of them (power of two choices).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use tonic::transport::Channel;
 
-use crate::cluster::Cluster;
 use crate::cluster::state::{ReplicaState, replica_model_id};
 use crate::cluster::view::{no_replica_reason, not_found};
+use crate::cluster::{Cluster, Inner};
 use crate::error::ClusterError;
 
 /// A ready replica the router may send a request to.
@@ -71,31 +77,95 @@ pub fn overloaded(load: u64, least: u64) -> bool {
     load > least.saturating_mul(2).max(least + 2)
 }
 
-impl Cluster {
-    /// Two ready replicas of `model` at random, the less loaded of them (power of two choices),
-    /// leaving out `avoid` (replicas that failed this request, as worker and replica id); for a
-    /// `session`, the replica it last went to unless that one is [`overloaded`].
-    pub fn pick(&self, model: &str, avoid: &[(String, String)], session: Option<&str>) -> Result<Target, ClusterError> {
-        let target = self.pick_ready(model, avoid, session)?;
-        if let Some(s) = session {
-            let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-            sessions.record(model, s, &target, Instant::now());
-        }
-        Ok(target)
-    }
+/// What the router knows of a request's prompt for routing by prefix: the prefix-cache keys of
+/// its full blocks, as the replicas key them (`gantry_core::prefix`).
+#[derive(Debug, Clone, Default)]
+pub struct PrefixHint {
+    pub keys: Vec<u64>,
+    pub block_tokens: u32,
+    pub prompt_tokens: usize,
+}
 
-    fn pick_ready(
-        &self,
-        model: &str,
-        avoid: &[(String, String)],
-        session: Option<&str>,
-    ) -> Result<Target, ClusterError> {
-        let inner = self.lock();
+/// Prompt tokens that one request in flight or queued at a replica weighs against a cached
+/// prefix: a 1,024-token cached prefix outweighs 16 more requests (an overloaded replica is
+/// passed over whatever it holds).
+pub const QUEUE_TOKENS: u64 = 64;
+/// Prompt tokens that a KV cache whose blocks all hold running sequences weighs (in proportion
+/// to the share held): a new sequence there may wait for blocks or preempt another.
+pub const KV_TOKENS: u64 = 512;
+
+/// A replica's score for a prompt, in prompt tokens: `cached` (what it need not compute) less
+/// `queue` and `kv`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Score {
+    pub cached: u64,
+    pub queue: u64,
+    pub kv: u64,
+}
+
+impl Score {
+    pub fn total(&self) -> i64 {
+        self.cached as i64 - self.queue as i64 - self.kv as i64
+    }
+}
+
+/// The score of a replica that holds `cached_blocks` leading blocks of the prompt, has `load`
+/// requests in flight and queued, and `kv_used` of `kv_total` KV blocks held by sequences.
+pub fn score(hint: &PrefixHint, cached_blocks: usize, load: u64, kv_used: u64, kv_total: u64) -> Score {
+    // The prompt's last token is computed however much is cached (its logits start the reply).
+    let cached = (cached_blocks as u64 * u64::from(hint.block_tokens)).min(hint.prompt_tokens.saturating_sub(1) as u64);
+    let kv = (KV_TOKENS * kv_used.min(kv_total)).checked_div(kv_total).unwrap_or(0);
+    Score { cached, queue: load.saturating_mul(QUEUE_TOKENS), kv }
+}
+
+/// Why a replica was chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChosenBy {
+    /// The only ready replica.
+    Only,
+    /// The replica the request's session last went to.
+    Session,
+    /// The best [`score`] among replicas holding part of the prompt.
+    Prefix,
+    /// Power of two choices: no hint, a prompt no replica holds, or a tie.
+    P2c,
+}
+
+impl ChosenBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChosenBy::Only => "only",
+            ChosenBy::Session => "session",
+            ChosenBy::Prefix => "prefix",
+            ChosenBy::P2c => "p2c",
+        }
+    }
+}
+
+/// A routing decision: the replica, why, and (for a request with a hint) its score.
+#[derive(Debug, Clone)]
+pub struct Routed {
+    pub target: Target,
+    pub by: ChosenBy,
+    pub score: Option<Score>,
+}
+
+/// A deployment's ready replicas, less those to avoid.
+struct Ready {
+    targets: Vec<Target>,
+    /// Requests in flight and queued, per target.
+    load: Vec<u64>,
+    /// KV blocks held by sequences, and in all, per target (0, 0 when unknown).
+    kv: Vec<(u64, u64)>,
+    /// Replicas left out because they failed this request.
+    failed_here: Vec<u32>,
+}
+
+impl Ready {
+    fn of(inner: &Inner, model: &str, avoid: &[(String, String)]) -> Result<Ready, ClusterError> {
         let st = &inner.state;
         let d = st.deployments.get(model).ok_or_else(|| not_found(st, model))?;
-        let mut ready: Vec<Target> = Vec::new();
-        let mut load: Vec<u64> = Vec::new();
-        let mut failed_here = Vec::new();
+        let mut ready = Ready { targets: Vec::new(), load: Vec::new(), kv: Vec::new(), failed_here: Vec::new() };
         for (&i, r) in &d.replicas {
             if r.state != ReplicaState::Ready {
                 continue;
@@ -105,39 +175,148 @@ impl Cluster {
             let Some(link) = inner.links.get(&w.id) else { continue };
             let model_id = replica_model_id(model, i);
             if avoid.iter().any(|(worker, id)| *worker == w.id && *id == model_id) {
-                failed_here.push(i);
+                ready.failed_here.push(i);
                 continue;
             }
-            let queued = w.model(&model_id).map_or(0, |m| u64::from(m.queued));
-            load.push(u64::from(r.inflight.load(Ordering::Relaxed)) + queued);
-            ready.push(Target {
+            let reported = w.model(&model_id);
+            let queued = reported.map_or(0, |m| u64::from(m.queued));
+            ready.load.push(u64::from(r.inflight.load(Ordering::Relaxed)) + queued);
+            ready.kv.push(reported.map_or((0, 0), |m| (m.kv_blocks_used, m.kv_blocks_total)));
+            ready.targets.push(Target {
                 worker: w.id.clone(),
                 model_id,
                 channel: link.channel.clone(),
                 inflight: r.inflight.clone(),
             });
         }
-        if let Some(s) = session
-            && let Some(i) = self.session_target(model, s, &ready)
-        {
-            let least = load.iter().copied().min().unwrap_or(0);
-            if !overloaded(load[i], least) {
-                return Ok(ready.swap_remove(i));
-            }
+        if ready.targets.is_empty() {
+            return Err(ClusterError::NoReadyReplica(no_replica_reason(model, d, &ready.failed_here)));
         }
-        match ready.len() {
-            0 => Err(ClusterError::NoReadyReplica(no_replica_reason(model, d, &failed_here))),
-            1 => Ok(ready.swap_remove(0)),
+        Ok(ready)
+    }
+
+    fn least(&self) -> u64 {
+        self.load.iter().copied().min().unwrap_or(0)
+    }
+
+    /// Power of two choices among `among` (indices into the targets).
+    fn p2c(&self, among: &[usize]) -> usize {
+        match among.len() {
+            0 | 1 => among.first().copied().unwrap_or(0),
             n => {
                 let a = rand::random_range(0..n);
                 let mut b = rand::random_range(0..n - 1);
                 if b >= a {
                     b += 1;
                 }
-                let pick = if load[b] < load[a] { b } else { a };
-                Ok(ready.swap_remove(pick))
+                let (a, b) = (among[a], among[b]);
+                if self.load[b] < self.load[a] { b } else { a }
             }
         }
+    }
+}
+
+impl Cluster {
+    /// A ready replica of `model` for a request, leaving out `avoid` (replicas that failed it,
+    /// as worker and replica id): see the module's doc.
+    pub fn pick(&self, model: &str, avoid: &[(String, String)], session: Option<&str>) -> Result<Target, ClusterError> {
+        self.choose(model, avoid, session, None).map(|r| r.target)
+    }
+
+    /// As [`Cluster::pick`], scoring the replicas by `hint` when there is one; the chosen
+    /// replica is then expected to hold the prompt's blocks (added to the prefix index), so the
+    /// next request with the same prefix finds it before its worker's next heartbeat.
+    pub fn choose(
+        &self,
+        model: &str,
+        avoid: &[(String, String)],
+        session: Option<&str>,
+        hint: Option<&PrefixHint>,
+    ) -> Result<Routed, ClusterError> {
+        let routed = {
+            let mut inner = self.lock();
+            let routed = self.choose_ready(&inner, model, avoid, session, hint)?;
+            if let Some(h) = hint {
+                inner.state.prefix.add(&routed.target.worker, &routed.target.model_id, &h.keys);
+            }
+            routed
+        };
+        if let Some(s) = session {
+            let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            sessions.record(model, s, &routed.target, Instant::now());
+        }
+        Ok(routed)
+    }
+
+    fn choose_ready(
+        &self,
+        inner: &Inner,
+        model: &str,
+        avoid: &[(String, String)],
+        session: Option<&str>,
+        hint: Option<&PrefixHint>,
+    ) -> Result<Routed, ClusterError> {
+        let ready = Ready::of(inner, model, avoid)?;
+        let least = ready.least();
+        let scored = |ready: &Ready, i: usize| {
+            hint.map(|h| {
+                let t = &ready.targets[i];
+                let blocks = inner.state.prefix.held_run(&t.worker, &t.model_id, &h.keys);
+                score(h, blocks, ready.load[i], ready.kv[i].0, ready.kv[i].1)
+            })
+        };
+        let take = |mut ready: Ready, i: usize, by: ChosenBy| {
+            let score = scored(&ready, i);
+            Routed { target: ready.targets.swap_remove(i), by, score }
+        };
+        if let Some(s) = session
+            && let Some(i) = self.session_target(model, s, &ready.targets)
+            && !overloaded(ready.load[i], least)
+        {
+            return Ok(take(ready, i, ChosenBy::Session));
+        }
+        if ready.targets.len() == 1 {
+            return Ok(take(ready, 0, ChosenBy::Only));
+        }
+        if hint.is_some_and(|h| !h.keys.is_empty()) {
+            let scores: Vec<(usize, Score)> = (0..ready.targets.len())
+                .filter_map(|i| scored(&ready, i).map(|s| (i, s)))
+                .filter(|(i, s)| s.cached > 0 && !overloaded(ready.load[*i], least))
+                .collect();
+            if let Some(best) = scores.iter().map(|(_, s)| s.total()).max() {
+                let tied: Vec<usize> = scores.iter().filter(|(_, s)| s.total() == best).map(|(i, _)| *i).collect();
+                let i = ready.p2c(&tied);
+                let by = if tied.len() == 1 { ChosenBy::Prefix } else { ChosenBy::P2c };
+                return Ok(take(ready, i, by));
+            }
+        }
+        let all: Vec<usize> = (0..ready.targets.len()).collect();
+        let i = ready.p2c(&all);
+        Ok(take(ready, i, ChosenBy::P2c))
+    }
+
+    /// The replica to ask for a prompt's token ids when routing by prefix is worth it: the
+    /// least loaded ready one, when there are two or more, the request's session (if any) has
+    /// no replica to go back to, and some replica holds prefix-cache keys. `None` otherwise.
+    pub fn tokenizer_for(&self, model: &str, avoid: &[(String, String)], session: Option<&str>) -> Option<Target> {
+        let inner = self.lock();
+        let mut ready = Ready::of(&inner, model, avoid).ok()?;
+        if ready.targets.len() < 2 {
+            return None;
+        }
+        if let Some(s) = session
+            && let Some(i) = self.session_target(model, s, &ready.targets)
+            && !overloaded(ready.load[i], ready.least())
+        {
+            return None;
+        }
+        let ix = &inner.state.prefix;
+        if !ready.targets.iter().any(|t| ix.keys_of(&t.worker, &t.model_id) > 0) {
+            return None;
+        }
+        let least = ready.least();
+        let i = ready.load.iter().position(|&l| l == least)?;
+        Some(ready.targets.swap_remove(i))
     }
 
     /// Where in `ready` the replica `session` last went to is (the sessions' lock is taken
@@ -160,6 +339,18 @@ mod tests {
         assert!(!overloaded(3, 1) && overloaded(4, 1));
         assert!(!overloaded(8, 4) && overloaded(9, 4));
         assert!(!overloaded(0, 0));
+    }
+
+    #[test]
+    fn a_score_is_the_cached_prefix_less_queue_and_kv_pressure() {
+        let hint = PrefixHint { keys: vec![0; 64], block_tokens: 16, prompt_tokens: 1024 };
+        // All 64 blocks cached: the last token is computed anyway, so 1,023 are saved.
+        assert_eq!(score(&hint, 64, 0, 0, 0), Score { cached: 1023, queue: 0, kv: 0 });
+        let s = score(&hint, 10, 3, 75, 100);
+        assert_eq!((s.cached, s.queue, s.kv, s.total()), (160, 192, 384, -416));
+        // An unknown KV size weighs nothing; a used count past the total weighs the full cache.
+        assert_eq!(score(&hint, 1, 0, 5, 0).kv, 0);
+        assert_eq!(score(&hint, 1, 0, 500, 100).kv, KV_TOKENS);
     }
 
     #[test]

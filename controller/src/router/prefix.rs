@@ -95,7 +95,21 @@ impl PrefixIndex {
         if changes.reset {
             self.remove_replica(worker, model_id);
         }
-        if changes.added.is_empty() && changes.dropped.is_empty() {
+        if let Some(s) = self.slot(worker, model_id) {
+            for &key in &changes.dropped {
+                self.drop_key(s, key);
+            }
+            self.compact(s);
+        }
+        self.add(worker, model_id, &changes.added);
+    }
+
+    /// Adds `keys` to what `model_id` on `worker` holds: reported by its worker, or expected
+    /// because the router just sent it a prompt with these blocks (it reports them once
+    /// computed, or drops them when evicted; a request that fails there leaves them to age
+    /// out, costing a routing hint, never a wrong answer).
+    pub fn add(&mut self, worker: &str, model_id: &str, keys: &[u64]) {
+        if keys.is_empty() {
             return;
         }
         let s = match self.slot(worker, model_id) {
@@ -116,10 +130,7 @@ impl PrefixIndex {
                 s
             }
         };
-        for &key in &changes.dropped {
-            self.drop_key(s, key);
-        }
-        for &key in &changes.added {
+        for &key in keys {
             let Some(slot) = self.slots[s as usize].as_mut() else { return };
             if !slot.keys.insert(key) {
                 continue;
@@ -138,6 +149,13 @@ impl PrefixIndex {
             while self.entries > self.max_entries && self.forget_oldest() {}
         }
         self.compact(s);
+    }
+
+    /// How many leading blocks of a prompt whose full blocks have `keys` (in order) `model_id`
+    /// on `worker` holds.
+    pub fn held_run(&self, worker: &str, model_id: &str, keys: &[u64]) -> usize {
+        let Some(slot) = self.slot(worker, model_id).and_then(|s| self.slots[s as usize].as_ref()) else { return 0 };
+        keys.iter().take_while(|k| slot.keys.contains(k)).count()
     }
 
     /// Forgets slot `s`'s oldest key.

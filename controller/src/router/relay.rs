@@ -14,8 +14,9 @@ use tonic::{Request, Status, Streaming};
 use tracing::{info, warn};
 
 use super::code_name;
-use super::pick::Target;
+use super::pick::{PrefixHint, Target};
 use crate::cluster::Cluster;
+use crate::config::Routing;
 use crate::error::ClusterError;
 
 /// Whether a worker's error means the replica failed (the worker died, its connection broke,
@@ -57,7 +58,12 @@ pub(super) struct Relay {
     pub(super) failed: Vec<(String, String)>,
     pub(super) started: Instant,
     pub(super) last_token: Option<Instant>,
+    /// The prompt's prefix-cache keys, once asked for (`None` inside: not routed by prefix).
+    pub(super) hint: Option<Option<PrefixHint>>,
 }
+
+/// The longest the router waits for a prompt's token ids before routing without them.
+const TOKENIZE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Holds a request against its replica's in-flight count while it runs there.
 pub(super) struct Attached {
@@ -93,8 +99,12 @@ impl Relay {
     pub(super) async fn attach(&mut self) -> Result<Attached, Status> {
         let mut unreachable = Vec::new();
         let mut waits = 0;
+        if self.hint.is_none() {
+            self.hint = Some(self.prefix_hint().await);
+        }
         loop {
-            let picked = match self.cluster.pick(&self.model, &self.failed, self.session.as_deref()) {
+            let hint = self.hint.as_ref().and_then(Option::as_ref);
+            let picked = match self.cluster.choose(&self.model, &self.failed, self.session.as_deref(), hint) {
                 // An autoscaled deployment with no ready replica: wait while one comes up.
                 Err(ClusterError::NoReadyReplica(_)) if waits < 3 && self.cluster.autoscaled(&self.model) => {
                     waits += 1;
@@ -109,7 +119,7 @@ impl Relay {
                 }
                 other => other,
             };
-            let target = picked.map_err(|e| {
+            let routed = picked.map_err(|e| {
                 let e = Status::from(e);
                 if unreachable.is_empty() {
                     e
@@ -117,6 +127,7 @@ impl Relay {
                     Status::new(e.code(), format!("{} ({})", e.message(), unreachable.join("; ")))
                 }
             })?;
+            let target = routed.target;
             let mut req = Request::new(pb::GenerateRequest {
                 model_id: target.model_id.clone(),
                 input: Some(self.input.clone()),
@@ -131,6 +142,7 @@ impl Relay {
                 }
                 req.set_timeout(left);
             }
+            let score = routed.score.unwrap_or_default();
             info!(
                 request_id = %self.request_id,
                 model = %self.model,
@@ -138,8 +150,15 @@ impl Relay {
                 replica = %target.model_id,
                 resume_after = self.sent.len(),
                 session = self.session.as_deref().unwrap_or(""),
+                by = routed.by.as_str(),
+                prompt_tokens = hint.map_or(0, |h| h.prompt_tokens),
+                score = score.total(),
+                cached_tokens = score.cached,
+                queue_tokens = score.queue,
+                kv_tokens = score.kv,
                 "routing"
             );
+            crate::metrics::routed(&self.model, routed.by.as_str(), hint.map(|h| h.prompt_tokens), routed.score);
             if let Ok(v) = format!("Bearer {}", self.cluster.worker_token()).parse() {
                 req.metadata_mut().insert("authorization", v);
             }
@@ -158,6 +177,46 @@ impl Relay {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// The prompt's prefix-cache keys, from the token ids a ready replica gives for it
+    /// (`Worker/Tokenize`), when routing by prefix can choose (see [`Cluster::tokenizer_for`]);
+    /// `None` when it cannot, or the replica cannot say in time (the request then goes by load).
+    async fn prefix_hint(&self) -> Option<PrefixHint> {
+        if self.cluster.config().routing != Routing::Prefix {
+            return None;
+        }
+        let target = self.cluster.tokenizer_for(&self.model, &self.failed, self.session.as_deref())?;
+        let mut req = Request::new(pb::GenerateRequest {
+            model_id: target.model_id.clone(),
+            input: Some(self.input.clone()),
+            request_id: self.request_id.clone(),
+            ..Default::default()
+        });
+        let left = self.deadline.map_or(TOKENIZE_TIMEOUT, |d| d.saturating_duration_since(Instant::now()));
+        req.set_timeout(left.min(TOKENIZE_TIMEOUT));
+        if let Ok(v) = format!("Bearer {}", self.cluster.worker_token()).parse() {
+            req.metadata_mut().insert("authorization", v);
+        }
+        let asked = Instant::now();
+        let reply = WorkerClient::new(target.channel.clone()).tokenize(req).await;
+        crate::metrics::tokenized(&self.model, asked.elapsed());
+        let reply = match reply {
+            Ok(r) => r.into_inner(),
+            Err(e) => {
+                // An invalid request is refused by `Generate` itself, with the same words.
+                if e.code() != tonic::Code::InvalidArgument {
+                    warn!(request_id = %self.request_id, worker = %target.worker, error = %e.message(), "no token ids for routing by prefix; routing by load");
+                }
+                return None;
+            }
+        };
+        let block = reply.kv_block_tokens as usize;
+        (block > 0).then(|| PrefixHint {
+            keys: gantry_core::prefix::block_keys(reply.prefix_seed, &reply.token_ids, block),
+            block_tokens: reply.kv_block_tokens,
+            prompt_tokens: reply.token_ids.len(),
+        })
     }
 
     /// Forwards `at`'s events to `tx` until the request ends or its replica fails (`Ok`).

@@ -120,6 +120,8 @@ pub fn load_replica(st: &mut State, name: &str, index: u32, only: Option<&str>) 
             source: source.clone(),
             context_length: context,
             hf_token: if trusted { hf_token.clone() } else { String::new() },
+            // The replicas share their prefix-cache keys, for the router to compare.
+            prefix_namespace: name.to_string(),
             ..Default::default()
         };
         let request = if split {

@@ -145,6 +145,10 @@ impl pb::worker_server::Worker for Service {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
+    async fn tokenize(&self, _: Request<pb::GenerateRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
+        Err(Status::unimplemented("the stand-in keeps no prefix cache"))
+    }
+
     async fn status(&self, _: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
         Ok(Response::new(status_with(&self.id, self.engine.gpu_bytes, &[])))
     }
