@@ -5,13 +5,27 @@
 //! Reports p50/p99/max per lookup (a prompt of one tenant, half of them unseen) and per
 //! heartbeat of `--changes` keys.
 //!
+//! Then a whole routing decision as the router makes it for a request, on a real `Cluster`
+//! (embedded store in a temporary folder) with `--replicas` workers each serving one ready
+//! replica of one deployment, their keys reported by heartbeats as above: choosing the replica
+//! to ask for the token ids (`Cluster::tokenizer_for`), hashing a prompt of `16 × --blocks`
+//! tokens into its block keys, and choosing the replica (`Cluster::choose`: every ready
+//! replica's cached prefix, queue and KV pressure, the best holder). The `Worker/Tokenize`
+//! call itself is not in it (`gantry_routing_tokenize_seconds` measures it in a real cluster;
+//! bench/prefix_routing.py reports it).
+//!
 //!     cargo run --release -p gantry-controller --example prefix_index_bench -- --replicas 1000 --keys 2000 --blocks 64
 
 #![allow(clippy::unwrap_used)] // a benchmark: any failure is fatal
 
+use std::sync::Arc;
 use std::time::Instant;
 
+use gantry_controller::router::pick::PrefixHint;
 use gantry_controller::router::prefix::PrefixIndex;
+use gantry_controller::spec::DeploymentSpec;
+use gantry_controller::statestore::embedded::EmbeddedStore;
+use gantry_controller::{Cluster, ControllerConfig};
 use gantry_core::prefix::{block_keys, model_seed};
 use gantry_proto::v1 as pb;
 
@@ -81,4 +95,106 @@ fn main() {
         pct(&beats, 99.0),
         beats[beats.len() - 1]
     );
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(decisions(replicas, keys, blocks));
+}
+
+/// Whole routing decisions on a real `Cluster` with `replicas` ready replicas.
+async fn decisions(replicas: usize, keys: usize, blocks: usize) {
+    use gantry_proto::v1::controller_message::Message as ToWorker;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(EmbeddedStore::open(&dir.path().join("state.redb")).unwrap());
+    let config = ControllerConfig { lease: std::time::Duration::from_secs(3600), ..ControllerConfig::default() };
+    let cluster = Cluster::start(store, config).await.unwrap();
+    let status = |models: Vec<pb::LoadedModel>| pb::StatusResponse {
+        gpus: vec![pb::GpuStatus {
+            name: "gpu0".into(),
+            total_bytes: 24 << 30,
+            free_bytes: 24 << 30,
+            source: "declared".into(),
+            ..Default::default()
+        }],
+        models,
+        ..Default::default()
+    };
+    let mut links = Vec::new();
+    for r in 0..replicas {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let reg = pb::WorkerRegistration {
+            worker_id: format!("w{r}"),
+            address: "127.0.0.1:9".into(),
+            version: "bench".into(),
+            status: Some(status(Vec::new())),
+            ..Default::default()
+        };
+        links.push((format!("w{r}"), cluster.register(reg, tx).unwrap(), rx));
+    }
+    let spec = DeploymentSpec {
+        source: "meta-llama/Meta-Llama-3-8B-Instruct".into(),
+        context_length: 8192,
+        replicas: replicas as u32,
+        ..Default::default()
+    };
+    let filled = Instant::now();
+    cluster.apply("a", spec).await.unwrap();
+    let seed = model_seed("a");
+    let tenants: Vec<Vec<u32>> =
+        (0..8u32).map(|t| (0..16 * blocks as u32).map(|i| t * 1_000_000 + i).collect()).collect();
+    let tenant_keys: Vec<Vec<u64>> = tenants.iter().map(|t| block_keys(seed, t, 16)).collect();
+    let mut next = 1u64 << 41;
+    for (r, (worker, session, rx)) in links.iter_mut().enumerate() {
+        let load = loop {
+            match rx.recv().await.unwrap().unwrap().message.unwrap() {
+                ToWorker::Load(cmd) => break cmd,
+                _ => continue,
+            }
+        };
+        let id = load.request.unwrap().model_id;
+        let info = pb::ModelInfo { model_id: id.clone(), ..Default::default() };
+        cluster.command_result(
+            worker,
+            pb::CommandResult { command_id: load.command_id, model: Some(info.clone()), ..Default::default() },
+        );
+        let mut added: Vec<u64> = tenant_keys[r % 8].iter().chain(&tenant_keys[(r + 3) % 8]).copied().collect();
+        added.extend((0..keys as u64).map(|k| next + k));
+        next += keys as u64;
+        let m = pb::LoadedModel {
+            info: Some(info),
+            queued: (r % 3) as u32,
+            kv_block_tokens: 16,
+            kv_blocks_total: 4096,
+            kv_blocks_used: (r as u64 * 37) % 4096,
+            prefix_keys: Some(pb::PrefixKeyChanges { reset: true, added, dropped: vec![] }),
+            ..Default::default()
+        };
+        cluster.heartbeat(worker, *session, status(vec![m]));
+    }
+    assert_eq!(cluster.get("a").unwrap().status.unwrap().ready_replicas, replicas as u32);
+    println!("a cluster of {replicas} ready replicas, keys reported, in {:.2} s", filled.elapsed().as_secs_f64());
+    let mut times = Vec::new();
+    let mut by_prefix = 0;
+    for i in 0..2000 {
+        // A tenant's system prompt and a question of its own (some tokens past the last full block).
+        let mut prompt = tenants[i % 8].clone();
+        prompt.extend((0..40).map(|k| 5_000_000 + (i * 40 + k) as u32));
+        let t = Instant::now();
+        let asked = cluster.tokenizer_for("a", &[], None);
+        let hint = PrefixHint { keys: block_keys(seed, &prompt, 16), block_tokens: 16, prompt_tokens: prompt.len() };
+        let routed = cluster.choose("a", &[], None, Some(&hint)).unwrap();
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+        assert!(asked.is_some());
+        by_prefix += usize::from(routed.score.is_some_and(|s| s.cached >= 16 * blocks as u64));
+    }
+    times.sort_by(f64::total_cmp);
+    println!(
+        "a routing decision ({replicas} ready replicas, a {}-token prompt): p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs; {by_prefix} of 2000 to a replica holding the whole system prompt",
+        16 * blocks + 40,
+        pct(&times, 50.0),
+        pct(&times, 99.0),
+        times[times.len() - 1]
+    );
+    cluster.shutdown();
 }

@@ -57,7 +57,8 @@ struct Recorded {
     /// (model, chosen by) → routing decisions.
     routed: BTreeMap<(String, &'static str), u64>,
     /// (model, part) → the sum over routing decisions with a prompt hint of the chosen
-    /// replica's score parts (`cached`, `queue`, `kv`) and of the prompts' tokens (`prompt`).
+    /// replica's score parts (`cached`, `prefill`, `queue`, `kv`) and of the prompts' tokens
+    /// (`prompt`).
     route_tokens: BTreeMap<(String, &'static str), u64>,
     tokenize: BTreeMap<String, Histogram>,
 }
@@ -125,7 +126,7 @@ pub fn routed(model: &str, by: &'static str, prompt_tokens: Option<usize>, score
             *r.route_tokens.entry((model.to_string(), "prompt")).or_default() += p as u64;
         }
         if let Some(s) = score {
-            for (part, n) in [("cached", s.cached), ("queue", s.queue), ("kv", s.kv)] {
+            for (part, n) in [("cached", s.cached), ("prefill", s.prefill), ("queue", s.queue), ("kv", s.kv)] {
                 *r.route_tokens.entry((model.to_string(), part)).or_default() += n;
             }
         }
@@ -258,7 +259,7 @@ pub fn render(cluster: &Cluster) -> String {
             &mut out,
             "gantry_routing_tokens_total",
             "counter",
-            "Over requests routed with their prompt's prefix-cache keys, in prompt tokens: the prompts (part=prompt) and the chosen replicas' score parts: cached prefix (cached), queue (queue) and KV pressure (kv); score = cached - queue - kv.",
+            "Over requests routed with their prompt's prefix-cache keys, in prompt tokens: the prompts (part=prompt) and the chosen replicas' score parts: cached prefix (cached), prefill ahead (prefill), queue (queue) and KV pressure (kv); score = cached - prefill - queue - kv.",
         );
         for ((model, part), n) in &r.route_tokens {
             let _ = writeln!(out, "gantry_routing_tokens_total{{model=\"{}\",part=\"{part}\"}} {n}", label(model));

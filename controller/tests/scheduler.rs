@@ -582,7 +582,7 @@ fn report(cluster: &Cluster, r: &ReadyReplica, keys: &[u64], kv_used: u64, queue
 }
 
 #[tokio::test]
-async fn a_prompt_goes_to_the_replica_holding_its_longest_prefix_unless_that_one_is_overloaded() {
+async fn a_prompt_goes_to_the_replica_holding_its_longest_prefix_unless_its_queue_outweighs_it() {
     use gantry_controller::router::pick::{ChosenBy, PrefixHint};
     use gantry_core::prefix::{block_keys, model_seed};
     // A lease long enough that no worker is lost while the test holds some silent.
@@ -602,11 +602,11 @@ async fn a_prompt_goes_to_the_replica_holding_its_longest_prefix_unless_that_one
     let routed = cluster.choose("a", &[], None, Some(&hint)).unwrap();
     assert_eq!((routed.target.worker.as_str(), routed.by), ("w2", ChosenBy::Prefix));
     let score = routed.score.unwrap();
-    assert_eq!((score.cached, score.queue, score.kv, score.total()), (640, 0, 0, 640));
+    assert_eq!((score.cached, score.queue, score.kv, score.total()), (640, 0, 0, 1280), "a cached prefix counts twice");
 
-    // Its queue and KV pressure weigh against what it holds: w2 with 5 waiting and a full KV
-    // cache (640 - 5×64 - 512 < 0) loses to w1 (160 cached), which is not overloaded.
-    report(&cluster, &r[1], &keys[..40], 100, 5);
+    // Its queue and KV pressure weigh against what it holds: w2 with 40 waiting and a full KV
+    // cache (2×640 - 40×16 - 512 = 128) loses to w1 (2×160 cached, 2 waiting: 288).
+    report(&cluster, &r[1], &keys[..40], 100, 40);
     report(&cluster, &r[0], &keys[..10], 0, 2);
     let routed = cluster.choose("a", &[], None, Some(&hint)).unwrap();
     assert_eq!((routed.target.worker.as_str(), routed.by), ("w1", ChosenBy::Prefix));
@@ -614,17 +614,25 @@ async fn a_prompt_goes_to_the_replica_holding_its_longest_prefix_unless_that_one
     let routed = cluster.choose("a", &[], None, Some(&hint)).unwrap();
     assert_eq!((routed.target.worker.as_str(), routed.score.unwrap().cached), ("w1", 992));
 
-    // Overloaded (more than twice the least loaded and two more), w1 is passed over whatever
-    // it holds; so is w2 (5 queued); w3 holds none of the prompt: power of two choices among
-    // all three, which then expects the one it chose to hold the prompt.
-    report(&cluster, &r[0], &keys, 0, 5);
+    // The prompts ahead weigh too: w1 (992 cached, 20 waiting, 2,000 prompt tokens to compute
+    // first: 1,984 - 320 - 2,000) and w2 (640 cached, 5 waiting, a full KV cache, 1,000 ahead:
+    // 1,280 - 80 - 512 - 1,000) both score below w3, which holds none of it (0): by load among
+    // all three. The replica chosen is then expected to hold the prompt, and wins the next.
+    let only = |w: &str| -> Vec<(String, String)> {
+        r.iter().filter(|x| x.0 != w).map(|x| (x.0.to_string(), x.2.clone())).collect()
+    };
+    report(&cluster, &r[0], &keys, 0, 20);
+    report(&cluster, &r[1], &keys[..40], 100, 5);
+    cluster.pick("a", &only("w1"), None).unwrap().prefill.fetch_add(2000, std::sync::atomic::Ordering::Relaxed);
+    cluster.pick("a", &only("w2"), None).unwrap().prefill.fetch_add(1000, std::sync::atomic::Ordering::Relaxed);
     let first = cluster.choose("a", &[], None, Some(&hint)).unwrap();
     assert_eq!(first.by, ChosenBy::P2c);
+    assert_ne!(first.target.worker, "w1", "the less loaded of any two is never w1");
     let then = cluster.choose("a", &[], None, Some(&hint)).unwrap();
-    if first.target.worker == "w3" {
-        assert_eq!((then.target.worker.as_str(), then.by), ("w3", ChosenBy::Prefix));
-    } else {
-        assert_eq!(then.by, ChosenBy::P2c, "w1 and w2 are still overloaded; w3 holds nothing");
+    assert_eq!((then.target.worker.as_str(), then.by), (first.target.worker.as_str(), ChosenBy::Prefix));
+    for w in ["w1", "w2"] {
+        let t = cluster.pick("a", &only(w), None).unwrap();
+        t.prefill.store(0, std::sync::atomic::Ordering::Relaxed);
     }
 
     // A prompt no replica holds: power of two choices, spreading over the replicas.

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::time::Instant;
 
 use gantry_core::autoscale::Signals;
@@ -60,6 +60,10 @@ pub struct Replica {
     pub loaded: BTreeSet<String>,
     /// Requests the router has sent to it and not seen end.
     pub inflight: Arc<AtomicU32>,
+    /// Prompt tokens it has yet to compute for the requests the router sent it whose first
+    /// token has not come back (each prompt less the prefix the router expected it to hold):
+    /// the prefill ahead of a new request there.
+    pub prefill: Arc<AtomicU64>,
 }
 
 impl Replica {
@@ -74,6 +78,7 @@ impl Replica {
             commands: BTreeMap::new(),
             loaded: BTreeSet::new(),
             inflight: Arc::new(AtomicU32::new(0)),
+            prefill: Arc::new(AtomicU64::new(0)),
         }
     }
 

@@ -5,14 +5,14 @@
 //!    cache, unless that replica is [`overloaded`].
 //! 2. With the prompt's prefix-cache keys ([`PrefixHint`]), each ready replica gets a
 //!    [`score`]: the prompt tokens it holds cached (by the router's prefix index) less its queue
-//!    and its KV-cache pressure. The best replica holding some of the prompt wins, unless it is
-//!    overloaded.
+//!    and its KV-cache pressure. The best wins if it holds some of the prompt (equal best: power
+//!    of two choices among them).
 //! 3. Otherwise (a prompt no replica holds, a tie, `--routing p2c`): two ready replicas at
 //!    random, the less loaded of them (power of two choices).
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tonic::transport::Channel;
@@ -29,6 +29,8 @@ pub struct Target {
     pub model_id: String,
     pub channel: Channel,
     pub inflight: Arc<AtomicU32>,
+    /// The replica's prefill ahead ([`crate::cluster::state::Replica::prefill`]).
+    pub prefill: Arc<AtomicU64>,
 }
 
 /// Sessions remembered at most; past it, sessions idle longer than [`SESSION_IDLE`] are
@@ -86,36 +88,50 @@ pub struct PrefixHint {
     pub prompt_tokens: usize,
 }
 
-/// Prompt tokens that one request in flight or queued at a replica weighs against a cached
-/// prefix: a 1,024-token cached prefix outweighs 16 more requests (an overloaded replica is
-/// passed over whatever it holds).
-pub const QUEUE_TOKENS: u64 = 64;
+/// Prompt tokens that one request in flight or queued at a replica weighs beside the prefill
+/// ahead of it: the decoding steps it shares (a batching replica runs its requests together,
+/// so what a new request waits for is mostly the prompts ahead of it, counted apart).
+pub const QUEUE_TOKENS: u64 = 16;
 /// Prompt tokens that a KV cache whose blocks all hold running sequences weighs (in proportion
 /// to the share held): a new sequence there may wait for blocks or preempt another.
 pub const KV_TOKENS: u64 = 512;
 
-/// A replica's score for a prompt, in prompt tokens: `cached` (what it need not compute) less
-/// `queue` and `kv`.
+/// A replica's score for a prompt, in prompt tokens: twice `cached` (what it need not
+/// compute), less `prefill` (prompt tokens it has yet to compute for requests ahead), `queue`
+/// and `kv`. A cached prefix counts twice: once for this request's own wait, once for the
+/// compute a cold replica would spend on it, which every request after waits for — so a
+/// replica keeps a tenant's prompt until the prefill ahead of it is about twice that prompt,
+/// and only then does the prompt get a second home.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Score {
     pub cached: u64,
+    pub prefill: u64,
     pub queue: u64,
     pub kv: u64,
 }
 
 impl Score {
     pub fn total(&self) -> i64 {
-        self.cached as i64 - self.queue as i64 - self.kv as i64
+        2 * self.cached as i64 - self.prefill as i64 - self.queue as i64 - self.kv as i64
     }
 }
 
-/// The score of a replica that holds `cached_blocks` leading blocks of the prompt, has `load`
-/// requests in flight and queued, and `kv_used` of `kv_total` KV blocks held by sequences.
-pub fn score(hint: &PrefixHint, cached_blocks: usize, load: u64, kv_used: u64, kv_total: u64) -> Score {
+/// What a replica carries when a request is scored: requests in flight and queued, the
+/// prefill ahead, and KV blocks held by sequences out of all.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Load {
+    pub requests: u64,
+    pub prefill: u64,
+    pub kv_used: u64,
+    pub kv_total: u64,
+}
+
+/// The score of a replica holding `cached_blocks` leading blocks of the prompt, under `load`.
+pub fn score(hint: &PrefixHint, cached_blocks: usize, load: Load) -> Score {
     // The prompt's last token is computed however much is cached (its logits start the reply).
     let cached = (cached_blocks as u64 * u64::from(hint.block_tokens)).min(hint.prompt_tokens.saturating_sub(1) as u64);
-    let kv = (KV_TOKENS * kv_used.min(kv_total)).checked_div(kv_total).unwrap_or(0);
-    Score { cached, queue: load.saturating_mul(QUEUE_TOKENS), kv }
+    let kv = (KV_TOKENS * load.kv_used.min(load.kv_total)).checked_div(load.kv_total).unwrap_or(0);
+    Score { cached, prefill: load.prefill, queue: load.requests.saturating_mul(QUEUE_TOKENS), kv }
 }
 
 /// Why a replica was chosen.
@@ -125,7 +141,7 @@ pub enum ChosenBy {
     Only,
     /// The replica the request's session last went to.
     Session,
-    /// The best [`score`] among replicas holding part of the prompt.
+    /// The best [`score`], held by a replica holding part of the prompt.
     Prefix,
     /// Power of two choices: no hint, a prompt no replica holds, or a tie.
     P2c,
@@ -155,8 +171,8 @@ struct Ready {
     targets: Vec<Target>,
     /// Requests in flight and queued, per target.
     load: Vec<u64>,
-    /// KV blocks held by sequences, and in all, per target (0, 0 when unknown).
-    kv: Vec<(u64, u64)>,
+    /// What each target carries, for scoring.
+    loads: Vec<Load>,
     /// Replicas left out because they failed this request.
     failed_here: Vec<u32>,
 }
@@ -165,7 +181,7 @@ impl Ready {
     fn of(inner: &Inner, model: &str, avoid: &[(String, String)]) -> Result<Ready, ClusterError> {
         let st = &inner.state;
         let d = st.deployments.get(model).ok_or_else(|| not_found(st, model))?;
-        let mut ready = Ready { targets: Vec::new(), load: Vec::new(), kv: Vec::new(), failed_here: Vec::new() };
+        let mut ready = Ready { targets: Vec::new(), load: Vec::new(), loads: Vec::new(), failed_here: Vec::new() };
         for (&i, r) in &d.replicas {
             if r.state != ReplicaState::Ready {
                 continue;
@@ -180,13 +196,20 @@ impl Ready {
             }
             let reported = w.model(&model_id);
             let queued = reported.map_or(0, |m| u64::from(m.queued));
-            ready.load.push(u64::from(r.inflight.load(Ordering::Relaxed)) + queued);
-            ready.kv.push(reported.map_or((0, 0), |m| (m.kv_blocks_used, m.kv_blocks_total)));
+            let requests = u64::from(r.inflight.load(Ordering::Relaxed)) + queued;
+            ready.load.push(requests);
+            ready.loads.push(Load {
+                requests,
+                prefill: r.prefill.load(Ordering::Relaxed),
+                kv_used: reported.map_or(0, |m| m.kv_blocks_used),
+                kv_total: reported.map_or(0, |m| m.kv_blocks_total),
+            });
             ready.targets.push(Target {
                 worker: w.id.clone(),
                 model_id,
                 channel: link.channel.clone(),
                 inflight: r.inflight.clone(),
+                prefill: r.prefill.clone(),
             });
         }
         if ready.targets.is_empty() {
@@ -262,7 +285,7 @@ impl Cluster {
             hint.map(|h| {
                 let t = &ready.targets[i];
                 let blocks = inner.state.prefix.held_run(&t.worker, &t.model_id, &h.keys);
-                score(h, blocks, ready.load[i], ready.kv[i].0, ready.kv[i].1)
+                score(h, blocks, ready.loads[i])
             })
         };
         let take = |mut ready: Ready, i: usize, by: ChosenBy| {
@@ -279,16 +302,17 @@ impl Cluster {
             return Ok(take(ready, 0, ChosenBy::Only));
         }
         if hint.is_some_and(|h| !h.keys.is_empty()) {
-            let scores: Vec<(usize, Score)> = (0..ready.targets.len())
-                .filter_map(|i| scored(&ready, i).map(|s| (i, s)))
-                .filter(|(i, s)| s.cached > 0 && !overloaded(ready.load[*i], least))
-                .collect();
-            if let Some(best) = scores.iter().map(|(_, s)| s.total()).max() {
-                let tied: Vec<usize> = scores.iter().filter(|(_, s)| s.total() == best).map(|(i, _)| *i).collect();
+            let scores: Vec<Score> = (0..ready.targets.len()).map(|i| scored(&ready, i).unwrap_or_default()).collect();
+            let best = scores.iter().map(Score::total).max().unwrap_or(0);
+            let tied: Vec<usize> =
+                (0..scores.len()).filter(|&i| scores[i].cached > 0 && scores[i].total() == best).collect();
+            if !tied.is_empty() {
                 let i = ready.p2c(&tied);
                 let by = if tied.len() == 1 { ChosenBy::Prefix } else { ChosenBy::P2c };
                 return Ok(take(ready, i, by));
             }
+            // No replica holds any of the prompt, or one holding none outscores every holder
+            // (their queues): by load.
         }
         let all: Vec<usize> = (0..ready.targets.len()).collect();
         let i = ready.p2c(&all);
@@ -342,15 +366,16 @@ mod tests {
     }
 
     #[test]
-    fn a_score_is_the_cached_prefix_less_queue_and_kv_pressure() {
+    fn a_score_is_the_cached_prefix_less_prefill_ahead_queue_and_kv_pressure() {
         let hint = PrefixHint { keys: vec![0; 64], block_tokens: 16, prompt_tokens: 1024 };
         // All 64 blocks cached: the last token is computed anyway, so 1,023 are saved.
-        assert_eq!(score(&hint, 64, 0, 0, 0), Score { cached: 1023, queue: 0, kv: 0 });
-        let s = score(&hint, 10, 3, 75, 100);
-        assert_eq!((s.cached, s.queue, s.kv, s.total()), (160, 192, 384, -416));
+        let idle = Load::default();
+        assert_eq!(score(&hint, 64, idle), Score { cached: 1023, prefill: 0, queue: 0, kv: 0 });
+        let s = score(&hint, 10, Load { requests: 3, prefill: 300, kv_used: 75, kv_total: 100 });
+        assert_eq!((s.cached, s.prefill, s.queue, s.kv, s.total()), (160, 300, 48, 384, -412));
         // An unknown KV size weighs nothing; a used count past the total weighs the full cache.
-        assert_eq!(score(&hint, 1, 0, 5, 0).kv, 0);
-        assert_eq!(score(&hint, 1, 0, 500, 100).kv, KV_TOKENS);
+        assert_eq!(score(&hint, 1, Load { kv_used: 5, ..idle }).kv, 0);
+        assert_eq!(score(&hint, 1, Load { kv_used: 500, kv_total: 100, ..idle }).kv, KV_TOKENS);
     }
 
     #[test]
@@ -366,9 +391,14 @@ mod tests {
 
     #[tokio::test]
     async fn sessions_are_bounded_and_idle_ones_make_room() {
-        let (channel, inflight) =
-            (tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy(), Arc::default());
-        let t = Target { worker: "w".into(), model_id: "m-0".into(), channel, inflight };
+        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
+        let t = Target {
+            worker: "w".into(),
+            model_id: "m-0".into(),
+            channel,
+            inflight: Arc::default(),
+            prefill: Arc::default(),
+        };
         let mut s = Sessions::default();
         let start = Instant::now();
         for i in 0..MAX_SESSIONS {

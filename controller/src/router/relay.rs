@@ -65,21 +65,31 @@ pub(super) struct Relay {
 /// The longest the router waits for a prompt's token ids before routing without them.
 const TOKENIZE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Holds a request against its replica's in-flight count while it runs there.
+/// Holds a request against its replica's in-flight count while it runs there, and against its
+/// prefill ahead until the first token comes back.
 pub(super) struct Attached {
     target: Target,
     events: Streaming<pb::GenerateEvent>,
+    /// Prompt tokens the replica has yet to compute for this request (0 once its first token came).
+    prefill: u64,
 }
 
 impl Attached {
-    fn new(target: Target, events: Streaming<pb::GenerateEvent>) -> Attached {
+    fn new(target: Target, events: Streaming<pb::GenerateEvent>, prefill: u64) -> Attached {
         target.inflight.fetch_add(1, Ordering::Relaxed);
-        Attached { target, events }
+        target.prefill.fetch_add(prefill, Ordering::Relaxed);
+        Attached { target, events, prefill }
+    }
+
+    /// Its prompt is computed: no longer ahead of new requests.
+    fn prefilled(&mut self) {
+        self.target.prefill.fetch_sub(std::mem::take(&mut self.prefill), Ordering::Relaxed);
     }
 }
 
 impl Drop for Attached {
     fn drop(&mut self) {
+        self.prefilled();
         self.target.inflight.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -143,6 +153,8 @@ impl Relay {
                 req.set_timeout(left);
             }
             let score = routed.score.unwrap_or_default();
+            // The prompt tokens the replica computes for it (the prefix it holds aside).
+            let prefill = hint.zip(routed.score).map_or(0, |(h, s)| (h.prompt_tokens as u64).saturating_sub(s.cached));
             info!(
                 request_id = %self.request_id,
                 model = %self.model,
@@ -154,6 +166,7 @@ impl Relay {
                 prompt_tokens = hint.map_or(0, |h| h.prompt_tokens),
                 score = score.total(),
                 cached_tokens = score.cached,
+                prefill_tokens = score.prefill,
                 queue_tokens = score.queue,
                 kv_tokens = score.kv,
                 "routing"
@@ -163,7 +176,7 @@ impl Relay {
                 req.metadata_mut().insert("authorization", v);
             }
             match WorkerClient::new(target.channel.clone()).generate(req).await {
-                Ok(r) => return Ok(Attached::new(target, r.into_inner())),
+                Ok(r) => return Ok(Attached::new(target, r.into_inner(), prefill)),
                 Err(e) if replica_failed(&e) => {
                     warn!(request_id = %self.request_id, worker = %target.worker, error = %e.message(), "replica unreachable; trying another");
                     unreachable.push(format!(
@@ -246,6 +259,7 @@ impl Relay {
             let done = match &ev.event {
                 Some(pb::generate_event::Event::Token(t)) => match t.token_id {
                     Some(id) => {
+                        at.prefilled();
                         self.sent.push(id);
                         let now = Instant::now();
                         let first = self.last_token.is_none().then(|| now - self.started);
