@@ -7,7 +7,8 @@
 //!
 //! Then a whole routing decision as the router makes it for a request, on a real `Cluster`
 //! (embedded store in a temporary folder) with `--replicas` workers each serving one ready
-//! replica of one deployment, their keys reported by heartbeats as above: choosing the replica
+//! replica — all of one deployment, then of deployments of 10 replicas each — their keys
+//! reported by heartbeats as above: choosing the replica
 //! to ask for the token ids (`Cluster::tokenizer_for`), hashing a prompt of `16 × --blocks`
 //! tokens into its block keys, and choosing the replica (`Cluster::choose`: every ready
 //! replica's cached prefix, queue and KV pressure, the best holder). The `Worker/Tokenize`
@@ -95,15 +96,14 @@ fn main() {
         pct(&beats, 99.0),
         beats[beats.len() - 1]
     );
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(decisions(replicas, keys, blocks));
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    for deployments in [1, replicas / 10] {
+        runtime.block_on(decisions(replicas, deployments.max(1), keys, blocks));
+    }
 }
 
 /// Whole routing decisions on a real `Cluster` with `replicas` ready replicas.
-async fn decisions(replicas: usize, keys: usize, blocks: usize) {
+async fn decisions(replicas: usize, deployments: usize, keys: usize, blocks: usize) {
     use gantry_proto::v1::controller_message::Message as ToWorker;
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(EmbeddedStore::open(&dir.path().join("state.redb")).unwrap());
@@ -132,18 +132,22 @@ async fn decisions(replicas: usize, keys: usize, blocks: usize) {
         };
         links.push((format!("w{r}"), cluster.register(reg, tx).unwrap(), rx));
     }
-    let spec = DeploymentSpec {
-        source: "meta-llama/Meta-Llama-3-8B-Instruct".into(),
-        context_length: 8192,
-        replicas: replicas as u32,
-        ..Default::default()
-    };
     let filled = Instant::now();
-    cluster.apply("a", spec).await.unwrap();
-    let seed = model_seed("a");
+    let names: Vec<String> = (0..deployments).map(|d| format!("d{d}")).collect();
+    for name in &names {
+        let spec = DeploymentSpec {
+            source: "meta-llama/Meta-Llama-3-8B-Instruct".into(),
+            context_length: 8192,
+            replicas: (replicas / deployments) as u32,
+            ..Default::default()
+        };
+        cluster.apply(name, spec).await.unwrap();
+    }
     let tenants: Vec<Vec<u32>> =
         (0..8u32).map(|t| (0..16 * blocks as u32).map(|i| t * 1_000_000 + i).collect()).collect();
-    let tenant_keys: Vec<Vec<u64>> = tenants.iter().map(|t| block_keys(seed, t, 16)).collect();
+    // Each deployment's replicas key the same tokens in its own namespace.
+    let tenant_keys: Vec<Vec<Vec<u64>>> =
+        names.iter().map(|n| tenants.iter().map(|t| block_keys(model_seed(n), t, 16)).collect()).collect();
     let mut next = 1u64 << 41;
     for (r, (worker, session, rx)) in links.iter_mut().enumerate() {
         let load = loop {
@@ -153,6 +157,8 @@ async fn decisions(replicas: usize, keys: usize, blocks: usize) {
             }
         };
         let id = load.request.unwrap().model_id;
+        let d: usize = id.split('/').next().unwrap()[1..].parse().unwrap();
+        let tenant_keys = &tenant_keys[d];
         let info = pb::ModelInfo { model_id: id.clone(), ..Default::default() };
         cluster.command_result(
             worker,
@@ -172,29 +178,52 @@ async fn decisions(replicas: usize, keys: usize, blocks: usize) {
         };
         cluster.heartbeat(worker, *session, status(vec![m]));
     }
-    assert_eq!(cluster.get("a").unwrap().status.unwrap().ready_replicas, replicas as u32);
-    println!("a cluster of {replicas} ready replicas, keys reported, in {:.2} s", filled.elapsed().as_secs_f64());
+    for name in &names {
+        assert_eq!(cluster.get(name).unwrap().status.unwrap().ready_replicas, (replicas / deployments) as u32);
+    }
+    println!(
+        "a cluster of {replicas} ready replicas ({deployments} deployments of {}), keys reported, in {:.2} s",
+        replicas / deployments,
+        filled.elapsed().as_secs_f64()
+    );
     let mut times = Vec::new();
+    let mut parts: [Vec<f64>; 3] = Default::default();
     let mut by_prefix = 0;
     for i in 0..2000 {
         // A tenant's system prompt and a question of its own (some tokens past the last full block).
         let mut prompt = tenants[i % 8].clone();
         prompt.extend((0..40).map(|k| 5_000_000 + (i * 40 + k) as u32));
+        let name = &names[i % deployments];
         let t = Instant::now();
-        let asked = cluster.tokenizer_for("a", &[], None);
-        let hint = PrefixHint { keys: block_keys(seed, &prompt, 16), block_tokens: 16, prompt_tokens: prompt.len() };
-        let routed = cluster.choose("a", &[], None, Some(&hint)).unwrap();
+        let asked = cluster.tokenizer_for(name, &[], None);
+        let t1 = Instant::now();
+        let hint = PrefixHint {
+            keys: block_keys(model_seed(name), &prompt, 16),
+            block_tokens: 16,
+            prompt_tokens: prompt.len(),
+        };
+        let t2 = Instant::now();
+        let routed = cluster.choose(name, &[], None, Some(&hint)).unwrap();
+        let t3 = Instant::now();
         times.push(t.elapsed().as_secs_f64() * 1e6);
+        parts[0].push((t1 - t).as_secs_f64() * 1e6);
+        parts[1].push((t2 - t1).as_secs_f64() * 1e6);
+        parts[2].push((t3 - t2).as_secs_f64() * 1e6);
         assert!(asked.is_some());
         by_prefix += usize::from(routed.score.is_some_and(|s| s.cached >= 16 * blocks as u64));
     }
     times.sort_by(f64::total_cmp);
     println!(
-        "a routing decision ({replicas} ready replicas, a {}-token prompt): p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs; {by_prefix} of 2000 to a replica holding the whole system prompt",
+        "a routing decision ({} ready replicas of its deployment, a {}-token prompt): p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs; {by_prefix} of 2000 to a replica holding the whole system prompt",
+        replicas / deployments,
         16 * blocks + 40,
         pct(&times, 50.0),
         pct(&times, 99.0),
         times[times.len() - 1]
     );
+    for (name, mut p) in ["tokenizer_for", "block_keys", "choose"].into_iter().zip(parts) {
+        p.sort_by(f64::total_cmp);
+        println!("  of which {name}: p50 {:.1} µs, p99 {:.1} µs", pct(&p, 50.0), pct(&p, 99.0));
+    }
     cluster.shutdown();
 }

@@ -17,10 +17,12 @@ use std::time::{Duration, Instant};
 
 use tonic::transport::Channel;
 
-use crate::cluster::state::{ReplicaState, replica_model_id};
+use crate::cluster::state::Replica;
+use crate::cluster::state::{ReplicaState, parse_replica_model_id, replica_model_id};
 use crate::cluster::view::{no_replica_reason, not_found};
-use crate::cluster::{Cluster, Inner};
+use crate::cluster::{Cluster, Inner, Link};
 use crate::error::ClusterError;
+use crate::router::prefix::PrefixIndex;
 
 /// A ready replica the router may send a request to.
 #[derive(Debug, Clone)]
@@ -166,22 +168,45 @@ pub struct Routed {
     pub score: Option<Score>,
 }
 
+/// A ready replica, as the router weighs it (borrowed from the cluster's state; its
+/// [`Target`] is built only for the one chosen).
+struct Candidate<'a> {
+    worker: &'a str,
+    index: u32,
+    replica: &'a Replica,
+    link: &'a Link,
+}
+
+impl Candidate<'_> {
+    fn target(&self, model: &str) -> Target {
+        Target {
+            worker: self.worker.to_string(),
+            model_id: replica_model_id(model, self.index),
+            channel: self.link.channel.clone(),
+            inflight: self.replica.inflight.clone(),
+            prefill: self.replica.prefill.clone(),
+        }
+    }
+}
+
 /// A deployment's ready replicas, less those to avoid.
-struct Ready {
-    targets: Vec<Target>,
-    /// Requests in flight and queued, per target.
-    load: Vec<u64>,
-    /// What each target carries, for scoring.
+struct Ready<'a> {
+    model: &'a str,
+    candidates: Vec<Candidate<'a>>,
+    /// What each candidate carries, for scoring and for load.
     loads: Vec<Load>,
     /// Replicas left out because they failed this request.
     failed_here: Vec<u32>,
 }
 
-impl Ready {
-    fn of(inner: &Inner, model: &str, avoid: &[(String, String)]) -> Result<Ready, ClusterError> {
+impl<'a> Ready<'a> {
+    fn of(inner: &'a Inner, model: &'a str, avoid: &[(String, String)]) -> Result<Ready<'a>, ClusterError> {
         let st = &inner.state;
         let d = st.deployments.get(model).ok_or_else(|| not_found(st, model))?;
-        let mut ready = Ready { targets: Vec::new(), load: Vec::new(), loads: Vec::new(), failed_here: Vec::new() };
+        let mut ready = Ready { model, candidates: Vec::new(), loads: Vec::new(), failed_here: Vec::new() };
+        // Replica ids are written into one buffer (a routing decision over 1,000 replicas
+        // allocated one each, a tenth of its time).
+        let mut model_id = String::new();
         for (&i, r) in &d.replicas {
             if r.state != ReplicaState::Ready {
                 continue;
@@ -189,40 +214,40 @@ impl Ready {
             let Some(stage) = r.placement.as_ref().and_then(|p| p.stages.first()) else { continue };
             let Some(w) = st.workers.get(&stage.node).filter(|w| !w.lost) else { continue };
             let Some(link) = inner.links.get(&w.id) else { continue };
-            let model_id = replica_model_id(model, i);
+            replica_id_into(&mut model_id, model, i);
             if avoid.iter().any(|(worker, id)| *worker == w.id && *id == model_id) {
                 ready.failed_here.push(i);
                 continue;
             }
             let reported = w.model(&model_id);
             let queued = reported.map_or(0, |m| u64::from(m.queued));
-            let requests = u64::from(r.inflight.load(Ordering::Relaxed)) + queued;
-            ready.load.push(requests);
             ready.loads.push(Load {
-                requests,
+                requests: u64::from(r.inflight.load(Ordering::Relaxed)) + queued,
                 prefill: r.prefill.load(Ordering::Relaxed),
                 kv_used: reported.map_or(0, |m| m.kv_blocks_used),
                 kv_total: reported.map_or(0, |m| m.kv_blocks_total),
             });
-            ready.targets.push(Target {
-                worker: w.id.clone(),
-                model_id,
-                channel: link.channel.clone(),
-                inflight: r.inflight.clone(),
-                prefill: r.prefill.clone(),
-            });
+            ready.candidates.push(Candidate { worker: &w.id, index: i, replica: r, link });
         }
-        if ready.targets.is_empty() {
+        if ready.candidates.is_empty() {
             return Err(ClusterError::NoReadyReplica(no_replica_reason(model, d, &ready.failed_here)));
         }
         Ok(ready)
     }
 
-    fn least(&self) -> u64 {
-        self.load.iter().copied().min().unwrap_or(0)
+    fn len(&self) -> usize {
+        self.candidates.len()
     }
 
-    /// Power of two choices among `among` (indices into the targets).
+    fn load(&self, i: usize) -> u64 {
+        self.loads[i].requests
+    }
+
+    fn least(&self) -> u64 {
+        self.loads.iter().map(|l| l.requests).min().unwrap_or(0)
+    }
+
+    /// Power of two choices among `among` (indices into the candidates).
     fn p2c(&self, among: &[usize]) -> usize {
         match among.len() {
             0 | 1 => among.first().copied().unwrap_or(0),
@@ -233,10 +258,45 @@ impl Ready {
                     b += 1;
                 }
                 let (a, b) = (among[a], among[b]);
-                if self.load[b] < self.load[a] { b } else { a }
+                if self.load(b) < self.load(a) { b } else { a }
             }
         }
     }
+
+    /// Where in the candidates the replica `session` last went to is.
+    fn session(&self, sessions: &Sessions, session: &str) -> Option<usize> {
+        let (worker, id, _) = sessions.get(self.model, session)?;
+        let (_, index) = parse_replica_model_id(id)?;
+        self.candidates.iter().position(|c| c.worker == worker && c.index == index)
+    }
+
+    /// How many leading blocks of `keys` each candidate holds, by the prefix index.
+    fn held_runs(&self, index: &PrefixIndex, keys: &[u64]) -> Vec<usize> {
+        let mut id = String::new();
+        self.candidates
+            .iter()
+            .map(|c| {
+                replica_id_into(&mut id, self.model, c.index);
+                index.held_run(c.worker, &id, keys)
+            })
+            .collect()
+    }
+
+    /// Whether any candidate holds prefix-cache keys.
+    fn any_keys(&self, index: &PrefixIndex) -> bool {
+        let mut id = String::new();
+        self.candidates.iter().any(|c| {
+            replica_id_into(&mut id, self.model, c.index);
+            index.keys_of(c.worker, &id) > 0
+        })
+    }
+}
+
+/// Writes [`replica_model_id`]`(model, index)` into `buf`.
+fn replica_id_into(buf: &mut String, model: &str, index: u32) {
+    use std::fmt::Write as _;
+    buf.clear();
+    let _ = write!(buf, "{model}/{index}");
 }
 
 impl Cluster {
@@ -280,43 +340,32 @@ impl Cluster {
         hint: Option<&PrefixHint>,
     ) -> Result<Routed, ClusterError> {
         let ready = Ready::of(inner, model, avoid)?;
-        let least = ready.least();
-        let scored = |ready: &Ready, i: usize| {
-            hint.map(|h| {
-                let t = &ready.targets[i];
-                let blocks = inner.state.prefix.held_run(&t.worker, &t.model_id, &h.keys);
-                score(h, blocks, ready.loads[i])
-            })
-        };
-        let take = |mut ready: Ready, i: usize, by: ChosenBy| {
-            let score = scored(&ready, i);
-            Routed { target: ready.targets.swap_remove(i), by, score }
-        };
+        let runs = hint.map(|h| ready.held_runs(&inner.state.prefix, &h.keys));
+        let scored = |i: usize| hint.zip(runs.as_ref()).map(|(h, runs)| score(h, runs[i], ready.loads[i]));
+        let take = |i: usize, by: ChosenBy| Routed { target: ready.candidates[i].target(model), by, score: scored(i) };
         if let Some(s) = session
-            && let Some(i) = self.session_target(model, s, &ready.targets)
-            && !overloaded(ready.load[i], least)
+            && let Some(i) = self.session_of(&ready, s)
+            && !overloaded(ready.load(i), ready.least())
         {
-            return Ok(take(ready, i, ChosenBy::Session));
+            return Ok(take(i, ChosenBy::Session));
         }
-        if ready.targets.len() == 1 {
-            return Ok(take(ready, 0, ChosenBy::Only));
+        if ready.len() == 1 {
+            return Ok(take(0, ChosenBy::Only));
         }
         if hint.is_some_and(|h| !h.keys.is_empty()) {
-            let scores: Vec<Score> = (0..ready.targets.len()).map(|i| scored(&ready, i).unwrap_or_default()).collect();
+            let scores: Vec<Score> = (0..ready.len()).map(|i| scored(i).unwrap_or_default()).collect();
             let best = scores.iter().map(Score::total).max().unwrap_or(0);
             let tied: Vec<usize> =
                 (0..scores.len()).filter(|&i| scores[i].cached > 0 && scores[i].total() == best).collect();
             if !tied.is_empty() {
                 let i = ready.p2c(&tied);
-                let by = if tied.len() == 1 { ChosenBy::Prefix } else { ChosenBy::P2c };
-                return Ok(take(ready, i, by));
+                return Ok(take(i, if tied.len() == 1 { ChosenBy::Prefix } else { ChosenBy::P2c }));
             }
             // No replica holds any of the prompt, or one holding none outscores every holder
             // (their queues): by load.
         }
-        let all: Vec<usize> = (0..ready.targets.len()).collect();
-        let i = ready.p2c(&all);
-        Ok(take(ready, i, ChosenBy::P2c))
+        let all: Vec<usize> = (0..ready.len()).collect();
+        Ok(take(ready.p2c(&all), ChosenBy::P2c))
     }
 
     /// The replica to ask for a prompt's token ids when routing by prefix is worth it: the
@@ -324,31 +373,29 @@ impl Cluster {
     /// no replica to go back to, and some replica holds prefix-cache keys. `None` otherwise.
     pub fn tokenizer_for(&self, model: &str, avoid: &[(String, String)], session: Option<&str>) -> Option<Target> {
         let inner = self.lock();
-        let mut ready = Ready::of(&inner, model, avoid).ok()?;
-        if ready.targets.len() < 2 {
+        let ready = Ready::of(&inner, model, avoid).ok()?;
+        if ready.len() < 2 {
             return None;
         }
         if let Some(s) = session
-            && let Some(i) = self.session_target(model, s, &ready.targets)
-            && !overloaded(ready.load[i], ready.least())
+            && let Some(i) = self.session_of(&ready, s)
+            && !overloaded(ready.load(i), ready.least())
         {
             return None;
         }
-        let ix = &inner.state.prefix;
-        if !ready.targets.iter().any(|t| ix.keys_of(&t.worker, &t.model_id) > 0) {
+        if !ready.any_keys(&inner.state.prefix) {
             return None;
         }
         let least = ready.least();
-        let i = ready.load.iter().position(|&l| l == least)?;
-        Some(ready.targets.swap_remove(i))
+        let i = (0..ready.len()).find(|&i| ready.load(i) == least)?;
+        Some(ready.candidates[i].target(model))
     }
 
     /// Where in `ready` the replica `session` last went to is (the sessions' lock is taken
     /// under the cluster's, never the other way round).
-    fn session_target(&self, model: &str, session: &str, ready: &[Target]) -> Option<usize> {
+    fn session_of(&self, ready: &Ready, session: &str) -> Option<usize> {
         let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        let (worker, id, _) = sessions.get(model, session)?;
-        ready.iter().position(|t| t.worker == *worker && t.model_id == *id)
+        ready.session(&sessions, session)
     }
 }
 

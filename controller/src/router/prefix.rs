@@ -9,6 +9,7 @@
 //! it reuses).
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use gantry_proto::v1 as pb;
 
@@ -17,12 +18,38 @@ pub const DEFAULT_MAX_PER_REPLICA: usize = 100_000;
 /// Keys kept in all by default (about 100 bytes each: ~400 MB at the bound).
 pub const DEFAULT_MAX_ENTRIES: usize = 4_000_000;
 
+/// Hashes a prefix-cache key for the index's tables. The keys are FNV-1a outputs already, so
+/// one multiply-and-fold spreads them (against keys chosen to collide, it stays a table of
+/// `u64`s: slower, never wrong); SipHash, the default, was a quarter of a routing decision.
+/// Worker and replica names (short, chosen by the operator) are hashed by FNV-1a.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    fn write_u64(&mut self, k: u64) {
+        let m = u128::from(k ^ self.0) * 0x9e37_79b9_7f4a_7c15;
+        self.0 = (m as u64) ^ ((m >> 64) as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type Keyed = BuildHasherDefault<KeyHasher>;
+
 /// One replica's keys.
 #[derive(Debug, Default)]
 struct Slot {
     worker: String,
     model_id: String,
-    keys: HashSet<u64>,
+    keys: HashSet<u64, Keyed>,
     /// The keys in the order they were reported (and some since dropped: skipped when met).
     order: VecDeque<u64>,
 }
@@ -31,9 +58,9 @@ struct Slot {
 #[derive(Debug)]
 pub struct PrefixIndex {
     /// Key → the slots holding it, in increasing order.
-    holders: HashMap<u64, Vec<u32>>,
-    /// (worker, model id) → slot.
-    by_replica: HashMap<(String, String), u32>,
+    holders: HashMap<u64, Vec<u32>, Keyed>,
+    /// Worker → model id → slot (looked up by `&str`, without allocating).
+    by_replica: HashMap<String, HashMap<String, u32, Keyed>, Keyed>,
     slots: Vec<Option<Slot>>,
     free: Vec<u32>,
     /// Every (slot, key) in the order reported (and some since dropped: skipped when met).
@@ -54,8 +81,8 @@ impl Default for PrefixIndex {
 impl PrefixIndex {
     pub fn new(max_per_replica: usize, max_entries: usize) -> PrefixIndex {
         PrefixIndex {
-            holders: HashMap::new(),
-            by_replica: HashMap::new(),
+            holders: HashMap::default(),
+            by_replica: HashMap::default(),
             slots: Vec::new(),
             free: Vec::new(),
             order: VecDeque::new(),
@@ -73,7 +100,7 @@ impl PrefixIndex {
 
     /// Replicas with keys.
     pub fn replicas(&self) -> usize {
-        self.by_replica.len()
+        self.by_replica.values().map(HashMap::len).sum()
     }
 
     /// Keys forgotten to keep within the bounds, since the start.
@@ -87,7 +114,7 @@ impl PrefixIndex {
     }
 
     fn slot(&self, worker: &str, model_id: &str) -> Option<u32> {
-        self.by_replica.get(&(worker.to_string(), model_id.to_string())).copied()
+        self.by_replica.get(worker)?.get(model_id).copied()
     }
 
     /// Applies the changes `worker` reported for `model_id`.
@@ -126,7 +153,7 @@ impl PrefixIndex {
                         (self.slots.len() - 1) as u32
                     }
                 };
-                self.by_replica.insert((worker.into(), model_id.into()), s);
+                self.by_replica.entry(worker.into()).or_default().insert(model_id.into(), s);
                 s
             }
         };
@@ -221,7 +248,11 @@ impl PrefixIndex {
 
     /// Forgets everything `model_id` on `worker` holds (unloaded, or its worker resynced).
     pub fn remove_replica(&mut self, worker: &str, model_id: &str) {
-        let Some(s) = self.by_replica.remove(&(worker.to_string(), model_id.to_string())) else { return };
+        let Some(models) = self.by_replica.get_mut(worker) else { return };
+        let Some(s) = models.remove(model_id) else { return };
+        if models.is_empty() {
+            self.by_replica.remove(worker);
+        }
         let Some(slot) = self.slots[s as usize].take() else { return };
         for key in slot.keys {
             self.entries -= 1;
@@ -232,7 +263,7 @@ impl PrefixIndex {
 
     /// Forgets everything `worker` holds (lost).
     pub fn remove_worker(&mut self, worker: &str) {
-        let models: Vec<String> = self.by_replica.keys().filter(|(w, _)| w == worker).map(|(_, m)| m.clone()).collect();
+        let models: Vec<String> = self.by_replica.get(worker).map(|m| m.keys().cloned().collect()).unwrap_or_default();
         for m in models {
             self.remove_replica(worker, &m);
         }
@@ -242,10 +273,9 @@ impl PrefixIndex {
     pub fn retain_loaded(&mut self, worker: &str, loaded: &HashSet<String>) {
         let gone: Vec<String> = self
             .by_replica
-            .keys()
-            .filter(|(w, m)| w == worker && !loaded.contains(m))
-            .map(|(_, m)| m.clone())
-            .collect();
+            .get(worker)
+            .map(|m| m.keys().filter(|m| !loaded.contains(*m)).cloned().collect())
+            .unwrap_or_default();
         for m in gone {
             self.remove_replica(worker, &m);
         }
