@@ -76,6 +76,13 @@ async fn a_tenants_requests_go_to_the_worker_holding_its_system_prompt() {
     let done = common::worker::collect(&mut c1, one).await.unwrap().done.unwrap();
     assert_eq!(done.usage.unwrap().prompt_tokens as usize, t.token_ids.len());
     assert!(t.token_ids.len() > 300, "{} tokens", t.token_ids.len());
+    // A prompt past the context: at most the context's ids (Generate refuses it outright).
+    let long = pb::GenerateRequest {
+        model_id: id1.clone(),
+        input: Some(pb::generate_request::Input::Prompt("word ".repeat(5000))),
+        ..Default::default()
+    };
+    assert_eq!(c1.tokenize(long).await.unwrap().into_inner().token_ids.len(), 2048);
     // A bad request is refused with Generate's words.
     let bad = pb::GenerateRequest {
         model_id: id1,

@@ -30,12 +30,15 @@ pub(crate) const STREAM_BUFFER: usize = 8;
 pub type GenerateEvents = mpsc::Receiver<Result<pb::GenerateEvent, Status>>;
 
 impl WorkerState {
-    /// The token ids `req`'s input becomes, as [`WorkerState::generate`] would process them,
-    /// with the model's prefix-cache keying: for a router looking for the replica that holds
-    /// the prompt's prefix.
+    /// The token ids `req`'s input becomes, as [`WorkerState::generate`] would process them
+    /// (at most the context's worth), with the model's prefix-cache keying: for a router
+    /// looking for the replica that holds the prompt's prefix.
     pub fn tokenize(&self, req: &pb::GenerateRequest) -> Result<pb::TokenizeResponse, WorkerError> {
         let model = self.first_stage(&req.model_id)?;
-        let token_ids = build_prompt(&model, req.input.as_ref())?;
+        let mut token_ids = build_prompt(&model, req.input.as_ref())?;
+        // Past the context nothing is served (`generate` refuses such a prompt): the ids that
+        // can be cached are enough, and a huge prompt's reply stays small.
+        token_ids.truncate(model.info.context_length as usize);
         let (kv_block_tokens, prefix_seed) = model.prefix_keying();
         Ok(pb::TokenizeResponse { token_ids, kv_block_tokens, prefix_seed })
     }
