@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts" / "clients"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from gantry_worker import free_port, pct, start_worker  # noqa: E402
+from gantry_worker import free_port, pct, start_worker, stop_all  # noqa: E402
 
 GANTRY = ROOT / "target/release/gantry"
 QUESTIONS = [
@@ -82,13 +82,7 @@ class Bench:
             time.sleep(0.1)
 
     def close(self):
-        for p in [*self.workers, self.controller]:
-            p.terminate()
-        for p in [*self.workers, self.controller]:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all([*self.workers, self.controller])
 
     def deploy(self, model: Path):
         a = self.args

@@ -1,6 +1,7 @@
 """Starting the release `gantry worker` for the benchmarks that call one (shared by
-bench/worker_vs_llamacpp_server.py, bench/pipeline_stages.py, bench/batching_vs_llama_server.py and
-bench/autoscale_ramp.py), and the small helpers they share (a free port, percentiles)."""
+bench/worker_vs_llamacpp_server.py, bench/pipeline_stages.py, bench/batching_vs_llama_server.py,
+bench/autoscale_ramp.py, bench/soak.py, bench/tenants.py and bench/prefix_routing.py), and the
+small helpers they share (a free port, percentiles, stopping processes)."""
 import socket
 import subprocess
 from pathlib import Path
@@ -38,3 +39,15 @@ def pct(xs, p):
     if not xs:
         return float("nan")
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def stop_all(procs):
+    """Asks every process in procs to stop, then waits up to 15 s for each, killing the ones
+    still running."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            p.kill()

@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts" / "clients"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from gantry_worker import free_port, pct, start_worker  # noqa: E402
+from gantry_worker import free_port, pct, start_worker, stop_all  # noqa: E402
 
 GANTRY = ROOT / "target/release/gantry"
 MODEL = ROOT / "models/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -145,13 +145,7 @@ def run_mode(mode: str, args, schedule) -> dict:
         out["routing_metrics"] = metric_lines(http, "gantry_routing_")
         return out
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
 
 
 def main():

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts" / "clients"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from gantry_worker import free_port  # noqa: E402
+from gantry_worker import free_port, stop_all  # noqa: E402
 
 GANTRY = ROOT / "target/release/gantry"
 ADMIN = "k-admin-0123456789abcdef"
@@ -200,13 +200,7 @@ class Soak:
             t.join()
 
     def close(self):
-        for p in [*self.workers.values(), self.controller]:
-            p.terminate()
-        for p in [*self.workers.values(), self.controller]:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all([*self.workers.values(), self.controller])
 
 
 def quarter_medians(series):

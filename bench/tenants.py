@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts" / "clients"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from gantry_worker import free_port, pct, start_worker  # noqa: E402
+from gantry_worker import free_port, pct, start_worker, stop_all  # noqa: E402
 
 GANTRY = ROOT / "target/release/gantry"
 KEYS = {
@@ -149,13 +149,7 @@ def main():
         }, indent=2))
         print(f"wrote {out.relative_to(ROOT)}")
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
 
 
 if __name__ == "__main__":
