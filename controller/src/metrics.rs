@@ -165,15 +165,26 @@ fn histogram(out: &mut String, name: &str, bounds: &[f64], series: &BTreeMap<Str
     }
 }
 
+/// A counter with two labels, `names`, one series per entry of `series`.
+fn counter2<B: AsRef<str>>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    names: (&str, &str),
+    series: &BTreeMap<(String, B), u64>,
+) {
+    header(out, name, "counter", help);
+    for ((a, b), n) in series {
+        let _ = writeln!(out, "{name}{{{}=\"{}\",{}=\"{}\"}} {n}", names.0, label(a), names.1, label(b.as_ref()));
+    }
+}
+
 /// Everything, in the Prometheus text format.
 pub fn render(cluster: &Cluster) -> String {
     let mut out = String::new();
     with(|r| {
-        header(&mut out, "gantry_requests_total", "counter", "Inference requests by deployment and outcome.");
-        for ((model, outcome), n) in &r.requests {
-            let _ =
-                writeln!(out, "gantry_requests_total{{model=\"{}\",outcome=\"{}\"}} {n}", label(model), label(outcome));
-        }
+        let requests = "Inference requests by deployment and outcome.";
+        counter2(&mut out, "gantry_requests_total", requests, ("model", "outcome"), &r.requests);
         header(
             &mut out,
             "gantry_key_streams_total",
@@ -183,15 +194,8 @@ pub fn render(cluster: &Cluster) -> String {
         for (name, n) in &r.key_admitted {
             let _ = writeln!(out, "gantry_key_streams_total{{key=\"{}\"}} {n}", label(name));
         }
-        header(
-            &mut out,
-            "gantry_key_refused_total",
-            "counter",
-            "Streams refused per API key name by the limit that refused them.",
-        );
-        for ((name, limit), n) in &r.key_refused {
-            let _ = writeln!(out, "gantry_key_refused_total{{key=\"{}\",limit=\"{}\"}} {n}", label(name), label(limit));
-        }
+        let refused = "Streams refused per API key name by the limit that refused them.";
+        counter2(&mut out, "gantry_key_refused_total", refused, ("key", "limit"), &r.key_refused);
         header(&mut out, "gantry_key_tokens_total", "counter", "Tokens generated per API key name.");
         for (name, n) in &r.key_tokens {
             let _ = writeln!(out, "gantry_key_tokens_total{{key=\"{}\"}} {n}", label(name));
@@ -218,52 +222,15 @@ pub fn render(cluster: &Cluster) -> String {
         for (reason, n) in &r.placement_failures {
             let _ = writeln!(out, "gantry_placement_failures_total{{reason=\"{}\"}} {n}", label(reason));
         }
-        header(
-            &mut out,
-            "gantry_request_migrations_total",
-            "counter",
-            "Requests whose replica failed mid-stream: resumed on another replica, or failed for want of one.",
-        );
-        for ((model, outcome), n) in &r.migrations {
-            let _ = writeln!(
-                out,
-                "gantry_request_migrations_total{{model=\"{}\",outcome=\"{}\"}} {n}",
-                label(model),
-                label(outcome)
-            );
-        }
-        header(
-            &mut out,
-            "gantry_autoscaler_decisions_total",
-            "counter",
-            "The autoscaler's changes of a deployment's replica count, by direction (up, down).",
-        );
-        for ((name, direction), n) in &r.autoscaled {
-            let _ = writeln!(
-                out,
-                "gantry_autoscaler_decisions_total{{deployment=\"{}\",direction=\"{}\"}} {n}",
-                label(name),
-                label(direction)
-            );
-        }
-        header(
-            &mut out,
-            "gantry_routing_decisions_total",
-            "counter",
-            "Routing decisions by deployment and why the replica was chosen: only (the one ready), session, prefix (best score holding part of the prompt), p2c (power of two choices).",
-        );
-        for ((model, by), n) in &r.routed {
-            let _ = writeln!(out, "gantry_routing_decisions_total{{model=\"{}\",by=\"{by}\"}} {n}", label(model));
-        }
-        header(
-            &mut out,
-            "gantry_routing_tokens_total",
-            "counter",
-            "Over requests routed with their prompt's prefix-cache keys, in prompt tokens: the prompts (part=prompt) and the chosen replicas' score parts: cached prefix (cached), prefill ahead (prefill), queue (queue) and KV pressure (kv); score = cached - prefill - queue - kv.",
-        );
-        for ((model, part), n) in &r.route_tokens {
-            let _ = writeln!(out, "gantry_routing_tokens_total{{model=\"{}\",part=\"{part}\"}} {n}", label(model));
-        }
+        let migrations =
+            "Requests whose replica failed mid-stream: resumed on another replica, or failed for want of one.";
+        counter2(&mut out, "gantry_request_migrations_total", migrations, ("model", "outcome"), &r.migrations);
+        let autoscaled = "The autoscaler's changes of a deployment's replica count, by direction (up, down).";
+        counter2(&mut out, "gantry_autoscaler_decisions_total", autoscaled, ("deployment", "direction"), &r.autoscaled);
+        let decisions = "Routing decisions by deployment and why the replica was chosen: only (the one ready), session, prefix (best score holding part of the prompt), p2c (power of two choices).";
+        counter2(&mut out, "gantry_routing_decisions_total", decisions, ("model", "by"), &r.routed);
+        let parts = "Over requests routed with their prompt's prefix-cache keys, in prompt tokens: the prompts (part=prompt) and the chosen replicas' score parts: cached prefix (cached), prefill ahead (prefill), queue (queue) and KV pressure (kv); score = 2 x cached - prefill - queue - kv.";
+        counter2(&mut out, "gantry_routing_tokens_total", parts, ("model", "part"), &r.route_tokens);
         header(
             &mut out,
             "gantry_routing_tokenize_seconds",

@@ -4,9 +4,9 @@
 //!    to the replica that served the session last, where its earlier turns are in the prefix
 //!    cache, unless that replica is [`overloaded`].
 //! 2. With the prompt's prefix-cache keys ([`PrefixHint`]), each ready replica gets a
-//!    [`score`]: the prompt tokens it holds cached (by the router's prefix index) less its queue
-//!    and its KV-cache pressure. The best wins if it holds some of the prompt (equal best: power
-//!    of two choices among them).
+//!    [`score`]: twice the prompt tokens it holds cached (by the router's prefix index), less
+//!    the prefill ahead of the request there, its queue and its KV-cache pressure. The best wins
+//!    if it holds some of the prompt (equal best: power of two choices among them).
 //! 3. Otherwise (a prompt no replica holds, a tie, `--routing p2c`): two ready replicas at
 //!    random, the less loaded of them (power of two choices).
 
@@ -343,10 +343,7 @@ impl Cluster {
         let runs = hint.map(|h| ready.held_runs(&inner.state.prefix, &h.keys));
         let scored = |i: usize| hint.zip(runs.as_ref()).map(|(h, runs)| score(h, runs[i], ready.loads[i]));
         let take = |i: usize, by: ChosenBy| Routed { target: ready.candidates[i].target(model), by, score: scored(i) };
-        if let Some(s) = session
-            && let Some(i) = self.session_of(&ready, s)
-            && !overloaded(ready.load(i), ready.least())
-        {
+        if let Some(i) = self.session_stays(&ready, session) {
             return Ok(take(i, ChosenBy::Session));
         }
         if ready.len() == 1 {
@@ -377,10 +374,7 @@ impl Cluster {
         if ready.len() < 2 {
             return None;
         }
-        if let Some(s) = session
-            && let Some(i) = self.session_of(&ready, s)
-            && !overloaded(ready.load(i), ready.least())
-        {
+        if self.session_stays(&ready, session).is_some() {
             return None;
         }
         if !ready.any_keys(&inner.state.prefix) {
@@ -391,11 +385,13 @@ impl Cluster {
         Some(ready.candidates[i].target(model))
     }
 
-    /// Where in `ready` the replica `session` last went to is (the sessions' lock is taken
-    /// under the cluster's, never the other way round).
-    fn session_of(&self, ready: &Ready, session: &str) -> Option<usize> {
+    /// Where in `ready` the replica `session` last went to is, when the request goes back
+    /// there: it is ready and not [`overloaded`] (the sessions' lock is taken under the
+    /// cluster's, never the other way round).
+    fn session_stays(&self, ready: &Ready, session: Option<&str>) -> Option<usize> {
         let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        ready.session(&sessions, session)
+        let i = ready.session(&sessions, session?)?;
+        (!overloaded(ready.load(i), ready.least())).then_some(i)
     }
 }
 

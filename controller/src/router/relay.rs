@@ -81,9 +81,12 @@ impl Attached {
         Attached { target, events, prefill }
     }
 
-    /// Its prompt is computed: no longer ahead of new requests.
+    /// Its prompt is computed: no longer ahead of new requests. (Called on every token: the
+    /// shared counter is touched only the first time.)
     fn prefilled(&mut self) {
-        self.target.prefill.fetch_sub(std::mem::take(&mut self.prefill), Ordering::Relaxed);
+        if self.prefill > 0 {
+            self.target.prefill.fetch_sub(std::mem::take(&mut self.prefill), Ordering::Relaxed);
+        }
     }
 }
 
@@ -172,9 +175,7 @@ impl Relay {
                 "routing"
             );
             crate::metrics::routed(&self.model, routed.by.as_str(), hint.map(|h| h.prompt_tokens), routed.score);
-            if let Ok(v) = format!("Bearer {}", self.cluster.worker_token()).parse() {
-                req.metadata_mut().insert("authorization", v);
-            }
+            self.authorize(&mut req);
             match WorkerClient::new(target.channel.clone()).generate(req).await {
                 Ok(r) => return Ok(Attached::new(target, r.into_inner(), prefill)),
                 Err(e) if replica_failed(&e) => {
@@ -189,6 +190,13 @@ impl Relay {
                 }
                 Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// Carries the cluster's worker token (a worker beyond loopback requires it).
+    fn authorize<T>(&self, req: &mut Request<T>) {
+        if let Ok(v) = format!("Bearer {}", self.cluster.worker_token()).parse() {
+            req.metadata_mut().insert("authorization", v);
         }
     }
 
@@ -208,9 +216,7 @@ impl Relay {
         });
         let left = self.deadline.map_or(TOKENIZE_TIMEOUT, |d| d.saturating_duration_since(Instant::now()));
         req.set_timeout(left.min(TOKENIZE_TIMEOUT));
-        if let Ok(v) = format!("Bearer {}", self.cluster.worker_token()).parse() {
-            req.metadata_mut().insert("authorization", v);
-        }
+        self.authorize(&mut req);
         let asked = Instant::now();
         let reply = WorkerClient::new(target.channel.clone()).tokenize(req).await;
         crate::metrics::tokenized(&self.model, asked.elapsed());
