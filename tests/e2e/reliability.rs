@@ -191,6 +191,8 @@ async fn twenty_streams_survive_a_killed_worker_with_the_unbroken_text() {
     let worker = |id: &str| RunningWorker::join(&control.url(), id, &["--threads", "1"]);
     let mut w1 = worker("w1");
     let mut w2 = worker("w2");
+    // A worker prints `ready` before its link registers: spread needs both registered.
+    wait_for_workers(&mut control.cluster().await, 2).await;
     let mut deployments = control.deployments().await;
     let mut s = spec(common::smollm2().to_str().unwrap(), 2, pb::PlacementStrategy::Spread);
     s.context_length = 2048;
