@@ -14,6 +14,7 @@ pub mod family;
 pub mod gguf;
 pub mod hardware;
 pub mod hf;
+pub mod measured;
 pub mod placement;
 pub mod prefix;
 pub mod quant;

@@ -120,6 +120,11 @@ pub struct ReplicaRequest<'a> {
     pub margin_percent: u64,
     /// Replicas of the same deployment already on each node id (spread prefers nodes with fewer).
     pub replicas_on_node: &'a BTreeMap<String, u32>,
+    /// What a measurement of the model says it needs on one device at these options
+    /// (`gantry_core::measured::Measurement::need`): the one-device need instead of the
+    /// estimate. A split plan is sized from the estimate's per-layer terms, scaled up by the
+    /// measured-to-estimated ratio when it is above one.
+    pub measured_bytes: Option<u64>,
 }
 
 /// One stage of a plan: a GPU of a node and the layers it runs.
@@ -209,8 +214,11 @@ impl Plan {
 /// Why a replica fits nowhere: the need, and one reason per node (in node-id order).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Unschedulable {
-    /// Estimate plus margin for the whole model on one device.
+    /// Estimate (or measurement) plus margin for the whole model on one device.
     pub needs_bytes: u64,
+    /// With a measurement: the estimate plus margin, for the reason's second number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_bytes: Option<u64>,
     pub reasons: Vec<NodeReason>,
     /// A plan over GPUs of several nodes exists, but the policy does not allow one.
     #[serde(default)]
@@ -228,6 +236,9 @@ impl fmt::Display for Unschedulable {
     /// `needs 143.2 GiB; w1, w3: 1×24.0 GiB, …; w2: …` — nodes with the same reason share it.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "needs {}", format_bytes(self.needs_bytes))?;
+        if let Some(e) = self.estimated_bytes {
+            write!(f, " as measured (estimated {})", format_bytes(e))?;
+        }
         if self.reasons.is_empty() {
             f.write_str("; no nodes")?;
         }
@@ -258,11 +269,19 @@ pub fn place(nodes: &[NodeView], req: &ReplicaRequest<'_>) -> Result<Result<Plan
     let estimate = estimate_vram(req.spec, &req.options)?;
     let filter = Filter::new(req.policy);
     let margin = Margin(req.margin_percent);
-    let needs_bytes = margin.add(estimate.total_bytes);
+    let needs_bytes = margin.add(req.measured_bytes.unwrap_or(estimate.total_bytes));
 
     if let Some(plan) = one_gpu(nodes, req, &filter, needs_bytes) {
         return Ok(Ok(plan));
     }
+    // Splits are sized from the estimate's terms: scaled up as the measurement says.
+    let margin = match req.measured_bytes {
+        Some(m) if m > estimate.total_bytes => {
+            let scaled = (100 + u128::from(margin.0)) * u128::from(m);
+            Margin(u64::try_from(scaled.div_ceil(u128::from(estimate.total_bytes.max(1))) - 100).unwrap_or(u64::MAX))
+        }
+        _ => margin,
+    };
     let model = memory_model(req.spec, &req.options)?;
     let floor = SplitFloor::new(&model);
     if let Some(plan) = one_node(nodes, req, &filter, margin, &floor)? {
@@ -282,6 +301,7 @@ pub fn place(nodes: &[NodeView], req: &ReplicaRequest<'_>) -> Result<Result<Plan
     }
     Ok(Err(Unschedulable {
         needs_bytes,
+        estimated_bytes: req.measured_bytes.map(|_| Margin(req.margin_percent).add(estimate.total_bytes)),
         reasons: reasons(nodes, &filter, needs_bytes),
         fits_across_nodes: across.is_some(),
     }))

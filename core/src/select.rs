@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::catalog::{Catalog, CatalogEntry};
 use crate::error::{Error, Result};
 use crate::hardware::{Gpu, describe_gpus};
+use crate::measured::{Measurement, best_for};
 use crate::quant::{GgmlType, WeightDtype};
 use crate::shard::{Fit, fit};
 use crate::spec::ModelSpec;
@@ -174,6 +175,12 @@ pub struct Candidate {
     /// GPUs it would use (0 when no GPUs were given).
     pub gpus_used: usize,
     pub reasons: Vec<String>,
+    /// Decode tokens per second of one stream, when the model was measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured_tokens_per_sec: Option<f64>,
+    /// Where the speed part comes from: `estimated` (from the size), `measured here`,
+    /// `measured on <device kind>`.
+    pub speed_source: String,
 }
 
 /// A model that does not suit the need, with every reason.
@@ -192,6 +199,50 @@ pub struct Selection {
     /// Best first.
     pub candidates: Vec<Candidate>,
     pub rejected: Vec<Rejection>,
+}
+
+impl Latency {
+    /// Decode tokens per second of one stream that the class wants: a reader's pace for
+    /// realtime, a patient reader's for interactive, anything that finishes for batch.
+    pub fn wanted_tokens_per_sec(self) -> f64 {
+        match self {
+            Latency::Realtime => 20.0,
+            Latency::Interactive => 8.0,
+            Latency::Batch => 2.0,
+        }
+    }
+}
+
+/// [`select`], with measured speed where a model was measured: its speed part is then the
+/// measured decode rate of one stream against the latency class's wanted rate (full marks at
+/// or above it), and its reasons say so, with where it was measured (`here`: this machine's
+/// device kinds).
+pub fn select_measured(
+    need: &Need,
+    gpus: &[Gpu],
+    catalog: &Catalog,
+    measured: &[&Measurement],
+    here: &[String],
+) -> Result<Selection> {
+    let mut selection = select(need, gpus, catalog)?;
+    for c in &mut selection.candidates {
+        let of: Vec<&Measurement> =
+            measured.iter().copied().filter(|m| m.is_of(&c.id) && m.decode_per_stream(1).is_some()).collect();
+        let Some((m, provenance)) = best_for(&of, here) else { continue };
+        let Some(rate) = m.decode_per_stream(1) else { continue };
+        let wanted = need.latency.wanted_tokens_per_sec();
+        c.score_parts.speed = clamp100(rate / wanted);
+        c.score = weighted(need, &c.score_parts);
+        c.measured_tokens_per_sec = Some(rate);
+        c.speed_source = provenance.label();
+        c.reasons.push(format!(
+            "decodes {rate:.0} tokens/s per stream, {} ({} wants {wanted:.0})",
+            provenance.label(),
+            need.latency.as_str()
+        ));
+    }
+    selection.candidates.sort_by(|a, b| b.score.cmp(&a.score).then_with(|| a.id.cmp(&b.id)));
+    Ok(selection)
 }
 
 /// Ranks the catalog's models for `need` on `gpus` (an empty list means no memory check).
@@ -371,6 +422,23 @@ fn place(
     Ok(Err(why))
 }
 
+/// The weighted score of a candidate's parts for a need, 0..=100.
+fn weighted(need: &Need, parts: &ScoreParts) -> u32 {
+    let ScoreParts { quality, speed, task, precision } = *parts;
+    let (mut wq, mut ws) = match need.latency {
+        Latency::Realtime => (25, 45),
+        Latency::Interactive => (45, 25),
+        Latency::Batch => (60, 10),
+    };
+    if need.task == Task::Reasoning {
+        let shift = ws.min(15);
+        wq += shift;
+        ws -= shift;
+    }
+    let weighted = wq * quality + ws * speed + 15 * task + 15 * precision;
+    (weighted as f64 / 100.0).round() as u32
+}
+
 fn clamp100(x: f64) -> u32 {
     (x.clamp(0.0, 1.0) * 100.0).round() as u32
 }
@@ -415,18 +483,7 @@ fn score(need: &Need, gpus: &[Gpu], entry: &CatalogEntry, spec: &ModelSpec, p: S
         Some(d) if d.bits_per_weight() >= 8.0 => 90,
         Some(_) => 70,
     };
-    let (mut wq, mut ws) = match need.latency {
-        Latency::Realtime => (25, 45),
-        Latency::Interactive => (45, 25),
-        Latency::Batch => (60, 10),
-    };
-    if need.task == Task::Reasoning {
-        let shift = ws.min(15);
-        wq += shift;
-        ws -= shift;
-    }
-    let weighted = wq * quality + ws * speed + 15 * task + 15 * precision;
-    let score = (weighted as f64 / 100.0).round() as u32;
+    let score = weighted(need, &ScoreParts { quality, speed, task, precision });
 
     let mut reasons = Vec::new();
     let ctx = format_tokens(want_ctx);
@@ -514,5 +571,7 @@ fn score(need: &Need, gpus: &[Gpu], entry: &CatalogEntry, spec: &ModelSpec, p: S
         memory_bytes: p.memory_bytes,
         gpus_used: p.gpus_used,
         reasons,
+        measured_tokens_per_sec: None,
+        speed_source: "estimated".into(),
     }
 }

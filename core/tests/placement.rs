@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use gantry_core::placement::{
     GpuView, NodeReason, NodeView, PlacedStage, Plan, Policy, ReplicaRequest, Strategy, Unschedulable, place,
+    with_margin,
 };
 use gantry_core::units::{GIB, format_bytes};
 use gantry_core::{Catalog, Fit, ModelSpec, ServeOptions, estimate_vram, fit};
@@ -102,7 +103,14 @@ fn run_with_margin(
     replicas: &BTreeMap<String, u32>,
     margin_percent: u64,
 ) -> Result<Plan, Unschedulable> {
-    let req = ReplicaRequest { spec, options: options(spec), policy, margin_percent, replicas_on_node: replicas };
+    let req = ReplicaRequest {
+        spec,
+        options: options(spec),
+        policy,
+        margin_percent,
+        replicas_on_node: replicas,
+        measured_bytes: None,
+    };
     place(nodes, &req).unwrap()
 }
 
@@ -159,6 +167,47 @@ fn binpack_picks_the_tightest_gpu_that_fits() {
     // Spread takes the emptiest GPU instead.
     let stage = one_gpu(run(&nodes, &llama, &spread(), &BTreeMap::new()));
     assert_eq!((stage.node.as_str(), stage.gpu), ("n1", 0));
+}
+
+#[test]
+fn a_measurement_replaces_the_estimate_and_a_gpu_that_fits_only_the_estimate_is_refused_with_both() {
+    let llama = spec(LLAMA_8B);
+    let estimate = estimate_vram(&llama, &options(&llama)).unwrap().total_bytes;
+    let measured = estimate + (2 << 30);
+    let nodes = [Node::new("n1").gpu("NVIDIA L40S", 48).free_gib(19).build()];
+    let place_with = |nodes: &[NodeView], m: Option<u64>| {
+        let replicas = BTreeMap::new();
+        let policy = binpack();
+        let req = ReplicaRequest {
+            spec: &llama,
+            options: options(&llama),
+            policy: &policy,
+            margin_percent: 5,
+            replicas_on_node: &replicas,
+            measured_bytes: m,
+        };
+        place(nodes, &req).unwrap()
+    };
+    // 17.7 GiB by the estimate fits 19 GiB; 19.8 GiB as measured does not.
+    assert!(place_with(&nodes, None).is_ok());
+    let u = unschedulable(place_with(&nodes, Some(measured)));
+    assert_eq!(u.needs_bytes, with_margin(measured, 5));
+    assert!(
+        u.to_string().starts_with(&format!(
+            "needs {} as measured (estimated {}); n1: ",
+            format_bytes(with_margin(measured, 5)),
+            format_bytes(need(&llama, 5))
+        )),
+        "{u}"
+    );
+    // Where it fits, the measurement is what is reserved.
+    let roomy = [Node::new("n1").gpu("NVIDIA L40S", 48).build()];
+    assert_eq!(one_gpu(place_with(&roomy, Some(measured))).bytes, with_margin(measured, 5));
+    // A split is scaled up as the measurement says: two 12 GiB GPUs hold the estimate split, not
+    // twice as much as measured.
+    let pair = [Node::new("n1").gpu("NVIDIA A10G", 12).gpu("NVIDIA A10G", 12).build()];
+    assert!(place_with(&pair, None).is_ok());
+    assert!(place_with(&pair, Some(estimate * 2)).is_err());
 }
 
 #[test]

@@ -144,3 +144,48 @@ fn reasoning_models_are_slower_for_realtime() {
     assert!(oss.reasons.iter().any(|r| r.contains("reasoning trace")));
     assert!(oss.score < s.candidates[0].score);
 }
+
+#[test]
+fn a_measured_model_is_ranked_by_its_measured_speed_against_the_latency_class() {
+    use gantry_core::measured::{Measurement, SpeedPoint};
+    use gantry_core::select::select_measured;
+    let need =
+        Need { task: Task::Chat, latency: Latency::Realtime, min_context: None, no_gated: true, max_params: None };
+    let gpus = parse_gpus("1x24GiB").unwrap();
+    let catalog = Catalog::builtin().unwrap();
+    let plain = select(&need, &gpus, &catalog).unwrap();
+    let id = "HuggingFaceTB/SmolLM2-135M-Instruct";
+    let before = find(&plain, id).unwrap().clone();
+    assert_eq!(before.speed_source, "estimated");
+    let measured = |tokens_per_sec: f64| Measurement {
+        digest: "sha256s:00".into(),
+        device_kind: "cpu:Test CPU".into(),
+        model: "SmolLM2 135M Instruct".into(),
+        speed: vec![SpeedPoint {
+            batch: 1,
+            decode_tokens: (tokens_per_sec * 10.0) as u64,
+            decode_seconds: 10.0,
+            ..SpeedPoint::default()
+        }],
+        ..Measurement::default()
+    };
+    // 5 tokens/s per stream is a quarter of realtime's 20: the speed part falls to 25.
+    let slow = measured(5.0);
+    let s = select_measured(&need, &gpus, &catalog, &[&slow], &["cpu:Test CPU".into()]).unwrap();
+    let c = find(&s, id).unwrap();
+    assert_eq!(c.score_parts.speed, 25);
+    assert!(c.score < before.score, "{} vs {}", c.score, before.score);
+    assert_eq!((c.measured_tokens_per_sec, c.speed_source.as_str()), (Some(5.0), "measured here"));
+    assert!(
+        c.reasons.last().unwrap().contains("decodes 5 tokens/s per stream, measured here (realtime wants 20)"),
+        "{:?}",
+        c.reasons
+    );
+    // Measured elsewhere and fast: full marks, labelled with the device kind.
+    let fast = measured(80.0);
+    let s = select_measured(&need, &gpus, &catalog, &[&fast], &["cpu:Other".into()]).unwrap();
+    let c = find(&s, id).unwrap();
+    assert_eq!((c.score_parts.speed, c.speed_source.as_str()), (100, "measured on cpu:Test CPU"));
+    // Other models keep their estimated speed.
+    assert_eq!(find(&s, "HuggingFaceTB/SmolLM2-360M-Instruct").unwrap().speed_source, "estimated");
+}

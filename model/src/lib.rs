@@ -14,6 +14,9 @@ use gantry_core::safetensors::{self, SafetensorsHeader};
 use gantry_core::spec::{HfFiles, ModelSpec};
 use thiserror::Error;
 
+mod digest;
+pub use digest::digest;
+
 /// First read of a GGUF file; most headers fit (SmolLM2's is 2 MiB, Gemma 3's 6 MiB).
 const FIRST_READ_BYTES: u64 = 4 << 20;
 /// No real GGUF header comes near this; a file claiming more is refused.
