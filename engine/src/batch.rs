@@ -98,6 +98,39 @@ pub struct BatchStats {
     pub rows: u64,
     /// Sequences preempted.
     pub preempted: u64,
+    /// Pass times by sequences in the pass: index `i` counts passes of up to `2^i` sequences
+    /// (more than 32: the last).
+    pub speed: [StepTimes; SPEED_BUCKETS],
+}
+
+/// Buckets of [`BatchStats::speed`]: 1, 2, 4, … 64 sequences.
+pub const SPEED_BUCKETS: usize = 7;
+
+/// The time of a batcher's forward passes of one size class: passes that carried a prompt
+/// chunk (prefill), and passes of one new token per sequence (decode).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepTimes {
+    pub prefill_rows: u64,
+    pub prefill_nanos: u64,
+    pub decode_rows: u64,
+    pub decode_nanos: u64,
+}
+
+impl BatchStats {
+    /// Counts a pass of `sequences` sequences and `rows` rows that took `took`; `decode`: one
+    /// row per sequence.
+    fn time(&mut self, sequences: usize, rows: u64, decode: bool, took: Duration) {
+        let i = (gantry_core::measured::speed_bucket(sequences).trailing_zeros() as usize).min(SPEED_BUCKETS - 1);
+        let t = &mut self.speed[i];
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        if decode {
+            t.decode_rows += rows;
+            t.decode_nanos = t.decode_nanos.saturating_add(nanos);
+        } else {
+            t.prefill_rows += rows;
+            t.prefill_nanos = t.prefill_nanos.saturating_add(nanos);
+        }
+    }
 }
 
 struct Waiting {
@@ -257,6 +290,7 @@ impl Batcher {
         inner.running = true;
         drop(inner);
 
+        let started = Instant::now();
         let results = {
             let mut steps: Vec<BatchStep<'_>> = taken
                 .iter_mut()
@@ -287,10 +321,14 @@ impl Batcher {
             }
         };
 
+        let took = started.elapsed();
         let mut inner = self.lock();
         inner.running = false;
         inner.stats.steps += 1;
-        inner.stats.rows += taken.iter().map(|(_, r)| *r as u64).sum::<u64>();
+        let rows = taken.iter().map(|(_, r)| *r as u64).sum::<u64>();
+        inner.stats.rows += rows;
+        let decode = taken.iter().all(|(_, r)| *r == 1);
+        inner.stats.time(taken.len(), rows, decode, took);
         for ((mut w, rows), result) in taken.into_iter().zip(results) {
             match result {
                 Err(e) => {

@@ -105,7 +105,9 @@ impl ModelFiles {
     ) -> Result<ModelPart, EngineError> {
         let mut stats = LoadStats::default();
         let started = std::time::Instant::now();
-        let part = ModelPart::load(&self.source, self.config.clone(), range.clone(), backend, &mut stats, progress)?;
+        let mut part =
+            ModelPart::load(&self.source, self.config.clone(), range.clone(), backend, &mut stats, progress)?;
+        part.weight_bytes = stats.bytes;
         log_stats(&stats);
         info!(
             model = %self.spec.name,

@@ -299,6 +299,9 @@ impl Backend {
 pub struct ModelPart {
     pub config: Arc<EngineConfig>,
     pub range: Range<usize>,
+    /// Bytes of the weight tensors the load created on its device (Candle's allocations, or the
+    /// CPU runtime's packed copies), as the load counted them.
+    pub weight_bytes: u64,
     runtime: Runtime,
 }
 
@@ -430,7 +433,7 @@ impl ModelPart {
                 Runtime::Tp(load_ranks(source, &config, &range, devices, stats, progress)?)
             }
         };
-        Ok(ModelPart { config, range, runtime })
+        Ok(ModelPart { config, range, weight_bytes: 0, runtime })
     }
 
     /// Bytes of expert weights the part keeps in host memory ([`Backend::ExpertsOnHost`]).

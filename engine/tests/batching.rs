@@ -110,6 +110,13 @@ fn sixteen_sequences_stepped_together_give_each_its_tokens_alone() {
         // One sequence alone takes (prompt chunks + 12) steps; together far fewer than the sum.
         let alone_steps: usize = prompts.iter().map(|p| p.len().div_ceil(32) + NEW_TOKENS - 1).sum();
         assert!((steps as usize) < alone_steps / 4, "{file}: {steps} steps for {alone_steps} sequence-steps");
+        // Every row is timed in one speed bucket; passes of 9 to 16 sequences land in the 16s.
+        let timed =
+            |s: &gantry_engine::batch::BatchStats| s.speed.iter().map(|t| t.prefill_rows + t.decode_rows).sum::<u64>();
+        assert_eq!(timed(&stats) - timed(&before), rows, "{file}");
+        let (b, a) = (before.speed[4], stats.speed[4]);
+        assert!(a.prefill_rows + a.decode_rows > b.prefill_rows + b.decode_rows, "{file}: {:?}", stats.speed);
+        assert!(a.prefill_nanos + a.decode_nanos > b.prefill_nanos + b.decode_nanos, "{file}");
         // Every block is back: held only by the prefix cache now.
         assert_eq!(counts(&l).used, 0, "{file}");
         assert!(counts(&l).cached > 0, "{file}");

@@ -97,3 +97,89 @@ pub fn metric_to_proto(metric: Metric) -> pb::AutoscalingMetric {
         Metric::KvUtilization => pb::AutoscalingMetric::KvUtilization,
     }
 }
+
+/// A measurement as the wire carries it.
+pub fn measurement_to_proto(m: &gantry_core::measured::Measurement) -> pb::ModelMeasurement {
+    pb::ModelMeasurement {
+        digest: m.digest.clone(),
+        device_kind: m.device_kind.clone(),
+        model: m.model.clone(),
+        sources: m.sources.clone(),
+        context: m.context,
+        batch: m.batch,
+        estimated: Some(terms_to_proto(&m.estimated)),
+        measured: Some(terms_to_proto(&m.measured)),
+        method: m.method.clone(),
+        load_ms: m.load_ms,
+        threads: m.threads,
+        speed: m
+            .speed
+            .iter()
+            .map(|p| pb::SpeedPoint {
+                batch: p.batch,
+                prefill_tokens: p.prefill_tokens,
+                prefill_seconds: p.prefill_seconds,
+                decode_tokens: p.decode_tokens,
+                decode_seconds: p.decode_seconds,
+            })
+            .collect(),
+        measured_at_ms: m.measured_at_ms,
+        by: m.by.clone(),
+    }
+}
+
+/// A measurement from the wire. Speed figures that are not finite and non-negative are left out.
+pub fn measurement_from_proto(p: &pb::ModelMeasurement) -> gantry_core::measured::Measurement {
+    use gantry_core::measured::{Measurement, SpeedPoint};
+    let ok = |s: f64| s.is_finite() && s >= 0.0;
+    Measurement {
+        digest: p.digest.clone(),
+        device_kind: p.device_kind.clone(),
+        model: p.model.clone(),
+        sources: p.sources.clone(),
+        context: p.context,
+        batch: p.batch,
+        estimated: p.estimated.as_ref().map(terms_from_proto).unwrap_or_default(),
+        measured: p.measured.as_ref().map(terms_from_proto).unwrap_or_default(),
+        method: p.method.clone(),
+        load_ms: p.load_ms,
+        threads: p.threads,
+        speed: p
+            .speed
+            .iter()
+            .filter(|s| ok(s.prefill_seconds) && ok(s.decode_seconds))
+            .map(|s| SpeedPoint {
+                batch: s.batch,
+                prefill_tokens: s.prefill_tokens,
+                prefill_seconds: s.prefill_seconds,
+                decode_tokens: s.decode_tokens,
+                decode_seconds: s.decode_seconds,
+            })
+            .collect(),
+        measured_at_ms: p.measured_at_ms,
+        by: p.by.clone(),
+    }
+}
+
+pub fn terms_to_proto(t: &gantry_core::measured::Terms) -> pb::MemoryTerms {
+    pb::MemoryTerms { weights: t.weights, kv_cache: t.kv_cache, activations: t.activations, overhead: t.overhead }
+}
+
+fn terms_from_proto(t: &pb::MemoryTerms) -> gantry_core::measured::Terms {
+    gantry_core::measured::Terms {
+        weights: t.weights,
+        kv_cache: t.kv_cache,
+        activations: t.activations,
+        overhead: t.overhead,
+    }
+}
+
+pub fn ratios_to_proto(r: &gantry_core::measured::PerTerm) -> pb::TermRatios {
+    pb::TermRatios {
+        weights: r.weights,
+        kv_cache: r.kv_cache,
+        activations: r.activations,
+        overhead: r.overhead,
+        total: r.total,
+    }
+}

@@ -19,6 +19,7 @@ pub mod gpu;
 pub mod grpc;
 pub mod link;
 pub mod load;
+pub mod measure;
 pub mod served;
 pub mod server;
 pub mod stage;

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::time::Instant;
 
 use gantry_core::WireDtype;
+use gantry_core::measured::{Measurement, Terms};
 use gantry_core::units::format_bytes;
 use gantry_core::vram::{DeviceKind, ServeOptions, VramEstimate, estimate_vram};
 use gantry_engine::files::ModelFiles;
@@ -22,6 +23,7 @@ use tracing::info;
 use crate::devices::{self, DeviceBinding};
 use crate::error::WorkerError;
 use crate::gpu::{GpuInfo, InventorySource};
+use crate::measure;
 use crate::served::{NextStage, RateMeter, Served};
 use crate::state::WorkerState;
 
@@ -208,8 +210,11 @@ impl WorkerState {
         };
         let needs = admission.check(&bindings, &ranges, gpus)?;
 
+        let meter = Meter::new(self, &bindings);
+        let before = meter.read();
         let tokenizer = files.tokenizer()?;
         let template = files.chat_template(&tokenizer, &self.options.templates).map_err(|e| e.to_string());
+        let after_tokenizer = meter.read();
         let total_layers: usize = ranges.iter().map(|r| r.len()).sum();
         let mut done_before = 0;
         let mut segments = Vec::with_capacity(ranges.len());
@@ -247,6 +252,17 @@ impl WorkerState {
             }
             segments.push(Segment::new(part, self.turn(&binding.engine_device)?, self.options.step_tokens));
         }
+        let after_layers = meter.read();
+        let measured = self.measure_load(
+            &meter,
+            &path,
+            &files,
+            &estimate,
+            req,
+            &segments,
+            started,
+            [before, after_tokenizer, after_layers],
+        );
         let extra_eos = files.spec.eos_token_ids.iter().filter_map(|&i| u32::try_from(i).ok()).collect();
         let (first, last) = (ranges.first().cloned().unwrap_or_default(), ranges.last().cloned().unwrap_or_default());
         let info = pb::ModelInfo {
@@ -275,6 +291,7 @@ impl WorkerState {
                 .collect(),
             next_stage: next.as_ref().map(|n| n.address.clone()).unwrap_or_default(),
             experts_on_host_bytes: experts_on_host,
+            measurement: measured.as_ref().map(|m| gantry_proto::convert::measurement_to_proto(&m.load)),
         };
         Ok(Served {
             info,
@@ -293,7 +310,79 @@ impl WorkerState {
             queued: AtomicU32::new(0),
             tokens: AtomicU64::new(0),
             meter: RateMeter::new(),
+            measured,
         })
+    }
+
+    /// The load's measurement (see [`crate::measure`]), from the readings before the tokenizer,
+    /// after it and after the layers; `None` when another load overlapped this one or nothing
+    /// could be read. Starts a new peak of the resident set.
+    #[allow(clippy::too_many_arguments)]
+    fn measure_load(
+        &self,
+        meter: &Meter,
+        path: &std::path::Path,
+        files: &ModelFiles,
+        estimate: &VramEstimate,
+        req: &pb::LoadModelRequest,
+        segments: &[Segment],
+        started: Instant,
+        readings: [Option<u64>; 3],
+    ) -> Option<crate::served::LoadMeasurement> {
+        let alone = self.loading.lock().is_ok_and(|l| l.len() == 1);
+        let [Some(before), Some(after_tokenizer), Some(after_layers)] = readings else { return None };
+        // Only a whole model on one device is what its estimate describes: a pipeline stage, a
+        // tensor-parallel group or experts kept on the host take a part of it, or more devices.
+        let layers = files.config.num_layers;
+        let whole = req.next_stage.trim().is_empty()
+            && !req.experts_on_host
+            && segments.len() == 1
+            && segments[0].part.range == (0..layers)
+            && meter.ranks == 1;
+        if !whole {
+            return None;
+        }
+        if !alone {
+            info!(model = %files.spec.name, "not measured: another load ran at the same time");
+            return None;
+        }
+        let digest = match gantry_model::digest(path) {
+            Ok(d) => d,
+            Err(e) => {
+                info!(model = %files.spec.name, error = %e, "not measured: the files' digest");
+                return None;
+            }
+        };
+        let pools = || segments.iter().filter_map(|s| s.part.kv_pool());
+        let kv_reserved: u64 = pools().map(|k| (k.max_blocks() * k.shape().bytes_per_block()) as u64).sum();
+        let kv_allocated: u64 = pools().map(|k| k.touched_bytes() as u64).sum();
+        let readings = measure::Readings { before, after_tokenizer, after_layers };
+        let load = Measurement {
+            digest,
+            device_kind: meter.kind.clone(),
+            model: files.spec.name.clone(),
+            sources: vec![req.source.trim().to_string()],
+            context: estimate.context,
+            batch: estimate.batch,
+            estimated: Terms::of(estimate),
+            measured: readings.terms(kv_reserved, meter.gpu.is_some(), segments[0].part.weight_bytes),
+            method: if meter.gpu.is_some() { "nvml" } else { "rss" }.into(),
+            load_ms: started.elapsed().as_millis() as u64,
+            threads: if meter.gpu.is_some() { 0 } else { gantry_engine::cpu::pool::global().threads() as u32 },
+            speed: Vec::new(),
+            measured_at_ms: measure::now_ms(),
+            by: self.options.worker_id.clone(),
+        };
+        info!(
+            model = %load.model,
+            device_kind = %load.device_kind,
+            measured = %format_bytes(load.measured.total()),
+            estimated = %format_bytes(load.estimated.total()),
+            "measured the load"
+        );
+        measure::reset_peak();
+        let resident_after = measure::resident().map_or(after_layers, |(rss, _)| rss);
+        Some(crate::served::LoadMeasurement { load, resident_after, kv_allocated })
     }
 
     /// A load with its experts in host memory: checks that the model has experts and one device,
@@ -343,6 +432,37 @@ impl WorkerState {
                 .tls_config(tls.clone())
                 .map_err(|e| WorkerError::Invalid(format!("TLS to next_stage `{address}`: {e}"))),
             None => Ok(endpoint),
+        }
+    }
+}
+
+/// Where a load's memory is read: the resident set of this process, or the used memory of the
+/// GPU the load's first segment is bound to.
+struct Meter<'a> {
+    state: &'a WorkerState,
+    /// The GPU's inventory index (a load on a GPU).
+    gpu: Option<u32>,
+    kind: String,
+    /// Devices of the load (a tensor-parallel group has several).
+    ranks: usize,
+}
+
+impl<'a> Meter<'a> {
+    fn new(state: &'a WorkerState, bindings: &[Vec<DeviceBinding>]) -> Meter<'a> {
+        let on_gpu = bindings.iter().flatten().find(|b| b.engine_device != "cpu");
+        let gpu = on_gpu.and_then(|b| b.inventory_index);
+        let name = gpu.and_then(|i| state.gpus().ok()?.into_iter().find(|g| g.index == i).map(|g| g.name));
+        let ranks = bindings.iter().map(Vec::len).sum();
+        match name {
+            Some(name) => Meter { state, gpu, kind: name, ranks },
+            None => Meter { state, gpu: None, kind: measure::cpu_kind(), ranks },
+        }
+    }
+
+    fn read(&self) -> Option<u64> {
+        match self.gpu {
+            Some(i) => self.state.gpus().ok()?.into_iter().find(|g| g.index == i).map(|g| g.used_bytes),
+            None => measure::resident().map(|(rss, _)| rss),
         }
     }
 }

@@ -47,6 +47,18 @@ pub struct Served {
     pub queued: AtomicU32,
     pub tokens: AtomicU64,
     pub meter: RateMeter,
+    /// What the load measured (`None`: it overlapped another load, or nothing could be read).
+    pub measured: Option<LoadMeasurement>,
+}
+
+/// A load's measurement and the readings serving adds to.
+#[derive(Debug, Clone)]
+pub struct LoadMeasurement {
+    pub load: gantry_core::measured::Measurement,
+    /// The resident set when the load ended (the peak was reset then).
+    pub resident_after: u64,
+    /// KV blocks' bytes written when the load ended (see `KvPool::touched_bytes`).
+    pub kv_allocated: u64,
 }
 
 impl Served {
@@ -78,6 +90,22 @@ impl Served {
             }
         }
         m
+    }
+
+    /// Its measurement as it stands (see [`crate::measure`]); `sole`: the only model this
+    /// process serves, so the peak resident set is its own.
+    pub fn measurement(&self, sole: bool) -> Option<pb::ModelMeasurement> {
+        let l = self.measured.as_ref()?;
+        let first = self.segments.first()?;
+        let kv_now: u64 = self.segments.iter().filter_map(|s| s.part.kv_pool()).map(|k| k.touched_bytes() as u64).sum();
+        let m = crate::measure::current(
+            &l.load,
+            l.resident_after,
+            kv_now.saturating_sub(l.kv_allocated),
+            sole,
+            &first.batcher.stats(),
+        );
+        Some(gantry_proto::convert::measurement_to_proto(&m))
     }
 
     /// How the prefix-cache keys of its KV cache changed since the last call, at most `max`

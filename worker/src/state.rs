@@ -181,7 +181,9 @@ impl WorkerState {
     pub fn status(&self) -> Result<pb::StatusResponse, WorkerError> {
         let gpus = self.gpus().map_err(|e| WorkerError::Internal(format!("reading the GPUs: {e}")))?;
         let models = self.models.read().map_err(|_| WorkerError::poisoned("model table"))?;
-        let mut loaded: Vec<pb::LoadedModel> = models.values().map(|m| m.loaded()).collect();
+        let sole = models.len() == 1;
+        let mut loaded: Vec<pb::LoadedModel> =
+            models.values().map(|m| pb::LoadedModel { measurement: m.measurement(sole), ..m.loaded() }).collect();
         loaded.sort_by(|a, b| a.info.as_ref().map(|i| &i.model_id).cmp(&b.info.as_ref().map(|i| &i.model_id)));
         Ok(pb::StatusResponse {
             worker_id: self.options.worker_id.clone(),

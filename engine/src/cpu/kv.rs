@@ -77,6 +77,8 @@ struct Meta {
     last_job: u64,
     /// Its place in the least-recently-used order while only the cache holds it.
     tick: u64,
+    /// A sequence has held it (its memory has been written, so it is resident).
+    touched: bool,
 }
 
 #[derive(Debug, Default)]
@@ -87,6 +89,8 @@ struct Free {
     limbo: Vec<(u32, u64)>,
     /// Blocks sequences hold.
     used: usize,
+    /// Distinct blocks sequences have held since the pool began.
+    touched: usize,
     meta: Vec<Meta>,
     /// Prefix-cache entries: key → block.
     by_key: HashMap<u64, u32>,
@@ -113,6 +117,10 @@ impl Free {
     /// Takes block `b` for a sequence.
     fn take(&mut self, b: u32) -> u32 {
         let m = &mut self.meta[b as usize];
+        if !m.touched {
+            m.touched = true;
+            self.touched += 1;
+        }
         if m.refs == 0 {
             self.used += 1;
             if m.entry.is_some() {
@@ -291,6 +299,12 @@ impl KvPool {
     /// blocks it has made take where they are stored).
     pub fn allocated_bytes(&self) -> usize {
         self.slabs.load(Ordering::Acquire) * SLAB_BLOCKS * self.shape.bytes_per_block()
+    }
+
+    /// Bytes of the distinct blocks sequences have held: the part of [`KvPool::allocated_bytes`]
+    /// that has been written, so is resident (a slab's untouched pages are not).
+    pub fn touched_bytes(&self) -> usize {
+        self.lock().touched * self.shape.bytes_per_block()
     }
 
     /// Block ids made so far: every id handed out is below it.
