@@ -168,6 +168,7 @@ pub fn grpc_permission(path: &str) -> Permission {
     let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or((path, ""));
     match service {
         "gantry.v1.Inference" => Permission::Infer,
+        "gantry.v1.Models" if method == "Record" => Permission::Write,
         "gantry.v1.Models" => Permission::ListModels,
         "gantry.v1.Deployments" if matches!(method, "Apply" | "Scale" | "Delete") => Permission::Write,
         "gantry.v1.WorkerLink" => Permission::WorkerLink,
@@ -416,6 +417,7 @@ mod tests {
             ("/gantry.v1.Models/Inspect", ListModels),
             ("/gantry.v1.Models/Select", ListModels),
             ("/gantry.v1.Models/List", ListModels),
+            ("/gantry.v1.Models/Record", Write),
             ("/gantry.v1.Deployments/Apply", Write),
             ("/gantry.v1.Deployments/Scale", Write),
             ("/gantry.v1.Deployments/Delete", Write),

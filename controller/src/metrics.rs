@@ -259,7 +259,7 @@ pub fn render(cluster: &Cluster) -> String {
         &mut out,
         "gantry_prefix_index_forgotten_total",
         "counter",
-        "Prefix-cache keys the index forgot to stay within its bounds (oldest first).",
+        "Prefix-cache keys the index forgot or did not keep to stay within its bounds.",
     );
     let _ = writeln!(out, "gantry_prefix_index_forgotten_total {forgotten}");
 

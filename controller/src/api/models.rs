@@ -5,7 +5,7 @@ use std::path::Path;
 
 use gantry_core::catalog::Catalog;
 use gantry_core::quant::WeightDtype;
-use gantry_core::select::{Latency, Need, Task, select};
+use gantry_core::select::{Latency, Need, Task, select_measured};
 use gantry_core::shard::fit_on;
 use gantry_core::vram::{ServeOptions, estimate_vram};
 use gantry_proto::v1 as pb;
@@ -48,6 +48,24 @@ impl pb::models_server::Models for Services {
             ..ServeOptions::default()
         };
         let estimate = estimate_vram(&spec, &options).map_err(invalid)?;
+        // The model's measurements: by its files' digest for a path here, else by name.
+        let model = r.model.trim();
+        let digest = Path::new(model).exists().then(|| gantry_model::digest(Path::new(model)).ok()).flatten();
+        let of = self.cluster().measurements_of(model, digest.as_deref());
+        let all = self.cluster().all_measurements();
+        let here = if r.device_kinds.is_empty() { self.cluster().device_kinds() } else { r.device_kinds.clone() };
+        let class = self.cluster().device_class();
+        let measured = (!all.is_empty()).then(|| {
+            crate::cluster::measured::memory_report(
+                &gantry_core::measured::Terms::of(&estimate),
+                &of.iter().collect::<Vec<_>>(),
+                &all,
+                &here,
+                estimate.context,
+                estimate.batch,
+                class,
+            )
+        });
         let gpus = if r.gpus.is_empty() { self.cluster().cluster_gpus() } else { request_gpus(&r.gpus) };
         let (stages, no_fit_reason) = if gpus.is_empty() {
             (Vec::new(), String::new())
@@ -100,6 +118,7 @@ impl pb::models_server::Models for Services {
             }),
             stages,
             no_fit_reason,
+            measured,
         }))
     }
 
@@ -114,7 +133,10 @@ impl pb::models_server::Models for Services {
         };
         let gpus = if r.gpus.is_empty() { self.cluster().cluster_gpus() } else { request_gpus(&r.gpus) };
         let catalog = Catalog::builtin().map_err(|e| Status::internal(e.to_string()))?;
-        let selection = select(&need, &gpus, &catalog).map_err(invalid)?;
+        let all = self.cluster().all_measurements();
+        let here = self.cluster().device_kinds();
+        let selection =
+            select_measured(&need, &gpus, &catalog, &all.iter().collect::<Vec<_>>(), &here).map_err(invalid)?;
         Ok(Response::new(pb::SelectResponse {
             candidates: selection
                 .candidates
@@ -129,10 +151,29 @@ impl pb::models_server::Models for Services {
                     gpus_used: c.gpus_used as u32,
                     gated: c.gated,
                     reasons: c.reasons,
+                    measured_tokens_per_sec: c.measured_tokens_per_sec.unwrap_or(0.0),
+                    speed_source: c.speed_source,
                 })
                 .collect(),
             rejected: selection.rejected.into_iter().map(|r| pb::Rejection { id: r.id, reasons: r.reasons }).collect(),
         }))
+    }
+
+    async fn record(&self, request: Request<pb::ModelMeasurement>) -> Result<Response<pb::RecordResponse>, Status> {
+        let m = request.into_inner();
+        if !m.digest.starts_with("sha256s:") || m.digest.len() > 128 {
+            let shown: String = m.digest.chars().take(80).collect();
+            return Err(invalid(format!("digest `{shown}`: expected sha256s:<hex> (gantry_model::digest)")));
+        }
+        if m.device_kind.trim().is_empty() {
+            return Err(invalid("device_kind: give the device kind measured on (cpu:<CPU model>, or a GPU's name)"));
+        }
+        crate::cluster::measured::sane(&gantry_proto::convert::measurement_from_proto(&m)).map_err(invalid)?;
+        if m.speed.len() > 64 {
+            return Err(invalid("at most 64 speed points"));
+        }
+        let measurements = self.cluster().record_measurement(&m) as u32;
+        Ok(Response::new(pb::RecordResponse { measurements }))
     }
 
     async fn list(&self, _request: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {

@@ -159,8 +159,37 @@ impl Cluster {
     }
 
     /// Deployed models for `Models/List`.
+    /// With each its digest (once a replica loaded it) and its memory at the deployment's
+    /// context: the estimate, the measurement beside it, the error per term.
     pub fn models(&self) -> Vec<pb::DeployedModel> {
+        let here = self.device_kinds();
+        let class = self.device_class();
         let inner = self.lock();
-        inner.state.deployments.values().map(view::deployed_model).collect()
+        let measured = &inner.state.measurements;
+        inner
+            .state
+            .deployments
+            .values()
+            .map(|d| {
+                let mut m = view::deployed_model(d);
+                let of = measured.of(&d.record.spec.source);
+                m.digest = of.iter().max_by_key(|m| m.measured_at_ms).map(|m| m.digest.clone()).unwrap_or_default();
+                if let Ok(s) = &d.sized
+                    && let Ok(e) = gantry_core::estimate_vram(&s.spec, &s.options)
+                {
+                    let terms = gantry_core::measured::Terms::of(&e);
+                    m.memory = Some(super::measured::memory_report(
+                        &terms,
+                        &of,
+                        measured.all(),
+                        &here,
+                        e.context,
+                        e.batch,
+                        class,
+                    ));
+                }
+                m
+            })
+            .collect()
     }
 }

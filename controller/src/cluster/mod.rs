@@ -8,11 +8,13 @@
 //! - [`workers`]: the worker links (register, heartbeats, command results, loss);
 //! - [`autoscale`]: the autoscaler's rounds and requests waiting for a cold start;
 //! - [`view`]: what the API reports (a deployment's view, workers, GPUs);
+//! - [`measured`]: measurements of what models take and how fast they run;
 //! - [`events`], [`persist`], [`state`].
 
 pub mod autoscale;
 pub mod deployments;
 pub mod events;
+pub mod measured;
 pub mod persist;
 pub mod state;
 pub mod view;
@@ -48,7 +50,8 @@ pub struct Link {
 #[derive(Debug, Default)]
 pub struct Inner {
     pub state: State,
-    pub links: HashMap<String, Link>,
+    /// By worker id (FNV-hashed: every routing decision looks up each ready replica's worker).
+    pub links: HashMap<String, Link, crate::router::prefix::Keyed>,
     /// The last view of each deployment sent to watchers.
     published: HashMap<String, pb::Deployment>,
 }

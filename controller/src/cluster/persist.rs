@@ -136,6 +136,18 @@ pub async fn restore(store: &dyn StateStore) -> Result<State, StateStoreError> {
             state.worker_credentials.insert(id.to_string(), c);
         }
     }
+    // What models really took, per (digest, device kind); the newest within the bound.
+    let mut measured: Vec<gantry_core::measured::Measurement> = Vec::new();
+    for (key, value) in store.list(super::measured::PREFIX).await? {
+        match serde_json::from_slice(&value) {
+            Ok(m) => measured.push(m),
+            Err(e) => warn!(key, error = %e, "skipping an unreadable measurement"),
+        }
+    }
+    measured.sort_by_key(|m| std::cmp::Reverse(m.measured_at_ms));
+    for m in measured.into_iter().take(super::measured::MAX_MEASUREMENTS) {
+        state.measurements.restore(m);
+    }
     let restored: usize = state.deployments.values().map(|d| d.replicas.len()).sum();
     if !state.deployments.is_empty() {
         info!(deployments = state.deployments.len(), placements = restored, store = %store.describe(), "restored state");

@@ -220,6 +220,8 @@ pub struct State {
     pub worker_credentials: HashMap<String, String>,
     /// Which replicas hold which prefix-cache keys (from the workers' heartbeats; memory only).
     pub prefix: crate::router::prefix::PrefixIndex,
+    /// What models really took and how fast they ran, per (digest, device kind).
+    pub measurements: super::measured::Measurements,
 }
 
 impl State {

@@ -163,13 +163,22 @@ impl Cluster {
             loaded.insert(id);
         }
         inner.state.prefix.retain_loaded(worker, &loaded);
+        let measured: Vec<Effect> = inner
+            .state
+            .record_measurements(status.models.iter().filter_map(|m| m.measurement.as_ref()))
+            .into_iter()
+            .map(Effect::Persist)
+            .collect();
         let Some(w) = inner.state.workers.get_mut(worker) else { return };
         w.status = status;
         w.last_seen = Instant::now();
         let was_lost = w.lost;
         w.lost = false;
         w.connected = link_open;
-        let effects = if was_lost { adopt(&mut inner.state, &self.config, worker) } else { Vec::new() };
+        let mut effects = measured;
+        if was_lost {
+            effects.extend(adopt(&mut inner.state, &self.config, worker));
+        }
         self.settle(&mut inner, effects);
     }
 
@@ -195,7 +204,10 @@ impl Cluster {
     /// The end of a command.
     pub fn command_result(&self, worker: &str, result: pb::CommandResult) {
         let mut inner = self.lock();
-        let effects = command_result(&mut inner.state, worker, result, Instant::now());
+        let measured = result.model.as_ref().and_then(|m| m.measurement.as_ref());
+        let mut effects: Vec<Effect> =
+            inner.state.record_measurements(measured).into_iter().map(Effect::Persist).collect();
+        effects.extend(command_result(&mut inner.state, worker, result, Instant::now()));
         self.settle(&mut inner, effects);
     }
 

@@ -193,6 +193,11 @@ impl Candidate<'_> {
 struct Ready<'a> {
     model: &'a str,
     candidates: Vec<Candidate<'a>>,
+    /// The candidates' replica ids (`model/index`), one after another: candidate `i`'s is
+    /// `ids[ends[i - 1]..ends[i]]` (one buffer: a decision over 1,000 replicas allocating one
+    /// each spent a tenth of its time on it).
+    ids: String,
+    ends: Vec<usize>,
     /// What each candidate carries, for scoring and for load.
     loads: Vec<Load>,
     /// Replicas left out because they failed this request.
@@ -203,9 +208,15 @@ impl<'a> Ready<'a> {
     fn of(inner: &'a Inner, model: &'a str, avoid: &[(String, String)]) -> Result<Ready<'a>, ClusterError> {
         let st = &inner.state;
         let d = st.deployments.get(model).ok_or_else(|| not_found(st, model))?;
-        let mut ready = Ready { model, candidates: Vec::new(), loads: Vec::new(), failed_here: Vec::new() };
-        // Replica ids are written into one buffer (a routing decision over 1,000 replicas
-        // allocated one each, a tenth of its time).
+        let n = d.replicas.len();
+        let mut ready = Ready {
+            model,
+            candidates: Vec::with_capacity(n),
+            ids: String::with_capacity(n * (model.len() + 5)),
+            ends: Vec::with_capacity(n),
+            loads: Vec::with_capacity(n),
+            failed_here: Vec::new(),
+        };
         let mut model_id = String::new();
         for (&i, r) in &d.replicas {
             if r.state != ReplicaState::Ready {
@@ -228,6 +239,8 @@ impl<'a> Ready<'a> {
                 kv_total: reported.map_or(0, |m| m.kv_blocks_total),
             });
             ready.candidates.push(Candidate { worker: &w.id, index: i, replica: r, link });
+            ready.ids.push_str(&model_id);
+            ready.ends.push(ready.ids.len());
         }
         if ready.candidates.is_empty() {
             return Err(ClusterError::NoReadyReplica(no_replica_reason(model, d, &ready.failed_here)));
@@ -270,33 +283,76 @@ impl<'a> Ready<'a> {
         self.candidates.iter().position(|c| c.worker == worker && c.index == index)
     }
 
-    /// How many leading blocks of `keys` each candidate holds, by the prefix index.
-    fn held_runs(&self, index: &PrefixIndex, keys: &[u64]) -> Vec<usize> {
-        let mut id = String::new();
-        self.candidates
-            .iter()
-            .map(|c| {
-                replica_id_into(&mut id, self.model, c.index);
-                index.held_run(c.worker, &id, keys)
-            })
-            .collect()
+    /// Candidate `i`'s replica id.
+    fn id(&self, i: usize) -> &str {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.ids[start..self.ends[i]]
     }
 
-    /// Whether any candidate holds prefix-cache keys.
-    fn any_keys(&self, index: &PrefixIndex) -> bool {
-        let mut id = String::new();
-        self.candidates.iter().any(|c| {
-            replica_id_into(&mut id, self.model, c.index);
-            index.keys_of(c.worker, &id) > 0
+    /// The candidates holding part of the prompt that reach the best score over all candidates
+    /// (none when a replica holding none of it scores best). The same answer as
+    /// scoring every candidate, looking up fewer: candidates go in the order of the score they
+    /// would have holding the whole prompt, and the search stops at the first one whose such
+    /// score is below the best found (it, and every one after it, cannot reach the best). The
+    /// scores looked up are left in `found`.
+    fn best_holders(&self, index: &PrefixIndex, hint: &PrefixHint, found: &mut [Option<Score>]) -> Vec<usize> {
+        let mixed = crate::router::prefix::mixed(&hint.keys);
+        let bounds: Vec<i64> = self.loads.iter().map(|&l| score(hint, hint.keys.len(), l).total()).collect();
+        best_holders_by(&bounds, |i| {
+            let s = score(hint, index.held_run_mixed(self.candidates[i].worker, self.id(i), &mixed), self.loads[i]);
+            found[i] = Some(s);
+            s
         })
     }
 }
 
-/// Writes [`replica_model_id`]`(model, index)` into `buf`.
+/// The candidates holding part of the prompt that reach the best score over all of them (none
+/// when one holding none scores best), `bound[i]` being candidate `i`'s score were it to hold
+/// the whole prompt and `look(i)` its score: candidates are looked up in the order of their
+/// bounds, down to the first whose bound is below the best found.
+fn best_holders_by(bound: &[i64], mut look: impl FnMut(usize) -> Score) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..bound.len()).collect();
+    order.sort_unstable_by(|&a, &b| bound[b].cmp(&bound[a]));
+    let mut best = i64::MIN;
+    let mut tied = Vec::new();
+    for i in order {
+        if bound[i] < best {
+            break;
+        }
+        let s = look(i);
+        let total = s.total();
+        if total > best {
+            best = total;
+            tied.clear();
+        }
+        if total == best && s.cached > 0 {
+            tied.push(i);
+        }
+    }
+    tied.sort_unstable();
+    tied
+}
+
+/// Writes [`replica_model_id`]`(model, index)` into `buf` (without the formatting machinery:
+/// it runs for every replica of every decision).
 fn replica_id_into(buf: &mut String, model: &str, index: u32) {
-    use std::fmt::Write as _;
     buf.clear();
-    let _ = write!(buf, "{model}/{index}");
+    buf.push_str(model);
+    buf.push('/');
+    let mut digits = [0u8; 10];
+    let mut n = index;
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in &digits[at..] {
+        buf.push(char::from(d));
+    }
 }
 
 impl Cluster {
@@ -340,36 +396,58 @@ impl Cluster {
         hint: Option<&PrefixHint>,
     ) -> Result<Routed, ClusterError> {
         let ready = Ready::of(inner, model, avoid)?;
-        let runs = hint.map(|h| ready.held_runs(&inner.state.prefix, &h.keys));
-        let scored = |i: usize| hint.zip(runs.as_ref()).map(|(h, runs)| score(h, runs[i], ready.loads[i]));
-        let take = |i: usize, by: ChosenBy| Routed { target: ready.candidates[i].target(model), by, score: scored(i) };
+        let index = &inner.state.prefix;
+        // Scores found so far (the replicas the prefix search below looked up).
+        let mut found: Vec<Option<Score>> = vec![None; ready.len()];
+        let scored = |i: usize, found: &[Option<Score>]| {
+            hint.map(|h| {
+                found[i].unwrap_or_else(|| {
+                    score(h, index.held_run(ready.candidates[i].worker, ready.id(i), &h.keys), ready.loads[i])
+                })
+            })
+        };
+        let take = |i: usize, by: ChosenBy, found: &[Option<Score>]| Routed {
+            target: ready.candidates[i].target(model),
+            by,
+            score: scored(i, found),
+        };
         if let Some(i) = self.session_stays(&ready, session) {
-            return Ok(take(i, ChosenBy::Session));
+            return Ok(take(i, ChosenBy::Session, &found));
         }
         if ready.len() == 1 {
-            return Ok(take(0, ChosenBy::Only));
+            return Ok(take(0, ChosenBy::Only, &found));
         }
-        if hint.is_some_and(|h| !h.keys.is_empty()) {
-            let scores: Vec<Score> = (0..ready.len()).map(|i| scored(i).unwrap_or_default()).collect();
-            let best = scores.iter().map(Score::total).max().unwrap_or(0);
-            let tied: Vec<usize> =
-                (0..scores.len()).filter(|&i| scores[i].cached > 0 && scores[i].total() == best).collect();
+        if let Some(h) = hint.filter(|h| !h.keys.is_empty()) {
+            let tied = ready.best_holders(index, h, &mut found);
             if !tied.is_empty() {
                 let i = ready.p2c(&tied);
-                return Ok(take(i, if tied.len() == 1 { ChosenBy::Prefix } else { ChosenBy::P2c }));
+                return Ok(take(i, if tied.len() == 1 { ChosenBy::Prefix } else { ChosenBy::P2c }, &found));
             }
             // No replica holds any of the prompt, or one holding none outscores every holder
             // (their queues): by load.
         }
         let all: Vec<usize> = (0..ready.len()).collect();
-        Ok(take(ready.p2c(&all), ChosenBy::P2c))
+        Ok(take(ready.p2c(&all), ChosenBy::P2c, &found))
     }
 
     /// The replica to ask for a prompt's token ids when routing by prefix is worth it: the
-    /// least loaded ready one, when there are two or more, the request's session (if any) has
-    /// no replica to go back to, and some replica holds prefix-cache keys. `None` otherwise.
+    /// least loaded ready one (by requests in flight through this controller), when there are
+    /// two or more, the request's session (if any) has no replica to go back to, and some
+    /// replica of the deployment holds prefix-cache keys. `None` otherwise.
+    ///
+    /// Without a session it reads only the deployment's replicas (no worker's status): a
+    /// decision over 1,000 replicas spent a third of its time here when it weighed each
+    /// replica's worker as `choose` does.
     pub fn tokenizer_for(&self, model: &str, avoid: &[(String, String)], session: Option<&str>) -> Option<Target> {
         let inner = self.lock();
+        if !inner.state.prefix.has_keys_for(model) {
+            return None;
+        }
+        if session.is_none()
+            && let Some(found) = self.least_in_flight(&inner, model, avoid)
+        {
+            return found;
+        }
         let ready = Ready::of(&inner, model, avoid).ok()?;
         if ready.len() < 2 {
             return None;
@@ -377,12 +455,42 @@ impl Cluster {
         if self.session_stays(&ready, session).is_some() {
             return None;
         }
-        if !ready.any_keys(&inner.state.prefix) {
-            return None;
-        }
         let least = ready.least();
         let i = (0..ready.len()).find(|&i| ready.load(i) == least)?;
         Some(ready.candidates[i].target(model))
+    }
+
+    /// The ready replica of `model` with the fewest requests in flight, when its worker is
+    /// connected and it is not to be avoided: `Some(None)` when fewer than two replicas are
+    /// ready, `None` when the full weighing must decide.
+    fn least_in_flight(&self, inner: &Inner, model: &str, avoid: &[(String, String)]) -> Option<Option<Target>> {
+        let st = &inner.state;
+        let d = st.deployments.get(model)?;
+        let mut ready = 0;
+        let mut best: Option<(u32, u32, &Replica)> = None;
+        for (&i, r) in &d.replicas {
+            if r.state != ReplicaState::Ready {
+                continue;
+            }
+            ready += 1;
+            let load = r.inflight.load(Ordering::Relaxed);
+            if best.is_none_or(|(l, _, _)| load < l) {
+                best = Some((load, i, r));
+            }
+        }
+        if ready < 2 {
+            return Some(None);
+        }
+        let (_, index, replica) = best?;
+        let stage = replica.placement.as_ref().and_then(|p| p.stages.first())?;
+        let w = st.workers.get(&stage.node).filter(|w| !w.lost)?;
+        let link = inner.links.get(&w.id)?;
+        let candidate = Candidate { worker: &w.id, index, replica, link };
+        let id = replica_model_id(model, index);
+        if avoid.iter().any(|(worker, x)| *worker == w.id && *x == id) {
+            return None;
+        }
+        Some(Some(candidate.target(model)))
     }
 
     /// Where in `ready` the replica `session` last went to is, when the request goes back
@@ -398,6 +506,37 @@ impl Cluster {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bounded_search_finds_the_holders_scoring_every_replica_would() {
+        let hint = PrefixHint { keys: vec![0; 8], block_tokens: 16, prompt_tokens: 140 };
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for round in 0..2000 {
+            let n = 1 + (round % 40);
+            // Few distinct loads and runs, so that ties are common.
+            let loads: Vec<Load> = (0..n)
+                .map(|_| Load { requests: next(4), prefill: 16 * next(3), kv_used: next(3), kv_total: 2 })
+                .collect();
+            let runs: Vec<usize> = (0..n).map(|_| [0, 0, 3, 8][next(4) as usize]).collect();
+            let all: Vec<Score> = (0..n).map(|i| score(&hint, runs[i], loads[i])).collect();
+            let best = all.iter().map(Score::total).max().unwrap();
+            let want: Vec<usize> = (0..n).filter(|&i| all[i].cached > 0 && all[i].total() == best).collect();
+            let bounds: Vec<i64> = loads.iter().map(|&l| score(&hint, 8, l).total()).collect();
+            let mut looked = 0;
+            let got = best_holders_by(&bounds, |i| {
+                looked += 1;
+                all[i]
+            });
+            assert_eq!(got, want, "round {round}: loads {loads:?} runs {runs:?}");
+            assert!(looked <= n);
+        }
+    }
 
     #[test]
     fn a_session_keeps_its_replica_until_it_is_overloaded() {

@@ -67,12 +67,15 @@ pub fn place_replica(st: &mut State, config: &ControllerConfig, name: &str, inde
     }
     let policy = d.record.spec.policy.clone();
     let generation = d.record.generation;
+    let class = crate::cluster::measured::placement_class(&nodes);
+    let measured_bytes = st.measured_need(&d.record.spec.source, &sized, class);
     let request = ReplicaRequest {
         spec: &sized.spec,
         options: sized.options.clone(),
         policy: &policy,
         margin_percent: config.margin_percent,
         replicas_on_node: &replicas_on_node,
+        measured_bytes,
     };
     if nodes.is_empty() {
         return set_pending(st, name, index, &PendingReason::NoWorkers);
