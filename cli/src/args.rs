@@ -4,7 +4,7 @@
 
 use clap::{Parser, Subcommand};
 
-use crate::cmd::{client, generate, inspect, pull, select, up, worker};
+use crate::cmd::{bench, client, generate, inspect, pull, select, up, worker};
 
 pub const EXAMPLES: &str = "\
 Examples:
@@ -34,6 +34,9 @@ pub enum Command {
     /// Recommend models for a task, latency class, context and hardware, with reasons.
     #[command(after_help = select::EXAMPLES)]
     Select(select::Args),
+    /// Measure a model on this machine (memory, load time, prefill and decode speed) and record it.
+    #[command(after_help = bench::EXAMPLES)]
+    Bench(bench::Args),
     /// Run a model here and stream its answer (the engine a worker serves).
     #[command(after_help = generate::EXAMPLES)]
     Generate(generate::Args),

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use gantry_cli::args::{Cli, Command};
-use gantry_cli::cmd::{client, generate, inspect, pull, select, up, worker};
+use gantry_cli::cmd::{bench, client, generate, inspect, pull, select, up, worker};
 use gantry_cli::error::CliError;
 use gantry_cli::process::{self, set_threads};
 
@@ -40,6 +40,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => inspect::run(args),
         Command::Select(args) => select::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Bench(args) => set_threads(args.threads).and_then(|_| bench::run(args)),
         Command::Worker(args) => set_threads(args.threads).and_then(|_| worker::run_worker(args)),
         Command::Pull(args) => pull::run_pull(args),
         Command::Up(args) => set_threads(args.threads).and_then(|_| up::run_up(args)),

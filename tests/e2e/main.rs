@@ -21,6 +21,7 @@ mod helm_args;
 mod hostile_input;
 mod load;
 mod logs_json;
+mod measured;
 mod metrics_promtool;
 mod openai_python;
 mod reflection_python;

@@ -238,6 +238,18 @@ pub struct ChatArgs {
     controller: ControllerArg,
 }
 
+/// A model's memory for `get models`: `468.3 MiB (measured here; estimated 536.0 MiB)`, or
+/// the estimate alone.
+fn memory_cell(m: &pb::MeasuredMemory) -> String {
+    use gantry_core::units::format_bytes;
+    let e = m.estimated.as_ref().map_or(0, |t| t.weights + t.kv_cache + t.activations + t.overhead);
+    if m.measured_need_bytes > 0 {
+        format!("{} ({}; estimated {})", format_bytes(m.measured_need_bytes), m.source, format_bytes(e))
+    } else {
+        format!("{} (estimated)", format_bytes(e))
+    }
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -451,7 +463,7 @@ pub fn run_get(args: GetArgs) -> Result<(), CliError> {
                 if json {
                     println!("{}", serde_json::to_string_pretty(&list.models)?);
                 } else {
-                    let mut t = Table::new(&["MODEL", "READY", "FAMILY", "PARAMS", "CONTEXT", "SOURCE"]);
+                    let mut t = Table::new(&["MODEL", "READY", "FAMILY", "PARAMS", "CONTEXT", "MEMORY", "SOURCE"]);
                     for m in &list.models {
                         t.row(vec![
                             m.name.clone(),
@@ -459,6 +471,7 @@ pub fn run_get(args: GetArgs) -> Result<(), CliError> {
                             m.family.clone(),
                             gantry_core::units::format_params(m.parameters),
                             m.context_length.to_string(),
+                            m.memory.as_ref().map_or_else(|| "-".into(), memory_cell),
                             m.source.clone(),
                         ]);
                     }

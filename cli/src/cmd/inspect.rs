@@ -15,6 +15,9 @@ use gantry_core::vram::{
 use gantry_model::read_spec;
 use serde::Serialize;
 
+use gantry_core::measured::{Calibration, Measurement, PerTerm, Terms, best_for, calibrate};
+
+use crate::cmd::measurements;
 use crate::cmd::table::Table;
 use crate::error::CliError;
 
@@ -113,13 +116,103 @@ pub fn run(args: Args) -> Result<(), CliError> {
         let free: Vec<u64> = req.gpus.iter().map(|g| g.memory_bytes).collect();
         Some(fit_on(&spec, &req.options, &free, req.linked)?)
     };
+    // This machine's measurements of the model (`gantry bench`), the one to show first.
+    let all = measurements::load(&measurements::path())?;
+    let of = measurements::of(&all, &args.model);
+    let measured = if of.is_empty() {
+        None
+    } else {
+        let refs: Vec<&Measurement> = of.iter().collect();
+        best_for(&refs, &measurements::here()).map(|(m, provenance)| Measured {
+            source: provenance.label(),
+            need_bytes: m.need(estimate.context, estimate.batch),
+            error_percent: m.error_percent(),
+            calibration: calibrate(&all, m.device_class()),
+            measurement: m.clone(),
+        })
+    };
+    // Unmeasured: the estimate corrected by what it has been off by on the models measured here.
+    let calibration = calibrate(&all, req.options.device);
+    let calibrated = (measured.is_none() && calibration.measurements > 0)
+        .then(|| Calibrated { bytes: calibration.apply(&Terms::of(&estimate)), calibration });
     if args.json {
-        let report = JsonReport::new(&spec, &req, &estimate, fit.as_ref());
+        let report = JsonReport {
+            measured: measured.as_ref(),
+            calibrated: calibrated.as_ref(),
+            ..JsonReport::new(&spec, &req, &estimate, fit.as_ref())
+        };
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
     print!("{}", render(&spec, &req, &estimate, fit.as_ref())?);
+    if let Some(m) = &measured {
+        print!("{}", render_measured(m, &estimate, req.options.device));
+    }
+    if let Some(c) = &calibrated {
+        println!(
+            "\ncalibrated by {} measurement{} of this machine: {} (each term × what the estimate was off by there)",
+            c.calibration.measurements,
+            if c.calibration.measurements == 1 { "" } else { "s" },
+            format_bytes(c.bytes)
+        );
+    }
     Ok(())
+}
+
+/// The estimate of an unmeasured model corrected by the calibration of its device class.
+#[derive(Debug, Serialize)]
+struct Calibrated {
+    bytes: u64,
+    calibration: Calibration,
+}
+
+/// A measurement of the model beside the estimate.
+#[derive(Debug, Serialize)]
+struct Measured {
+    /// `measured here` or `measured on <device kind>`.
+    source: String,
+    /// What the measurement implies at the asked context and batch.
+    need_bytes: u64,
+    error_percent: PerTerm,
+    /// The calibration of the device class measured on, from this machine's measurements.
+    calibration: Calibration,
+    measurement: Measurement,
+}
+
+fn render_measured(m: &Measured, est: &VramEstimate, on: DeviceKind) -> String {
+    let x = &m.measurement;
+    let mut out = format!(
+        "\n{}: {} (by {}{}; at {} tokens × {} sequence{})\n",
+        m.source,
+        x.device_kind,
+        x.by,
+        if x.threads > 0 { format!(", {} threads", x.threads) } else { String::new() },
+        format_count(x.context),
+        x.batch,
+        if x.batch == 1 { "" } else { "s" },
+    );
+    out.push_str(&measurements::terms_table(x, "TERM").render(2));
+    let device = |d: DeviceKind| if d == DeviceKind::Cpu { "CPU" } else { "a GPU" };
+    out.push_str(&format!(
+        "  at {} tokens × {}: {} as measured, {} estimated for {}\n",
+        format_count(est.context),
+        est.batch,
+        format_bytes(m.need_bytes),
+        format_bytes(est.total_bytes),
+        device(on),
+    ));
+    let speeds: Vec<String> = x
+        .speed
+        .iter()
+        .filter_map(|p| {
+            p.decode_rate()
+                .map(|r| format!("{r:.0} tokens/s at {} stream{}", p.batch, if p.batch == 1 { "" } else { "s" }))
+        })
+        .collect();
+    if !speeds.is_empty() {
+        out.push_str(&format!("  decode: {}\n", speeds.join(", ")));
+    }
+    out
 }
 
 fn render(spec: &ModelSpec, req: &Request, est: &VramEstimate, fit: Option<&Fit>) -> Result<String, CliError> {
@@ -401,6 +494,13 @@ struct JsonReport<'a> {
     gpus: Option<&'a [Gpu]>,
     #[serde(skip_serializing_if = "Option::is_none")]
     fit: Option<&'a Fit>,
+    /// The measurement beside the estimate, when this machine holds one (`gantry bench`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    measured: Option<&'a Measured>,
+    /// Unmeasured, with measurements of other models of its device class here: the estimate
+    /// calibrated by them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    calibrated: Option<&'a Calibrated>,
 }
 
 #[derive(Serialize)]
@@ -488,6 +588,8 @@ impl<'a> JsonReport<'a> {
             memory: est,
             gpus: (!req.gpus.is_empty()).then_some(req.gpus.as_slice()),
             fit,
+            measured: None,
+            calibrated: None,
         }
     }
 }

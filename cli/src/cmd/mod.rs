@@ -1,8 +1,10 @@
 //! One module per command (or family of commands) of `gantry`.
 
+pub mod bench;
 pub mod client;
 pub mod generate;
 pub mod inspect;
+pub mod measurements;
 pub mod pull;
 pub mod select;
 pub mod sources;

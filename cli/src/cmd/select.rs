@@ -2,7 +2,7 @@
 
 use gantry_core::catalog::Catalog;
 use gantry_core::hardware::parse_gpus;
-use gantry_core::select::{Latency, Need, Selection, Task, select};
+use gantry_core::select::{Latency, Need, Selection, Task, select_measured};
 use gantry_core::units::{format_bytes, format_params, format_tokens};
 
 use crate::cmd::table::Table;
@@ -57,7 +57,11 @@ pub fn run(args: Args) -> Result<(), CliError> {
         max_params: args.max_params,
     };
     let gpus = args.gpus.as_deref().map(parse_gpus).transpose()?.unwrap_or_default();
-    let selection = select(&need, &gpus, &Catalog::builtin()?)?;
+    // Models measured on this machine (`gantry bench`) are ranked by their measured speed.
+    let measured = crate::cmd::measurements::load(&crate::cmd::measurements::path())?;
+    let here = if measured.is_empty() { Vec::new() } else { crate::cmd::measurements::here() };
+    let refs: Vec<&gantry_core::measured::Measurement> = measured.iter().collect();
+    let selection = select_measured(&need, &gpus, &Catalog::builtin()?, &refs, &here)?;
     if args.json {
         #[derive(serde::Serialize)]
         struct Versioned<'a> {
@@ -88,7 +92,8 @@ fn render(s: &Selection, all: bool) -> String {
         out.push_str("No model in the catalog fits this need; the reasons are below.\n");
     }
     let shown = if all { s.candidates.len() } else { SHOWN.min(s.candidates.len()) };
-    let mut t = Table::new(&["RANK", "SCORE", "MODEL", "PARAMS", "CONTEXT", "DTYPE", "MEMORY", "GPUS", "GATED"]);
+    let mut t =
+        Table::new(&["RANK", "SCORE", "MODEL", "PARAMS", "CONTEXT", "DTYPE", "MEMORY", "GPUS", "GATED", "SPEED"]);
     for (i, c) in s.candidates.iter().take(shown).enumerate() {
         t.row(vec![
             (i + 1).to_string(),
@@ -100,6 +105,10 @@ fn render(s: &Selection, all: bool) -> String {
             format_bytes(c.memory_bytes),
             if c.gpus_used == 0 { "-".into() } else { c.gpus_used.to_string() },
             if c.gated { "yes".into() } else { "no".into() },
+            match c.measured_tokens_per_sec {
+                Some(r) => format!("{r:.0} tok/s ({})", c.speed_source),
+                None => "estimated".into(),
+            },
         ]);
     }
     if shown > 0 {

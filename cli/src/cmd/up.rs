@@ -255,11 +255,16 @@ fn unavailable(e: impl ToString) -> CliError {
 }
 
 fn default_store() -> PathBuf {
+    data_dir().join("state.redb")
+}
+
+/// Gantry's data on this machine: `$XDG_DATA_HOME/gantry`, else `~/.local/share/gantry`.
+pub fn data_dir() -> PathBuf {
     let base = std::env::var_os("XDG_DATA_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
         .unwrap_or_else(|| PathBuf::from("."));
-    base.join("gantry").join("state.redb")
+    base.join("gantry")
 }
 
 impl ControlArgs {

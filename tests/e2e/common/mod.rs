@@ -54,6 +54,8 @@ pub fn gantry() -> Command {
     // download): a test that downloads says where from and to.
     cmd.env("HF_HOME", std::env::temp_dir().join("gantry-tests-no-hf-home"));
     cmd.env("HF_ENDPOINT", "http://127.0.0.1:9");
+    // Nor this machine's measurements (`gantry bench`): a test that measures names its file.
+    cmd.env("GANTRY_MEASUREMENTS", std::env::temp_dir().join("gantry-tests-no-measurements.json"));
     // Model paths the tests deploy: the real models, the fixtures, and files tests write into
     // temporary folders (`source_policy` checks the default roots on its own).
     let mut roots = vec![repo_root().join("models"), repo_root().join("fixtures"), std::env::temp_dir()];
