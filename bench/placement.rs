@@ -160,6 +160,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             policy: &policy,
             margin_percent: MARGIN_PERCENT,
             replicas_on_node: &replicas_on_node[m],
+            measured_bytes: None,
         };
         let t = Instant::now();
         let answer = place(&nodes, &req)?;

@@ -16,6 +16,13 @@
 //! bench/prefix_routing.py reports it).
 //!
 //!     cargo run --release -p gantry-controller --example prefix_index_bench -- --replicas 1000 --keys 2000 --blocks 64
+//!
+//! With `--fill-replicas N --fill-keys K` it first fills an index to that envelope (N replicas
+//! each reporting K distinct keys, in heartbeats of 10,000), and reports the fill time, the
+//! tables' bytes, the process's resident set, a replica's run lookup for a 64-block prompt
+//! across 1,000 of the replicas, and a heartbeat of 1,000 changes on a full replica:
+//!
+//!     cargo run --release -p gantry-controller --example prefix_index_bench -- --fill-replicas 10000 --fill-keys 100000
 
 #![allow(clippy::unwrap_used)] // a benchmark: any failure is fatal
 
@@ -38,8 +45,80 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p / 100.0).round() as usize]
 }
 
+/// Sorts microsecond timings and says `p50 …, p99 …, max …` of them.
+fn percentiles(times: &mut [f64]) -> String {
+    times.sort_by(f64::total_cmp);
+    format!("p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs", pct(times, 50.0), pct(times, 99.0), times[times.len() - 1])
+}
+
+/// The process's resident set, in MiB.
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0);
+    kib / 1024.0
+}
+
+/// A distinct, well-spread key for `(replica, k)`.
+fn spread(replica: u64, k: u64) -> u64 {
+    let x = (replica << 32 | k).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    x ^ (x >> 29)
+}
+
+/// Fills an index to `replicas` × `keys` and times what the router asks of it there.
+fn envelope(replicas: usize, keys: usize) {
+    let before = rss_mib();
+    let mut ix = PrefixIndex::default();
+    let started = Instant::now();
+    for r in 0..replicas as u64 {
+        let w = format!("w{r}");
+        for chunk in (0..keys as u64).collect::<Vec<_>>().chunks(10_000) {
+            let added = chunk.iter().map(|&k| spread(r, k)).collect();
+            ix.apply(&w, "m/0", &pb::PrefixKeyChanges { reset: false, added, dropped: vec![] });
+        }
+    }
+    println!(
+        "an index of {replicas} replicas x {keys} keys: {} keys held ({} forgotten) in {:.1} s; tables {:.1} MiB; resident set {:.0} MiB more",
+        ix.entries(),
+        ix.forgotten(),
+        started.elapsed().as_secs_f64(),
+        ix.table_bytes() as f64 / (1 << 20) as f64,
+        rss_mib() - before
+    );
+    // A 64-block prompt the first 64 keys of replica 0 make up, looked up in 1,000 replicas
+    // (one of which holds it): what `held_runs` does for a deployment of 1,000.
+    let prompt: Vec<u64> = (0..64).map(|k| spread(0, k)).collect();
+    let names: Vec<String> = (0..1000.min(replicas)).map(|r| format!("w{r}")).collect();
+    let mut times = Vec::new();
+    for _ in 0..2000 {
+        let t = Instant::now();
+        let runs: usize = names.iter().map(|w| ix.held_run(w, "m/0", &prompt)).sum();
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+        assert!(runs >= 64);
+    }
+    println!("runs of a 64-block prompt in 1,000 of them: {}", percentiles(&mut times));
+    let mut beats = Vec::new();
+    for i in 0..500u64 {
+        let r = i % replicas as u64;
+        let added: Vec<u64> = (0..500).map(|k| spread(r, keys as u64 + i * 500 + k)).collect();
+        let dropped: Vec<u64> = (0..500).map(|k| spread(r, i * 500 + k)).collect();
+        let t = Instant::now();
+        ix.apply(&format!("w{r}"), "m/0", &pb::PrefixKeyChanges { reset: false, added, dropped });
+        beats.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    println!("a heartbeat of 1,000 changes on a full replica: {}", percentiles(&mut beats));
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let fill = arg(&args, "--fill-replicas", "0");
+    if fill > 0 {
+        envelope(fill, arg(&args, "--fill-keys", "100000"));
+        return;
+    }
     let replicas = arg(&args, "--replicas", "1000");
     let keys = arg(&args, "--keys", "2000");
     let blocks = arg(&args, "--blocks", "64");
@@ -71,13 +150,7 @@ fn main() {
         lookups.push(t.elapsed().as_secs_f64() * 1e6);
         assert!(!found.is_empty());
     }
-    lookups.sort_by(f64::total_cmp);
-    println!(
-        "lookup of a {blocks}-block prompt: p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs",
-        pct(&lookups, 50.0),
-        pct(&lookups, 99.0),
-        lookups[lookups.len() - 1]
-    );
+    println!("lookup of a {blocks}-block prompt: {}", percentiles(&mut lookups));
     let mut beats = Vec::new();
     for i in 0..500 {
         let w = format!("w{}", i % replicas);
@@ -89,13 +162,7 @@ fn main() {
         ix.apply(&w, "m-0", &c);
         beats.push(t.elapsed().as_secs_f64() * 1e6);
     }
-    beats.sort_by(f64::total_cmp);
-    println!(
-        "a heartbeat of {changes} key changes: p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs",
-        pct(&beats, 50.0),
-        pct(&beats, 99.0),
-        beats[beats.len() - 1]
-    );
+    println!("a heartbeat of {changes} key changes: {}", percentiles(&mut beats));
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     for deployments in [1, replicas / 10] {
         runtime.block_on(decisions(replicas, deployments.max(1), keys, blocks));
@@ -212,14 +279,11 @@ async fn decisions(replicas: usize, deployments: usize, keys: usize, blocks: usi
         assert!(asked.is_some());
         by_prefix += usize::from(routed.score.is_some_and(|s| s.cached >= 16 * blocks as u64));
     }
-    times.sort_by(f64::total_cmp);
     println!(
-        "a routing decision ({} ready replicas of its deployment, a {}-token prompt): p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs; {by_prefix} of 2000 to a replica holding the whole system prompt",
+        "a routing decision ({} ready replicas of its deployment, a {}-token prompt): {}; {by_prefix} of 2000 to a replica holding the whole system prompt",
         replicas / deployments,
         16 * blocks + 40,
-        pct(&times, 50.0),
-        pct(&times, 99.0),
-        times[times.len() - 1]
+        percentiles(&mut times)
     );
     for (name, mut p) in ["tokenizer_for", "block_keys", "choose"].into_iter().zip(parts) {
         p.sort_by(f64::total_cmp);
