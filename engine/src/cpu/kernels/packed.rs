@@ -297,6 +297,30 @@ impl<A> Tile<'_, A> {
     }
 }
 
+/// How far ahead of the record being computed the packed kernels ask for the weights: a
+/// group's records are read in order, and a matrix much larger than the caches (a model's
+/// weights are all read once a step) otherwise waits on memory at every record. Measured on
+/// SmolLM2 (`batch_bench`): 4 records of 320 bytes ahead took a 16-sequence step from 17.7 to
+/// 15.7 ms, 16 records (5 KiB) to 11.2 against 12.7; 32 and 64 records were no better.
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_BYTES: usize = 16 * 320;
+
+/// Asks for the `bytes` of weights `PREFETCH_BYTES` after `rec` to be brought into the cache.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_ahead(rec: *const u8, bytes: usize) {
+    use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+    // A prefetch never faults (past the matrix's end included) and reads nothing;
+    // `wrapping_add` keeps the address arithmetic defined there.
+    let ahead = rec.wrapping_add(PREFETCH_BYTES);
+    let mut line = 0;
+    while line < bytes {
+        // SAFETY: a prefetch is a hint: it neither reads nor faults.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast()) };
+        line += 64;
+    }
+}
+
 /// Runs `tile(t, n)` over each group of `rows` and each run of at most `per` tokens.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
@@ -343,7 +367,7 @@ pub(super) mod avx512 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{LANES, Record, Tile, for_each_tile};
+    use super::{LANES, Record, Tile, for_each_tile, prefetch_ahead};
     use crate::cpu::quant::{ActBlock, Kind};
 
     /// Rows `rows` times `tokens` activation rows, 16 rows per register.
@@ -422,6 +446,7 @@ pub(super) mod avx512 {
             // contract); the activation codes are 32 bytes read 4 at a time.
             unsafe {
                 let rec = t.group.add(b * r.bytes);
+                prefetch_ahead(rec, r.bytes);
                 let d = _mm512_cvtph_ps(_mm256_loadu_si256(rec.cast()));
                 let m = if kind.has_min() {
                     _mm512_cvtph_ps(_mm256_loadu_si256(rec.add(r.m).cast()))
@@ -460,7 +485,7 @@ pub(super) mod avx512_k {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{LANES, Record, Tile, for_each_tile};
+    use super::{LANES, Record, Tile, for_each_tile, prefetch_ahead};
     use crate::cpu::quant::{ActBlockK, Kind};
 
     /// Rows `rows` of a packed Q4_K or Q6_K matrix times `tokens` Q8_K activation rows.
@@ -569,6 +594,7 @@ pub(super) mod avx512_k {
             // contract); the activation codes are 256 bytes read 4 at a time.
             unsafe {
                 let rec = t.group.add(b * r.bytes);
+                prefetch_ahead(rec, r.bytes);
                 let acts: [&ActBlockK; T] = std::array::from_fn(|i| t.acts.get_unchecked((t.t0 + i) * t.kb + b));
                 let mut isum = [_mm512_setzero_si512(); T];
                 let mut imins = [_mm512_setzero_si512(); T];
@@ -647,7 +673,7 @@ pub(super) mod avx2 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{LANES, Record, Tile, for_each_tile};
+    use super::{LANES, Record, Tile, for_each_tile, prefetch_ahead};
     use crate::cpu::kernels::avx2::fifth_bits;
     use crate::cpu::quant::{ActBlock, Kind};
 
@@ -735,6 +761,7 @@ pub(super) mod avx2 {
             // SAFETY: as in `super::avx512::tile`.
             unsafe {
                 let rec = t.group.add(b * r.bytes);
+                prefetch_ahead(rec, r.bytes);
                 let d = _mm256_cvtph_ps(_mm_loadu_si128(rec.add(16 * half).cast()));
                 let m = if kind.has_min() {
                     _mm256_cvtph_ps(_mm_loadu_si128(rec.add(r.m + 16 * half).cast()))
@@ -778,7 +805,7 @@ pub(super) mod avx2_k {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{LANES, Record, Tile, for_each_tile};
+    use super::{LANES, Record, Tile, for_each_tile, prefetch_ahead};
     use crate::cpu::quant::{ActBlockK, Kind};
 
     /// Rows `rows` of a packed Q4_K or Q6_K matrix times `tokens` Q8_K activation rows, 8
@@ -897,6 +924,7 @@ pub(super) mod avx2_k {
             // SAFETY: as in `super::avx512_k::tile`.
             unsafe {
                 let rec = t.group.add(b * r.bytes);
+                prefetch_ahead(rec, r.bytes);
                 let acts: [&ActBlockK; T] = std::array::from_fn(|i| t.acts.get_unchecked((t.t0 + i) * t.kb + b));
                 let mut isum = [_mm256_setzero_si256(); T];
                 let mut imins = [_mm256_setzero_si256(); T];
