@@ -2,10 +2,13 @@
 //! pass per step for all of them.
 //!
 //! Each sequence keeps its own thread (its generation loop); a step is a [`Job`] it hands to
-//! the part's [`Batcher`] and waits on. Whichever waiting thread finds no step running becomes
-//! the step's runner: it waits briefly for the sequences that are between steps (sampling,
-//! sending a token) to hand theirs in, picks the step's rows, runs them as one
-//! [`ModelPart::forward_batch`], and hands each thread its result.
+//! the part's [`Batcher`] and waits on. Whichever waiting thread finds no runner becomes the
+//! runner: it waits briefly for the sequences that are between steps (sampling, sending a
+//! token) to hand theirs in, picks the step's rows, runs them as one
+//! [`ModelPart::forward_batch`], and hands each thread its result; it stays the runner until its
+//! own job is done. The other threads sleep until their result is filed, and a hand-in wakes
+//! the runner only when it was the last one the runner waited for, so a step with `n`
+//! sequences costs about `n` wake-ups, not `n²`.
 //!
 //! A step's rows are chosen so that no sequence waits long and memory never runs out:
 //!
@@ -153,7 +156,8 @@ impl Inner {
 
 #[derive(Default)]
 struct Inner {
-    running: bool,
+    /// A thread runs the steps (or waits to run the next one); see the module's notes.
+    runner: bool,
     waiting: Vec<Waiting>,
     done: HashMap<u64, StepResult>,
     next_ticket: u64,
@@ -166,7 +170,10 @@ struct Inner {
 /// The batcher of one model part.
 pub struct Batcher {
     inner: Mutex<Inner>,
+    /// Where threads wait for their results, or for the runner's place to come free.
     turn: Condvar,
+    /// Where the runner waits for the sequences between steps.
+    lead: Condvar,
     step_tokens: usize,
 }
 
@@ -193,8 +200,11 @@ impl Drop for Member<'_> {
     fn drop(&mut self) {
         let mut inner = self.batcher.lock();
         inner.outside.remove(&self.seq);
+        let last_away = inner.outside.is_empty();
         drop(inner);
-        self.batcher.turn.notify_all();
+        if last_away {
+            self.batcher.lead.notify_one();
+        }
     }
 }
 
@@ -215,7 +225,12 @@ struct Pick {
 impl Batcher {
     /// A batcher whose steps take at most `step_tokens` rows beyond one per decoding sequence.
     pub fn new(step_tokens: usize) -> Batcher {
-        Batcher { inner: Mutex::new(Inner::default()), turn: Condvar::new(), step_tokens: step_tokens.max(1) }
+        Batcher {
+            inner: Mutex::new(Inner::default()),
+            turn: Condvar::new(),
+            lead: Condvar::new(),
+            step_tokens: step_tokens.max(1),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -242,20 +257,32 @@ impl Batcher {
         let ticket = inner.next_ticket;
         inner.outside.remove(&seq);
         inner.waiting.push(Waiting { ticket, seq, job, offset: 0, outputs: Vec::new() });
-        self.turn.notify_all();
+        if inner.outside.is_empty() {
+            // The runner may be waiting for this sequence alone.
+            self.lead.notify_one();
+        }
+        let mut runner = false;
         loop {
             if let Some(result) = inner.done.remove(&ticket) {
                 inner.outside.entry(seq).or_insert_with(Instant::now);
+                if runner {
+                    // The threads this step woke (it filed results under this same lock) find
+                    // the runner's place free; one of them takes it.
+                    inner.runner = false;
+                }
                 return result;
             }
-            if inner.running || inner.waiting.is_empty() {
-                inner = self.turn.wait(inner).unwrap_or_else(std::sync::PoisonError::into_inner);
-                continue;
+            if !runner {
+                if inner.runner || inner.waiting.is_empty() {
+                    inner = self.turn.wait(inner).unwrap_or_else(std::sync::PoisonError::into_inner);
+                    continue;
+                }
+                (inner.runner, runner) = (true, true);
             }
             // Wait for the sequences between steps, unless they have been away too long.
             let soonest = inner.outside.values().map(Instant::elapsed).filter(|&e| e < AWAY).max();
             if let Some(away) = soonest {
-                inner = self.turn.wait_timeout(inner, AWAY - away).unwrap_or_else(std::sync::PoisonError::into_inner).0;
+                inner = self.lead.wait_timeout(inner, AWAY - away).unwrap_or_else(std::sync::PoisonError::into_inner).0;
                 continue;
             }
             let everyone_here = inner.outside.is_empty();
@@ -276,8 +303,10 @@ impl Batcher {
         inner.waiting.sort_by_key(|w| (w.seq, w.ticket));
         let picks = self.pick(&mut inner, part, everyone_here);
         if picks.is_empty() {
-            // Nothing fits now: wait for blocks to come back (a sequence finishing).
-            return self.turn.wait_timeout(inner, RETRY).unwrap_or_else(std::sync::PoisonError::into_inner).0;
+            // Nothing fits now: wait for blocks to come back (a sequence finishing). Picking may
+            // have refused or preempted some: their threads learn it now.
+            self.turn.notify_all();
+            return self.lead.wait_timeout(inner, RETRY).unwrap_or_else(std::sync::PoisonError::into_inner).0;
         }
         // Take the picked jobs out (highest index first, so the others keep theirs).
         let mut taken: Vec<(Waiting, usize)> = Vec::with_capacity(picks.len());
@@ -287,7 +316,6 @@ impl Batcher {
             taken.push((inner.waiting.remove(p.at), p.rows));
         }
         taken.reverse();
-        inner.running = true;
         drop(inner);
 
         let started = Instant::now();
@@ -323,7 +351,6 @@ impl Batcher {
 
         let took = started.elapsed();
         let mut inner = self.lock();
-        inner.running = false;
         inner.stats.steps += 1;
         let rows = taken.iter().map(|(_, r)| *r as u64).sum::<u64>();
         inner.stats.rows += rows;
