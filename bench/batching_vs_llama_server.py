@@ -7,8 +7,12 @@ One server at a time (never both: they would share the cores). For each model an
 
   * levels: 1, 4, 16 and 32 concurrent streams (--levels), each a distinct ~128-token prompt
     (it starts with its own number, so no prompt cache helps) and --gen-tokens greedy tokens,
-    end-of-sequence ignored. Reported: aggregate generated tokens/s over the wall time, time to
-    first token p50/p99 and inter-token gap p99 over all streams.
+    end-of-sequence ignored. Reported: aggregate generated tokens/s over the wall time; the
+    decode rate once every stream has its first token (to the last token, and — "all decoding"
+    — to the first stream's last token, the window in which all of them decode); time to first
+    token p50/p99 and inter-token gap p99 over all streams.
+  * sampled levels (--sampled-levels, default 16): the same with temperature 0.8, top_p 0.95
+    and a seed, what chat clients send, so the sampler's cost shows.
   * long prompt: 15 streams decoding, then a ~4,000-token prompt arrives; the 15 streams'
     inter-token gap p99 while it is prefilled (from its arrival to its first token), beside
     their p99 before it arrived.
@@ -23,6 +27,7 @@ Prerequisites: `cargo build --release -p gantry-cli`, bench/peer/build-llamacpp.
 scripts/fetch-models.sh, scripts/setup.sh (.venv-clients with grpcio). Run:
   .venv-clients/bin/python bench/batching_vs_llama_server.py
   .venv-clients/bin/python bench/batching_vs_llama_server.py --models SmolLM2-135M-Instruct.Q4_1.gguf --levels 1 16
+  .venv-clients/bin/python bench/batching_vs_llama_server.py --levels 1 16 --skip-extras --no-peer   # Gantry alone, A/B
 Raw results go to bench/results/batching-<time>.json; the tables to stdout.
 """
 import argparse
@@ -44,6 +49,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from gantry_worker import free_port, pct, start_worker  # noqa: E402
 
+# The sampled levels' settings: a chat client's usual ones.
+SAMPLED = {"temperature": 0.8, "top_p": 0.95, "seed": 42}
 MODELS = ["SmolLM2-135M-Instruct.Q4_1.gguf", "gemma-3-270m-q4_k_m.gguf"]
 LLAMA_SERVER = ROOT / "bench/peer/.llama.cpp/bin/llama-server"
 WORDS = ("the history of printing is a story of many small steps long before movable type people pressed "
@@ -69,10 +76,11 @@ class Gantry:
                                        "--max-running", "64", "--model", f"m={model}")
         self.stub = rpc.WorkerStub(grpc.insecure_channel(addr, options=[("grpc.max_receive_message_length", 1 << 26)]))
 
-    def stream(self, prompt: str, gen: int, resume=None):
+    def stream(self, prompt: str, gen: int, resume=None, sampled=False):
         """Yields each token's id as it arrives."""
+        extra = dict(temperature=SAMPLED["temperature"], top_p=SAMPLED["top_p"], seed=SAMPLED["seed"]) if sampled else {}
         req = self.pb.GenerateRequest(model_id="m", prompt=prompt,
-                                      sampling=self.pb.SamplingParams(max_tokens=gen, ignore_eos=True),
+                                      sampling=self.pb.SamplingParams(max_tokens=gen, ignore_eos=True, **extra),
                                       resume_tokens=resume or [])
         for ev in self.stub.Generate(req):
             if ev.WhichOneof("event") == "token" and ev.token.HasField("token_id"):
@@ -111,9 +119,11 @@ class LlamaServer:
                 raise SystemExit("llama-server did not start")
             time.sleep(0.3)
 
-    def stream(self, prompt: str, gen: int, resume=None):
-        body = json.dumps({"prompt": prompt, "n_predict": gen, "temperature": 0, "stream": True,
-                           "ignore_eos": True, "cache_prompt": False}).encode()
+    def stream(self, prompt: str, gen: int, resume=None, sampled=False):
+        sampling = ({"temperature": SAMPLED["temperature"], "top_p": SAMPLED["top_p"], "seed": SAMPLED["seed"]}
+                    if sampled else {"temperature": 0})
+        body = json.dumps({"prompt": prompt, "n_predict": gen, "stream": True, "ignore_eos": True,
+                           "cache_prompt": False, **sampling}).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}/completion", data=body,
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=1200) as resp:
@@ -129,18 +139,19 @@ class LlamaServer:
         self.proc.wait()
 
 
-def timed(server, prompt: str, gen: int, out: dict, resume=None):
+def timed(server, prompt: str, gen: int, out: dict, resume=None, sampled=False):
     """Streams one request, recording each token's arrival time in out["times"]."""
     out["start"] = time.perf_counter()
     out["times"], out["ids"] = [], []
-    for tok in server.stream(prompt, gen, resume):
+    for tok in server.stream(prompt, gen, resume, sampled):
         out["times"].append(time.perf_counter())
         out["ids"].append(tok)
 
 
-def level(server, n: int, gen: int, words: int, base: int) -> dict:
+def level(server, n: int, gen: int, words: int, base: int, sampled=False) -> dict:
     outs = [dict() for _ in range(n)]
-    threads = [threading.Thread(target=timed, args=(server, text(base + k, words), gen, outs[k])) for k in range(n)]
+    threads = [threading.Thread(target=timed, args=(server, text(base + k, words), gen, outs[k], None, sampled))
+               for k in range(n)]
     start = time.perf_counter()
     for t in threads:
         t.start()
@@ -157,7 +168,15 @@ def level(server, n: int, gen: int, words: int, base: int) -> dict:
     decoding = max(o["times"][0] for o in outs)
     late = sum(1 for o in outs for t in o["times"] if t > decoding)
     decode = late / (end - decoding) if end > decoding else float("nan")
-    return {"streams": n, "tokens_per_s": sum(counts) / (end - start), "decode_tokens_per_s": decode,
+    # The rate while all n streams decode: from the last stream's first token to the first
+    # stream's last (the window above also holds the tail, where streams that started early have
+    # finished and fewer than n decode).
+    first_done = min(o["times"][-1] for o in outs)
+    within = sum(1 for o in outs for t in o["times"] if decoding < t <= first_done)
+    all_decoding = within / (first_done - decoding) if first_done > decoding else float("nan")
+    return {"streams": n, "sampled": sampled, "tokens_per_s": sum(counts) / (end - start),
+            "decode_tokens_per_s": decode, "all_decoding_tokens_per_s": all_decoding,
+            "all_decoding_s": max(0.0, first_done - decoding),
             "ttft_p50_ms": 1000 * pct(ttft, 50), "ttft_p99_ms": 1000 * pct(ttft, 99),
             "itl_p99_ms": 1000 * pct(gaps, 99), "wall_s": end - start}
 
@@ -227,7 +246,10 @@ def main():
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--long-words", type=int, default=3000, help="the long prompt's words (~4,000 tokens)")
     ap.add_argument("--context", type=int, default=4608, help="tokens per sequence (and per llama-server slot)")
+    ap.add_argument("--sampled-levels", type=int, nargs="*", default=[16],
+                    help=f"levels run again with sampling ({SAMPLED})")
     ap.add_argument("--skip-extras", action="store_true", help="only the levels")
+    ap.add_argument("--no-peer", action="store_true", help="Gantry alone (no table; the raw file and the log)")
     args = ap.parse_args()
 
     results = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "args": vars(args),
@@ -235,8 +257,10 @@ def main():
     for name in args.models:
         model = ROOT / "models" / name
         per = {}
-        for make in (lambda: Gantry(model, args.threads, args.context),
-                     lambda: LlamaServer(model, args.threads, args.context)):
+        makers = [lambda: Gantry(model, args.threads, args.context)]
+        if not args.no_peer:
+            makers.append(lambda: LlamaServer(model, args.threads, args.context))
+        for make in makers:
             server = make()
             r = {"levels": []}
             try:
@@ -246,6 +270,11 @@ def main():
                     r["levels"].append(level(server, n, args.gen_tokens, args.words, base))
                     base += n
                     print(f"{name} {server.name} {n} streams: {r['levels'][-1]}", file=sys.stderr)
+                r["sampled_levels"] = []
+                for n in args.sampled_levels:
+                    r["sampled_levels"].append(level(server, n, args.gen_tokens, args.words, base, sampled=True))
+                    base += n
+                    print(f"{name} {server.name} {n} sampled streams: {r['sampled_levels'][-1]}", file=sys.stderr)
                 if not args.skip_extras:
                     r["long_prompt"] = long_prompt(server, args.gen_tokens, args.words, args.long_words, 50_000)
                     print(f"{name} {server.name} long prompt: {r['long_prompt']}", file=sys.stderr)
@@ -275,16 +304,24 @@ def main():
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = ROOT / "bench" / "results" / f"batching-{stamp}.json"
     out.write_text(json.dumps(results, indent=1))
+    if args.no_peer:
+        print(f"raw: {out.relative_to(ROOT)}", file=sys.stderr)
+        return
     print("| model | streams | tok/s Gantry / llama-server (ratio) | decode tok/s Gantry (× its 1 stream) / llama-server "
+          "| all decoding tok/s Gantry (× its 1 stream) / llama-server "
           "| TTFT p50 ms | TTFT p99 ms | inter-token p99 ms |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for name, per in results["models"].items():
         g, l = per["gantry"]["levels"], per["llama-server"]["levels"]
-        one = g[0]["decode_tokens_per_s"]
-        for a, b in zip(g, l):
-            print(f"| {name} | {a['streams']} | {a['tokens_per_s']:.1f} / {b['tokens_per_s']:.1f} "
+        one, one_all = g[0]["decode_tokens_per_s"], g[0]["all_decoding_tokens_per_s"]
+        rows = list(zip(g, l)) + list(zip(per["gantry"]["sampled_levels"], per["llama-server"]["sampled_levels"]))
+        for a, b in rows:
+            label = f"{a['streams']} sampled" if a["sampled"] else f"{a['streams']}"
+            print(f"| {name} | {label} | {a['tokens_per_s']:.1f} / {b['tokens_per_s']:.1f} "
                   f"({a['tokens_per_s'] / b['tokens_per_s']:.2f}×) "
                   f"| {a['decode_tokens_per_s']:.1f} ({a['decode_tokens_per_s'] / one:.2f}×) / {b['decode_tokens_per_s']:.1f} "
+                  f"| {a['all_decoding_tokens_per_s']:.1f} ({a['all_decoding_tokens_per_s'] / one_all:.2f}×) "
+                  f"/ {b['all_decoding_tokens_per_s']:.1f} "
                   f"| {a['ttft_p50_ms']:.0f} / {b['ttft_p50_ms']:.0f} "
                   f"| {a['ttft_p99_ms']:.0f} / {b['ttft_p99_ms']:.0f} | {a['itl_p99_ms']:.0f} / {b['itl_p99_ms']:.0f} |")
     print(f"raw: {out.relative_to(ROOT)}", file=sys.stderr)
