@@ -83,36 +83,46 @@ impl Sampler {
         } else {
             (None, Vec::new())
         };
-        let mut scores = logits.to_vec();
-        for &(t, bias) in &p.logit_bias {
-            if let Some(s) = scores.get_mut(t as usize) {
-                *s += bias;
-            }
-        }
-        if p.repetition_penalty != 1.0 {
-            let mut seen = vec![false; scores.len()];
-            for &t in history {
-                if let Some(s) = seen.get_mut(t as usize) {
-                    *s = true;
-                }
-            }
-            for (score, _) in scores.iter_mut().zip(&seen).filter(|(_, s)| **s) {
-                *score = if *score > 0.0 { *score / p.repetition_penalty } else { *score * p.repetition_penalty };
-            }
-        }
-        if p.penalises_generated() {
-            let mut counts = std::collections::HashMap::<u32, u32>::new();
-            for &t in history.get(generated_from..).unwrap_or_default() {
-                *counts.entry(t).or_default() += 1;
-            }
-            for (t, c) in counts {
+        // The scores: the logits themselves unless a bias or a penalty changes them (a copy of
+        // a 262,144-token vocabulary's logits per token is a megabyte).
+        let adjusted = !p.logit_bias.is_empty() || p.repetition_penalty != 1.0 || p.penalises_generated();
+        let owned;
+        let scores: &[f32] = if adjusted {
+            let mut scores = logits.to_vec();
+            for &(t, bias) in &p.logit_bias {
                 if let Some(s) = scores.get_mut(t as usize) {
-                    *s -= p.presence_penalty + c as f32 * p.frequency_penalty;
+                    *s += bias;
                 }
             }
-        }
+            if p.repetition_penalty != 1.0 {
+                let mut seen = vec![false; scores.len()];
+                for &t in history {
+                    if let Some(s) = seen.get_mut(t as usize) {
+                        *s = true;
+                    }
+                }
+                for (score, _) in scores.iter_mut().zip(&seen).filter(|(_, s)| **s) {
+                    *score = if *score > 0.0 { *score / p.repetition_penalty } else { *score * p.repetition_penalty };
+                }
+            }
+            if p.penalises_generated() {
+                let mut counts = std::collections::HashMap::<u32, u32>::new();
+                for &t in history.get(generated_from..).unwrap_or_default() {
+                    *counts.entry(t).or_default() += 1;
+                }
+                for (t, c) in counts {
+                    if let Some(s) = scores.get_mut(t as usize) {
+                        *s -= p.presence_penalty + c as f32 * p.frequency_penalty;
+                    }
+                }
+            }
+            owned = scores;
+            &owned
+        } else {
+            logits
+        };
         let (greedy, want_logprob) = (p.temperature == 0.0, p.logprobs);
-        let token = if greedy { argmax(&scores) } else { self.sample_distribution(&scores) };
+        let token = if greedy { argmax(scores) } else { self.sample_distribution(scores) };
         let logprob = logprob_of.filter(|_| want_logprob).map(|lse| logits[token as usize] - lse);
         Ok(Choice { token, logprob, top })
     }
@@ -305,13 +315,20 @@ fn rank(mut cand: Vec<(u32, f32)>, top_k: usize) -> Vec<(u32, f32)> {
 }
 
 fn argmax(xs: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in xs.iter().enumerate() {
-        if x > xs[best] {
-            best = i;
+    // The largest value, over sixteen lanes (the compiler vectorises it), then the first place
+    // that holds it: the first of the largest, as one pass comparing one by one would give.
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut chunks = xs.chunks_exact(16);
+    for c in &mut chunks {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l = if x > *l { x } else { *l };
         }
     }
-    best as u32
+    for (l, &x) in lanes.iter_mut().zip(chunks.remainder()) {
+        *l = if x > *l { x } else { *l };
+    }
+    let max = lanes.iter().fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    xs.iter().position(|&x| x == max).unwrap_or(0) as u32
 }
 
 /// `log Σ exp(logits)`, in f64 for the sum.
@@ -567,6 +584,34 @@ mod tests {
                 assert!(drawn.len() > 1, "top_p {top_p}: one token only of {keep}");
             }
         }
+    }
+
+    #[test]
+    fn argmax_is_the_first_of_the_largest() {
+        let one_by_one = |xs: &[f32]| {
+            let mut best = 0;
+            for (i, &x) in xs.iter().enumerate() {
+                if x > xs[best] {
+                    best = i;
+                }
+            }
+            best as u32
+        };
+        let mut rng = StdRng::seed_from_u64(3);
+        for n in [1, 2, 15, 16, 17, 100, 49_152] {
+            for _ in 0..20 {
+                let xs: Vec<f32> = (0..n)
+                    .map(|_| match rng.random_range(0..6) {
+                        0 => [0.0, -0.0, f32::NEG_INFINITY][rng.random_range(0..3)],
+                        1 => rng.random_range(-2..3) as f32,
+                        _ => rng.random_range(-30.0f32..30.0),
+                    })
+                    .collect();
+                assert_eq!(argmax(&xs), one_by_one(&xs), "{n} values");
+            }
+        }
+        assert_eq!(argmax(&[f32::NEG_INFINITY; 40]), 0);
+        assert_eq!(argmax(&[-0.0, 0.0, 0.0]), 0);
     }
 
     #[test]
