@@ -126,14 +126,6 @@ struct JsonTimings {
     peak_rss_bytes: Option<u64>,
 }
 
-/// The process's peak resident set size, from `/proc/self/status` (Linux).
-fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
 /// Runs `gantry generate`.
 pub fn run(args: Args) -> Result<(), CliError> {
     let params = SamplingParams {
@@ -220,7 +212,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
                 prefill_tokens_per_sec: t.prefill_tokens_per_sec(summary.prompt_tokens),
                 decode_tokens_per_sec: t.decode_tokens_per_sec(summary.completion_tokens),
                 threads,
-                peak_rss_bytes: peak_rss_bytes(),
+                peak_rss_bytes: gantry_worker::measure::resident().map(|(_, peak)| peak),
             },
         };
         println!("{}", serde_json::to_string_pretty(&out)?);
