@@ -143,14 +143,14 @@ impl Sampler {
             return ranked(scores, 1)[0].0;
         }
         // Candidates and their weights: the best `top_k` ranked, or every token in id order.
-        let (mut cand, mut w): (Vec<u32>, Vec<f32>) = if p.top_k > 0 && p.top_k < scores.len() {
+        let ranked_already = p.top_k > 0 && p.top_k < scores.len();
+        let (mut cand, mut w): (Vec<u32>, Vec<f32>) = if ranked_already {
             let best = ranked(scores, p.top_k);
             let s: Vec<f32> = best.iter().map(|c| c.1).collect();
             (best.into_iter().map(|c| c.0).collect(), weights(&s, max, p.temperature))
         } else {
             ((0..scores.len() as u32).collect(), weights(scores, max, p.temperature))
         };
-        let ranked_already = p.top_k > 0 && p.top_k < scores.len();
         if p.top_p < 1.0 {
             let total = sum(&w);
             let share = f64::from(p.top_p) * total;
@@ -249,15 +249,15 @@ fn weights(scores: &[f32], max: f32, t: f32) -> Vec<f32> {
         .iter()
         .map(|&s| {
             let x = ((s - max) / t).max(-87.0);
-            let t = x * LOG2E + ROUND;
-            let k = t - ROUND;
+            let shifted = x * LOG2E + ROUND;
+            let k = shifted - ROUND;
             let r = (x - k * LN2_HI) - k * LN2_LO;
             let p = 1.0
                 + r * (1.0
                     + r * (0.5
                         + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
-            // `t`'s bits are ROUND's plus k (its last place is 1): 2^k built from them.
-            let k_bits = t.to_bits().wrapping_sub(ROUND.to_bits());
+            // `shifted`'s bits are ROUND's plus k (its last place is 1): 2^k built from them.
+            let k_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
             let scale = f32::from_bits(k_bits.wrapping_add(127) << 23);
             if x > -87.0 { p * scale } else { 0.0 }
         })
