@@ -143,8 +143,11 @@ impl Measurement {
         let m = &self.measured;
         let e = &self.estimated;
         let kv_here = self.term(m.kv_cache, e.kv_cache) as u128;
-        let tokens_then = (self.context.max(1) * self.batch.max(1)) as u128;
-        let kv = (kv_here * context as u128 * batch.max(1) as u128).div_ceil(tokens_then);
+        // In u128, saturating: a reported context and batch are not bounded (a `Models/Record`
+        // may carry any), and their product in u64 could wrap to 0.
+        let tokens_then = u128::from(self.context.max(1)) * u128::from(self.batch.max(1));
+        let kv =
+            kv_here.saturating_mul(u128::from(context)).saturating_mul(u128::from(batch.max(1))).div_ceil(tokens_then);
         let kv = u64::try_from(kv).unwrap_or(u64::MAX);
         self.term(m.weights, e.weights)
             .saturating_add(kv)
@@ -359,6 +362,16 @@ mod tests {
         assert_eq!(m.measured_total(), (120 + 320 + 20 + 30) * MIB);
         // Half the context, one sequence: 1/8 of the measured KV cache.
         assert_eq!(m.need(1024, 1), (120 + 40 + 20 + 30) * MIB);
+    }
+
+    #[test]
+    fn a_reported_shape_past_u64_neither_panics_nor_wraps() {
+        let mut m = smol();
+        (m.context, m.batch) = (1 << 40, 1 << 40);
+        // 320 MiB of KV for 2^80 tokens: less than a byte at 2,048 × 4.
+        assert_eq!(m.need(2048, 4), (120 + 20 + 30) * MIB + 1);
+        (m.context, m.batch) = (2048, 4);
+        assert_eq!(m.need(u64::MAX, u64::MAX), u64::MAX);
     }
 
     #[test]
