@@ -20,7 +20,7 @@ use gantry_core::Family;
 use crate::EngineError;
 use crate::attention::{Attention, KvAccess, LayerCache, LayerStore, QkvProj, SeqRows};
 use crate::config::{BlockKind, EngineConfig, QkvLayout, RopeConfig, RopeScaling, WeightFormat};
-use crate::cpu::forward::{SeqInput, SeqStep, forward as cpu_forward};
+use crate::cpu::forward::{SeqInput, SeqStep, StepValues, forward as cpu_forward};
 use crate::cpu::kv::{BLOCK_TOKENS, KvDtype, KvPool, KvShape};
 use crate::cpu::model::{CpuModel, DEFAULT_KV_BLOCKS};
 use crate::cpu::pool;
@@ -259,6 +259,18 @@ pub enum StageOutput {
     Hidden(Tensor),
     /// Logits `[t, vocab]` (or `[1, vocab]` for the last position only), f32.
     Logits(Tensor),
+}
+
+/// Runs `f` on the values of an f32 tensor: in place where they are contiguous in host memory
+/// (a sequence's rows of a step's logits, a view into the pass's buffer), else on a copy.
+pub fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R, EngineError> {
+    if t.dtype() == DType::F32 {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(cpu), Some((from, to))) = (&*storage, layout.contiguous_offsets()) {
+            return Ok(f(&cpu.as_slice::<f32>()?[from..to]));
+        }
+    }
+    Ok(f(&t.flatten_all()?.to_vec1::<f32>()?))
 }
 
 /// Which positions' logits the last part computes.
@@ -553,15 +565,23 @@ impl ModelPart {
             .collect();
         let out = cpu_forward(model, pool::global(), seq_steps)?;
         Self::advance(steps, hidden, out.job);
-        let vocab = self.config.vocab_size;
         let mut outs = Vec::with_capacity(steps.len());
-        for (values, n) in out.per_seq.into_iter().zip(rows) {
-            outs.push(if model.head.is_some() {
-                let k = values.len() / vocab;
-                StageOutput::Logits(Tensor::from_vec(values, (k, vocab), &CPU)?)
-            } else {
-                StageOutput::Hidden(Tensor::from_vec(values, (1, n, hidden), &CPU)?)
-            });
+        match out.values {
+            StepValues::Logits { all, rows } => {
+                // One tensor over the pass's buffer; each sequence gets a view of its rows.
+                let vocab = self.config.vocab_size;
+                let all = Tensor::from_vec(all, (rows.iter().sum::<usize>(), vocab), &CPU)?;
+                let mut at = 0;
+                for k in rows {
+                    outs.push(StageOutput::Logits(all.narrow(0, at, k)?));
+                    at += k;
+                }
+            }
+            StepValues::Hidden(per_seq) => {
+                for (values, n) in per_seq.into_iter().zip(rows) {
+                    outs.push(StageOutput::Hidden(Tensor::from_vec(values, (1, n, hidden), &CPU)?));
+                }
+            }
         }
         Ok(outs)
     }

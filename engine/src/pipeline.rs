@@ -14,7 +14,7 @@ use gantry_core::SamplingParams;
 use crate::EngineError;
 use crate::batch::{Batcher, Job, JobInput, Member, StepResult};
 use crate::generate::TokenSource;
-use crate::model::{LogitsFor, ModelPart, PartCache, StageInput, StageOutput};
+use crate::model::{LogitsFor, ModelPart, PartCache, StageInput, StageOutput, with_values};
 use crate::sampling::{Choice, Sampler};
 
 /// A fair (first come, first served) lock on a compute device. The models on one device take
@@ -205,7 +205,7 @@ impl<'a> Chain<'a> {
         if !pick {
             return Ok(None);
         }
-        Ok(Some(sampler.sample(&logits.flatten_all()?.to_vec1()?, history)?))
+        with_values(logits, |values| sampler.sample(values, history))?.map(Some)
     }
 }
 

@@ -90,6 +90,22 @@ impl<T: Copy + Default> Buf<T> {
     }
 }
 
+impl Buf<f32> {
+    /// `n` zeros, from zeroed memory (a large buffer's pages come zeroed from the system: no
+    /// pass over them before the chunks write them).
+    fn zeroed(n: usize) -> Buf<f32> {
+        let b: Box<[f32]> = vec![0f32; n].into_boxed_slice();
+        // SAFETY: `UnsafeCell<f32>` has `f32`'s layout (`repr(transparent)`).
+        Buf(unsafe { Box::from_raw(Box::into_raw(b) as *mut [UnsafeCell<f32>]) })
+    }
+
+    /// The values, no copy.
+    fn into_vec(self) -> Vec<f32> {
+        // SAFETY: as in `zeroed`; owning the buffer, nobody else reads or writes it.
+        unsafe { Box::from_raw(Box::into_raw(self.0) as *mut [f32]) }.into_vec()
+    }
+}
+
 /// Activation rows in every format some consumer needs.
 struct ActBufs {
     cols: usize,
@@ -1033,13 +1049,22 @@ impl Forward {
     }
 }
 
-/// What a forward pass gives back, per sequence: logits (`rows × vocab`: its last row's, or
-/// every new row's) from the last part, hidden states (`rows × hidden`) otherwise.
+/// What a forward pass gives back: logits from the last part, hidden states otherwise.
 #[derive(Debug)]
 pub struct StepOut {
-    pub per_seq: Vec<Vec<f32>>,
+    pub values: StepValues,
     /// The pool job that ran it (KV blocks it read may be reused once it is over).
     pub job: u64,
+}
+
+/// A forward pass's results.
+#[derive(Debug)]
+pub enum StepValues {
+    /// Every wanted row's logits (`vocab` each), sequence after sequence, in one buffer (the
+    /// pass's own: no copy); `rows[i]` is sequence `i`'s count (its last row, or every new one).
+    Logits { all: Vec<f32>, rows: Vec<usize> },
+    /// Each sequence's hidden states, `rows × hidden`.
+    Hidden(Vec<Vec<f32>>),
 }
 
 /// Runs one forward pass of `steps` on `pool`.
@@ -1172,7 +1197,7 @@ pub fn forward(model: &Arc<CpuModel>, pool: &Pool, steps: Vec<SeqStep>) -> Resul
         acts_o: ActBufs::new(&out_formats, rows, qw),
         acts_h: ActBufs::new(&down_formats, rows, ffn),
         acts_head: ActBufs::new(&head_formats, logit_rows.len(), h),
-        logits: Buf::new(if model.head.is_some() { logit_rows.len() * vocab } else { 0 }),
+        logits: Buf::zeroed(if model.head.is_some() { logit_rows.len() * vocab } else { 0 }),
         top_k,
         expert_size,
         route_e: Buf::new(rows * top_k),
@@ -1197,22 +1222,25 @@ pub fn forward(model: &Arc<CpuModel>, pool: &Pool, steps: Vec<SeqStep>) -> Resul
         rows,
     });
     let job = pool.run(task.clone());
-    // SAFETY: the job is done: every buffer was committed, and nothing writes them any more.
-    let per_seq = unsafe {
-        if task.model.head.is_some() {
-            let mut at = 0;
-            task.seqs
-                .iter()
-                .map(|&(first, n, _, _)| {
-                    let k = task.logit_rows.iter().filter(|&&r| r >= first && r < first + n).count();
-                    let v = task.logits.get(at * vocab..(at + k) * vocab).to_vec();
-                    at += k;
-                    v
-                })
-                .collect()
-        } else {
+    if task.model.head.is_none() {
+        let h = task.model.config.hidden_size;
+        // SAFETY: the job is done: every buffer was committed, and nothing writes them any more.
+        let per_seq = unsafe {
             task.seqs.iter().map(|&(first, n, _, _)| task.x.get(first * h..(first + n) * h).to_vec()).collect()
-        }
+        };
+        return Ok(StepOut { values: StepValues::Hidden(per_seq), job });
+    }
+    let rows = task
+        .seqs
+        .iter()
+        .map(|&(first, n, _, _)| task.logit_rows.iter().filter(|&&r| r >= first && r < first + n).count())
+        .collect();
+    // The logits leave with the pass's own buffer; a pool thread still holding the job (a
+    // straggler's late copy of a chunk, about to notice it is over) makes it a copy.
+    let all = match Arc::try_unwrap(task) {
+        Ok(done) => done.logits.into_vec(),
+        // SAFETY: the job is done: every buffer was committed, and nothing writes them any more.
+        Err(task) => unsafe { task.logits.get(0..task.logits.len()).to_vec() },
     };
-    Ok(StepOut { per_seq, job })
+    Ok(StepOut { values: StepValues::Logits { all, rows }, job })
 }
