@@ -78,6 +78,21 @@ impl WorkerState {
         }
         let resumed = req.resume_tokens;
         check_resumed(&resumed, &model, prompt.len(), &params)?;
+        let prefill_only = req.prefill_only;
+        if prefill_only {
+            if model.next.is_some() {
+                return Err(WorkerError::Precondition(format!(
+                    "prefill_only: this worker holds only the first pipeline stage of `{}`, whose prefix cache alone would not resume a request",
+                    model.info.model_id
+                )));
+            }
+            if model.prefix_keying().0 == 0 {
+                return Err(WorkerError::Precondition(format!(
+                    "prefill_only: model `{}` keeps no prefix cache on its device",
+                    model.info.model_id
+                )));
+            }
+        }
 
         // A free slot now, else a place in the queue, else refused.
         let permit = match model.slots.clone().try_acquire_owned() {
@@ -125,6 +140,9 @@ impl WorkerState {
                 Ok(downstream) => {
                     tokio::task::spawn_blocking(move || {
                         let run = Run { prompt: &prompt, resumed: &resumed, params: &params, request_id: &run_id };
+                        if prefill_only {
+                            return run_prefill(&run_model, &run);
+                        }
                         run_generation(&run_state, &run_model, downstream, &run, &run_tx)
                     })
                     .await
@@ -287,6 +305,31 @@ fn run_generation(
         }),
         time_to_first_token_ms: t.first_token.as_secs_f64() * 1000.0,
         decode_tokens_per_sec: t.decode_tokens_per_sec(new_tokens),
+    })
+}
+
+/// A `prefill_only` request: the prompt and the resumed tokens computed into the model's prefix
+/// cache (what it holds of them already is not computed again), nothing generated.
+fn run_prefill(model: &Served, run: &Run<'_>) -> Result<pb::GenerateDone, WorkerError> {
+    let started = std::time::Instant::now();
+    let mut chain = Chain::new(&model.segments, None, run.params, run.resumed.len())?;
+    let all: Vec<u32> = run.prompt.iter().chain(run.resumed).copied().collect();
+    gantry_engine::generate::TokenSource::feed(&mut chain, &all, false)?;
+    // Dropping the sequence leaves its full blocks in the prefix cache.
+    drop(chain);
+    info!(
+        request_id = run.request_id,
+        model = %model.info.model_id,
+        prompt_tokens = run.prompt.len(),
+        resumed_after = run.resumed.len(),
+        took_ms = started.elapsed().as_millis() as u64,
+        "prefilled into the prefix cache"
+    );
+    Ok(pb::GenerateDone {
+        finish_reason: pb::FinishReason::Length as i32,
+        usage: Some(pb::Usage { prompt_tokens: run.prompt.len() as u32, completion_tokens: run.resumed.len() as u32 }),
+        time_to_first_token_ms: 0.0,
+        decode_tokens_per_sec: 0.0,
     })
 }
 
