@@ -28,6 +28,11 @@ pub struct ControllerConfig {
     pub http_header_timeout: Duration,
     /// How the router chooses among a deployment's ready replicas.
     pub routing: Routing,
+    /// Every this many tokens a request delivers, a replica of its deployment on another worker
+    /// computes them into its prefix cache (a `prefill_only` request), so that should the
+    /// request's worker fail, it resumes there after a prefill of the tokens since, not of all
+    /// of them. 0: off (a failed-over request's new replica computes all its tokens).
+    pub standby_prefill: usize,
 }
 
 /// How the router chooses among a deployment's ready replicas (a session's request goes back
@@ -67,6 +72,7 @@ impl Default for ControllerConfig {
             stall_timeout: Duration::from_secs(60),
             http_header_timeout: Duration::from_secs(30),
             routing: Routing::Prefix,
+            standby_prefill: 0,
         }
     }
 }

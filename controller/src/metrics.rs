@@ -48,6 +48,7 @@ struct Recorded {
     placement_failures: BTreeMap<String, u64>,
     /// (model, outcome) → requests moved off a failed replica.
     migrations: BTreeMap<(String, String), u64>,
+    standby_prefills: BTreeMap<(String, String), u64>,
     /// (deployment, direction) → the autoscaler's decisions.
     autoscaled: BTreeMap<(String, String), u64>,
     /// Per API key name (never the key): streams admitted, refused by reason, tokens.
@@ -110,6 +111,11 @@ pub fn key_tokens(name: &str, n: u64) {
 /// none could take it.
 pub fn migration(model: &str, outcome: &str) {
     with(|r| *r.migrations.entry((model.to_string(), outcome.to_string())).or_default() += 1);
+}
+
+/// A standby prefill (`--standby-prefill`) for a request of `model` ended: `ok` or `failed`.
+pub fn standby_prefill(model: &str, outcome: &str) {
+    with(|r| *r.standby_prefills.entry((model.to_string(), outcome.to_string())).or_default() += 1);
 }
 
 /// An autoscaler decision for `deployment`: `up` or `down`.
@@ -225,9 +231,11 @@ pub fn render(cluster: &Cluster) -> String {
         let migrations =
             "Requests whose replica failed mid-stream: resumed on another replica, or failed for want of one.";
         counter2(&mut out, "gantry_request_migrations_total", migrations, ("model", "outcome"), &r.migrations);
+        let standby = "Standby prefills (--standby-prefill): a request's delivered tokens computed into another worker's prefix cache, by outcome (ok, failed).";
+        counter2(&mut out, "gantry_standby_prefills_total", standby, ("model", "outcome"), &r.standby_prefills);
         let autoscaled = "The autoscaler's changes of a deployment's replica count, by direction (up, down).";
         counter2(&mut out, "gantry_autoscaler_decisions_total", autoscaled, ("deployment", "direction"), &r.autoscaled);
-        let decisions = "Routing decisions by deployment and why the replica was chosen: only (the one ready), session, prefix (best score holding part of the prompt), p2c (power of two choices).";
+        let decisions = "Routing decisions by deployment and why the replica was chosen: only (the one ready), session, prefix (best score holding part of the prompt), p2c (power of two choices), standby (a failed-over request's standby).";
         counter2(&mut out, "gantry_routing_decisions_total", decisions, ("model", "by"), &r.routed);
         let parts = "Over requests routed with their prompt's prefix-cache keys, in prompt tokens: the prompts (part=prompt) and the chosen replicas' score parts: cached prefix (cached), prefill ahead (prefill), queue (queue) and KV pressure (kv); score = 2 x cached - prefill - queue - kv.";
         counter2(&mut out, "gantry_routing_tokens_total", parts, ("model", "part"), &r.route_tokens);

@@ -91,20 +91,73 @@ async fn a_resumed_request_goes_on_exactly_where_the_first_run_stopped() {
     assert!(e.message().contains("9 tokens to resume after, but the request can generate at most 8"), "{e:?}");
 }
 
+/// A `prefill_only` request on a fresh worker generates nothing and leaves the prompt and the
+/// resumed tokens in its prefix cache: a request resumed there after them finds their blocks
+/// and goes on with the unbroken run's tokens. Bad resume lists are refused as for `Generate`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefill_only_request_fills_the_prefix_cache_that_a_resume_then_finds() {
+    let model = format!("{MODEL}={}", common::smollm2().display());
+    let prompt = "Write three sentences about the sea.";
+    let request = || {
+        let mut req = chat_request(MODEL, prompt, 80);
+        req.sampling = Some(pb::SamplingParams { max_tokens: Some(80), ignore_eos: true, ..Default::default() });
+        req
+    };
+    let whole = {
+        let first = RunningWorker::start(&["--model", &model, "--threads", "2"]);
+        collect(&mut first.client().await, request()).await.unwrap()
+    };
+    assert_eq!(whole.tokens.len(), 80, "{whole:?}");
+    let p = whole.done.as_ref().unwrap().usage.unwrap().prompt_tokens as u64;
+
+    let standby = RunningWorker::start(&["--model", &model, "--threads", "2"]);
+    let mut client = standby.client().await;
+    let status = |m: pb::StatusResponse| m.models.into_iter().next().unwrap();
+    let before = status(client.status(pb::StatusRequest {}).await.unwrap().into_inner());
+    assert_eq!((before.kv_blocks_cached, before.prefix_blocks_hit), (0, 0), "a fresh worker: {before:?}");
+
+    let mut warm = request();
+    warm.resume_tokens = whole.tokens[..64].to_vec();
+    warm.prefill_only = true;
+    let prefilled = collect(&mut client, warm.clone()).await.unwrap();
+    assert!(prefilled.tokens.is_empty() && prefilled.text.is_empty(), "nothing generated: {prefilled:?}");
+    let usage = prefilled.done.unwrap().usage.unwrap();
+    assert_eq!((usage.prompt_tokens as u64, usage.completion_tokens), (p, 64));
+    let full_blocks = (p + 64) / 16;
+    let after = status(client.status(pb::StatusRequest {}).await.unwrap().into_inner());
+    assert_eq!(after.kv_blocks_used, 0, "no sequence holds blocks: {after:?}");
+    assert!(after.kv_blocks_cached >= full_blocks, "{full_blocks} full blocks cached: {after:?}");
+    assert_eq!(after.tokens_generated, 0, "{after:?}");
+
+    let mut resumed = request();
+    resumed.resume_tokens = whole.tokens[..70].to_vec();
+    let rest = collect(&mut client, resumed).await.unwrap();
+    assert_eq!(rest.tokens, whole.tokens[70..], "the resumed run goes on as the unbroken one");
+    let found = status(client.status(pb::StatusRequest {}).await.unwrap().into_inner());
+    assert!(
+        found.prefix_blocks_hit - after.prefix_blocks_hit >= full_blocks,
+        "the resume found the {full_blocks} prefilled blocks: {after:?} then {found:?}"
+    );
+
+    warm.resume_tokens = vec![1, 2, 99_999_999];
+    let e = collect(&mut client, warm).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("resume token 99999999 is not in the vocabulary"), "{e:?}");
+}
+
 /// A chat through the controller, counting tokens into `seen` as they arrive: the text, the
 /// token ids and the final usage, or the error with the tokens delivered before it.
 async fn stream_chat(
     channel: tonic::transport::Channel,
     prompt: String,
-    seeded: bool,
-    max_tokens: u32,
+    sampling: pb::SamplingParams,
     seen: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) -> (String, Vec<u32>, Result<pb::Usage, tonic::Status>) {
     let mut client = pb::inference_client::InferenceClient::new(channel);
     let req = pb::ChatRequest {
         model: "chat".into(),
         messages: vec![pb::ChatMessage { role: "user".into(), content: prompt }],
-        sampling: Some(sampling(max_tokens, seeded)),
+        sampling: Some(sampling),
         request_id: String::new(),
     };
     let (mut text, mut tokens) = (String::new(), Vec::new());
@@ -150,7 +203,7 @@ async fn twenty_streams(
     let tasks: Vec<_> = (0..20)
         .map(|i| {
             let prompt = format!("{} (#{i})", PROMPTS[i % PROMPTS.len()]);
-            tokio::spawn(stream_chat(channel.clone(), prompt, i % 2 == 1, 32, seen.clone()))
+            tokio::spawn(stream_chat(channel.clone(), prompt, sampling(32, i % 2 == 1), seen.clone()))
         })
         .collect();
     let mut kill = Some(kill);
@@ -227,7 +280,7 @@ async fn twenty_streams_survive_a_killed_worker_with_the_unbroken_text() {
 
     // The last replica dies under a stream: the tokens so far, then the reason.
     let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let task = tokio::spawn(stream_chat(channel.clone(), PROMPTS[0].into(), false, 200, seen.clone()));
+    let task = tokio::spawn(stream_chat(channel.clone(), PROMPTS[0].into(), sampling(200, false), seen.clone()));
     while seen.load(std::sync::atomic::Ordering::Relaxed) < 5 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -243,6 +296,80 @@ async fn twenty_streams_survive_a_killed_worker_with_the_unbroken_text() {
     assert!(m.contains("no other replica could go on with the request"), "{m}");
     let metrics = common::http_get(&http, "/metrics");
     assert_eq!(metric(&metrics, "gantry_request_migrations_total{model=\"chat\",outcome=\"failed\"}"), 1.0);
+}
+
+/// `--standby-prefill 32`: as a long request goes on, the replica on the other worker prefills
+/// its tokens every 32; its worker killed mid-stream, the request resumes on that standby, which
+/// finds the prefilled blocks in its prefix cache, and the client gets the unbroken run's
+/// tokens. The metrics count the standby prefills and the move by standby.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_over_request_resumes_on_its_standby_from_the_prefilled_tokens() {
+    let prompt = PROMPTS[2].to_string();
+    let max_tokens = 240;
+    let long = pb::SamplingParams { max_tokens: Some(max_tokens), ignore_eos: true, ..Default::default() };
+    let unbroken = {
+        let model = format!("chat={}", common::smollm2().display());
+        let alone = RunningWorker::start(&["--model", &model, "--threads", "2"]);
+        let mut req = chat_request("chat", &prompt, max_tokens);
+        req.sampling = Some(long.clone());
+        collect(&mut alone.client().await, req).await.unwrap()
+    };
+    assert_eq!(unbroken.tokens.len(), max_tokens as usize);
+
+    let mut cmd = common::gantry();
+    cmd.args(["controller", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--lease", "2"]);
+    cmd.args(["--standby-prefill", "32"]);
+    let control = RunningController::spawn(cmd, None);
+    let http = control.http.clone().unwrap();
+    let mut workers = [
+        RunningWorker::join(&control.url(), "w1", &["--threads", "1"]),
+        RunningWorker::join(&control.url(), "w2", &["--threads", "1"]),
+    ];
+    wait_for_workers(&mut control.cluster().await, 2).await;
+    let mut deployments = control.deployments().await;
+    let mut s = spec(common::smollm2().to_str().unwrap(), 2, pb::PlacementStrategy::Spread);
+    s.context_length = 2048;
+    deployments.apply(pb::ApplyRequest { name: "chat".into(), spec: Some(s) }).await.unwrap();
+    wait_for(&mut deployments, "chat", LOAD, "2 replicas ready", ready).await;
+
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let task = tokio::spawn(stream_chat(control.channel().await, prompt, long, seen.clone()));
+    while seen.load(std::sync::atomic::Ordering::Relaxed) < 8 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut serving = Vec::new();
+    for (i, w) in workers.iter().enumerate() {
+        let st = w.client().await.status(pb::StatusRequest {}).await.unwrap().into_inner();
+        if st.models.iter().any(|m| m.running > 0) {
+            serving.push(i);
+        }
+    }
+    assert_eq!(serving.len(), 1, "one worker serves the request");
+    let (dead, survivor) = (serving[0], 1 - serving[0]);
+    // Past a few standby prefills (every 32 tokens), well before the end.
+    while seen.load(std::sync::atomic::Ordering::Relaxed) < 140 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    workers[dead].kill();
+    let (_, tokens, usage) = task.await.unwrap();
+    let usage = usage.unwrap_or_else(|e| panic!("the request failed: {e:?}"));
+    assert_eq!(tokens, unbroken.tokens, "the unbroken run's tokens");
+    assert_eq!(usage.completion_tokens, max_tokens);
+
+    let metrics = common::http_get(&http, "/metrics");
+    assert!(metric(&metrics, "gantry_standby_prefills_total{model=\"chat\",outcome=\"ok\"}") >= 1.0, "{metrics}");
+    assert_eq!(metric(&metrics, "gantry_routing_decisions_total{model=\"chat\",by=\"standby\"}"), 1.0, "{metrics}");
+    assert_eq!(metric(&metrics, "gantry_request_migrations_total{model=\"chat\",outcome=\"resumed\"}"), 1.0);
+    // The resume found at least the first standby prefill's blocks (prompt and 32 tokens).
+    let st = workers[survivor].client().await.status(pb::StatusRequest {}).await.unwrap().into_inner();
+    let m = st.models.into_iter().next().unwrap();
+    let prompt_tokens = unbroken.done.as_ref().unwrap().usage.unwrap().prompt_tokens as u64;
+    assert!(m.prefix_blocks_hit >= (prompt_tokens + 32) / 16, "{m:?}");
+    assert!(
+        control.stderr().contains("by=standby") || control.stderr().contains("by=\"standby\""),
+        "{}",
+        control.stderr()
+    );
 }
 
 fn gpu_of<'a>(workers: &'a [pb::WorkerInfo], id: &str) -> &'a pb::GpuUsage {

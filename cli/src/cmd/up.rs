@@ -106,6 +106,12 @@ pub struct ControlArgs {
     /// replica holds) or `p2c` (power of two choices on load alone)
     #[arg(long, env = "GANTRY_ROUTING", default_value = "prefix")]
     routing: gantry_controller::config::Routing,
+    /// Every N tokens a request delivers, a replica of its deployment on another worker
+    /// prefills them into its prefix cache, so that should the request's worker fail, the
+    /// request resumes there after computing only the tokens since (costs that replica about
+    /// one prefill of every long request's tokens); 0: off
+    #[arg(long, env = "GANTRY_STANDBY_PREFILL", default_value_t = 0, value_name = "TOKENS")]
+    standby_prefill: u32,
     /// A file of API keys, one per line: every API but health checks then needs
     /// `Authorization: Bearer <key>` [default: no keys]
     #[arg(long, env = "GANTRY_API_KEYS_FILE")]
@@ -297,6 +303,7 @@ impl ControlArgs {
             stall_timeout: Duration::from_secs_f64(self.stall_timeout),
             http_header_timeout: Duration::from_secs_f64(self.http_header_timeout),
             routing: self.routing,
+            standby_prefill: self.standby_prefill as usize,
         })
     }
 

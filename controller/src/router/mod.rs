@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::Caller;
 use crate::cluster::Cluster;
-use relay::Relay;
+use relay::{Relay, Standby};
 
 /// A stream of events to a client.
 pub type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -166,6 +166,7 @@ impl Router {
             started: Instant::now(),
             last_token: None,
             hint: None,
+            standby: Standby::default(),
         };
         let attached = relay.attach().await.inspect_err(|e| {
             // Names that are not deployments are not labels (anyone could make up millions).

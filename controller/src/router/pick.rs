@@ -147,6 +147,9 @@ pub enum ChosenBy {
     Prefix,
     /// Power of two choices: no hint, a prompt no replica holds, or a tie.
     P2c,
+    /// A failed-over request's standby, whose prefix cache holds its tokens up to the last
+    /// standby prefill (`--standby-prefill`).
+    Standby,
 }
 
 impl ChosenBy {
@@ -156,6 +159,7 @@ impl ChosenBy {
             ChosenBy::Session => "session",
             ChosenBy::Prefix => "prefix",
             ChosenBy::P2c => "p2c",
+            ChosenBy::Standby => "standby",
         }
     }
 }
@@ -428,6 +432,43 @@ impl Cluster {
         }
         let all: Vec<usize> = (0..ready.len()).collect();
         Ok(take(ready.p2c(&all), ChosenBy::P2c, &found))
+    }
+
+    /// Where a request running on `worker` would go on should that worker fail, for the standby
+    /// prefill (`ControllerConfig::standby_prefill`): replica `keep` (worker, replica id) while
+    /// it is still ready, as its prefix cache holds the request's earlier tokens; else the
+    /// ready replica of `model` on another worker with the fewest requests in flight, leaving
+    /// out `avoid`. `None` when no ready replica is on another worker.
+    pub fn standby(
+        &self,
+        model: &str,
+        worker: &str,
+        avoid: &[(String, String)],
+        keep: Option<&(String, String)>,
+    ) -> Option<Target> {
+        let inner = self.lock();
+        let ready = Ready::of(&inner, model, avoid).ok()?;
+        let others = || (0..ready.len()).filter(|&i| ready.candidates[i].worker != worker);
+        let kept = keep.and_then(|(w, id)| others().find(|&i| ready.candidates[i].worker == w && ready.id(i) == id));
+        let i = kept.or_else(|| others().min_by_key(|&i| ready.load(i)))?;
+        Some(ready.candidates[i].target(model))
+    }
+
+    /// Replica `standby` (worker, replica id) of `model` for a failed-over request, when it is
+    /// ready and not in `avoid`.
+    pub fn choose_standby(
+        &self,
+        model: &str,
+        standby: &(String, String),
+        avoid: &[(String, String)],
+    ) -> Option<Routed> {
+        if avoid.contains(standby) {
+            return None;
+        }
+        let inner = self.lock();
+        let ready = Ready::of(&inner, model, avoid).ok()?;
+        let i = (0..ready.len()).find(|&i| ready.candidates[i].worker == standby.0 && ready.id(i) == standby.1)?;
+        Some(Routed { target: ready.candidates[i].target(model), by: ChosenBy::Standby, score: None })
     }
 
     /// The replica to ask for a prompt's token ids when routing by prefix is worth it: the

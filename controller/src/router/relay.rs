@@ -60,10 +60,27 @@ pub(super) struct Relay {
     pub(super) last_token: Option<Instant>,
     /// The prompt's prefix-cache keys, once asked for (`None` inside: not routed by prefix).
     pub(super) hint: Option<Option<PrefixHint>>,
+    /// Where its tokens are prefilled against its worker failing (`--standby-prefill`).
+    pub(super) standby: Standby,
+}
+
+/// A request's standby replica: another worker's replica that prefills the request's delivered
+/// tokens into its prefix cache every `ControllerConfig::standby_prefill` tokens, and where the
+/// request goes on first should its own worker fail.
+#[derive(Default)]
+pub(super) struct Standby {
+    /// The replica (worker, replica id) last sent a prefill.
+    at: Option<(String, String)>,
+    /// Delivered tokens it was last asked to prefill.
+    warmed: usize,
+    /// The prefill in flight (one at a time: a standby slower than the stream skips turns).
+    running: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// The longest the router waits for a prompt's token ids before routing without them.
 const TOKENIZE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The longest a standby prefill may take (a busy standby's is dropped; the next one goes on).
+const STANDBY_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Holds a request against its replica's in-flight count while it runs there, and against its
 /// prefill ahead until the first token comes back.
@@ -115,9 +132,16 @@ impl Relay {
         if self.hint.is_none() {
             self.hint = Some(self.prefix_hint().await);
         }
+        // A failed-over request goes on first where its tokens were prefilled.
+        let standby = self.standby.at.as_ref().filter(|_| !self.sent.is_empty());
+        let mut preferred = standby.and_then(|s| self.cluster.choose_standby(&self.model, s, &self.failed));
         loop {
             let hint = self.hint.as_ref().and_then(Option::as_ref);
-            let picked = match self.cluster.choose(&self.model, &self.failed, self.session.as_deref(), hint) {
+            let chosen = match preferred.take() {
+                Some(routed) => Ok(routed),
+                None => self.cluster.choose(&self.model, &self.failed, self.session.as_deref(), hint),
+            };
+            let picked = match chosen {
                 // An autoscaled deployment with no ready replica: wait while one comes up.
                 Err(ClusterError::NoReadyReplica(_)) if waits < 3 && self.cluster.autoscaled(&self.model) => {
                     waits += 1;
@@ -147,6 +171,7 @@ impl Relay {
                 sampling: self.sampling.clone(),
                 request_id: self.request_id.clone(),
                 resume_tokens: self.sent.clone(),
+                prefill_only: false,
             });
             if let Some(deadline) = self.deadline {
                 let left = deadline.saturating_duration_since(Instant::now());
@@ -198,6 +223,63 @@ impl Relay {
         if let Ok(v) = format!("Bearer {}", self.cluster.worker_token()).parse() {
             req.metadata_mut().insert("authorization", v);
         }
+    }
+
+    /// With `--standby-prefill N`, once every N delivered tokens: asks the standby replica (on
+    /// a worker other than `current`'s) to prefill the prompt and the tokens delivered so far
+    /// into its prefix cache, in the background. Its failure costs nothing but the shorter
+    /// resume it would have given.
+    fn prefill_standby(&mut self, current: &Target) {
+        let every = self.cluster.config().standby_prefill;
+        if every == 0 || self.sent.len() < self.standby.warmed + every {
+            return;
+        }
+        if self.standby.running.as_ref().is_some_and(|t| !t.is_finished()) {
+            return;
+        }
+        let Some(target) = self.cluster.standby(&self.model, &current.worker, &self.failed, self.standby.at.as_ref())
+        else {
+            return;
+        };
+        self.standby.at = Some((target.worker.clone(), target.model_id.clone()));
+        self.standby.warmed = self.sent.len();
+        let mut req = Request::new(pb::GenerateRequest {
+            model_id: target.model_id.clone(),
+            input: Some(self.input.clone()),
+            sampling: self.sampling.clone(),
+            request_id: format!("{}.standby", self.request_id),
+            resume_tokens: self.sent.clone(),
+            prefill_only: true,
+        });
+        req.set_timeout(STANDBY_TIMEOUT);
+        self.authorize(&mut req);
+        let (request_id, model, tokens) = (self.request_id.clone(), self.model.clone(), self.sent.len());
+        self.standby.running = Some(tokio::spawn(async move {
+            let asked = Instant::now();
+            let outcome = match WorkerClient::new(target.channel.clone()).generate(req).await {
+                Ok(r) => {
+                    let mut events = r.into_inner();
+                    loop {
+                        match events.message().await {
+                            Ok(Some(_)) => {}
+                            Ok(None) => break Ok(()),
+                            Err(e) => break Err(e),
+                        }
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(()) => {
+                    crate::metrics::standby_prefill(&model, "ok");
+                    tracing::debug!(request_id = %request_id, worker = %target.worker, replica = %target.model_id, tokens, took_ms = asked.elapsed().as_millis() as u64, "standby prefilled");
+                }
+                Err(e) => {
+                    crate::metrics::standby_prefill(&model, "failed");
+                    warn!(request_id = %request_id, worker = %target.worker, replica = %target.model_id, error = %e.message(), "standby prefill failed");
+                }
+            }
+        }));
     }
 
     /// The prompt's prefix-cache keys, from the token ids a ready replica gives for it
@@ -267,6 +349,7 @@ impl Relay {
                     Some(id) => {
                         at.prefilled();
                         self.sent.push(id);
+                        self.prefill_standby(&at.target);
                         let now = Instant::now();
                         let first = self.last_token.is_none().then(|| now - self.started);
                         let gap = self.last_token.map(|t| now - t);
