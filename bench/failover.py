@@ -98,6 +98,8 @@ def run_mode(mode: str, args) -> dict:
                                                              sampling=wpb.SamplingParams(max_tokens=4))):
                 pass
 
+        generated = {name: sum(m.tokens_generated for m in stub.Status(wpb.StatusRequest()).models)
+                     for name, (_, stub) in workers.items()}
         total = args.delivered + args.after
         req = cpb.InferenceRequest(model="m", prompt=prompt(),
                                    sampling=wpb.SamplingParams(max_tokens=total, temperature=0, ignore_eos=True))
@@ -109,9 +111,9 @@ def run_mode(mode: str, args) -> dict:
             ids.append(ev.token.token_id)
             times.append(time.perf_counter())
             if len(ids) == 32 and killed is None:
-                # The worker serving it: the one running a request now.
+                # The worker serving it: the one generating tokens (a standby prefill generates none).
                 serving = [name for name, (_, stub) in workers.items()
-                           if any(m.running for m in stub.Status(wpb.StatusRequest()).models)]
+                           if sum(m.tokens_generated for m in stub.Status(wpb.StatusRequest()).models) > generated[name]]
                 if len(serving) != 1:
                     raise SystemExit(f"expected one worker serving the request, found {serving}")
                 killed = serving[0]

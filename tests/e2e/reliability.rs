@@ -337,10 +337,11 @@ async fn a_failed_over_request_resumes_on_its_standby_from_the_prefilled_tokens(
     while seen.load(std::sync::atomic::Ordering::Relaxed) < 8 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    // The worker generating its tokens (the standby's prefills generate none).
     let mut serving = Vec::new();
     for (i, w) in workers.iter().enumerate() {
         let st = w.client().await.status(pb::StatusRequest {}).await.unwrap().into_inner();
-        if st.models.iter().any(|m| m.running > 0) {
+        if st.models.iter().any(|m| m.tokens_generated > 0) {
             serving.push(i);
         }
     }
