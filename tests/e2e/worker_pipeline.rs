@@ -101,6 +101,17 @@ async fn split_models_give_the_unsharded_tokens() {
         }
     }
 
+    // A standby prefill needs the whole model: a first stage's prefix cache alone would not
+    // resume a request. The whole model takes it.
+    let mut warm = chat_request("two", "What is the capital of France?", 32);
+    warm.prefill_only = true;
+    let e = collect(c1, warm.clone()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("prefill_only: this worker holds only the first pipeline stage of `two`"), "{e:?}");
+    warm.model_id = "whole".into();
+    let done = collect(c1, warm).await.unwrap();
+    assert!(done.tokens.is_empty() && done.done.is_some(), "{done:?}");
+
     // The middle and last stages are idle again: each stream ended with its sequence.
     for c in [&mut *c2, &mut *c3] {
         assert!(status(c).await.models.iter().all(|m| m.running == 0));
