@@ -110,7 +110,7 @@ pub struct ControlArgs {
     /// prefills them into its prefix cache, so that should the request's worker fail, the
     /// request resumes there after computing only the tokens since (costs that replica about
     /// one prefill of every long request's tokens); 0: off
-    #[arg(long, env = "GANTRY_STANDBY_PREFILL", default_value_t = 0, value_name = "TOKENS")]
+    #[arg(long, env = "GANTRY_STANDBY_PREFILL", default_value_t = 0, value_name = "N")]
     standby_prefill: u32,
     /// A file of API keys, one per line: every API but health checks then needs
     /// `Authorization: Bearer <key>` [default: no keys]
