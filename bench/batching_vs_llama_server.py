@@ -11,6 +11,9 @@ One server at a time (never both: they would share the cores). For each model an
     decode rate once every stream has its first token (to the last token, and — "all decoding"
     — to the first stream's last token, the window in which all of them decode); time to first
     token p50/p99 and inter-token gap p99 over all streams.
+  * Gantry's scaling (--scaling-repeats, default 5): 1 and 16 streams alternated that many
+    times more; the medians of their decode rates and their ratio (the host's neighbours move
+    one level's run by ±10%, so one pair says little).
   * sampled levels (--sampled-levels, default 16): the same with temperature 0.8, top_p 0.95
     and a seed, what chat clients send, so the sampler's cost shows.
   * long prompt: 15 streams decoding, then a ~4,000-token prompt arrives; the 15 streams'
@@ -250,6 +253,8 @@ def main():
                     help=f"levels run again with sampling ({SAMPLED})")
     ap.add_argument("--skip-extras", action="store_true", help="only the levels")
     ap.add_argument("--no-peer", action="store_true", help="Gantry alone (no table; the raw file and the log)")
+    ap.add_argument("--scaling-repeats", type=int, default=5,
+                    help="Gantry: 1 and 16 streams alternated this many times more; medians (0: none)")
     args = ap.parse_args()
 
     results = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "args": vars(args),
@@ -270,6 +275,20 @@ def main():
                     r["levels"].append(level(server, n, args.gen_tokens, args.words, base))
                     base += n
                     print(f"{name} {server.name} {n} streams: {r['levels'][-1]}", file=sys.stderr)
+                if isinstance(server, Gantry) and args.scaling_repeats > 0:
+                    # 16 streams against one, alternated: the host's neighbours move a run by
+                    # ±10%, so one pair of levels says little; the medians say more.
+                    pairs = []
+                    for _ in range(args.scaling_repeats):
+                        one = level(server, 1, args.gen_tokens, args.words, base)
+                        base += 1
+                        many = level(server, 16, args.gen_tokens, args.words, base)
+                        base += 16
+                        pairs.append([one["decode_tokens_per_s"], many["decode_tokens_per_s"]])
+                    m1, m16 = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+                    r["scaling"] = {"pairs_1_16": pairs, "median_1": m1, "median_16": m16, "ratio_of_medians": m16 / m1,
+                                    "median_of_ratios": statistics.median(p[1] / p[0] for p in pairs)}
+                    print(f"{name} gantry scaling: {r['scaling']}", file=sys.stderr)
                 r["sampled_levels"] = []
                 for n in args.sampled_levels:
                     r["sampled_levels"].append(level(server, n, args.gen_tokens, args.words, base, sampled=True))
@@ -324,6 +343,13 @@ def main():
                   f"/ {b['all_decoding_tokens_per_s']:.1f} "
                   f"| {a['ttft_p50_ms']:.0f} / {b['ttft_p50_ms']:.0f} "
                   f"| {a['ttft_p99_ms']:.0f} / {b['ttft_p99_ms']:.0f} | {a['itl_p99_ms']:.0f} / {b['itl_p99_ms']:.0f} |")
+    for name, per in results["models"].items():
+        sc = per["gantry"].get("scaling")
+        if sc:
+            print(f"\n{name}, Gantry, 1 and 16 streams alternated {len(sc['pairs_1_16'])} times: median decode "
+                  f"{sc['median_1']:.1f} and {sc['median_16']:.1f} tok/s, **{sc['ratio_of_medians']:.2f}×** "
+                  f"(median of the pairs' ratios {sc['median_of_ratios']:.2f}×; pairs: "
+                  + ", ".join(f"{a:.0f}/{b:.0f}" for a, b in sc["pairs_1_16"]) + ")")
     print(f"raw: {out.relative_to(ROOT)}", file=sys.stderr)
 
 
