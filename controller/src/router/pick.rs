@@ -293,6 +293,11 @@ impl<'a> Ready<'a> {
         &self.ids[start..self.ends[i]]
     }
 
+    /// The candidate that is replica `id` on `worker`.
+    fn position(&self, worker: &str, id: &str) -> Option<usize> {
+        (0..self.len()).find(|&i| self.candidates[i].worker == worker && self.id(i) == id)
+    }
+
     /// The candidates holding part of the prompt that reach the best score over all candidates
     /// (none when a replica holding none of it scores best). The same answer as
     /// scoring every candidate, looking up fewer: candidates go in the order of the score they
@@ -449,25 +454,22 @@ impl Cluster {
         let inner = self.lock();
         let ready = Ready::of(&inner, model, avoid).ok()?;
         let others = || (0..ready.len()).filter(|&i| ready.candidates[i].worker != worker);
-        let kept = keep.and_then(|(w, id)| others().find(|&i| ready.candidates[i].worker == w && ready.id(i) == id));
+        let kept = keep.and_then(|(w, id)| ready.position(w, id)).filter(|&i| ready.candidates[i].worker != worker);
         let i = kept.or_else(|| others().min_by_key(|&i| ready.load(i)))?;
         Some(ready.candidates[i].target(model))
     }
 
     /// Replica `standby` (worker, replica id) of `model` for a failed-over request, when it is
-    /// ready and not in `avoid`.
+    /// ready and not in `avoid` (the ready set leaves those out).
     pub fn choose_standby(
         &self,
         model: &str,
         standby: &(String, String),
         avoid: &[(String, String)],
     ) -> Option<Routed> {
-        if avoid.contains(standby) {
-            return None;
-        }
         let inner = self.lock();
         let ready = Ready::of(&inner, model, avoid).ok()?;
-        let i = (0..ready.len()).find(|&i| ready.candidates[i].worker == standby.0 && ready.id(i) == standby.1)?;
+        let i = ready.position(&standby.0, &standby.1)?;
         Some(Routed { target: ready.candidates[i].target(model), by: ChosenBy::Standby, score: None })
     }
 

@@ -1223,7 +1223,6 @@ pub fn forward(model: &Arc<CpuModel>, pool: &Pool, steps: Vec<SeqStep>) -> Resul
     });
     let job = pool.run(task.clone());
     if task.model.head.is_none() {
-        let h = task.model.config.hidden_size;
         // SAFETY: the job is done: every buffer was committed, and nothing writes them any more.
         let per_seq = unsafe {
             task.seqs.iter().map(|&(first, n, _, _)| task.x.get(first * h..(first + n) * h).to_vec()).collect()
