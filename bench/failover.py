@@ -6,10 +6,11 @@ token before the kill and the first after (detection, routing, the resumed prefi
 the time the delivered tokens took; and whether every token equals a run that nothing
 interrupted.
 
-Two modes, each on a fresh controller and fresh workers: `plain` (the new replica computes the
-prompt and every delivered token again, as one batched prefill) and `standby`
-(`--standby-prefill N`: every N delivered tokens a replica on the other worker prefills them
-into its prefix cache, so the resume computes only the tokens since). Each worker runs with
+Modes (--modes), each on a fresh controller and fresh workers: `plain` (`--standby-prefill 0`:
+the new replica computes the prompt and every delivered token again, as one batched prefill),
+`default` (the controller's defaults: every 256 delivered tokens the idle replica on the other
+worker prefills them into its prefix cache, so the resume computes only the tokens since) and
+`standby` (`--standby-prefill` --every). Each worker runs with
 --threads (default 1: the two workers stand for two machines, a core each).
 
 Prerequisites: `cargo build --release -p gantry-cli`, scripts/fetch-models.sh, scripts/setup.sh
@@ -68,9 +69,11 @@ def run_mode(mode: str, args) -> dict:
     wpb, wrpc = worker()
     state = tempfile.mkdtemp(prefix=f"gantry-failover-{mode}-")
     addr, http = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    every = args.every if mode == "standby" else 0
+    # `default`: the controller's own settings (an idle standby every 256 tokens).
+    every = {"standby": args.every, "plain": 0}.get(mode)
+    flags = [] if every is None else ["--standby-prefill", str(every)]
     ctl = subprocess.Popen([str(GANTRY), "controller", "--listen", addr, "--http", http, "--store",
-                            f"{state}/state.redb", "--standby-prefill", str(every)],
+                            f"{state}/state.redb", *flags],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     procs = [ctl]
     try:
@@ -126,7 +129,7 @@ def run_mode(mode: str, args) -> dict:
         itl = sorted(b - a for a, b in zip(times[args.delivered - 100:args.delivered - 1],
                                             times[args.delivered - 99:args.delivered]))
         return {
-            "mode": mode, "standby_prefill": every, "killed": killed, "tokens": len(ids), "ids": ids,
+            "mode": mode, "standby_prefill": "default" if every is None else every, "killed": killed, "tokens": len(ids), "ids": ids,
             "generation_of_delivered_s": gen_s, "resume_gap_s": gap_s, "ratio": gap_s / gen_s,
             "itl_median_before_s": itl[len(itl) // 2],
             "survivor_prefix_blocks_hit": sum(m.prefix_blocks_hit for m in st),
@@ -143,7 +146,7 @@ def main():
     ap.add_argument("--delivered", type=int, default=1000, help="tokens delivered before the kill")
     ap.add_argument("--after", type=int, default=24, help="tokens generated after it")
     ap.add_argument("--every", type=int, default=256, help="--standby-prefill for the standby mode")
-    ap.add_argument("--modes", nargs="+", default=["plain", "standby"])
+    ap.add_argument("--modes", nargs="+", default=["plain", "default"], choices=["plain", "default", "standby"])
     args = ap.parse_args()
     if not GANTRY.exists():
         raise SystemExit("build it first: cargo build --release -p gantry-cli")

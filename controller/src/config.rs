@@ -33,7 +33,14 @@ pub struct ControllerConfig {
     /// request's worker fail, it resumes there after a prefill of the tokens since, not of all
     /// of them. 0: off (a failed-over request's new replica computes all its tokens).
     pub standby_prefill: usize,
+    /// The standby may be a replica serving requests (its prefills then share its worker with
+    /// them); else only an idle replica is asked, and a request whose deployment has none on
+    /// another worker goes without a standby until one is idle.
+    pub standby_busy: bool,
 }
+
+/// Delivered tokens between standby prefills, by default (`--standby-prefill`).
+pub const DEFAULT_STANDBY_PREFILL: usize = 256;
 
 /// How the router chooses among a deployment's ready replicas (a session's request goes back
 /// to its replica first either way, unless that one is overloaded).
@@ -72,7 +79,8 @@ impl Default for ControllerConfig {
             stall_timeout: Duration::from_secs(60),
             http_header_timeout: Duration::from_secs(30),
             routing: Routing::Prefix,
-            standby_prefill: 0,
+            standby_prefill: DEFAULT_STANDBY_PREFILL,
+            standby_busy: false,
         }
     }
 }

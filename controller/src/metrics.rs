@@ -113,7 +113,8 @@ pub fn migration(model: &str, outcome: &str) {
     with(|r| *r.migrations.entry((model.to_string(), outcome.to_string())).or_default() += 1);
 }
 
-/// A standby prefill (`--standby-prefill`) for a request of `model` ended: `ok` or `failed`.
+/// A standby prefill (`--standby-prefill`) for a request of `model` ended: `ok` or `failed`;
+/// or `busy`: none was sent, as every replica on another worker was serving requests.
 pub fn standby_prefill(model: &str, outcome: &str) {
     with(|r| *r.standby_prefills.entry((model.to_string(), outcome.to_string())).or_default() += 1);
 }
@@ -231,7 +232,7 @@ pub fn render(cluster: &Cluster) -> String {
         let migrations =
             "Requests whose replica failed mid-stream: resumed on another replica, or failed for want of one.";
         counter2(&mut out, "gantry_request_migrations_total", migrations, ("model", "outcome"), &r.migrations);
-        let standby = "Standby prefills (--standby-prefill): a request's delivered tokens computed into another worker's prefix cache, by outcome (ok, failed).";
+        let standby = "Standby prefills (--standby-prefill): a request's delivered tokens computed into another worker's prefix cache, by outcome (ok, failed; busy: skipped, every replica on another worker was serving requests).";
         counter2(&mut out, "gantry_standby_prefills_total", standby, ("model", "outcome"), &r.standby_prefills);
         let autoscaled = "The autoscaler's changes of a deployment's replica count, by direction (up, down).";
         counter2(&mut out, "gantry_autoscaler_decisions_total", autoscaled, ("deployment", "direction"), &r.autoscaled);

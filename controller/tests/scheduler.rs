@@ -658,3 +658,36 @@ async fn a_prompt_goes_to_the_replica_holding_its_longest_prefix_unless_its_queu
     let routed = cluster.choose("a", &[], None, Some(&hint)).unwrap();
     assert_eq!((routed.target.worker.as_str(), routed.by), ("w2", ChosenBy::Prefix));
 }
+
+#[tokio::test]
+async fn a_standby_is_an_idle_replica_on_another_worker_unless_busy_ones_may_be() {
+    use gantry_controller::router::pick::NoStandby;
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(EmbeddedStore::open(&dir.path().join("state.redb")).unwrap());
+    let cluster = Cluster::start(store, ControllerConfig::default()).await.unwrap();
+    let r = three_ready(&cluster).await;
+    let id = |w: usize| (r[w].0.to_string(), r[w].2.clone());
+
+    // A request runs on w1; w2 has requests queued, so the standby is w3 (never w1 itself).
+    report(&cluster, &r[1], &[], 0, 3);
+    let t = cluster.standby("a", "w1", &[], None, true).unwrap();
+    assert_eq!((t.worker.as_str(), &t.model_id), ("w3", &r[2].2));
+    let keep = id(2);
+    assert_eq!(cluster.standby("a", "w1", &[], Some(&keep), true).unwrap().worker, "w3", "kept while idle");
+
+    // A request routed to w3 through this controller makes it busy too: no idle standby now,
+    // unless busy replicas may be one (then the kept one, which holds the earlier tokens).
+    t.inflight.fetch_add(1, Ordering::Relaxed);
+    assert_eq!(cluster.standby("a", "w1", &[], Some(&keep), true).err(), Some(NoStandby::Busy));
+    assert_eq!(cluster.standby("a", "w1", &[], Some(&keep), false).unwrap().worker, "w3");
+    // Without one kept, the least loaded: w3 (1 in flight) before w2 (3 queued).
+    assert_eq!(cluster.standby("a", "w1", &[], None, false).unwrap().worker, "w3");
+
+    // w2 idle again: the idle-only standby moves to it, away from the busy kept one.
+    report(&cluster, &r[1], &[], 0, 0);
+    assert_eq!(cluster.standby("a", "w1", &[], Some(&keep), true).unwrap().worker, "w2");
+    // Replicas that failed this request are no standby; none left elsewhere is not "busy".
+    assert_eq!(cluster.standby("a", "w1", &[id(1), id(2)], None, false).err(), Some(NoStandby::Elsewhere));
+    t.inflight.fetch_sub(1, Ordering::Relaxed);
+}

@@ -9,6 +9,7 @@ use crate::cmd::worker::hub;
 use crate::process::{host_name, runtime, wait_for_signal};
 use gantry_controller::ControllerConfig;
 use gantry_controller::auth::ApiKeys;
+use gantry_controller::config::DEFAULT_STANDBY_PREFILL;
 use gantry_controller::server::{Controller, bind};
 use gantry_controller::spec::DeploymentSpec;
 use gantry_controller::statestore::StateStore;
@@ -106,12 +107,16 @@ pub struct ControlArgs {
     /// replica holds) or `p2c` (power of two choices on load alone)
     #[arg(long, env = "GANTRY_ROUTING", default_value = "prefix")]
     routing: gantry_controller::config::Routing,
-    /// Every N tokens a request delivers, a replica of its deployment on another worker
+    /// Every N tokens a request delivers, an idle replica of its deployment on another worker
     /// prefills them into its prefix cache, so that should the request's worker fail, the
-    /// request resumes there after computing only the tokens since (costs that replica about
-    /// one prefill of every long request's tokens); 0: off
-    #[arg(long, env = "GANTRY_STANDBY_PREFILL", default_value_t = 0, value_name = "N")]
+    /// request resumes there after computing only the tokens since; 0: off
+    #[arg(long, env = "GANTRY_STANDBY_PREFILL", default_value_t = DEFAULT_STANDBY_PREFILL as u32, value_name = "N")]
     standby_prefill: u32,
+    /// Let a replica that is serving requests be a standby too (its prefills share its worker
+    /// with them: about one more prefill of every long request's tokens) [default: idle
+    /// replicas only]
+    #[arg(long, env = "GANTRY_STANDBY_BUSY")]
+    standby_busy: bool,
     /// A file of API keys, one per line: every API but health checks then needs
     /// `Authorization: Bearer <key>` [default: no keys]
     #[arg(long, env = "GANTRY_API_KEYS_FILE")]
@@ -304,6 +309,7 @@ impl ControlArgs {
             http_header_timeout: Duration::from_secs_f64(self.http_header_timeout),
             routing: self.routing,
             standby_prefill: self.standby_prefill as usize,
+            standby_busy: self.standby_busy,
         })
     }
 

@@ -193,6 +193,15 @@ impl Candidate<'_> {
     }
 }
 
+/// Why a request has no standby replica for now ([`Cluster::standby`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoStandby {
+    /// No ready replica of its deployment on another worker.
+    Elsewhere,
+    /// Those on other workers are all serving requests, and only an idle one may be a standby.
+    Busy,
+}
+
 /// A deployment's ready replicas, less those to avoid.
 struct Ready<'a> {
     model: &'a str,
@@ -443,20 +452,27 @@ impl Cluster {
     /// prefill (`ControllerConfig::standby_prefill`): replica `keep` (worker, replica id) while
     /// it is still ready, as its prefix cache holds the request's earlier tokens; else the
     /// ready replica of `model` on another worker with the fewest requests in flight, leaving
-    /// out `avoid`. `None` when no ready replica is on another worker.
+    /// out `avoid`. With `idle_only`, only a replica with no request in flight (through this
+    /// controller) or queued (as its worker reports) will do: the standby's prefill then uses
+    /// capacity nothing else wants.
     pub fn standby(
         &self,
         model: &str,
         worker: &str,
         avoid: &[(String, String)],
         keep: Option<&(String, String)>,
-    ) -> Option<Target> {
+        idle_only: bool,
+    ) -> Result<Target, NoStandby> {
         let inner = self.lock();
-        let ready = Ready::of(&inner, model, avoid).ok()?;
-        let others = || (0..ready.len()).filter(|&i| ready.candidates[i].worker != worker);
-        let kept = keep.and_then(|(w, id)| ready.position(w, id)).filter(|&i| ready.candidates[i].worker != worker);
-        let i = kept.or_else(|| others().min_by_key(|&i| ready.load(i)))?;
-        Some(ready.candidates[i].target(model))
+        let ready = Ready::of(&inner, model, avoid).map_err(|_| NoStandby::Elsewhere)?;
+        let elsewhere = |i: usize| ready.candidates[i].worker != worker;
+        let usable = |i: usize| elsewhere(i) && (!idle_only || ready.load(i) == 0);
+        let kept = keep.and_then(|(w, id)| ready.position(w, id)).filter(|&i| usable(i));
+        match kept.or_else(|| (0..ready.len()).filter(|&i| usable(i)).min_by_key(|&i| ready.load(i))) {
+            Some(i) => Ok(ready.candidates[i].target(model)),
+            None if (0..ready.len()).any(elsewhere) => Err(NoStandby::Busy),
+            None => Err(NoStandby::Elsewhere),
+        }
     }
 
     /// Replica `standby` (worker, replica id) of `model` for a failed-over request, when it is

@@ -14,7 +14,7 @@ use tonic::{Request, Status, Streaming};
 use tracing::{info, warn};
 
 use super::code_name;
-use super::pick::{PrefixHint, Target};
+use super::pick::{NoStandby, PrefixHint, Target};
 use crate::cluster::Cluster;
 use crate::config::Routing;
 use crate::error::ClusterError;
@@ -225,9 +225,10 @@ impl Relay {
         }
     }
 
-    /// With `--standby-prefill N`, once every N delivered tokens: asks the standby replica (on
-    /// a worker other than `current`'s) to prefill the prompt and the tokens delivered so far
-    /// into its prefix cache, in the background. Its failure costs nothing but the shorter
+    /// With `--standby-prefill N` (on by default), once every N delivered tokens: asks the
+    /// standby replica (on a worker other than `current`'s; an idle one unless
+    /// `--standby-busy`) to prefill the prompt and the tokens delivered so far into its prefix
+    /// cache, in the background. Its failure, or no idle replica, costs nothing but the shorter
     /// resume it would have given.
     fn prefill_standby(&mut self, current: &Target) {
         let every = self.cluster.config().standby_prefill;
@@ -237,12 +238,20 @@ impl Relay {
         if self.standby.running.as_ref().is_some_and(|t| !t.is_finished()) {
             return;
         }
-        let Some(target) = self.cluster.standby(&self.model, &current.worker, &self.failed, self.standby.at.as_ref())
-        else {
-            return;
+        let idle_only = !self.cluster.config().standby_busy;
+        let found =
+            self.cluster.standby(&self.model, &current.worker, &self.failed, self.standby.at.as_ref(), idle_only);
+        // Whatever the outcome, the next look is N tokens on.
+        self.standby.warmed = self.sent.len();
+        let target = match found {
+            Ok(target) => target,
+            Err(NoStandby::Busy) => {
+                crate::metrics::standby_prefill(&self.model, "busy");
+                return;
+            }
+            Err(NoStandby::Elsewhere) => return,
         };
         self.standby.at = Some((target.worker.clone(), target.model_id.clone()));
-        self.standby.warmed = self.sent.len();
         let mut req = Request::new(pb::GenerateRequest {
             model_id: target.model_id.clone(),
             input: Some(self.input.clone()),
