@@ -10,7 +10,9 @@ One server at a time (never both: they would share the cores). For each model an
     end-of-sequence ignored. Reported: aggregate generated tokens/s over the wall time; the
     decode rate once every stream has its first token (to the last token, and — "all decoding"
     — to the first stream's last token, the window in which all of them decode); time to first
-    token p50/p99 and inter-token gap p99 over all streams.
+    token p50/p99 and inter-token gap p99 over all streams. Gantry's levels also record its
+    decoding passes' own rate by batch size class (`passes_decode_tokens_per_s`, from the
+    worker's Status), so what is lost between steps shows against "all decoding".
   * Gantry's scaling (--scaling-repeats, default 5): 1 and 16 streams alternated that many
     times more; the medians of their decode rates and their ratio (the host's neighbours move
     one level's run by ±10%, so one pair says little).
@@ -96,6 +98,12 @@ class Gantry:
                 "cached": m.kv_blocks_cached, "steps": m.batch_steps, "rows": m.batch_rows,
                 "preemptions": m.preemptions}
 
+    def passes(self):
+        """The worker's own counters of its decoding passes, by batch size class (up to 1, 2, 4,
+        … sequences): {batch: (tokens, seconds)}."""
+        m = self.stub.Status(self.pb.StatusRequest()).models[0]
+        return {p.batch: (p.decode_tokens, p.decode_seconds) for p in m.measurement.speed}
+
     def stop(self):
         self.proc.terminate()
         self.proc.wait()
@@ -152,6 +160,7 @@ def timed(server, prompt: str, gen: int, out: dict, resume=None, sampled=False):
 
 
 def level(server, n: int, gen: int, words: int, base: int, sampled=False) -> dict:
+    before = server.passes() if isinstance(server, Gantry) else None
     outs = [dict() for _ in range(n)]
     threads = [threading.Thread(target=timed, args=(server, text(base + k, words), gen, outs[k], None, sampled))
                for k in range(n)]
@@ -177,7 +186,15 @@ def level(server, n: int, gen: int, words: int, base: int, sampled=False) -> dic
     first_done = min(o["times"][-1] for o in outs)
     within = sum(1 for o in outs for t in o["times"] if decoding < t <= first_done)
     all_decoding = within / (first_done - decoding) if first_done > decoding else float("nan")
-    return {"streams": n, "sampled": sampled, "tokens_per_s": sum(counts) / (end - start),
+    extra = {}
+    if before is not None:
+        # The decoding passes' own rate in the worker, by batch size class, over this level:
+        # against "all decoding", what is lost between steps (sampling, sending, handing in).
+        after = server.passes()
+        extra["passes_decode_tokens_per_s"] = {
+            b: (t - before.get(b, (0, 0))[0]) / (sec - before.get(b, (0, 0))[1])
+            for b, (t, sec) in after.items() if sec > before.get(b, (0, 0))[1]}
+    return {**extra, "streams": n, "sampled": sampled, "tokens_per_s": sum(counts) / (end - start),
             "decode_tokens_per_s": decode, "all_decoding_tokens_per_s": all_decoding,
             "all_decoding_s": max(0.0, first_done - decoding),
             "ttft_p50_ms": 1000 * pct(ttft, 50), "ttft_p99_ms": 1000 * pct(ttft, 99),
