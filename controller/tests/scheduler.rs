@@ -73,9 +73,13 @@ fn replica(cluster: &Cluster, name: &str) -> pb::Replica {
 }
 
 async fn start() -> (tempfile::TempDir, Arc<Cluster>) {
+    start_with(ControllerConfig { lease: Duration::from_millis(600), ..ControllerConfig::default() }).await
+}
+
+/// A cluster with `config` on a fresh embedded store (kept while the directory lives).
+async fn start_with(config: ControllerConfig) -> (tempfile::TempDir, Arc<Cluster>) {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(EmbeddedStore::open(&dir.path().join("state.redb")).unwrap());
-    let config = ControllerConfig { lease: Duration::from_millis(600), ..ControllerConfig::default() };
     (dir, Cluster::start(store, config).await.unwrap())
 }
 
@@ -402,10 +406,7 @@ fn llama_8b_from_zero() -> DeploymentSpec {
 
 #[tokio::test]
 async fn cold_requests_wait_for_the_load_within_their_bounds() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(EmbeddedStore::open(&dir.path().join("state.redb")).unwrap());
-    let config = ControllerConfig { max_waiting: 2, ..ControllerConfig::default() };
-    let cluster = Cluster::start(store, config).await.unwrap();
+    let (_dir, cluster) = start_with(ControllerConfig { max_waiting: 2, ..ControllerConfig::default() }).await;
     let (_session, mut link) = register(&cluster, "w1", 24 << 30);
     cluster.apply("a", llama_8b_from_zero()).await.unwrap();
     assert_eq!(cluster.get("a").unwrap().status.unwrap().phase, "ScaledToZero");
@@ -586,9 +587,7 @@ async fn a_prompt_goes_to_the_replica_holding_its_longest_prefix_unless_its_queu
     use gantry_controller::router::pick::{ChosenBy, PrefixHint};
     use gantry_core::prefix::{block_keys, model_seed};
     // A lease long enough that no worker is lost while the test holds some silent.
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(EmbeddedStore::open(&dir.path().join("state.redb")).unwrap());
-    let cluster = Cluster::start(store, ControllerConfig::default()).await.unwrap();
+    let (_dir, cluster) = start_with(ControllerConfig::default()).await;
     let r = three_ready(&cluster).await;
     // A 1,000-token prompt: 62 full blocks of 16.
     let tokens: Vec<u32> = (0..1000).collect();
@@ -663,9 +662,8 @@ async fn a_prompt_goes_to_the_replica_holding_its_longest_prefix_unless_its_queu
 async fn a_standby_is_an_idle_replica_on_another_worker_unless_busy_ones_may_be() {
     use gantry_controller::router::pick::NoStandby;
     use std::sync::atomic::Ordering;
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(EmbeddedStore::open(&dir.path().join("state.redb")).unwrap());
-    let cluster = Cluster::start(store, ControllerConfig::default()).await.unwrap();
+    // A lease long enough that no worker is lost while the test holds some silent.
+    let (_dir, cluster) = start_with(ControllerConfig::default()).await;
     let r = three_ready(&cluster).await;
     let id = |w: usize| (r[w].0.to_string(), r[w].2.clone());
 
